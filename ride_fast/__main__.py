@@ -1,0 +1,4 @@
+from ride_fast.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

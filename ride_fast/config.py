@@ -1,0 +1,305 @@
+"""Typed configuration: frozen dataclasses per section, YAML recipes, `section.key=value` overrides.
+
+A recipe holds only what differs from the defaults below. Every key is checked: an unknown key or a
+value of the wrong type raises `ConfigError` naming the dotted path and the closest valid key.
+`dump_config` writes the fully resolved config (every run stores one next to its checkpoints).
+
+This module is a leaf: it imports nothing from the rest of ride_fast.
+"""
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet32"  # a key of ride_fast.models.MODELS
+    num_experts: int = 3
+    reduce_dimension: bool = True  # narrow the per-expert stages (every RIDE recipe)
+    use_norm: bool = True  # cosine classifier with s = 30; False: Linear with bias
+    num_classes: int = 0  # 0: taken from the data set
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist_lt"  # mnist_lt | cifar100_lt | cifar10_lt
+    root: str = ""  # folder holding the data set files (unused by mnist_lt)
+    imbalance_factor: float = 100.0  # n_max / n_min of the training set
+    test_per_class: int = 100  # mnist_lt: balanced held-out images per class
+    image_size: int = 32
+    augment: bool = True
+    batch_size: int = 128  # global batch
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    seed: int = 0  # selection of the long-tailed subset (the original uses numpy seed 0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "ride"  # ride | ce | cb_ce | ldam | focal
+    max_m: float = 0.5  # LDAM: largest margin
+    s: float = 30.0  # cosine scale already applied in the model; margins are s * m_c
+    diversity_factor: float = -0.45  # lambda; negative maximises the KL
+    diversity: Literal["mean", "pairwise"] = "mean"
+    individual: bool = True  # False: "collaborative", the classification loss on the mean logits
+    classification: Literal["ldam", "ce", "focal"] = "ldam"  # per-expert term of the RIDE loss
+    reweight: bool = True  # DRW: class-balanced weights and temperatures after reweight_epoch
+    reweight_epoch: int = 160
+    reweight_factor: float = 0.05  # gamma of the distribution-aware temperatures
+    base_temperature: float = 1.0
+    beta: float = 0.9999  # class-balanced (effective number) weights
+    focal_gamma: float = 1.0
+    impl: Literal["auto", "reference", "triton"] = "auto"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1  # for the global batch of data.batch_size
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 5
+    milestones: Tuple[int, ...] = (160, 180)  # epochs after which lr is multiplied by gamma
+    gamma: float = 0.01
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher_checkpoint: str = ""  # empty: no distillation
+    temperature: float = 1.5
+    scale_by_experts: bool = True  # the original multiplies the loss by E (see RIDE_SPEC.md §4)
+    teacher_bn_train: bool = True  # the original leaves the teacher's BatchNorm in training mode
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    out_dir: str = "runs/default"
+    log_interval: int = 50  # steps between metric reads (the only host syncs of a step)
+    eval_every: int = 1
+    select_best_on: Literal["overall", "last"] = "overall"
+    keep_last: int = 2
+    progress: bool = True
+    deterministic: bool = False
+    max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    top_k: int = 30
+    hidden: int = 16
+    w_on: float = 100.0
+    threshold: float = 0.5
+    epochs: int = 5
+    lr: float = 0.01
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# conversion and validation
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_closest(str(value), map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin in (tuple, Tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value] if not isinstance(value, str) else [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'{_closest(str(key), names)}")
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    """Build a validated Config from a (possibly partial) nested mapping."""
+    return _build(Config, data or {}, "")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse the value of a command-line override with YAML rules (1e-3, true, [1, 2], null)."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """Turn ['optim.lr=0.05', 'model.num_experts=4'] into a nested mapping."""
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if "." not in key:
+            raise ConfigError(
+                f"override '{item}': the key must be dotted (section.key){_closest(key, [f.name for f in fields(Config)])}"
+            )
+        _set_dotted(data, key, _parse_scalar(text))
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe (only the keys that differ from the defaults), then apply overrides."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """A plain nested dict (tuples as lists) suitable for YAML or JSON."""
+
+    def plain(obj):
+        if is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        return obj
+
+    return plain(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def update(cfg: Config, **sections: dict) -> Config:
+    """Return a copy of cfg with some keys of some sections replaced (validated like a recipe)."""
+    merged = _merge(config_to_dict(cfg), sections)
+    return config_from_dict(merged)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RouterConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "update",
+]

@@ -1,0 +1,4 @@
+"""Differentiable functions; the one place that picks the reference or the Triton implementation."""
+from ride_fast.ops.ride_loss import check_ride_loss_inputs, ride_loss, ride_loss_reference
+
+__all__ = ["check_ride_loss_inputs", "ride_loss", "ride_loss_reference"]
