@@ -1,0 +1,129 @@
+"""The quick-start demo: a cross-entropy baseline against RIDE (3 experts) on MNIST-LT, on the CPU.
+
+MNIST-LT is made of real digits (see ride_fast.data.mnist_lt): 988 training images from 400 down to
+4 per class (imbalance 100) and a balanced test set of 1,000. Both models are CIFAR ResNet-32s: the
+baseline is the plain network (16/32/64 channels, linear classifier, cross-entropy), RIDE has three
+reduced experts with cosine classifiers and the RIDE loss. The schedule is the CIFAR recipe shrunk
+from 200 to `epochs` epochs (warm-up, DRW switch and lr steps at the same fractions of the run).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from ride_fast.config import Config, config_from_dict
+from ride_fast.data import build_datasets, split_of_classes
+
+DEMO_EPOCHS = 30
+
+
+def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[str, Config]:
+    """The two configurations the demo trains (the CIFAR-100-LT recipe at MNIST-LT scale)."""
+    reweight = int(round(epochs * 0.8))  # 160 of 200 in the CIFAR recipe
+    milestones = [reweight, int(round(epochs * 0.9))]  # 160 and 180 of 200
+    common = {
+        "data": {"name": "mnist_lt", "imbalance_factor": 100.0, "batch_size": 128},
+        "optim": {"lr": 0.1, "warmup_epochs": max(1, round(epochs * 5 / 200)) if epochs >= 10 else 0, "milestones": milestones},
+        "train": {"epochs": epochs, "progress": False, "keep_last": 1},
+    }
+    baseline = {
+        **common,
+        "model": {"name": "resnet32", "num_experts": 1, "reduce_dimension": False, "use_norm": False},
+        "loss": {"name": "ce"},
+        "train": {**common["train"], "out_dir": f"{out_dir}/baseline_ce"},
+    }
+    ride = {
+        **common,
+        "model": {"name": "resnet32", "num_experts": 3, "reduce_dimension": True, "use_norm": True},
+        "loss": {"name": "ride", "reweight_epoch": reweight, "diversity_factor": -0.45, "reweight_factor": 0.05},
+        "train": {**common["train"], "out_dir": f"{out_dir}/ride_3experts"},
+    }
+    return {"CE baseline (R32)": config_from_dict(baseline), "RIDE 3 experts (R32)": config_from_dict(ride)}
+
+
+def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: Callable[[str], None] = print) -> dict:
+    """Train both models, print the comparison table, write results.json and per_class_accuracy.png."""
+    from ride_fast.engine import Trainer
+    from ride_fast.profiling import model_cost
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipes = demo_recipes(epochs, str(out_dir))
+    train_set, test_set = build_datasets(next(iter(recipes.values())).data)
+    counts = train_set.class_counts()
+    log(f"MNIST-LT: {len(train_set)} training images, per class {counts.tolist()} (imbalance {counts.max() / counts.min():.0f}); "
+        f"{len(test_set)} balanced test images")
+    results: dict = {"data": {"train_class_counts": counts.tolist(), "test_size": len(test_set),
+                              "splits": {k: v.nonzero()[0].tolist() for k, v in split_of_classes(counts).items()}},
+                     "models": {}}
+    for name, cfg in recipes.items():
+        log(f"\n== {name}: {cfg.model.num_experts} expert(s), loss {cfg.loss.name}, {cfg.train.epochs} epochs")
+        start = time.perf_counter()
+        trainer = Trainer(cfg, train_set=train_set, test_set=test_set, log=lambda s: log("  " + s) if _every(s, cfg) else None)
+        summary = trainer.fit()
+        seconds = time.perf_counter() - start
+        acc = trainer.evaluate()  # the last epoch, like ImageNet-LT / iNat reporting
+        cost = model_cost(trainer.model, cfg.data.image_size)
+        results["models"][name] = {
+            **acc.as_dict(with_per_class=True),
+            "mmacs_per_image": cost.total_macs / 1e6,
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+            "num_experts": cfg.model.num_experts,
+            "train_seconds": seconds,
+            "best_epoch": summary["best_epoch"],
+            "checkpoint": str(Path(cfg.train.out_dir) / "last.pt"),
+        }
+    table = format_table(results["models"])
+    log("\n" + table)
+    results["table"] = table
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_per_class(results, out_dir / "per_class_accuracy.png")
+    log(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'per_class_accuracy.png'}")
+    return results
+
+
+def _every(line: str, cfg: Config) -> bool:
+    """Print every 5th epoch line and the last one (the demo is meant to be read)."""
+    try:
+        epoch = int(line.split()[1])
+    except (IndexError, ValueError):
+        return True
+    return epoch % 5 == 0 or epoch == cfg.train.epochs
+
+
+def format_table(models: dict) -> str:
+    head = f"{'model':<24}{'overall':>9}{'many':>8}{'medium':>8}{'few':>8}{'MMACs/img':>11}{'params':>10}"
+    lines = [head, "-" * len(head)]
+    for name, r in models.items():
+        lines.append(
+            f"{name:<24}{r['overall']:>9.1f}{r['many']:>8.1f}{r['medium']:>8.1f}{r['few']:>8.1f}"
+            f"{r['mmacs_per_image']:>11.1f}{r['params'] / 1e6:>9.3f}M"
+        )
+    return "\n".join(lines)
+
+
+def plot_per_class(results: dict, path: Path) -> None:
+    """Per-class test accuracy against the number of training images of the class (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = results["data"]["train_class_counts"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for (name, r), marker in zip(results["models"].items(), "os^v"):
+        ax.plot(counts, r["per_class"], marker=marker, linestyle="-", label=f"{name}: few {r['few']:.1f}%")
+    for x in (20, 100):
+        ax.axvline(x, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_title("MNIST-LT (imbalance 100): per-class accuracy")
+    ax.text(0.02, 0.03, "few | medium | many", transform=ax.transAxes, fontsize=8, color="grey")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

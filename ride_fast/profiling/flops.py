@@ -1,0 +1,89 @@
+"""Multiply-accumulates (MACs) per image, counted with fvcore part by part.
+
+fvcore counts one multiply-accumulate as one "flop"; we report MACs (FLOPs = 2 x MACs). A RIDE
+network is counted as trunk + each expert (branch + classifier) separately, because one trace of a
+data-dependent (routed) model only sees the branch it took. Batch 1, as in the paper's tables.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """MACs of one call of `module(*inputs)` as fvcore counts them (convs, matmuls, norms, pools)."""
+    from fvcore.nn import FlopCountAnalysis  # optional dependency, imported on use
+
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    return int(analysis.total())
+
+
+class _Trunk(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_trunk(x)
+
+
+class _Expert(nn.Module):
+    def __init__(self, model, index):
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, h):
+        logits, _ = self.model.forward_expert(self.index, h)
+        return logits
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """MACs and parameters per image of a RIDE network, by part."""
+
+    trunk_macs: int
+    expert_macs: tuple[int, ...]  # branch + classifier of each expert
+    trunk_params: int
+    expert_params: tuple[int, ...]
+
+    def macs_with(self, k: int) -> int:
+        """Cost of an image that runs the trunk and the first k experts."""
+        return self.trunk_macs + sum(self.expert_macs[:k])
+
+    @property
+    def total_macs(self) -> int:
+        return self.macs_with(len(self.expert_macs))
+
+    def as_dict(self) -> dict:
+        return {
+            "trunk_macs": self.trunk_macs,
+            "expert_macs": list(self.expert_macs),
+            "macs_with_k_experts": [self.macs_with(k) for k in range(1, len(self.expert_macs) + 1)],
+            "trunk_params": self.trunk_params,
+            "expert_params": list(self.expert_params),
+        }
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, image_size: int, in_channels: int = 3) -> ModelCost:
+    """Count a RIDENet part by part on one image of `image_size` pixels (in eval mode, on the CPU)."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        x = torch.zeros(1, in_channels, image_size, image_size, device=device)
+        trunk = _Trunk(model)
+        h = trunk(x)
+        trunk_macs = count_macs(trunk, x)
+        expert_macs = tuple(count_macs(_Expert(model, i), h) for i in range(model.num_experts))
+    finally:
+        model.train(was_training)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    expert_params = tuple(n(model.experts[i]) + n(model.heads[i]) for i in range(model.num_experts))
+    return ModelCost(trunk_macs, expert_macs, n(model.trunk), expert_params)

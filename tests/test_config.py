@@ -1,0 +1,91 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ride_fast.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_cifar_recipe():
+    cfg = Config()
+    assert cfg.loss.diversity_factor == -0.45 and cfg.loss.reweight_epoch == 160
+    assert cfg.optim.milestones == (160, 180) and cfg.optim.gamma == 0.01 and cfg.optim.nesterov
+
+
+def test_overrides_are_typed_with_yaml_rules():
+    cfg = load_config(overrides=["optim.lr=1e-3", "model.num_experts=4", "optim.milestones=[60, 80]", "train.amp=bf16",
+                                 "model.channels_last=true"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.num_experts == 4
+    assert cfg.optim.milestones == (60, 80)
+    assert cfg.train.amp == "bf16" and cfg.model.channels_last is True
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(overrides=["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match=r"model\.num_experts: expected an integer"):
+        load_config(overrides=["model.num_experts=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", r"unknown config key 'optim\.lrr' \(did you mean 'lr'\?\)"),
+        ("optm.lr=0.1", r"unknown config key 'optm' \(did you mean 'optim'\?\)"),
+        ("model.use_norm=yes please", r"model\.use_norm: expected true or false"),
+        ("train.amp=fp8", r"train\.amp: 'fp8' is not one of"),
+        ("loss.diversity=pairwse", r"did you mean 'pairwise'"),
+        ("lr=0.1", r"must be dotted"),
+        ("optim.lr", r"section\.key=value"),
+    ],
+)
+def test_bad_keys_and_types_name_the_dotted_path(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("loss:\n  diversity_factr: -0.2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'loss\.diversity_factr' \(did you mean 'diversity_factor'\?\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+
+
+def test_dump_round_trips():
+    cfg = load_config(overrides=["optim.milestones=[3]", "data.name=cifar100_lt"])
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+    assert config_to_dict(again)["optim"]["milestones"] == [3]
+
+
+def test_recipe_overrides_merge_with_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  lr: 0.2\n  weight_decay: 2.0e-4\n")
+    cfg = load_config(path, ["optim.lr=0.3"])
+    assert cfg.optim.lr == 0.3 and cfg.optim.weight_decay == 2e-4 and cfg.optim.momentum == 0.9
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+
+
+def test_show_config_cli_prints_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "ride_fast", "show-config", "optim.lr=0.05"], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(out.stdout)["optim"]["lr"] == 0.05
+    bad = subprocess.run([sys.executable, "-m", "ride_fast", "show-config", "optim.lrr=0.05"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'lr'" in bad.stderr
