@@ -1,0 +1,91 @@
+"""Self-distillation wrapper (RIDE_SPEC.md §4)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ride_fast.losses import CrossEntropyLoss, RIDEDistillLoss, RIDELoss
+
+COUNTS = [200, 60, 20, 9, 4, 1, 1]  # C = 7
+
+
+def _inputs(E, B, C, seed=0, scale=4.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(E, B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
+    teacher = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return student, torch.randint(0, C, (B,), generator=g), teacher
+
+
+def _hand(base, student, target, teacher, T, scale):
+    s = F.log_softmax(student.mean(0) / T, dim=1)
+    t = F.softmax(teacher / T, dim=1)
+    kl = F.kl_div(s, t, reduction="batchmean")
+    return scale * (base(student, target) + T * T * kl)
+
+
+@pytest.mark.parametrize("E", [1, 3, 4])
+@pytest.mark.parametrize("epoch", [1, 161])
+def test_matches_hand_formula(E, epoch):
+    student, target, teacher = _inputs(E, 6, 7, seed=E)
+    base = RIDELoss(COUNTS, impl="reference")
+    loss_mod = RIDEDistillLoss(base, temperature=1.5)
+    loss_mod.set_epoch(epoch)
+    assert base.phase == int(epoch > 160)  # set_epoch forwards
+    torch.testing.assert_close(loss_mod(student, target, teacher), _hand(base, student, target, teacher, 1.5, E))
+
+
+def test_scale_by_experts_off_divides_by_E():
+    student, target, teacher = _inputs(4, 5, 7)
+    on = RIDEDistillLoss(RIDELoss(COUNTS), temperature=2.0)(student, target, teacher)
+    off = RIDEDistillLoss(RIDELoss(COUNTS), temperature=2.0, scale_by_experts=False)(student, target, teacher)
+    torch.testing.assert_close(off, on / 4)
+
+
+def test_by_hand_kl_only():
+    # E = 1 CE base. Teacher [0, 0] -> p_t = [1/2, 1/2]; student [0, 2 log 2] at T = 2 ->
+    # p_s = softmax([0, log 2]) = [1/3, 2/3]. KL = 1/2 log(3/2) + 1/2 log(3/4) = 1/2 log(9/8).
+    # Total = CE(student) + T^2 * KL = log(1 + 4) [target 0: p = 1/5] + 4 * 1/2 log(9/8).
+    import math
+
+    student = torch.tensor([[[0.0, 2 * math.log(2.0)]]], dtype=torch.float64)
+    teacher = torch.zeros(1, 2, dtype=torch.float64)
+    out = RIDEDistillLoss(CrossEntropyLoss(impl="reference"), temperature=2.0)(student, torch.tensor([0]), teacher)
+    assert out.item() == pytest.approx(math.log(5.0) + 2.0 * math.log(9.0 / 8.0), rel=1e-12)
+
+
+def test_no_gradient_into_teacher():
+    student, target, teacher = _inputs(3, 4, 7, dtype=torch.float32)
+    teacher.requires_grad_(True)
+    student.requires_grad_(True)
+    loss = RIDEDistillLoss(RIDELoss(COUNTS))(student, target, teacher)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("epoch", [1, 161])
+def test_gradcheck(epoch):
+    student, target, teacher = _inputs(2, 3, 5, scale=1.0, seed=epoch)
+    loss_mod = RIDEDistillLoss(RIDELoss(COUNTS[:5], s=3.0, impl="reference"), temperature=1.5)
+    loss_mod.set_epoch(epoch)
+    assert torch.autograd.gradcheck(lambda x: loss_mod(x, target, teacher), (student.requires_grad_(True),))
+
+
+def test_bf16():
+    student, target, teacher = _inputs(2, 8, 7, dtype=torch.bfloat16)
+    loss_mod = RIDEDistillLoss(RIDELoss(COUNTS))
+    out = loss_mod(student, target, teacher)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, loss_mod(student.float(), target, teacher.float()))
+
+
+def test_errors():
+    student, target, teacher = _inputs(2, 4, 7, dtype=torch.float32)
+    loss_mod = RIDEDistillLoss(RIDELoss(COUNTS))
+    with pytest.raises(ValueError, match=r"teacher_logits must be \[B, C\] = \[4, 7\]"):
+        loss_mod(student, target, teacher[:3])
+    with pytest.raises(ValueError, match="teacher_logits must be"):
+        loss_mod(student, target, teacher.expand(6, 4, 7))
+    with pytest.raises(TypeError, match="ExpertLoss"):
+        RIDEDistillLoss(torch.nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="temperature"):
+        RIDEDistillLoss(RIDELoss(COUNTS), temperature=0.0)
