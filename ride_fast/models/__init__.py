@@ -1,0 +1,38 @@
+"""RIDE networks: a shared trunk, E expert branches and their cosine heads, and a small registry.
+
+Shape legend: B images, E experts, C classes, D expert feature width.
+
+    create_model(name, num_classes, num_experts, reduce_dimension=True, use_norm=True) -> RIDENet
+    RIDENet.forward(x [B, 3, h, w]) -> RIDEOutput(logits [B, C], expert_logits [E, B, C],
+                                                  features [E, B, D])
+    RIDENet.forward_trunk(x) -> trunk_out;  RIDENet.forward_expert(i, trunk_out) -> ([B, C], [B, D])
+    load_original_state_dict / convert_original_checkpoint: weights of the original RIDE code
+"""
+from ride_fast.models.convert import (
+    CheckpointMismatchError,
+    convert_original_checkpoint,
+    load_checkpoint_file,
+    load_original_state_dict,
+)
+from ride_fast.models.heads import CosineHead, NormedLinear
+from ride_fast.models.output import RIDEOutput
+from ride_fast.models.registry import MAX_EXPERTS, MIN_EXPERTS, MODELS, create_model, list_models, register_model
+from ride_fast.models.ride import ExpertBranch, RIDENet
+
+__all__ = [
+    "MAX_EXPERTS",
+    "MIN_EXPERTS",
+    "MODELS",
+    "CheckpointMismatchError",
+    "CosineHead",
+    "ExpertBranch",
+    "NormedLinear",
+    "RIDENet",
+    "RIDEOutput",
+    "convert_original_checkpoint",
+    "create_model",
+    "list_models",
+    "load_checkpoint_file",
+    "load_original_state_dict",
+    "register_model",
+]

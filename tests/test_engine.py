@@ -1,0 +1,129 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ride_fast.cli import main
+from ride_fast.config import load_config
+from ride_fast.data import ArrayDataset
+from ride_fast.engine import CheckpointError, Trainer, atomic_save, load_checkpoint
+from ride_fast.engine.trainer import build_optimizer
+
+TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.max_steps_per_epoch=2",
+        "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=1", "optim.warmup_epochs=1",
+        "optim.milestones=[1]"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config(overrides=[*TINY, f"train.out_dir={tmp_path}", *extra])
+
+
+def test_train_writes_config_metrics_and_checkpoints(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.epochs=2")
+    summary = Trainer(cfg, log=lambda s: None).fit()
+    assert summary["best_epoch"] in (1, 2)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert lines[1]["lr"] == pytest.approx(0.1 * 0.01)  # after the milestone
+    assert set(lines[0]["test"]) == {"overall", "many", "medium", "few"}
+    assert np.isfinite(lines[0]["loss"])
+    assert load_config(tmp_path / "config.yaml") == cfg
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["model_args"]["num_experts"] == 2
+    assert (tmp_path / "best.pt").exists()
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]  # keep_last=2
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.model.state_dict().values()]
+
+
+def test_resume_gives_bit_identical_weights(tmp_path):
+    full = Trainer(tiny_cfg(tmp_path / "full", "train.epochs=3"), log=lambda s: None)
+    full.fit()
+    first = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=1"), log=lambda s: None)
+    first.fit()
+    resumed = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3"), log=lambda s: None)
+    resumed.resume(tmp_path / "cut" / "last.pt")
+    resumed.fit()
+    for a, b in zip(_params(full), _params(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_checkpoint_falls_back_to_previous_good_one(tmp_path):
+    Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None).fit()
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as after a crash mid-write elsewhere
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(last)
+    messages = []
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=messages.append)
+    t.resume(last)
+    assert t.epoch == 2 and any("resuming from" in m for m in messages)
+
+
+def test_checkpoints_never_unpickle_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": {}, "x": object()}, fh)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    atomic_save({"model": {"w": torch.ones(2)}}, path)
+
+    def broken(obj, fh):
+        fh.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="No space"):
+        atomic_save({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_on_cpu(tmp_path, amp):
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=1", f"train.amp={amp}", "model.channels_last=true"), log=lambda s: None)
+    result = t.train_epoch(1)
+    assert np.isfinite(result.loss)
+    assert 0.0 <= t.evaluate().overall <= 100.0
+
+
+def test_optimizer_is_nesterov_sgd_and_fused_when_asked():
+    model = torch.nn.Linear(3, 2)
+    cfg = load_config(overrides=["optim.implementation=fused"]).optim
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert opt.defaults["nesterov"] and opt.defaults["fused"]
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="model.num_classes=7 but the data set"):
+        Trainer(tiny_cfg(tmp_path, "model.num_classes=7"), log=lambda s: None)
+    empty_class = ArrayDataset(torch.zeros(4, 1, 32, 32, dtype=torch.uint8), torch.tensor([0, 0, 2, 2]), 3, (0.5,), (0.5,), "holes")
+    with pytest.raises(ValueError, match=r"holes: classes \[1\] have no training image"):
+        Trainer(tiny_cfg(tmp_path), train_set=empty_class, test_set=empty_class, log=lambda s: None)
+    with pytest.raises(ValueError, match="unknown model"):
+        Trainer(tiny_cfg(tmp_path, "model.name=resnet33"), log=lambda s: None)
+
+
+def test_cli_train_resume_and_eval(tmp_path, capsys):
+    args = [*TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
+    assert main(["train", *args]) == 0
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2"]) == 0
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "last.pt"), "--json", str(out_json)]) == 0
+    assert "overall" in capsys.readouterr().out
+    assert len(json.loads(out_json.read_text())["per_class"]) == 10
+    assert main(["train", "model.num_experts=0", f"train.out_dir={tmp_path}/x"]) == 2
+    assert "num_experts" in capsys.readouterr().err
