@@ -29,7 +29,7 @@ class ModelConfig:
     reduce_dimension: bool = True  # narrow the per-expert stages (every RIDE recipe)
     use_norm: bool = True  # cosine classifier with s = 30; False: Linear with bias
     num_classes: int = 0  # 0: taken from the data set
-    channels_last: bool = False
+    channels_last: bool = True  # faster on CPUs (oneDNN) and GPUs (cuDNN NHWC); same results
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[s
     common = {
         "data": {"name": "mnist_lt", "imbalance_factor": 100.0, "batch_size": 128},
         "optim": {"lr": 0.1, "warmup_epochs": max(1, round(epochs * 5 / 200)) if epochs >= 10 else 0, "milestones": milestones},
-        "train": {"epochs": epochs, "progress": False, "keep_last": 1},
+        "train": {"epochs": epochs, "progress": False, "keep_last": 1, "eval_every": 5},
     }
     baseline = {
         **common,

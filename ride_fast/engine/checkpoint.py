@@ -6,55 +6,17 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ride_fast.io import atomic_save, atomic_write_text  # noqa: F401  (re-exported)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not hold what is needed."""
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash or a full disk leaves the previous file untouched, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def atomic_write_text(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -17,11 +17,9 @@ renaming; every tensor's shape is checked before anything is loaded.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
-import tempfile
 import types
 import warnings
 from collections.abc import Mapping
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ride_fast.io import atomic_save
 from ride_fast.models.ride import RIDENet
 
 ROUTER_PREFIX = "expert_help_pred"  # expert_help_pred_hidden_fcs.{i}, expert_help_pred_fc(s)
@@ -198,12 +197,41 @@ class _Missing:
         return f"<unavailable {type(self).__qualname__}>"
 
 
+# What the unpickler may resolve: tensor/storage rebuilders and plain containers. Anything else the
+# original trainer pickled (its ConfigParser, a logger, ...) becomes an inert stand-in, so loading a
+# foreign checkpoint never calls arbitrary code.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch.serialization", "_get_layout"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+}
+
+
+def _is_safe_global(module: str, name: str) -> bool:
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if module in ("torch._utils", "torch") and name.startswith("_rebuild"):
+        return True
+    if module == "torch" and (name.endswith("Storage") or name in ("float32", "float16", "bfloat16", "float64", "int64", "uint8")):
+        return True
+    return module.startswith("numpy") and name.startswith("dtype")
+
+
 class _TolerantUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        try:
+        if _is_safe_global(module, name):
             return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(f"{module}.{name}", (_Missing,), {})
+        return type(f"{module}.{name}", (_Missing,), {})
 
 
 _tolerant_pickle = types.ModuleType("ride_fast_tolerant_pickle")
@@ -214,7 +242,8 @@ _tolerant_pickle.loads = pickle.loads  # type: ignore[attr-defined]
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
     """torch.load on CPU: weights_only=True first; if the file holds other Python objects (the
-    original trainer pickles its config), warn and unpickle fully, stubbing unimportable classes."""
+    original trainer pickles its config), warn and unpickle with an allow-list: tensors and
+    containers load, every other global becomes an inert stand-in (no code from the file runs)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
@@ -225,38 +254,13 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
     warnings.warn(
         f"{path} holds Python objects besides tensors (the original RIDE trainer saves its config), so "
         f"torch.load(weights_only=True) refused it ({type(first_error).__name__}: {str(first_error).splitlines()[0] if str(first_error) else ''}). "
-        "Loading it with weights_only=False, which can run code stored in the file: convert only checkpoints you trust.",
+        "Reading it with a restricted unpickler: tensors and containers load, every other object becomes an inert stand-in.",
         stacklevel=2,
     )
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
     except Exception as exc:
         raise RuntimeError(f"could not read {path} as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
-
-
-def atomic_torch_save(obj: Any, dst: str | os.PathLike[str]) -> Path:
-    """torch.save to a temporary file in dst's folder, fsync, then os.replace onto dst."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
-        dir_fd = os.open(dst.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return dst
 
 
 def convert_original_checkpoint(
@@ -282,5 +286,5 @@ def convert_original_checkpoint(
         info = load_original_state_dict(model, checkpoint)
     except (CheckpointMismatchError, TypeError) as exc:
         raise type(exc)(f"{src_path}: {exc}") from exc
-    dst = atomic_torch_save({"model": model.state_dict(), "model_args": model.model_args, "router": info["router"]}, dst_path)
+    dst = atomic_save({"model": model.state_dict(), "model_args": model.model_args, "router": info["router"]}, dst_path)
     return {"path": str(dst), "loaded": info["loaded"], "router_keys": sorted(info["router"]), "model_args": model.model_args}

@@ -309,3 +309,24 @@ def test_convert_reports_bad_files(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"three\.pth: the checkpoint has 3 experts"):
         convert_original_checkpoint(src, tmp_path / "out.pth", "resnet32", C, 2)
     assert not (tmp_path / "out.pth").exists()
+
+
+class _Evil:
+    """An object whose unpickling would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_foreign_objects_in_a_checkpoint_never_run(tmp_path):
+    orig = randomise(OrigCifarRIDE(2), seed=5)
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.pth"
+    torch.save({"state_dict": wrapped_state_dict(orig, "backbone."), "config": _Evil(marker)}, src)
+    with pytest.warns(UserWarning, match="restricted unpickler"):
+        info = convert_original_checkpoint(src, tmp_path / "out.pt", "resnet32", num_classes=C, num_experts=2)
+    assert info["loaded"] > 0
+    assert not marker.exists()

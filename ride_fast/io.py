@@ -1,0 +1,48 @@
+"""Atomic file writes (a leaf module: any layer may use it).
+
+A crash, a kill or a full disk during a write leaves the previous file whole, never a truncated one:
+write a temporary file in the same folder, flush and fsync it, rename it over the target, fsync
+the folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where folders can be fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically."""
+    import torch
+
+    return _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    return _atomic_write(path, lambda fh: fh.write(text), "w")
