@@ -127,3 +127,17 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     assert len(json.loads(out_json.read_text())["per_class"]) == 10
     assert main(["train", "model.num_experts=0", f"train.out_dir={tmp_path}/x"]) == 2
     assert "num_experts" in capsys.readouterr().err
+
+
+def test_distillation_from_a_teacher_checkpoint(tmp_path):
+    Trainer(tiny_cfg(tmp_path / "teacher", "train.epochs=1", "model.num_experts=3"), log=lambda s: None).fit()
+    teacher_ckpt = tmp_path / "teacher" / "last.pt"
+    student = Trainer(tiny_cfg(tmp_path / "student", "train.epochs=1", f"distill.teacher_checkpoint={teacher_ckpt}"), log=lambda s: None)
+    assert student.teacher is not None and student.teacher.num_experts == 3 and student.model.num_experts == 2
+    assert student.teacher.training  # the original's quirk: teacher BatchNorm in training mode
+    assert not any(p.requires_grad for p in student.teacher.parameters())
+    before = [p.detach().clone() for p in student.teacher.parameters()]
+    assert np.isfinite(student.train_epoch(1).loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.teacher.parameters()))
+    off = Trainer(tiny_cfg(tmp_path / "s2", f"distill.teacher_checkpoint={teacher_ckpt}", "distill.teacher_bn_train=false"), log=lambda s: None)
+    assert not off.teacher.training
