@@ -17,7 +17,8 @@ With z_k = expert_logits[k], zbar = mean_k z_k, q_k = softmax(z_k / T), pbar = s
     loss   = sum_k (cls_k + div_k)                     a sum over experts, not a mean
 
 `individual=False` ("collaborative") replaces sum_k cls_k by the classification term of zbar.
-Everything is computed in float32 whatever the input dtype.
+Half-precision inputs (bfloat16, float16) are computed in float32; float32 stays float32 and
+float64 stays float64 (so `torch.autograd.gradcheck` can check the reference).
 
 `ride_loss(..., impl=...)` is the one place that chooses between this reference and the fused
 Triton kernels (`ride_fast_kernels`).
@@ -71,14 +72,17 @@ def ride_loss_reference(
     diversity: str = "mean",
     individual: bool = True,
 ) -> Tensor:
-    """Plain PyTorch RIDE loss (the specification). Returns a float32 scalar; see module docstring.
+    """Plain PyTorch RIDE loss (the specification). Returns a float32 scalar (float64 for float64
+    logits); see module docstring.
 
     Memory traffic (elements of [E, B, C], read or written): margin subtraction 2, log-softmax 2,
     gather 1, tempered log-softmax 2, mean + tempered softmax 3, KL 3; the backward roughly doubles
     it. The fused kernel reads the logits once and writes their gradient once.
     """
     check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity)
-    z = expert_logits.float()
+    # bf16/fp16 -> float32; float32/float64 unchanged (a float64 input must not be rounded to
+    # float32, or gradcheck of the reference measures rounding noise instead of the gradient).
+    z = expert_logits.to(torch.promote_types(expert_logits.dtype, torch.float32))
     E, B, C = z.shape
     target = target.long()
 
@@ -86,11 +90,11 @@ def ride_loss_reference(
     cls_logits = z if individual else z.mean(0, keepdim=True)  # [E', B, C]
     if margins is not None:
         onehot = F.one_hot(target, C).to(z.dtype)  # [B, C]
-        cls_logits = cls_logits - (margins.float()[target].unsqueeze(-1) * onehot)
+        cls_logits = cls_logits - (margins.to(z.dtype)[target].unsqueeze(-1) * onehot)
     log_p = torch.log_softmax(cls_logits, dim=-1)  # [E', B, C]
     nll = -log_p.gather(-1, target.view(1, B, 1).expand(log_p.shape[0], B, 1)).squeeze(-1)  # [E', B]
     if class_weights is not None:
-        w = class_weights.float()[target]  # [B]
+        w = class_weights.to(z.dtype)[target]  # [B]
         cls = (nll * w).sum() / w.sum()
     else:
         cls = nll.mean(dim=1).sum()
@@ -99,7 +103,7 @@ def ride_loss_reference(
         return cls
 
     # ---- diversity term
-    T = temperature.float() if temperature is not None else z.new_ones(C)
+    T = temperature.to(z.dtype) if temperature is not None else z.new_ones(C)
     log_q = torch.log_softmax(z / T, dim=-1)  # [E, B, C]
     if diversity == "mean":
         with torch.no_grad():
@@ -130,25 +134,49 @@ def ride_loss(
     """The RIDE loss through the chosen implementation.
 
     impl: "reference" (plain PyTorch, any device), "triton" (fused kernels; CUDA, or CPU tensors
-    under TRITON_INTERPRET=1), "auto" (Triton on CUDA when the fused kernel supports the call,
-    the reference elsewhere).
+    under TRITON_INTERPRET=1), "auto" (Triton on CUDA when the fused kernel supports the call;
+    elsewhere the reference's value with an analytic backward, `ride_loss_analytic`; the
+    reference itself for individual=False).
     """
     if impl not in ("auto", "reference", "triton"):
         raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {impl!r}")
     args = (expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual)
-    if impl == "reference" or (impl == "auto" and not _triton_usable(expert_logits, individual)):
+    if impl == "reference" or (impl == "auto" and not individual):
         return ride_loss_reference(*args)
+    if impl == "auto" and not _triton_usable(expert_logits, individual, margins, class_weights, temperature):
+        return _ride_loss_analytic(*args)
     return _ride_loss_triton(*args)
 
 
-def _triton_usable(expert_logits: Tensor, individual: bool) -> bool:
-    if not (expert_logits.is_cuda and individual):
+def _constants_only(*vectors: Tensor | None) -> bool:
+    """The fused paths treat margins / weights / temperatures as constants (no gradient)."""
+    return not any(v is not None and v.requires_grad for v in vectors)
+
+
+def _triton_usable(expert_logits: Tensor, individual: bool, *vectors: Tensor | None) -> bool:
+    """Whether "auto" takes the fused Triton kernel: CUDA logits of a supported dtype and size."""
+    if not (expert_logits.is_cuda and individual and _constants_only(*vectors)):
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return True
+    # the limits live in a torch-only module: reading them does not import triton
+    from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES
+
+    E, _, C = expert_logits.shape if expert_logits.dim() == 3 else (0, 0, 0)
+    return expert_logits.dtype in SUPPORTED_DTYPES and 1 <= E <= MAX_EXPERTS and 2 <= C <= MAX_CLASSES
+
+
+def _ride_loss_analytic(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual):
+    """"auto" off the Triton path: the reference's value with a closed-form backward (faster on
+    CPU than autograd of the reference); the reference itself when a vector needs a gradient."""
+    if not _constants_only(margins, class_weights, temperature):
+        return ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual)
+    check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity)
+    from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
+
+    return ride_loss_analytic(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
 
 
 def _ride_loss_triton(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual):

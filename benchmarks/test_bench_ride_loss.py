@@ -1,0 +1,168 @@
+"""RIDE loss forward + backward per provider and shape (and the KD term), with pytest-benchmark.
+
+Shape legend: E experts, B images, C classes. Providers:
+
+    eager     ride_loss_reference, autograd backward
+    compile   torch.compile(ride_loss_reference)
+    loop      the original RIDE code's loop over experts (benchmarks/_baselines.py)
+    analytic  ride_loss_analytic: the reference's value, closed-form backward (the CPU default)
+    triton    the fused kernel (CUDA only; the interpreter is never timed)
+
+Reported in extra_info: median ms and GB/s against the floor "read the logits once + write their
+gradient once" = 2 * E * B * C * itemsize bytes.
+
+    pytest benchmarks/test_bench_ride_loss.py --benchmark-only        # time (CPU or GPU)
+    pytest benchmarks/test_bench_ride_loss.py --benchmark-only -k "not compile"   # short GPU run
+    pytest benchmarks/test_bench_ride_loss.py --benchmark-disable     # CI: each case runs once
+
+`compile` runs only when timing (it compiles for 10-30 s per shape); bf16 is timed on GPU only.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from _baselines import ride_loss_loop
+
+from ride_fast.ops.distill import kd_loss_reference
+from ride_fast.ops.ride_loss import ride_loss_reference
+from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+LAMBDA, TM = -0.2, 0.9  # ImageNet-LT / iNat diversity factor, a temperature mean != 1
+
+SHAPES = [(128, 3, 100), (256, 4, 1000), (512, 4, 8142), (128, 4, 8142)]  # (B, E, C)
+PROVIDERS = ["eager", "compile", "loop", "analytic", "triton"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ride_inputs(B, E, C, dtype, device=DEVICE, seed=0):
+    """Cosine-like s-scaled logits and the phase-2 (after DRW) margins, weights and temperatures."""
+    g = torch.Generator().manual_seed(seed)
+    z = 30.0 * torch.tanh(0.3 * torch.randn(E, B, C, generator=g))
+    y = torch.randint(0, C, (B,), generator=g)
+    counts = torch.randint(2, 1000, (C,), generator=g).double()
+    m = counts**-0.25
+    margins = 30.0 * 0.5 * m / m.max()
+    w = (1 - 0.9999) / (1 - 0.9999**counts)
+    w = w / w.sum() * C
+    t = C * counts / counts.sum() * 0.02 + 0.98
+    t = t / t.max()
+    vecs = [v.float().to(device) for v in (margins, w, t)]
+    return z.to(device=device, dtype=dtype), y.to(device), *vecs
+
+
+_compiled = {}
+
+
+def loss_fn(provider):
+    if provider == "eager":
+        return ride_loss_reference
+    if provider == "loop":
+        return lambda z, y, m, w, t, lam, tm, diversity: ride_loss_loop(z, y, m, w, t, lam, tm)
+    if provider == "analytic":
+        return ride_loss_analytic
+    if provider == "compile":
+        if "fn" not in _compiled:
+            # one graph per (shape, dtype) case: lift dynamo's default limit of 8 recompilations
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _compiled["fn"] = torch.compile(ride_loss_reference, dynamic=False)
+        return _compiled["fn"]
+    from ride_fast_kernels.ride_loss import ride_loss_fused
+
+    return ride_loss_fused
+
+
+def skip_reason(provider, dtype, benchmark):
+    if provider == "triton" and not CUDA:
+        return "the fused kernel is timed on CUDA only (never the interpreter)"
+    if dtype != torch.float32 and not CUDA:
+        return "half precision is benchmarked on GPU only"
+    if provider == "compile" and benchmark.disabled:
+        return "torch.compile takes 10-30 s per shape and only matters for timing: runs with --benchmark-only"
+    return None
+
+
+def rounds_for(n_elements):
+    return 50 if CUDA else max(5, min(50, int(4e7 / n_elements)))
+
+
+def run_benchmark(benchmark, step, n_elements, floor_bytes):
+    """Time `step` (which synchronises the device itself) and report ms and GB/s of the floor."""
+    if benchmark.disabled:
+        benchmark(step)  # one plain run
+        return
+    step()  # compile / autotune / allocate outside the timed rounds
+    benchmark.pedantic(step, rounds=rounds_for(n_elements), iterations=1, warmup_rounds=1)
+    median_s = benchmark.stats.stats.median
+    benchmark.extra_info["ms"] = round(median_s * 1e3, 4)
+    benchmark.extra_info["GB/s"] = float(f"{floor_bytes / median_s / 1e9:.3g}")
+    benchmark.extra_info["floor_bytes"] = floor_bytes
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+
+
+def synchronize():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("B,E,C", SHAPES, ids=[f"B{b}-E{e}-C{c}" for b, e, c in SHAPES])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench_ride_loss(benchmark, provider, B, E, C, dtype_name):
+    dtype = DTYPES[dtype_name]
+    reason = skip_reason(provider, dtype, benchmark)
+    if reason:
+        pytest.skip(reason)
+    z, y, m, w, t = ride_inputs(B, E, C, dtype)
+    z.requires_grad_()
+    fn = loss_fn(provider)
+    benchmark.group = f"ride_loss fwd+bwd B={B} E={E} C={C} {dtype_name}"
+
+    def step():
+        z.grad = None
+        fn(z, y, m, w, t, LAMBDA, TM, "mean").backward()
+        synchronize()
+
+    run_benchmark(benchmark, step, E * B * C, 2 * E * B * C * z.element_size())
+    assert z.grad is not None and z.grad.shape == z.shape
+
+
+KD_SHAPES = [(128, 100), (256, 1000), (512, 8142)]  # (B, C)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("B,C", KD_SHAPES, ids=[f"B{b}-C{c}" for b, c in KD_SHAPES])
+@pytest.mark.parametrize("provider", ["eager", "triton"])
+def test_bench_kd_loss(benchmark, provider, B, C, dtype_name):
+    dtype = DTYPES[dtype_name]
+    reason = skip_reason(provider, dtype, benchmark)
+    if reason:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(1)
+    s = (6 * torch.randn(B, C, generator=g)).to(DEVICE, dtype).requires_grad_()
+    teacher = (6 * torch.randn(B, C, generator=g)).to(DEVICE, dtype)
+    if provider == "eager":
+        fn = kd_loss_reference
+    else:
+        from ride_fast_kernels.distill import kd_loss_fused as fn
+    benchmark.group = f"kd_loss fwd+bwd B={B} C={C} {dtype_name}"
+
+    def step():
+        s.grad = None
+        fn(s, teacher, 1.5).backward()
+        synchronize()
+
+    # floor: read student and teacher once, write the gradient once
+    run_benchmark(benchmark, step, B * C, 3 * B * C * s.element_size())
+
+
+def test_loop_baseline_matches_reference():
+    """The loop-per-expert baseline computes the same loss and gradient as the reference."""
+    z, y, m, w, t = ride_inputs(16, 3, 50, torch.float32, device="cpu", seed=2)
+    for vecs in ((m, w, t), (m, None, None), (None, None, None)):
+        a = z.clone().requires_grad_()
+        b = z.clone().requires_grad_()
+        ride_loss_loop(a, y, *vecs, LAMBDA, TM).backward()
+        ride_loss_reference(b, y, *vecs, LAMBDA, TM, "mean").backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,112 @@
+"""Helpers shared by the launchers of ride_fast_kernels: limits, environment switches, checks.
+
+Imports torch only (no triton), so `ride_fast.ops` can read the limits without importing triton.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+#: Logit dtypes the fused kernels accept (the math is always float32).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: Largest class count the launchers accept. Rows are processed in blocks (online softmax), so the
+#: kernels themselves have no hard limit; this is the range they are designed and tested for
+#: (iNaturalist 2018 has 8,142 classes, ImageNet-21k 21,841). Raise it together with a test.
+MAX_CLASSES = 1 << 16
+
+#: Largest expert count: all E experts of a row are held in one [next_pow2(E), BLOCK_C] tile.
+MAX_EXPERTS = 16
+
+#: Elements of one [E_BLOCK, BLOCK_C] tile; bounds the registers a program needs. With 8 warps,
+#: 8 elements per thread: ptxas (sm_90) gives the RIDE kernel 60-80 registers and no spills
+#: (E_BLOCK=8 "pairwise": 126), so several programs share an SM; 4096 needed 128 and spilled.
+MAX_TILE = 2048
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on the CPU, slowly; bf16 math unsupported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def debug_checks() -> bool:
+    """True under RIDE_FAST_DEBUG=1: launchers add checks that need a host sync (target range)."""
+    return os.environ.get("RIDE_FAST_DEBUG", "0") not in ("", "0")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def pick_block_c(n_rows: int, n_cols: int, block_c: int | None = None) -> int:
+    """Class-block width for a [n_rows, n_cols] row group: the whole row when it fits MAX_TILE.
+
+    `block_c` overrides the heuristic (tests use a small one to exercise the blocked path).
+    """
+    if block_c is not None:
+        if block_c < 16 or block_c & (block_c - 1):
+            raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+        return block_c
+    rows = next_power_of_2(n_rows)
+    return max(16, min(next_power_of_2(n_cols), MAX_TILE // rows))
+
+
+def pick_num_warps(tile: int) -> int:
+    """Warps per program for a tile of `tile` elements (8 elements per thread, 1 to 8 warps)."""
+    return max(1, min(8, tile // 256))
+
+
+def check_vector(name: str, vec: Tensor | None, n: int, device: torch.device) -> Tensor | None:
+    """A [n] per-class vector as contiguous float32 on `device`, or None."""
+    if vec is None:
+        return None
+    if vec.shape != (n,):
+        raise ValueError(f"{name} must have shape [C] = [{n}], got {tuple(vec.shape)}")
+    if vec.device != device:
+        raise ValueError(f"{name} is on {vec.device} but the logits are on {device}; move it with .to(logits.device)")
+    return vec.detach().to(torch.float32).contiguous()
+
+
+def check_targets(target: Tensor, n_rows: int, n_classes: int, device: torch.device, what: str) -> Tensor:
+    """Validate a [B] integer target vector; under RIDE_FAST_DEBUG=1 also its range (host sync)."""
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices (int64), got {target.dtype}")
+    if target.shape != (n_rows,):
+        raise ValueError(f"target must have shape [B] = [{n_rows}] to match {what}, got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the logits are on {device}")
+    if debug_checks():
+        # RIDE_FAST_DEBUG only: this reads values back to the host (a sync), so it is opt-in.
+        bad = (target < 0) | (target >= n_classes)
+        if bool(bad.any()):
+            idx = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"target[{idx}] = {int(target[idx])} is out of range for C = {n_classes} classes "
+                f"(valid: 0..{n_classes - 1})"
+            )
+    return target.contiguous()
+
+
+def check_logits(name: str, logits: Tensor, dims: int, legend: str) -> None:
+    if logits.dim() != dims:
+        raise ValueError(f"{name} must be {legend}, got shape {tuple(logits.shape)}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16 for the fused kernel, got {logits.dtype} "
+            "(use impl='reference' for other dtypes)"
+        )
+    n_cols = logits.shape[-1]
+    if n_cols < 2 or n_cols > MAX_CLASSES:
+        raise ValueError(
+            f"{name} has C = {n_cols} classes; the fused kernel supports 2 <= C <= {MAX_CLASSES} "
+            "(use impl='reference' beyond that)"
+        )
+    if any(s == 0 for s in logits.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(logits.shape)}")
+    if not (logits.is_cuda or interpreting()):
+        raise RuntimeError(
+            f"the fused Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+            f"{name} is on {logits.device}"
+        )

@@ -1,0 +1,79 @@
+"""The self-distillation (KD) term of RIDE stage 1 as one differentiable function.
+
+Shape legend: B images, C classes.
+
+    student_logits  [B, C]  s-scaled mean logits of the student experts
+    teacher_logits  [B, C]  s-scaled mean logits of the teacher (treated as a constant)
+
+    kd = T^2 * KL(softmax(teacher / T) || softmax(student / T)), KL summed over classes, mean over B
+
+(the official code: F.kl_div(log_softmax(student / T), softmax(teacher / T), "batchmean") * T * T,
+teacher softmax under no_grad; T = 1.5 in the RIDE distillation recipes). Math in float32
+(float64 for float64 inputs).
+`kd_loss(..., impl=...)` chooses between this reference and the fused Triton kernel.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Impl = Literal["auto", "reference", "triton"]
+
+
+def check_kd_inputs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
+    """Raise a clear error for inputs a user can get wrong."""
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} and student_logits {tuple(student_logits.shape)} "
+            "must have the same [B, C] shape"
+        )
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise TypeError(f"logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
+
+
+def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Plain PyTorch KD term (the specification); float32 scalar (float64 for float64 inputs).
+    Gradient flows to the student only.
+
+    Memory traffic (elements of [B, C]): two scaled log-softmaxes 2 + 2, exp 2, KL 3; the backward
+    about doubles it. The fused kernel reads both inputs once and writes the gradient once.
+    """
+    check_kd_inputs(student_logits, teacher_logits, temperature)
+    T = float(temperature)
+    # bf16/fp16 -> float32; float32 and float64 unchanged (as ride_loss_reference)
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    log_q = torch.log_softmax(student_logits.to(dtype) / T, dim=1)
+    with torch.no_grad():
+        p = torch.softmax(teacher_logits.to(dtype) / T, dim=1)
+    return F.kl_div(log_q, p, reduction="batchmean") * (T * T)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, impl: Impl = "auto") -> Tensor:
+    """The KD term through the chosen implementation ("auto": Triton on CUDA, else the reference)."""
+    if impl not in ("auto", "reference", "triton"):
+        raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {impl!r}")
+    if impl == "reference" or (impl == "auto" and not _triton_usable(student_logits)):
+        return kd_loss_reference(student_logits, teacher_logits, temperature)
+    check_kd_inputs(student_logits, teacher_logits, temperature)
+    from ride_fast_kernels.distill import kd_loss_fused  # imports triton; only when asked for
+
+    return kd_loss_fused(student_logits, teacher_logits, temperature)
+
+
+def _triton_usable(student_logits: Tensor) -> bool:
+    if not student_logits.is_cuda or student_logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    from ride_fast_kernels._utils import MAX_CLASSES
+
+    return 2 <= student_logits.shape[-1] <= MAX_CLASSES

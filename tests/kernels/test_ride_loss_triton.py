@@ -1,0 +1,388 @@
+"""Fused Triton RIDE loss (and KD term) against the PyTorch references.
+
+Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (see conftest.py): small
+shapes only. Shape legend: E experts, B images, C classes. Every call writes into output buffers
+poisoned with NaN, so an element the kernel forgets to write fails the comparison.
+The `gpu` tests at the bottom repeat the comparison at full size in every dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ride_fast_kernels import _utils
+from ride_fast_kernels.distill import kd_loss_forward, kd_loss_fused
+from ride_fast_kernels.ride_loss import ride_loss_forward, ride_loss_fused
+
+from ride_fast.ops.distill import kd_loss, kd_loss_reference
+from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
+
+# the interpreter converts 1-element arrays to ints (range over a runtime C); harmless
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _utils.interpreting():
+    pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/kernels/conftest.py sets it)", allow_module_level=True)
+LAMBDA, TM = -0.45, 0.83  # diversity factor (CIFAR) and a temperature mean != 1
+
+
+def make_inputs(E, B, C, *, phase2=True, dtype=torch.float32, seed=0, device=DEVICE):
+    """s-scaled logits like a cosine head's (some rows confident in their target) and the three
+    per-class vectors of RIDE after the DRW switch (phase2) or None before it (plain CE, T = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    z = 6.0 * torch.randn(E, B, C, generator=g)
+    y = torch.randint(0, C, (B,), generator=g)
+    z[:, torch.arange(0, B, 2), y[::2]] += 12.0  # confident rows
+    counts = torch.randint(1, 500, (C,), generator=g).double()
+    m = counts ** -0.25
+    margins = 30.0 * 0.5 * m / m.max()
+    w = (1 - 0.9999) / (1 - 0.9999**counts)
+    w = w / w.sum() * C
+    t = C * counts / counts.sum() * 0.05 + 0.95
+    t = t / t.max()
+    vecs = (margins.float(), w.float(), t.float()) if phase2 else (margins.float(), None, None)
+    to = lambda v: None if v is None else v.to(device)
+    return z.to(device=device, dtype=dtype), y.to(device), *(to(v) for v in vecs)
+
+
+def reference(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM):
+    """(loss, grad) of ride_loss_reference by autograd, float32 math on the given values."""
+    z = z.detach().float().requires_grad_()
+    loss = ride_loss_reference(z, y, m, w, t, lam, tm, diversity)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def fused(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM, block_c=None):
+    """(loss, grad) of the launcher, with both output buffers poisoned."""
+    E, B, C = z.shape
+    grad_out = torch.full((E, B, C), float("nan"), dtype=z.dtype, device=z.device)
+    rows = torch.full((B,), float("nan"), device=z.device)
+    loss, grad = ride_loss_forward(z, y, m, w, t, lam, tm, diversity, block_c=block_c, grad_out=grad_out, row_loss_out=rows)
+    assert grad is grad_out
+    assert torch.isfinite(rows).all(), "a row loss was not written"
+    assert torch.isfinite(grad).all(), "a gradient element was not written"
+    return loss, grad
+
+
+def half_factor(dtype):
+    """How far (x PyTorch's own rounding error) a half-precision gradient may be: 2 (the
+    flash-attention rule); 4 for bfloat16 under the interpreter, whose float32 -> bfloat16 cast
+    truncates instead of rounding to nearest even (a GPU rounds; the gpu tests keep 2)."""
+    return 4 if (dtype == torch.bfloat16 and _utils.interpreting()) else 2
+
+
+def assert_grad_close(grad, ref_grad, rtol=1e-4):
+    """Elementwise rtol, plus an atol relative to the largest entry (cancellation near zero)."""
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=rtol, atol=rtol * 0.1 * scale + 1e-8)
+
+
+def assert_matches(loss, grad, ref_loss, ref_grad, rtol=1e-5, grad_rtol=1e-4):
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=rtol * 10)
+    assert_grad_close(grad, ref_grad, grad_rtol)
+
+
+# --------------------------------------------------------------------------- RIDE loss, float32
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("phase2", [False, True], ids=["before_drw", "after_drw"])
+@pytest.mark.parametrize(
+    "E,B,C",
+    [(1, 4, 7), (2, 1, 7), (3, 5, 100), (4, 3, 2), (5, 2, 33), (6, 2, 100), (3, 2, 1000), (4, 1, 1000)],
+)
+def test_matches_reference(E, B, C, diversity, phase2):
+    z, y, m, w, t = make_inputs(E, B, C, phase2=phase2, seed=E * 1000 + B * 10 + C)
+    assert_matches(*fused(z, y, m, w, t, diversity), *reference(z, y, m, w, t, diversity))
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("E,B,C,block_c", [(3, 3, 100, 32), (4, 2, 100, 16), (2, 2, 1000, 128), (5, 1, 37, 16)])
+def test_blocked_online_softmax(E, B, C, block_c, diversity):
+    """Rows longer than one block: the online max / sum-exp across class blocks (last one partial)."""
+    z, y, m, w, t = make_inputs(E, B, C, seed=C + block_c)
+    ref = reference(z, y, m, w, t, diversity)
+    assert_matches(*fused(z, y, m, w, t, diversity, block_c=block_c), *ref)
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("which", ["margins", "class_weights", "temperature"])
+def test_each_vector_optional(which, diversity):
+    """None margins = plain CE; None weights = plain mean; None temperature = all ones."""
+    z, y, m, w, t = make_inputs(3, 4, 50, seed=7)
+    vecs = {"margins": m, "class_weights": w, "temperature": t}
+    vecs[which] = None
+    args = (vecs["margins"], vecs["class_weights"], vecs["temperature"], diversity)
+    assert_matches(*fused(z, y, *args), *reference(z, y, *args))
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_no_diversity_term(diversity):
+    z, y, m, w, t = make_inputs(4, 3, 60, seed=3)
+    assert_matches(*fused(z, y, m, w, t, diversity, lam=0.0), *reference(z, y, m, w, t, diversity, lam=0.0))
+
+
+def test_non_contiguous_logits():
+    """[B, E, C] permuted to [E, B, C], a batch slice, and a class-strided view."""
+    E, B, C = 3, 4, 40
+    z, y, m, w, t = make_inputs(E, B, C, seed=11)
+    permuted = z.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    assert not permuted.is_contiguous()
+    assert_matches(*fused(permuted, y, m, w, t, "mean"), *reference(z, y, m, w, t, "mean"))
+
+    big, y2, m2, w2, t2 = make_inputs(E, 2 * B, 2 * C, seed=12)
+    for view, yv, mv, wv, tv in ((big[:, ::2, :C], y2[::2] % C, m2[:C], w2[:C], t2[:C]), (big[:, :B, ::2], y2[:B] % C, m2[::2], w2[::2], t2[::2])):
+        assert not view.is_contiguous()
+        assert_matches(*fused(view, yv, mv, wv, tv, "pairwise"), *reference(view, yv, mv, wv, tv, "pairwise"))
+
+
+def test_int32_target():
+    z, y, m, w, t = make_inputs(2, 3, 20, seed=5)
+    assert_matches(*fused(z, y.int(), m, w, t, "mean"), *reference(z, y, m, w, t, "mean"))
+
+
+# --------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, diversity):
+    """Math in float32: the loss equals the float32 reference on the same (rounded) values; the
+    gradient comes back in the input dtype, within 2x of PyTorch's own rounding of it."""
+    z32, y, m, w, t = make_inputs(3, 4, 100, seed=21)
+    z = z32.to(dtype)
+    loss, grad = fused(z, y, m, w, t, diversity, block_c=32)
+    assert grad.dtype == dtype
+    ref_loss, ref_grad = reference(z, y, m, w, t, diversity)  # float32 math on the half values
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    torch_err = (ref_grad.to(dtype).float() - ref_grad).abs().max().item()  # PyTorch in that dtype
+    err = (grad.float() - ref_grad).abs().max().item()
+    assert err <= half_factor(dtype) * torch_err + 1e-7, f"{dtype}: gradient error {err:.3g} vs PyTorch's {torch_err:.3g}"
+
+
+# --------------------------------------------------------------------------- autograd and dispatch
+
+
+def test_autograd_function_and_grad_output_scaling():
+    z, y, m, w, t = make_inputs(3, 4, 30, seed=31)
+    ref_loss, ref_grad = reference(z, y, m, w, t, "pairwise")
+    x = z.clone().requires_grad_()
+    loss = ride_loss_fused(x, y, m, w, t, LAMBDA, TM, "pairwise")
+    (2.5 * loss).backward(retain_graph=True)
+    assert_grad_close(x.grad, 2.5 * ref_grad)
+    loss.backward()  # the stored gradient is not modified by the first backward
+    assert_grad_close(x.grad, 3.5 * ref_grad)
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_without_grad():
+    z, y, m, w, t = make_inputs(3, 4, 30, seed=32)
+    for diversity in ("mean", "pairwise"):
+        with torch.no_grad():
+            loss = ride_loss_fused(z.clone().requires_grad_(), y, m, w, t, LAMBDA, TM, diversity)
+        loss2, grad = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, compute_grad=False)
+        assert grad is None
+        ref_loss, _ = reference(z, y, m, w, t, diversity)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss2, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_dispatch_triton(diversity):
+    z, y, m, w, t = make_inputs(2, 3, 25, seed=41)
+    ref_loss, ref_grad = reference(z, y, m, w, t, diversity)
+    x = z.clone().requires_grad_()
+    loss = ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="triton")
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+    assert_grad_close(x.grad, ref_grad)
+    with pytest.raises(ValueError, match="collaborative"):
+        ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, individual=False, impl="triton")
+
+
+def test_dispatch_auto_takes_triton_on_cuda_only(monkeypatch):
+    import ride_fast_kernels.ride_loss as kernel_module
+
+    calls = []
+    real = kernel_module.ride_loss_fused
+    monkeypatch.setattr(kernel_module, "ride_loss_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z, y, m, w, t = make_inputs(2, 3, 25, seed=42)
+    ride_loss(z, y, m, w, t, LAMBDA, TM, impl="auto")
+    assert len(calls) == (1 if z.is_cuda else 0)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    z, y, _, _, t = make_inputs(3, 4, 20, seed=51)
+    with pytest.raises(ValueError, match=r"\[E, B, C\].*\(4, 20\)"):
+        ride_loss_forward(z[0], y)
+    with pytest.raises(ValueError, match=r"target must have shape \[B\] = \[4\].*\(5,\)"):
+        ride_loss_forward(z, torch.zeros(5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="integer class indices.*float32"):
+        ride_loss_forward(z, y.float())
+    with pytest.raises(ValueError, match=r"margins must have shape \[C\] = \[20\], got \(21,\)"):
+        ride_loss_forward(z, y, margins=torch.zeros(21, device=DEVICE))
+    with pytest.raises(ValueError, match=r"temperature must have shape \[C\] = \[20\]"):
+        ride_loss_forward(z, y, temperature=t[:10])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16.*float64"):
+        ride_loss_forward(z.double(), y)
+    with pytest.raises(ValueError, match="diversity must be 'mean' or 'pairwise'"):
+        ride_loss_forward(z, y, diversity="max")
+    with pytest.raises(ValueError, match="block_c must be a power of two"):
+        ride_loss_forward(z, y, block_c=24)
+    too_many = _utils.MAX_CLASSES + 1
+    with pytest.raises(ValueError, match=f"C = {too_many} classes.*C <= {_utils.MAX_CLASSES}"):
+        ride_loss_forward(torch.zeros(1, 1, too_many, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=f"E = {_utils.MAX_EXPERTS + 1} experts"):
+        ride_loss_forward(torch.zeros(_utils.MAX_EXPERTS + 1, 1, 4, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="grad_out must be"):
+        ride_loss_forward(z, y, grad_out=torch.empty(3, 4, 21, device=DEVICE))
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="need CUDA tensors .*TRITON_INTERPRET=1"):
+            ride_loss_forward(z, y)
+
+
+def test_target_out_of_range(monkeypatch):
+    z, y, m, w, t = make_inputs(2, 3, 10, seed=52)
+    bad = y.clone()
+    bad[1] = 10
+    monkeypatch.setenv("RIDE_FAST_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"target\[1\] = 10 is out of range for C = 10"):
+        ride_loss_forward(z, bad, m, w, t, LAMBDA, TM)
+    bad[1] = -1
+    with pytest.raises(ValueError, match=r"target\[1\] = -1 is out of range"):
+        ride_loss_forward(z, bad)
+    # without the debug check: no out-of-bounds access, the loss is NaN
+    monkeypatch.setenv("RIDE_FAST_DEBUG", "0")
+    loss, _ = ride_loss_forward(z, bad, m, w, t, LAMBDA, TM)
+    assert math.isnan(loss.item())
+
+
+# --------------------------------------------------------------------------- self-distillation
+
+
+def kd_reference(s, t, temp):
+    s = s.detach().float().requires_grad_()
+    loss = kd_loss_reference(s, t, temp)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+def kd_fused(s, t, temp, block_c=None):
+    grad_out = torch.full(s.shape, float("nan"), dtype=s.dtype, device=s.device)
+    loss, grad = kd_loss_forward(s, t, temp, block_c=block_c, grad_out=grad_out)
+    assert torch.isfinite(grad).all(), "a gradient element was not written"
+    return loss, grad
+
+
+@pytest.mark.parametrize("B,C,block_c", [(1, 7, None), (4, 100, None), (3, 100, 32), (2, 1000, 128)])
+@pytest.mark.parametrize("temp", [1.0, 1.5])
+def test_kd_matches_reference(B, C, block_c, temp):
+    g = torch.Generator().manual_seed(B * C)
+    s = (6 * torch.randn(B, C, generator=g)).to(DEVICE)
+    t = (6 * torch.randn(B, C, generator=g)).to(DEVICE)
+    assert_matches(*kd_fused(s, t, temp, block_c), *kd_reference(s, t, temp))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kd_half_precision(dtype):
+    g = torch.Generator().manual_seed(3)
+    s = (6 * torch.randn(4, 100, generator=g)).to(DEVICE, dtype)
+    t = (6 * torch.randn(4, 100, generator=g)).to(DEVICE, dtype)
+    loss, grad = kd_fused(s, t, 1.5, block_c=32)
+    assert grad.dtype == dtype
+    ref_loss, ref_grad = kd_reference(s, t, 1.5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch_err = (ref_grad.to(dtype).float() - ref_grad).abs().max().item()
+    err = (grad.float() - ref_grad).abs().max().item()
+    assert err <= half_factor(dtype) * torch_err + 1e-7, f"{dtype}: gradient error {err:.3g} vs PyTorch's {torch_err:.3g}"
+
+
+def test_kd_autograd_and_dispatch():
+    g = torch.Generator().manual_seed(4)
+    s = (6 * torch.randn(3, 50, generator=g)).to(DEVICE).requires_grad_()
+    t = (6 * torch.randn(3, 50, generator=g)).to(DEVICE).t().contiguous().t()  # non-contiguous teacher
+    ref_loss, ref_grad = kd_reference(s, t, 1.5)
+    loss = kd_loss(s, t, 1.5, impl="triton")
+    (3.0 * loss).backward()
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+    assert_grad_close(s.grad, 3.0 * ref_grad)
+    s.grad = None
+    kd_loss_fused(s, t, 1.5).backward()
+    assert_grad_close(s.grad, ref_grad)
+
+
+def test_kd_bad_inputs():
+    s = torch.randn(3, 10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"teacher_logits \(3, 11\) and student_logits \(3, 10\)"):
+        kd_loss_forward(s, torch.randn(3, 11, device=DEVICE), 1.5)
+    with pytest.raises(ValueError, match=r"must be \[B, C\], got shape \(3, 10, 1\)"):
+        kd_loss_forward(s[..., None], s[..., None], 1.5)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
+        kd_loss_forward(s, s, 0.0)
+
+
+# --------------------------------------------------------------------------- GPU, full size
+
+GPU_SHAPES = [(128, 3, 100), (256, 4, 1000), (512, 4, 8142), (64, 6, 8142), (512, 8, 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("B,E,C", GPU_SHAPES, ids=[f"B{b}-E{e}-C{c}" for b, e, c in GPU_SHAPES])
+def test_gpu_full_size(B, E, C, dtype, diversity):
+    z32, y, m, w, t = make_inputs(E, B, C, seed=B + E + C, device="cuda")
+    z = z32.to(dtype)
+    loss, grad = fused(z, y, m, w, t, diversity)
+    ref_loss, ref_grad = reference(z, y, m, w, t, diversity)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    if dtype == torch.float32:
+        scale = ref_grad.abs().max().item()
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * scale)
+    else:
+        torch_err = (ref_grad.to(dtype).float() - ref_grad).abs().max().item()
+        err = (grad.float() - ref_grad).abs().max().item()
+        assert err <= 2 * torch_err + 1e-7, f"gradient error {err:.3g} vs PyTorch's {torch_err:.3g}"
+    # through autograd and the dispatcher ("auto" takes Triton on CUDA)
+    x = z.clone().requires_grad_()
+    ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto").backward()
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("B,C", [(512, 8142), (256, 1000), (128, 100)])
+def test_gpu_kd_full_size(B, C, dtype):
+    g = torch.Generator().manual_seed(B + C)
+    s = (6 * torch.randn(B, C, generator=g)).to("cuda", dtype)
+    t = (6 * torch.randn(B, C, generator=g)).to("cuda", dtype)
+    loss, grad = kd_fused(s, t, 1.5)
+    ref_loss, ref_grad = kd_reference(s, t, 1.5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    torch_err = (ref_grad.to(dtype).float() - ref_grad).abs().max().item()
+    tol = 1e-5 * ref_grad.abs().max().item() if dtype == torch.float32 else 2 * torch_err + 1e-7
+    assert (grad.float() - ref_grad).abs().max().item() <= tol
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    """The launcher must not synchronise with the host (no .item(), no weight-sum read-back)."""
+    z, y, m, w, t = make_inputs(4, 512, 8142, seed=1, device="cuda")
+    ride_loss_forward(z, y, m, w, t, LAMBDA, TM)  # compile outside the check
+    kd_loss_forward(z[0], z[1], 1.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = ride_loss_forward(z, y, m, w, t, LAMBDA, TM)
+        kd_loss_forward(z[0], z[1], 1.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)

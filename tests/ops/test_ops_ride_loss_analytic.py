@@ -1,0 +1,130 @@
+"""`ride_loss_analytic` (the CPU default of `ride_loss(impl="auto")`) against autograd of
+`ride_loss_reference`: same loss, same gradient, in float64 to rounding and in float32.
+
+Shape legend: E experts, B images, C classes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ride_fast.ops import ride_loss_analytic as analytic_module
+from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
+from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_inputs(E, B, C, dtype, seed, vectors=("margins", "class_weights", "temperature")):
+    g = torch.Generator().manual_seed(seed)
+    z = (6.0 * torch.randn(E, B, C, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, C, (B,), generator=g)
+    z[:, ::2][:, torch.arange((B + 1) // 2), y[::2]] += 12.0  # some confident rows
+    vecs = {
+        "margins": 15.0 * torch.rand(C, generator=g, dtype=torch.float64),
+        "class_weights": 0.1 + torch.rand(C, generator=g, dtype=torch.float64),
+        "temperature": 0.4 + 0.6 * torch.rand(C, generator=g, dtype=torch.float64),
+    }
+    vecs = {k: (v.to(dtype if dtype == torch.float64 else torch.float32) if k in vectors else None) for k, v in vecs.items()}
+    return z, y, vecs
+
+
+def loss_and_grad(fn, z, y, vecs, diversity, lam=-0.45, tm=0.83):
+    x = z.clone().requires_grad_()
+    loss = fn(x, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], lam, tm, diversity)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+CASES = [(1, 3, 7), (2, 1, 2), (3, 5, 100), (4, 2, 33), (5, 3, 10), (6, 2, 100)]
+VECTOR_SETS = [(), ("margins",), ("margins", "class_weights", "temperature"), ("class_weights", "temperature")]
+
+
+@pytest.mark.parametrize("vectors", VECTOR_SETS, ids=["plain", "ldam", "ldam_drw_temp", "drw_temp"])
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("E,B,C", CASES)
+def test_float64_equals_autograd_of_reference(E, B, C, diversity, vectors):
+    z, y, vecs = make_inputs(E, B, C, torch.float64, seed=E * 100 + B * 10 + C, vectors=vectors)
+    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, diversity)
+    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, diversity)
+    assert loss.dtype == grad.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("E,B,C", [(3, 8, 1000), (4, 4, 8142)])
+def test_float32_close_to_reference(E, B, C, diversity):
+    z, y, vecs = make_inputs(E, B, C, torch.float32, seed=C)
+    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, diversity)
+    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, diversity)
+    assert loss.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-4 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    """Half inputs: float32 math, the gradient in the input dtype, as the reference."""
+    z, y, vecs = make_inputs(3, 4, 50, dtype, seed=5)
+    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, "mean")
+    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, "mean")
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-2 * ref_grad.float().abs().max().item())
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_gradcheck(diversity):
+    z, y, vecs = make_inputs(3, 2, 5, torch.float64, seed=9)
+    fn = lambda x: ride_loss_analytic(x, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83, diversity)
+    assert torch.autograd.gradcheck(fn, (z.clone().requires_grad_(),))
+
+
+def test_grad_output_scaling_and_retain_graph():
+    z, y, vecs = make_inputs(3, 4, 20, torch.float64, seed=10)
+    _, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, "mean")
+    x = z.clone().requires_grad_()
+    loss = ride_loss_analytic(x, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83)
+    loss.backward(retain_graph=True)  # grad_output 1: the stored gradient is handed over
+    loss.backward(retain_graph=True)
+    (2.5 * loss).backward()
+    torch.testing.assert_close(x.grad, 4.5 * ref_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_no_grad_and_zero_diversity():
+    z, y, vecs = make_inputs(3, 4, 20, torch.float64, seed=11)
+    with torch.no_grad():
+        loss = ride_loss_analytic(z, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83)
+    ref = ride_loss_reference(z, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, "mean", lam=0.0)
+    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, "mean", lam=0.0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_auto_dispatch_on_cpu(monkeypatch):
+    """impl='auto' on CPU: the analytic path; the reference for individual=False or when a
+    per-class vector needs a gradient."""
+    calls = []
+    real = analytic_module.ride_loss_analytic
+    monkeypatch.setattr(analytic_module, "ride_loss_analytic", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z, y, vecs = make_inputs(2, 3, 10, torch.float32, seed=12)
+    args = (z, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83)
+    torch.testing.assert_close(ride_loss(*args, impl="auto"), ride_loss_reference(*args))
+    assert calls == [1]
+    ride_loss(*args, impl="reference")
+    ride_loss(*args, individual=False, impl="auto")
+    t = vecs["temperature"].clone().requires_grad_()
+    ride_loss(z, y, vecs["margins"], vecs["class_weights"], t, -0.45, 0.83, impl="auto").backward()
+    assert t.grad is not None
+    assert calls == [1]
+    with pytest.raises(ValueError, match="target must have shape"):
+        ride_loss(z, y[:2], impl="auto")
