@@ -1,6 +1,15 @@
-"""Data sets, batched augmentation and loaders; every loader yields the same `Batch` type.
+"""Data sets, batched augmentation, samplers and loaders; every loader yields the same `Batch` type.
 
-Data knows nothing about models: it hands out images, labels and class statistics.
+Data knows nothing about models: it hands out images, labels and class statistics. NVIDIA DALI is
+imported only when a DALI loader is built (ride_fast.data.dali).
+
+    train_set, test_set = build_datasets(cfg.data)          # checked; DataError names file:line
+    train_loader, test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last, seed,
+                                              rank=0, world_size=1, train_sampler="shuffle")
+    for epoch in ...:
+        train_loader.set_epoch(epoch)
+        for batch in train_loader:                           # Batch(images [B, 3, S, S], labels [B])
+            ...
 """
 from __future__ import annotations
 
@@ -8,42 +17,34 @@ from ride_fast.data.dataset import (
     SPLITS,
     ArrayDataset,
     Batch,
+    DataError,
+    Problem,
     check_labels,
     long_tail_counts,
     split_of_classes,
 )
+from ride_fast.data.factory import DATASETS, LOADERS, build_datasets, build_loaders, choose_loader
+from ride_fast.data.image_list import ImageListDataset, ImageRecipe
 from ride_fast.data.loader import InMemoryLoader
-
-DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")
-
-
-def build_datasets(cfg) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train, test) for a `DataConfig`."""
-    if cfg.name == "mnist_lt":
-        from ride_fast.data.mnist_lt import build_mnist_lt
-
-        return build_mnist_lt(cfg.imbalance_factor, cfg.test_per_class, cfg.seed)
-    if cfg.name in ("cifar10_lt", "cifar100_lt"):
-        from ride_fast.data.cifar import build_cifar_lt
-
-        if not cfg.root:
-            raise ValueError(f"data.root must name the folder holding the CIFAR python files for data.name={cfg.name}")
-        return build_cifar_lt(cfg.root, 10 if cfg.name == "cifar10_lt" else 100, cfg.imbalance_factor, cfg.seed)
-    import difflib
-
-    close = difflib.get_close_matches(cfg.name, DATASETS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ValueError(f"data.name: unknown data set '{cfg.name}'{hint}; known: {', '.join(DATASETS)}")
-
+from ride_fast.data.samplers import ClassBalancedSampler, ShuffleSampler
 
 __all__ = [
     "DATASETS",
+    "LOADERS",
     "SPLITS",
     "ArrayDataset",
     "Batch",
+    "ClassBalancedSampler",
+    "DataError",
+    "ImageListDataset",
+    "ImageRecipe",
     "InMemoryLoader",
+    "Problem",
+    "ShuffleSampler",
     "build_datasets",
+    "build_loaders",
     "check_labels",
+    "choose_loader",
     "long_tail_counts",
     "split_of_classes",
 ]

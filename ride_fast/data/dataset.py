@@ -1,4 +1,5 @@
-"""In-memory long-tailed data sets, class statistics and the many/medium/few splits.
+"""In-memory long-tailed data sets, class statistics, the many/medium/few splits, the Batch every
+loader yields, and the Problem / DataError types that report bad data (file and line).
 
 Shape legend: N images, C classes, H x W pixels, K image channels (1 grey, 3 colour).
 
@@ -17,6 +18,35 @@ from torch import Tensor
 MANY_SHOT_MIN = 100  # many: n > 100
 FEW_SHOT_MAX = 20  # few: n < 20; medium: 20 <= n <= 100
 SPLITS = ("many", "medium", "few")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a data set, with a message that names the file (and line) to fix."""
+
+    kind: str  # malformed | label | missing | unreadable | empty_class | unsupported | split
+    message: str
+    index: int = -1  # position of the image in its data set, for problems of one image
+    split: str = ""  # "train" or "test"
+
+    @property
+    def skippable(self) -> bool:
+        """Missing and unreadable images can be left out (data.skip_bad_images=true)."""
+        return self.kind in ("missing", "unreadable")
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as it is; the message lists the problems (file:line: what)."""
+
+    MAX_LISTED = 20
+
+    def __init__(self, problems: list[Problem], header: str = "the data set has problems"):
+        self.problems = list(problems)
+        lines = [p.message for p in self.problems[: self.MAX_LISTED]]
+        more = len(self.problems) - len(lines)
+        if more:
+            lines.append(f"... and {more} more (`ride-fast data check --config X` lists them all)")
+        super().__init__(f"{header} ({len(self.problems)}):\n  " + "\n  ".join(lines))
 
 
 @dataclass(frozen=True)

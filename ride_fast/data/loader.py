@@ -15,6 +15,7 @@ class InMemoryLoader:
 
     Training order is a permutation drawn from (seed, epoch): call `set_epoch(e)` before each epoch,
     so a resumed run sees the same batches. Evaluation keeps the data set order and every image once.
+    A `sampler` (ride_fast.data.samplers: sharded over ranks, class-balanced...) replaces that order.
     """
 
     def __init__(
@@ -27,6 +28,7 @@ class InMemoryLoader:
         augment: bool = True,
         channels_last: bool = False,
         seed: int = 0,
+        sampler=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -37,26 +39,33 @@ class InMemoryLoader:
         self.augment = augment and train
         self.channels_last = channels_last
         self.seed = seed
+        self.sampler = sampler
         self.epoch = 0
         self._images = dataset.images.to(self.device)
         self._labels = dataset.labels.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = len(self.dataset) if self.sampler is None else len(self.sampler)
         if self.train and n % self.batch_size == 1 and n > 1:
             return n // self.batch_size  # a last batch of one image would break BatchNorm
         return -(-n // self.batch_size)
 
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        rank = getattr(self.sampler, "rank", 0)  # other ranks: other augmentation draws
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + rank * 1_000_000_007)
 
     def __iter__(self):
         n = len(self.dataset)
         gen = self._generator()
-        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        if self.sampler is not None:
+            order = torch.from_numpy(self.sampler.indices())
+        else:
+            order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
         order = order.to(self.device, non_blocking=True)
         ds = self.dataset
         for i in range(len(self)):

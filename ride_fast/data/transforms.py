@@ -3,6 +3,9 @@
 Shape legend: B images, K channels, H x W pixels; x is [B, K, H, W] float in [0, 1].
 Random parameters are drawn from a CPU torch.Generator (reproducible, resumable) and moved to the
 batch's device; the pixel work happens there.
+
+The geometry of torchvision's photo transforms (RandomResizedCrop's window, Resize's sizes,
+CenterCrop's offset) is here too, as plain functions shared by the torch loader and the tests.
 """
 from __future__ import annotations
 
@@ -46,3 +49,105 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def random_resized_crop_box(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params: (top, left, h, w) of the crop window.
+
+    Ten tries of an area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`;
+    failing those, the largest center crop whose aspect ratio lies within `ratio`. `rng` is a
+    numpy Generator.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_shorter_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(new_width, new_height) of torchvision's Resize(size): shorter side -> size, the longer one
+    scaled and truncated."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_offset(length: int, crop: int) -> int:
+    """torchvision's CenterCrop offset: int(round((length - crop) / 2)), halves rounded to even."""
+    return int(round((length - crop) / 2.0))
+
+
+# Weights of the grey level (ITU-R 601 luma), as PIL's convert("L") and torchvision use.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def jitter_affine(mean_rgb: Tensor, strength: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """ColorJitter(brightness=contrast=saturation=strength, hue=0) of each image as one affine map
+    of its colours: x -> A x + c, with x in [0, 1].
+
+    mean_rgb: [B, 3] mean colour of each image (the contrast op blends with the mean grey level).
+    Returns A [B, 3, 3] and c [B, 3] on mean_rgb's device. As torchvision: factors uniform in
+    [1 - strength, 1 + strength], the three ops in a random order per image; each op is affine
+    (brightness: f x; contrast: f x + (1 - f) mean grey; saturation: f x + (1 - f) grey(x)), so their
+    composition is too. Only torchvision's clamp to [0, 1] after each op is not reproduced (one
+    clamp at the end). Random draws come from the CPU generator: no host sync on a GPU batch.
+    """
+    B, dev = mean_rgb.shape[0], mean_rgb.device
+    f = (1 + (torch.rand(3, B, generator=gen) * 2 - 1) * strength).to(dev, non_blocking=True)  # [3 ops, B]
+    order = torch.argsort(torch.rand(B, 3, generator=gen), dim=1).to(dev, non_blocking=True)  # [B, 3 slots]
+    w = torch.tensor(_LUMA, device=dev)
+    eye = torch.eye(3, device=dev).expand(B, 3, 3)
+    grey = torch.ones(3, 1, device=dev) * w  # [3, 3]: every output channel = grey level
+    A, c = eye.clone(), torch.zeros(B, 3, device=dev)
+    for slot in range(3):
+        op = order[:, slot]
+        fb, fc, fs = (f[k].view(B, 1, 1) for k in range(3))
+        M = torch.stack([fb * eye, fc * eye, fs * eye + (1 - fs) * grey])  # [3 ops, B, 3, 3]
+        M = M[op, torch.arange(B, device=dev)]  # [B, 3, 3]
+        mean_grey = ((A @ mean_rgb.unsqueeze(-1)).squeeze(-1) + c) @ w  # [B]: grey level of the current image
+        t = torch.where(op == 1, (1 - f[1]) * mean_grey, torch.zeros_like(mean_grey)).unsqueeze(1).expand(B, 3)
+        A, c = M @ A, (M @ c.unsqueeze(-1)).squeeze(-1) + t
+    return A, c
+
+
+def finish_batch(x: Tensor, mean, std, *, jitter: float = 0.0, gen: torch.Generator | None = None,
+                 channels_last: bool = False) -> Tensor:
+    """uint8 crops [B, H, W, K] (on the training device) -> float [B, 3, H, W] normalised.
+
+    Colour jitter (when jitter > 0), normalisation and the final clamp happen in one batched pass;
+    the result is laid out channels-last in memory (contiguous NCHW unless `channels_last`). Grey
+    data sets (K = 1) are repeated to 3 channels. Shared by the DALI and torch photo loaders.
+    """
+    B, H, W, K = x.shape
+    dev = x.device
+    m = torch.tensor(mean, device=dev, dtype=torch.float32)
+    s = torch.tensor(std, device=dev, dtype=torch.float32)
+    if jitter > 0 and K == 3:
+        flat = x.view(B, H * W, 3).float()  # [B, HW, 3], 0..255
+        A, c = jitter_affine(flat.mean(1) / 255, jitter, gen)
+        # y = ((A x / 255 + c) - m) / s, clamped where the jittered colour leaves [0, 1]
+        A = A / (255 * s.view(1, 3, 1))
+        c = (c - m) / s
+        y = torch.matmul(flat, A.transpose(1, 2)).add_(c.unsqueeze(1))  # [B, HW, 3]
+        y = y.clamp_(-m / s, (1 - m) / s).view(B, H, W, 3)
+    else:
+        y = x.float().mul_(1 / (255 * s)).sub_(m / s)  # [B, H, W, K]
+    y = y.permute(0, 3, 1, 2)  # [B, K, H, W], channels-last memory
+    if K == 1:
+        y = y.expand(-1, 3, -1, -1)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,285 @@
+"""NVIDIA DALI loaders: JPEG decoding and augmentation in DALI's C++ thread pool (CPU pipelines,
+`device_id=None`) or on the GPU (`device="mixed"` decoding, nvJPEG), and CIFAR-size arrays fed
+from memory. DALI is imported only inside these functions: `import ride_fast.data` never needs it.
+
+Shape legend: B images per batch (per rank), S crop size (224), R resize size (256), H x W image.
+
+Photos (`image_pipeline`), uint8 HWC through the graph:
+  training:   decode the random crop only (ROI decoding; area 0.08-1, aspect 3/4-4/3, 10 tries),
+              resize to S x S (linear, antialiased), mirror with p = 1/2;
+  evaluation: decode, resize the shorter side to R with the longer one truncated (torchvision's
+              sizes, computed in the graph from the JPEG header), center crop S with torchvision's
+              rounding. It matches the torch loader's PIL path within one grey level.
+The pipeline outputs uint8 [B, S, S, 3]; colour jitter (where the recipe has it) and normalisation
+run batched on the training device in `transforms.finish_batch`, the same code as the torch
+loader's, giving float [B, 3, S, S] in channels-last memory. Measured on the CPU, DALI's colour
+twist + normalisation cost more than the whole ROI decode, and a uint8 copy to the GPU moves 4x
+fewer bytes than float.
+
+Differences from torchvision kept on purpose (augmentation statistics, not evaluation): DALI's own
+random numbers and crop sampler, and libjpeg's plain (not "fancy") chroma upsampling in training.
+
+Order and sharding come from our samplers (seeded, reshuffled by `set_epoch`, split over ranks):
+each epoch feeds DALI the rank's index batches through `fn.external_source`, so the last partial
+batch is just smaller (no padding, no duplicates) and labels never pass through DALI. A fresh
+pipeline is built per epoch with a seed from (seed, epoch, rank), so a resumed run replays it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import deque
+
+import numpy as np
+import torch
+
+from ride_fast.data.dataset import ArrayDataset, Batch
+from ride_fast.data.image_list import ImageListDataset, ImageRecipe
+from ride_fast.data.samplers import ShuffleSampler, batch_indices, epoch_rng, num_batches
+from ride_fast.data.transforms import finish_batch
+
+DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
+
+
+def dali_available() -> bool:
+    """True when NVIDIA DALI is installed (found without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dali():
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.math as dmath
+        import nvidia.dali.types as types
+    except ImportError as err:
+        raise ImportError(f"data.loader=dali needs NVIDIA DALI ({err}): pip install --no-deps -r requirements.txt "
+                          f"(it pins {DALI_PACKAGE}), or set data.loader=torch") from None
+    return dali, fn, types, dmath
+
+
+def _threads(num_workers: int) -> int:
+    return (os.cpu_count() or 1) if num_workers < 0 else max(1, num_workers)
+
+
+def _pipeline_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(epoch_rng(seed, epoch, 4, rank).integers(2**31 - 1))
+
+
+def image_pipeline(source, recipe: ImageRecipe, *, train: bool, batch_size: int, num_threads: int,
+                   device_id: int | None, seed: int, prefetch: int = 2):
+    """The DALI pipeline for encoded photos fed by `source()` (a list of uint8 byte arrays per call).
+
+    device_id=None: everything on the CPU; else decoding is "mixed" (nvJPEG) and the rest runs on
+    that GPU. Returns an unbuilt Pipeline whose single output is uint8 [B, S, S, 3].
+    """
+    dali, fn, types, dmath = _dali()
+    S, R = recipe.crop_size, recipe.resize_size
+    decoder = "cpu" if device_id is None else "mixed"
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                       prefetch_queue_depth=prefetch)
+    def photos():
+        encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, name="encoded")
+        if train:
+            images = fn.decoders.image_random_crop(
+                encoded, device=decoder, output_type=types.RGB, random_area=list(recipe.scale),
+                random_aspect_ratio=list(recipe.ratio), num_attempts=10, adjust_orientation=False)
+            images = fn.resize(images, size=[S, S], interp_type=types.INTERP_LINEAR, antialias=True)
+            if recipe.flip:
+                images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        else:
+            # PIL's decoder (libjpeg with fancy upsampling) and no EXIF rotation, as torchvision.
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True,
+                                       adjust_orientation=False)
+            shape = fn.peek_image_shape(encoded, dtype=types.INT32)  # [H, W, C] from the header
+            h, w = shape[0], shape[1]
+            short = dmath.min(h, w)
+            nh, nw = (h * R) // short, (w * R) // short  # torchvision: int(R * long / short)
+            images = fn.resize(images, resize_x=fn.cast(nw, dtype=types.FLOAT), resize_y=fn.cast(nh, dtype=types.FLOAT),
+                               interp_type=types.INTERP_LINEAR, antialias=True)
+
+            def half_to_even(d):  # int(round(d / 2)) with Python's rounding of halves to even
+                k = d // 2
+                return k + (d - 2 * k) * (k - 2 * (k // 2))
+
+            start = fn.stack(half_to_even(nh - S), half_to_even(nw - S))
+            images = fn.slice(images, start=start, shape=fn.constant(idata=[S, S]), axes=[0, 1])
+        return images
+
+    return photos()
+
+
+def array_pipeline(source, dataset: ArrayDataset, *, train: bool, batch_size: int, num_threads: int,
+                   device_id: int | None, seed: int, padding: int = 4, prefetch: int = 2):
+    """The DALI pipeline for CIFAR-size uint8 HWC arrays fed from memory: random crop with zero
+    padding, mirror, rotation (nearest, zero fill) where the data set has it; uint8 out."""
+    dali, fn, types, _ = _dali()
+    H, W = int(dataset.images.shape[2]), int(dataset.images.shape[3])
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                       prefetch_queue_depth=prefetch)
+    def arrays():
+        images = fn.external_source(source=source, batch=True, dtype=types.UINT8, layout="HWC", name="arrays")
+        if device_id is not None:
+            images = images.gpu()
+        if train:
+            shift = fn.random.uniform(values=[float(v) for v in range(-padding, padding + 1)], shape=[2])
+            images = fn.slice(images, start=fn.cast(shift, dtype=types.INT32), shape=fn.constant(idata=[H, W]), axes=[0, 1],
+                              out_of_bounds_policy="pad", fill_values=0)
+            if dataset.flip:
+                images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+            if dataset.rotate:
+                images = fn.rotate(images, angle=fn.random.uniform(range=[-dataset.rotate, dataset.rotate]), keep_size=True,
+                                   fill_value=0, interp_type=types.INTERP_NN)
+        return images
+
+    return arrays()
+
+
+class _DaliLoaderBase:
+    """Epoch bookkeeping shared by the DALI loaders: batches of sampler indices are fed one by one
+    to a fresh pipeline, and each output is paired with the indices that went in (DALI keeps order)."""
+
+    def __init__(self, dataset, batch_size: int, *, train: bool, device="cpu", channels_last: bool = False,
+                 seed: int = 0, sampler=None, num_workers: int = -1, augment: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.train = train
+        self.augment = augment and train
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.seed = seed
+        self.sampler = sampler if sampler is not None else ShuffleSampler(len(dataset), shuffle=train, seed=seed)
+        self.num_threads = _threads(num_workers)
+        self.epoch = 0
+        _dali()  # fail now, with the hint, if DALI is missing
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.sampler), self.batch_size, drop_single=self.train)
+
+    # subclasses: _feed(indices) -> list of arrays; _build(source) -> pipeline; _explain(err, indices)
+    def __iter__(self):
+        batches = deque(batch_indices(self.sampler.indices(), self.batch_size, drop_single=self.train))
+        if not batches:
+            return
+        inflight: deque = deque()
+
+        def source():
+            if not batches:
+                raise StopIteration
+            idx = batches.popleft()
+            inflight.append(idx)
+            return self._feed(idx)
+
+        device_id = self._device_id()
+        rank = getattr(self.sampler, "rank", 0)
+        pipe = self._build(source, device_id, _pipeline_seed(self.seed, self.epoch, rank))
+        pipe.build()
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        labels = self.dataset.labels
+        jitter = self._jitter()
+        gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, rank).integers(2**62)))
+        while True:
+            try:
+                (out,) = pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError as err:
+                self._explain(err, list(inflight))
+                raise
+            idx = inflight.popleft()
+            images = out.as_tensor()
+            shape = tuple(images.shape())  # [B, S, S, K] uint8
+            if device_id is not None:  # a GPU pipeline: copy on torch's stream
+                x = torch.empty(shape, dtype=torch.uint8, device=self.device)
+                feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream(self.device))
+            else:
+                x = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                feed_ndarray(images, x)
+                x = x.to(self.device, non_blocking=True)
+            x = finish_batch(x, self.dataset.mean, self.dataset.std, jitter=jitter, gen=gen, channels_last=self.channels_last)
+            yield Batch(images=x, labels=labels.index_select(0, torch.from_numpy(idx)).to(self.device, non_blocking=True))
+        del pipe
+
+    def _device_id(self) -> int | None:
+        """The GPU the pipeline runs on, or None for a CPU pipeline."""
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _jitter(self) -> float:
+        return 0.0
+
+    def _explain(self, err: Exception, inflight: list) -> None:
+        pass
+
+
+class DaliImageLoader(_DaliLoaderBase):
+    """Batches of `Batch(images [B, 3, S, S] float normalised, labels [B])` from an ImageListDataset,
+    decoded and augmented by DALI (on the GPU when `device` is CUDA and `decode_on_gpu`)."""
+
+    def __init__(self, dataset: ImageListDataset, batch_size: int, *, decode_on_gpu: bool = True, **kw):
+        super().__init__(dataset, batch_size, **kw)
+        self.decode_on_gpu = decode_on_gpu
+
+    def _feed(self, idx: np.ndarray) -> list[np.ndarray]:
+        files = self.dataset.files
+        out = []
+        for i in idx.tolist():
+            try:
+                out.append(np.fromfile(files[i], dtype=np.uint8))
+            except OSError as err:
+                raise FileNotFoundError(f"{self.dataset.where(int(i))}: cannot read {files[i]} ({err.strerror or err})") from None
+        return out
+
+    def _device_id(self) -> int | None:
+        return super()._device_id() if self.decode_on_gpu else None
+
+    def _build(self, source, device_id, seed):
+        return image_pipeline(source, self.dataset.recipe, train=self.augment, batch_size=self.batch_size,
+                              num_threads=self.num_threads, device_id=device_id, seed=seed)
+
+    def _jitter(self) -> float:
+        return self.dataset.recipe.jitter if self.augment else 0.0
+
+    def _explain(self, err: Exception, inflight: list) -> None:
+        """DALI names no file when a decode fails: find the culprit among the batches in flight."""
+        from ride_fast.data.check import decode_problem
+
+        for idx in inflight:
+            for i in idx.tolist():
+                found = decode_problem(self.dataset.files[i])
+                if found is not None:
+                    raise ValueError(f"{self.dataset.where(i)}: {found[1]}: {self.dataset.files[i]} (DALI stopped on it; "
+                                     "`ride-fast data check` finds every such image, data.skip_bad_images=true leaves "
+                                     "them out)") from err
+
+
+class DaliArrayLoader(_DaliLoaderBase):
+    """CIFAR-size ArrayDatasets through DALI, fed from host memory by `fn.external_source` (the
+    InMemoryLoader keeps such data on the training device instead, and is the default)."""
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, **kw):
+        super().__init__(dataset, batch_size, **kw)
+        self._hwc = dataset.images.permute(0, 2, 3, 1).contiguous().numpy()  # [N, H, W, K] uint8
+
+    def _feed(self, idx: np.ndarray) -> list[np.ndarray]:
+        return list(self._hwc[idx])
+
+    def _build(self, source, device_id, seed):
+        return array_pipeline(source, self.dataset, train=self.augment, batch_size=self.batch_size,
+                              num_threads=self.num_threads, device_id=device_id, seed=seed)
+
+
+__all__ = ["DALI_PACKAGE", "DaliArrayLoader", "DaliImageLoader", "array_pipeline", "dali_available", "image_pipeline"]

@@ -1,0 +1,57 @@
+"""CIFAR-10-LT / CIFAR-100-LT from the standard pickles (the real layout), original selection."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ride_fast.config import DataConfig
+from ride_fast.data import build_datasets, long_tail_counts
+from ride_fast.data.cifar import CIFAR_MEAN, build_cifar_lt
+
+
+def _fake_cifar10(root, n_per_class=30):
+    """cifar-10-batches-py: data_batch_1..5 + test_batch, each {b'data': [n, 3072] uint8, b'labels': list}."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.RandomState(2)
+    labels = np.repeat(np.arange(10), n_per_class)
+    rng.shuffle(labels)
+    data = rng.randint(0, 256, (len(labels), 3072), dtype=np.uint8)
+    for b, part in enumerate(np.array_split(np.arange(len(labels)), 5), 1):
+        with open(folder / f"data_batch_{b}", "wb") as fh:
+            pickle.dump({b"batch_label": b"training batch", b"labels": labels[part].tolist(), b"data": data[part],
+                         b"filenames": [b"x.png"] * len(part)}, fh)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({b"labels": labels[:50].tolist(), b"data": data[:50]}, fh)
+    return labels, data
+
+
+def test_cifar10_lt_selection_counts_and_layout(tmp_path):
+    labels, data = _fake_cifar10(tmp_path)
+    train, test = build_datasets(DataConfig(name="cifar10_lt", root=str(tmp_path), imbalance_factor=10.0))
+    counts = long_tail_counts(30, 10, 10.0)
+    assert train.class_counts().tolist() == counts and counts[0] == 30 and counts[-1] == 3
+    np.random.seed(0)
+    keep = []
+    for c in range(10):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        keep.extend(idx[: counts[c]])
+    assert torch.equal(train.images, torch.from_numpy(data[keep].reshape(-1, 3, 32, 32)))
+    assert len(test) == 50 and train.mean == CIFAR_MEAN and train.rotate == 15.0 and test.rotate == 0.0
+    # the folder itself may be given as data.root
+    again, _ = build_cifar_lt(tmp_path / "cifar-10-batches-py", 10, 10.0)
+    assert torch.equal(again.images, train.images)
+
+
+def test_broken_cifar_pickle_is_named(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match=r"cifar-100-python/train: not a CIFAR python pickle"):
+        build_cifar_lt(tmp_path, 100)
+    with open(folder / "train", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, fh)  # no b"fine_labels"
+    with pytest.raises(ValueError, match=r"not a CIFAR python pickle \(KeyError"):
+        build_cifar_lt(tmp_path, 100)

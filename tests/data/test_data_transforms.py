@@ -1,0 +1,80 @@
+"""Photo transforms: torchvision's geometry, the batched colour jitter and normalisation."""
+import math
+
+import numpy as np
+import torch
+
+from ride_fast.data.transforms import center_crop_offset, finish_batch, jitter_affine, random_resized_crop_box, resize_shorter_size
+
+LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+
+def test_resize_and_center_crop_follow_torchvision():
+    assert resize_shorter_size(500, 375, 256) == (341, 256)
+    assert resize_shorter_size(221, 333, 256) == (256, 385)  # int(256 * 333 / 221) = 385 (truncated)
+    assert resize_shorter_size(300, 300, 256) == (256, 256)
+    assert center_crop_offset(341, 224) == 58  # round(58.5) = 58: halves to even
+    assert center_crop_offset(343, 224) == 60  # round(59.5) = 60
+    assert center_crop_offset(256, 224) == 16
+
+
+def test_random_resized_crop_windows():
+    rng = np.random.default_rng(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        top, left, h, w = random_resized_crop_box(500, 375, rng)
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500 and h > 0 and w > 0
+        areas.append(h * w / (500 * 375))
+        ratios.append(w / h)
+    assert 0.07 < min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.6
+    assert min(ratios) > 0.74 and max(ratios) < 1.34
+    # a very wide image: no try fits, the fallback is the widest allowed center crop
+    assert random_resized_crop_box(1000, 10, rng, scale=(0.99, 1.0), ratio=(1.0, 1.0)) == (0, 495, 10, 10)
+
+
+def _sequential_jitter(x, f, order):
+    """torchvision's ColorJitter(b, c, s) op by op (without its intermediate clamps)."""
+    out = []
+    for i in range(x.shape[0]):
+        y = x[i : i + 1]
+        for op in order[i].tolist():
+            grey = (y * LUMA).sum(1, keepdim=True)
+            if op == 0:
+                y = f[0, i] * y
+            elif op == 1:
+                y = f[1, i] * y + (1 - f[1, i]) * grey.mean()
+            else:
+                y = f[2, i] * y + (1 - f[2, i]) * grey
+        out.append(y)
+    return torch.cat(out)
+
+
+def test_jitter_as_one_affine_map_equals_the_ops_in_sequence():
+    x = torch.rand(7, 3, 9, 11) * 0.8 + 0.1
+    A, c = jitter_affine(x.mean((2, 3)), 0.4, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    f = 1 + (torch.rand(3, 7, generator=gen) * 2 - 1) * 0.4
+    order = torch.argsort(torch.rand(7, 3, generator=gen), dim=1)
+    assert len({tuple(o) for o in order.tolist()}) > 1  # the order differs between images
+    assert ((f >= 0.6) & (f <= 1.4)).all()
+    got = torch.einsum("bij,bjhw->bihw", A, x) + c[:, :, None, None]
+    torch.testing.assert_close(got, _sequential_jitter(x, f, order), atol=1e-5, rtol=1e-5)
+
+
+def test_finish_batch_normalises_and_lays_out_channels_last():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 6, 5, 3), dtype=torch.uint8, generator=g)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    y = finish_batch(x, mean, std, channels_last=True)
+    ref = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert y.shape == (4, 3, 6, 5) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert finish_batch(x, mean, std).is_contiguous()
+    grey = finish_batch(x[..., :1], (0.5,), (0.25,))
+    assert grey.shape == (4, 3, 6, 5) and torch.equal(grey[:, 0], grey[:, 2])
+    # jitter keeps the colours in range (clamped) and changes them
+    j = finish_batch(x, mean, std, jitter=0.4, gen=torch.Generator().manual_seed(1))
+    lo = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1)
+    hi = ((1 - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)
+    assert ((j >= lo - 1e-5) & (j <= hi + 1e-5)).all() and not torch.allclose(j, ref)
+    assert math.isfinite(j.sum().item())
