@@ -2,10 +2,17 @@
 
     ride-fast demo --out-dir DIR                         MNIST-LT: CE baseline vs RIDE, on the CPU
     ride-fast train --config X [section.key=value ...]   stage 1 (add --resume PATH to continue)
-    ride-fast eval --checkpoint P [section.key=value]    accuracy overall / many / medium / few
+    ride-fast route --config X --checkpoint P [...]     stage 2: train the router of a stage-1 checkpoint
+    ride-fast eval --checkpoint P [section.key=value]    accuracy overall / many / medium / few (a routed
+                                                         checkpoint: routed vs all experts, usage, MACs, ms)
     ride-fast show-config --config X [overrides]         the resolved config
     ride-fast flops --config X [overrides]               parameters and MACs per part
+    ride-fast data check --config X [overrides]          validate a data set: bad files / lines, class sizes
     ride-fast convert SRC DST --model NAME ...           original RIDE weights -> ride_fast
+    ride-fast analyze bias-variance --config X --runs N [--methods ce,ldam,ride]   bias / variance over LT draws
+    ride-fast analyze confusion --checkpoint P [...]     hardest-negative score histograms per split
+    ride-fast analyze two-stage --checkpoint P --method crt|tau_norm|cosine   decoupled classifiers
+    ride-fast analyze ensemble [--baseline P ...] [--ride P ...] [--routed P ...]   accuracy vs MACs
 """
 from __future__ import annotations
 
@@ -33,16 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", help="checkpoint to continue from ('auto': OUT_DIR/last.pt if present)")
 
+    p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint")
+    _add_config_args(p, required=True)
+    p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (ride-fast train or convert)")
+    p.add_argument("--out", help="routed checkpoint to write (default: <train.out_dir>/routed.pt)")
+    p.add_argument("--no-eval", action="store_true", help="skip the routed evaluation on the test set")
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=... train.device=cpu")
-    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--json", help="also write the result to this file (routed checkpoints: default <stem>_eval.json)")
 
     p = sub.add_parser("show-config", help="print the resolved config")
     _add_config_args(p)
 
     p = sub.add_parser("flops", help="parameters and multiply-accumulates per part of the model")
     _add_config_args(p)
+
+    p = sub.add_parser("data", help="data set tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("check", help="validate a data set before a long run; print class sizes, splits, imbalance")
+    _add_config_args(q)
+    q.add_argument("--images", choices=["none", "header", "decode"], default="decode",
+                   help="image check: decode every image (default), header: existence, format and truncation only")
+    q.add_argument("--threads", type=int, default=16, help="threads reading the images")
+
+    _add_analyze_parser(sub)
 
     p = sub.add_parser("convert", help="convert a checkpoint of the original RIDE code")
     p.add_argument("src")
@@ -53,6 +76,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reduce-dimension", action="store_true", help="the experts use the full widths")
     p.add_argument("--linear", action="store_true", help="plain Linear classifiers instead of cosine ones")
     return parser
+
+
+def _add_analyze_parser(sub) -> None:
+    """`ride-fast analyze ...`: the analyses of ride_fast.analysis (each writes a JSON and a PNG)."""
+    p = sub.add_parser("analyze", help="bias/variance, hardest-negative confusion, two-stage classifiers, ensembles")
+    an = p.add_subparsers(dest="analyze_command", required=True)
+
+    q = an.add_parser("bias-variance", help="train methods on N independent long-tailed draws; 0-1 bias and variance per split")
+    _add_config_args(q)
+    q.add_argument("--runs", type=int, help="independent long-tailed training sets (default analysis.runs)")
+    q.add_argument("--methods", help="comma-separated presets (ce, cb_ce, focal, ldam, ride, rideE) or recipe .yaml files")
+    q.add_argument("--workers", type=int, help="parallel training processes (default analysis.workers)")
+    q.add_argument("--out-dir", help="run folders and reports (default analysis.out_dir); finished runs are skipped")
+
+    q = an.add_parser("confusion", help="histograms of the largest wrong-class softmax score per split")
+    q.add_argument("--checkpoint", action="append", required=True, help="a checkpoint (repeat to compare several)")
+    q.add_argument("--name", action="append", help="a label per --checkpoint (default: its folder)")
+    q.add_argument("--routed", action="store_true", help="routed checkpoints: use the routed prediction")
+    q.add_argument("--bins", type=int, help="histogram bins over [0, 1] (default analysis.confusion_bins)")
+    q.add_argument("--out-dir", help="where confusion.json / .png go (default: the first checkpoint's folder)")
+    q.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=... train.device=cpu")
+
+    q = an.add_parser("two-stage", help="re-balance the classifiers of a trained network: cRT, tau-norm, cosine")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--method", required=True, choices=["crt", "tau_norm", "cosine"])
+    q.add_argument("--out-dir", help="where <stem>_<method>.json / .png / .pt go (default: the checkpoint's folder)")
+    q.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. analysis.two_stage_epochs=20")
+
+    q = an.add_parser("ensemble", help="accuracy vs MACs: ensembles of 1..K baselines, RIDE with 2..E experts, routed")
+    q.add_argument("--baseline", action="append", default=[], help="a baseline checkpoint (repeat: ensemble members in order)")
+    q.add_argument("--ride", action="append", default=[], help="a RIDE checkpoint (repeat): all experts and its first k experts")
+    q.add_argument("--routed", action="append", default=[], help="a routed RIDE checkpoint (repeat)")
+    q.add_argument("--config", help="baseline recipe to train --members copies of (seeds train.seed + i)")
+    q.add_argument("--members", type=int, default=0, help="baselines to train from --config (finished ones are skipped)")
+    q.add_argument("--ride-config", help="RIDE recipe to train with each --ride-experts count")
+    q.add_argument("--ride-experts", default="", help="comma-separated expert counts, e.g. 2,3,4")
+    q.add_argument("--route", action="store_true", help="also train the routers of the --ride-experts models and add them")
+    q.add_argument("--thresholds", default="", help="comma-separated router thresholds (default: each checkpoint's own)")
+    q.add_argument("--no-prefixes", action="store_true", help="leave out the first-k-experts points of RIDE networks")
+    q.add_argument("--workers", type=int, default=1, help="parallel training processes")
+    q.add_argument("--out-dir", default="runs/analysis/ensemble")
+    q.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to the recipes and the checkpoints' configs")
+
+
+def _csv(text: str | None, cast=str) -> list:
+    return [cast(v) for v in (text or "").replace(" ", "").split(",") if v]
+
+
+def _cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from ride_fast.config import parse_overrides
+
+    cmd = args.analyze_command
+    if cmd == "bias-variance":
+        from ride_fast.analysis import run_bias_variance
+
+        cfg = load_config(args.config, args.overrides)
+        run_bias_variance(cfg, runs=args.runs, methods=_csv(args.methods) or None, workers=args.workers, out_dir=args.out_dir)
+    elif cmd == "confusion":
+        from ride_fast.analysis import run_confusion
+
+        out_dir = args.out_dir or Path(args.checkpoint[0]).parent
+        run_confusion(args.checkpoint, out_dir, overrides=parse_overrides(args.overrides), bins=args.bins, names=args.name,
+                      routed=args.routed)
+    elif cmd == "two-stage":
+        from ride_fast.analysis import run_two_stage
+
+        run_two_stage(args.checkpoint, args.method, out_dir=args.out_dir, overrides=parse_overrides(args.overrides))
+    else:
+        from ride_fast.analysis import run_ensemble
+
+        run_ensemble(
+            args.out_dir, baselines=args.baseline, rides=args.ride, routed=args.routed,
+            baseline_cfg=load_config(args.config, args.overrides) if args.config else None, members=args.members,
+            ride_cfg=load_config(args.ride_config, args.overrides) if args.ride_config else None,
+            ride_experts=_csv(args.ride_experts, int), route=args.route, workers=args.workers,
+            overrides=parse_overrides(args.overrides), thresholds=_csv(args.thresholds, float) or None,
+            prefixes=not args.no_prefixes,
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +193,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_route(args) -> int:
+    from ride_fast.engine.route import train_router
+
+    cfg = load_config(args.config, args.overrides)
+    train_router(cfg, args.checkpoint, args.out, evaluate=not args.no_eval)
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from ride_fast.config import parse_overrides
     from ride_fast.engine import Trainer, load_checkpoint
+    from ride_fast.engine.route import evaluate_routed_checkpoint, is_routed_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
+    if is_routed_checkpoint(ckpt):  # routed vs all experts, expert usage, MACs and ms per image
+        evaluate_routed_checkpoint(args.checkpoint, parse_overrides(args.overrides), args.json)
+        return 0
     # The run's own config (a converted original checkpoint has none: defaults), then the overrides
     # (e.g. data.root=... or train.device=cpu); the architecture always comes from the checkpoint.
     cfg = update(config_from_dict(ckpt.get("config")), **parse_overrides(args.overrides))
@@ -129,10 +245,49 @@ def _cmd_flops(args) -> int:
     print(f"{'trunk':<16}{cost.trunk_params:>14,}{cost.trunk_macs / 1e9:>10.4f}")
     for i, (p, m) in enumerate(zip(cost.expert_params, cost.expert_macs)):
         print(f"{f'expert {i + 1}':<16}{p:>14,}{m / 1e9:>10.4f}")
-    for k in range(1, cfg.model.num_experts + 1):
+    router_macs = _print_router_cost(cfg, model, num_classes)
+    E = cfg.model.num_experts
+    if router_macs is not None:
+        print(f"{'totals':<16}{'params':>14}{'GMACs':>10}{'+ routers':>11}   (an image using k experts passes min(k, E-1) routers)")
+    for k in range(1, E + 1):
         params = cost.trunk_params + sum(cost.expert_params[:k])
-        print(f"{f'total, {k} exp.':<16}{params:>14,}{cost.macs_with(k) / 1e9:>10.4f}")
+        line = f"{f'total, {k} exp.':<16}{params:>14,}{cost.macs_with(k) / 1e9:>10.4f}"
+        if router_macs is not None:
+            line += f"{(cost.macs_with(k) + min(k, E - 1) * router_macs) / 1e9:>11.6f}"
+        print(line)
     return 0
+
+
+def _print_router_cost(cfg, model, num_classes: int) -> int | None:
+    """Print one router's parameters and MACs (fvcore); None when there is no router to count."""
+    if cfg.model.num_experts < 2:
+        return None
+    if cfg.router.top_k > num_classes:
+        print(f"{'router':<16}(not counted: router.top_k={cfg.router.top_k} exceeds the {num_classes} classes; set router.top_k)")
+        return None
+    from ride_fast.engine.route import build_router, count_router_macs, router_params
+
+    router = build_router(cfg.router, model)
+    macs = count_router_macs(router)
+    one, every = router_params(router)
+    print(f"{'router (each)':<16}{one:>14,}{macs / 1e9:>10.4f}   ({macs:,} MACs; {cfg.model.num_experts - 1} routers, "
+          f"{every:,} params in all; top-k {cfg.router.top_k})")
+    return macs
+
+
+def _cmd_data(args) -> int:
+    """`data check`: every problem with its file and line, then the statistics; exit 1 on problems."""
+    from ride_fast.data.check import check_data
+
+    cfg = load_config(args.config, args.overrides)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rchecking images: {done:,}/{total:,}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    report = check_data(cfg.data, level=args.images, threads=args.threads, progress=progress)
+    print(report.format())
+    return 0 if report.ok else 1
 
 
 def _cmd_convert(args) -> int:
@@ -149,8 +304,11 @@ def _cmd_convert(args) -> int:
 _COMMANDS = {
     "demo": _cmd_demo,
     "train": _cmd_train,
+    "route": _cmd_route,
     "eval": _cmd_eval,
     "show-config": _cmd_show_config,
     "flops": _cmd_flops,
+    "data": _cmd_data,
     "convert": _cmd_convert,
+    "analyze": _cmd_analyze,
 }

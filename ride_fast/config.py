@@ -30,19 +30,31 @@ class ModelConfig:
     use_norm: bool = True  # cosine classifier with s = 30; False: Linear with bias
     num_classes: int = 0  # 0: taken from the data set
     channels_last: bool = True  # faster on CPUs (oneDNN) and GPUs (cuDNN NHWC); same results
+    batched: bool = True  # all experts as one grouped network (models/batched.py); same results, either checkpoint layout loads
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist_lt"  # mnist_lt | cifar100_lt | cifar10_lt
-    root: str = ""  # folder holding the data set files (unused by mnist_lt)
+    name: str = "mnist_lt"  # mnist_lt | cifar100_lt | cifar10_lt | imagenet_lt | inat2018 | image_list | image_folder
+    root: str = ""  # folder holding the data set files / images (unused by mnist_lt)
+    train_list: str = ""  # file data sets: list file, JSON annotations or class folder of the training images ("": standard name)
+    test_list: str = ""  # file data sets: the same for the evaluation images
+    num_classes: int = 0  # file data sets: 0 = from the data set (JSON categories, class folders, 1000, 8142, max label + 1)
     imbalance_factor: float = 100.0  # n_max / n_min of the training set
     test_per_class: int = 100  # mnist_lt: balanced held-out images per class
-    image_size: int = 32
+    image_size: int = 32  # crop size in training and evaluation (224 for ImageNet-LT and iNaturalist)
+    resize_size: int = 0  # photos, evaluation: shorter side before the center crop; 0 = image_size * 8 / 7 (256 for 224)
+    color_jitter: float | None = None  # photos: brightness/contrast/saturation strength; None = the recipe's (0.4 ImageNet-LT, else 0)
+    mean: Tuple[float, ...] = ()  # photos: per-channel normalisation; empty = the data set's
+    std: Tuple[float, ...] = ()
     augment: bool = True
     batch_size: int = 128  # global batch
     eval_batch_size: int = 512
-    num_workers: int = 0
+    loader: Literal["auto", "memory", "dali", "torch"] = "auto"  # auto: memory for arrays, DALI for files if installed, else torch
+    decode_device: Literal["auto", "cpu", "gpu"] = "auto"  # DALI: auto decodes on the GPU when training on one
+    num_workers: int = -1  # file loaders: DataLoader workers / DALI threads; -1 = one per CPU core, 0 = in the main process
+    verify_images: Literal["none", "header", "decode"] = "header"  # file data sets: image checks before training
+    skip_bad_images: bool = False  # leave out missing / unreadable images (and say how many) instead of stopping
     seed: int = 0  # selection of the long-tailed subset (the original uses numpy seed 0)
 
 
@@ -89,7 +101,7 @@ class TrainConfig:
     epochs: int = 200
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA (if supported) and on CPUs with AMX, else none
     out_dir: str = "runs/default"
     log_interval: int = 50  # steps between metric reads (the only host syncs of a step)
     eval_every: int = 1
@@ -98,17 +110,47 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False
     max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
+    compile: bool = False  # torch.compile the forward + loss (minutes of compile time: for long runs)
+    cuda_graphs: bool = False  # CUDA only: compile with mode="reduce-overhead" (CUDA graphs; static shapes)
+    prefetch: bool = True  # host batches go to the device one step ahead (pinned, non_blocking, side stream)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    top_k: int = 30
-    hidden: int = 16
-    w_on: float = 100.0
-    threshold: float = 0.5
+    """Stage 2 (RIDE_SPEC.md §5): only the routers train, the stage-1 network is frozen."""
+
+    top_k: int = 30  # top-k running-mean logits fed to the router (30 CIFAR/ResNet-10, 50 ResNet-50/iNat); <= classes
+    hidden: int = 16  # width of each router's hidden layer
+    share_fc: bool = True  # one final Linear(top_k + hidden -> 1) for all routers (the original's default)
+    w_on: float = 100.0  # positive weight of the BCE ("call the next expert" is rare)
+    threshold: float = 0.5  # inference: call the next expert when sigmoid(r) > threshold
     epochs: int = 5
-    lr: float = 0.01
+    lr: float = 0.01  # SGD, Nesterov, cosine to 0 stepped per epoch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
     batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """`ride-fast analyze` (ride_fast.analysis): bias/variance runs, two-stage classifiers, confusion."""
+
+    out_dir: str = "runs/analysis"
+    runs: int = 5  # bias-variance: independent long-tailed training sets (the paper: 20)
+    methods: Tuple[str, ...] = ("ce", "ldam", "ride")  # presets (ce, cb_ce, focal, ldam, ride, ride2..ride8) or recipe YAML paths
+    head_fraction: float = 0.6  # bias-variance: the largest class draws this share of its pool (the paper: 300 of 500)
+    workers: int = 1  # parallel training processes (several GPUs: shared out round-robin)
+    two_stage_epochs: int = 10  # cRT / cosine: epochs over the frozen features
+    two_stage_lr: float = 0.1  # SGD, momentum 0.9, cosine to 0 stepped per epoch
+    two_stage_batch_size: int = 128
+    two_stage_weight_decay: float = 5e-4
+    two_stage_sampler: Literal["balanced", "shuffle"] = "balanced"  # cRT: class-balanced draws (epoch = N draws)
+    tau_max: float = 2.0  # tau-norm: grid 0, tau_max / (tau_steps - 1), ..., tau_max
+    tau_steps: int = 21
+    val_source: Literal["auto", "pool", "train"] = "auto"  # tau: unused images of the full training data, or a split of the training set
+    val_per_class: int = 20  # tau: validation images per class (train: at most half of each class)
+    confusion_bins: int = 20  # hardest-negative histograms over [0, 1]
 
 
 @dataclass(frozen=True)
@@ -120,6 +162,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +335,7 @@ def update(cfg: Config, **sections: dict) -> Config:
 
 
 __all__ = [
+    "AnalysisConfig",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -5,6 +5,16 @@ MNIST-LT is made of real digits (see ride_fast.data.mnist_lt): 988 training imag
 baseline is the plain network (16/32/64 channels, linear classifier, cross-entropy), RIDE has three
 reduced experts with cosine classifiers and the RIDE loss. The schedule is the CIFAR recipe shrunk
 from 200 to `epochs` epochs (warm-up, DRW switch and lr steps at the same fractions of the run).
+
+Stage 2 then trains RIDE's router on the frozen network with the spec's recipe (class-balanced
+batches of 512, weighted BCE with w_on = 100, SGD 0.01 with cosine decay, the spec's 5 epochs; at
+988 images an epoch is only two steps, so stage 2 takes well under a minute on 2 cores) with
+top-k = 10, all the classes MNIST-LT has (the CIFAR recipe's 30 needs 30 classes). The table gains a
+"routed" row (threshold 0.5, the spec's): accuracy of the routed model and its measured mean MACs
+per image (trunk + the experts each image used + the routers it went through); `routed_eval.json`
+and `expert_usage.png` hold the share of images using 1, 2 or 3 experts per split and the
+milliseconds per image. On 2 cores of a Xeon (torch 2.11) the whole demo took 285 s, stage 2 10 s:
+routed 90.2 % against 90.9 % for all experts, at 56.9 instead of 102.2 MMACs per image.
 """
 from __future__ import annotations
 
@@ -17,6 +27,8 @@ from ride_fast.config import Config, config_from_dict
 from ride_fast.data import build_datasets, split_of_classes
 
 DEMO_EPOCHS = 30
+DEMO_ROUTER_EPOCHS = 5  # the spec's stage-2 length
+ROUTED_ROW = "RIDE 3 experts, routed"  # at router.threshold = 0.5, the spec's
 
 
 def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[str, Config]:
@@ -37,6 +49,7 @@ def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[s
     ride = {
         **common,
         "model": {"name": "resnet32", "num_experts": 3, "reduce_dimension": True, "use_norm": True},
+        "router": {"top_k": 10, "epochs": DEMO_ROUTER_EPOCHS},  # MNIST-LT has 10 classes
         "loss": {"name": "ride", "reweight_epoch": reweight, "diversity_factor": -0.45, "reweight_factor": 0.05},
         "train": {**common["train"], "out_dir": f"{out_dir}/ride_3experts"},
     }
@@ -75,13 +88,53 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
             "best_epoch": summary["best_epoch"],
             "checkpoint": str(Path(cfg.train.out_dir) / "last.pt"),
         }
+        if cfg.model.num_experts > 1:
+            results["models"][ROUTED_ROW] = run_stage2(trainer, out_dir, log)
     table = format_table(results["models"])
     log("\n" + table)
     results["table"] = table
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_per_class(results, out_dir / "per_class_accuracy.png")
-    log(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'per_class_accuracy.png'}")
+    extra = f", {out_dir / 'routed_eval.json'} and {out_dir / 'expert_usage.png'}" if ROUTED_ROW in results["models"] else ""
+    log(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'per_class_accuracy.png'}{extra}")
     return results
+
+
+def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print) -> dict:
+    """Train the router of the trainer's (stage-1) RIDE model, evaluate routed against all experts,
+    write routed.pt, routed_eval.json and expert_usage.png; returns the demo table's row."""
+    from ride_fast.engine.route import RouterTrainer, evaluate_routed, write_report
+
+    cfg = trainer.cfg
+    log(f"\n== stage 2: router on the frozen RIDE model, {cfg.router.epochs} epochs, top-k {cfg.router.top_k}")
+    start = time.perf_counter()
+    stage2 = RouterTrainer(cfg, trainer.model, trainer.train_set, log=lambda s: log("  " + s),
+                           stage1_checkpoint=str(Path(cfg.train.out_dir) / "last.pt"))
+    stage2.fit()
+    train_seconds = time.perf_counter() - start
+    checkpoint = stage2.save(Path(cfg.train.out_dir) / "routed.pt")
+    report = evaluate_routed(trainer.model, stage2.router, trainer.test_loader, trainer.class_counts,
+                             image_size=cfg.data.image_size, threshold=cfg.router.threshold, amp=cfg.train.amp)
+    write_report(report, out_dir / "routed_eval.json", out_dir / "expert_usage.png", extra={"checkpoint": str(checkpoint)})
+    seconds = time.perf_counter() - start
+    log("  " + report.summary().replace("\n", "\n  "))
+    log(f"  stage 2: {train_seconds:.1f} s training, {seconds:.1f} s with evaluation and cost counting")
+    params = sum(p.numel() for p in trainer.model.parameters()) + sum(p.numel() for p in stage2.router.parameters())
+    return {
+        **report.routed.as_dict(with_per_class=True),
+        "threshold": report.threshold,
+        "mmacs_per_image": report.mean_macs / 1e6,
+        "params": params,
+        "num_experts": trainer.model.num_experts,
+        "mean_experts_per_image": report.mean_experts,
+        "expert_usage": report.usage,
+        "all_experts_overall": report.all_experts.overall,
+        "macs_ratio_to_baseline": report.macs_ratio_to_baseline,
+        "ms_per_image": report.ms_per_image,
+        "train_seconds": train_seconds,
+        "stage2_seconds": seconds,
+        "checkpoint": str(checkpoint),
+    }
 
 
 def _every(line: str, cfg: Config) -> bool:

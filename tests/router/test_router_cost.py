@@ -1,0 +1,140 @@
+"""Cost of routed images (RIDE_SPEC.md §6): MACs per part add up, the routed report (accuracy,
+expert usage per split, MACs against the single-expert baseline, ms per image, JSON and PNG), and
+the command line: `ride-fast flops`, `ride-fast route`, `ride-fast eval` on a routed checkpoint.
+
+Shape legend: N images, C classes, E experts.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ride_fast.data import ArrayDataset, InMemoryLoader
+from ride_fast.engine import route as route_mod
+from ride_fast.engine.route import baseline_macs, evaluate_routed, routed_cost, write_report
+from ride_fast.io import atomic_save
+from ride_fast.models import create_model
+from ride_fast.router import Router
+
+C, PX = 6, 8
+
+
+def tiny_split_data(seed: int) -> ArrayDataset:
+    """Training counts 150/60/10/... give many, medium and few classes."""
+    counts = (150, 60, 30, 12, 8, 5)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
+    images = torch.randint(0, 256, (len(labels), 3, PX, PX), generator=g, dtype=torch.uint8)
+    return ArrayDataset(images, labels, C, mean=(0.5,) * 3, std=(0.25,) * 3, name="tiny")
+
+
+def tiny_test_data(per_class=5) -> ArrayDataset:
+    g = torch.Generator().manual_seed(7)
+    labels = torch.arange(C).repeat_interleave(per_class)
+    images = torch.randint(0, 256, (len(labels), 3, PX, PX), generator=g, dtype=torch.uint8)
+    return ArrayDataset(images, labels, C, mean=(0.5,) * 3, std=(0.25,) * 3, name="tiny-test")
+
+
+def tiny_net(E=3):
+    torch.manual_seed(0)
+    return create_model("resnet32", num_classes=C, num_experts=E).eval()
+
+
+def test_routed_cost_parts_add_up():
+    net = tiny_net(4)
+    router = Router(4, net.feature_dim, C, top_k=5)
+    cost = routed_cost(net, router, 32)
+    assert cost.router_macs == net.feature_dim * 16 + (5 + 16)  # the two Linear layers
+    assert cost.router_params == net.feature_dim * 16 + 16 + (5 + 16 + 1)
+    assert cost.routers_params == sum(p.numel() for p in router.parameters())
+    for n in range(1, 5):
+        parts = cost.network.trunk_macs + sum(cost.network.expert_macs[:n]) + min(n, 3) * cost.router_macs
+        assert cost.macs_with(n) == parts
+        assert cost.macs_with(n, routers=False) == cost.network.macs_with(n)
+    assert cost.as_dict()["macs_with_k_experts_and_routers"][-1] == cost.macs_with(4)
+
+
+def test_single_expert_baseline_is_the_spec_resnet32():
+    net = create_model("resnet32", num_classes=100, num_experts=3)
+    assert baseline_macs(net.model_args, 32) / 1e9 == pytest.approx(0.0701, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def report_pair():
+    net = tiny_net(3)
+    torch.manual_seed(1)
+    router = Router(3, net.feature_dim, C, top_k=4)
+    loader = InMemoryLoader(tiny_test_data(), 7, train=False)
+    counts = tiny_split_data(0).class_counts()
+    with torch.no_grad():  # a threshold that splits the images: the median first-router probability
+        x = torch.cat([b.images for b in loader])
+        out = net(x)
+        probs = torch.sigmoid(router(0, out.features[0], out.expert_logits[0]))
+    mixed = evaluate_routed(net, router, loader, counts, image_size=PX, threshold=float(probs.median()))
+    cost = routed_cost(net, router, PX)  # counted once more here, reused below (fvcore traces are slow)
+    assert cost == mixed.cost
+    stop = evaluate_routed(net, router, loader, counts, image_size=PX, threshold=1.0, cost=cost, baseline=mixed.baseline_macs)
+    return net, mixed, stop
+
+
+def test_report_usage_macs_and_times(report_pair):
+    net, mixed, stop = report_pair
+    cost = mixed.cost.as_dict()
+    assert mixed.num_images == 5 * C and mixed.num_experts == 3
+    for split in ("overall", "many", "medium", "few"):
+        assert sum(mixed.usage[split]) == pytest.approx(1.0)
+    usage = np.asarray(mixed.usage["overall"])
+    assert usage[0] > 0 and usage[1:].sum() > 0
+    expected = sum(u * m for u, m in zip(usage, cost["macs_with_k_experts_and_routers"]))
+    assert mixed.mean_macs == pytest.approx(expected)
+    assert cost["macs_with_k_experts"][0] < mixed.mean_macs_network < mixed.all_experts_macs
+    assert mixed.all_experts_macs == cost["macs_with_k_experts"][-1]
+    assert mixed.macs_ratio_to_baseline == pytest.approx(mixed.mean_macs / mixed.baseline_macs)
+    assert mixed.ms_per_image["routed"] > 0 and mixed.ms_per_image["all_experts"] > 0
+    # threshold 1: nobody continues; routed = expert 1 alone, one expert and one router per image
+    assert stop.usage["overall"] == [1.0, 0.0, 0.0]
+    assert stop.mean_macs == cost["macs_with_k_experts_and_routers"][0]
+    assert stop.all_experts.overall == mixed.all_experts.overall
+
+
+def test_report_json_and_png(report_pair, tmp_path):
+    _, mixed, _ = report_pair
+    data = write_report(mixed, tmp_path / "r.json", tmp_path / "r.png")
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert on_disk == json.loads(json.dumps(data))
+    assert set(on_disk["expert_usage"]) == {"overall", "many", "medium", "few"}
+    assert set(on_disk["accuracy"]) == {"all_experts", "routed"}
+    assert on_disk["macs"]["single_expert_baseline_per_image"] == mixed.baseline_macs
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "routed" in mixed.summary() and "experts used" in mixed.summary()
+
+
+def test_flops_cli_prints_the_router_and_totals_with_routers(capsys):
+    from ride_fast.cli import main
+
+    assert main(["flops", "model.num_experts=3", "data.name=cifar100_lt"]) == 0
+    out = capsys.readouterr().out
+    assert "router (each)" in out and "814 MACs" in out and "0.1022" in out and "+ routers" in out
+    assert main(["flops", "model.num_experts=3", "data.name=mnist_lt"]) == 0  # top_k 30 > 10 classes: noted, not fatal
+    assert "router.top_k=30 exceeds the 10 classes" in capsys.readouterr().out
+
+
+def test_route_and_eval_commands_end_to_end(tmp_path, monkeypatch, capsys):
+    from ride_fast.cli import main
+
+    monkeypatch.setattr(route_mod, "build_datasets", lambda cfg: (tiny_split_data(0), tiny_test_data()))
+    net = tiny_net(2)
+    stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args}, tmp_path / "stage1.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  image_size: {PX}\nrouter:\n  top_k: 5\n  epochs: 1\n  batch_size: 64\ntrain:\n  device: cpu\n  out_dir: {tmp_path}\n")
+    assert main(["route", "--no-eval", "--config", str(recipe), "--checkpoint", str(stage1), "train.max_steps_per_epoch=2"]) == 0
+    routed = tmp_path / "routed.pt"
+    assert routed.is_file() and (tmp_path / "routed_config.yaml").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(routed), "--json", str(tmp_path / "again.json"), "router.threshold=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "routed" in out and "all experts" in out
+    report = json.loads((tmp_path / "again.json").read_text())
+    assert report["threshold"] == 1.0 and report["expert_usage"]["overall"] == {"1": 1.0, "2": 0.0}
+    assert (tmp_path / "again_usage.png").is_file()

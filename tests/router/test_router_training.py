@@ -1,0 +1,141 @@
+"""Stage 2: the class-balanced loader, the router step and loop (frozen network, only routers
+train, loss goes down), the cosine schedule, and the routed checkpoint round trip.
+
+Shape legend: N images, C classes, E experts, R = E - 1 routers.
+"""
+import numpy as np
+import pytest
+import torch
+
+from ride_fast.config import config_from_dict
+from ride_fast.data import ArrayDataset
+from ride_fast.engine.checkpoint import load_checkpoint
+from ride_fast.engine.route import ROUTED_KIND, RouterTrainer, load_routed_checkpoint, router_lr
+from ride_fast.models import create_model
+from ride_fast.router import Router, routed_forward, router_step
+
+C, PX = 6, 8
+
+
+def tiny_data(n_per_class=(12, 6, 4, 3, 2, 1), seed=0) -> ArrayDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(n_per_class)])
+    images = torch.randint(0, 256, (len(labels), 3, PX, PX), generator=g, dtype=torch.uint8)
+    return ArrayDataset(images, labels, C, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), name="tiny")
+
+
+def tiny_cfg(**router):
+    return config_from_dict({
+        "model": {"channels_last": False},
+        "data": {"image_size": PX},
+        "router": {"top_k": 4, "batch_size": 8, "epochs": 3, **router},
+        "train": {"device": "cpu", "seed": 0},
+    })
+
+
+def tiny_net(E=3, seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet32", num_classes=C, num_experts=E)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def test_the_trainer_draws_class_balanced_epochs_of_n_images_in_router_batches():
+    from ride_fast.data import ClassBalancedSampler
+
+    data = tiny_data()
+    trainer = RouterTrainer(tiny_cfg(batch_size=8), tiny_net(), data, log=lambda s: None)
+    assert isinstance(trainer.loader.sampler, ClassBalancedSampler) and len(trainer.loader.sampler) == len(data)
+    trainer.loader.set_epoch(1)
+    batches = list(trainer.loader)
+    assert [b.labels.numel() for b in batches[:-1]] == [8] * (len(batches) - 1)
+    assert sum(b.labels.numel() for b in batches) == len(data)
+    drawn = []
+    for epoch in range(2, 22):
+        trainer.loader.set_epoch(epoch)
+        drawn += [b.labels for b in trainer.loader]
+    share = torch.cat(drawn).bincount(minlength=C) / sum(len(d) for d in drawn)
+    torch.testing.assert_close(share, torch.full((C,), 1 / C), atol=0.05, rtol=0)  # tail classes as often as head ones
+
+
+# --- schedule and step --------------------------------------------------------------------------
+
+
+def test_cosine_schedule_per_epoch():
+    lrs = [router_lr(e, 0.01, 5) for e in range(1, 7)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[5] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[2] == pytest.approx(0.01 * (1 + np.cos(2 * np.pi / 5)) / 2)
+
+
+def test_router_step_gradients_reach_only_the_router_and_the_loss_goes_down():
+    torch.manual_seed(0)
+    E, B = 3, 64
+    router = Router(E, 16, C, top_k=4)
+    z = torch.randn(E, B, C) * 5
+    feats = torch.randn(E, B, 16).abs()
+    y = torch.randint(0, C, (B,))
+    opt = torch.optim.SGD(router.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(40):
+        step = router_step(router, z, feats, y, w_on=100.0)
+        opt.zero_grad()
+        step.loss.backward()
+        opt.step()
+        losses.append(float(step.loss.detach()))
+    assert step.labels.shape == (E - 1, B) and step.router_logits.shape == (E - 1, B)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def test_router_trainer_freezes_the_network_and_reduces_the_loss():
+    data, net = tiny_data(), tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = RouterTrainer(tiny_cfg(epochs=6, lr=0.05), net, data, log=lambda s: None)
+    history = trainer.fit()
+    assert [h.epoch for h in history] == list(range(1, 7))
+    assert history[-1].loss < history[0].loss
+    assert history[-1].lr == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 5 / 6)))
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the stage-1 network changed (weights or BN statistics)"
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+    assert all(len(h.label_share) == 2 and 0 <= min(h.call_share) <= max(h.call_share) <= 1 for h in history)
+
+
+def test_router_trainer_refuses_a_single_expert_network():
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        RouterTrainer(tiny_cfg(), tiny_net(E=1), tiny_data(), log=lambda s: None)
+
+
+def test_routed_checkpoint_round_trip(tmp_path):
+    data, net = tiny_data(), tiny_net()
+    trainer = RouterTrainer(tiny_cfg(epochs=1), net, data, log=lambda s: None, stage1_checkpoint="stage1.pt")
+    trainer.fit()
+    path = trainer.save(tmp_path / "routed.pt")
+    assert (tmp_path / "routed_config.yaml").is_file()
+    ckpt = load_checkpoint(path)  # weights_only=True
+    assert ckpt["kind"] == ROUTED_KIND and ckpt["stage1_checkpoint"] == "stage1.pt"
+    assert ckpt["router_args"]["top_k"] == 4 and ckpt["config"]["router"]["epochs"] == 1 and len(ckpt["router_history"]) == 1
+    net2, router2, _ = load_routed_checkpoint(path)
+    x = torch.randn(7, 3, PX, PX)
+    a = routed_forward(net.eval(), trainer.router.eval(), x, threshold=0.5)
+    b = routed_forward(net2, router2, x, threshold=0.5)
+    torch.testing.assert_close(a.logits, b.logits)
+    assert torch.equal(a.num_experts, b.num_experts)
+
+
+def test_a_converted_original_checkpoint_with_router_weights_loads_as_routed(tmp_path):
+    from ride_fast.io import atomic_save
+
+    net = tiny_net()
+    router = Router(3, net.feature_dim, C, top_k=4)
+    original = {f"expert_help_pred_hidden_fcs.{i}.{p}": getattr(router.hidden[i], p).detach() for i in range(2) for p in ("weight", "bias")}
+    original |= {f"expert_help_pred_fc.{p}": getattr(router.fc, p).detach() for p in ("weight", "bias")}
+    path = atomic_save({"model": net.state_dict(), "model_args": net.model_args, "router": original}, tmp_path / "converted.pt")
+    _, loaded, _ = load_routed_checkpoint(path)
+    assert loaded.router_args == router.router_args
+    for k, v in router.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
