@@ -16,13 +16,12 @@ def summarise(out: Path) -> dict:
     env = out / "env.json"
     if env.exists():
         report["env"] = json.loads(env.read_text())
-    log = out / "tests.log"
-    if log.exists():
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        report["tests"]["summary"] = tail[0]
-        for key in ("passed", "failed", "skipped", "error"):
-            m = re.search(rf"(\d+) {key}", tail[0])
-            report["tests"][key] = int(m.group(1)) if m else 0
+    for log in sorted(out.glob("tests*.log")):
+        summaries = [line for line in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+        report["tests"][log.stem] = summaries
+    step = out / "train_step.json"
+    if step.exists():
+        report["train_step"] = json.loads(step.read_text())
     for path in sorted(out.glob("bench_*.json")):
         data = json.loads(path.read_text())
         for b in data.get("benchmarks", []):
@@ -42,7 +41,8 @@ def main(argv: list[str]) -> int:
     out = Path(argv[1] if len(argv) > 1 else "gpu_out")
     report = summarise(out)
     (out / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"tests: {report['tests'].get('summary', 'no test log')}")
+    for name, lines in report["tests"].items():
+        print(f"{name}: {' | '.join(lines) or 'no summary line'}")
     for b in report["benchmarks"]:
         extra = {k: v for k, v in b.items() if k not in ("suite", "name", "median_ms", "mean_ms", "rounds")}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
