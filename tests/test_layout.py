@@ -23,7 +23,8 @@ ALLOWED = {
     "profiling": {"config", "profiling", "models"},
     "engine": {"config", "engine", "models", "router", "losses", "data", "profiling", "ops"},
     "demo": {"config", "engine", "data", "profiling", "models"},
-    "cli": {"config", "engine", "demo", "models", "profiling", "data", "router", "losses"},
+    "analysis": {"config", "io", "engine", "models", "router", "losses", "data", "profiling", "ops", "analysis"},
+    "cli": {"config", "engine", "demo", "models", "profiling", "data", "router", "losses", "analysis"},
 }
 
 

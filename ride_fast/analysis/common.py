@@ -1,0 +1,175 @@
+"""What every analysis needs: a checkpoint with its data, logits over a data set, split summaries, plots.
+
+Shape legend: N images, E experts, C classes, D pooled feature width of one expert.
+
+    load_analysis_checkpoint(path, overrides) -> Loaded(model, ckpt, cfg, train_set, test_set, class_counts)
+    collect_outputs(model, loader) -> Outputs(expert_logits [E, N, C], features [E, N, D] or None, labels [N])
+    split_summary(preds [N], labels [N], class_counts [C]) -> SplitAccuracy (percent)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ride_fast.config import Config, config_from_dict, update
+from ride_fast.data import ArrayDataset, InMemoryLoader, build_datasets, build_loaders
+from ride_fast.engine import (
+    SplitAccuracy,
+    load_checkpoint,
+    per_class_accuracy,
+    resolve_device,
+    split_accuracy,
+)
+from ride_fast.engine.trainer import autocast_context
+from ride_fast.io import atomic_write_text
+from ride_fast.models import RIDENet, create_model
+
+SPLIT_NAMES = ("many", "medium", "few")
+
+
+@dataclass
+class Outputs:
+    """A network's outputs over a whole data set, on the CPU, in data-set order."""
+
+    expert_logits: Tensor  # [E, N, C] float32, s-scaled
+    labels: Tensor  # [N] int64
+    features: Tensor | None = None  # [E, N, D] float32 (when asked for)
+
+    @property
+    def logits(self) -> Tensor:
+        """[N, C]: the mean of all experts' logits (RIDE's prediction)."""
+        return self.expert_logits.mean(0)
+
+
+@dataclass
+class Loaded:
+    """A checkpoint's network (eval mode), its resolved config and the data it was trained on."""
+
+    model: RIDENet
+    ckpt: dict
+    cfg: Config
+    train_set: object
+    test_set: object
+    class_counts: np.ndarray  # [C] training images per class (the checkpoint's own record): defines the splits
+    device: torch.device
+
+    @property
+    def train_matches(self) -> bool:
+        """Whether the rebuilt training set has the class counts the checkpoint was trained with."""
+        return bool(np.array_equal(np.asarray(self.train_set.class_counts()), self.class_counts))
+
+
+def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
+    """The run's own config (defaults for a converted original checkpoint), then `overrides`;
+    the architecture always comes from the checkpoint's model_args."""
+    cfg = update(config_from_dict(ckpt.get("config")), **(overrides or {}))
+    return update(cfg, model=dict(ckpt["model_args"]))
+
+
+def load_analysis_checkpoint(path: str | Path, overrides: dict | None = None, *, datasets=None) -> Loaded:
+    """Rebuild a checkpoint's network and its data (`datasets`=(train, test) skips building them)."""
+    ckpt = load_checkpoint(path)
+    if "model_args" not in ckpt:
+        raise ValueError(f"{path}: no 'model_args' entry; was it written by `ride-fast train`, `route` or `convert`?")
+    cfg = checkpoint_config(ckpt, overrides)
+    device = resolve_device(cfg.train.device)
+    model = create_model(**ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).eval()
+    train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
+    if train_set.num_classes != model.num_classes:
+        raise ValueError(f"{path}: the network has {model.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}; "
+                         "pass the data the checkpoint was trained on (e.g. data.name=... data.root=...)")
+    counts = np.asarray(ckpt.get("class_counts") or train_set.class_counts(), dtype=np.int64)
+    if counts.shape != (model.num_classes,):
+        counts = np.asarray(train_set.class_counts(), dtype=np.int64)
+    return Loaded(model, ckpt, cfg, train_set, test_set, counts, device)
+
+
+def input_size(cfg: Config, dataset) -> int:
+    """Side of the images the network sees: an in-memory data set's own, else data.image_size (the crop)."""
+    if isinstance(dataset, ArrayDataset):
+        return int(dataset.images.shape[-1])
+    return int(cfg.data.image_size)
+
+
+def eval_loader(cfg: Config, dataset, device: torch.device, *, batch_size: int | None = None):
+    """An evaluation loader over `dataset` (data-set order, every image once, no augmentation)."""
+    batch_size = batch_size or cfg.data.eval_batch_size
+    if isinstance(dataset, ArrayDataset):
+        return InMemoryLoader(dataset, batch_size, train=False, device=device, channels_last=cfg.model.channels_last)
+    import dataclasses
+
+    data_cfg = dataclasses.replace(cfg.data, eval_batch_size=batch_size)
+    return build_loaders(data_cfg, dataset, dataset, device, channels_last=cfg.model.channels_last)[1]
+
+
+@torch.no_grad()
+def collect_outputs(model: nn.Module, loader, *, features: bool = False, amp: str = "none") -> Outputs:
+    """Run `model` (eval mode) over `loader`; per-expert logits (and pooled features) on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, feats, labels = [], [], []
+    for batch in loader:
+        with autocast_context(device, amp):
+            out = model(batch.images)
+        logits.append(out.expert_logits.float().cpu())
+        if features:
+            feats.append(out.features.float().cpu())
+        labels.append(batch.labels.cpu())
+    if not labels:
+        raise ValueError("the loader yielded no images")
+    return Outputs(torch.cat(logits, 1), torch.cat(labels), torch.cat(feats, 1) if features else None)
+
+
+def split_summary(preds: Tensor, labels: Tensor, class_counts, num_classes: int | None = None) -> SplitAccuracy:
+    """Accuracy in percent: overall over images, many / medium / few as mean per-class accuracy."""
+    num_classes = num_classes or len(class_counts)
+    correct, total = per_class_accuracy(torch.as_tensor(preds), torch.as_tensor(labels), num_classes)
+    return split_accuracy(correct, total, class_counts)
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    """Write `data` as indented JSON, atomically (NaN written as null)."""
+    return atomic_write_text(json.dumps(_plain(data), indent=2, allow_nan=False), path)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
