@@ -234,7 +234,7 @@ def _cmd_flops(args) -> int:
     from ride_fast.profiling import model_cost
 
     cfg = load_config(args.config, args.overrides)
-    num_classes = cfg.model.num_classes or {"mnist_lt": 10, "cifar10_lt": 10, "cifar100_lt": 100}.get(cfg.data.name, 0)
+    num_classes = cfg.model.num_classes or {"mnist_lt": 10, "cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 1000, "inat2018": 8142}.get(cfg.data.name, 0)
     if not num_classes:
         raise ValueError("set model.num_classes to count a model without its data set")
     model = create_model(cfg.model.name, num_classes=num_classes, num_experts=cfg.model.num_experts,

@@ -2,11 +2,19 @@
 from ride_fast.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.schedule import lr_multiplier
-from ride_fast.engine.trainer import Trainer, build_optimizer, load_model_from_checkpoint, resolve_device
+from ride_fast.engine.trainer import (
+    Trainer,
+    TrainStep,
+    build_optimizer,
+    load_model_from_checkpoint,
+    resolve_amp,
+    resolve_device,
+)
 
 __all__ = [
     "CheckpointError",
     "SplitAccuracy",
+    "TrainStep",
     "Trainer",
     "atomic_save",
     "build_optimizer",
@@ -14,6 +22,7 @@ __all__ = [
     "load_model_from_checkpoint",
     "lr_multiplier",
     "per_class_accuracy",
+    "resolve_amp",
     "resolve_device",
     "split_accuracy",
 ]

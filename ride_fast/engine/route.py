@@ -201,7 +201,12 @@ class RouterTrainer:
 
 def routed_checkpoint(net: RIDENet, router: Router, cfg: Config, class_counts, history=(), stage1_checkpoint: str = "") -> dict:
     """The whole routed model as plain data (readable with weights_only=True):
-    model + model_args (stage-1 network), router_state + router_args, config, class_counts."""
+    model + model_args (stage-1 network), router_state + router_args, config, class_counts.
+    The network is stored in the per-expert layout, like the trainer's checkpoints."""
+    if getattr(net, "batched", False):
+        from ride_fast.models.batched import to_per_expert
+
+        net = to_per_expert(net)
     return {
         "kind": ROUTED_KIND,
         "model": net.state_dict(),

@@ -1,9 +1,26 @@
 """Stage-1 training and evaluation: one `Trainer` from a resolved `Config`.
 
-Per step: forward of all experts, the loss over all experts' logits, backward, SGD. Metrics stay on
-the device and are read once per `train.log_interval` steps and at the end of the epoch (the only
-host syncs of the loop). Per epoch: the lr multiplier of the recipe, `loss.set_epoch` (the DRW /
-temperature switch), evaluation, metrics as a JSON line, checkpoints written atomically.
+Per step (`TrainStep`): forward of all experts, the loss over all experts' logits, backward, SGD.
+Metrics stay on the device and are read once per `train.log_interval` steps and at the end of the
+epoch (the only host syncs of the loop). Per epoch: the lr multiplier of the recipe,
+`loss.set_epoch` (the DRW / temperature switch), evaluation, metrics as a JSON line, checkpoints
+written atomically.
+
+The fast path, one config key per switch; the defaults are the fastest correct setting per device:
+
+    model.batched         experts as one grouped network (BatchedRIDENet)          default on
+    model.channels_last   NHWC activations and weights (oneDNN / cuDNN)            default on
+    train.amp             auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32
+    optim.implementation  auto: fused SGD on CUDA, foreach on the CPU
+    loss.impl             auto: the fused Triton RIDE loss on CUDA, analytic backward on the CPU
+    train.prefetch        host batches copied one step ahead (pinned, non_blocking, side stream)
+    train.cudnn_benchmark cuDNN autotuning (CUDA, not with train.deterministic)
+    train.compile         torch.compile of forward + loss (off: minutes of compile time)
+    train.cuda_graphs     torch.compile mode "reduce-overhead" (CUDA graphs; CUDA only, off)
+
+Checkpoints hold the network in the per-expert layout with model_args that rebuild it, whatever
+model.batched was, and the optimizer state in the same canonical parameter order, so a checkpoint
+resumes, evaluates or routes with either layout (see `canonical_optimizer_state`).
 """
 from __future__ import annotations
 
@@ -21,7 +38,8 @@ import torch
 from torch import nn
 
 from ride_fast.config import Config, config_to_dict, dump_config
-from ride_fast.data import ArrayDataset, InMemoryLoader, build_datasets
+from ride_fast.data import ArrayDataset, build_datasets, build_loaders
+from ride_fast.data.dataset import Batch
 from ride_fast.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -33,7 +51,8 @@ from ride_fast.engine.checkpoint import (
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.losses import build_loss
-from ride_fast.models import create_model
+from ride_fast.models import RIDENet, create_model
+from ride_fast.models.batched import batched_state_dict, per_expert_state_dict
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,8 +73,29 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles), where bf16 autocast is faster."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported()) and torch.backends.mkldnn.is_available()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp with "auto" resolved: bf16 on CUDA devices that support it and on CPUs with AMX,
+    otherwise "none" (fp32). Other values are returned unchanged."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "none"
+    return "none"
+
+
 def autocast_context(device: torch.device, amp: str):
-    """bf16 or fp16 autocast on any device type, or nothing."""
+    """bf16 or fp16 autocast on any device type, or nothing ("auto": see `resolve_amp`)."""
+    amp = resolve_amp(amp, torch.device(device))
     if amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -82,6 +122,188 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
         weight_decay=cfg.weight_decay,
         **kwargs,
     )
+
+
+class TrainStep:
+    """One stage-1 training step on a batch that is already on the device:
+
+        forward (autocast) -> loss -> backward -> optimizer step -> on-device metric sums
+
+    Nothing here reads the device from the host: the loss and the number of correct mean-logit
+    predictions are summed into device tensors (`loss_sum`, `correct`), read by the caller once per
+    log interval. (With train.amp=fp16 and a non-fused optimizer, GradScaler.step reads its inf
+    check on the host; fused SGD, the CUDA default, takes the scale on the device.)
+
+    compile: torch.compile of forward + loss (+ teacher); cuda_graphs: the same with mode
+    "reduce-overhead", i.e. CUDA graphs replayed per step (static shapes; CUDA only).
+    compile_loss: whether the loss goes into the compiled graph; None (auto): yes, except the fused
+    Triton loss on CUDA (already one kernel; it runs eagerly between the compiled parts).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        amp: str = "none",
+        teacher: nn.Module | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        compile_loss: bool | None = None,
+    ) -> None:
+        self.model, self.criterion, self.optimizer, self.teacher = model, criterion, optimizer, teacher
+        self.device = torch.device(device)
+        self.amp = resolve_amp(amp, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"train.cuda_graphs=true needs a CUDA device, the run is on {self.device}; set train.cuda_graphs=false")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.cuda_graphs = cuda_graphs
+        self.forward_loss = self._forward_loss
+        self._loss = self._criterion
+        if compile or cuda_graphs:
+            if compile_loss is None:
+                compile_loss = not (self.device.type == "cuda" and getattr(criterion, "impl", "auto") in ("auto", "triton"))
+            if not compile_loss:
+                self._loss = torch.compiler.disable(self._criterion)
+            self.forward_loss = torch.compile(self._forward_loss, mode="reduce-overhead" if cuda_graphs else None)
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
+
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, mean logits [B, C]) under autocast."""
+        with autocast_context(self.device, self.amp):
+            out = self.model(images)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images).logits
+                loss = self._loss(out.expert_logits, labels, teacher_logits)
+            else:
+                loss = self._loss(out.expert_logits, labels)
+        return loss, out.logits
+
+    def _criterion(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.criterion(*args)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Run one step; returns the (detached) loss, a device tensor."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the last replay may be overwritten now
+        loss, logits = self.forward_loss(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        n = labels.shape[0]
+        loss = loss.detach()
+        self.loss_sum += loss * n
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += n
+        return loss
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether `t` lives on `device`; "cuda" without an index means the current CUDA device."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None and device.type == "cuda":
+        return t.device.index == torch.cuda.current_device()
+    return device.index is None or t.device.index == device.index
+
+
+def prefetch_to_device(batches, device: torch.device, enabled: bool = True):
+    """Yield the batches of `batches` on `device`. Batches already there pass through unchanged;
+    host batches are pinned and copied with non_blocking=True, on CUDA on a side stream one batch
+    ahead, so the copy of batch i+1 overlaps the step on batch i."""
+    device = torch.device(device)
+    if not enabled or device.type != "cuda":
+        for batch in batches:
+            if not (on_device(batch.images, device) and on_device(batch.labels, device)):
+                batch = Batch(batch.images.to(device), batch.labels.to(device))
+            yield batch
+        return
+    stream = torch.cuda.Stream(device)
+
+    def start(batch: Batch) -> Batch:
+        if on_device(batch.images, device) and on_device(batch.labels, device):
+            return batch
+        with torch.cuda.stream(stream):
+            images, labels = (t if t.is_pinned() else t.pin_memory() for t in (batch.images, batch.labels))
+            return Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+
+    it = iter(batches)
+    try:
+        nxt = start(next(it))
+    except StopIteration:
+        return
+    while nxt is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)  # the copy of this batch is done before the step reads it
+        for t in (nxt.images, nxt.labels):
+            t.record_stream(current)  # its memory is not reused by the side stream too early
+        batch = nxt
+        try:
+            nxt = start(next(it))
+        except StopIteration:
+            nxt = None
+        yield batch
+
+
+def _param_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _per_expert_param_names(model: RIDENet) -> list[str]:
+    """The parameter order of the per-expert layout of `model` (built on the meta device)."""
+    if not getattr(model, "batched", False):
+        return _param_names(model)
+    args = {k: v for k, v in model.model_args.items() if k != "batched"}
+    with torch.device("meta"):
+        per = create_model(**args)
+    return _param_names(per)
+
+
+def _convert_optimizer_state(state: dict, src_names: list[str], dst_names: list[str], convert) -> dict:
+    """Re-key an optimizer state dict (one param group over all parameters) from one parameter
+    order to another, converting per-parameter tensors (momentum buffers) with `convert`, a state
+    dict converter (batched_state_dict / per_expert_state_dict / identity)."""
+    groups = state["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(src_names):
+        raise CheckpointError(f"cannot convert an optimizer state with {len(groups)} param groups over "
+                              f"{sum(len(g['params']) for g in groups)} parameters (expected one group of {len(src_names)})")
+    fields: dict[str, dict[str, torch.Tensor]] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            fields.setdefault(key, {})[src_names[int(idx)]] = value
+    position = {n: i for i, n in enumerate(dst_names)}
+    new_state: dict[int, dict] = {}
+    for key, by_name in fields.items():
+        for name, value in convert(by_name).items():
+            new_state.setdefault(position[name], {})[key] = value
+    group = dict(groups[0], params=list(range(len(dst_names))))
+    return {"state": new_state, "param_groups": [group]}
+
+
+def canonical_optimizer_state(optimizer: torch.optim.Optimizer, model: RIDENet) -> dict:
+    """optimizer.state_dict() in the parameter order and shapes of the per-expert layout."""
+    state = optimizer.state_dict()
+    if not getattr(model, "batched", False):
+        return state
+    E = model.num_experts
+    return _convert_optimizer_state(state, _param_names(model), _per_expert_param_names(model), lambda d: per_expert_state_dict(d, E))
+
+
+def load_canonical_optimizer_state(optimizer: torch.optim.Optimizer, model: RIDENet, state: dict) -> None:
+    """The inverse of canonical_optimizer_state: load a per-expert-layout optimizer state."""
+    if getattr(model, "batched", False):
+        E = model.num_experts
+        state = _convert_optimizer_state(state, _per_expert_param_names(model), _param_names(model), lambda d: batched_state_dict(d, E))
+    optimizer.load_state_dict(state)
 
 
 @dataclass
@@ -121,6 +343,9 @@ class Trainer:
             raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data set {train_set.name} has {num_classes} classes")
         self.num_classes = num_classes
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        self.amp = resolve_amp(cfg.train.amp, self.device)
 
         self.model = create_model(
             cfg.model.name,
@@ -128,18 +353,18 @@ class Trainer:
             num_experts=cfg.model.num_experts,
             reduce_dimension=cfg.model.reduce_dimension,
             use_norm=cfg.model.use_norm,
+            batched=cfg.model.batched,
         ).to(self.device, memory_format=self.memory_format)
         self.criterion = build_loss(cfg.loss, self.class_counts, cfg.distill).to(self.device)
         self.teacher = self._load_teacher() if cfg.distill.teacher_checkpoint else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.step = TrainStep(self.model, self.criterion, self.optimizer, device=self.device, amp=self.amp, teacher=self.teacher,
+                              compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs)
+        self.scaler = self.step.scaler
 
-        self.train_loader = InMemoryLoader(
-            train_set, cfg.data.batch_size, train=True, device=self.device, augment=cfg.data.augment,
-            channels_last=cfg.model.channels_last, seed=cfg.train.seed,
-        )
-        self.test_loader = InMemoryLoader(
-            test_set, cfg.data.eval_batch_size, train=False, device=self.device, channels_last=cfg.model.channels_last,
+        # in-memory sets (MNIST/CIFAR) stay on the device; file lists go through DALI or the torch loader
+        self.train_loader, self.test_loader = build_loaders(
+            cfg.data, train_set, test_set, self.device, channels_last=cfg.model.channels_last, seed=cfg.train.seed,
         )
         self.out_dir = Path(cfg.train.out_dir)
         self.epoch = 0  # last finished epoch
@@ -150,24 +375,14 @@ class Trainer:
     # ------------------------------------------------------------------ pieces of a step
     def _load_teacher(self) -> nn.Module:
         ckpt = load_checkpoint(self.cfg.distill.teacher_checkpoint)
-        teacher = create_model(**ckpt["model_args"])
-        teacher.load_state_dict(ckpt["model"])
+        teacher = create_model(**{**ckpt["model_args"], "batched": self.cfg.model.batched})
+        teacher.load_state_dict(ckpt["model"])  # either layout
         teacher.to(self.device, memory_format=self.memory_format)
         for p in teacher.parameters():
             p.requires_grad_(False)
         # The original leaves the teacher's BatchNorm in training mode (spec §4); a switch turns it off.
         teacher.train(self.cfg.distill.teacher_bn_train)
         return teacher
-
-    def _loss(self, images, labels):
-        out = self.model(images)
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images).logits
-            loss = self.criterion(out.expert_logits, labels, teacher_logits)
-        else:
-            loss = self.criterion(out.expert_logits, labels)
-        return loss, out.logits
 
     def set_epoch_lr(self, epoch: int) -> float:
         o = self.cfg.optim
@@ -182,31 +397,22 @@ class Trainer:
         self.criterion.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
+        step_fn = self.step
+        step_fn.reset_metrics()
         steps = len(self.train_loader)
         if cfg.train.max_steps_per_epoch:
             steps = min(steps, cfg.train.max_steps_per_epoch)
         bar = _progress(steps, f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
         start = time.perf_counter()
-        for step, batch in enumerate(self.train_loader):
+        for step, batch in enumerate(prefetch_to_device(self.train_loader, self.device, cfg.train.prefetch)):
             if step >= steps:
                 break
-            with autocast_context(self.device, cfg.train.amp):
-                loss, logits = self._loss(batch.images, batch.labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            n = batch.labels.shape[0]
-            loss_sum += loss.detach() * n
-            correct += (logits.argmax(1) == batch.labels).sum()
-            seen += n
+            step_fn(batch.images, batch.labels)
             if bar is not None:
                 bar.update(1)
                 if (step + 1) % cfg.train.log_interval == 0:  # the only host read inside the epoch
-                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
+                    bar.set_postfix(loss=f"{float(step_fn.loss_sum) / step_fn.seen:.3f}")
+        loss_sum, correct, seen = step_fn.loss_sum, step_fn.correct, step_fn.seen
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -224,8 +430,8 @@ class Trainer:
         model.eval()
         correct = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
         total = torch.zeros_like(correct)
-        for batch in self.test_loader:
-            with autocast_context(self.device, self.cfg.train.amp):
+        for batch in prefetch_to_device(self.test_loader, self.device, self.cfg.train.prefetch):
+            with autocast_context(self.device, self.amp):
                 logits = model(batch.images).logits
             c, t = per_class_accuracy(logits.argmax(1), batch.labels, self.num_classes)
             correct += c
@@ -264,15 +470,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """The checkpoint: model and optimizer state in the per-expert layout (see module docstring)."""
+        model_state = self.model.state_dict()
+        if self.model.batched:
+            model_state = per_expert_state_dict(model_state, self.model.num_experts)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": canonical_optimizer_state(self.optimizer, self.model),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "config": config_to_dict(self.cfg),
-            "model_args": dict(self.model.model_args),
+            "model_args": {k: v for k, v in self.model.model_args.items() if k != "batched"},  # per-expert layout
             "class_counts": [int(c) for c in self.class_counts],
             "rng": rng_state(),
         }
@@ -305,8 +515,8 @@ class Trainer:
                 break
             else:
                 raise
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.model.load_state_dict(ckpt["model"])  # either layout
+        load_canonical_optimizer_state(self.optimizer, self.model, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
         self.best_metric = float(ckpt["best_metric"])
@@ -323,11 +533,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, checkpoint dict) from a ride_fast checkpoint, model in eval mode."""
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", batched: bool | None = None):
+    """(model, checkpoint dict) from a ride_fast checkpoint, model in eval mode. batched: build a
+    BatchedRIDENet (True) or the per-expert network (False); None: as the checkpoint's model_args say."""
     ckpt = load_checkpoint(path)
     if "model_args" not in ckpt:
         raise CheckpointError(f"{path}: no 'model_args' entry; was it written by `ride-fast convert` or the trainer?")
-    model = create_model(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    args = dict(ckpt["model_args"]) if batched is None else {**ckpt["model_args"], "batched": batched}
+    model = create_model(**args)
+    model.load_state_dict(ckpt["model"])  # either layout
     return model.to(device).eval(), ckpt

@@ -2,12 +2,21 @@
 
 Shape legend: B images, E experts, C classes, D expert feature width.
 
-    create_model(name, num_classes, num_experts, reduce_dimension=True, use_norm=True) -> RIDENet
+    create_model(name, num_classes, num_experts, reduce_dimension=True, use_norm=True,
+                 batched=False) -> RIDENet (batched: a BatchedRIDENet, experts as grouped convs)
     RIDENet.forward(x [B, 3, h, w]) -> RIDEOutput(logits [B, C], expert_logits [E, B, C],
                                                   features [E, B, D])
     RIDENet.forward_trunk(x) -> trunk_out;  RIDENet.forward_expert(i, trunk_out) -> ([B, C], [B, D])
     load_original_state_dict / convert_original_checkpoint: weights of the original RIDE code
+    to_batched / to_per_expert, batched_state_dict / per_expert_state_dict: the two layouts
 """
+from ride_fast.models.batched import (
+    BatchedRIDENet,
+    batched_state_dict,
+    per_expert_state_dict,
+    to_batched,
+    to_per_expert,
+)
 from ride_fast.models.convert import (
     CheckpointMismatchError,
     convert_original_checkpoint,
@@ -20,6 +29,7 @@ from ride_fast.models.registry import MAX_EXPERTS, MIN_EXPERTS, MODELS, create_m
 from ride_fast.models.ride import ExpertBranch, RIDENet
 
 __all__ = [
+    "BatchedRIDENet",
     "MAX_EXPERTS",
     "MIN_EXPERTS",
     "MODELS",
@@ -29,10 +39,14 @@ __all__ = [
     "NormedLinear",
     "RIDENet",
     "RIDEOutput",
+    "batched_state_dict",
     "convert_original_checkpoint",
     "create_model",
     "list_models",
     "load_checkpoint_file",
     "load_original_state_dict",
+    "per_expert_state_dict",
     "register_model",
+    "to_batched",
+    "to_per_expert",
 ]

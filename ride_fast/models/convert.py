@@ -87,6 +87,13 @@ def load_original_state_dict(model: RIDENet, state_dict: Mapping[str, Any]) -> d
     shapes; loads nothing in that case. Returns {"loaded": number of tensors loaded,
     "router": {original router key: tensor}} (router weights are not part of a RIDENet).
     """
+    if getattr(model, "batched", False):  # a BatchedRIDENet: load its per-expert twin, then regroup
+        from ride_fast.models.batched import to_per_expert
+
+        twin = to_per_expert(model)
+        info = load_original_state_dict(twin, state_dict)
+        model.load_state_dict(twin.state_dict())
+        return info
     source = {_strip_prefixes(k): v for k, v in _state_dict_of(state_dict).items()}
     stage_names: tuple[str, ...] = tuple(getattr(model.experts[0], "stage_names", ()))
     if not stage_names:

@@ -8,8 +8,13 @@ Shape legend: B images, D feature width, C classes.
 
 Cosine head: logits = s * normalize(x, dim=1) @ normalize(W, dim=0), no bias, s = 30.
 With use_norm=False the head is a plain nn.Linear with bias and s = 1.
+
+The cosine head computes in float32 (or float64) even under bf16/fp16 autocast: unit vectors
+rounded to bf16 would put about 0.1 of noise on every s-scaled logit, and the head costs nothing.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -17,6 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 COSINE_SCALE = 30.0
+
+
+def full_precision(x: Tensor, *others: Tensor) -> tuple[contextlib.AbstractContextManager, torch.dtype]:
+    """(a context with autocast off on x's device, float32 or wider): how cosine heads compute."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    for t in others:
+        dtype = torch.promote_types(dtype, t.dtype)
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False), dtype
+    return contextlib.nullcontext(), dtype
 
 
 class NormedLinear(nn.Module):
@@ -39,7 +55,9 @@ class NormedLinear(nn.Module):
         self.weight.div_(self.weight.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
+        ctx, dtype = full_precision(x, self.weight)
+        with ctx:
+            return F.normalize(x.to(dtype), dim=1) @ F.normalize(self.weight.to(dtype), dim=0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

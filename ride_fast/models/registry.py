@@ -1,7 +1,8 @@
 """Model registry: name -> builder, and `create_model` with argument checks.
 
 Every builder takes (num_classes, num_experts, reduce_dimension, use_norm) and returns a RIDENet
-whose `model_args` rebuild it: `create_model(**model.model_args)`. Registering a builder here
+whose `model_args` rebuild it: `create_model(**model.model_args)`; `create_model(batched=True)`
+turns it into a BatchedRIDENet (whose model_args carry batched=True). Registering a builder here
 also adds it to the parametrised tests in tests/models.
 """
 from __future__ import annotations
@@ -49,8 +50,13 @@ def create_model(
     num_experts: int = 3,
     reduce_dimension: bool = True,
     use_norm: bool = True,
+    batched: bool = False,
 ) -> RIDENet:
-    """Build a registered RIDE network (see MODELS); raise ValueError on bad arguments."""
+    """Build a registered RIDE network (see MODELS); raise ValueError on bad arguments.
+
+    batched=True returns a BatchedRIDENet (all experts as one grouped network, same outputs and,
+    for the same seed, the same initial weights as the per-expert network).
+    """
     if name not in MODELS:
         valid = sorted(MODELS)
         close = difflib.get_close_matches(str(name).lower(), valid, n=1, cutoff=0.5)
@@ -62,7 +68,14 @@ def create_model(
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if not MIN_EXPERTS <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"num_experts must be in {MIN_EXPERTS}..{MAX_EXPERTS}, got {num_experts}")
-    return MODELS[name](num_classes=num_classes, num_experts=num_experts, reduce_dimension=bool(reduce_dimension), use_norm=bool(use_norm))
+    if not isinstance(batched, bool):
+        raise ValueError(f"batched must be true or false, got {batched!r}")
+    model = MODELS[name](num_classes=num_classes, num_experts=num_experts, reduce_dimension=bool(reduce_dimension), use_norm=bool(use_norm))
+    if batched:
+        from ride_fast.models.batched import to_batched  # imports the blocks of every family
+
+        model = to_batched(model)
+    return model
 
 
 def list_models() -> list[str]:

@@ -10,8 +10,9 @@ H x W trunk output resolution, Ct trunk output channels.
     RIDEOutput  logits [B, C] (mean over experts), expert_logits [E, B, C], features [E, B, D]
 
 The three parts stay separate on purpose: routed inference (stage 2) calls forward_trunk once
-and then forward_expert(i, ...) on shrinking subsets of images, and a faster implementation may
-replace the expert loop with grouped convolutions without touching the trunk or the heads.
+and then forward_expert(i, ...) on shrinking subsets of images. `BatchedRIDENet`
+(ride_fast.models.batched, `create_model(..., batched=True)`) replaces the expert loop with
+grouped convolutions without touching the trunk; both load either state-dict layout.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class RIDENet(nn.Module):
     cosine heads, 1 with Linear heads), `trunk`, `experts` (ModuleList: trunk_out -> [B, D]),
     `heads` (ModuleList: [B, D] -> s-scaled [B, C]), `model_args` (rebuilds with create_model).
     """
+
+    batched = False  # BatchedRIDENet (ride_fast.models.batched) sets True
 
     def __init__(
         self,
@@ -82,6 +85,14 @@ class RIDENet(nn.Module):
             features.append(f)
         expert_logits = torch.stack(logits)  # [E, B, C]
         return RIDEOutput(expert_logits.mean(dim=0), expert_logits, torch.stack(features))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict that also accepts a BatchedRIDENet's state dict (converted)."""
+        from ride_fast.models.batched import is_batched_layout, per_expert_state_dict
+
+        if not self.batched and is_batched_layout(state_dict):
+            state_dict = per_expert_state_dict(state_dict, self.num_experts)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, num_classes={self.num_classes}, feature_dim={self.feature_dim}, scale={self.scale:g}"

@@ -88,7 +88,12 @@ class ModelCost:
 
 @torch.no_grad()
 def model_cost(model: nn.Module, image_size: int, in_channels: int = 3) -> ModelCost:
-    """Count a RIDENet part by part on one image of `image_size` pixels (in eval mode, on the CPU)."""
+    """Count a RIDENet part by part on one image of `image_size` pixels (in eval mode, on the CPU).
+    A BatchedRIDENet is counted as its per-expert twin (the same weights and MACs per expert)."""
+    if getattr(model, "batched", False):
+        from ride_fast.models import to_per_expert
+
+        model = to_per_expert(model)
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
