@@ -1,0 +1,21 @@
+"""The quick-start demo end to end at one epoch per model (the real run is 30 epochs)."""
+import json
+
+from ride_fast.cli import main
+
+
+def test_demo_writes_table_results_and_plots(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("CE baseline (R32)", "RIDE 3 experts (R32)", "RIDE 3 experts, routed"):
+        assert row in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["data"]["train_class_counts"] == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
+    models = results["models"]
+    assert round(models["CE baseline (R32)"]["mmacs_per_image"], 1) == 70.1
+    assert round(models["RIDE 3 experts (R32)"]["mmacs_per_image"], 1) == 102.2
+    for r in models.values():
+        assert set(r) >= {"overall", "many", "medium", "few", "per_class", "mmacs_per_image"}
+        assert len(r["per_class"]) == 10 and 0.0 <= r["overall"] <= 100.0
+    for name in ("per_class_accuracy.png", "expert_usage.png", "routed_eval.json"):
+        assert (tmp_path / name).stat().st_size > 0
