@@ -31,44 +31,17 @@ from ride_fast.losses.classification import (
     check_impl,
     check_logits_and_target,
     check_reweight_epoch,
-    compute_dtype,
     focal_term,
 )
 from ride_fast.losses.weights import ClassCounts, class_balanced_weights, diversity_temperatures, ldam_margins
-from ride_fast.ops.ride_loss import ride_loss
+from ride_fast.ops.ride_loss import ride_diversity_reference, ride_loss
 
 CLASSIFICATIONS = ("ldam", "ce", "focal")
 DIVERSITIES = ("mean", "pairwise")
 
 
-def diversity_term(
-    expert_logits: Tensor,
-    temperature: Tensor | None,
-    diversity_factor: float,
-    temperature_mean: float,
-    diversity: str = "mean",
-) -> Tensor:
-    """The diversity part of the RIDE loss alone, summed over experts (the op's formula, in PyTorch).
-
-        "mean":     lambda * Tm^2 * sum_k sum_i KL(pbar_i || q_k,i) / B,  pbar without gradient
-        "pairwise": lambda * Tm^2 / (E-1) * sum_k sum_i sum_{j!=k} KL(q_k,i || q_j,i) / B
-                    using sum_{j!=k} KL(q_k||q_j) = sum_c q_kc (E log q_kc - sum_j log q_jc)
-
-    Used where the classification term is not one the fused op covers (focal).
-    """
-    z = expert_logits.to(compute_dtype(expert_logits))
-    E, B, C = z.shape
-    if diversity_factor == 0.0 or (diversity == "pairwise" and E == 1):
-        return z.new_zeros(())
-    T = z.new_ones(C) if temperature is None else temperature.to(z.dtype)
-    log_q = torch.log_softmax(z / T, dim=-1)  # [E, B, C]
-    if diversity == "mean":
-        with torch.no_grad():
-            log_pbar = torch.log_softmax(z.mean(0) / T, dim=-1)  # [B, C]
-        kl = (log_pbar.exp() * (log_pbar - log_q)).sum()
-    else:
-        kl = (log_q.exp() * (E * log_q - log_q.sum(0, keepdim=True))).sum() / (E - 1)
-    return diversity_factor * temperature_mean**2 * kl / B
+# The diversity part alone (used with the focal classification term, which the op does not cover).
+diversity_term = ride_diversity_reference
 
 
 class RIDELoss(ExpertLoss):

@@ -99,10 +99,28 @@ def ride_loss_reference(
     else:
         cls = nll.mean(dim=1).sum()
 
-    if diversity_factor == 0.0:
-        return cls
+    return cls + ride_diversity_reference(z, temperature, diversity_factor, temperature_mean, diversity)
 
-    # ---- diversity term
+
+def ride_diversity_reference(
+    expert_logits: Tensor,
+    temperature: Tensor | None,
+    diversity_factor: float,
+    temperature_mean: float,
+    diversity: str = "mean",
+) -> Tensor:
+    """The diversity part of the RIDE loss alone, summed over experts (see the module docstring).
+
+        "mean":     lambda * Tm^2 * sum_k sum_i KL(pbar_i || q_k,i) / B,  pbar without gradient
+        "pairwise": lambda * Tm^2 / (E-1) * sum_k sum_i sum_{j!=k} KL(q_k,i || q_j,i) / B
+                    using sum_{j!=k} KL(q_k||q_j) = sum_c q_kc (E log q_kc - sum_j log q_jc)
+
+    Computed in float32 (float64 for float64 logits); zero when lambda is 0 or E = 1 in "pairwise".
+    """
+    z = expert_logits.to(torch.promote_types(expert_logits.dtype, torch.float32))
+    E, B, C = z.shape
+    if diversity_factor == 0.0 or (diversity == "pairwise" and E == 1):
+        return z.new_zeros(())
     T = temperature.to(z.dtype) if temperature is not None else z.new_ones(C)
     log_q = torch.log_softmax(z / T, dim=-1)  # [E, B, C]
     if diversity == "mean":
@@ -110,13 +128,8 @@ def ride_loss_reference(
             log_pbar = torch.log_softmax(z.mean(0) / T, dim=-1)  # [B, C]
         kl = (log_pbar.exp() * (log_pbar - log_q)).sum()  # sum over experts, images, classes
     else:
-        if E == 1:
-            kl = z.new_zeros(())
-        else:
-            q = log_q.exp()
-            # sum_{j != k} KL(q_k || q_j) = sum_c q_kc * (E log q_kc - sum_j log q_jc)
-            kl = (q * (E * log_q - log_q.sum(0, keepdim=True))).sum() / (E - 1)
-    return cls + diversity_factor * temperature_mean**2 * kl / B
+        kl = (log_q.exp() * (E * log_q - log_q.sum(0, keepdim=True))).sum() / (E - 1)
+    return diversity_factor * temperature_mean**2 * kl / B
 
 
 def ride_loss(
