@@ -1,7 +1,8 @@
 """`ride-fast`: one entry point for the demo, training, evaluation, conversion and cost counting.
 
     ride-fast demo --out-dir DIR                         MNIST-LT: CE baseline vs RIDE, on the CPU
-    ride-fast train --config X [section.key=value ...]   stage 1 (add --resume PATH to continue)
+    ride-fast train --config X [section.key=value ...]   stage 1 (add --resume PATH|auto to continue;
+                                                         torchrun --nproc_per_node=N -m ride_fast train ...)
     ride-fast route --config X --checkpoint P [...]     stage 2: train the router of a stage-1 checkpoint
     ride-fast eval --checkpoint P [section.key=value]    accuracy overall / many / medium / few (a routed
                                                          checkpoint: routed vs all experts, usage, MACs, ms)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ConfigError, ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
         print(f"ride-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -176,20 +177,26 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    """Stage 1, in one process or as one rank of a torchrun job (see ride_fast.engine.distributed)."""
     from pathlib import Path
 
     from ride_fast.engine import Trainer
+    from ride_fast.engine.distributed import shutdown_distributed
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    resume = args.resume
-    if resume == "auto":
-        last = Path(cfg.train.out_dir) / "last.pt"
-        resume = str(last) if last.exists() else None
-    if resume:
-        trainer.resume(resume)
-    summary = trainer.fit()
-    print(f"best epoch {summary['best_epoch']}: {summary['best_metric']:.2f}; checkpoints in {cfg.train.out_dir}")
+    try:
+        trainer = Trainer(cfg)
+        resume = args.resume
+        if resume == "auto":
+            last = Path(cfg.train.out_dir) / "last.pt"
+            resume = str(last) if last.exists() else None
+        if resume:
+            trainer.resume(resume)
+        summary = trainer.fit()
+    finally:
+        shutdown_distributed()
+    if trainer.dist.is_main and not summary["interrupted"]:
+        print(f"best epoch {summary['best_epoch']}: {summary['best_metric']:.2f}; checkpoints in {cfg.train.out_dir}")
     return 0
 
 

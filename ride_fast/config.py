@@ -85,7 +85,7 @@ class OptimConfig:
     warmup_epochs: int = 5
     milestones: Tuple[int, ...] = (160, 180)  # epochs after which lr is multiplied by gamma
     gamma: float = 0.01
-    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"  # auto: fused where torch has it (CUDA, CPU)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class TrainConfig:
     log_interval: int = 50  # steps between metric reads (the only host syncs of a step)
     eval_every: int = 1
     select_best_on: Literal["overall", "last"] = "overall"
-    keep_last: int = 2
+    keep_last: int = 2  # epoch_NNNN.pt files kept (besides last.pt and best.pt); 0 keeps all
     progress: bool = True
     deterministic: bool = False
     max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
@@ -114,6 +114,10 @@ class TrainConfig:
     cuda_graphs: bool = False  # CUDA only: compile with mode="reduce-overhead" (CUDA graphs; static shapes)
     prefetch: bool = True  # host batches go to the device one step ahead (pinned, non_blocking, side stream)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
+    sync_bn: bool = False  # torchrun with N > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
+    max_nonfinite_steps: int = 5  # a non-finite loss skips its step; stop after this many in a row (0: never stop)
+    handle_signals: bool = True  # SIGTERM / SIGINT: save a checkpoint at the next step boundary, then exit cleanly
+    tensorboard: bool = True  # also write TensorBoard events when the tensorboard package is installed
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
@@ -46,3 +47,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda fh: fh.write(text), "w")
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out `fig`, write it atomically (format from the suffix: .png, .pdf, .svg) and close it."""
+    path = Path(path)
+    fig.tight_layout()
+    try:
+        return _atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png"), "wb")
+    finally:
+        pyplot().close(fig)

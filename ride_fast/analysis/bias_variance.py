@@ -45,8 +45,6 @@ from ride_fast.analysis.common import (
     SPLIT_NAMES,
     collect_outputs,
     eval_loader,
-    pyplot,
-    save_figure,
     write_json,
 )
 from ride_fast.analysis.runs import RunSpec, train_runs
@@ -58,6 +56,7 @@ from ride_fast.data import (
     split_of_classes,
 )
 from ride_fast.engine import load_model_from_checkpoint, resolve_device
+from ride_fast.io import pyplot, save_figure
 
 TIE_RULE = "ties between equally frequent predictions go to the smallest class index"
 POOL_DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")

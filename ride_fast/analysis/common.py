@@ -156,20 +156,3 @@ def _plain(obj):
     return obj
 
 
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    pyplot().close(fig)
-    return path

@@ -27,11 +27,10 @@ from ride_fast.analysis.common import (
     collect_outputs,
     eval_loader,
     load_analysis_checkpoint,
-    pyplot,
-    save_figure,
     write_json,
 )
 from ride_fast.data import split_of_classes
+from ride_fast.io import pyplot, save_figure
 
 
 @dataclass

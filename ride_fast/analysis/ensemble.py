@@ -24,14 +24,13 @@ from ride_fast.analysis.common import (
     eval_loader,
     input_size,
     load_analysis_checkpoint,
-    pyplot,
-    save_figure,
     split_summary,
     write_json,
 )
 from ride_fast.analysis.runs import RunSpec, train_runs
 from ride_fast.config import Config, update
 from ride_fast.engine import SplitAccuracy, load_checkpoint
+from ride_fast.io import pyplot, save_figure
 from ride_fast.profiling import model_cost
 
 FAMILIES = ("baseline ensemble", "RIDE, first k experts", "RIDE, all experts", "RIDE, routed")

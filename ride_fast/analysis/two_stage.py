@@ -58,14 +58,13 @@ from ride_fast.analysis.common import (
     collect_outputs,
     eval_loader,
     load_analysis_checkpoint,
-    pyplot,
-    save_figure,
     split_summary,
     write_json,
 )
 from ride_fast.config import Config, config_to_dict, update
 from ride_fast.data import ArrayDataset, ClassBalancedSampler, build_datasets
 from ride_fast.engine import SplitAccuracy, atomic_save
+from ride_fast.io import pyplot, save_figure
 from ride_fast.models import CosineHead, RIDENet
 from ride_fast.models.heads import COSINE_SCALE
 

@@ -101,12 +101,9 @@ def build_loaders(cfg, train_set, test_set, device="cpu", channels_last: bool = 
 
     kind = choose_loader(cfg, train_set)
     if kind == "memory":
-        # One process and a plain shuffle: InMemoryLoader's own order (what it always did).
-        plain = world_size == 1 and train_sampler == "shuffle"
         train = InMemoryLoader(train_set, batch, train=True, device=device, augment=cfg.augment, channels_last=channels_last,
-                               seed=seed, sampler=None if plain else sampler)
-        test = InMemoryLoader(test_set, eval_batch, train=False, device=device, channels_last=channels_last,
-                              sampler=None if world_size == 1 else test_sampler)
+                               seed=seed, sampler=sampler)
+        test = InMemoryLoader(test_set, eval_batch, train=False, device=device, channels_last=channels_last, sampler=test_sampler)
         return train, test
     common = dict(device=device, channels_last=channels_last, seed=seed, num_workers=cfg.num_workers)
     if kind == "dali":

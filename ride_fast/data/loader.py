@@ -7,15 +7,19 @@ from __future__ import annotations
 import torch
 
 from ride_fast.data.dataset import ArrayDataset, Batch
+from ride_fast.data.samplers import ShuffleSampler, epoch_rng, num_batches
 from ride_fast.data.transforms import normalize, random_crop, random_hflip, random_rotate
 
 
 class InMemoryLoader:
     """Iterate over an ArrayDataset in batches of `Batch(images [B, 3, H, W] float, labels [B])`.
 
-    Training order is a permutation drawn from (seed, epoch): call `set_epoch(e)` before each epoch,
-    so a resumed run sees the same batches. Evaluation keeps the data set order and every image once.
-    A `sampler` (ride_fast.data.samplers: sharded over ranks, class-balanced...) replaces that order.
+    The order comes from a sampler (ride_fast.data.samplers; default: a ShuffleSampler, a
+    permutation per epoch in training, the data-set order in evaluation), so one process and N
+    ranks with the same global batch see the same images per step. Every random draw derives from
+    (seed, epoch, rank, batch index): `set_epoch(e)` before each epoch reproduces an epoch exactly,
+    and `set_epoch(e, start_batch=k)` resumes it at batch k with the same draws as an
+    uninterrupted run (no generator state to save).
     """
 
     def __init__(
@@ -39,39 +43,38 @@ class InMemoryLoader:
         self.augment = augment and train
         self.channels_last = channels_last
         self.seed = seed
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else ShuffleSampler(len(dataset), shuffle=train, seed=seed)
         self.epoch = 0
+        self.start_batch = 0
         self._images = dataset.images.to(self.device)
         self._labels = dataset.labels.to(self.device)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order and draws; the next iteration starts at batch `start_batch`."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch} outside an epoch of {len(self)} batches")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset) if self.sampler is None else len(self.sampler)
-        if self.train and n % self.batch_size == 1 and n > 1:
-            return n // self.batch_size  # a last batch of one image would break BatchNorm
-        return -(-n // self.batch_size)
+        # training: a last batch of one image would break BatchNorm
+        return num_batches(len(self.sampler), self.batch_size, drop_single=self.train)
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self, batch: int) -> torch.Generator:
         rank = getattr(self.sampler, "rank", 0)  # other ranks: other augmentation draws
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + rank * 1_000_000_007)
+        seed = int(epoch_rng(self.seed, self.epoch, 4, rank, batch).integers(2**62))
+        return torch.Generator().manual_seed(seed)
 
     def __iter__(self):
-        n = len(self.dataset)
-        gen = self._generator()
-        if self.sampler is not None:
-            order = torch.from_numpy(self.sampler.indices())
-        else:
-            order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
-        order = order.to(self.device, non_blocking=True)
+        order = torch.from_numpy(self.sampler.indices()).to(self.device, non_blocking=True)
         ds = self.dataset
-        for i in range(len(self)):
+        start, self.start_batch = self.start_batch, 0  # a resume position applies to one iteration
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self._images.index_select(0, idx).float().div_(255)
+            x = self._images.index_select(0, idx).to(torch.get_default_dtype()).div_(255)
             if self.augment:
+                gen = self._generator(i)
                 x = random_crop(x, 4, gen)
                 if ds.flip:
                     x = random_hflip(x, gen)

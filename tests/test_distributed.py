@@ -1,0 +1,149 @@
+"""Data-parallel training through torchrun + DDP + gloo on the CPU.
+
+The equivalence test: 2 ranks with the same global batch follow 1 process's trajectory. It holds
+with this configuration, and the test says so:
+  - train.sync_bn=true: BatchNorm statistics over the global batch (GlobalBatchNorm2d on gloo);
+  - data.augment=false: augmentation draws are per rank (the images per step are the same);
+  - loss.reweight_epoch after the run: before DRW every loss term is a plain mean over images, so the
+    mean of the ranks' means is the global mean (a class-weighted mean is not);
+  - float64 (tests/_ride_fast_f64.py): in float32 merely permuting a batch of these MNIST digits moves
+    the first gradient by a few percent at initialisation, which would drown the comparison.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ride_fast.engine.distributed import DistContext, GlobalBatchNorm2d, convert_sync_batchnorm, init_distributed, wrap_ddp
+from ride_fast.models import create_model
+
+HERE = Path(__file__).resolve().parent
+F64 = str(HERE / "_ride_fast_f64.py")
+RUN = ["data.test_per_class=10", "data.batch_size=32", "data.eval_batch_size=64", "train.max_steps_per_epoch=4", "train.epochs=2",
+       "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=100", "optim.warmup_epochs=0", "data.augment=false",
+       "train.amp=none"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _train(out: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    cmd = [*launch, F64, "train", *RUN, f"train.out_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _max_diff(a: dict, b: dict, params_only: bool = True) -> float:
+    keys = [k for k in a if a[k].is_floating_point() and not (params_only and "running" in k)]
+    return max(float((a[k] - b[k]).abs().max()) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    _train(out, "train.sync_bn=true")
+    return out
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(one_process, tmp_path):
+    proc = _train(tmp_path, "train.sync_bn=true", nproc=2)
+    assert proc.stdout.count("epoch   2") == 1  # rank 0 logs, rank 1 does not
+    one, two = _weights(one_process / "last.pt"), _weights(tmp_path / "last.pt")
+    assert _max_diff(one, two) < 1e-9  # weights after 8 steps (observed: 3e-12)
+    assert _max_diff(one, two, params_only=False) < 1e-6  # BatchNorm running statistics too
+    rec1 = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]
+    rec2 = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rec1] == pytest.approx([r["loss"] for r in rec2], rel=1e-6)  # summed over ranks (float32 sums)
+    assert [r["test"] for r in rec1] == [r["test"] for r in rec2]  # each rank evaluates its shard, counts summed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt") == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+
+
+def test_without_sync_bn_the_ranks_batch_statistics_differ(one_process, tmp_path):
+    """The control: per-rank BatchNorm statistics (the default) move the weights measurably."""
+    _train(tmp_path, nproc=2)
+    assert _max_diff(_weights(one_process / "last.pt"), _weights(tmp_path / "last.pt")) > 1e-5
+
+
+def test_global_batch_must_divide_over_the_ranks(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", F64, "train", *RUN,
+           "data.batch_size=31", f"train.out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode != 0
+    assert "data.batch_size=31 is the global batch: it must be divisible by the 2 ranks" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- pieces, in-process spawn
+def _global_bn_worker(rank: int, world: int, init: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 4, 5, 5, generator=gen, dtype=torch.float64)
+        w = torch.randn(8, 4, 5, 5, generator=gen, dtype=torch.float64)
+        ref = nn.BatchNorm2d(4).double()
+        ref.weight.data.uniform_(0.5, 1.5, generator=gen)
+        ref.bias.data.uniform_(-1, 1, generator=gen)
+        bn = GlobalBatchNorm2d(4).double()
+        bn.load_state_dict(ref.state_dict())
+        xr = x.clone().requires_grad_()
+        ref_out = ref(xr)
+        (ref_out * w).sum().backward()
+        part = slice(4 * rank, 4 * rank + 4)
+        xl = x[part].clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = bn(xl)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref_out[part].detach(), rtol=0, atol=1e-12)
+        (y * w[part]).sum().backward()
+        for p in bn.parameters():
+            dist.all_reduce(p.grad)
+        torch.testing.assert_close(xl.grad, xr.grad[part], rtol=0, atol=1e-12)
+        torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=0, atol=1e-12)
+        bn.eval()
+        torch.testing.assert_close(bn(x), ref.eval()(x), rtol=0, atol=1e-12)  # evaluation: running statistics
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
+    mp.spawn(_global_bn_worker, args=(2, f"file://{tmp_path / 'rdzv'}"), nprocs=2)
+
+
+def test_convert_sync_batchnorm_keeps_the_state_dict():
+    model = create_model("resnet32", num_classes=10, num_experts=2, batched=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    bns = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, GlobalBatchNorm2d) for m in bns)
+    assert all(torch.equal(state[k], v) for k, v in converted.state_dict().items())
+    plain = create_model("resnet32", num_classes=10, num_experts=2, batched=True)
+    plain.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # outside a process group (and in evaluation) it is an ordinary BatchNorm
+        torch.testing.assert_close(converted.eval()(x).logits, plain.eval()(x).logits)
+        torch.testing.assert_close(converted.train()(x).logits, plain.train()(x).logits)
+
+
+def test_single_process_needs_no_process_group():
+    assert "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1
+    ctx, device = init_distributed(torch.device("cpu"))
+    assert ctx == DistContext() and not ctx.enabled and ctx.is_main and device == torch.device("cpu")
+    model = nn.Linear(2, 2)
+    assert wrap_ddp(model, ctx, device) is model

@@ -1,0 +1,235 @@
+"""A crash, a kill or a signal never costs more than the last epoch; non-finite losses are skipped
+and counted; the run reports what a user watches (JSON lines, TensorBoard, the per-class picture)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from ride_fast.config import load_config
+from ride_fast.engine import Trainer, load_checkpoint
+
+TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.progress=false",
+        "model.num_experts=2", "loss.reweight_epoch=2", "optim.warmup_epochs=1", "optim.milestones=[2]"]
+
+
+def tiny_cfg(out, *extra):
+    return load_config(overrides=[*TINY, "train.max_steps_per_epoch=6", f"train.out_dir={out}", *extra])
+
+
+def state_of(trainer_or_path) -> dict:
+    if isinstance(trainer_or_path, Trainer):
+        model = trainer_or_path.state_dict()["model"]
+        opt = trainer_or_path.state_dict()["optimizer"]
+    else:
+        ckpt = load_checkpoint(trainer_or_path)
+        model, opt = ckpt["model"], ckpt["optimizer"]
+    out = {f"model.{k}": v for k, v in model.items()}
+    out.update({f"momentum.{i}": s["momentum_buffer"] for i, s in opt["state"].items()})
+    return out
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+class SignalAtBatch:
+    """A training loader that sends this process `sig` while handing out batch `at` of epoch `epoch`."""
+
+    def __init__(self, loader, sig, epoch: int, at: int):
+        self.loader, self.sig, self.epoch_to_hit, self.at = loader, sig, epoch, at
+        self.start = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.loader.set_epoch(epoch, start_batch=start_batch)
+        self.current, self.start = epoch, start_batch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader, start=self.start):
+            if self.current == self.epoch_to_hit and i == self.at:
+                os.kill(os.getpid(), self.sig)
+            yield batch
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_bit_identical(tmp_path, sig):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    full = Trainer(tiny_cfg(tmp_path / "full", "train.epochs=3"), log=lambda s: None)
+    full.fit()
+    cut = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3"), log=lambda s: None)
+    cut.train_loader = SignalAtBatch(cut.train_loader, sig, epoch=2, at=3)
+    summary = cut.fit()
+    assert summary["interrupted"] and cut.epoch == 1
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["loader"]["batch"]) == (1, 4, 4)  # batch 3 (the 4th) finished its step
+    assert sorted(p.name for p in (tmp_path / "cut").glob("epoch_*.pt")) == ["epoch_0001.pt"]  # epoch files stay whole
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
+
+    resumed = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3"), log=lambda s: None)
+    resumed.resume(tmp_path / "cut" / "last.pt")
+    assert resumed.fit()["interrupted"] is False
+    assert_identical(state_of(full), state_of(resumed))
+    records = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    full_records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[1]["loss"] == pytest.approx(full_records[1]["loss"], rel=1e-6)  # the interrupted epoch's sums carried over
+    assert records[1]["test"] == full_records[1]["test"]
+
+
+def test_a_damaged_mid_epoch_checkpoint_falls_back_to_the_epoch_checkpoint(tmp_path):
+    cut = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None)
+    cut.train_loader = SignalAtBatch(cut.train_loader, signal.SIGTERM, epoch=2, at=1)
+    cut.fit()
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
+    messages = []
+    again = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=messages.append)
+    again.resume(last)
+    assert again.epoch == 1 and again._resume_step == 0 and any("epoch_0001.pt instead" in m for m in messages)
+
+
+# ---------------------------------------------------------------------------- real processes
+PROC_ARGS = [*TINY, "train.epochs=3"]  # whole epochs: 61 steps of 16 MNIST-LT images
+
+
+def _launch(out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen([sys.executable, "-m", "ride_fast", "train", *PROC_ARGS, f"train.out_dir={out}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    return out
+
+
+def _wait_for_epochs(out: Path, n: int, proc: subprocess.Popen) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _finish(_launch(out))
+    return state_of(out / "last.pt")
+
+
+def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted, tmp_path):
+    proc = _launch(tmp_path)
+    _wait_for_epochs(tmp_path, 1, proc)
+    time.sleep(0.5)  # into epoch 2
+    proc.kill()  # SIGKILL: nothing runs after it
+    proc.wait()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3
+    out = _finish(_launch(tmp_path, "--resume", "auto"))
+    assert "resumed from" in out
+    assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
+
+
+def test_sigterm_exits_cleanly_and_resume_gives_bit_identical_weights(uninterrupted, tmp_path):
+    proc = _launch(tmp_path)
+    _wait_for_epochs(tmp_path, 1, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)  # exit status 0
+    assert "stopped by SIGTERM" in out and "--resume auto" in out
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] < 3
+    _finish(_launch(tmp_path, "--resume", "auto"))
+    assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
+
+
+# ---------------------------------------------------------------------------- non-finite losses
+def _poison(trainer: Trainer, bad_steps) -> list:
+    """Make the loss NaN at the given (0-based) steps of the run; returns the step log."""
+    forward = trainer.criterion.forward
+    calls = []
+
+    def poisoned(*args):
+        loss = forward(*args)
+        calls.append(len(calls))
+        return loss * math.nan if (len(calls) - 1) in bad_steps else loss
+
+    trainer.criterion.forward = poisoned
+    return calls
+
+
+@pytest.mark.parametrize("variant", [["optim.implementation=fused"], ["optim.implementation=foreach"], ["train.amp=fp16"]],
+                         ids=["fused", "foreach", "fp16"])
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, variant):
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=1", "train.amp=none", *variant), log=lambda s: None)
+    _poison(t, {0, 3})  # the very first step too: momentum must not start from garbage
+    before = state_of(t)
+    t.set_epoch_lr(1)
+    t.train_loader.set_epoch(1)
+    batches = iter(t.train_loader)
+    batch = next(batches)
+    t.step(batch.images, batch.labels)
+    assert_identical(before, state_of(t))  # skipped: weights and momentum untouched
+    result = t.train_epoch(1)
+    assert result.nonfinite == 1 and math.isfinite(result.loss)  # the epoch's own poisoned step
+    assert all(torch.isfinite(v).all() for v in state_of(t).values())
+
+
+def test_k_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path):
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=2", "train.max_nonfinite_steps=3", "train.log_interval=2"), log=lambda s: None)
+    _poison(t, set(range(6, 100)))  # epoch 1 is fine, then every step fails
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 4: 4 training steps in a row had a non-finite loss.*"
+                                                 r"train.max_nonfinite_steps=3"):
+        t.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # the good epoch is kept
+
+
+def test_isolated_non_finite_steps_do_not_stop_the_run(tmp_path):
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=1", "train.max_nonfinite_steps=2"), log=lambda s: None)
+    _poison(t, {1, 3, 5})
+    t.fit()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["nonfinite_steps"] == 3
+
+
+# ---------------------------------------------------------------------------- observability
+def test_metrics_lines_report_throughput_data_wait_and_splits_and_the_end_draws_per_class_accuracy(tmp_path, monkeypatch):
+    events = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            events.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            events.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            events.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None).fit()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait_s"] <= r["seconds"] and r["nonfinite_steps"] == 0
+        assert set(r["test"]) == {"overall", "many", "medium", "few"}
+    assert (tmp_path / "per_class_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((tmp_path / "per_class_accuracy.json").read_text())
+    assert len(report["per_class_accuracy"]) == len(report["class_counts"]) == 10
+    assert events[0] == ("dir", str(tmp_path / "tensorboard")) and events[-1] == ("closed",)
+    assert ("test/few", records[1]["test"]["few"], 2) in events and any(e[0] == "train/loss" for e in events)
