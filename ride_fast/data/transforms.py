@@ -125,26 +125,61 @@ def jitter_affine(mean_rgb: Tensor, strength: float, gen: torch.Generator) -> tu
     return A, c
 
 
+def _periodic(v: Tensor, W: int) -> Tensor:
+    """Per-channel values [..., K] repeated along an image row: [..., W * K], for element-wise ops
+    on pixel-major [B, H, W * K] rows. Torch vectorises those; a broadcast [..., 1, K] operand
+    (innermost size K = 3) runs 4-7x slower on the CPU."""
+    return v.repeat(*([1] * (v.dim() - 1)), W)
+
+
+def _mean_colour(f: Tensor, W: int) -> Tensor:
+    """float [n, HW, 3] (contiguous) -> [n, 3] mean colours, summing rows of W pixels first: two
+    contiguous reductions, 3x faster than `f.mean(1)`."""
+    n, HW, _ = f.shape
+    return f.view(n, HW // W, W * 3).sum(1).view(n, W, 3).sum(1) / HW
+
+
 def finish_batch(x: Tensor, mean, std, *, jitter: float = 0.0, gen: torch.Generator | None = None,
                  channels_last: bool = False) -> Tensor:
     """uint8 crops [B, H, W, K] (on the training device) -> float [B, 3, H, W] normalised.
 
-    Colour jitter (when jitter > 0), normalisation and the final clamp happen in one batched pass;
-    the result is laid out channels-last in memory (contiguous NCHW unless `channels_last`). Grey
-    data sets (K = 1) are repeated to 3 channels. Shared by the DALI and torch photo loaders.
+    Colour jitter (when jitter > 0), normalisation and the final clamp are one affine map per
+    image; the result is laid out channels-last in memory (contiguous NCHW unless `channels_last`).
+    Grey data sets (K = 1) are repeated to 3 channels. Shared by the DALI and torch photo loaders.
+
+    With jitter, each image's colour map is a [HW, 3] x [3, 3] matrix product; the bias and the
+    clamp run on [H, W * 3] rows with the per-channel values repeated along the row, which torch
+    vectorises (see `_periodic`); without, normalisation is two such row ops. On the CPU the
+    colour map goes image by image: the float copy of a 224 image (0.6 MB) stays in cache and no
+    batch-sized temporary is allocated, which measured 2-3x faster than one batched GEMM (first
+    touches of fresh 19 MB buffers, cache misses), with results equal to float rounding. On a GPU
+    the whole batch is one chunk.
     """
     B, H, W, K = x.shape
     dev = x.device
     m = torch.tensor(mean, device=dev, dtype=torch.float32)
     s = torch.tensor(std, device=dev, dtype=torch.float32)
     if jitter > 0 and K == 3:
-        flat = x.view(B, H * W, 3).float()  # [B, HW, 3], 0..255
-        A, c = jitter_affine(flat.mean(1) / 255, jitter, gen)
+        chunk = max(1, (1 << 16) // (H * W)) if dev.type == "cpu" else B  # <= 64K pixels: one 224 image
+        chunks = [(b, min(B, b + chunk)) for b in range(0, B, chunk)]
+
+        def pixels(b: int, e: int) -> Tensor:  # float [n, HW, 3] contiguous, 0..255, from any strides
+            return x[b:e].reshape(e - b, H * W, 3).to(torch.float32, memory_format=torch.contiguous_format)
+
+        # the mean colours first: jitter_affine draws for the whole batch
+        A, c = jitter_affine(torch.cat([_mean_colour(pixels(b, e), W) for b, e in chunks]) / 255, jitter, gen)
         # y = ((A x / 255 + c) - m) / s, clamped where the jittered colour leaves [0, 1]
-        A = A / (255 * s.view(1, 3, 1))
-        c = (c - m) / s
-        y = torch.matmul(flat, A.transpose(1, 2)).add_(c.unsqueeze(1))  # [B, HW, 3]
-        y = y.clamp_(-m / s, (1 - m) / s).view(B, H, W, 3)
+        At = (A / (255 * s.view(1, 3, 1))).transpose(1, 2)  # [B, 3 in, 3 out]
+        bias = _periodic((c - m) / s, W).unsqueeze(1)  # [B, 1, W * 3]
+        lo, hi = _periodic(-m / s, W), _periodic((1 - m) / s, W)
+        y = torch.empty(B, H * W, 3, device=dev)
+        for b, e in chunks:
+            torch.matmul(pixels(b, e), At[b:e], out=y[b:e])
+            y[b:e].view(e - b, H, W * 3).add_(bias[b:e]).clamp_(lo, hi)
+        y = y.view(B, H, W, 3)
+    elif K == 3 and x.is_contiguous():
+        rows = x.reshape(B, H, W * 3).float()  # pixel-major rows, 0..255
+        y = rows.mul_(_periodic(1 / (255 * s), W)).sub_(_periodic(m / s, W)).view(B, H, W, 3)
     else:
         y = x.float().mul_(1 / (255 * s)).sub_(m / s)  # [B, H, W, K]
     y = y.permute(0, 3, 1, 2)  # [B, K, H, W], channels-last memory

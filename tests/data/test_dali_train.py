@@ -1,0 +1,108 @@
+"""The DALI CPU training path: DALI decodes the random crops, `resize_crops` resizes and mirrors
+them with torch's antialiased bilinear kernel (PIL's BILINEAR, as the torch loader), and
+`finish_batch` (shared with the torch loader, rewritten for speed) normalises them."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ride_fast.data.dali import dali_available
+from ride_fast.data.transforms import finish_batch
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _picture(width: int, height: int, seed: int) -> np.ndarray:
+    """uint8 [height, width, 3]: smooth waves plus a little noise (a photo-like crop)."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(x / rng.uniform(5, 30)), 255 * x / width, 255 * y / height], -1)
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+@needs_dali
+def test_resize_crops_resizes_like_pil_bilinear_and_mirrors_half():
+    from PIL import Image
+    from nvidia.dali.tensors import TensorListCPU
+
+    from ride_fast.data.dali import resize_crops
+
+    # crop sizes as DALI hands them over: larger and smaller than 224, any aspect ratio
+    sizes = [(375, 500), (200, 131), (224, 224), (301, 260), (96, 150), (480, 360)] * 4
+    crops = [_picture(w, h, seed=i) for i, (h, w) in enumerate(sizes)]
+    out = resize_crops(TensorListCPU(crops, "HWC"), 224, flip=True, gen=torch.Generator().manual_seed(0))
+    assert out.shape == (len(crops), 224, 224, 3) and out.dtype == torch.uint8
+    assert out.is_contiguous()  # pixel-major, as the torch loader's batches
+    mirrored = 0
+    for crop, got in zip(crops, out):
+        ref = np.asarray(Image.fromarray(crop).resize((224, 224), Image.BILINEAR)).astype(np.int16)
+        plain, flipped = got.numpy().astype(np.int16), got.flip(1).numpy().astype(np.int16)
+        d_plain, d_flip = np.abs(plain - ref).max(), np.abs(flipped - ref).max()
+        mirrored += d_flip < d_plain
+        assert min(d_plain, d_flip) <= 2  # PIL and torch round their fixed-point sums differently
+    assert 0.25 * len(crops) <= mirrored <= 0.75 * len(crops)
+    # the same draws, the same batch; no mirror without flip
+    again = resize_crops(TensorListCPU(crops, "HWC"), 224, flip=True, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    plain = resize_crops(TensorListCPU(crops[:2], "HWC"), 224, flip=False, gen=torch.Generator())
+    ref = F.interpolate(torch.from_numpy(crops[1]).permute(2, 0, 1)[None], size=(224, 224), mode="bilinear",
+                        antialias=True)[0].permute(1, 2, 0)
+    assert torch.equal(plain[1], ref)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_finish_batch_gives_the_same_floats_for_planar_and_pixel_major_memory(jitter, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 24, 20, 3), dtype=torch.uint8, generator=g)
+    planar = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # any strides give the same result
+    a = finish_batch(x, MEAN, STD, jitter=jitter, gen=torch.Generator().manual_seed(1), channels_last=channels_last)
+    b = finish_batch(planar, MEAN, STD, jitter=jitter, gen=torch.Generator().manual_seed(1), channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert a.shape == b.shape == (5, 3, 24, 20) and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if jitter == 0:
+        ref = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(b, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_finish_batch_jitter_matches_the_batched_reference():
+    """The chunked CPU colour map equals the plain batched formula (one GEMM over the batch)."""
+    from ride_fast.data.transforms import jitter_affine
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (7, 40, 36, 3), dtype=torch.uint8, generator=g)
+    got = finish_batch(x, MEAN, STD, jitter=0.4, gen=torch.Generator().manual_seed(3))
+    m, s = torch.tensor(MEAN), torch.tensor(STD)
+    flat = x.reshape(7, -1, 3).float()
+    A, c = jitter_affine(flat.mean(1) / 255, 0.4, torch.Generator().manual_seed(3))
+    y = (torch.matmul(flat / 255, A.transpose(1, 2)) + c.unsqueeze(1)).clamp(0, 1)
+    ref = ((y - m) / s).view(7, 40, 36, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_dali
+def test_dali_cpu_training_batches_look_like_the_torch_loaders(photo_tree):
+    """Same recipe, same photos: per-channel statistics of a DALI CPU training epoch are close to
+    the torch loader's (both crop, resize, mirror, jitter and normalise the same way)."""
+    from ride_fast.config import DataConfig
+    from ride_fast.data import build_datasets
+    from ride_fast.data.dali import DaliImageLoader
+    from ride_fast.data.torch_loader import TorchImageLoader
+
+    classes = {line.split()[1] for line in (photo_tree / "ImageNet_LT_train.txt").read_text().splitlines()}
+    cfg = DataConfig(name="imagenet_lt", root=str(photo_tree), num_classes=len(classes), image_size=224, num_workers=0)
+    train, _ = build_datasets(cfg)
+    stats = {}
+    for name, loader in (("dali", DaliImageLoader(train, 8, train=True, num_workers=2, seed=1, channels_last=True)),
+                         ("torch", TorchImageLoader(train, 8, train=True, num_workers=0, seed=1, channels_last=True))):
+        xs = []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            xs += [b.images for b in loader]
+        x = torch.cat(xs)
+        assert x.shape[1:] == (3, 224, 224) and x.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x).all()
+        stats[name] = (x.mean((0, 2, 3)), x.std((0, 2, 3)))
+    assert torch.allclose(stats["dali"][0], stats["torch"][0], atol=0.25), stats
+    assert torch.allclose(stats["dali"][1], stats["torch"][1], rtol=0.25), stats
