@@ -18,7 +18,7 @@ Variants, cumulative (each adds one switch to the one before):
     ride_fast       ride_fast's per-expert model and trainer step (`TrainStep`), reference loss
                     (autograd), PyTorch's default SGD, NCHW, fp32; metrics on the device
     fused_loss      loss.impl=auto: fused Triton loss on CUDA, analytic backward on the CPU
-    fused_sgd       optim.implementation=auto: fused SGD on CUDA, foreach on the CPU
+    fused_sgd       optim.implementation=auto: fused SGD (one kernel per step; CUDA and CPU)
     channels_last   model.channels_last
     batched         model.batched: all experts as one grouped network
     bf16            train.amp=bf16 (autocast)

@@ -144,11 +144,19 @@ class TorchImageLoader:
         self.skip_bad_images = skip_bad_images
         self.prefetch_factor = prefetch_factor
         self.epoch = 0
+        self.start_batch = 0
+        self._first = 0  # the batch the current iteration started at
         self.skipped = 0  # images left out since the loader was made (skip_bad_images)
         self._loader = None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order and draws; the next iteration starts at batch `start_batch` (a
+        mid-epoch resume: every draw derives from (seed, epoch, rank, position), so the batches
+        after it are those of an uninterrupted epoch)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch} outside an epoch of {len(self)} batches")
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -159,7 +167,7 @@ class TorchImageLoader:
         idx = self.sampler.indices()
         pos = np.arange(len(idx))
         return [[(self.epoch, p, i) for p, i in zip(b.tolist(), idx[b].tolist())]
-                for b in batch_indices(pos, self.batch_size, drop_single=self.train)]
+                for b in batch_indices(pos, self.batch_size, drop_single=self.train)[self._first:]]
 
     def _dataloader(self) -> torch.utils.data.DataLoader:
         """One DataLoader for the loader's life: its worker processes persist across epochs."""
@@ -178,9 +186,11 @@ class TorchImageLoader:
         loader = self._dataloader()
         ds = self.dataset
         jitter = ds.recipe.jitter if self.augment else 0.0
-        gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, getattr(self.sampler, "rank", 0)).integers(2**62)))
+        rank = getattr(self.sampler, "rank", 0)
+        self._first, self.start_batch = self.start_batch, 0  # read by _batches when the DataLoader starts
         skipped = []
-        for images, index, errors in loader:
+        for b, (images, index, errors) in enumerate(loader, start=self._first):
+            gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, rank, b).integers(2**62)))
             if errors:
                 skipped += errors
             if images is None:

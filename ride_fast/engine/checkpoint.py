@@ -1,8 +1,10 @@
 """Checkpoints: written atomically, read back with `weights_only=True` (no arbitrary unpickling).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
-    model, optimizer, scaler (state dicts), epoch, best_metric, config (the resolved config as a
-    dict), model_args (for `create_model(**model_args)`), class_counts, rng (torch/numpy/python).
+    model, optimizer, scaler (state dicts), scheduler (lr and epoch), epoch (last finished), step
+    (> 0: written inside the next epoch, with its metric sums in epoch_sums), best_metric,
+    best_epoch, config (the resolved config as a dict), model_args (for `create_model(**model_args)`),
+    class_counts, rng (torch/numpy/python), loader (the training loader's seed, epoch and batch).
 """
 from __future__ import annotations
 

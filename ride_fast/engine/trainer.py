@@ -756,6 +756,8 @@ class Trainer:
             "model": model_state,
             "optimizer": canonical_optimizer_state(self.optimizer, self.model),
             "scaler": self.scaler.state_dict(),
+            # the lr schedule is a function of the epoch (engine/schedule.py): its state is the epoch and this lr
+            "scheduler": {"lr": float(self.optimizer.param_groups[0]["lr"]), "epoch": self.epoch},
             "epoch": self.epoch,
             "step": 0,
             "best_metric": self.best_metric,
