@@ -129,6 +129,13 @@ class RouterConfig:
     share_fc: bool = True  # one final Linear(top_k + hidden -> 1) for all routers (the original's default)
     w_on: float = 100.0  # positive weight of the BCE ("call the next expert" is rare)
     threshold: float = 0.5  # inference: call the next expert when sigmoid(r) > threshold
+    # Beyond the spec (engine/route.py Stage2Options; the defaults are the spec's stage 2). For data
+    # sets with unused images (mnist_lt, cifar*_lt), whose stage-1 networks memorise the training set:
+    router_data: Literal["train", "heldout"] = "train"  # heldout: router labels from images stage 1 never saw
+    heldout_per_class: int = 100  # router_data=heldout: unused images per class (at most)
+    calibrate: bool = False  # choose the threshold on other unused images (replaces router.threshold)
+    max_accuracy_drop: float = 1.0  # calibrate: the cheapest threshold within this many points of all experts
+    calibration_per_class: int = 50  # calibrate: unused images per class, disjoint from the router's
     epochs: int = 5
     lr: float = 0.01  # SGD, Nesterov, cosine to 0 stepped per epoch
     momentum: float = 0.9

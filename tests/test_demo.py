@@ -19,3 +19,13 @@ def test_demo_writes_table_results_and_plots(tmp_path, capsys):
         assert len(r["per_class"]) == 10 and 0.0 <= r["overall"] <= 100.0
     for name in ("per_class_accuracy.png", "expert_usage.png", "routed_eval.json"):
         assert (tmp_path / name).stat().st_size > 0
+    # stage 2: routers on held-out digits, the threshold calibrated on other held-out digits
+    routed = models["RIDE 3 experts, routed"]
+    stage2 = routed["stage2"]
+    assert stage2["options"]["router_data"] == "heldout" and stage2["options"]["threshold"] == "auto"
+    assert routed["threshold"] == stage2["threshold"] == stage2["calibration"]["threshold"]
+    held = stage2["heldout"]
+    assert held["unused_per_class"] == [0, 161, 257, 314, 349, 370, 382, 389, 394, 396]  # 400 - training count
+    assert held["router_per_class"] == [0] + [100] * 9 and held["calibration_per_class"] == [0] + [50] * 9
+    report = json.loads((tmp_path / "routed_eval.json").read_text())
+    assert report["threshold"] == routed["threshold"] and report["stage2"]["calibration"]["curve"]

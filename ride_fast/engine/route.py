@@ -9,6 +9,18 @@ labels and the inputs of all R routers at once; only the routers get gradients. 
 the class-balanced sampler (epoch = N draws) with the stage-1 training augmentation; SGD with
 Nesterov momentum, cosine lr to 0 stepped per epoch. The checkpoint holds the whole routed model.
 
+Options beyond the spec (`Stage2Options`; the defaults are the spec's stage 2). A stage-1 network
+that memorises a small training set makes the spec's labels ("the prefix ensemble is wrong and a
+longer prefix is right") almost never positive on it: on the 988-image MNIST-LT of the demo,
+experts 1-2 are right on 99.97 % of augmented, class-balanced training draws, so router 2 never sees
+a positive label and expert 3 is never called. `router_data="heldout"` trains the routers on images
+of the full data set that the long-tailed training set left out (`heldout_split`: found by
+content, disjoint from the test set); `threshold="auto"` picks the cheapest threshold whose routed
+accuracy on other held-out images stays within `max_accuracy_drop` points of all experts
+(`calibrate_threshold`, one all-experts pass scores every threshold). `fit_stage2` runs either;
+the checkpoint's config carries the threshold chosen and its `stage2` entry the options, held-out
+counts and calibration curve.
+
 Evaluation (§6). One pass over the test set runs, per batch, all experts and the routed model
 (timed separately, interleaved so load drift hits both alike), and reports accuracy for both,
 the share of images that used exactly 1..E experts (overall and per many/medium/few split),
@@ -18,25 +30,26 @@ part) against the single-expert baseline of the same backbone, and milliseconds 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ride_fast.config import Config, ModelConfig, RouterConfig, config_from_dict, config_to_dict, dump_config, update
-from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
+from ride_fast.data import SPLITS, ArrayDataset, InMemoryLoader, build_datasets, build_loaders, split_of_classes
 from ride_fast.engine.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.trainer import autocast_context, resolve_device, seed_everything
 from ride_fast.models import RIDENet, create_model
 from ride_fast.profiling import ModelCost, count_macs, model_cost
-from ride_fast.router import Router, routed_forward, router_step
+from ride_fast.router import Router, prefix_mean_logits, routed_forward, router_step
 
 ROUTED_KIND = "ride_fast.routed"
 
@@ -100,6 +113,9 @@ class RouterTrainer:
     """Trains the routers of a (frozen) RIDENet: `fit()`, then `save(path)`.
 
     `loader` defaults to the class-balanced loader of `train_set` (see `balanced_loaders`).
+    `class_counts` are the stage-1 training counts (they define the many/medium/few splits);
+    they default to `train_set`'s, and must be given when the routers train on other images
+    (held-out data, see `Stage2Options`).
     """
 
     def __init__(
@@ -112,6 +128,7 @@ class RouterTrainer:
         router: Router | None = None,
         log: Callable[[str], None] = print,
         stage1_checkpoint: str = "",
+        class_counts=None,
     ) -> None:
         if net.num_experts < 2:
             raise ValueError(f"stage 2 needs a network with at least 2 experts; {net.name} has {net.num_experts}")
@@ -121,8 +138,9 @@ class RouterTrainer:
         self.log = log
         self.net = freeze(net)
         self.device = next(net.parameters()).device
-        self.class_counts = train_set.class_counts()
+        self.class_counts = np.asarray(train_set.class_counts() if class_counts is None else class_counts)
         self.stage1_checkpoint = str(stage1_checkpoint)
+        self.stage2_info: dict = {}  # what fit_stage2 adds to the checkpoint: options, held-out counts, calibration
         rc = cfg.router
         self.router = (router if router is not None else build_router(rc, net)).to(self.device)
         self.optimizer = torch.optim.SGD(self.router.parameters(), lr=rc.lr, momentum=rc.momentum, nesterov=True, weight_decay=rc.weight_decay)
@@ -185,7 +203,8 @@ class RouterTrainer:
         return self.history
 
     def checkpoint(self) -> dict:
-        return routed_checkpoint(self.net, self.router, self.cfg, self.class_counts, self.history, self.stage1_checkpoint)
+        return routed_checkpoint(self.net, self.router, self.cfg, self.class_counts, self.history, self.stage1_checkpoint,
+                                 self.stage2_info)
 
     def save(self, path: str | Path) -> Path:
         """Write the routed model atomically, and its resolved config beside it."""
@@ -199,9 +218,12 @@ class RouterTrainer:
 # checkpoints
 
 
-def routed_checkpoint(net: RIDENet, router: Router, cfg: Config, class_counts, history=(), stage1_checkpoint: str = "") -> dict:
+def routed_checkpoint(net: RIDENet, router: Router, cfg: Config, class_counts, history=(), stage1_checkpoint: str = "",
+                      stage2: dict | None = None) -> dict:
     """The whole routed model as plain data (readable with weights_only=True):
-    model + model_args (stage-1 network), router_state + router_args, config, class_counts.
+    model + model_args (stage-1 network), router_state + router_args, config (its
+    router.threshold is the one to route with, calibrated or not), class_counts, stage2 (the
+    data options, held-out counts and threshold calibration, when not the spec's).
     The network is stored in the per-expert layout, like the trainer's checkpoints."""
     if getattr(net, "batched", False):
         from ride_fast.models.batched import to_per_expert
@@ -217,6 +239,7 @@ def routed_checkpoint(net: RIDENet, router: Router, cfg: Config, class_counts, h
         "class_counts": [int(c) for c in class_counts],
         "router_history": [asdict(h) for h in history],
         "stage1_checkpoint": str(stage1_checkpoint),
+        "stage2": dict(stage2 or {}),
     }
 
 
@@ -525,6 +548,251 @@ def write_report(report: RoutedReport, json_path: str | Path, png_path: str | Pa
 
 
 # ---------------------------------------------------------------------------------------------
+# held-out data for stage 2 and threshold calibration (options; the spec's stage 2 is the default)
+
+
+HELDOUT_DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")  # data sets with a full training set to draw unused images from
+
+
+@dataclass(frozen=True)
+class Stage2Options:
+    """Where stage 2 takes its labels and its threshold from. The defaults are the spec's (§5):
+    routers trained on the training set, threshold = router.threshold.
+
+    router_data: "train" (the spec) or "heldout": train the routers on images of the full data set
+        that the long-tailed training set left out (never seen in stage 1), `heldout_per_class` of
+        each class at most (fewer where fewer are unused: none for the head class of MNIST-LT and
+        CIFAR-LT, which keep all their images). Why: a stage-1 network that memorises its training
+        set makes the spec's labels ("the prefix ensemble is wrong and a longer prefix is right")
+        almost never positive there, so the routers never learn to call the last experts.
+    threshold: "config" (router.threshold) or "auto": the cheapest threshold of `THRESHOLD_GRID` whose
+        routed accuracy (mean per class) on a calibration split stays within `max_accuracy_drop`
+        points of all experts on that split. The calibration split takes `calibration_per_class`
+        unused images of each class, disjoint from the held-out router images.
+    """
+
+    router_data: Literal["train", "heldout"] = "train"
+    heldout_per_class: int = 100
+    threshold: Literal["config", "auto"] = "config"
+    max_accuracy_drop: float = 1.0  # points
+    calibration_per_class: int = 50
+
+    def __post_init__(self) -> None:
+        if self.router_data not in ("train", "heldout"):
+            raise ValueError(f"stage-2 router_data must be 'train' (the spec) or 'heldout', got {self.router_data!r}")
+        if self.threshold not in ("config", "auto"):
+            raise ValueError(f"stage-2 threshold must be 'config' (router.threshold) or 'auto' (calibrated), got {self.threshold!r}")
+        if self.heldout_per_class < 1 or self.calibration_per_class < 1:
+            raise ValueError(f"held-out images per class must be >= 1, got heldout_per_class={self.heldout_per_class}, "
+                             f"calibration_per_class={self.calibration_per_class}")
+        if not self.max_accuracy_drop >= 0:
+            raise ValueError(f"max_accuracy_drop is in points and must be >= 0, got {self.max_accuracy_drop}")
+
+    @property
+    def uses_heldout(self) -> bool:
+        return self.router_data == "heldout" or self.threshold == "auto"
+
+    @classmethod
+    def from_router_config(cls, rc: RouterConfig) -> "Stage2Options":
+        """The options the router config section sets: fields of the same names, and
+        `router.calibrate: true` for threshold="auto"."""
+        kw = {f.name: getattr(rc, f.name) for f in dataclasses.fields(cls) if f.name != "threshold"}
+        return cls(**kw, threshold="auto" if rc.calibrate else "config")
+
+
+def _image_keys(images: Tensor) -> list[bytes]:
+    """A content digest per image (uint8 [N, K, H, W]): finds the same image in two data sets."""
+    flat = np.ascontiguousarray(images.numpy()).reshape(images.shape[0], -1)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
+
+
+def _subset(ds: ArrayDataset, idx: np.ndarray, name: str) -> ArrayDataset:
+    t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+    return dataclasses.replace(ds, images=ds.images[t], labels=ds.labels[t], name=name)
+
+
+@dataclass
+class HeldOut:
+    """Unused images of the full data set: `router` trains the routers, `calibration` sets the
+    threshold (disjoint; either may be None when not asked for)."""
+
+    router: ArrayDataset | None
+    calibration: ArrayDataset | None
+    unused_per_class: list[int]
+
+    def as_dict(self) -> dict:
+        count = lambda ds: ds.class_counts().tolist() if ds is not None else []  # noqa: E731
+        return {"unused_per_class": self.unused_per_class, "router_per_class": count(self.router),
+                "calibration_per_class": count(self.calibration)}
+
+
+def heldout_split(cfg: Config, train_set, test_set=None, options: Stage2Options | None = None, *, pool=None) -> HeldOut:
+    """Images of the full training data (data.imbalance_factor = 1) that neither the long-tailed
+    training set nor the test set holds, found by content. Per class, a seeded shuffle
+    (train.seed) gives the first options.heldout_per_class to the routers (router_data=heldout) and
+    the next options.calibration_per_class to the calibration (threshold=auto). `pool` = the full
+    training data replaces building it."""
+    options = options or Stage2Options()
+    if pool is None:
+        if cfg.data.name not in HELDOUT_DATASETS:
+            raise ValueError(f"held-out stage-2 data needs the full training data of {', '.join(HELDOUT_DATASETS)}; "
+                             f"data.name={cfg.data.name} has none: use the spec's stage 2 (router_data=train, threshold=config)")
+        pool = build_datasets(dataclasses.replace(cfg.data, imbalance_factor=1.0))[0]
+    if not isinstance(train_set, ArrayDataset) or not isinstance(pool, ArrayDataset):
+        raise TypeError("held-out stage-2 data needs in-memory data sets (ArrayDataset)")
+    seen = set(_image_keys(train_set.images))
+    if test_set is not None:
+        seen.update(_image_keys(test_set.images))
+    unused = np.asarray([i for i, k in enumerate(_image_keys(pool.images)) if k not in seen], dtype=np.int64)
+    labels = pool.labels.numpy()
+    rng = np.random.default_rng(cfg.train.seed)
+    n_router = options.heldout_per_class if options.router_data == "heldout" else 0
+    n_calib = options.calibration_per_class if options.threshold == "auto" else 0
+    router_idx, calib_idx = [], []
+    for c in range(pool.num_classes):
+        idx = rng.permutation(unused[labels[unused] == c])
+        router_idx.append(np.sort(idx[:n_router]))
+        calib_idx.append(np.sort(idx[n_router : n_router + n_calib]))
+    router_idx, calib_idx = np.concatenate(router_idx), np.concatenate(calib_idx)
+    if n_router and not len(router_idx) or n_calib and not len(calib_idx):
+        raise ValueError(f"{cfg.data.name}: no image of the full training data is left out of the long-tailed set "
+                         f"(imbalance_factor {cfg.data.imbalance_factor}); held-out stage-2 data needs some")
+    return HeldOut(_subset(pool, router_idx, f"{pool.name}/heldout_router") if n_router else None,
+                   _subset(pool, calib_idx, f"{pool.name}/heldout_calibration") if n_calib else None,
+                   np.bincount(labels[unused], minlength=pool.num_classes).tolist())
+
+
+# Weighted BCE (w_on = 100) calibrates sigmoid(r) to 100x the odds of 'call': 0.99 is about an unweighted 0.5.
+THRESHOLD_GRID = (0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0)
+
+
+@dataclass
+class ThresholdCalibration:
+    """The threshold chosen on a calibration split, and the curve it was chosen from (percent
+    accuracies, mean per class over the classes present)."""
+
+    threshold: float
+    max_accuracy_drop: float
+    all_experts_accuracy: float
+    routed_accuracy: float
+    mean_macs: float
+    num_images: int
+    per_class: list[int]
+    curve: list[dict]  # threshold, accuracy, mean_experts, mean_macs
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"threshold {self.threshold:g} calibrated on {self.num_images} held-out images: routed {self.routed_accuracy:.2f} % "
+                f"vs all experts {self.all_experts_accuracy:.2f} % (allowed drop {self.max_accuracy_drop:g} points), "
+                f"{self.mean_macs / 1e6:.1f} MMACs per image")
+
+
+@torch.no_grad()
+def calibrate_threshold(net: RIDENet, router: Router, loader, cost: RoutedCost, *, max_accuracy_drop: float = 1.0,
+                        grid=THRESHOLD_GRID, amp: str = "none") -> ThresholdCalibration:
+    """The cheapest threshold of `grid` (lowest mean MACs per image, the higher threshold on ties)
+    whose routed accuracy on `loader` is at most `max_accuracy_drop` points below all experts.
+
+    One all-experts pass gives every router's probability on every image: routing only decides
+    how many of the (deterministic) experts an image uses, so every threshold is scored from the
+    same pass. Accuracy is the mean over classes present, as on a balanced test set.
+    """
+    device = next(net.parameters()).device
+    net.eval()
+    router.eval()
+    C, E = net.num_classes, net.num_experts
+    grid = sorted({float(t) for t in grid}, reverse=True)
+    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
+        raise ValueError(f"calibration thresholds must lie in [0, 1], got {grid}")
+    T = len(grid)
+    th = torch.tensor(grid, device=device).view(T, 1, 1)
+    correct = torch.zeros(T + 1, C, dtype=torch.long, device=device)  # row T: all experts
+    total = torch.zeros(C, dtype=torch.long, device=device)
+    used = torch.zeros(T, E, dtype=torch.long, device=device)  # [threshold, experts used - 1]
+    for batch in loader:
+        y = batch.labels
+        with autocast_context(device, amp):
+            out = net(batch.images)
+        means = prefix_mean_logits(out.expert_logits)  # [E, B, C] float32
+        right = means.argmax(-1) == y  # [E, B]
+        p = torch.sigmoid(router.forward_all(out.features[:-1].float(), means[:-1]).float())  # [R, B]
+        go = (p.unsqueeze(0) > th).long().cumprod(1)  # [T, R, B]: still going after router i
+        n = 1 + go.sum(1)  # [T, B] experts used
+        hit = right.gather(0, n - 1)  # [T, B]: the prediction of the experts used is right
+        correct[:T] += torch.stack([torch.bincount(y[h], minlength=C) for h in hit])
+        correct[T] += torch.bincount(y[right[-1]], minlength=C)
+        total += torch.bincount(y, minlength=C)
+        used += torch.stack([torch.bincount(k - 1, minlength=E) for k in n])
+    present = total > 0
+    if not present.any():
+        raise ValueError("calibrate_threshold: the loader yielded no images")
+    acc = (100.0 * correct[:, present].double() / total[present].double()).mean(1).tolist()  # [T + 1]
+    shares = (used.double() / used.sum(1, keepdim=True)).cpu().numpy()
+    macs = [float(sum(s[k] * cost.macs_with(k + 1) for k in range(E))) for s in shares]
+    curve = [{"threshold": t, "accuracy": acc[i], "mean_experts": float((shares[i] * np.arange(1, E + 1)).sum()), "mean_macs": macs[i]}
+             for i, t in enumerate(grid)]
+    ok = [i for i in range(T) if acc[i] >= acc[T] - max_accuracy_drop - 1e-9]
+    best = min(ok, key=lambda i: (macs[i], -grid[i])) if ok else T - 1  # none within the drop: the lowest threshold
+    return ThresholdCalibration(grid[best], float(max_accuracy_drop), acc[T], acc[best], macs[best], int(total.sum()),
+                                total.tolist(), curve)
+
+
+@dataclass
+class Stage2Result:
+    """A trained router and the threshold to route with."""
+
+    trainer: RouterTrainer
+    threshold: float
+    options: Stage2Options
+    heldout: HeldOut | None
+    calibration: ThresholdCalibration | None
+    cost: RoutedCost | None  # counted (fvcore) only when the calibration needed it
+    seconds: float  # router training and calibration
+
+
+def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, options: Stage2Options | None = None, loader=None,
+               log: Callable[[str], None] = print, stage1_checkpoint: str = "", pool=None) -> Stage2Result:
+    """Train the routers of `net` (frozen) and settle the threshold, following `options` (default:
+    the ones the router config section sets, else the spec's: training set, router.threshold).
+
+    `loader` replaces the class-balanced loader of the training set (router_data=train only);
+    `test_set` keeps test images out of the held-out data; `pool` = the full training data.
+    The trainer's config carries the threshold chosen (router.threshold), its checkpoint the
+    options, the held-out counts and the calibration curve.
+    """
+    options = options or Stage2Options.from_router_config(cfg.router)
+    heldout = heldout_split(cfg, train_set, test_set, options, pool=pool) if options.uses_heldout else None
+    if options.router_data == "heldout":
+        data, loader = heldout.router, None
+        log(f"stage 2 labels from {len(data)} held-out images (per class {data.class_counts().tolist()}), "
+            "not the training set (Stage2Options.router_data=heldout)")
+    else:
+        data = train_set
+    start = time.perf_counter()
+    trainer = RouterTrainer(cfg, net, data, loader=loader, log=log, stage1_checkpoint=stage1_checkpoint,
+                            class_counts=train_set.class_counts())
+    trainer.fit()
+    threshold, calibration, cost = float(cfg.router.threshold), None, None
+    if options.threshold == "auto":
+        cost = routed_cost(net, trainer.router, cfg.data.image_size)  # fvcore, part by part: a few seconds
+        device = next(net.parameters()).device
+        calib_loader = InMemoryLoader(heldout.calibration, cfg.data.eval_batch_size, train=False, device=device,
+                                      channels_last=cfg.model.channels_last)
+        calibration = calibrate_threshold(net, trainer.router, calib_loader, cost,
+                                          max_accuracy_drop=options.max_accuracy_drop, amp=cfg.train.amp)
+        threshold = calibration.threshold
+        trainer.cfg = update(trainer.cfg, router={"threshold": threshold})
+        log(calibration.summary())
+    seconds = time.perf_counter() - start
+    trainer.stage2_info = {"options": asdict(options), "threshold": threshold,
+                           "heldout": heldout.as_dict() if heldout is not None else None,
+                           "calibration": calibration.as_dict() if calibration is not None else None}
+    return Stage2Result(trainer, threshold, options, heldout, calibration, cost, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
 # command-line flows
 
 
@@ -550,11 +818,13 @@ def report_paths(checkpoint: str | Path, json_path: str | Path | None = None) ->
 
 
 def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Path | None = None, *,
-                 log: Callable[[str], None] = print, evaluate: bool = True, datasets=None) -> dict:
+                 log: Callable[[str], None] = print, evaluate: bool = True, datasets=None,
+                 options: Stage2Options | None = None) -> dict:
     """`ride-fast route`: stage 2 on a stage-1 checkpoint; writes the routed checkpoint (default
     <train.out_dir>/routed.pt), then evaluates it (JSON report and usage PNG beside it).
-    `datasets` = (train, test) replaces building cfg.data. Returns {"checkpoint", "seconds",
-    "history", "report" (a RoutedReport, when evaluated)}."""
+    `datasets` = (train, test) replaces building cfg.data; `options` (see Stage2Options; default
+    the spec's stage 2) can train on held-out images and calibrate the threshold. Returns
+    {"checkpoint", "seconds", "history", "threshold", "stage2", "report" (a RoutedReport, when evaluated)}."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     ckpt = load_checkpoint(stage1_checkpoint)
@@ -565,22 +835,23 @@ def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Pat
     cfg = update(cfg, model=_model_section(net.model_args))  # the architecture comes from the checkpoint
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     net = net.to(device, memory_format=fmt)
-    train_set, _, train_loader, test_loader = _data_for(cfg, net, device, datasets)
-    trainer = RouterTrainer(cfg, net, train_set, loader=train_loader, log=log, stage1_checkpoint=str(stage1_checkpoint))
+    train_set, test_set, train_loader, test_loader = _data_for(cfg, net, device, datasets)
+    options = options or Stage2Options.from_router_config(cfg.router)
     log(f"stage 2: routers of {net.name} ({net.num_experts} experts) from {stage1_checkpoint}; "
-        f"{cfg.router.epochs} epochs of {len(train_set)} class-balanced draws, batch {cfg.router.batch_size}, on {device}")
-    start = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - start
+        f"{cfg.router.epochs} epochs of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
+    stage2 = fit_stage2(cfg, net, train_set, test_set, options=options, loader=train_loader, log=log,
+                        stage1_checkpoint=str(stage1_checkpoint))
+    trainer = stage2.trainer
     out_path = Path(out_path) if out_path else Path(cfg.train.out_dir) / "routed.pt"
     trainer.save(out_path)
-    log(f"wrote {out_path} ({seconds:.1f} s of router training)")
-    result = {"checkpoint": str(out_path), "seconds": seconds, "history": [asdict(h) for h in trainer.history]}
+    log(f"wrote {out_path} ({stage2.seconds:.1f} s of router training and calibration)")
+    result = {"checkpoint": str(out_path), "seconds": stage2.seconds, "history": [asdict(h) for h in trainer.history],
+              "threshold": stage2.threshold, "stage2": trainer.stage2_info}
     if evaluate:
-        report = evaluate_routed(net, trainer.router, test_loader, trainer.class_counts,
-                                 image_size=cfg.data.image_size, threshold=cfg.router.threshold, amp=cfg.train.amp)
+        report = evaluate_routed(net, trainer.router, test_loader, trainer.class_counts, image_size=cfg.data.image_size,
+                                 threshold=stage2.threshold, amp=cfg.train.amp, cost=stage2.cost)
         json_path, png_path = report_paths(out_path)
-        write_report(report, json_path, png_path, extra={"checkpoint": str(out_path)})
+        write_report(report, json_path, png_path, extra={"checkpoint": str(out_path), "stage2": trainer.stage2_info})
         log(report.summary())
         log(f"wrote {json_path} and {png_path}")
         result["report"] = report
