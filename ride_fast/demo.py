@@ -39,6 +39,7 @@ from typing import Callable
 
 from ride_fast.config import Config, config_from_dict
 from ride_fast.data import build_datasets, split_of_classes
+from ride_fast.io import pyplot, save_figure
 
 DEMO_EPOCHS = 30
 DEMO_ROUTER_EPOCHS = 5  # the spec's stage-2 length
@@ -192,11 +193,7 @@ def format_table(models: dict) -> str:
 
 def plot_per_class(results: dict, path: Path) -> None:
     """Per-class test accuracy against the number of training images of the class (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     counts = results["data"]["train_class_counts"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for (name, r), marker in zip(results["models"].items(), "os^v"):
@@ -211,6 +208,4 @@ def plot_per_class(results: dict, path: Path) -> None:
         ax.text(x, 45, label, ha="center", fontsize=9, color="grey")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

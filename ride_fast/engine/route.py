@@ -47,6 +47,7 @@ from ride_fast.data import SPLITS, ArrayDataset, InMemoryLoader, build_datasets,
 from ride_fast.engine.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.trainer import autocast_context, resolve_device, seed_everything
+from ride_fast.io import pyplot, save_figure
 from ride_fast.models import RIDENet, create_model
 from ride_fast.profiling import ModelCost, count_macs, model_cost
 from ride_fast.router import Router, prefix_mean_logits, routed_forward, router_step
@@ -506,11 +507,7 @@ def evaluate_routed(
 
 def plot_expert_usage(report: RoutedReport, path: str | Path, title: str = "") -> Path:
     """Stacked bars: per split, the share of test images that used 1..E experts (paper, Fig. 6)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     splits = [s for s in ("many", "medium", "few", "overall") if s in report.usage]
     shares = np.asarray([report.usage[s] for s in splits]) * 100.0  # [splits, E]
     fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=120)
@@ -528,12 +525,7 @@ def plot_expert_usage(report: RoutedReport, path: str | Path, title: str = "") -
     ax.set_ylabel("test images (%)")
     ax.set_title(title or f"Experts used per image (threshold {report.threshold:g})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: RoutedReport, json_path: str | Path, png_path: str | Path | None = None, extra: dict | None = None) -> dict:
