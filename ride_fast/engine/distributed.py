@@ -78,11 +78,6 @@ def all_reduce_(tensor: torch.Tensor, ctx: DistContext, op=dist.ReduceOp.SUM) ->
     return tensor
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the whole global batch, on any backend (gloo on
     the CPU included). Mean and variance are all-reduced with torch.distributed.nn's differentiable
@@ -155,7 +150,6 @@ __all__ = [
     "DistContext",
     "GlobalBatchNorm2d",
     "all_reduce_",
-    "barrier",
     "convert_sync_batchnorm",
     "init_distributed",
     "launched_by_torchrun",
