@@ -7,9 +7,7 @@ Shape legend: B images per batch (per rank), S crop size (224), R resize size (2
 Photos (`image_pipeline`), uint8 HWC through the graph:
   training:   decode the random crop only (ROI decoding; area 0.08-1, aspect 3/4-4/3, 10 tries),
               then resize to S x S (linear, antialiased) and mirror with p = 1/2: in the graph on
-              a GPU; for a CPU pipeline the graph ends at the crops and `resize_crops` does these
-              two steps with torch's uint8 antialiased kernel (about 5x cheaper than DALI's CPU
-              resize, which was the largest cost of the CPU pipeline);
+              a GPU; for a CPU pipeline the graph ends at the crops (see below);
   evaluation: decode, resize the shorter side to R with the longer one truncated (torchvision's
               sizes, computed in the graph from the JPEG header), center crop S with torchvision's
               rounding. It matches the torch loader's PIL path within one grey level.
@@ -18,6 +16,13 @@ run batched on the training device in `transforms.finish_batch`, the same code a
 loader's, giving float [B, 3, S, S] in channels-last memory. Measured on the CPU, DALI's colour
 twist + normalisation cost more than the whole ROI decode, and a uint8 copy to the GPU moves 4x
 fewer bytes than float.
+
+CPU training (`finish_crops`): DALI's CPU resize (separable float resampling) cost more than the
+ROI decode, so the crops leave the graph at their own sizes and a small thread pool resizes them
+with torch's uint8 antialiased kernel (about 5x cheaper), mirrors them and applies the same colour
+maps as `finish_batch`, image by image straight into the float batch; torch releases the GIL in
+its kernels, so the pool runs beside DALI's decoding of the next batches. For a GPU training
+device fed by a CPU pipeline, `resize_crops` gives the uint8 batch and the GPU finishes it.
 
 Differences from torchvision kept on purpose (augmentation statistics, not evaluation): DALI's own
 random numbers and crop sampler, and nvJPEG's plain (not "fancy") chroma upsampling in GPU
@@ -43,7 +48,7 @@ import torch.nn.functional as F
 from ride_fast.data.dataset import ArrayDataset, Batch
 from ride_fast.data.image_list import ImageListDataset, ImageRecipe
 from ride_fast.data.samplers import ShuffleSampler, batch_indices, epoch_rng, num_batches
-from ride_fast.data.transforms import finish_batch
+from ride_fast.data.transforms import ColourMaps, channels_first, finish_batch
 
 DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
 
@@ -123,30 +128,75 @@ def image_pipeline(source, recipe: ImageRecipe, *, train: bool, batch_size: int,
     return photos()
 
 
+def _sample(crops, i: int) -> torch.Tensor:
+    """Sample i of a TensorListCPU as a uint8 tensor on DALI's buffer (no copy; numpy's array
+    interface costs a third of DLPack's per call)."""
+    return torch.from_numpy(np.asarray(crops[i]))
+
+
+def _resize_one(hwc: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [h, w, 3] (DALI's buffer, read in place) -> uint8 [S, S, 3], antialiased bilinear.
+
+    The crop goes in as a channels-last [1, 3, h, w] whose batch stride is h * w * 3: with that
+    stride torch recognises the layout and writes a channels-last (HWC) result; with the stride
+    `unsqueeze` gives, it writes planar NCHW and the kernel takes about twice as long.
+    """
+    h, w, k = hwc.shape
+    crop = hwc.as_strided((1, k, h, w), (h * w * k, 1, w * k, k))  # the same memory as [1, 3, h, w] channels-last
+    y = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].permute(1, 2, 0)  # [S, S, 3], contiguous
+
+
 def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, pin_memory: bool = False) -> torch.Tensor:
     """DALI's ragged uint8 HWC crops (a TensorListCPU) -> uint8 [B, S, S, 3], each resized to S x S
     with antialiased bilinear filtering (PIL's BILINEAR, as the torch loader) and mirrored with
-    p = 1/2 (draws from `gen`).
+    p = 1/2 (draws from `gen`). For a GPU training device: the uint8 batch is copied over and
+    finished there. Samples are read in place through DLPack, so `crops` must stay alive (the
+    pipeline not run again) until this returns.
 
-    The training half of a CPU pipeline: torch's uint8 antialiased kernel (AVX2) takes about
-    0.2 ms per 224 crop against 1.5 ms for DALI's CPU `fn.resize` (which resamples in float), the
-    largest cost of the DALI CPU pipeline. Each crop goes in as a channels-last [1, 3, h, w] whose
-    batch stride is h * w * 3: with that stride torch recognises the layout and writes a
-    channels-last (HWC) result; with the stride `unsqueeze` gives, it writes planar NCHW and the
-    kernel takes about twice as long. Samples are read in place through DLPack, so `crops` must
-    stay alive (the pipeline not run again) until this returns.
+    torch's uint8 antialiased kernel (AVX2) takes about 0.2 ms per 224 crop against 1.5 ms for
+    DALI's CPU `fn.resize` (which resamples in float), the largest cost of the DALI CPU pipeline.
     """
     n = len(crops)
     out = torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin_memory)
     mirror = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
     for i in range(n):
-        hwc = torch.from_dlpack(crops[i])  # [h, w, 3], DALI's buffer (no copy)
-        h, w, k = hwc.shape
-        crop = hwc.as_strided((1, k, h, w), (h * w * k, 1, w * k, k))  # the same memory as [1, 3, h, w] channels-last
-        y = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        y = y[0].permute(1, 2, 0)  # [S, S, 3], contiguous
+        y = _resize_one(_sample(crops, i), size)
         out[i].copy_(y.flip(1) if mirror[i] else y)
     return out
+
+
+def finish_crops(crops, size: int, mean, std, *, flip: bool, jitter: float, gen: torch.Generator,
+                 channels_last: bool = False, pool=None) -> torch.Tensor:
+    """DALI's ragged uint8 HWC crops -> the finished float batch [B, 3, S, S] for CPU training:
+    `resize_crops` then `transforms.finish_batch` (the same draws from `gen`, the same result to
+    float rounding), fused image by image.
+
+    Each crop is resized, mirrored, colour-mapped and normalised while its 224 x 224 copies are in
+    cache, straight into the output batch: no uint8 batch, no second pass over it. With `pool` (a
+    concurrent.futures executor) the batch is split into one contiguous span per pool thread; torch
+    releases the GIL inside its kernels, so the spans run in parallel with each other and with
+    DALI's decoding of the next batches.
+    """
+    n = len(crops)
+    mirror = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
+    maps = ColourMaps(n, size, size, mean, std, jitter=jitter, gen=gen)
+    y = torch.empty(n, size, size, 3)
+
+    def span(lo: int, hi: int) -> None:
+        scratch = torch.empty(size * size * 3) if maps.jitter else None
+        for i in range(lo, hi):
+            x = _resize_one(_sample(crops, i), size)
+            maps.apply_(i, x.flip(1) if mirror[i] else x, y[i], scratch)
+
+    parts = pool._max_workers if pool is not None else 1
+    bounds = [n * p // parts for p in range(parts + 1)]
+    if parts == 1:
+        span(0, n)
+    else:
+        for done in [pool.submit(span, lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]:
+            done.result()
+    return channels_first(y, channels_last)
 
 
 def array_pipeline(source, dataset: ArrayDataset, *, train: bool, batch_size: int, num_threads: int,
@@ -193,6 +243,8 @@ class _DaliLoaderBase:
         self.seed = seed
         self.sampler = sampler if sampler is not None else ShuffleSampler(len(dataset), shuffle=train, seed=seed)
         self.num_threads = _threads(num_workers)
+        self.finish_threads = self.num_threads  # CPU training: threads that resize + normalise the crops
+        self._executor = None
         self.epoch = 0
         _dali()  # fail now, with the hint, if DALI is missing
 
@@ -235,21 +287,36 @@ class _DaliLoaderBase:
                 self._explain(err, list(inflight))
                 raise
             idx = inflight.popleft()
-            if self._ragged(device_id):  # CPU training crops of many sizes: resized and mirrored here
-                x = resize_crops(out, self.dataset.recipe.crop_size, flip=self.dataset.recipe.flip, gen=gen,
-                                 pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
-            elif device_id is not None:  # a GPU pipeline: copy on torch's stream
-                images = out.as_tensor()
-                x = torch.empty(tuple(images.shape()), dtype=torch.uint8, device=self.device)  # [B, S, S, K]
-                feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream(self.device))
+            ds = self.dataset
+            if self._ragged(device_id) and self.device.type == "cpu":  # CPU training: crops finished here
+                x = finish_crops(out, ds.recipe.crop_size, ds.mean, ds.std, flip=ds.recipe.flip, jitter=jitter, gen=gen,
+                                 channels_last=self.channels_last, pool=self._pool())
             else:
-                images = out.as_tensor()
-                x = torch.empty(tuple(images.shape()), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                feed_ndarray(images, x)
-                x = x.to(self.device, non_blocking=True)
-            x = finish_batch(x, self.dataset.mean, self.dataset.std, jitter=jitter, gen=gen, channels_last=self.channels_last)
+                if self._ragged(device_id):  # a CPU pipeline for a GPU: crops resized here, finished there
+                    x = resize_crops(out, ds.recipe.crop_size, flip=ds.recipe.flip, gen=gen, pin_memory=True)
+                    x = x.to(self.device, non_blocking=True)
+                elif device_id is not None:  # a GPU pipeline: copy on torch's stream
+                    images = out.as_tensor()
+                    x = torch.empty(tuple(images.shape()), dtype=torch.uint8, device=self.device)  # [B, S, S, K]
+                    feed_ndarray(images, x, cuda_stream=torch.cuda.current_stream(self.device))
+                else:
+                    images = out.as_tensor()
+                    x = torch.empty(tuple(images.shape()), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                    feed_ndarray(images, x)
+                    x = x.to(self.device, non_blocking=True)
+                x = finish_batch(x, ds.mean, ds.std, jitter=jitter, gen=gen, channels_last=self.channels_last)
             yield Batch(images=x, labels=labels.index_select(0, torch.from_numpy(idx)).to(self.device, non_blocking=True))
         del pipe
+
+    def _pool(self):
+        """The threads that finish CPU training batches (None: the calling thread alone)."""
+        if self.finish_threads < 2:
+            return None
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(self.finish_threads, thread_name_prefix="ride_fast-finish")
+        return self._executor
 
     def _device_id(self) -> int | None:
         """The GPU the pipeline runs on, or None for a CPU pipeline."""

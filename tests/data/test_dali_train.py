@@ -1,6 +1,7 @@
 """The DALI CPU training path: DALI decodes the random crops, `resize_crops` resizes and mirrors
 them with torch's antialiased bilinear kernel (PIL's BILINEAR, as the torch loader), and
-`finish_batch` (shared with the torch loader, rewritten for speed) normalises them."""
+`finish_batch` (shared with the torch loader, rewritten for speed) normalises them;
+`finish_crops` does both image by image in a thread pool, with the same result."""
 import numpy as np
 import pytest
 import torch
@@ -49,6 +50,31 @@ def test_resize_crops_resizes_like_pil_bilinear_and_mirrors_half():
     ref = F.interpolate(torch.from_numpy(crops[1]).permute(2, 0, 1)[None], size=(224, 224), mode="bilinear",
                         antialias=True)[0].permute(1, 2, 0)
     assert torch.equal(plain[1], ref)
+
+
+@needs_dali
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_finish_crops_equals_resize_crops_then_finish_batch(jitter, threads):
+    """The fused, threaded CPU path gives the two-step result: same draws (mirror, then jitter),
+    same floats, whatever the number of threads (7 crops over 3 threads: uneven spans)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvidia.dali.tensors import TensorListCPU
+
+    from ride_fast.data.dali import finish_crops, resize_crops
+
+    sizes = [(375, 500), (200, 131), (224, 224), (301, 260), (96, 150), (480, 360), (250, 250)]
+    crops = TensorListCPU([_picture(w, h, seed=i) for i, (h, w) in enumerate(sizes)], "HWC")
+    g = torch.Generator().manual_seed(5)
+    ref = finish_batch(resize_crops(crops, 224, flip=True, gen=g), MEAN, STD, jitter=jitter, gen=g, channels_last=True)
+    with ThreadPoolExecutor(threads) as pool:
+        got = finish_crops(crops, 224, MEAN, STD, flip=True, jitter=jitter, gen=torch.Generator().manual_seed(5),
+                           channels_last=True, pool=pool if threads > 1 else None)
+    assert got.shape == (7, 3, 224, 224) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    planar = finish_crops(crops, 224, MEAN, STD, flip=True, jitter=jitter, gen=torch.Generator().manual_seed(5))
+    assert planar.is_contiguous() and torch.equal(planar, got)
 
 
 @pytest.mark.parametrize("jitter", [0.0, 0.4])

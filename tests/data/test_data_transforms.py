@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from ride_fast.data.transforms import center_crop_offset, finish_batch, jitter_affine, random_resized_crop_box, resize_shorter_size
@@ -78,3 +79,18 @@ def test_finish_batch_normalises_and_lays_out_channels_last():
     hi = ((1 - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)
     assert ((j >= lo - 1e-5) & (j <= hi + 1e-5)).all() and not torch.allclose(j, ref)
     assert math.isfinite(j.sum().item())
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+def test_colour_maps_batched_equal_image_by_image(jitter):
+    """The batched form (a GPU batch) and the per-image form (the CPU loaders) of the same draws
+    agree; the colour maps do not depend on the order images are mapped in."""
+    from ride_fast.data.transforms import ColourMaps
+
+    x = torch.randint(0, 256, (5, 12, 10, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    maps = ColourMaps(5, 12, 10, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), jitter=jitter, gen=torch.Generator().manual_seed(1))
+    batched = maps.apply_batch(x)
+    one = torch.empty(5, 12, 10, 3)
+    for b in reversed(range(5)):
+        maps.apply_(b, x[b], one[b], torch.empty(12 * 10 * 3))
+    torch.testing.assert_close(one, batched, atol=1e-5, rtol=1e-5)
