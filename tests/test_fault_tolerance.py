@@ -48,6 +48,7 @@ class SignalAtBatch:
     def __init__(self, loader, sig, epoch: int, at: int):
         self.loader, self.sig, self.epoch_to_hit, self.at = loader, sig, epoch, at
         self.start = 0
+        self.seekable = loader.seekable  # the trainer resumes it mid-epoch as it would the loader
 
     def set_epoch(self, epoch, start_batch=0):
         self.loader.set_epoch(epoch, start_batch=start_batch)

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from ride_fast.data.dataset import ArrayDataset, Batch
 from ride_fast.data.image_list import ImageListDataset, ImageRecipe
-from ride_fast.data.samplers import ShuffleSampler, batch_indices, epoch_rng, num_batches
+from ride_fast.data.loader import EpochLoader
+from ride_fast.data.samplers import batch_indices, epoch_rng
 from ride_fast.data.transforms import ColourMaps, channels_first, finish_batch
 
 DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
@@ -226,34 +227,21 @@ def array_pipeline(source, dataset: ArrayDataset, *, train: bool, batch_size: in
     return arrays()
 
 
-class _DaliLoaderBase:
+class _DaliLoaderBase(EpochLoader):
     """Epoch bookkeeping shared by the DALI loaders: batches of sampler indices are fed one by one
-    to a fresh pipeline, and each output is paired with the indices that went in (DALI keeps order)."""
+    to a fresh pipeline, and each output is paired with the indices that went in (DALI keeps order).
+    Not seekable: the pipeline draws its crops from its own generator (seeded per epoch)."""
+
+    seekable = False
 
     def __init__(self, dataset, batch_size: int, *, train: bool, device="cpu", channels_last: bool = False,
                  seed: int = 0, sampler=None, num_workers: int = -1, augment: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.train = train
-        self.augment = augment and train
-        self.device = torch.device(device)
-        self.channels_last = channels_last
-        self.seed = seed
-        self.sampler = sampler if sampler is not None else ShuffleSampler(len(dataset), shuffle=train, seed=seed)
+        super().__init__(dataset, batch_size, train=train, device=device, augment=augment, channels_last=channels_last,
+                         seed=seed, sampler=sampler)
         self.num_threads = _threads(num_workers)
         self.finish_threads = self.num_threads  # CPU training: threads that resize + normalise the crops
         self._executor = None
-        self.epoch = 0
         _dali()  # fail now, with the hint, if DALI is missing
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return num_batches(len(self.sampler), self.batch_size, drop_single=self.train)
 
     # subclasses: _feed(indices) -> list of arrays; _build(source) -> pipeline; _explain(err, indices)
     def __iter__(self):
@@ -270,14 +258,13 @@ class _DaliLoaderBase:
             return self._feed(idx)
 
         device_id = self._device_id()
-        rank = getattr(self.sampler, "rank", 0)
-        pipe = self._build(source, device_id, _pipeline_seed(self.seed, self.epoch, rank))
+        pipe = self._build(source, device_id, _pipeline_seed(self.seed, self.epoch, self.rank))
         pipe.build()
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         labels = self.dataset.labels
         jitter = self._jitter()
-        gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, rank).integers(2**62)))
+        gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, self.rank).integers(2**62)))
         while True:
             try:
                 (out,) = pipe.run()

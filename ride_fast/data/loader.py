@@ -11,46 +11,38 @@ from ride_fast.data.samplers import ShuffleSampler, epoch_rng, num_batches
 from ride_fast.data.transforms import normalize, random_crop, random_hflip, random_rotate
 
 
-class InMemoryLoader:
-    """Iterate over an ArrayDataset in batches of `Batch(images [B, 3, H, W] float, labels [B])`.
+class EpochLoader:
+    """What every loader shares: a data set, a batch size, a sampler that orders each epoch (seeded,
+    reshuffled by `set_epoch`, split over ranks; default a ShuffleSampler: a permutation per epoch
+    in training, the data-set order in evaluation), the epoch and a resume position.
 
-    The order comes from a sampler (ride_fast.data.samplers; default: a ShuffleSampler, a
-    permutation per epoch in training, the data-set order in evaluation), so one process and N
-    ranks with the same global batch see the same images per step. Every random draw derives from
-    (seed, epoch, rank, batch index): `set_epoch(e)` before each epoch reproduces an epoch exactly,
-    and `set_epoch(e, start_batch=k)` resumes it at batch k with the same draws as an
-    uninterrupted run (no generator state to save).
+    Subclasses yield `Batch`es. `seekable` loaders derive every random draw from (seed, epoch, rank,
+    position), so `set_epoch(e, start_batch=k)` resumes epoch e at batch k with the batches of an
+    uninterrupted run; the others (DALI: its crops come from the pipeline's own generator) refuse
+    a start batch, and the trainer discards the batches before it instead.
     """
 
-    def __init__(
-        self,
-        dataset: ArrayDataset,
-        batch_size: int,
-        *,
-        train: bool,
-        device: torch.device | str = "cpu",
-        augment: bool = True,
-        channels_last: bool = False,
-        seed: int = 0,
-        sampler=None,
-    ):
+    seekable = True
+
+    def __init__(self, dataset, batch_size: int, *, train: bool, device: torch.device | str = "cpu",
+                 augment: bool = True, channels_last: bool = False, seed: int = 0, sampler=None):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.train = train
-        self.device = torch.device(device)
         self.augment = augment and train
+        self.device = torch.device(device)
         self.channels_last = channels_last
         self.seed = seed
         self.sampler = sampler if sampler is not None else ShuffleSampler(len(dataset), shuffle=train, seed=seed)
         self.epoch = 0
         self.start_batch = 0
-        self._images = dataset.images.to(self.device)
-        self._labels = dataset.labels.to(self.device)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order and draws; the next iteration starts at batch `start_batch`."""
+        if start_batch and not self.seekable:
+            raise TypeError(f"{type(self).__name__} cannot start an epoch at batch {start_batch}")
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch={start_batch} outside an epoch of {len(self)} batches")
         self.epoch = int(epoch)
@@ -61,9 +53,31 @@ class InMemoryLoader:
         # training: a last batch of one image would break BatchNorm
         return num_batches(len(self.sampler), self.batch_size, drop_single=self.train)
 
+    @property
+    def rank(self) -> int:
+        """This process's rank in the sampler's split (0 without one): other ranks, other draws."""
+        return getattr(self.sampler, "rank", 0)
+
+
+class InMemoryLoader(EpochLoader):
+    """Iterate over an ArrayDataset in batches of `Batch(images [B, 3, H, W] float, labels [B])`.
+
+    The order comes from the sampler (see EpochLoader), so one process and N ranks with the same
+    global batch see the same images per step. Every random draw derives from (seed, epoch, rank,
+    batch index): `set_epoch(e)` before each epoch reproduces an epoch exactly, and
+    `set_epoch(e, start_batch=k)` resumes it at batch k with the same draws as an uninterrupted
+    run (no generator state to save).
+    """
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, *, train: bool, device: torch.device | str = "cpu",
+                 augment: bool = True, channels_last: bool = False, seed: int = 0, sampler=None):
+        super().__init__(dataset, batch_size, train=train, device=device, augment=augment, channels_last=channels_last,
+                         seed=seed, sampler=sampler)
+        self._images = dataset.images.to(self.device)
+        self._labels = dataset.labels.to(self.device)
+
     def _generator(self, batch: int) -> torch.Generator:
-        rank = getattr(self.sampler, "rank", 0)  # other ranks: other augmentation draws
-        seed = int(epoch_rng(self.seed, self.epoch, 4, rank, batch).integers(2**62))
+        seed = int(epoch_rng(self.seed, self.epoch, 4, self.rank, batch).integers(2**62))
         return torch.Generator().manual_seed(seed)
 
     def __iter__(self):

@@ -27,7 +27,8 @@ import torch
 
 from ride_fast.data.dataset import Batch
 from ride_fast.data.image_list import ImageListDataset, ImageRecipe
-from ride_fast.data.samplers import ShuffleSampler, batch_indices, epoch_rng, num_batches
+from ride_fast.data.loader import EpochLoader
+from ride_fast.data.samplers import batch_indices, epoch_rng
 from ride_fast.data.transforms import center_crop_offset, finish_batch, random_resized_crop_box, resize_shorter_size
 
 log = logging.getLogger("ride_fast.data")
@@ -118,49 +119,27 @@ def _collate(items):
     return images, torch.tensor([i for _, i in good], dtype=torch.int64), errors
 
 
-class TorchImageLoader:
+class TorchImageLoader(EpochLoader):
     """Batches of `Batch(images [B, 3, S, S] float normalised, labels [B])` from an ImageListDataset.
 
-    `sampler` gives this rank's indices per epoch (default: ShuffleSampler, shuffled and padded in
-    training, every image once in evaluation). `num_workers=0` decodes in the calling process.
+    `sampler` gives this rank's indices per epoch (see EpochLoader). `num_workers=0` decodes in
+    the calling process. Every draw derives from (seed, epoch, rank, position), so
+    `set_epoch(e, start_batch=k)` resumes mid-epoch with the batches of an uninterrupted epoch.
     """
 
     def __init__(self, dataset: ImageListDataset, batch_size: int, *, train: bool, device="cpu",
                  channels_last: bool = False, seed: int = 0, sampler=None, num_workers: int = -1,
                  pin_memory: bool | None = None, skip_bad_images: bool = False, augment: bool = True,
                  prefetch_factor: int = 4):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.train = train
-        self.augment = augment and train
-        self.device = torch.device(device)
-        self.channels_last = channels_last
-        self.seed = seed
-        self.sampler = sampler if sampler is not None else ShuffleSampler(len(dataset), shuffle=train, seed=seed)
+        super().__init__(dataset, batch_size, train=train, device=device, augment=augment, channels_last=channels_last,
+                         seed=seed, sampler=sampler)
         self.num_workers = (os.cpu_count() or 1) if num_workers < 0 else num_workers
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.skip_bad_images = skip_bad_images
         self.prefetch_factor = prefetch_factor
-        self.epoch = 0
-        self.start_batch = 0
         self._first = 0  # the batch the current iteration started at
         self.skipped = 0  # images left out since the loader was made (skip_bad_images)
         self._loader = None
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order and draws; the next iteration starts at batch `start_batch` (a
-        mid-epoch resume: every draw derives from (seed, epoch, rank, position), so the batches
-        after it are those of an uninterrupted epoch)."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch={start_batch} outside an epoch of {len(self)} batches")
-        self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return num_batches(len(self.sampler), self.batch_size, drop_single=self.train)
 
     def _batches(self) -> list[list[tuple[int, int, int]]]:
         """This epoch's batches of (epoch, position in the epoch, image index)."""
@@ -186,11 +165,10 @@ class TorchImageLoader:
         loader = self._dataloader()
         ds = self.dataset
         jitter = ds.recipe.jitter if self.augment else 0.0
-        rank = getattr(self.sampler, "rank", 0)
         self._first, self.start_batch = self.start_batch, 0  # read by _batches when the DataLoader starts
         skipped = []
         for b, (images, index, errors) in enumerate(loader, start=self._first):
-            gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, rank, b).integers(2**62)))
+            gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, self.rank, b).integers(2**62)))
             if errors:
                 skipped += errors
             if images is None:

@@ -827,16 +827,12 @@ class Trainer:
 
 def _seek(loader, epoch: int, start_batch: int) -> int:
     """Set the loader to `epoch`, starting at batch `start_batch`; returns how many batches the caller
-    must still discard (loaders whose set_epoch has no start_batch)."""
-    if start_batch == 0:
-        loader.set_epoch(epoch)
-        return 0
-    try:
+    must still discard (loaders that cannot start mid-epoch: `seekable` false or absent)."""
+    if start_batch and getattr(loader, "seekable", False):
         loader.set_epoch(epoch, start_batch=start_batch)
         return 0
-    except TypeError:
-        loader.set_epoch(epoch)
-        return start_batch
+    loader.set_epoch(epoch)
+    return start_batch
 
 
 def _tensorboard_writer(out_dir: Path, enabled: bool):

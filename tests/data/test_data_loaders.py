@@ -10,6 +10,7 @@ from ride_fast.config import DataConfig
 from ride_fast.data import ArrayDataset, Batch, InMemoryLoader, ShuffleSampler, build_datasets, build_loaders, choose_loader
 from ride_fast.data.dali import dali_available
 from ride_fast.data.torch_loader import BadImageError, TorchImageLoader
+from ride_fast.engine.trainer import _seek
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 # One quantisation step of the decoded image, normalised by the smallest ImageNet std: DALI and PIL
@@ -90,17 +91,22 @@ def test_a_loader_resumes_mid_epoch_with_the_batches_of_an_uninterrupted_epoch(p
         loader = DaliImageLoader(train, 4, train=True, num_workers=1, seed=5)
     loader.set_epoch(2)
     full = [(b.images, b.labels) for b in loader]
-    try:
+    assert loader.seekable == (kind != "dali")
+    if loader.seekable:
         loader.set_epoch(2, start_batch=2)
-    except TypeError:  # DALI: the trainer discards the first batches of the epoch
-        loader.set_epoch(2)
-        rest = [(b.images, b.labels) for b in loader][2:]
-    else:
         rest = [(b.images, b.labels) for b in loader]
+    else:  # DALI: the trainer discards the first batches of the epoch
+        with pytest.raises(TypeError, match="cannot start an epoch at batch 2"):
+            loader.set_epoch(2, start_batch=2)
+        assert _seek(loader, 2, 2) == 2
+        rest = [(b.images, b.labels) for b in loader][2:]
     assert len(rest) == len(full) - 2
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], rest))
     again = [b.labels for b in loader]  # start_batch applies to one iteration
     assert len(again) == len(full)
+    if loader.seekable:
+        with pytest.raises(ValueError, match="outside an epoch"):
+            loader.set_epoch(2, start_batch=len(full) + 1)
 
 
 def test_colour_jitter_follows_the_recipe(photo_sets):
