@@ -1,8 +1,10 @@
-"""Batched augmentation on tensors, on whatever device the batch is on (no per-image Python loop).
+"""Augmentation on tensors, on whatever device the batch is on: batched ops for the in-memory
+data sets; for photos, the colour jitter + normalisation of uint8 crops (`ColourMaps`,
+`finish_batch`), batched on a GPU and image by image in cache on the CPU.
 
-Shape legend: B images, K channels, H x W pixels; x is [B, K, H, W] float in [0, 1].
-Random parameters are drawn from a CPU torch.Generator (reproducible, resumable) and moved to the
-batch's device; the pixel work happens there.
+Shape legend: B images, K channels, H x W pixels; x is [B, K, H, W] float in [0, 1] (photo crops:
+uint8 [B, H, W, K]). Random parameters are drawn from a CPU torch.Generator (reproducible,
+resumable) and moved to the batch's device; the pixel work happens there.
 
 The geometry of torchvision's photo transforms (RandomResizedCrop's window, Resize's sizes,
 CenterCrop's offset) is here too, as plain functions shared by the torch loader and the tests.
