@@ -89,6 +89,41 @@ def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_bit_identical(tm
     assert records[1]["test"] == full_records[1]["test"]
 
 
+class Unseekable:
+    """A loader as the DALI loaders present themselves to the trainer: no mid-epoch start."""
+
+    seekable = False
+
+    def __init__(self, loader):
+        self.loader, self.yielded = loader, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        assert start_batch == 0, "the trainer must not ask an unseekable loader for a start batch"
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.yielded += 1
+            yield batch
+
+
+def test_a_loader_that_cannot_seek_resumes_by_discarding_the_done_batches(tmp_path):
+    full = Trainer(tiny_cfg(tmp_path / "full", "train.epochs=2"), log=lambda s: None)
+    full.fit()
+    cut = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=2"), log=lambda s: None)
+    cut.train_loader = SignalAtBatch(cut.train_loader, signal.SIGTERM, epoch=2, at=3)
+    assert cut.fit()["interrupted"]
+    resumed = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=2"), log=lambda s: None)
+    resumed.resume(tmp_path / "cut" / "last.pt")
+    resumed.train_loader = loader = Unseekable(resumed.train_loader)
+    assert resumed.fit()["interrupted"] is False
+    assert loader.yielded == 6  # max_steps_per_epoch: the 4 done batches drawn again and discarded, then 2 steps
+    assert_identical(state_of(full), state_of(resumed))
+
+
 def test_a_damaged_mid_epoch_checkpoint_falls_back_to_the_epoch_checkpoint(tmp_path):
     cut = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None)
     cut.train_loader = SignalAtBatch(cut.train_loader, signal.SIGTERM, epoch=2, at=1)
