@@ -152,7 +152,7 @@ def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, pin_memo
     """DALI's ragged uint8 HWC crops (a TensorListCPU) -> uint8 [B, S, S, 3], each resized to S x S
     with antialiased bilinear filtering (PIL's BILINEAR, as the torch loader) and mirrored with
     p = 1/2 (draws from `gen`). For a GPU training device: the uint8 batch is copied over and
-    finished there. Samples are read in place through DLPack, so `crops` must stay alive (the
+    finished there. Samples are read in place (`_sample`), so `crops` must stay alive (the
     pipeline not run again) until this returns.
 
     torch's uint8 antialiased kernel (AVX2) takes about 0.2 ms per 224 crop against 1.5 ms for
@@ -168,16 +168,16 @@ def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, pin_memo
 
 
 def finish_crops(crops, size: int, mean, std, *, flip: bool, jitter: float, gen: torch.Generator,
-                 channels_last: bool = False, pool=None) -> torch.Tensor:
+                 channels_last: bool = False, pool=None, threads: int = 1) -> torch.Tensor:
     """DALI's ragged uint8 HWC crops -> the finished float batch [B, 3, S, S] for CPU training:
     `resize_crops` then `transforms.finish_batch` (the same draws from `gen`, the same result to
     float rounding), fused image by image.
 
     Each crop is resized, mirrored, colour-mapped and normalised while its 224 x 224 copies are in
     cache, straight into the output batch: no uint8 batch, no second pass over it. With `pool` (a
-    concurrent.futures executor) the batch is split into one contiguous span per pool thread; torch
-    releases the GIL inside its kernels, so the spans run in parallel with each other and with
-    DALI's decoding of the next batches.
+    concurrent.futures executor of `threads` threads) the batch is split into one contiguous span
+    per thread; torch releases the GIL inside its kernels, so the spans run in parallel with each
+    other and with DALI's decoding of the next batches. `crops` must stay alive until this returns.
     """
     n = len(crops)
     mirror = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
@@ -190,11 +190,11 @@ def finish_crops(crops, size: int, mean, std, *, flip: bool, jitter: float, gen:
             x = _resize_one(_sample(crops, i), size)
             maps.apply_(i, x.flip(1) if mirror[i] else x, y[i], scratch)
 
-    parts = pool._max_workers if pool is not None else 1
-    bounds = [n * p // parts for p in range(parts + 1)]
-    if parts == 1:
+    parts = threads if pool is not None else 1
+    if parts <= 1:
         span(0, n)
     else:
+        bounds = [n * p // parts for p in range(parts + 1)]
         for done in [pool.submit(span, lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]:
             done.result()
     return channels_first(y, channels_last)
@@ -277,7 +277,7 @@ class _DaliLoaderBase(EpochLoader):
             ds = self.dataset
             if self._ragged(device_id) and self.device.type == "cpu":  # CPU training: crops finished here
                 x = finish_crops(out, ds.recipe.crop_size, ds.mean, ds.std, flip=ds.recipe.flip, jitter=jitter, gen=gen,
-                                 channels_last=self.channels_last, pool=self._pool())
+                                 channels_last=self.channels_last, pool=self._pool(), threads=self.finish_threads)
             else:
                 if self._ragged(device_id):  # a CPU pipeline for a GPU: crops resized here, finished there
                     x = resize_crops(out, ds.recipe.crop_size, flip=ds.recipe.flip, gen=gen, pin_memory=True)

@@ -70,7 +70,7 @@ def test_finish_crops_equals_resize_crops_then_finish_batch(jitter, threads):
     ref = finish_batch(resize_crops(crops, 224, flip=True, gen=g), MEAN, STD, jitter=jitter, gen=g, channels_last=True)
     with ThreadPoolExecutor(threads) as pool:
         got = finish_crops(crops, 224, MEAN, STD, flip=True, jitter=jitter, gen=torch.Generator().manual_seed(5),
-                           channels_last=True, pool=pool if threads > 1 else None)
+                           channels_last=True, pool=pool if threads > 1 else None, threads=threads)
     assert got.shape == (7, 3, 224, 224) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     planar = finish_crops(crops, 224, MEAN, STD, flip=True, jitter=jitter, gen=torch.Generator().manual_seed(5))
