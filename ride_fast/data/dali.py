@@ -262,7 +262,7 @@ class _DaliLoaderBase(EpochLoader):
         pipe.build()
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        labels = self.dataset.labels
+        ds = self.dataset
         jitter = self._jitter()
         gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, self.rank).integers(2**62)))
         while True:
@@ -274,7 +274,6 @@ class _DaliLoaderBase(EpochLoader):
                 self._explain(err, list(inflight))
                 raise
             idx = inflight.popleft()
-            ds = self.dataset
             if self._ragged(device_id) and self.device.type == "cpu":  # CPU training: crops finished here
                 x = finish_crops(out, ds.recipe.crop_size, ds.mean, ds.std, flip=ds.recipe.flip, jitter=jitter, gen=gen,
                                  channels_last=self.channels_last, pool=self._pool(), threads=self.finish_threads)
@@ -292,7 +291,7 @@ class _DaliLoaderBase(EpochLoader):
                     feed_ndarray(images, x)
                     x = x.to(self.device, non_blocking=True)
                 x = finish_batch(x, ds.mean, ds.std, jitter=jitter, gen=gen, channels_last=self.channels_last)
-            yield Batch(images=x, labels=labels.index_select(0, torch.from_numpy(idx)).to(self.device, non_blocking=True))
+            yield Batch(images=x, labels=ds.labels.index_select(0, torch.from_numpy(idx)).to(self.device, non_blocking=True))
         del pipe
 
     def _pool(self):
