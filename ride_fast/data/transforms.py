@@ -133,14 +133,6 @@ def jitter_maps(batch: int, strength: float, gen: torch.Generator) -> tuple[Tens
     return A, c0, C1
 
 
-def jitter_affine(mean_rgb: Tensor, strength: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`jitter_maps` for images of known mean colours mean_rgb [B, 3] (in [0, 1]): the map
-    x -> A x + c of each image, A [B, 3, 3] and c [B, 3] on mean_rgb's device."""
-    A, c0, C1 = jitter_maps(mean_rgb.shape[0], strength, gen)
-    A, c0, C1 = (t.to(mean_rgb.device, non_blocking=True) for t in (A, c0, C1))
-    return A, c0 + (C1 @ mean_rgb.unsqueeze(-1)).squeeze(-1)
-
-
 def _periodic(v: Tensor, W: int) -> Tensor:
     """Per-channel values [..., K] repeated along an image row: [..., W * K], for element-wise ops
     on pixel-major [H, W * K] rows. Torch vectorises those; a broadcast [..., 1, K] operand

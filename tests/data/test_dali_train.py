@@ -94,15 +94,16 @@ def test_finish_batch_gives_the_same_floats_for_planar_and_pixel_major_memory(ji
 
 
 def test_finish_batch_jitter_matches_the_batched_reference():
-    """The chunked CPU colour map equals the plain batched formula (one GEMM over the batch)."""
-    from ride_fast.data.transforms import jitter_affine
+    """The per-image CPU colour map equals the plain batched formula (one GEMM over the batch)."""
+    from ride_fast.data.transforms import jitter_maps
 
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (7, 40, 36, 3), dtype=torch.uint8, generator=g)
     got = finish_batch(x, MEAN, STD, jitter=0.4, gen=torch.Generator().manual_seed(3))
     m, s = torch.tensor(MEAN), torch.tensor(STD)
     flat = x.reshape(7, -1, 3).float()
-    A, c = jitter_affine(flat.mean(1) / 255, 0.4, torch.Generator().manual_seed(3))
+    A, c0, C1 = jitter_maps(7, 0.4, torch.Generator().manual_seed(3))
+    c = c0 + (C1 @ (flat.mean(1) / 255).unsqueeze(-1)).squeeze(-1)
     y = (torch.matmul(flat / 255, A.transpose(1, 2)) + c.unsqueeze(1)).clamp(0, 1)
     ref = ((y - m) / s).view(7, 40, 36, 3).permute(0, 3, 1, 2)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

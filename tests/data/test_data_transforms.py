@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ride_fast.data.transforms import center_crop_offset, finish_batch, jitter_affine, random_resized_crop_box, resize_shorter_size
+from ride_fast.data.transforms import center_crop_offset, finish_batch, jitter_maps, random_resized_crop_box, resize_shorter_size
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
@@ -52,7 +52,8 @@ def _sequential_jitter(x, f, order):
 
 def test_jitter_as_one_affine_map_equals_the_ops_in_sequence():
     x = torch.rand(7, 3, 9, 11) * 0.8 + 0.1
-    A, c = jitter_affine(x.mean((2, 3)), 0.4, torch.Generator().manual_seed(3))
+    A, c0, C1 = jitter_maps(7, 0.4, torch.Generator().manual_seed(3))
+    c = c0 + (C1 @ x.mean((2, 3)).unsqueeze(-1)).squeeze(-1)  # the offset for each image's mean colour
     gen = torch.Generator().manual_seed(3)  # the same draws, in the same order
     f = 1 + (torch.rand(3, 7, generator=gen) * 2 - 1) * 0.4
     order = torch.argsort(torch.rand(7, 3, generator=gen), dim=1)
