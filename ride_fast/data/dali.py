@@ -6,23 +6,24 @@ Shape legend: B images per batch (per rank), S crop size (224), R resize size (2
 
 Photos (`image_pipeline`), uint8 HWC through the graph:
   training:   decode the random crop only (ROI decoding; area 0.08-1, aspect 3/4-4/3, 10 tries),
-              then resize to S x S (linear, antialiased) and mirror with p = 1/2: in the graph on
-              a GPU; for a CPU pipeline the graph ends at the crops (see below);
+              then resize to S x S (linear, antialiased) and mirror with p = 1/2;
   evaluation: decode, resize the shorter side to R with the longer one truncated (torchvision's
               sizes, computed in the graph from the JPEG header), center crop S with torchvision's
               rounding. It matches the torch loader's PIL path within one grey level.
+On a GPU all of it runs in the graph. A CPU pipeline stops after decoding (see below).
 The loader then holds uint8 [B, S, S, 3]; colour jitter (where the recipe has it) and normalisation
 run batched on the training device in `transforms.finish_batch`, the same code as the torch
 loader's, giving float [B, 3, S, S] in channels-last memory. Measured on the CPU, DALI's colour
 twist + normalisation cost more than the whole ROI decode, and a uint8 copy to the GPU moves 4x
 fewer bytes than float.
 
-CPU training (`finish_crops`): DALI's CPU resize (separable float resampling) cost more than the
-ROI decode, so the crops leave the graph at their own sizes and a small thread pool resizes them
-with torch's uint8 antialiased kernel (about 5x cheaper), mirrors them and applies the same colour
-maps as `finish_batch`, image by image straight into the float batch; torch releases the GIL in
-its kernels, so the pool runs beside DALI's decoding of the next batches. For a GPU training
-device fed by a CPU pipeline, `resize_crops` gives the uint8 batch and the GPU finishes it.
+CPU pipelines (`finish_crops`): DALI's CPU resize (separable float resampling) cost more than the
+decoding, so the crops (training) or whole images (evaluation) leave the graph at their own sizes
+and a small thread pool resizes them with torch's uint8 antialiased kernel (about 5x cheaper),
+mirrors or center-crops them and applies the same colour maps as `finish_batch`, image by image
+straight into the float batch; torch releases the GIL in its kernels, so the pool runs beside
+DALI's decoding of the next batches. For a GPU training device fed by a CPU pipeline,
+`resize_crops` gives the uint8 batch and the GPU finishes it.
 
 Differences from torchvision kept on purpose (augmentation statistics, not evaluation): DALI's own
 random numbers and crop sampler, and nvJPEG's plain (not "fancy") chroma upsampling in GPU
@@ -49,7 +50,7 @@ from ride_fast.data.dataset import ArrayDataset, Batch
 from ride_fast.data.image_list import ImageListDataset, ImageRecipe
 from ride_fast.data.loader import EpochLoader
 from ride_fast.data.samplers import batch_indices, epoch_rng
-from ride_fast.data.transforms import ColourMaps, channels_first, finish_batch
+from ride_fast.data.transforms import ColourMaps, center_crop_offset, channels_first, finish_batch, resize_shorter_size
 
 DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
 
@@ -87,8 +88,9 @@ def image_pipeline(source, recipe: ImageRecipe, *, train: bool, batch_size: int,
     """The DALI pipeline for encoded photos fed by `source()` (a list of uint8 byte arrays per call).
 
     device_id=None: everything on the CPU; else decoding is "mixed" (nvJPEG) and the rest runs on
-    that GPU. Returns an unbuilt Pipeline whose single output is uint8 [B, S, S, 3], except for
-    CPU training: uint8 [h, w, 3] random crops of each image's own size, for `resize_crops`.
+    that GPU. Returns an unbuilt Pipeline whose single output is uint8 [B, S, S, 3] on a GPU; a
+    CPU pipeline outputs uint8 [h, w, 3] images of their own sizes (the random crops in training,
+    the whole images in evaluation), which `finish_crops` / `resize_crops` bring to S x S.
     """
     dali, fn, types, dmath = _dali()
     S, R = recipe.crop_size, recipe.resize_size
@@ -111,6 +113,8 @@ def image_pipeline(source, recipe: ImageRecipe, *, train: bool, batch_size: int,
             # PIL's decoder (libjpeg with fancy upsampling) and no EXIF rotation, as torchvision.
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True,
                                        adjust_orientation=False)
+            if device_id is None:
+                return images  # whole images: `resize_crops` resizes and center-crops them
             shape = fn.peek_image_shape(encoded, dtype=types.INT32)  # [H, W, C] from the header
             h, w = shape[0], shape[1]
             short = dmath.min(h, w)
@@ -135,25 +139,40 @@ def _sample(crops, i: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(crops[i]))
 
 
-def _resize_one(hwc: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [h, w, 3] (DALI's buffer, read in place) -> uint8 [S, S, 3], antialiased bilinear.
+def _resize_one(hwc: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [h, w, 3] (DALI's buffer, read in place) -> uint8 [height, width, 3], antialiased
+    bilinear (PIL's BILINEAR, as the torch loader).
 
-    The crop goes in as a channels-last [1, 3, h, w] whose batch stride is h * w * 3: with that
+    The image goes in as a channels-last [1, 3, h, w] whose batch stride is h * w * 3: with that
     stride torch recognises the layout and writes a channels-last (HWC) result; with the stride
     `unsqueeze` gives, it writes planar NCHW and the kernel takes about twice as long.
     """
     h, w, k = hwc.shape
-    crop = hwc.as_strided((1, k, h, w), (h * w * k, 1, w * k, k))  # the same memory as [1, 3, h, w] channels-last
-    y = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return y[0].permute(1, 2, 0)  # [S, S, 3], contiguous
+    image = hwc.as_strided((1, k, h, w), (h * w * k, 1, w * k, k))  # the same memory as [1, 3, h, w] channels-last
+    y = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].permute(1, 2, 0)  # [height, width, 3], contiguous
 
 
-def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, pin_memory: bool = False) -> torch.Tensor:
-    """DALI's ragged uint8 HWC crops (a TensorListCPU) -> uint8 [B, S, S, 3], each resized to S x S
-    with antialiased bilinear filtering (PIL's BILINEAR, as the torch loader) and mirrored with
-    p = 1/2 (draws from `gen`). For a GPU training device: the uint8 batch is copied over and
-    finished there. Samples are read in place (`_sample`), so `crops` must stay alive (the
-    pipeline not run again) until this returns.
+def _fit(hwc: torch.Tensor, size: int, shorter: int | None) -> torch.Tensor:
+    """One decoded image -> uint8 [S, S, 3]: a training crop resized to S x S (shorter=None), or
+    an evaluation image resized to `shorter` on its shorter side (torchvision's sizes) and
+    center-cropped to S (a view)."""
+    if shorter is None:
+        return _resize_one(hwc, size, size)
+    h, w, _ = hwc.shape
+    nw, nh = resize_shorter_size(w, h, shorter)
+    top, left = center_crop_offset(nh, size), center_crop_offset(nw, size)
+    return _resize_one(hwc, nh, nw)[top:top + size, left:left + size]
+
+
+def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, shorter: int | None = None,
+                 pin_memory: bool = False) -> torch.Tensor:
+    """The ragged uint8 HWC images of a CPU pipeline (a TensorListCPU) -> uint8 [B, S, S, 3]:
+    training crops resized to S x S with antialiased bilinear filtering (PIL's BILINEAR, as the
+    torch loader) and mirrored with p = 1/2 (draws from `gen`); with `shorter` (evaluation), each
+    image resized to that shorter side and center-cropped. For a GPU training device: the uint8
+    batch is copied over and finished there. Samples are read in place (`_sample`), so `crops`
+    must stay alive (the pipeline not run again) until this returns.
 
     torch's uint8 antialiased kernel (AVX2) takes about 0.2 ms per 224 crop against 1.5 ms for
     DALI's CPU `fn.resize` (which resamples in float), the largest cost of the DALI CPU pipeline.
@@ -162,16 +181,16 @@ def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, pin_memo
     out = torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin_memory)
     mirror = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
     for i in range(n):
-        y = _resize_one(_sample(crops, i), size)
+        y = _fit(_sample(crops, i), size, shorter)
         out[i].copy_(y.flip(1) if mirror[i] else y)
     return out
 
 
 def finish_crops(crops, size: int, mean, std, *, flip: bool, jitter: float, gen: torch.Generator,
-                 channels_last: bool = False, pool=None, threads: int = 1) -> torch.Tensor:
-    """DALI's ragged uint8 HWC crops -> the finished float batch [B, 3, S, S] for CPU training:
-    `resize_crops` then `transforms.finish_batch` (the same draws from `gen`, the same result to
-    float rounding), fused image by image.
+                 shorter: int | None = None, channels_last: bool = False, pool=None, threads: int = 1) -> torch.Tensor:
+    """The ragged uint8 HWC images of a CPU pipeline -> the finished float batch [B, 3, S, S] on
+    the CPU: `resize_crops` then `transforms.finish_batch` (the same draws from `gen`, the same
+    result to float rounding), fused image by image.
 
     Each crop is resized, mirrored, colour-mapped and normalised while its 224 x 224 copies are in
     cache, straight into the output batch: no uint8 batch, no second pass over it. With `pool` (a
@@ -187,7 +206,7 @@ def finish_crops(crops, size: int, mean, std, *, flip: bool, jitter: float, gen:
     def span(lo: int, hi: int) -> None:
         scratch = torch.empty(size * size * 3) if maps.jitter else None
         for i in range(lo, hi):
-            x = _resize_one(_sample(crops, i), size)
+            x = _fit(_sample(crops, i), size, shorter)
             maps.apply_(i, x.flip(1) if mirror[i] else x, y[i], scratch)
 
     parts = threads if pool is not None else 1
@@ -264,6 +283,7 @@ class _DaliLoaderBase(EpochLoader):
 
         ds = self.dataset
         jitter = self._jitter()
+        geometry = self._geometry()
         gen = torch.Generator().manual_seed(int(epoch_rng(self.seed, self.epoch, 3, self.rank).integers(2**62)))
         while True:
             try:
@@ -274,12 +294,12 @@ class _DaliLoaderBase(EpochLoader):
                 self._explain(err, list(inflight))
                 raise
             idx = inflight.popleft()
-            if self._ragged(device_id) and self.device.type == "cpu":  # CPU training: crops finished here
-                x = finish_crops(out, ds.recipe.crop_size, ds.mean, ds.std, flip=ds.recipe.flip, jitter=jitter, gen=gen,
+            if self._ragged(device_id) and self.device.type == "cpu":  # a CPU pipeline: images finished here
+                x = finish_crops(out, ds.recipe.crop_size, ds.mean, ds.std, **geometry, jitter=jitter, gen=gen,
                                  channels_last=self.channels_last, pool=self._pool(), threads=self.finish_threads)
             else:
-                if self._ragged(device_id):  # a CPU pipeline for a GPU: crops resized here, finished there
-                    x = resize_crops(out, ds.recipe.crop_size, flip=ds.recipe.flip, gen=gen, pin_memory=True)
+                if self._ragged(device_id):  # a CPU pipeline for a GPU: images resized here, finished there
+                    x = resize_crops(out, ds.recipe.crop_size, **geometry, gen=gen, pin_memory=True)
                     x = x.to(self.device, non_blocking=True)
                 elif device_id is not None:  # a GPU pipeline: copy on torch's stream
                     images = out.as_tensor()
@@ -314,8 +334,12 @@ class _DaliLoaderBase(EpochLoader):
         return 0.0
 
     def _ragged(self, device_id: int | None) -> bool:
-        """Whether the pipeline outputs crops of many sizes, for `resize_crops` to finish."""
+        """Whether the pipeline outputs images of many sizes, for `finish_crops` / `resize_crops`."""
         return False
+
+    def _geometry(self) -> dict:
+        """How `finish_crops` / `resize_crops` bring a ragged image to S x S (their keywords)."""
+        return {}
 
     def _explain(self, err: Exception, inflight: list) -> None:
         pass
@@ -350,7 +374,13 @@ class DaliImageLoader(_DaliLoaderBase):
         return self.dataset.recipe.jitter if self.augment else 0.0
 
     def _ragged(self, device_id: int | None) -> bool:
-        return self.augment and device_id is None
+        return device_id is None
+
+    def _geometry(self) -> dict:
+        recipe = self.dataset.recipe
+        if self.augment:  # random crop -> S x S, mirrored with p = 1/2
+            return dict(flip=recipe.flip, shorter=None)
+        return dict(flip=False, shorter=recipe.resize_size)  # resize 256, center crop 224
 
     def _explain(self, err: Exception, inflight: list) -> None:
         """DALI names no file when a decode fails: find the culprit among the batches in flight."""

@@ -1,7 +1,8 @@
-"""The DALI CPU training path: DALI decodes the random crops, `resize_crops` resizes and mirrors
-them with torch's antialiased bilinear kernel (PIL's BILINEAR, as the torch loader), and
-`finish_batch` (shared with the torch loader, rewritten for speed) normalises them;
-`finish_crops` does both image by image in a thread pool, with the same result."""
+"""The DALI CPU pipelines' finishing: DALI decodes the random crops (training) or the whole images
+(evaluation), `resize_crops` resizes (and mirrors, or center-crops) them with torch's antialiased
+bilinear kernel (PIL's BILINEAR, as the torch loader), and `finish_batch` (shared with the torch
+loader, rewritten for speed) normalises them; `finish_crops` does both image by image in a
+thread pool, with the same result."""
 import numpy as np
 import pytest
 import torch
@@ -53,11 +54,35 @@ def test_resize_crops_resizes_like_pil_bilinear_and_mirrors_half():
 
 
 @needs_dali
+def test_resize_crops_evaluation_geometry_is_pils_resize_then_center_crop():
+    """shorter=R: torchvision's Resize(R) (shorter side to R, the longer truncated) then
+    CenterCrop(S), for landscape, portrait, square, upscaled and odd-margin images; no mirror."""
+    from PIL import Image
+    from nvidia.dali.tensors import TensorListCPU
+
+    from ride_fast.data.dali import resize_crops
+    from ride_fast.data.transforms import center_crop_offset, resize_shorter_size
+
+    sizes = [(375, 500), (500, 375), (256, 256), (120, 90), (333, 257), (257, 333)]
+    images = [_picture(w, h, seed=i) for i, (h, w) in enumerate(sizes)]
+    out = resize_crops(TensorListCPU(images, "HWC"), 224, flip=False, shorter=256, gen=torch.Generator())
+    assert out.shape == (len(images), 224, 224, 3) and out.dtype == torch.uint8
+    for image, got in zip(images, out):
+        h, w, _ = image.shape
+        nw, nh = resize_shorter_size(w, h, 256)
+        top, left = center_crop_offset(nh, 224), center_crop_offset(nw, 224)
+        ref = Image.fromarray(image).resize((nw, nh), Image.BILINEAR).crop((left, top, left + 224, top + 224))
+        assert np.abs(got.numpy().astype(np.int16) - np.asarray(ref).astype(np.int16)).max() <= 2
+
+
+@needs_dali
 @pytest.mark.parametrize("jitter", [0.0, 0.4])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_finish_crops_equals_resize_crops_then_finish_batch(jitter, threads):
+@pytest.mark.parametrize("shorter", [None, 256], ids=["train", "eval"])
+def test_finish_crops_equals_resize_crops_then_finish_batch(jitter, threads, shorter):
     """The fused, threaded CPU path gives the two-step result: same draws (mirror, then jitter),
-    same floats, whatever the number of threads (7 crops over 3 threads: uneven spans)."""
+    same floats, whatever the number of threads (7 crops over 3 threads: uneven spans), for the
+    training crops (resized to S x S) and the evaluation images (resize 256, center crop 224)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from nvidia.dali.tensors import TensorListCPU
@@ -67,13 +92,17 @@ def test_finish_crops_equals_resize_crops_then_finish_batch(jitter, threads):
     sizes = [(375, 500), (200, 131), (224, 224), (301, 260), (96, 150), (480, 360), (250, 250)]
     crops = TensorListCPU([_picture(w, h, seed=i) for i, (h, w) in enumerate(sizes)], "HWC")
     g = torch.Generator().manual_seed(5)
-    ref = finish_batch(resize_crops(crops, 224, flip=True, gen=g), MEAN, STD, jitter=jitter, gen=g, channels_last=True)
+    flip = shorter is None
+    ref = finish_batch(resize_crops(crops, 224, flip=flip, shorter=shorter, gen=g), MEAN, STD, jitter=jitter, gen=g,
+                       channels_last=True)
     with ThreadPoolExecutor(threads) as pool:
-        got = finish_crops(crops, 224, MEAN, STD, flip=True, jitter=jitter, gen=torch.Generator().manual_seed(5),
-                           channels_last=True, pool=pool if threads > 1 else None, threads=threads)
+        got = finish_crops(crops, 224, MEAN, STD, flip=flip, shorter=shorter, jitter=jitter,
+                           gen=torch.Generator().manual_seed(5), channels_last=True, pool=pool if threads > 1 else None,
+                           threads=threads)
     assert got.shape == (7, 3, 224, 224) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    planar = finish_crops(crops, 224, MEAN, STD, flip=True, jitter=jitter, gen=torch.Generator().manual_seed(5))
+    planar = finish_crops(crops, 224, MEAN, STD, flip=flip, shorter=shorter, jitter=jitter,
+                          gen=torch.Generator().manual_seed(5))
     assert planar.is_contiguous() and torch.equal(planar, got)
 
 
