@@ -7,12 +7,14 @@ DataLoader) fallback, on the same ImageNet-sized JPEGs, with the ImageNet-LT tra
 
 `extra_info["images_per_s"]` is the number to record in BENCHMARKS.md;
 `test_dali_cpu_vs_torch_speedup` times both loaders in alternation (fairer on a shared machine)
-and records the ratio of the median epochs, for epochs of 96 and of 384 images (the same photos
-listed 4 times: the epoch start weighs less). Both loaders apply the same colour maps
-(`transforms.ColourMaps`: jitter + normalisation); the DALI CPU training path decodes only the
-random crop in DALI's threads and resizes + finishes it with torch in a thread pool
-(`dali.finish_crops`), the torch loader decodes and crops with PIL in worker processes and
-finishes the batch in the main process.
+and records the ratio of the median epochs: training epochs of 96 and of 384 images (the same
+photos listed 4 times: the epoch start weighs less) and evaluation passes of 384. Both loaders
+apply the same colour maps (`transforms.ColourMaps`: jitter + normalisation); the DALI CPU path
+decodes the random crop (or the whole image, evaluation) in DALI's threads and resizes +
+finishes it with torch in a thread pool (`dali.finish_crops`), the torch loader decodes and crops
+with PIL in worker processes and finishes the batch in the main process.
+`test_cpu_cost_per_image_by_stage` times each stage alone on one thread: the ratio it records
+(`stage_ceiling`) bounds the speedup the loaders can show when both saturate the cores.
 
 On a GPU: the CIFAR path (whole data set on the device, batched augmentation) and the torch
 photo path with jitter + normalisation on the GPU (DALI is not installed on the GPU machines).
@@ -75,14 +77,14 @@ def _epoch(loader):
     return n
 
 
-def _dali_loader(ds):
+def _dali_loader(ds, train=True):
     from ride_fast.data.dali import DaliImageLoader
 
-    return DaliImageLoader(ds, BATCH, train=True, num_workers=WORKERS, channels_last=True)
+    return DaliImageLoader(ds, BATCH, train=train, num_workers=WORKERS, channels_last=True)
 
 
-def _torch_loader(ds, device="cpu"):
-    return TorchImageLoader(ds, BATCH, train=True, num_workers=WORKERS, channels_last=True, device=device)
+def _torch_loader(ds, device="cpu", train=True):
+    return TorchImageLoader(ds, BATCH, train=train, num_workers=WORKERS, channels_last=True, device=device)
 
 
 def _measure(benchmark, loader, **info):
@@ -107,13 +109,15 @@ def test_torch_loader_training_images_per_s(benchmark, photos):
 
 
 @needs_dali
-@pytest.mark.parametrize("times", [1, 4], ids=["epoch96", "epoch384"])
-def test_dali_cpu_vs_torch_speedup(benchmark, photos, times):
+@pytest.mark.parametrize("times,train", [(1, True), (4, True), (4, False)],
+                         ids=["epoch96", "epoch384", "evaluation384"])
+def test_dali_cpu_vs_torch_speedup(benchmark, photos, times, train):
     """Both loaders in alternation (a shared machine's load hits both alike); records the ratio,
-    for 3-batch epochs and for 12-batch epochs (closer to the steady state of a real epoch)."""
+    for 3-batch epochs and for 12-batch epochs (closer to the steady state of a real epoch) of
+    training, and for evaluation passes (decode, resize 256, center crop 224, normalise)."""
     torch.set_num_threads(1)
     ds = _longer(photos, times) if times > 1 else photos
-    loaders = {"dali": _dali_loader(ds), "torch": _torch_loader(ds)}
+    loaders = {"dali": _dali_loader(ds, train=train), "torch": _torch_loader(ds, train=train)}
     for loader in loaders.values():
         _epoch(loader)
     seconds = {k: [] for k in loaders}
@@ -125,11 +129,76 @@ def test_dali_cpu_vs_torch_speedup(benchmark, photos, times):
             seconds[name].append(time.perf_counter() - start)
 
     benchmark.pedantic(one_round, rounds=5 if times == 1 else 3, iterations=1)
-    n = len(ds) // BATCH * BATCH
+    n = len(ds) // BATCH * BATCH if train else len(ds)
     rates = {k: n / float(np.median(v)) for k, v in seconds.items()}
     benchmark.extra_info.update({f"{k}_images_per_s": round(v, 1) for k, v in rates.items()})
     benchmark.extra_info.update(dali_speedup=round(rates["dali"] / rates["torch"], 2), epoch_images=n)
     assert all(v > 0 for v in rates.values())
+
+
+@needs_dali
+def test_cpu_cost_per_image_by_stage(benchmark, photos):
+    """Thread CPU time per image of each stage, one thread, data in cache: why the ratio above is
+    bounded. Both decoders are libjpeg-turbo, and Huffman decoding (which ROI decoding cannot skip
+    above the crop's last row) dominates both. Records ms per image and the ratio of the two
+    loaders' summed stages, the speedup DALI could reach if neither had any other cost."""
+    from collections import deque
+
+    from ride_fast.data.dali import finish_crops, image_pipeline
+    from ride_fast.data.samplers import epoch_rng
+    from ride_fast.data.torch_loader import load_rgb, transform_image
+    from ride_fast.data.transforms import finish_batch
+
+    torch.set_num_threads(1)
+    ds, n = photos, BATCH
+    encoded = [np.fromfile(f, dtype=np.uint8) for f in ds.files[:n]]
+    mean, std, recipe = ds.mean, ds.std, ds.recipe
+
+    def dali_decode(train: bool):
+        """One batch through a 1-thread pipeline with no prefetch: its run time is decode time
+        (a CPU pipeline ends at the decoded crops, train, or whole images, evaluation)."""
+        feed = deque([encoded] * 64)
+        pipe = image_pipeline(lambda: feed.popleft(), recipe, train=train, batch_size=n, num_threads=1,
+                              device_id=None, seed=1, prefetch=1)
+        pipe.build()
+        pipe.run()  # warm-up
+        return pipe
+
+    rois, fulls = dali_decode(True), dali_decode(False)
+    (crops,) = rois.run()
+    gen = torch.Generator().manual_seed(0)
+    pil = [load_rgb(f) for f in ds.files[:n]]
+    rng = epoch_rng(0, 0, 2)
+    uint8 = torch.from_numpy(np.stack([transform_image(im, recipe, True, rng) for im in pil]))
+
+    def pil_crops():
+        for f in ds.files[:n]:
+            transform_image(load_rgb(f), recipe, True, rng)
+
+    stages = {
+        "dali_roi_decode": lambda: rois.run(),
+        "dali_full_decode": lambda: fulls.run(),
+        "dali_finish_crops": lambda: finish_crops(crops, recipe.crop_size, mean, std, flip=True, jitter=recipe.jitter,
+                                                  gen=gen, channels_last=True),
+        "pil_decode": lambda: [load_rgb(f) for f in ds.files[:n]],
+        "pil_decode_crop_resize": pil_crops,
+        "finish_batch": lambda: finish_batch(uint8, mean, std, jitter=recipe.jitter, gen=gen, channels_last=True),
+    }
+    best = {k: float("inf") for k in stages}
+
+    def one_round():
+        for name, stage in stages.items():  # alternated, best of the rounds: the least disturbed
+            start = time.perf_counter()  # wall time: the DALI thread works while this one waits
+            stage()
+            best[name] = min(best[name], (time.perf_counter() - start) / n)
+
+    benchmark.pedantic(one_round, rounds=5, iterations=1)
+    ms = {k: round(v * 1e3, 3) for k, v in best.items()}
+    dali = ms["dali_roi_decode"] + ms["dali_finish_crops"]
+    torch_loader = ms["pil_decode_crop_resize"] + ms["finish_batch"]
+    benchmark.extra_info.update({f"{k}_ms": v for k, v in ms.items()})
+    benchmark.extra_info.update(stage_ceiling=round(torch_loader / dali, 2))
+    assert all(v > 0 for v in ms.values())
 
 
 # ----------------------------------------------------------------------------------------- GPU
