@@ -165,6 +165,13 @@ def _fit(hwc: torch.Tensor, size: int, shorter: int | None) -> torch.Tensor:
     return _resize_one(hwc, nh, nw)[top:top + size, left:left + size]
 
 
+def _mirrors(n: int, flip: bool, gen: torch.Generator) -> list[bool]:
+    """Which of n images to mirror (p = 1/2 each, drawn from `gen` before any colour draw); all
+    False without `flip`. `resize_crops` and `finish_crops` draw through here, so the two paths
+    give the same batch for the same generator."""
+    return (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
+
+
 def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, shorter: int | None = None,
                  pin_memory: bool = False) -> torch.Tensor:
     """The ragged uint8 HWC images of a CPU pipeline (a TensorListCPU) -> uint8 [B, S, S, 3]:
@@ -179,7 +186,7 @@ def resize_crops(crops, size: int, *, flip: bool, gen: torch.Generator, shorter:
     """
     n = len(crops)
     out = torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=pin_memory)
-    mirror = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
+    mirror = _mirrors(n, flip, gen)
     for i in range(n):
         y = _fit(_sample(crops, i), size, shorter)
         out[i].copy_(y.flip(1) if mirror[i] else y)
@@ -199,7 +206,7 @@ def finish_crops(crops, size: int, mean, std, *, flip: bool, jitter: float, gen:
     other and with DALI's decoding of the next batches. `crops` must stay alive until this returns.
     """
     n = len(crops)
-    mirror = (torch.rand(n, generator=gen) < 0.5).tolist() if flip else [False] * n
+    mirror = _mirrors(n, flip, gen)
     maps = ColourMaps(n, size, size, mean, std, jitter=jitter, gen=gen)
     y = torch.empty(n, size, size, 3)
 
