@@ -3,7 +3,7 @@
 
 Shape legend: B images, E experts, C classes, D expert feature width.
 
-What makes it "original-structured" (RIDE_SPEC.md §10), kept on purpose:
+What makes it "original-structured" (docs/method.md §10), kept on purpose:
 
 - model: the ResNet with ModuleLists of per-expert stages (`layer2s`/`layer3s` for CIFAR,
   `layer3s`/`layer4s` for ImageNet) and `linears`, and a Python loop over experts

@@ -92,7 +92,7 @@ class OptimConfig:
 class DistillConfig:
     teacher_checkpoint: str = ""  # empty: no distillation
     temperature: float = 1.5
-    scale_by_experts: bool = True  # the original multiplies the loss by E (see RIDE_SPEC.md §4)
+    scale_by_experts: bool = True  # the original multiplies the loss by E (docs/method.md §4)
     teacher_bn_train: bool = True  # the original leaves the teacher's BatchNorm in training mode
 
 
@@ -122,7 +122,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Stage 2 (RIDE_SPEC.md §5): only the routers train, the stage-1 network is frozen."""
+    """Stage 2 (docs/method.md §5): only the routers train, the stage-1 network is frozen."""
 
     top_k: int = 30  # top-k running-mean logits fed to the router (30 CIFAR/ResNet-10, 50 ResNet-50/iNat); <= classes
     hidden: int = 16  # width of each router's hidden layer

@@ -19,7 +19,7 @@ from ride_fast.engine import (
     load_model_from_checkpoint,
     resolve_amp,
 )
-from ride_fast.engine import trainer as trainer_module
+from ride_fast.engine import runtime as runtime_module
 from ride_fast.engine.trainer import prefetch_to_device
 from ride_fast.losses import build_loss
 from ride_fast.models import (
@@ -54,9 +54,9 @@ def test_resolve_amp(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for amp in ("none", "bf16", "fp16"):
         assert resolve_amp(amp, cpu) == amp and resolve_amp(amp, cuda) == amp
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp("auto", cpu) == "bf16"
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: False)
     assert resolve_amp("auto", cpu) == "none"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_amp("auto", cuda) == "bf16"

@@ -1,4 +1,4 @@
-"""The project's shape: light imports, one-way dependencies (shared/STYLE.md)."""
+"""The project's shape: light imports, one-way dependencies (docs/architecture.md)."""
 import ast
 import subprocess
 import sys

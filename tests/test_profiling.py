@@ -1,4 +1,4 @@
-"""MACs per image with fvcore against the spec's table (RIDE_SPEC.md §2).
+"""MACs per image with fvcore against the spec's table (docs/method.md §2).
 
 BatchNorm is charged 4 operations per element, as in the table (see ride_fast.profiling.flops);
 the totals then agree with the table to within 0.3%, and the test allows 1%.

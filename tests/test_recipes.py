@@ -1,5 +1,5 @@
 """Every recipe in configs/: it loads, holds only what differs from the defaults, opens with a header
-that says what it reproduces and how to launch it, carries the spec's numbers (RIDE_SPEC.md §4, §5,
+that says what it reproduces and how to launch it, carries the spec's numbers (docs/method.md §4, §5,
 §8, §9), and runs: two training steps on tiny synthetic data with the recipe's class count and its
 real architecture (distillation recipes from a teacher checkpoint written here by the teacher
 recipe), or one router step through the stage-2 entry point (router recipes).

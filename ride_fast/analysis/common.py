@@ -25,7 +25,7 @@ from ride_fast.engine import (
     resolve_device,
     split_accuracy,
 )
-from ride_fast.engine.trainer import autocast_context
+from ride_fast.engine.runtime import autocast_context
 from ride_fast.io import atomic_write_text
 from ride_fast.models import RIDENet, create_model
 

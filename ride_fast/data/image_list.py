@@ -36,7 +36,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 @dataclass(frozen=True)
 class ImageRecipe:
-    """How photos are augmented (RIDE_SPEC.md §7).
+    """How photos are augmented (docs/method.md §7).
 
     Training: RandomResizedCrop(crop_size, scale, ratio), horizontal flip, colour jitter of
     brightness/contrast/saturation `jitter` (0: none), normalise.
@@ -262,7 +262,7 @@ def read_samples(path: str | Path, root: str | Path, split: str = "train", **kw)
 
 @dataclass(frozen=True)
 class FileDatasetSpec:
-    """Defaults of a named file data set (RIDE_SPEC.md §7)."""
+    """Defaults of a named file data set (docs/method.md §7)."""
 
     train: tuple[str, ...]  # candidate names of the training list, first existing one wins
     test: tuple[str, ...]

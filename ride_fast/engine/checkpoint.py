@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ride_fast.models import create_model
 from ride_fast.io import atomic_save, atomic_write_text  # noqa: F401  (re-exported)
 
 
@@ -59,3 +60,15 @@ def set_rng_state(state: dict) -> None:
 def _python_state_to_plain(state):
     version, internal, gauss = state
     return [version, list(internal), gauss]
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", batched: bool | None = None):
+    """(model, checkpoint dict) from a ride_fast checkpoint, model in eval mode. batched: build a
+    BatchedRIDENet (True) or the per-expert network (False); None: as the checkpoint's model_args say."""
+    ckpt = load_checkpoint(path)
+    if "model_args" not in ckpt:
+        raise CheckpointError(f"{path}: no 'model_args' entry; was it written by `ride-fast convert` or the trainer?")
+    args = dict(ckpt["model_args"]) if batched is None else {**ckpt["model_args"], "batched": batched}
+    model = create_model(**args)
+    model.load_state_dict(ckpt["model"])  # either layout
+    return model.to(device).eval(), ckpt

@@ -2,7 +2,7 @@
 
 Shape legend: B images, E experts, R = E - 1 routers, C classes, D pooled feature width.
 
-Training (RIDE_SPEC.md §5). Every stage-1 parameter is frozen and BatchNorm stays in eval mode, so
+Training (docs/method.md §5). Every stage-1 parameter is frozen and BatchNorm stays in eval mode, so
 per batch the frozen network runs once, without autograd (and under bf16 autocast with
 train.amp=bf16), with all experts: expert_logits [E, B, C] and features [E, B, D] give the router
 labels and the inputs of all R routers at once; only the routers get gradients. Batches come from
@@ -46,7 +46,7 @@ from ride_fast.config import Config, ModelConfig, RouterConfig, config_from_dict
 from ride_fast.data import SPLITS, ArrayDataset, InMemoryLoader, build_datasets, build_loaders, split_of_classes
 from ride_fast.engine.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
-from ride_fast.engine.trainer import autocast_context, resolve_device, seed_everything
+from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
 from ride_fast.io import pyplot, save_figure
 from ride_fast.models import RIDENet, create_model
 from ride_fast.profiling import ModelCost, count_macs, model_cost

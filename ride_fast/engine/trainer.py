@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import signal
 import threading
 import time
@@ -58,59 +57,13 @@ from ride_fast.engine.distributed import (
     init_distributed,
     wrap_ddp,
 )
+from ride_fast.engine.runtime import autocast_context, resolve_amp, resolve_device, seed_everything
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.io import pyplot, save_figure
 from ride_fast.losses import build_loss
 from ride_fast.models import RIDENet, create_model
 from ride_fast.models.batched import batched_state_dict, per_expert_state_dict
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX tiles), where bf16 autocast is faster."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported()) and torch.backends.mkldnn.is_available()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """train.amp with "auto" resolved: bf16 on CUDA devices that support it and on CPUs with AMX,
-    otherwise "none" (fp32). Other values are returned unchanged."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "none"
-    return "none"
-
-
-def autocast_context(device: torch.device, amp: str):
-    """bf16 or fp16 autocast on any device type, or nothing ("auto": see `resolve_amp`)."""
-    amp = resolve_amp(amp, torch.device(device))
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def fused_sgd_supported(device: torch.device) -> bool:
@@ -863,15 +816,3 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", batched: bool | None = None):
-    """(model, checkpoint dict) from a ride_fast checkpoint, model in eval mode. batched: build a
-    BatchedRIDENet (True) or the per-expert network (False); None: as the checkpoint's model_args say."""
-    ckpt = load_checkpoint(path)
-    if "model_args" not in ckpt:
-        raise CheckpointError(f"{path}: no 'model_args' entry; was it written by `ride-fast convert` or the trainer?")
-    args = dict(ckpt["model_args"]) if batched is None else {**ckpt["model_args"], "batched": batched}
-    model = create_model(**args)
-    model.load_state_dict(ckpt["model"])  # either layout
-    return model.to(device).eval(), ckpt

@@ -1,4 +1,4 @@
-"""Self-distillation from a trained many-expert teacher (RIDE_SPEC.md §4).
+"""Self-distillation from a trained many-expert teacher (docs/method.md §4).
 
 Shape legend: E student experts, B images, C classes.
 

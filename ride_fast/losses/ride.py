@@ -1,4 +1,4 @@
-"""The stage-1 RIDE loss module (RIDE_SPEC.md §3): per-expert LDAM-DRW + diversity, summed over experts.
+"""The stage-1 RIDE loss module (docs/method.md §3): per-expert LDAM-DRW + diversity, summed over experts.
 
 Shape legend: E experts, B images, C classes.
 

@@ -1,4 +1,4 @@
-"""Quantities derived from the training class counts (RIDE_SPEC.md §3), computed once on the host.
+"""Quantities derived from the training class counts (docs/method.md §3), computed once on the host.
 
 Shape legend: C classes.
 

@@ -1,4 +1,4 @@
-"""Batched experts: the E expert branches of a RIDENet run as one grouped network (RIDE_SPEC.md §2).
+"""Batched experts: the E expert branches of a RIDENet run as one grouped network (docs/method.md §2).
 
 Shape legend: B images, E experts, C classes, D feature width of one expert, Ct trunk output
 channels, o / i output / input channels of one expert's convolution, g its groups (1, or 32 for

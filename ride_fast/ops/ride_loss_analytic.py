@@ -2,7 +2,7 @@
 
 The default path of `ride_loss(impl="auto")` where the fused Triton kernel does not run (CPU).
 Same value as `ride_loss_reference(..., individual=True)`; instead of recording ~20 autograd
-nodes over [E, B, C] tensors it evaluates the closed-form gradient of RIDE_SPEC section 3 with a
+nodes over [E, B, C] tensors it evaluates the closed-form gradient of docs/method.md §3 with a
 few in-place passes, and the backward only scales it by grad_output.
 
 Shape legend: E experts, B images, C classes (see `ride_fast.ops.ride_loss` for the inputs).

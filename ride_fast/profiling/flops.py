@@ -6,7 +6,7 @@ data-dependent (routed) model only sees the branch it took. Batch 1, as in the p
 
 BatchNorm is charged BN_OPS_PER_ELEMENT = 4 operations per element whatever the mode, the rule of
 the fvcore release the paper's and the spec's tables were made with (fvcore 0.1.5 charges 2 in
-eval mode and 5 in training mode). With it the counts match the spec's table (RIDE_SPEC.md §2).
+eval mode and 5 in training mode). With it the counts match the spec's table (docs/method.md §2).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routed inference: experts in order, each on the images that still ask for it (RIDE_SPEC.md §5).
+"""Routed inference: experts in order, each on the images that still ask for it (docs/method.md §5).
 
 Shape legend: B images in the batch, A_i images still active at step i (A_0 = B), E experts,
 C classes, D pooled feature width, Ct x H x W trunk output.
@@ -16,7 +16,7 @@ sync of the step is `nonzero`, which must know how many images continue to size 
 Expert i + 1 then runs on those images alone. No per-image Python loop anywhere.
 
 The prediction is the mean of the logits of the experts used; an image that used n experts also
-evaluated min(n, E - 1) routers (the cost model of RIDE_SPEC.md §6).
+evaluated min(n, E - 1) routers (the cost model of docs/method.md §6).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Router targets and loss (RIDE_SPEC.md §5), computed from one all-experts pass of the frozen net.
+"""Router targets and loss (docs/method.md §5), computed from one all-experts pass of the frozen net.
 
 Shape legend: E experts, R = E - 1 routers, B images, C classes, D pooled feature width.
 

@@ -1,4 +1,4 @@
-"""The router of RIDE (expert assignment, stage 2): E - 1 small decision heads (RIDE_SPEC.md §5).
+"""The router of RIDE (expert assignment, stage 2): E - 1 small decision heads (docs/method.md §5).
 
 Shape legend: B images, E experts, R = E - 1 routers, C classes, D pooled feature width of one
 expert, H hidden width (16), k top-k logits (30 or 50).

@@ -1,4 +1,4 @@
-"""Self-distillation wrapper (RIDE_SPEC.md §4)."""
+"""Self-distillation wrapper (docs/method.md §4)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""RIDELoss against an independent loop-per-expert transcription of RIDE_SPEC.md §3 (float64).
+"""RIDELoss against an independent loop-per-expert transcription of docs/method.md §3 (float64).
 
 The transcription follows the original code: precompute margins / weights / temperatures with
 numpy, then per expert subtract s*m_y from the target logit, F.cross_entropy(weight=...), and the

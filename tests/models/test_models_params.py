@@ -1,4 +1,4 @@
-"""Parameter counts against the table of RIDE_SPEC.md section 2 (the test of a faithful architecture).
+"""Parameter counts against the table of docs/method.md §2 (the test of a faithful architecture).
 
 Models are built on the meta device, so counting costs no memory and no initialisation time.
 """

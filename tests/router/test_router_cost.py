@@ -1,4 +1,4 @@
-"""Cost of routed images (RIDE_SPEC.md §6): MACs per part add up, the routed report (accuracy,
+"""Cost of routed images (docs/method.md §6): MACs per part add up, the routed report (accuracy,
 expert usage per split, MACs against the single-expert baseline, ms per image, JSON and PNG), and
 the command line: `ride-fast flops`, `ride-fast route`, `ride-fast eval` on a routed checkpoint.
 

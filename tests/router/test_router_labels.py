@@ -1,4 +1,4 @@
-"""Router targets and loss on hand-made logits (RIDE_SPEC.md §5).
+"""Router targets and loss on hand-made logits (docs/method.md §5).
 
 Label of router i: the prefix ensemble of experts 1..i is wrong AND some longer prefix 1..j, j > i,
 is right. With two classes and target 0, the prefix 1..i is right exactly when the sum of the

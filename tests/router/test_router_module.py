@@ -1,4 +1,4 @@
-"""The router module: its computation (RIDE_SPEC.md §5), the batched training form, and weights of
+"""The router module: its computation (docs/method.md §5), the batched training form, and weights of
 the original code (expert_help_pred_hidden_fcs.{i}, expert_help_pred_fc / _fcs.{i}).
 
 Shape legend: B images, E experts, R = E - 1 routers, C classes, D feature width, k top-k, H hidden.
