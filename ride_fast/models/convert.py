@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from ride_fast.io import atomic_save
+from ride_fast.models.batched import to_per_expert
+from ride_fast.models.factory import create_model
 from ride_fast.models.ride import RIDENet
 
 ROUTER_PREFIX = "expert_help_pred"  # expert_help_pred_hidden_fcs.{i}, expert_help_pred_fc(s)
@@ -88,8 +90,6 @@ def load_original_state_dict(model: RIDENet, state_dict: Mapping[str, Any]) -> d
     "router": {original router key: tensor}} (router weights are not part of a RIDENet).
     """
     if getattr(model, "batched", False):  # a BatchedRIDENet: load its per-expert twin, then regroup
-        from ride_fast.models.batched import to_per_expert
-
         twin = to_per_expert(model)
         info = load_original_state_dict(twin, state_dict)
         model.load_state_dict(twin.state_dict())
@@ -285,8 +285,6 @@ def convert_original_checkpoint(
     atomically to dst_path; `create_model(**model_args)` rebuilds the network. Returns
     {"path", "loaded", "router_keys", "model_args"}.
     """
-    from ride_fast.models.registry import create_model
-
     model = create_model(model_name, num_classes=num_classes, num_experts=num_experts, reduce_dimension=reduce_dimension, use_norm=use_norm)
     checkpoint = load_checkpoint_file(src_path)
     try:

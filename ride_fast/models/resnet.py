@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ride_fast.models.heads import make_head
+from ride_fast.models.registry import register_model
 from ride_fast.models.ride import ExpertBranch, RIDENet
 
 _REDUCED = (192, 384)  # layer3, layer4 planes with reduce_dimension
@@ -157,16 +158,19 @@ def build_imagenet_resnet(
     )
 
 
+@register_model("resnet10")  # ImageNet-LT
 def resnet10(num_classes: int, num_experts: int, reduce_dimension: bool = True, use_norm: bool = True) -> RIDENet:
     """ResNet-10: BasicBlock [1, 1, 1, 1], D = 384 (reduced) or 512."""
     return build_imagenet_resnet("resnet10", BasicBlock, (1, 1, 1, 1), num_classes, num_experts, reduce_dimension, use_norm)
 
 
+@register_model("resnet50")  # ImageNet-LT, iNaturalist 2018
 def resnet50(num_classes: int, num_experts: int, reduce_dimension: bool = True, use_norm: bool = True) -> RIDENet:
     """ResNet-50: Bottleneck [3, 4, 6, 3], D = 1536 (reduced) or 2048."""
     return build_imagenet_resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, num_experts, reduce_dimension, use_norm)
 
 
+@register_model("resnext50_32x4d")  # ImageNet-LT
 def resnext50_32x4d(num_classes: int, num_experts: int, reduce_dimension: bool = True, use_norm: bool = True) -> RIDENet:
     """ResNeXt-50 32x4d: Bottleneck [3, 4, 6, 3], 32 groups of width 4, D = 1536 (reduced) or 2048."""
     return build_imagenet_resnet("resnext50_32x4d", Bottleneck, (3, 4, 6, 3), num_classes, num_experts, reduce_dimension, use_norm, groups=32, width_per_group=4)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ride_fast.models.heads import make_head
+from ride_fast.models.registry import register_model
 from ride_fast.models.ride import ExpertBranch, RIDENet
 
 # (stage widths when reduce_dimension, when not) for the per-expert stages layer2 and layer3.
@@ -126,6 +127,7 @@ def build_cifar_resnet(
     return model
 
 
+@register_model("resnet32")  # CIFAR-100-LT
 def resnet32(num_classes: int, num_experts: int, reduce_dimension: bool = True, use_norm: bool = True) -> RIDENet:
     """CIFAR ResNet-32: BasicBlocks [5, 5, 5], D = 48 (reduced) or 64."""
     return build_cifar_resnet("resnet32", (5, 5, 5), num_classes, num_experts, reduce_dimension, use_norm)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ride_fast.models.layout import is_batched_layout, per_expert_state_dict
 from ride_fast.models.output import RIDEOutput
 
 
@@ -88,8 +89,6 @@ class RIDENet(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module.load_state_dict that also accepts a BatchedRIDENet's state dict (converted)."""
-        from ride_fast.models.batched import is_batched_layout, per_expert_state_dict
-
         if not self.batched and is_batched_layout(state_dict):
             state_dict = per_expert_state_dict(state_dict, self.num_experts)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -13,21 +13,21 @@ import pytest
 import torch
 
 from ride_fast.models import (
-    MODELS,
     BatchedRIDENet,
     CheckpointMismatchError,
     RIDENet,
     RIDEOutput,
     batched_state_dict,
     create_model,
+    list_models,
     load_original_state_dict,
     per_expert_state_dict,
     to_batched,
     to_per_expert,
 )
-from ride_fast.models.batched import is_batched_layout, is_per_expert_layout
+from ride_fast.models.layout import is_batched_layout, is_per_expert_layout
 
-NAMES = sorted(MODELS)
+NAMES = list_models()
 B, C = 3, 7
 
 

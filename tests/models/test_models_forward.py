@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ride_fast.models import MODELS, CosineHead, NormedLinear, RIDENet, RIDEOutput, create_model
+from ride_fast.models import CosineHead, NormedLinear, RIDENet, RIDEOutput, create_model, list_models
 from ride_fast.models.resnet_cifar import CifarBasicBlock
 
-NAMES = sorted(MODELS)
+NAMES = list_models()
 B, C, PX = 2, 10, 64  # 64 px works for every family thanks to adaptive pooling
 
 
