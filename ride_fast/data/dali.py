@@ -51,6 +51,7 @@ from ride_fast.data.image_list import ImageListDataset, ImageRecipe
 from ride_fast.data.loader import EpochLoader
 from ride_fast.data.samplers import batch_indices, epoch_rng
 from ride_fast.data.transforms import ColourMaps, center_crop_offset, channels_first, finish_batch, resize_shorter_size
+from ride_fast.data.verify import decode_problem
 
 DALI_PACKAGE = "nvidia-dali-cuda130==2.4.0"
 
@@ -391,8 +392,6 @@ class DaliImageLoader(_DaliLoaderBase):
 
     def _explain(self, err: Exception, inflight: list) -> None:
         """DALI names no file when a decode fails: find the culprit among the batches in flight."""
-        from ride_fast.data.check import decode_problem
-
         for idx in inflight:
             for i in idx.tolist():
                 found = decode_problem(self.dataset.files[i])

@@ -19,9 +19,10 @@ import difflib
 import torch
 
 from ride_fast.data.dataset import ArrayDataset
-from ride_fast.data.image_list import FILE_DATASETS
+from ride_fast.data.image_list import FILE_DATASETS, read_file_datasets
 from ride_fast.data.loader import InMemoryLoader
 from ride_fast.data.samplers import ClassBalancedSampler, ShuffleSampler
+from ride_fast.data.verify import validate
 
 ARRAY_DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")
 DATASETS = ARRAY_DATASETS + tuple(FILE_DATASETS)
@@ -47,9 +48,6 @@ def build_datasets(cfg):
             raise ValueError(f"data.root must name the folder holding the CIFAR python files for data.name={cfg.name}")
         return build_cifar_lt(cfg.root, 10 if cfg.name == "cifar10_lt" else 100, cfg.imbalance_factor, cfg.seed)
     if is_file_dataset(cfg.name):
-        from ride_fast.data.check import validate
-        from ride_fast.data.image_list import read_file_datasets
-
         train, test, problems = read_file_datasets(cfg)
         threads = 16 if cfg.num_workers < 0 else max(1, cfg.num_workers)
         return validate(train, test, problems, level=cfg.verify_images, skip_bad_images=cfg.skip_bad_images, threads=threads)

@@ -9,7 +9,8 @@ from conftest import TRAIN_COUNTS, photo
 from ride_fast.cli import main
 from ride_fast.config import DataConfig
 from ride_fast.data import DataError, build_datasets
-from ride_fast.data.check import check_data, decode_problem, header_problem, image_format
+from ride_fast.data.check import check_data
+from ride_fast.data.verify import decode_problem, header_problem, image_format
 
 
 def cfg(root, **kw) -> DataConfig:

@@ -1,3 +1,5 @@
+"""Data sets held in memory: the long-tail profile and the many / medium / few splits, MNIST-LT,
+CIFAR-LT from its python files, label checks, the in-memory loader and its augmentations."""
 import gzip
 import pickle
 
