@@ -6,7 +6,8 @@ Shape legend: R runs, N test images, E experts, K baseline members, C classes, D
     run_bias_variance(cfg, runs=, methods=, workers=, out_dir=)  trains R draws x methods, resumable
     hardest_negatives(logits [N, C], labels [N]) -> HardNegatives(score [N], ...)    (confusion)
     run_confusion(checkpoints, out_dir)                          per-split histograms, JSON + PNG
-    run_two_stage(checkpoint, "crt" | "tau_norm" | "cosine")     decoupled classifiers (two_stage)
+    run_two_stage(checkpoint, "crt" | "tau_norm" | "cosine")     decoupled classifiers (two_stage,
+                                                                 on frozen_heads and tau_validation)
     run_ensemble(out_dir, baselines=, rides=, routed=, ...)      accuracy vs MACs (ensemble)
 
 Every `run_*` writes a JSON report and a PNG; the command line is `ride-fast analyze ...`.
@@ -34,18 +35,10 @@ from ride_fast.analysis.ensemble import (
     ensemble_report,
     run_ensemble,
 )
+from ride_fast.analysis.frozen_heads import FeatureSet, choose_tau, extract_features, tau_normalize, train_heads
 from ride_fast.analysis.runs import RunSpec, run_state, train_runs
-from ride_fast.analysis.two_stage import (
-    FeatureSet,
-    TwoStageResult,
-    Validation,
-    choose_tau,
-    extract_features,
-    run_two_stage,
-    tau_normalize,
-    train_heads,
-    validation_split,
-)
+from ride_fast.analysis.tau_validation import Validation, validation_split
+from ride_fast.analysis.two_stage import TwoStageResult, run_two_stage
 
 __all__ = [
     "METHOD_PRESETS",

@@ -24,24 +24,13 @@ expert of a RIDE network or to a single-expert baseline):
               per-class rescaling cancels exactly (for every tau). The network is then returned
               unchanged, and the report says so; use crt or cosine there.
 
-Validation split for tau (`analysis.val_source`):
-    pool   up to val_per_class images per class from the full training data that the long-tailed
-           training set left out (mnist_lt, cifar10_lt, cifar100_lt): never seen by the network.
-           Found by image content, so it does not depend on how the subset was drawn. Every class
-           needs unused images, which the standard MNIST-LT / CIFAR-LT head class (built from all
-           of its images) does not have.
-    train  a class-stratified split of the training set itself (at most val_per_class images and at
-           most half of each class). The stage-1 network was trained on those images, so tau is
-           chosen on data it has seen.
-    auto   (default) pool for every class that has unused images, the training set for the others
-           (in the standard sets: the head class alone); the report lists those classes.
+The classifier parts are in ride_fast.analysis.frozen_heads, the validation split for tau (and
+`analysis.val_source`) in ride_fast.analysis.tau_validation; this module runs a recipe on a
+checkpoint and writes its report, plot and re-balanced checkpoint.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,260 +38,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from ride_fast.analysis.common import (
-    SPLIT_NAMES,
-    Loaded,
-    collect_outputs,
-    eval_loader,
-    load_analysis_checkpoint,
-    split_summary,
-    write_json,
+from ride_fast.analysis.common import SPLIT_NAMES, Loaded, eval_loader, load_analysis_checkpoint, split_summary, write_json
+from ride_fast.analysis.frozen_heads import (
+    FeatureSet,
+    choose_tau,
+    extract_features,
+    heads_logits,
+    is_cosine_head,
+    new_heads,
+    tau_curve,
+    tau_normalize,
+    train_heads,
 )
-from ride_fast.config import Config, config_to_dict, update
-from ride_fast.data import ArrayDataset, ClassBalancedSampler, build_datasets
+from ride_fast.analysis.tau_validation import validation_split
+from ride_fast.config import config_to_dict, update
 from ride_fast.engine import SplitAccuracy, atomic_save
 from ride_fast.io import pyplot, save_figure
-from ride_fast.models import CosineHead, RIDENet
+from ride_fast.models import RIDENet
 from ride_fast.models.heads import COSINE_SCALE
 
 METHODS = ("crt", "tau_norm", "cosine")
-POOL_DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")
-
-
-@dataclass
-class FeatureSet:
-    """Frozen features of a data set (on the CPU)."""
-
-    features: Tensor  # [E, N, D] float32
-    labels: Tensor  # [N] int64
-
-
-def extract_features(model: RIDENet, loader, amp: str = "none") -> FeatureSet:
-    """Every expert's pooled feature for every image of `loader`, network in eval mode."""
-    out = collect_outputs(model, loader, features=True, amp=amp)
-    return FeatureSet(out.features, out.labels)
-
-
-# ---------------------------------------------------------------------------------------------
-# heads
-
-
-def is_cosine_head(head: nn.Module) -> bool:
-    """A classifier that normalises its class vectors in the forward (NormedLinear / CosineHead)."""
-    return hasattr(head, "weight") and not isinstance(head, nn.Linear)
-
-
-def new_heads(model: RIDENet, cosine: bool) -> list[nn.Module]:
-    """Fresh classifiers, one per expert: CosineHead(D, C, s=30) or nn.Linear(D, C) (PyTorch init)."""
-    D, C = model.feature_dim, model.num_classes
-    return [CosineHead(D, C, COSINE_SCALE) if cosine else nn.Linear(D, C) for _ in range(model.num_experts)]
-
-
-def heads_logits(heads, features: Tensor) -> Tensor:
-    """[E, N, C] logits of every expert's head on its own features [E, N, D]."""
-    if len(heads) != features.shape[0]:
-        raise ValueError(f"{len(heads)} heads for features of {features.shape[0]} experts")
-    return torch.stack([h(f) for h, f in zip(heads, features)])
-
-
-def cosine_lr(epoch: int, base_lr: float, epochs: int) -> float:
-    """Cosine annealing to 0 stepped per epoch (epochs from 1)."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
-
-
-def train_heads(
-    heads: list[nn.Module],
-    data: FeatureSet,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int = 128,
-    weight_decay: float = 5e-4,
-    momentum: float = 0.9,
-    sampler: str = "balanced",
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> list[dict]:
-    """Train `heads` in place on frozen features: sum over experts of cross-entropy; returns per-epoch
-    {epoch, lr, loss, train_acc}. sampler: "balanced" (class-balanced draws, N per epoch) or "shuffle"."""
-    if epochs < 1:
-        raise ValueError(f"analysis.two_stage_epochs must be >= 1, got {epochs}")
-    if sampler not in ("balanced", "shuffle"):
-        raise ValueError(f"analysis.two_stage_sampler must be 'balanced' or 'shuffle', got {sampler!r}")
-    features, labels = data.features, data.labels  # the heads train where the features are
-    N = labels.shape[0]
-    for h in heads:
-        h.to(features.device)
-    C = heads[0].weight.shape[0] if isinstance(heads[0], nn.Linear) else heads[0].weight.shape[1]
-    params = [p for h in heads for p in h.parameters()]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    balanced = ClassBalancedSampler(labels.cpu().numpy(), C, seed=seed) if sampler == "balanced" else None
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    for h in heads:
-        h.train()
-    for epoch in range(1, epochs + 1):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(epoch, lr, epochs)
-        if balanced is not None:
-            balanced.set_epoch(epoch)
-            order = torch.from_numpy(balanced.indices())
-        else:
-            order = torch.randperm(N, generator=gen)
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size].to(features.device)
-            y = labels[idx]
-            logits = heads_logits(heads, features[:, idx])  # [E, b, C]
-            loss = sum(F.cross_entropy(z, y) for z in logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)  # host read per step: a head-only step is tiny
-            correct += int((logits.detach().mean(0).argmax(1) == y).sum())
-        record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / len(order), "train_acc": 100.0 * correct / len(order)}
-        history.append(record)
-        if log:
-            log(f"  epoch {epoch:3d}  lr {record['lr']:.4f}  loss {record['loss']:.4f}  train acc (sampled) {record['train_acc']:.1f}")
-    for h in heads:
-        h.eval()
-    return history  # heads stay on the features' device
-
-
-@torch.no_grad()
-def tau_normalize(head: nn.Module, tau: float) -> nn.Linear:
-    """A new Linear head with weight rows w_c / ||w_c||^tau and no bias (tau = 0: the weights as
-    they are, bias dropped). Cosine heads cannot be tau-normalised (see the module docstring)."""
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"tau-normalisation needs a Linear head; {type(head).__name__} normalises its class vectors itself (a no-op)")
-    w = head.weight  # [C, D]
-    out = nn.Linear(head.in_features, head.out_features, bias=False).to(w.device)
-    out.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau))
-    return out.eval()
-
-
-def balanced_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Mean per-class accuracy (percent) over the classes present in `labels`."""
-    pred = logits.argmax(1)
-    total = torch.bincount(labels, minlength=num_classes).double()
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes).double()
-    present = total > 0
-    return float(100.0 * (correct[present] / total[present]).mean())
-
-
-@torch.no_grad()
-def tau_curve(heads, val: FeatureSet, grid) -> list[tuple[float, float]]:
-    """(tau, validation mean per-class accuracy) for every tau of `grid`."""
-    C = heads[0].out_features
-    return [(float(t), balanced_accuracy(heads_logits([tau_normalize(h, t) for h in heads], val.features).mean(0), val.labels, C))
-            for t in grid]
-
-
-def choose_tau(curve: list[tuple[float, float]]) -> float:
-    """The tau of the best validation accuracy (the smallest such tau on ties, up to float rounding:
-    per-class means of different counts can differ in the last bit)."""
-    best = max(acc for _, acc in curve)
-    return min(t for t, acc in curve if acc >= best - 1e-9)
-
-
-# ---------------------------------------------------------------------------------------------
-# validation split
-
-
-def _image_keys(images: Tensor) -> list[bytes]:
-    """A content digest per image (uint8 [N, K, H, W])."""
-    flat = np.ascontiguousarray(images.numpy()).reshape(images.shape[0], -1)
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
-
-
-def unused_pool_images(train_set: ArrayDataset, pool: ArrayDataset) -> np.ndarray:
-    """Indices of the pool images whose content is not in `train_set`."""
-    seen = set(_image_keys(train_set.images))
-    return np.asarray([i for i, k in enumerate(_image_keys(pool.images)) if k not in seen], dtype=np.int64)
-
-
-def _subset(ds: ArrayDataset, idx: np.ndarray, name: str) -> ArrayDataset:
-    t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-    return dataclasses.replace(ds, images=ds.images[t], labels=ds.labels[t], name=name)
-
-
-def _per_class_pick(labels: np.ndarray, candidates: np.ndarray, num_classes: int, take, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(num_classes):
-        idx = candidates[labels[candidates] == c]
-        out.append(np.sort(rng.permutation(idx)[: take(len(idx))]))
-    return np.concatenate(out)
-
-
-@dataclass
-class Validation:
-    """The validation split for tau: `dataset`, where it came from, and the classes it took from the
-    training set (images the stage-1 network was trained on)."""
-
-    dataset: ArrayDataset
-    source: str  # "pool", "pool+train" (auto: classes with no unused image fall back to the training set) or "train"
-    seen_classes: list[int]
-
-    def as_dict(self) -> dict:
-        return {"source": self.source, "images": len(self.dataset), "per_class": self.dataset.class_counts().tolist(),
-                "classes_from_training_set": self.seen_classes}
-
-
-def validation_split(cfg: Config, train_set, *, source: str | None = None, pool=None) -> Validation:
-    """The validation split following `analysis.val_source` (see the module docstring).
-
-    pool: up to val_per_class unused images per class (every class must have some); train: up to
-    val_per_class and at most half of each class from the training set; auto: pool per class, and
-    the training set for the classes that have no unused image (the head class of MNIST-LT and
-    CIFAR-LT takes all of its images). `pool` = the full training data replaces building it."""
-    a = cfg.analysis
-    source = source or a.val_source
-    if source not in ("auto", "pool", "train"):
-        raise ValueError(f"analysis.val_source must be auto, pool or train, got {source!r}")
-    if a.val_per_class < 1:
-        raise ValueError(f"analysis.val_per_class must be >= 1, got {a.val_per_class}")
-    if not isinstance(train_set, ArrayDataset):
-        raise TypeError(f"tau selection needs an in-memory training set; {train_set.name} is read from files")
-    C = train_set.num_classes
-    train_labels = train_set.labels.numpy()
-    from_train = lambda n: min(a.val_per_class, n // 2)
-    if source in ("auto", "pool"):
-        if pool is None and cfg.data.name in POOL_DATASETS:
-            pool = build_datasets(dataclasses.replace(cfg.data, imbalance_factor=1.0))[0]
-        if pool is None:
-            if source == "pool":
-                raise ValueError(f"analysis.val_source=pool needs the full training data of {', '.join(POOL_DATASETS)}; "
-                                 f"data.name={cfg.data.name} has none; use analysis.val_source=train")
-        else:
-            unused = unused_pool_images(train_set, pool)
-            labels = pool.labels.numpy()
-            have = np.bincount(labels[unused], minlength=C)
-            missing = np.flatnonzero(have == 0)
-            if source == "pool" and len(missing):
-                raise ValueError(f"analysis.val_source=pool: classes {missing.tolist()[:10]} have no image outside the training "
-                                 "set; use analysis.val_source=auto (those classes then use training images) or train")
-            val = _subset(pool, _per_class_pick(labels, unused, C, lambda n: min(n, a.val_per_class), cfg.train.seed),
-                          f"{pool.name}/unused")
-            if not len(missing):
-                return Validation(val, "pool", [])
-            cand = np.flatnonzero(np.isin(train_labels, missing))
-            seen = _subset(train_set, _per_class_pick(train_labels, cand, C, from_train, cfg.train.seed), "")
-            both = dataclasses.replace(val, images=torch.cat([val.images, seen.images]), labels=torch.cat([val.labels, seen.labels]),
-                                       name=f"{pool.name}/unused+train")
-            return Validation(both, "pool+train", missing.tolist())
-    idx = _per_class_pick(train_labels, np.arange(len(train_labels)), C, from_train, cfg.train.seed)
-    if len(idx) == 0:
-        raise ValueError("the training set has no class with 2 or more images to hold out for validation")
-    val = _subset(train_set, idx, f"{train_set.name}/val")
-    return Validation(val, "train", sorted(set(val.labels.tolist())))
-
-
-# ---------------------------------------------------------------------------------------------
-# the recipe
 
 
 @dataclass
@@ -472,3 +229,6 @@ def plot_two_stage(result: TwoStageResult, path: str | Path) -> Path:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+__all__ = ["METHODS", "TwoStageResult", "plot_two_stage", "run_two_stage", "with_heads"]

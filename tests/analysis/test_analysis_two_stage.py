@@ -15,7 +15,7 @@ from ride_fast.analysis import (
     validation_split,
 )
 from ride_fast.analysis.common import collect_outputs, eval_loader, split_summary
-from ride_fast.analysis.two_stage import tau_curve
+from ride_fast.analysis.frozen_heads import tau_curve
 from ride_fast.engine import load_model_from_checkpoint
 from ride_fast.models import CosineHead
 
