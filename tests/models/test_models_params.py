@@ -30,7 +30,7 @@ def count_params(name: str, num_classes: int, num_experts: int) -> int:
 
 
 def matches_printed(count: int, printed: str) -> bool:
-    """count (in millions) rounds to `printed`, either directly or, as the spec's table evidently
+    """count (in millions) rounds to `printed`, either directly or, as the published table evidently
     did for ResNet-50 / ResNeXt-50 E=4 (57,754,688 -> 57.755 -> 57.76), after a first rounding
     to thousands of parameters."""
     exact = Decimal(count) / Decimal(10**6)
@@ -46,9 +46,9 @@ def test_cifar_ride3_exact():
 
 
 @pytest.mark.parametrize("name,num_classes,num_experts,printed", CASES, ids=[f"{n}-C{c}-E{e}" for n, c, e, _ in CASES])
-def test_param_count_matches_spec_table(name, num_classes, num_experts, printed):
+def test_param_count_matches_the_published_table(name, num_classes, num_experts, printed):
     count = count_params(name, num_classes, num_experts)
-    assert matches_printed(count, printed), f"{name} C={num_classes} E={num_experts}: {count:,} params, spec table says {printed} M"
+    assert matches_printed(count, printed), f"{name} C={num_classes} E={num_experts}: {count:,} params, the table of docs/method.md §2 says {printed} M"
 
 
 def test_matches_printed_is_strict():

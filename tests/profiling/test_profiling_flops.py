@@ -1,4 +1,4 @@
-"""MACs per image with fvcore against the spec's table (docs/method.md §2).
+"""MACs per image with fvcore against the published table (docs/method.md §2).
 
 BatchNorm is charged 4 operations per element, as in the table (see ride_fast.profiling.flops);
 the totals then agree with the table to within 0.3%, and the test allows 1%.
@@ -9,7 +9,7 @@ from ride_fast.models import create_model
 from ride_fast.profiling import model_cost
 
 CASES = [
-    # name, classes, experts, reduce, cosine, px, spec GMACs for 1..E experts (None: not in the table)
+    # name, classes, experts, reduce, cosine, px, published GMACs for 1..E experts (None: not in the table)
     ("resnet32", 100, 1, False, False, 32, [0.0701]),
     ("resnet32", 100, 4, True, True, 32, [0.0506, 0.0764, 0.1022, 0.1280]),
     ("resnet50", 1000, 3, True, True, 224, [None, 4.502, 5.829]),
@@ -17,7 +17,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-E{c[2]}")
-def test_macs_match_the_spec_within_one_percent(case):
+def test_macs_match_the_published_table_within_one_percent(case):
     name, classes, experts, reduce, cosine, px, spec = case
     model = create_model(name, num_classes=classes, num_experts=experts, reduce_dimension=reduce, use_norm=cosine)
     cost = model_cost(model, px)
