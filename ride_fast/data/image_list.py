@@ -12,7 +12,7 @@ Three on-disk formats are read, chosen by what the path names:
 - a folder of class subfolders (`train/<class>/<image>`), classes numbered in sorted order.
 
 Reading never opens an image: a malformed line, a bad label or a class without an image is
-reported as a `Problem` naming the file and line; `ride_fast.data.check` verifies the images.
+reported as a `Problem` naming the file and line; `ride_fast.data.verify` checks the images.
 """
 from __future__ import annotations
 
@@ -305,7 +305,7 @@ def read_file_datasets(cfg) -> tuple[ImageListDataset, ImageListDataset, list[Pr
 
     Malformed lines and unknown classes are left out and returned as problems; labels are
     checked against the number of classes (data.num_classes, else the data set's, else max + 1).
-    Images are not opened here (see ride_fast.data.check).
+    Images are not opened here (see ride_fast.data.verify).
     """
     spec = FILE_DATASETS[cfg.name]
     if not cfg.root and cfg.name != "image_list":

@@ -55,3 +55,42 @@ def test_broken_cifar_pickle_is_named(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, fh)  # no b"fine_labels"
     with pytest.raises(ValueError, match=r"not a CIFAR python pickle \(KeyError"):
         build_cifar_lt(tmp_path, 100)
+
+
+def _fake_cifar(root, n_per_class=50, num_classes=100):
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.RandomState(1)
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    rng.shuffle(labels)
+    data = rng.randint(0, 256, (len(labels), 3072), dtype=np.uint8)
+    with open(folder / "train", "wb") as fh:
+        pickle.dump({b"data": data, b"fine_labels": labels.tolist()}, fh)
+    with open(folder / "test", "wb") as fh:
+        pickle.dump({b"data": data[:200], b"fine_labels": labels[:200].tolist()}, fh)
+    return labels, data
+
+
+def test_cifar_lt_selection_is_the_original(tmp_path):
+    labels, data = _fake_cifar(tmp_path)
+    train, test = build_cifar_lt(tmp_path, 100, 10.0)
+    counts = long_tail_counts(50, 100, 10.0)
+    assert train.class_counts().tolist() == counts
+    # independent transcription of the original selection
+    np.random.seed(0)
+    keep = []
+    for c in range(100):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        keep.extend(idx[: counts[c]])
+    assert torch.equal(train.images, torch.from_numpy(data[keep].reshape(-1, 3, 32, 32)))
+    assert len(test) == 200
+
+
+def test_cifar_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train not found"):
+        build_cifar_lt(tmp_path, 100)
+    with pytest.raises(ValueError, match="data.root"):
+        build_datasets(DataConfig(name="cifar100_lt"))
+    with pytest.raises(ValueError, match="did you mean 'mnist_lt'"):
+        build_datasets(DataConfig(name="mnist-lt"))

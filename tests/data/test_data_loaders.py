@@ -1,5 +1,6 @@
 """Loaders: DALI CPU pipelines and the torch fallback give the same labels and the same evaluation
-tensors (within JPEG-decoder tolerance), reproducible training epochs, sharding, bad images."""
+tensors (within JPEG-decoder tolerance), reproducible training epochs, sharding, bad images; the
+in-memory loader (ride_fast.data.loader)."""
 import logging
 
 import pytest
@@ -9,6 +10,7 @@ from conftest import TRAIN_COUNTS
 from ride_fast.config import DataConfig
 from ride_fast.data import ArrayDataset, Batch, InMemoryLoader, ShuffleSampler, build_datasets, build_loaders, choose_loader
 from ride_fast.data.dali import dali_available
+from ride_fast.data.mnist_lt import build_mnist_lt
 from ride_fast.data.torch_loader import BadImageError, TorchImageLoader
 from ride_fast.engine.trainer import _seek
 
@@ -289,3 +291,27 @@ def test_dali_mixed_decoding_on_the_gpu(photo_sets):
     xt, yt = _eval_pass(TorchImageLoader(test, 4, train=False, num_workers=0))
     assert xg.is_cuda and torch.equal(yg.cpu(), yt)
     assert (xg.cpu() - xt).abs().mean().item() < 0.05  # nvJPEG decodes slightly differently from libjpeg
+
+
+def test_loader_covers_each_image_once_and_is_reproducible():
+    train, test = build_mnist_lt()
+    loader = InMemoryLoader(test, 300, train=False)
+    labels = torch.cat([b.labels for b in loader])
+    assert torch.equal(labels, test.labels)  # every test image once, in order, last batch partial
+    tl = InMemoryLoader(train, 128, train=True, seed=3)
+    tl.set_epoch(2)
+    a = [b.images for b in tl]
+    tl.set_epoch(2)
+    b = [b.images for b in tl]
+    tl.set_epoch(3)
+    c = [b.images for b in tl]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    batch = next(iter(InMemoryLoader(train, 16, train=True, channels_last=True)))
+    assert batch.images.shape == (16, 3, 32, 32) and batch.images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_training_loader_never_yields_a_single_image_batch():
+    ds = ArrayDataset(torch.zeros(9, 1, 8, 8, dtype=torch.uint8), torch.zeros(9, dtype=torch.long), 2, (0.5,), (0.5,))
+    sizes = [b.labels.numel() for b in InMemoryLoader(ds, 4, train=True)]
+    assert sizes == [4, 4]

@@ -1,11 +1,21 @@
-"""Photo transforms: torchvision's geometry, the batched colour jitter and normalisation."""
+"""Transforms: torchvision's geometry, the batched colour jitter and normalisation (photos); random
+crop, flip and rotation keep the content (in-memory data sets)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from ride_fast.data.transforms import center_crop_offset, finish_batch, jitter_maps, random_resized_crop_box, resize_shorter_size
+from ride_fast.data.transforms import (
+    center_crop_offset,
+    finish_batch,
+    jitter_maps,
+    random_crop,
+    random_hflip,
+    random_resized_crop_box,
+    random_rotate,
+    resize_shorter_size,
+)
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
@@ -95,3 +105,21 @@ def test_colour_maps_batched_equal_image_by_image(jitter):
     for b in reversed(range(5)):
         maps.apply_(b, x[b], one[b], torch.empty(12 * 10 * 3))
     torch.testing.assert_close(one, batched, atol=1e-5, rtol=1e-5)
+
+
+def test_augmentations_keep_content():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    crop = random_crop(x, 4, gen)
+    assert crop.shape == x.shape
+    # each crop is a shifted window of the zero-padded image
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        found = any(torch.equal(crop[i], padded[i, :, r : r + 32, c : c + 32]) for r in range(9) for c in range(9))
+        assert found
+    flipped = random_hflip(x, gen)
+    assert all(torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1)) for i in range(8))
+    still = random_rotate(x, 0.0, gen)
+    assert torch.allclose(still, x)
+    rot = random_rotate(x, 15.0, gen)
+    assert rot.shape == x.shape and not torch.allclose(rot, x)
