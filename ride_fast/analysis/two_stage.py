@@ -122,7 +122,7 @@ def run_two_stage(
         raise ValueError(f"two-stage method must be one of {', '.join(METHODS)}, got {method!r}")
     start = time.perf_counter()
     loaded: Loaded = load_analysis_checkpoint(checkpoint, overrides, datasets=datasets)
-    cfg, model, a = loaded.cfg, loaded.model, loaded.cfg.analysis
+    cfg, model = loaded.cfg, loaded.model
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent
     stem = f"{Path(checkpoint).stem}_{method}"
     C = model.num_classes
@@ -136,55 +136,71 @@ def run_two_stage(
     test = extract_features(model, eval_loader(cfg, loaded.test_set, loaded.device), cfg.train.amp)
     before = split_summary(heads_logits(_cpu_heads(model), test.features).mean(0).argmax(1), test.labels, loaded.class_counts, C)
     result = TwoStageResult(method, before, before)
-    heads = None
-    if method == "tau_norm":
-        if cosine_now:
-            result.note = ("tau-norm is a no-op on cosine classifiers: they normalise every class vector to unit length in the "
-                           "forward pass, so rescaling w_c by 1/||w_c||^tau cancels for every tau. The network is unchanged; "
-                           "use --method crt or cosine to re-balance it.")
-        else:
-            split = validation_split(cfg, loaded.train_set, pool=pool)
-            val = extract_features(model, eval_loader(cfg, split.dataset, loaded.device), cfg.train.amp)
-            grid = np.round(np.linspace(0.0, a.tau_max, max(a.tau_steps, 2)), 10)
-            base = _cpu_heads(model)
-            result.tau_curve = tau_curve(base, val, grid)
-            result.tau = choose_tau(result.tau_curve)
-            result.validation = split.as_dict()
-            heads = [tau_normalize(h, result.tau) for h in base]
-            if split.seen_classes:
-                result.note = (f"tau was chosen on a validation split whose classes {split.seen_classes[:10]}"
-                               f"{' ...' if len(split.seen_classes) > 10 else ''} come from the training set (images the "
-                               "stage-1 network was trained on).")
+    if method == "tau_norm" and cosine_now:
+        heads = None
+        result.note = ("tau-norm is a no-op on cosine classifiers: they normalise every class vector to unit length in the "
+                       "forward pass, so rescaling w_c by 1/||w_c||^tau cancels for every tau. The network is unchanged; "
+                       "use --method crt or cosine to re-balance it.")
+    elif method == "tau_norm":
+        heads = _tau_norm_heads(result, loaded, pool)
     else:
-        cosine = method == "cosine" or cosine_now
-        train = extract_features(model, eval_loader(cfg, loaded.train_set, loaded.device), cfg.train.amp)
-        torch.manual_seed(cfg.train.seed)
-        heads = new_heads(model, cosine)
-        log(f"{method}: {'cosine' if cosine else 'linear'} classifiers of {model.num_experts} expert(s) re-trained on frozen features "
-            f"of {len(train.labels)} images, {a.two_stage_sampler} sampling, {a.two_stage_epochs} epochs")
-        train = FeatureSet(train.features.to(loaded.device), train.labels.to(loaded.device))
-        result.history = train_heads(heads, train, epochs=a.two_stage_epochs, lr=a.two_stage_lr, batch_size=a.two_stage_batch_size,
-                                     weight_decay=a.two_stage_weight_decay, sampler=a.two_stage_sampler, seed=cfg.train.seed, log=log)
+        heads = _retrained_heads(result, loaded, cosine=method == "cosine" or cosine_now, log=log)
     if heads is not None:
         heads = [h.cpu() for h in heads]
         with torch.no_grad():
             result.after = split_summary(heads_logits(heads, test.features).mean(0).argmax(1), test.labels, loaded.class_counts, C)
-        cosine_heads = all(is_cosine_head(h) for h in heads)
-        net, args = with_heads(model, heads, cosine_heads)
-        if not cosine_heads and any(isinstance(h, nn.Linear) and h.bias is None for h in heads):
-            net = _linear_with_zero_bias(net)  # create_model's Linear heads carry a bias: store it as zeros
-        ckpt_cfg = update(cfg, model=args)
-        path = atomic_save({"model": net.state_dict(), "model_args": args, "config": config_to_dict(ckpt_cfg),
-                            "class_counts": [int(c) for c in loaded.class_counts], "epoch": int(loaded.ckpt.get("epoch", 0)),
-                            "two_stage": {"method": method, "tau": result.tau, "source_checkpoint": str(checkpoint)}},
-                           out_dir / f"{stem}.pt")
-        result.checkpoint = str(path)
+        result.checkpoint = str(_save_rebalanced(loaded, heads, result, checkpoint, out_dir / f"{stem}.pt"))
     result.seconds = time.perf_counter() - start
     write_json({**result.as_dict(), "source_checkpoint": str(checkpoint)}, out_dir / f"{stem}.json")
     plot_two_stage(result, out_dir / f"{stem}.png")
     log(result.summary())
     log(f"wrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.png')}" + (f" and {result.checkpoint}" if result.checkpoint else ""))
     return result
+
+
+def _tau_norm_heads(result: TwoStageResult, loaded: Loaded, pool) -> list[nn.Module]:
+    """tau-normalised copies of the network's Linear heads, tau chosen on the validation split;
+    fills result.tau, tau_curve, validation and, when the split holds training images, note."""
+    cfg, model, a = loaded.cfg, loaded.model, loaded.cfg.analysis
+    split = validation_split(cfg, loaded.train_set, pool=pool)
+    val = extract_features(model, eval_loader(cfg, split.dataset, loaded.device), cfg.train.amp)
+    grid = np.round(np.linspace(0.0, a.tau_max, max(a.tau_steps, 2)), 10)
+    base = _cpu_heads(model)
+    result.tau_curve = tau_curve(base, val, grid)
+    result.tau = choose_tau(result.tau_curve)
+    result.validation = split.as_dict()
+    if split.seen_classes:
+        result.note = (f"tau was chosen on a validation split whose classes {split.seen_classes[:10]}"
+                       f"{' ...' if len(split.seen_classes) > 10 else ''} come from the training set (images the "
+                       "stage-1 network was trained on).")
+    return [tau_normalize(h, result.tau) for h in base]
+
+
+def _retrained_heads(result: TwoStageResult, loaded: Loaded, *, cosine: bool, log: Callable[[str], None]) -> list[nn.Module]:
+    """Fresh heads (cosine or Linear) trained on the frozen training features (cRT); fills result.history."""
+    cfg, model, a = loaded.cfg, loaded.model, loaded.cfg.analysis
+    train = extract_features(model, eval_loader(cfg, loaded.train_set, loaded.device), cfg.train.amp)
+    torch.manual_seed(cfg.train.seed)
+    heads = new_heads(model, cosine)
+    log(f"{result.method}: {'cosine' if cosine else 'linear'} classifiers of {model.num_experts} expert(s) re-trained on frozen "
+        f"features of {len(train.labels)} images, {a.two_stage_sampler} sampling, {a.two_stage_epochs} epochs")
+    train = FeatureSet(train.features.to(loaded.device), train.labels.to(loaded.device))
+    result.history = train_heads(heads, train, epochs=a.two_stage_epochs, lr=a.two_stage_lr, batch_size=a.two_stage_batch_size,
+                                 weight_decay=a.two_stage_weight_decay, sampler=a.two_stage_sampler, seed=cfg.train.seed, log=log)
+    return heads
+
+
+def _save_rebalanced(loaded: Loaded, heads: list[nn.Module], result: TwoStageResult, source: str | Path, path: Path) -> Path:
+    """The network with its new heads as a checkpoint `ride-fast eval` loads (model_args rebuild it)."""
+    cosine_heads = all(is_cosine_head(h) for h in heads)
+    net, args = with_heads(loaded.model, heads, cosine_heads)
+    if not cosine_heads and any(isinstance(h, nn.Linear) and h.bias is None for h in heads):
+        net = _linear_with_zero_bias(net)  # create_model's Linear heads carry a bias: store it as zeros
+    ckpt_cfg = update(loaded.cfg, model=args)
+    return atomic_save({"model": net.state_dict(), "model_args": args, "config": config_to_dict(ckpt_cfg),
+                        "class_counts": [int(c) for c in loaded.class_counts], "epoch": int(loaded.ckpt.get("epoch", 0)),
+                        "two_stage": {"method": result.method, "tau": result.tau, "source_checkpoint": str(source)}},
+                       path)
 
 
 def _cpu_heads(model: RIDENet) -> list[nn.Module]:
