@@ -101,6 +101,33 @@ def load_original_state_dict(model: RIDENet, state_dict: Mapping[str, Any]) -> d
     target = model.state_dict()
     trunk_roots = {k.split(".")[1] for k in target if k.startswith("trunk.")}
 
+    mapped, router, indexed, single = _map_original_keys(source, stage_names, trunk_roots)
+    # Expert count first: it explains most other mismatches at once.
+    _check_expert_count(indexed, single, stage_names, model.num_experts)
+
+    missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
+    unexpected = [f"{orig} -> {new}" for new, (orig, _) in mapped.items() if new not in target]
+    mismatched = [
+        f"{orig} -> {new}: checkpoint {list(value.shape)} vs model {list(target[new].shape)}"
+        for new, (orig, value) in mapped.items()
+        if new in target and tuple(value.shape) != tuple(target[new].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"the checkpoint does not fit {model.name} (model_args {model.model_args}):"]
+        lines += [_listing(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
+        lines += _hints(model, mapped)
+        raise CheckpointMismatchError("\n  ".join(lines))
+
+    loadable = {new: value for new, (_, value) in mapped.items()}
+    result = model.load_state_dict(loadable, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys), result
+    return {"loaded": len(loadable), "router": router}
+
+
+def _map_original_keys(source: Mapping[str, Tensor], stage_names: tuple[str, ...], trunk_roots: set[str]):
+    """Original key -> ride_fast key: (mapped {ride_fast key: (original key, tensor)}, router
+    {original router key: tensor}, indexed {original ModuleList name: expert indices seen},
+    single {single-expert (E = 1) names seen})."""
     router: dict[str, Tensor] = {}
     mapped: dict[str, tuple[str, Tensor]] = {}  # ride_fast key -> (original key, tensor)
     indexed: dict[str, set[int]] = {}  # original ModuleList name -> expert indices seen
@@ -125,8 +152,11 @@ def load_original_state_dict(model: RIDENet, state_dict: Mapping[str, Any]) -> d
         else:
             new = f"trunk.{key}"
         mapped[new] = (key, value)
+    return mapped, router, indexed, single
 
-    # Expert count first: it explains most other mismatches at once.
+
+def _check_expert_count(indexed: dict[str, set[int]], single: set[str], stage_names: tuple[str, ...], num_experts: int) -> None:
+    """CheckpointMismatchError when the checkpoint's expert count (or layout) is not the model's."""
     if indexed and single:
         raise CheckpointMismatchError(
             f"the checkpoint mixes per-expert ({', '.join(sorted(indexed))}) and single ({', '.join(sorted(single))}) "
@@ -138,29 +168,11 @@ def load_original_state_dict(model: RIDENet, state_dict: Mapping[str, Any]) -> d
         where = f"{name}.0..{ckpt_experts - 1}"
     else:
         ckpt_experts, where = (1, "single-expert layout") if single else (0, "no expert stages")
-    if ckpt_experts != model.num_experts:
+    if ckpt_experts != num_experts:
         hint = f"; create the model with num_experts={ckpt_experts}" if ckpt_experts else ""
         raise CheckpointMismatchError(
-            f"the checkpoint has {ckpt_experts} experts ({where}) but the model has {model.num_experts}{hint}"
+            f"the checkpoint has {ckpt_experts} experts ({where}) but the model has {num_experts}{hint}"
         )
-
-    missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
-    unexpected = [f"{orig} -> {new}" for new, (orig, _) in mapped.items() if new not in target]
-    mismatched = [
-        f"{orig} -> {new}: checkpoint {list(value.shape)} vs model {list(target[new].shape)}"
-        for new, (orig, value) in mapped.items()
-        if new in target and tuple(value.shape) != tuple(target[new].shape)
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"the checkpoint does not fit {model.name} (model_args {model.model_args}):"]
-        lines += [_listing(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
-        lines += _hints(model, mapped)
-        raise CheckpointMismatchError("\n  ".join(lines))
-
-    loadable = {new: value for new, (_, value) in mapped.items()}
-    result = model.load_state_dict(loadable, strict=False)
-    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys), result
-    return {"loaded": len(loadable), "router": router}
 
 
 def _hints(model: RIDENet, mapped: Mapping[str, tuple[str, Tensor]]) -> list[str]:
