@@ -5,7 +5,7 @@ import logging
 import pytest
 import yaml
 
-from conftest import TRAIN_COUNTS, photo
+from _photo_tree import TRAIN_COUNTS, photo
 from ride_fast.cli import main
 from ride_fast.config import DataConfig
 from ride_fast.data import DataError, build_datasets

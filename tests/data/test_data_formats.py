@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_PER_CLASS, TRAIN_COUNTS
+from _photo_tree import TEST_PER_CLASS, TRAIN_COUNTS
 from ride_fast.config import DataConfig
 from ride_fast.data import DataError, ImageListDataset, build_datasets, split_of_classes
 from ride_fast.data.image_list import (

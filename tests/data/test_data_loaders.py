@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from conftest import TRAIN_COUNTS
+from _photo_tree import TRAIN_COUNTS
 from ride_fast.config import DataConfig
 from ride_fast.data import ArrayDataset, Batch, InMemoryLoader, ShuffleSampler, build_datasets, build_loaders, choose_loader
 from ride_fast.data.dali import dali_available
