@@ -24,11 +24,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "resnet32"  # a key of ride_fast.models.MODELS
-    num_experts: int = 3
+    name: str = "resnet32"  # backbone: resnet32 (CIFAR) | resnet10 | resnet50 | resnext50_32x4d; see ride_fast.models.list_models()
+    num_experts: int = 3  # E, expert branches on the shared trunk (1..8); 1 with reduce_dimension=false is the plain baseline
     reduce_dimension: bool = True  # narrow the per-expert stages (every RIDE recipe)
     use_norm: bool = True  # cosine classifier with s = 30; False: Linear with bias
-    num_classes: int = 0  # 0: taken from the data set
+    num_classes: int = 0  # 0: taken from the data set; otherwise it must equal the data set's class count
     channels_last: bool = True  # faster on CPUs (oneDNN) and GPUs (cuDNN NHWC); same results
     batched: bool = True  # all experts as one grouped network (models/batched.py); same results, either checkpoint layout loads
 
@@ -40,16 +40,16 @@ class DataConfig:
     train_list: str = ""  # file data sets: list file, JSON annotations or class folder of the training images ("": standard name)
     test_list: str = ""  # file data sets: the same for the evaluation images
     num_classes: int = 0  # file data sets: 0 = from the data set (JSON categories, class folders, 1000, 8142, max label + 1)
-    imbalance_factor: float = 100.0  # n_max / n_min of the training set
+    imbalance_factor: float = 100.0  # mnist_lt, cifar*_lt: n_max / n_min of the long-tailed training set (>= 1; 1 = balanced)
     test_per_class: int = 100  # mnist_lt: balanced held-out images per class
     image_size: int = 32  # crop size in training and evaluation (224 for ImageNet-LT and iNaturalist)
     resize_size: int = 0  # photos, evaluation: shorter side before the center crop; 0 = image_size * 8 / 7 (256 for 224)
     color_jitter: float | None = None  # photos: brightness/contrast/saturation strength; None = the recipe's (0.4 ImageNet-LT, else 0)
     mean: Tuple[float, ...] = ()  # photos: per-channel normalisation; empty = the data set's
-    std: Tuple[float, ...] = ()
-    augment: bool = True
-    batch_size: int = 128  # global batch
-    eval_batch_size: int = 512
+    std: Tuple[float, ...] = ()  # photos: per-channel standard deviation of the normalisation; empty = the data set's
+    augment: bool = True  # training augmentation (docs/method.md §7); false: training images as evaluated
+    batch_size: int = 128  # global training batch, split over the torchrun ranks (must divide by their number)
+    eval_batch_size: int = 512  # global evaluation batch (split over the ranks); no effect on results
     loader: Literal["auto", "memory", "dali", "torch"] = "auto"  # auto: memory for arrays, DALI for files if installed, else torch
     decode_device: Literal["auto", "cpu", "gpu"] = "auto"  # DALI: auto decodes on the GPU when training on one
     num_workers: int = -1  # file loaders: DataLoader workers / DALI threads; -1 = one per CPU core, 0 = in the main process
@@ -60,55 +60,55 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "ride"  # ride | ce | cb_ce | ldam | focal
+    name: str = "ride"  # ride (the RIDE loss, docs/method.md §3) | ce | cb_ce (class-balanced CE) | ldam (LDAM-DRW) | focal
     max_m: float = 0.5  # LDAM: largest margin
     s: float = 30.0  # cosine scale already applied in the model; margins are s * m_c
-    diversity_factor: float = -0.45  # lambda; negative maximises the KL
-    diversity: Literal["mean", "pairwise"] = "mean"
+    diversity_factor: float = -0.45  # lambda; negative maximises the KL (-0.45 CIFAR, -0.2 ImageNet-LT / iNat); 0: no diversity term
+    diversity: Literal["mean", "pairwise"] = "mean"  # mean: KL to the detached mean (original code); pairwise: the paper's formula
     individual: bool = True  # False: "collaborative", the classification loss on the mean logits
     classification: Literal["ldam", "ce", "focal"] = "ldam"  # per-expert term of the RIDE loss
     reweight: bool = True  # DRW: class-balanced weights and temperatures after reweight_epoch
-    reweight_epoch: int = 160
-    reweight_factor: float = 0.05  # gamma of the distribution-aware temperatures
-    base_temperature: float = 1.0
-    beta: float = 0.9999  # class-balanced (effective number) weights
-    focal_gamma: float = 1.0
-    impl: Literal["auto", "reference", "triton"] = "auto"
+    reweight_epoch: int = 160  # epochs 1..reweight_epoch unweighted, T = T_base; from reweight_epoch + 1 on DRW and T_c; -1: never
+    reweight_factor: float = 0.05  # gamma of the distribution-aware temperatures (0.05 CIFAR, 0.02 ImageNet-LT, 0.015 iNat; 0..1)
+    base_temperature: float = 1.0  # T_base of the diversity term (> 0)
+    beta: float = 0.9999  # class-balanced (effective number) weights w_c = (1 - beta) / (1 - beta^n_c), in [0, 1)
+    focal_gamma: float = 1.0  # focal loss exponent (>= 0; 0 is cross-entropy); name=focal or classification=focal
+    impl: Literal["auto", "reference", "triton"] = "auto"  # auto: fused Triton kernel on CUDA, closed-form gradient on the CPU
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 0.1  # for the global batch of data.batch_size
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 5
+    lr: float = 0.1  # for the global batch of data.batch_size (SGD)
+    momentum: float = 0.9  # SGD momentum; 0: none
+    nesterov: bool = True  # Nesterov momentum (every RIDE recipe)
+    weight_decay: float = 5e-4  # L2 penalty on every parameter (5e-4 CIFAR, 2e-4 ImageNet-LT / iNat)
+    warmup_epochs: int = 5  # lr x epoch / warmup_epochs for epochs 1..warmup_epochs; 0: no warm-up
     milestones: Tuple[int, ...] = (160, 180)  # epochs after which lr is multiplied by gamma
-    gamma: float = 0.01
+    gamma: float = 0.01  # lr factor applied once per milestone passed (0.01 CIFAR, 0.1 ImageNet-LT / iNat)
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"  # auto: fused where torch has it (CUDA, CPU)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher_checkpoint: str = ""  # empty: no distillation
-    temperature: float = 1.5
+    teacher_checkpoint: str = ""  # stage-1 checkpoint of the teacher (6 experts in the recipes); empty: no distillation
+    temperature: float = 1.5  # T_d of the distillation KL (> 0)
     scale_by_experts: bool = True  # the original multiplies the loss by E (docs/method.md §4)
-    teacher_bn_train: bool = True  # the original leaves the teacher's BatchNorm in training mode
+    teacher_bn_train: bool = True  # the original leaves the teacher's BatchNorm in training mode; false: eval mode
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    seed: int = 0
+    epochs: int = 200  # stage-1 epochs (200 CIFAR, 100 ImageNet-LT / iNat)
+    seed: int = 0  # seeds torch, numpy and Python, and every loader draw (with epoch, rank and batch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA (if supported) and on CPUs with AMX, else none
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints (last.pt, best.pt, epoch_NNNN.pt) and reports
     log_interval: int = 50  # steps between metric reads (the only host syncs of a step)
-    eval_every: int = 1
-    select_best_on: Literal["overall", "last"] = "overall"
+    eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)
+    select_best_on: Literal["overall", "last"] = "overall"  # best.pt: highest overall accuracy (CIFAR) or the last evaluated epoch
     keep_last: int = 2  # epoch_NNNN.pt files kept (besides last.pt and best.pt); 0 keeps all
-    progress: bool = True
-    deterministic: bool = False
+    progress: bool = True  # tqdm progress bars
+    deterministic: bool = False  # torch deterministic algorithms (warn only) and no cuDNN autotuning; slower
     max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
     compile: bool = False  # torch.compile the forward + loss (minutes of compile time: for long runs)
     cuda_graphs: bool = False  # CUDA only: compile with mode="reduce-overhead" (CUDA graphs; static shapes)
@@ -147,18 +147,18 @@ class RouterConfig:
 class AnalysisConfig:
     """`ride-fast analyze` (ride_fast.analysis): bias/variance runs, two-stage classifiers, confusion."""
 
-    out_dir: str = "runs/analysis"
+    out_dir: str = "runs/analysis"  # runs, reports and figures of `ride-fast analyze`
     runs: int = 5  # bias-variance: independent long-tailed training sets (the paper: 20)
     methods: Tuple[str, ...] = ("ce", "ldam", "ride")  # presets (ce, cb_ce, focal, ldam, ride, ride2..ride8) or recipe YAML paths
     head_fraction: float = 0.6  # bias-variance: the largest class draws this share of its pool (the paper: 300 of 500)
     workers: int = 1  # parallel training processes (several GPUs: shared out round-robin)
     two_stage_epochs: int = 10  # cRT / cosine: epochs over the frozen features
     two_stage_lr: float = 0.1  # SGD, momentum 0.9, cosine to 0 stepped per epoch
-    two_stage_batch_size: int = 128
-    two_stage_weight_decay: float = 5e-4
+    two_stage_batch_size: int = 128  # cRT / cosine: batch of the classifier retraining
+    two_stage_weight_decay: float = 5e-4  # cRT / cosine: weight decay of the classifier retraining
     two_stage_sampler: Literal["balanced", "shuffle"] = "balanced"  # cRT: class-balanced draws (epoch = N draws)
     tau_max: float = 2.0  # tau-norm: grid 0, tau_max / (tau_steps - 1), ..., tau_max
-    tau_steps: int = 21
+    tau_steps: int = 21  # tau-norm: points of the grid (>= 2)
     val_source: Literal["auto", "pool", "train"] = "auto"  # tau: unused images of the full training data, or a split of the training set
     val_per_class: int = 20  # tau: validation images per class (train: at most half of each class)
     confusion_bins: int = 20  # hardest-negative histograms over [0, 1]
@@ -166,14 +166,14 @@ class AnalysisConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the network (docs/method.md §2)
+    data: DataConfig = field(default_factory=DataConfig)  # data set and loaders (§7)
+    loss: LossConfig = field(default_factory=LossConfig)  # stage-1 loss (§3)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # SGD and the per-epoch lr schedule (§8)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # self-distillation (§4)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the stage-1 run: device, precision, checkpoints
+    router: RouterConfig = field(default_factory=RouterConfig)  # stage 2 (§5)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # `ride-fast analyze`
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ network is counted as trunk + each expert (branch + classifier) separately, beca
 data-dependent (routed) model only sees the branch it took. Batch 1, as in the paper's tables.
 
 BatchNorm is charged BN_OPS_PER_ELEMENT = 4 operations per element whatever the mode, the rule of
-the fvcore release the paper's tables were made with (fvcore 0.1.5 charges 2 in eval mode and 5
-in training mode). With it the counts match the table of docs/method.md §2.
+the fvcore release the paper's table was made with (fvcore 0.1.5 charges 2 in eval mode and 5 in
+training mode). With it the counts match the paper's table (docs/method.md §2; the rule: §6).
 """
 from __future__ import annotations
 
