@@ -146,14 +146,8 @@ def evaluate_routed(
     n_images = int(hist.sum())
     if n_images == 0:
         raise ValueError("evaluate_routed: the loader yielded no images")
-    masks = {"overall": np.ones(C, dtype=bool), **split_of_classes(class_counts)}
-    shares, means = {}, {}
+    shares, means = usage_by_split(hist, class_counts)
     ks = np.arange(1, E + 1)
-    for split, mask in masks.items():
-        counts = hist[mask].sum(0)
-        n = counts.sum()
-        shares[split] = [float(v) for v in (counts / n if n else np.full(E, np.nan))]
-        means[split] = float((counts * ks).sum() / n) if n else float("nan")
     cost = cost or routed_cost(net, router, image_size, in_channels)
     overall = np.asarray(shares["overall"])
     mean_macs = float(sum(overall[k - 1] * cost.macs_with(k) for k in ks))
@@ -174,6 +168,21 @@ def evaluate_routed(
         cost=cost,
         device=str(device) + ("" if device.type != "cpu" else f" ({torch.get_num_threads()} threads)"),
     )
+
+
+def usage_by_split(hist: np.ndarray, class_counts) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """hist [C, E] (images of each class that used 1..E experts) -> per split ("overall" and
+    many / medium / few of `class_counts`): the share of its images that used exactly 1..E experts,
+    and the mean experts per image (NaN for a split without images)."""
+    C, E = hist.shape
+    ks = np.arange(1, E + 1)
+    shares, means = {}, {}
+    for split, mask in {"overall": np.ones(C, dtype=bool), **split_of_classes(class_counts)}.items():
+        counts = hist[mask].sum(0)
+        n = counts.sum()
+        shares[split] = [float(v) for v in (counts / n if n else np.full(E, np.nan))]
+        means[split] = float((counts * ks).sum() / n) if n else float("nan")
+    return shares, means
 
 
 def plot_expert_usage(report: RoutedReport, path: str | Path, title: str = "") -> Path:
