@@ -60,6 +60,7 @@ def router_lr(epoch: int, base_lr: float, epochs: int) -> float:
         raise ValueError(f"epochs are counted from 1, got {epoch}")
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
 
+
 def freeze(net: nn.Module) -> nn.Module:
     """Stage-1 network for stage 2: no parameter trains, BatchNorm in eval mode."""
     for p in net.parameters():
