@@ -17,7 +17,7 @@ sys.path.insert(0, "benchmarks")
 from _original_structure import OriginalCifarRIDE, OriginalResNet50RIDE, OriginalRIDELoss, make_original_step  # noqa: E402
 
 from ride_fast.config import LossConfig, OptimConfig  # noqa: E402
-from ride_fast.engine.trainer import build_optimizer  # noqa: E402
+from ride_fast.engine.optim import build_optimizer  # noqa: E402
 from ride_fast.losses import build_loss  # noqa: E402
 from ride_fast.models import create_model  # noqa: E402
 from ride_fast.profiling import model_cost  # noqa: E402

@@ -49,7 +49,8 @@ import torch
 from _original_structure import ORIGINAL_MODELS, OriginalRIDELoss, make_original_step
 
 from ride_fast.config import LossConfig, OptimConfig
-from ride_fast.engine.trainer import TrainStep, build_optimizer
+from ride_fast.engine.optim import build_optimizer
+from ride_fast.engine.step import TrainStep
 from ride_fast.losses import build_loss
 from ride_fast.models import create_model
 

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from ride_fast.config import ConfigError, config_from_dict, dump_config, load_config, update
+from ride_fast.config import ConfigError, dump_config, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -201,7 +201,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_route(args) -> int:
-    from ride_fast.engine.route import train_router
+    from ride_fast.engine.stage2 import train_router
 
     cfg = load_config(args.config, args.overrides)
     train_router(cfg, args.checkpoint, args.out, evaluate=not args.no_eval)
@@ -210,20 +210,17 @@ def _cmd_route(args) -> int:
 
 def _cmd_eval(args) -> int:
     from ride_fast.config import parse_overrides
-    from ride_fast.engine import Trainer, load_checkpoint
-    from ride_fast.engine.route import evaluate_routed_checkpoint, is_routed_checkpoint
+    from ride_fast.engine.checkpoint import is_routed_checkpoint, load_checkpoint
+    from ride_fast.engine.evaluate import evaluate_checkpoint
+    from ride_fast.engine.routed_eval import evaluate_routed_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
-    if is_routed_checkpoint(ckpt):  # routed vs all experts, expert usage, MACs and ms per image
-        evaluate_routed_checkpoint(args.checkpoint, parse_overrides(args.overrides), args.json)
+    overrides = parse_overrides(args.overrides)
+    if is_routed_checkpoint(load_checkpoint(args.checkpoint)):  # routed vs all experts, expert usage, MACs and ms per image
+        evaluate_routed_checkpoint(args.checkpoint, overrides, args.json)
         return 0
     # The run's own config (a converted original checkpoint has none: defaults), then the overrides
     # (e.g. data.root=... or train.device=cpu); the architecture always comes from the checkpoint.
-    cfg = update(config_from_dict(ckpt.get("config")), **parse_overrides(args.overrides))
-    cfg = update(cfg, model=dict(ckpt["model_args"]), train={"epochs": 0})
-    trainer = Trainer(cfg, log=lambda s: None)
-    trainer.model.load_state_dict(ckpt["model"])
-    acc = trainer.evaluate()
+    acc = evaluate_checkpoint(args.checkpoint, overrides)
     print(f"{args.checkpoint}: overall {acc.overall:.2f}  many {acc.many:.2f}  medium {acc.medium:.2f}  few {acc.few:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
@@ -272,7 +269,8 @@ def _print_router_cost(cfg, model, num_classes: int) -> int | None:
     if cfg.router.top_k > num_classes:
         print(f"{'router':<16}(not counted: router.top_k={cfg.router.top_k} exceeds the {num_classes} classes; set router.top_k)")
         return None
-    from ride_fast.engine.route import build_router, count_router_macs, router_params
+    from ride_fast.engine.routed_cost import count_router_macs, router_params
+    from ride_fast.engine.stage2 import build_router
 
     router = build_router(cfg.router, model)
     macs = count_router_macs(router)

@@ -122,25 +122,45 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Stage 2 (docs/method.md §5): only the routers train, the stage-1 network is frozen."""
+    """Stage 2 (docs/method.md §5): only the routers train, the stage-1 network is frozen.
+
+    The first keys are the published recipe's. `router_data`, `heldout_per_class`,
+    `calibrate_threshold`, `max_accuracy_drop` and `calibration_per_class` are options for data sets
+    with unused images (mnist_lt, cifar*_lt), whose stage-1 networks memorise the training set; their
+    defaults give the published stage 2.
+    """
 
     top_k: int = 30  # top-k running-mean logits fed to the router (30 CIFAR/ResNet-10, 50 ResNet-50/iNat); <= classes
     hidden: int = 16  # width of each router's hidden layer
     share_fc: bool = True  # one final Linear(top_k + hidden -> 1) for all routers (the original's default)
     w_on: float = 100.0  # positive weight of the BCE ("call the next expert" is rare)
-    threshold: float = 0.5  # inference: call the next expert when sigmoid(r) > threshold
-    # Beyond the spec (engine/route.py Stage2Options; the defaults are the spec's stage 2). For data
-    # sets with unused images (mnist_lt, cifar*_lt), whose stage-1 networks memorise the training set:
-    router_data: Literal["train", "heldout"] = "train"  # heldout: router labels from images stage 1 never saw
-    heldout_per_class: int = 100  # router_data=heldout: unused images per class (at most)
-    calibrate: bool = False  # choose the threshold on other unused images (replaces router.threshold)
-    max_accuracy_drop: float = 1.0  # calibrate: the cheapest threshold within this many points of all experts
-    calibration_per_class: int = 50  # calibrate: unused images per class, disjoint from the router's
-    epochs: int = 5
+    threshold: float = 0.5  # in [0, 1]: call the next expert when sigmoid(r) > threshold (replaced when calibrate_threshold)
+    router_data: Literal["train", "heldout"] = "train"  # where the router labels come from; heldout: images stage 1 never saw
+    heldout_per_class: int = 100  # router_data=heldout: unused images per class that train the routers (at most)
+    calibrate_threshold: bool = False  # choose router.threshold on other unused images (the cheapest within max_accuracy_drop)
+    max_accuracy_drop: float = 1.0  # calibrate_threshold: points of accuracy the routed model may lose against all experts
+    calibration_per_class: int = 50  # calibrate_threshold: unused images per class, disjoint from the router's
+    epochs: int = 5  # stage-2 epochs of class-balanced draws (an epoch = as many draws as training images)
     lr: float = 0.01  # SGD, Nesterov, cosine to 0 stepped per epoch
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 512
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay of the router parameters
+    batch_size: int = 512  # images per stage-2 step
+
+    @property
+    def uses_heldout(self) -> bool:
+        """Whether stage 2 needs images the long-tailed training set left out."""
+        return self.router_data == "heldout" or self.calibrate_threshold
+
+    def __post_init__(self) -> None:
+        if self.router_data not in ("train", "heldout"):
+            raise ConfigError(f"router.router_data must be 'train' or 'heldout', got {self.router_data!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"router.threshold must lie in [0, 1] (a probability), got {self.threshold}")
+        for key in ("heldout_per_class", "calibration_per_class"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"router.{key}: held-out images per class must be >= 1, got {getattr(self, key)}")
+        if not self.max_accuracy_drop >= 0:  # also NaN
+            raise ConfigError(f"router.max_accuracy_drop is in points and must be >= 0, got {self.max_accuracy_drop}")
 
 
 @dataclass(frozen=True)

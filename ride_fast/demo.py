@@ -6,29 +6,28 @@ baseline is the plain network (16/32/64 channels, linear classifier, cross-entro
 reduced experts with cosine classifiers and the RIDE loss. The schedule is the CIFAR recipe shrunk
 from 200 to `epochs` epochs (warm-up, DRW switch and lr steps at the same fractions of the run).
 
-Stage 2 then trains RIDE's router on the frozen network with the spec's recipe (class-balanced
-draws, weighted BCE with w_on = 100, SGD 0.01 with cosine decay, the spec's 5 epochs) and top-k = 10,
-all the classes MNIST-LT has (the CIFAR recipe's 30 needs 30 classes), with three changes of scale,
-each measured on this demo (`demo_stage2_options`; `run_stage2(..., options=Stage2Options())` is
-the spec's stage 2):
+The recipes live here, in `demo_recipes`, because they follow `epochs`; configs/mnist_lt_ce.yaml and
+configs/mnist_lt_ride3.yaml are the same recipes at DEMO_EPOCHS for `ride-fast train` (a test keeps
+them equal).
 
-- labels from held-out digits: MNIST-LT uses only part of the 5,000 digits (3,012 are left over,
-  none of the head class), and the experts memorise their 988 training images: experts 1-2 are
-  right on 99.97 % of augmented training draws, so on the training set router 2 never gets a
-  positive label and expert 3 is never called (routed 91.3 % against 94.3 % on an earlier stage-1 model). The
-  routers train on up to 100 unused digits per class instead (Stage2Options.router_data=heldout);
+Stage 2 then trains RIDE's router on the frozen network with the published recipe (class-balanced
+draws, weighted BCE with w_on = 100, SGD 0.01 with cosine decay, 5 epochs; docs/method.md §5) and
+top-k = 10, all the classes MNIST-LT has (the CIFAR recipe's 30 needs 30 classes), with three
+changes of scale, all set by the router section of the RIDE recipe:
+
+- labels from held-out digits (router.router_data=heldout): MNIST-LT uses only part of the 5,000
+  digits (3,012 are left over, none of the head class), and the experts memorise their 988 training
+  images, so on the training set the last router almost never gets a positive label and the last
+  expert is almost never called. The routers train on up to 100 unused digits per class instead;
 - batches of 128 instead of 512 (7 steps an epoch instead of 2; CIFAR-100-LT has 21);
-- the threshold calibrated on 50 other unused digits per class: the cheapest threshold whose
-  routed accuracy there is within 0.5 points of all experts (Stage2Options.threshold=auto; the
-  spec's threshold is 0.5).
+- the threshold calibrated on 50 other unused digits per class (router.calibrate_threshold): the
+  cheapest threshold whose routed accuracy there is within 0.5 points of all experts (the published
+  threshold is 0.5).
 
-The table gains a "routed" row: accuracy of the routed model and its measured mean MACs per image
-(trunk + the experts each image used + the routers it went through); `routed_eval.json` and
-`expert_usage.png` hold the share of images using 1, 2 or 3 experts per split, the milliseconds per
-image, the held-out counts and the calibration curve. On the 2 vCPUs of the dev machine (torch
-2.13, bf16 autocast, shared with other jobs) the whole demo took 229 s, stage 2 7 s: threshold 0.9,
-routed 93.2 % against 93.8 % for all experts, at 73.0 instead of 102.2 MMACs per image (the spec's
-stage 2 on the same stage-1 model: 91.9 % at 64.9 MMACs).
+The table gains a "routed" row: accuracy of the routed model and its mean MACs per image (trunk +
+the experts each image used + the routers it went through; docs/method.md §6); `routed_eval.json`
+and `expert_usage.png` hold the share of images using 1, 2 or 3 experts per split, the milliseconds
+per image, the held-out counts and the calibration curve. The README shows the table of a full run.
 """
 from __future__ import annotations
 
@@ -42,12 +41,12 @@ from ride_fast.data import build_datasets, split_of_classes
 from ride_fast.io import pyplot, save_figure
 
 DEMO_EPOCHS = 30
-DEMO_ROUTER_EPOCHS = 5  # the spec's stage-2 length
-DEMO_ROUTER_BATCH = 128  # the spec's 512 would leave 2 steps an epoch at this scale (CIFAR-100-LT: 21)
+DEMO_ROUTER_EPOCHS = 5  # the published stage-2 length
+DEMO_ROUTER_BATCH = 128  # the published 512 would leave 2 steps an epoch at this scale (CIFAR-100-LT: 21)
 DEMO_HELDOUT_PER_CLASS = 100  # held-out digits per class that train the routers
 DEMO_CALIBRATION_PER_CLASS = 50  # other held-out digits per class that set the threshold
 DEMO_MAX_DROP = 0.5  # points of held-out accuracy the routed model may lose against all experts
-ROUTED_ROW = "RIDE 3 experts, routed"  # routers on held-out digits, threshold calibrated (demo_stage2_options)
+ROUTED_ROW = "RIDE 3 experts, routed"  # routers on held-out digits, threshold calibrated (the RIDE recipe's router section)
 
 
 def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[str, Config]:
@@ -69,7 +68,7 @@ def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[s
         **common,
         "model": {"name": "resnet32", "num_experts": 3, "reduce_dimension": True, "use_norm": True},
         "router": {"top_k": 10, "epochs": DEMO_ROUTER_EPOCHS, "batch_size": DEMO_ROUTER_BATCH,  # MNIST-LT has 10 classes
-                   "router_data": "heldout", "heldout_per_class": DEMO_HELDOUT_PER_CLASS, "calibrate": True,
+                   "router_data": "heldout", "heldout_per_class": DEMO_HELDOUT_PER_CLASS, "calibrate_threshold": True,
                    "max_accuracy_drop": DEMO_MAX_DROP, "calibration_per_class": DEMO_CALIBRATION_PER_CLASS},
         "loss": {"name": "ride", "reweight_epoch": reweight, "diversity_factor": -0.45, "reweight_factor": 0.05},
         "train": {**common["train"], "out_dir": f"{out_dir}/ride_3experts"},
@@ -121,42 +120,33 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
     return results
 
 
-def demo_stage2_options() -> "Stage2Options":
-    """The demo's stage 2 (see the module docstring): routers trained on held-out digits, the
-    threshold calibrated on other held-out digits to stay within DEMO_MAX_DROP points of all
-    experts; the router section of the demo's RIDE recipe sets them (router.router_data, ...)."""
-    from ride_fast.engine.route import Stage2Options
-
-    return Stage2Options.from_router_config(demo_recipes()["RIDE 3 experts (R32)"].router)
-
-
-def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print, options=None) -> dict:
-    """Train the router of the trainer's (stage-1) RIDE model, evaluate routed against all experts,
-    write routed.pt, routed_eval.json and expert_usage.png; returns the demo table's row.
-    `options` (a Stage2Options) defaults to `demo_stage2_options()`; Stage2Options() is the spec's."""
-    from ride_fast.engine.route import evaluate_routed, fit_stage2, write_report
+def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print) -> dict:
+    """Train the router of the trainer's (stage-1) RIDE model as its config's router section says,
+    evaluate routed against all experts, write routed.pt, routed_eval.json and expert_usage.png;
+    returns the demo table's row."""
+    from ride_fast.engine.routed_eval import evaluate_routed, write_report
+    from ride_fast.engine.stage2 import fit_stage2
 
     cfg = trainer.cfg
-    options = options or demo_stage2_options()
     log(f"\n== stage 2: router on the frozen RIDE model, {cfg.router.epochs} epochs, batch {cfg.router.batch_size}, "
         f"top-k {cfg.router.top_k}")
     start = time.perf_counter()
-    stage2 = fit_stage2(cfg, trainer.model, trainer.train_set, trainer.test_set, options=options, log=lambda s: log("  " + s),
+    stage2 = fit_stage2(cfg, trainer.model, trainer.train_set, trainer.test_set, log=lambda s: log("  " + s),
                         stage1_checkpoint=str(Path(cfg.train.out_dir) / "last.pt"))
     train_seconds = stage2.seconds
-    checkpoint = stage2.trainer.save(Path(cfg.train.out_dir) / "routed.pt")
-    report = evaluate_routed(trainer.model, stage2.trainer.router, trainer.test_loader, trainer.class_counts,
+    checkpoint = stage2.save(Path(cfg.train.out_dir) / "routed.pt")
+    report = evaluate_routed(trainer.model, stage2.router, trainer.test_loader, trainer.class_counts,
                              image_size=cfg.data.image_size, threshold=stage2.threshold, amp=cfg.train.amp, cost=stage2.cost)
     write_report(report, out_dir / "routed_eval.json", out_dir / "expert_usage.png",
-                 extra={"checkpoint": str(checkpoint), "stage2": stage2.trainer.stage2_info})
+                 extra={"checkpoint": str(checkpoint), "stage2": stage2.info})
     seconds = time.perf_counter() - start
     log("  " + report.summary().replace("\n", "\n  "))
     log(f"  stage 2: {train_seconds:.1f} s training and calibration, {seconds:.1f} s with evaluation and cost counting")
-    params = sum(p.numel() for p in trainer.model.parameters()) + sum(p.numel() for p in stage2.trainer.router.parameters())
+    params = sum(p.numel() for p in trainer.model.parameters()) + sum(p.numel() for p in stage2.router.parameters())
     return {
         **report.routed.as_dict(with_per_class=True),
         "threshold": report.threshold,
-        "stage2": stage2.trainer.stage2_info,
+        "stage2": stage2.info,
         "mmacs_per_image": report.mean_macs / 1e6,
         "params": params,
         "num_experts": trainer.model.num_experts,

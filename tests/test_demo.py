@@ -1,7 +1,17 @@
-"""The quick-start demo end to end at one epoch per model (the real run is 30 epochs)."""
+"""The quick-start demo end to end at one epoch per model (the real run is 30 epochs), and its
+recipes: the YAML recipes of the demo's models are the demo's own at DEMO_EPOCHS."""
 import json
+from pathlib import Path
+
+import pytest
 
 from ride_fast.cli import main
+from ride_fast.config import config_to_dict, load_config
+from ride_fast.demo import DEMO_EPOCHS, demo_recipes
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# what only says where and how a run shows itself, not what it trains
+RUN_KEYS = {"train.out_dir", "train.progress", "train.keep_last", "train.eval_every"}
 
 
 def test_demo_writes_table_results_and_plots(tmp_path, capsys):
@@ -22,10 +32,28 @@ def test_demo_writes_table_results_and_plots(tmp_path, capsys):
     # stage 2: routers on held-out digits, the threshold calibrated on other held-out digits
     routed = models["RIDE 3 experts, routed"]
     stage2 = routed["stage2"]
-    assert stage2["options"]["router_data"] == "heldout" and stage2["options"]["threshold"] == "auto"
-    assert routed["threshold"] == stage2["threshold"] == stage2["calibration"]["threshold"]
+    assert stage2["options"]["router_data"] == "heldout" and stage2["options"]["calibrate_threshold"] is True
+    assert routed["threshold"] == stage2["calibration"]["threshold"]
+    assert "threshold" not in stage2  # one holder: the routed checkpoint's router.threshold
     held = stage2["heldout"]
     assert held["unused_per_class"] == [0, 161, 257, 314, 349, 370, 382, 389, 394, 396]  # 400 - training count
     assert held["router_per_class"] == [0] + [100] * 9 and held["calibration_per_class"] == [0] + [50] * 9
     report = json.loads((tmp_path / "routed_eval.json").read_text())
     assert report["threshold"] == routed["threshold"] and report["stage2"]["calibration"]["curve"]
+    routed_config = load_config(Path(models["RIDE 3 experts (R32)"]["checkpoint"]).with_name("routed_config.yaml"))
+    assert routed_config.router.threshold == routed["threshold"] and routed_config.router.calibrate_threshold
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize(("model", "recipe"), [("CE baseline (R32)", "mnist_lt_ce.yaml"), ("RIDE 3 experts (R32)", "mnist_lt_ride3.yaml")])
+def test_the_yaml_recipe_is_the_demos_recipe(model, recipe):
+    demo = _flat(config_to_dict(demo_recipes(DEMO_EPOCHS)[model]))
+    yaml = _flat(config_to_dict(load_config(CONFIGS / recipe)))
+    differ = {k: (demo[k], yaml[k]) for k in demo if demo[k] != yaml[k] and k not in RUN_KEYS}
+    assert not differ, f"configs/{recipe} is not the demo's {model!r} recipe (demo, yaml): {differ}"

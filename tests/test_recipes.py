@@ -25,7 +25,8 @@ import yaml
 from ride_fast.config import Config, load_config
 from ride_fast.data import ArrayDataset
 from ride_fast.engine import Trainer
-from ride_fast.engine.route import load_routed_checkpoint, train_router
+from ride_fast.engine.checkpoint import load_routed_checkpoint
+from ride_fast.engine.stage2 import train_router
 from ride_fast.losses.distill import RIDEDistillLoss
 
 ROOT = Path(__file__).resolve().parents[1]

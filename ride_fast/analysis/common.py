@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ride_fast.config import Config, config_from_dict, update
+from ride_fast.config import Config
 from ride_fast.data import ArrayDataset, InMemoryLoader, build_datasets, build_loaders
 from ride_fast.engine import (
     SplitAccuracy,
@@ -25,9 +25,10 @@ from ride_fast.engine import (
     resolve_device,
     split_accuracy,
 )
+from ride_fast.engine.checkpoint import checkpoint_config, network_from_checkpoint
 from ride_fast.engine.runtime import autocast_context
 from ride_fast.io import atomic_write_text
-from ride_fast.models import RIDENet, create_model
+from ride_fast.models import RIDENet
 
 SPLIT_NAMES = ("many", "medium", "few")
 
@@ -64,22 +65,12 @@ class Loaded:
         return bool(np.array_equal(np.asarray(self.train_set.class_counts()), self.class_counts))
 
 
-def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
-    """The run's own config (defaults for a converted original checkpoint), then `overrides`;
-    the architecture always comes from the checkpoint's model_args."""
-    cfg = update(config_from_dict(ckpt.get("config")), **(overrides or {}))
-    return update(cfg, model=dict(ckpt["model_args"]))
-
-
 def load_analysis_checkpoint(path: str | Path, overrides: dict | None = None, *, datasets=None) -> Loaded:
     """Rebuild a checkpoint's network and its data (`datasets`=(train, test) skips building them)."""
     ckpt = load_checkpoint(path)
-    if "model_args" not in ckpt:
-        raise ValueError(f"{path}: no 'model_args' entry; was it written by `ride-fast train`, `route` or `convert`?")
+    model = network_from_checkpoint(ckpt, path)  # a clear error without model_args, before the config is read
     cfg = checkpoint_config(ckpt, overrides)
     device = resolve_device(cfg.train.device)
-    model = create_model(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).eval()
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)

@@ -109,7 +109,7 @@ def checkpoint_logits(path: str | Path, overrides: dict | None = None, *, routed
     loaded = load_analysis_checkpoint(path, overrides, datasets=datasets)
     loader = eval_loader(loaded.cfg, loaded.test_set, loaded.device)
     if routed:
-        from ride_fast.engine.route import is_routed_checkpoint, router_from_checkpoint
+        from ride_fast.engine.checkpoint import is_routed_checkpoint, router_from_checkpoint
         from ride_fast.router import routed_forward
 
         if not is_routed_checkpoint(loaded.ckpt):

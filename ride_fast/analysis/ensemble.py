@@ -149,13 +149,9 @@ def ensemble_report(
 
 
 def _routed_points(path, overrides, datasets, counts, thresholds, log) -> list[EnsemblePoint]:
-    from ride_fast.engine.route import (
-        baseline_macs,
-        evaluate_routed,
-        is_routed_checkpoint,
-        routed_cost,
-        router_from_checkpoint,
-    )
+    from ride_fast.engine.checkpoint import is_routed_checkpoint, router_from_checkpoint
+    from ride_fast.engine.routed_cost import baseline_macs, routed_cost
+    from ride_fast.engine.routed_eval import evaluate_routed
 
     loaded = load_analysis_checkpoint(path, overrides, datasets=datasets)
     if not is_routed_checkpoint(loaded.ckpt):
@@ -202,7 +198,7 @@ def ride_specs(cfg: Config, experts, out_dir: str | Path, datasets=None) -> list
 
 def route_runs(specs: list[RunSpec], log: Callable[[str], None] = print) -> list[Path]:
     """Train the router of every finished RIDE run that has none yet (OUT/ride_E/routed.pt)."""
-    from ride_fast.engine.route import train_router
+    from ride_fast.engine.stage2 import train_router
 
     out = []
     for spec in specs:

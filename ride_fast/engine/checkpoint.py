@@ -5,17 +5,34 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
     (> 0: written inside the next epoch, with its metric sums in epoch_sums), best_metric,
     best_epoch, config (the resolved config as a dict), model_args (for `create_model(**model_args)`),
     class_counts, rng (torch/numpy/python), loader (the training loader's seed, epoch and batch).
+
+A routed checkpoint (stage 2, kind ROUTED_KIND) holds the whole routed model: model + model_args
+(the stage-1 network, per-expert layout), router_state + router_args, config (its router.threshold
+is the threshold to route with, calibrated or not: the one place the checkpoint stores it),
+class_counts, router_history, stage1_checkpoint and stage2 (the data options, held-out counts and
+threshold calibration).
+
+Every network read back from a checkpoint is built here (`network_from_checkpoint`), with one
+check for the model_args that rebuild it.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ride_fast.models import create_model
+from ride_fast.config import Config, ModelConfig, config_from_dict, config_to_dict, dump_config, update
 from ride_fast.io import atomic_save, atomic_write_text  # noqa: F401  (re-exported)
+from ride_fast.models import RIDENet, create_model
+from ride_fast.router import Router
+
+ROUTED_KIND = "ride_fast.routed"
+
+# keys that older checkpoints stored under another name: section -> {old key: key now}
+RENAMED_KEYS = {"router": {"calibrate": "calibrate_threshold"}}
 
 
 class CheckpointError(RuntimeError):
@@ -62,13 +79,111 @@ def _python_state_to_plain(state):
     return [version, list(internal), gauss]
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", batched: bool | None = None):
-    """(model, checkpoint dict) from a ride_fast checkpoint, model in eval mode. batched: build a
-    BatchedRIDENet (True) or the per-expert network (False); None: as the checkpoint's model_args say."""
-    ckpt = load_checkpoint(path)
+def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
+    """The run's own config (defaults for a converted original checkpoint, which has none; keys of
+    older checkpoints under their current names), then `overrides` (e.g. {"data": {"root": ...}});
+    the architecture always comes from the checkpoint's model_args."""
+    stored = {section: dict(values) if isinstance(values, dict) else values for section, values in (ckpt.get("config") or {}).items()}
+    for section, renamed in RENAMED_KEYS.items():
+        values = stored.get(section)
+        if isinstance(values, dict):
+            for old, new in renamed.items():
+                if old in values:
+                    value = values.pop(old)
+                    values.setdefault(new, value)
+    cfg = update(config_from_dict(stored), **(overrides or {}))
+    return update(cfg, model=model_section(ckpt["model_args"])) if "model_args" in ckpt else cfg
+
+
+def model_section(model_args: dict) -> dict:
+    """The keys of a checkpoint's model_args that the config's model section holds."""
+    keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k: v for k, v in model_args.items() if k in keys}
+
+
+def network_from_checkpoint(ckpt: dict, source: str | Path = "the checkpoint", *, device: str | torch.device = "cpu",
+                            batched: bool | None = None, channels_last: bool = False) -> RIDENet:
+    """The network of a checkpoint dict, in eval mode on `device`. batched: build a BatchedRIDENet
+    (True) or the per-expert network (False); None: as the checkpoint's model_args say. `source`
+    names the checkpoint in errors."""
     if "model_args" not in ckpt:
-        raise CheckpointError(f"{path}: no 'model_args' entry; was it written by `ride-fast convert` or the trainer?")
+        raise CheckpointError(f"{source}: no 'model_args' entry to rebuild the network; "
+                              "was it written by `ride-fast train`, `ride-fast route` or `ride-fast convert`?")
     args = dict(ckpt["model_args"]) if batched is None else {**ckpt["model_args"], "batched": batched}
     model = create_model(**args)
     model.load_state_dict(ckpt["model"])  # either layout
-    return model.to(device).eval(), ckpt
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt).eval()
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", batched: bool | None = None,
+                               channels_last: bool = False) -> tuple[RIDENet, dict]:
+    """(model, checkpoint dict) from a ride_fast checkpoint, model in eval mode (see `network_from_checkpoint`)."""
+    ckpt = load_checkpoint(path)
+    return network_from_checkpoint(ckpt, path, device=device, batched=batched, channels_last=channels_last), ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# routed checkpoints (stage 2)
+
+
+def routed_checkpoint(net: RIDENet, router: Router, cfg: Config, threshold: float, class_counts, history=(),
+                      stage1_checkpoint: str = "", stage2: dict | None = None) -> dict:
+    """The whole routed model as plain data (readable with weights_only=True); `threshold` is
+    stored once, as the config's router.threshold (see the module docstring). The network is
+    stored in the per-expert layout, like the trainer's checkpoints."""
+    if getattr(net, "batched", False):
+        from ride_fast.models.batched import to_per_expert
+
+        net = to_per_expert(net)
+    config = config_to_dict(cfg)
+    config["router"]["threshold"] = float(threshold)
+    return {
+        "kind": ROUTED_KIND,
+        "model": net.state_dict(),
+        "model_args": dict(net.model_args),
+        "router_state": router.state_dict(),
+        "router_args": router.router_args,
+        "config": config,
+        "class_counts": [int(c) for c in class_counts],
+        "router_history": [dataclasses.asdict(h) for h in history],
+        "stage1_checkpoint": str(stage1_checkpoint),
+        "stage2": dict(stage2 or {}),
+    }
+
+
+def is_routed_checkpoint(ckpt: dict) -> bool:
+    """A ride_fast routed checkpoint, or a converted original one that carries router weights."""
+    return "router_state" in ckpt or bool(ckpt.get("router"))
+
+
+def router_from_checkpoint(ckpt: dict, num_classes: int) -> Router:
+    """The router of a routed checkpoint (ride_fast's own or the original's converted weights)."""
+    if "router_state" in ckpt:
+        if "router_args" not in ckpt:
+            raise CheckpointError("the checkpoint has router_state but no router_args to rebuild the router")
+        router = Router(**ckpt["router_args"])
+        router.load_state_dict(ckpt["router_state"])
+        return router
+    if ckpt.get("router"):
+        return Router.from_original(ckpt["router"], num_classes)
+    raise CheckpointError("the checkpoint holds no router (neither router_state nor converted original router weights)")
+
+
+def load_routed_checkpoint(path: str | Path, device: str | torch.device = "cpu", channels_last: bool = False) -> tuple[RIDENet, Router, dict]:
+    """(network, router, checkpoint dict) from a routed checkpoint, both modules in eval mode."""
+    ckpt = load_checkpoint(path)
+    net = network_from_checkpoint(ckpt, path, device=device, channels_last=channels_last)
+    try:
+        router = router_from_checkpoint(ckpt, net.num_classes)
+    except (CheckpointError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return net, router.to(device).eval(), ckpt
+
+
+def save_routed_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Write a routed checkpoint atomically, and its config beside it (<stem>_config.yaml)."""
+    path = Path(path)
+    out = atomic_save(ckpt, path)
+    atomic_write_text(dump_config(config_from_dict(ckpt["config"])), path.with_name(f"{path.stem}_config.yaml"))
+    return out

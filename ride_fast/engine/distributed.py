@@ -78,6 +78,16 @@ def all_reduce_(tensor: torch.Tensor, ctx: DistContext, op=dist.ReduceOp.SUM) ->
     return tensor
 
 
+def average_bn_statistics(model: nn.Module, ctx: DistContext) -> None:
+    """Per-rank BatchNorm running statistics -> their mean over ranks, in place (a no-op in one process)."""
+    if not ctx.enabled:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                all_reduce_(buf, ctx).div_(ctx.world_size)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the whole global batch, on any backend (gloo on
     the CPU included). Mean and variance are all-reduced with torch.distributed.nn's differentiable

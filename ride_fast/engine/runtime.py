@@ -57,3 +57,9 @@ def autocast_context(device: torch.device, amp: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA; a no-op elsewhere), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,4 +1,4 @@
-"""Per-epoch learning-rate schedule of the RIDE recipes (spec §8), stepped once per epoch."""
+"""Per-epoch learning-rate schedule of the RIDE recipes (docs/method.md §8), stepped once per epoch."""
 from __future__ import annotations
 
 

@@ -53,7 +53,7 @@ BASELINE = ["model.num_experts=1", "model.reduce_dimension=false", "model.use_no
 def trained(tmp_path_factory, pool, lt_train):
     """Checkpoints: two CE baselines (seeds 0, 1), a 2-expert RIDE, its routed version."""
     from ride_fast.engine import Trainer
-    from ride_fast.engine.route import RouterTrainer
+    from ride_fast.engine.stage2 import RouterTrainer
 
     root = tmp_path_factory.mktemp("trained")
     out = {}

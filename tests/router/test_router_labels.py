@@ -1,4 +1,4 @@
-"""Router targets and loss on hand-made logits (docs/method.md §5).
+"""Router targets and loss on hand-made logits, and one router step (docs/method.md §5).
 
 Label of router i: the prefix ensemble of experts 1..i is wrong AND some longer prefix 1..j, j > i,
 is right. With two classes and target 0, the prefix 1..i is right exactly when the sum of the
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ride_fast.router import prefix_correct, prefix_mean_logits, router_labels, router_loss
+from ride_fast.router import Router, prefix_correct, prefix_mean_logits, router_labels, router_loss, router_step
 
 
 def logits_for(patterns: list[tuple[bool, ...]]) -> torch.Tensor:
@@ -92,3 +92,22 @@ def test_loss_is_weighted_bce_mean_over_batch_averaged_over_routers():
         (-(w * labels[i].float() * F.logsigmoid(r[i]) + (1 - labels[i].float()) * F.logsigmoid(-r[i]))).mean() for i in range(3)
     ]
     torch.testing.assert_close(router_loss(r, labels, w), torch.stack(per_router).mean())
+
+
+def test_router_step_gradients_reach_only_the_router_and_the_loss_goes_down():
+    torch.manual_seed(0)
+    E, B, C = 3, 64, 6
+    router = Router(E, 16, C, top_k=4)
+    z = torch.randn(E, B, C) * 5
+    feats = torch.randn(E, B, 16).abs()
+    y = torch.randint(0, C, (B,))
+    opt = torch.optim.SGD(router.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(40):
+        step = router_step(router, z, feats, y, w_on=100.0)
+        opt.zero_grad()
+        step.loss.backward()
+        opt.step()
+        losses.append(float(step.loss.detach()))
+    assert step.labels.shape == (E - 1, B) and step.router_logits.shape == (E - 1, B)
+    assert losses[-1] < 0.7 * losses[0]

@@ -24,7 +24,7 @@ from torch import nn
 from ride_fast.engine.distributed import DistContext, GlobalBatchNorm2d, convert_sync_batchnorm, init_distributed, wrap_ddp
 from ride_fast.models import create_model
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 F64 = str(HERE / "_ride_fast_f64.py")
 RUN = ["data.test_per_class=10", "data.batch_size=32", "data.eval_batch_size=64", "train.max_steps_per_epoch=4", "train.epochs=2",
        "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=100", "optim.warmup_epochs=0", "data.augment=false",

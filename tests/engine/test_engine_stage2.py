@@ -1,5 +1,6 @@
-"""Stage 2: the class-balanced loader, the router step and loop (frozen network, only routers
-train, loss goes down), the cosine schedule, and the routed checkpoint round trip.
+"""Stage 2 (ride_fast.engine.stage2): the class-balanced loader, the router loop (frozen network,
+only routers train, loss goes down), the cosine schedule, the routed checkpoint round trip, and
+`fit_stage2` as the router config section says (held-out data, calibrated threshold).
 
 Shape legend: N images, C classes, E experts, R = E - 1 routers.
 """
@@ -7,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ride_fast.config import config_from_dict
+from ride_fast.config import ConfigError, RouterConfig, config_from_dict
 from ride_fast.data import ArrayDataset
-from ride_fast.engine.checkpoint import load_checkpoint
-from ride_fast.engine.route import ROUTED_KIND, RouterTrainer, load_routed_checkpoint, router_lr
+from ride_fast.engine.checkpoint import ROUTED_KIND, load_checkpoint, load_routed_checkpoint
+from ride_fast.engine.stage2 import STAGE2_OPTIONS, RouterTrainer, fit_stage2, router_lr
 from ride_fast.models import create_model
-from ride_fast.router import Router, routed_forward, router_step
+from ride_fast.router import Router, routed_forward
 
 C, PX = 6, 8
 
@@ -59,7 +60,7 @@ def test_the_trainer_draws_class_balanced_epochs_of_n_images_in_router_batches()
     torch.testing.assert_close(share, torch.full((C,), 1 / C), atol=0.05, rtol=0)  # tail classes as often as head ones
 
 
-# --- schedule and step --------------------------------------------------------------------------
+# --- schedule ---------------------------------------------------------------------------------------
 
 
 def test_cosine_schedule_per_epoch():
@@ -67,25 +68,6 @@ def test_cosine_schedule_per_epoch():
     assert lrs[0] == pytest.approx(0.01) and lrs[5] == pytest.approx(0.0, abs=1e-12)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert lrs[2] == pytest.approx(0.01 * (1 + np.cos(2 * np.pi / 5)) / 2)
-
-
-def test_router_step_gradients_reach_only_the_router_and_the_loss_goes_down():
-    torch.manual_seed(0)
-    E, B = 3, 64
-    router = Router(E, 16, C, top_k=4)
-    z = torch.randn(E, B, C) * 5
-    feats = torch.randn(E, B, 16).abs()
-    y = torch.randint(0, C, (B,))
-    opt = torch.optim.SGD(router.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    losses = []
-    for _ in range(40):
-        step = router_step(router, z, feats, y, w_on=100.0)
-        opt.zero_grad()
-        step.loss.backward()
-        opt.step()
-        losses.append(float(step.loss.detach()))
-    assert step.labels.shape == (E - 1, B) and step.router_logits.shape == (E - 1, B)
-    assert losses[-1] < 0.7 * losses[0]
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -139,3 +121,75 @@ def test_a_converted_original_checkpoint_with_router_weights_loads_as_routed(tmp
     assert loaded.router_args == router.router_args
     for k, v in router.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+# --- the router section's stage-2 options -------------------------------------------------------
+
+
+def heldout_cfg(**router):
+    """The config of the fit_stage2 tests (data of conftest.lt_pool)."""
+    return config_from_dict({
+        "model": {"channels_last": False},
+        "data": {"image_size": PX, "eval_batch_size": 16},
+        "router": {"top_k": 4, "batch_size": 8, "epochs": 2, **router},
+        "train": {"device": "cpu", "seed": 0},
+    })
+
+
+def test_default_options_are_the_published_stage_2():
+    rc = heldout_cfg().router
+    assert rc.router_data == "train" and not rc.calibrate_threshold and not rc.uses_heldout
+    assert {k: getattr(rc, k) for k in STAGE2_OPTIONS} == {k: getattr(RouterConfig(), k) for k in STAGE2_OPTIONS}
+
+
+def test_options_are_keys_of_the_router_section():
+    rc = heldout_cfg(router_data="heldout", calibrate_threshold=True, max_accuracy_drop=0.5).router
+    assert rc.uses_heldout and rc.calibrate_threshold and rc.max_accuracy_drop == 0.5 and rc.threshold == 0.5
+    assert heldout_cfg(calibrate_threshold=True).router.uses_heldout  # calibration draws held-out images too
+    with pytest.raises(ConfigError, match="router.router_data"):
+        heldout_cfg(router_data="val")
+
+
+@pytest.mark.parametrize("bad", [{"router_data": "val"}, {"threshold": 1.5}, {"heldout_per_class": 0}, {"calibration_per_class": 0},
+                                 {"max_accuracy_drop": -1.0}, {"max_accuracy_drop": float("nan")}])
+def test_bad_options_name_the_key(bad):
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"router.{key}"):
+        heldout_cfg(**bad)
+    with pytest.raises(ConfigError, match=f"router.{key}"):
+        RouterConfig(**bad)  # built directly, without the recipe's type checks
+
+
+# --- the whole stage 2 --------------------------------------------------------------------------
+
+
+def test_fit_stage2_default_is_the_published_recipe(lt_pool):
+    _, train, test = lt_pool
+    cfg = heldout_cfg(threshold=0.4)
+    result = fit_stage2(cfg, tiny_net().eval(), train, test, log=lambda s: None)
+    assert result.threshold == 0.4 and result.calibration is None and result.heldout is None and result.cost is None
+    assert result.trainer.class_counts.tolist() == train.class_counts().tolist()
+    assert result.info["options"] == {k: getattr(RouterConfig(), k) for k in STAGE2_OPTIONS}
+
+
+def test_fit_stage2_on_heldout_data_with_a_calibrated_threshold(lt_pool, tmp_path):
+    pool, train, test = lt_pool
+    cfg = heldout_cfg(router_data="heldout", heldout_per_class=6, calibrate_threshold=True, calibration_per_class=4,
+                      max_accuracy_drop=0.0)
+    result = fit_stage2(cfg, tiny_net().eval(), train, test, log=lambda s: None, pool=pool)
+    trainer = result.trainer
+    assert len(result.heldout.router) == 30 and trainer.loader.dataset is result.heldout.router  # routers saw held-out images
+    assert trainer.class_counts.tolist() == [20, 12, 8, 5, 3, 2]  # the splits stay those of the training set
+    assert result.threshold == result.calibration.threshold
+    assert trainer.cfg == cfg  # the threshold chosen comes back in the result; the config is not rewritten
+    assert result.calibration.routed_accuracy >= result.calibration.all_experts_accuracy - 1e-9
+    path = result.save(tmp_path / "routed.pt")
+    ckpt = load_checkpoint(path)
+    assert ckpt["config"]["router"]["threshold"] == result.threshold  # `ride-fast eval` routes with it
+    assert "threshold" not in ckpt["stage2"]  # stored once, in the config
+    assert ckpt["class_counts"] == [20, 12, 8, 5, 3, 2]
+    assert ckpt["stage2"]["calibration"]["threshold"] == result.threshold
+    assert ckpt["stage2"]["heldout"]["router_per_class"] == [0, 6, 6, 6, 6, 6]
+    assert ckpt["stage2"]["options"]["router_data"] == "heldout" and ckpt["stage2"]["options"]["calibrate_threshold"]
+    _, _, again = load_routed_checkpoint(path)
+    assert again["config"]["router"]["threshold"] == result.threshold

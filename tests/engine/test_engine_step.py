@@ -17,10 +17,8 @@ from ride_fast.engine import (
     build_optimizer,
     load_checkpoint,
     load_model_from_checkpoint,
-    resolve_amp,
 )
-from ride_fast.engine import runtime as runtime_module
-from ride_fast.engine.trainer import prefetch_to_device
+from ride_fast.engine.step import prefetch_to_device
 from ride_fast.losses import build_loss
 from ride_fast.models import (
     BatchedRIDENet,
@@ -48,20 +46,6 @@ def test_defaults_are_the_fast_path():
     assert not cfg.train.compile and not cfg.train.cuda_graphs  # opt-in: compile time, static shapes
     over = load_config(overrides=["model.batched=false", "train.compile=true", "train.cuda_graphs=true", "train.prefetch=false"])
     assert not over.model.batched and over.train.compile and over.train.cuda_graphs and not over.train.prefetch
-
-
-def test_resolve_amp(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for amp in ("none", "bf16", "fp16"):
-        assert resolve_amp(amp, cpu) == amp and resolve_amp(amp, cuda) == amp
-    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: True)
-    assert resolve_amp("auto", cpu) == "bf16"
-    monkeypatch.setattr(runtime_module, "cpu_has_native_bf16", lambda: False)
-    assert resolve_amp("auto", cpu) == "none"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_amp("auto", cuda) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_amp("auto", cuda) == "none"
 
 
 def _params(model):

@@ -1,6 +1,6 @@
-"""Cost of routed images (docs/method.md §6): MACs per part add up, the routed report (accuracy,
+"""Routed evaluation (docs/method.md §6; ride_fast.engine.routed_eval): the routed report (accuracy,
 expert usage per split, MACs against the single-expert baseline, ms per image, JSON and PNG), and
-the command line: `ride-fast flops`, `ride-fast route`, `ride-fast eval` on a routed checkpoint.
+the command line: `ride-fast route`, `ride-fast eval` on a routed checkpoint.
 
 Shape legend: N images, C classes, E experts.
 """
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ride_fast.data import ArrayDataset, InMemoryLoader
-from ride_fast.engine import route as route_mod
-from ride_fast.engine.route import baseline_macs, evaluate_routed, routed_cost, write_report
+from ride_fast.engine import routed_eval, stage2
+from ride_fast.engine.routed_cost import routed_cost
+from ride_fast.engine.routed_eval import evaluate_routed, write_report
 from ride_fast.io import atomic_save
 from ride_fast.models import create_model
 from ride_fast.router import Router
@@ -39,25 +40,6 @@ def tiny_test_data(per_class=5) -> ArrayDataset:
 def tiny_net(E=3):
     torch.manual_seed(0)
     return create_model("resnet32", num_classes=C, num_experts=E).eval()
-
-
-def test_routed_cost_parts_add_up():
-    net = tiny_net(4)
-    router = Router(4, net.feature_dim, C, top_k=5)
-    cost = routed_cost(net, router, 32)
-    assert cost.router_macs == net.feature_dim * 16 + (5 + 16)  # the two Linear layers
-    assert cost.router_params == net.feature_dim * 16 + 16 + (5 + 16 + 1)
-    assert cost.routers_params == sum(p.numel() for p in router.parameters())
-    for n in range(1, 5):
-        parts = cost.network.trunk_macs + sum(cost.network.expert_macs[:n]) + min(n, 3) * cost.router_macs
-        assert cost.macs_with(n) == parts
-        assert cost.macs_with(n, routers=False) == cost.network.macs_with(n)
-    assert cost.as_dict()["macs_with_k_experts_and_routers"][-1] == cost.macs_with(4)
-
-
-def test_single_expert_baseline_is_the_spec_resnet32():
-    net = create_model("resnet32", num_classes=100, num_experts=3)
-    assert baseline_macs(net.model_args, 32) / 1e9 == pytest.approx(0.0701, rel=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +92,11 @@ def test_report_json_and_png(report_pair, tmp_path):
     assert "routed" in mixed.summary() and "experts used" in mixed.summary()
 
 
-def test_flops_cli_prints_the_router_and_totals_with_routers(capsys):
-    from ride_fast.cli import main
-
-    assert main(["flops", "model.num_experts=3", "data.name=cifar100_lt"]) == 0
-    out = capsys.readouterr().out
-    assert "router (each)" in out and "814 MACs" in out and "0.1022" in out and "+ routers" in out
-    assert main(["flops", "model.num_experts=3", "data.name=mnist_lt"]) == 0  # top_k 30 > 10 classes: noted, not fatal
-    assert "router.top_k=30 exceeds the 10 classes" in capsys.readouterr().out
-
-
 def test_route_and_eval_commands_end_to_end(tmp_path, monkeypatch, capsys):
     from ride_fast.cli import main
 
-    monkeypatch.setattr(route_mod, "build_datasets", lambda cfg: (tiny_split_data(0), tiny_test_data()))
+    for module in (stage2, routed_eval):
+        monkeypatch.setattr(module, "build_datasets", lambda cfg: (tiny_split_data(0), tiny_test_data()))
     net = tiny_net(2)
     stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args}, tmp_path / "stage1.pt")
     recipe = tmp_path / "r.yaml"

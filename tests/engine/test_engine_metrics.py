@@ -1,3 +1,4 @@
+"""Per-class accuracy and the many / medium / few split means (ride_fast.engine.metrics)."""
 import math
 
 import numpy as np
@@ -5,16 +6,6 @@ import pytest
 import torch
 
 from ride_fast.engine.metrics import per_class_accuracy, split_accuracy
-from ride_fast.engine.schedule import lr_multiplier
-
-
-def test_cifar_schedule():
-    m = lambda e: lr_multiplier(e, 5, (160, 180), 0.01)  # noqa: E731
-    assert [m(e) for e in (1, 2, 5, 6, 160)] == [0.2, 0.4, 1.0, 1.0, 1.0]
-    assert m(161) == pytest.approx(0.01) and m(180) == pytest.approx(0.01) and m(181) == pytest.approx(1e-4)
-    assert lr_multiplier(1, 0, (), 0.1) == 1.0
-    with pytest.raises(ValueError):
-        lr_multiplier(0, 5, (), 0.1)
 
 
 def test_split_accuracy_by_hand():

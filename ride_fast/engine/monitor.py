@@ -1,0 +1,73 @@
+"""What a training run shows and hears: the tqdm bar, TensorBoard events, stop signals.
+
+`StopRequest` turns SIGTERM / SIGINT into a flag the loop reads at a step boundary (it saves a
+checkpoint, then exits); `progress_bar`, `tensorboard_writer` and `tensorboard_log` are optional
+outputs that are None / no-ops when switched off or not installed.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag that the training loop reads at the next step boundary, so the
+    run saves a checkpoint and exits cleanly (a scheduler's pre-emption, Ctrl-C). A second Ctrl-C
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.requested: str | None = None
+        self.log = log
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        self.log(f"{self.requested}: saving a checkpoint at the next step boundary, then exiting (Ctrl-C again aborts)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def tensorboard_writer(out_dir: Path, enabled: bool):
+    """A SummaryWriter under OUT_DIR/tensorboard when asked for and the tensorboard package is installed."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard needs the tensorboard package
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def tensorboard_log(writer, record: dict) -> None:
+    """One epoch's record (the metrics.jsonl line) as scalars: train/* and test/*, step = epoch."""
+    if writer is None:
+        return
+    step = record["epoch"]
+    for key in ("lr", "loss", "train_acc", "images_per_s", "data_wait_s", "nonfinite_steps"):
+        writer.add_scalar(f"train/{key}", record[key], step)
+    for key, value in record.get("test", {}).items():
+        writer.add_scalar(f"test/{key}", value, step)
+    writer.flush()
+
+
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar over an epoch's steps, or None when switched off."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

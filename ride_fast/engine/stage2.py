@@ -1,0 +1,287 @@
+"""Stage 2 (docs/method.md §5): train the routers of a frozen stage-1 network.
+
+Shape legend: B images, E experts, R = E - 1 routers, C classes, D pooled feature width.
+
+Every stage-1 parameter is frozen and BatchNorm stays in eval mode, so per batch the frozen network
+runs once, without autograd (and under bf16 autocast with train.amp=bf16), with all experts:
+expert_logits [E, B, C] and features [E, B, D] give the router labels and the inputs of all R
+routers at once; only the routers get gradients. Batches come from the class-balanced sampler
+(epoch = N draws) with the stage-1 training augmentation; SGD with Nesterov momentum, cosine lr to
+0 stepped per epoch.
+
+`fit_stage2` trains the routers as the router config section says: on the training set (the
+published recipe) or on held-out images (router.router_data=heldout), and with router.threshold or
+a calibrated threshold (router.calibrate_threshold; engine/calibration.py). It returns the threshold
+it chose; the routed checkpoint stores it once (engine/checkpoint.py). `train_router` is
+`ride-fast route`: stage 2 on a stage-1 checkpoint, then the routed evaluation (engine/routed_eval.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ride_fast.config import Config, RouterConfig, update
+from ride_fast.data import InMemoryLoader, build_datasets, build_loaders
+from ride_fast.engine.calibration import HeldOut, ThresholdCalibration, calibrate_threshold, heldout_split
+from ride_fast.engine.checkpoint import (
+    load_checkpoint,
+    model_section,
+    network_from_checkpoint,
+    routed_checkpoint,
+    save_routed_checkpoint,
+)
+from ride_fast.engine.routed_cost import RoutedCost, routed_cost
+from ride_fast.engine.routed_eval import evaluate_routed, report_paths, write_report
+from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything, synchronize
+from ride_fast.models import RIDENet
+from ride_fast.router import Router, router_step
+
+# the router keys that say where stage 2 takes its labels and its threshold from (stored with the checkpoint)
+STAGE2_OPTIONS = ("router_data", "heldout_per_class", "calibrate_threshold", "max_accuracy_drop", "calibration_per_class")
+
+
+def build_router(cfg: RouterConfig, net: RIDENet) -> Router:
+    """A Router sized for `net` from the router section of the config."""
+    return Router(net.num_experts, net.feature_dim, net.num_classes, top_k=cfg.top_k, hidden=cfg.hidden, share_fc=cfg.share_fc)
+
+
+def router_lr(epoch: int, base_lr: float, epochs: int) -> float:
+    """Cosine annealing to 0 over `epochs`, stepped per epoch (epoch counted from 1):
+    base_lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2, as CosineAnnealingLR(T_max=epochs)."""
+    if epoch < 1:
+        raise ValueError(f"epochs are counted from 1, got {epoch}")
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """Stage-1 network for stage 2: no parameter trains, BatchNorm in eval mode."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+@dataclass
+class RouterEpochResult:
+    """One stage-2 epoch. Shares are fractions of the images seen, one entry per router."""
+
+    epoch: int
+    lr: float
+    loss: float
+    label_share: list[float]  # images whose label says "call the next expert"
+    call_share: list[float]  # images the router sends on (sigmoid(r) > threshold)
+    router_accuracy: list[float]  # decision == label
+    seconds: float
+    images_per_s: float
+
+
+def balanced_loaders(cfg: Config, train_set, test_set, device: torch.device):
+    """(stage-2 training loader, test loader): the class-balanced sampler (an epoch is N draws),
+    the stage-1 training augmentation, batches of router.batch_size."""
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.router.batch_size)
+    return build_loaders(data_cfg, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed,
+                         train_sampler="balanced")
+
+
+class RouterTrainer:
+    """Trains the routers of a (frozen) RIDENet: `fit()`, then `save(path)`.
+
+    `loader` defaults to the class-balanced loader of `train_set` (see `balanced_loaders`).
+    `class_counts` are the stage-1 training counts (they define the many/medium/few splits);
+    they default to `train_set`'s, and must be given when the routers train on other images
+    (held-out data, router.router_data=heldout).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        net: RIDENet,
+        train_set,
+        *,
+        loader=None,
+        router: Router | None = None,
+        log: Callable[[str], None] = print,
+        stage1_checkpoint: str = "",
+        class_counts=None,
+    ) -> None:
+        if net.num_experts < 2:
+            raise ValueError(f"stage 2 needs a network with at least 2 experts; {net.name} has {net.num_experts}")
+        if train_set.num_classes != net.num_classes:
+            raise ValueError(f"the network has {net.num_classes} classes but the data set {train_set.name} has {train_set.num_classes}")
+        self.cfg = cfg
+        self.log = log
+        self.net = freeze(net)
+        self.device = next(net.parameters()).device
+        self.class_counts = np.asarray(train_set.class_counts() if class_counts is None else class_counts)
+        self.stage1_checkpoint = str(stage1_checkpoint)
+        rc = cfg.router
+        self.router = (router if router is not None else build_router(rc, net)).to(self.device)
+        self.optimizer = torch.optim.SGD(self.router.parameters(), lr=rc.lr, momentum=rc.momentum, nesterov=True, weight_decay=rc.weight_decay)
+        self.loader = loader if loader is not None else balanced_loaders(cfg, train_set, train_set, self.device)[0]
+        self.history: list[RouterEpochResult] = []
+
+    def train_epoch(self, epoch: int) -> RouterEpochResult:
+        rc, amp = self.cfg.router, self.cfg.train.amp
+        lr = router_lr(epoch, rc.lr, rc.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.loader.set_epoch(epoch)
+        self.net.eval()
+        self.router.train()
+        R = self.router.num_routers
+        loss_sum = torch.zeros((), device=self.device)
+        label_pos = torch.zeros(R, device=self.device)
+        call_pos = torch.zeros(R, device=self.device)
+        agree = torch.zeros(R, device=self.device)
+        seen = 0
+        steps = len(self.loader)
+        if self.cfg.train.max_steps_per_epoch:
+            steps = min(steps, self.cfg.train.max_steps_per_epoch)
+        start = time.perf_counter()
+        for step, batch in enumerate(self.loader):
+            if step >= steps:
+                break
+            with torch.no_grad(), autocast_context(self.device, amp):
+                out = self.net(batch.images)  # all experts, once: labels and router inputs
+            result = router_step(self.router, out.expert_logits, out.features, batch.labels, rc.w_on)
+            self.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                n = batch.labels.shape[0]
+                calls = torch.sigmoid(result.router_logits) > rc.threshold
+                loss_sum += result.loss.detach() * n
+                label_pos += result.labels.sum(1)
+                call_pos += calls.sum(1)
+                agree += (calls == result.labels).sum(1)
+            seen += n
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        mean_loss = float(loss_sum) / max(seen, 1)  # the epoch's host reads
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"router epoch {epoch}: the loss is {mean_loss}; lower router.lr")
+        share = lambda t: [float(v) / max(seen, 1) for v in t.cpu()]  # noqa: E731
+        return RouterEpochResult(epoch, lr, mean_loss, share(label_pos), share(call_pos), share(agree), seconds, seen / max(seconds, 1e-9))
+
+    def fit(self) -> list[RouterEpochResult]:
+        for epoch in range(len(self.history) + 1, self.cfg.router.epochs + 1):
+            r = self.train_epoch(epoch)
+            self.history.append(r)
+            pct = lambda xs: "/".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
+            self.log(
+                f"router epoch {epoch}/{self.cfg.router.epochs}  lr {r.lr:.4f}  loss {r.loss:.4f}  "
+                f"label+ {pct(r.label_share)}%  called {pct(r.call_share)}%  agree {pct(r.router_accuracy)}%  "
+                f"{r.images_per_s:,.0f} img/s"
+            )
+        return self.history
+
+    def checkpoint(self, threshold: float | None = None, stage2: dict | None = None) -> dict:
+        """The routed checkpoint; `threshold` (default router.threshold) is the one to route with."""
+        threshold = self.cfg.router.threshold if threshold is None else threshold
+        return routed_checkpoint(self.net, self.router, self.cfg, threshold, self.class_counts, self.history,
+                                 self.stage1_checkpoint, stage2)
+
+    def save(self, path: str | Path, threshold: float | None = None, stage2: dict | None = None) -> Path:
+        """Write the routed model atomically, and its config beside it (see `checkpoint`)."""
+        return save_routed_checkpoint(self.checkpoint(threshold, stage2), path)
+
+
+@dataclass
+class Stage2Result:
+    """Trained routers and the threshold to route with (router.threshold, or the calibrated one)."""
+
+    trainer: RouterTrainer
+    threshold: float
+    heldout: HeldOut | None
+    calibration: ThresholdCalibration | None
+    cost: RoutedCost | None  # counted (fvcore) only when the calibration needed it
+    seconds: float  # router training and calibration
+
+    @property
+    def router(self) -> Router:
+        return self.trainer.router
+
+    @property
+    def info(self) -> dict:
+        """What the routed checkpoint records of stage 2: the options, held-out counts, calibration curve."""
+        return {"options": {k: getattr(self.trainer.cfg.router, k) for k in STAGE2_OPTIONS},
+                "heldout": self.heldout.as_dict() if self.heldout is not None else None,
+                "calibration": self.calibration.as_dict() if self.calibration is not None else None}
+
+    def save(self, path: str | Path) -> Path:
+        """The routed checkpoint, routing with `threshold`, and its config beside it."""
+        return self.trainer.save(path, self.threshold, self.info)
+
+
+def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=None, log: Callable[[str], None] = print,
+               stage1_checkpoint: str = "", pool=None) -> Stage2Result:
+    """Train the routers of `net` (frozen) and settle the threshold, as cfg.router says (see the
+    module docstring); returns the threshold chosen in the result.
+
+    `loader` replaces the class-balanced loader of the training set (router.router_data=train only);
+    `test_set` keeps test images out of the held-out data; `pool` = the full training data.
+    """
+    rc = cfg.router
+    heldout = heldout_split(cfg, train_set, test_set, pool=pool) if rc.uses_heldout else None
+    if rc.router_data == "heldout":
+        data, loader = heldout.router, None
+        log(f"stage 2 labels from {len(data)} held-out images (per class {data.class_counts().tolist()}), "
+            "not the training set (router.router_data=heldout)")
+    else:
+        data = train_set
+    start = time.perf_counter()
+    trainer = RouterTrainer(cfg, net, data, loader=loader, log=log, stage1_checkpoint=stage1_checkpoint,
+                            class_counts=train_set.class_counts())
+    trainer.fit()
+    threshold, calibration, cost = float(rc.threshold), None, None
+    if rc.calibrate_threshold:
+        cost = routed_cost(net, trainer.router, cfg.data.image_size)  # fvcore, part by part: a few seconds
+        device = next(net.parameters()).device
+        calib_loader = InMemoryLoader(heldout.calibration, cfg.data.eval_batch_size, train=False, device=device,
+                                      channels_last=cfg.model.channels_last)
+        calibration = calibrate_threshold(net, trainer.router, calib_loader, cost, max_accuracy_drop=rc.max_accuracy_drop,
+                                          amp=cfg.train.amp)
+        threshold = calibration.threshold
+        log(calibration.summary())
+    return Stage2Result(trainer, threshold, heldout, calibration, cost, time.perf_counter() - start)
+
+
+def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Path | None = None, *,
+                 log: Callable[[str], None] = print, evaluate: bool = True, datasets=None) -> dict:
+    """`ride-fast route`: stage 2 on a stage-1 checkpoint (as cfg.router says); writes the routed
+    checkpoint (default <train.out_dir>/routed.pt), then evaluates it (JSON report and usage PNG
+    beside it). `datasets` = (train, test) replaces building cfg.data. Returns {"checkpoint",
+    "seconds", "history", "threshold", "stage2", "report" (a RoutedReport, when evaluated)}."""
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    net = network_from_checkpoint(load_checkpoint(stage1_checkpoint), stage1_checkpoint)
+    cfg = update(cfg, model=model_section(net.model_args))  # the architecture comes from the checkpoint
+    net = net.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
+    train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
+    if train_set.num_classes != net.num_classes:
+        raise ValueError(f"the checkpoint's network has {net.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}")
+    train_loader, test_loader = balanced_loaders(cfg, train_set, test_set, device)
+    log(f"stage 2: routers of {net.name} ({net.num_experts} experts) from {stage1_checkpoint}; "
+        f"{cfg.router.epochs} epochs of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
+    stage2 = fit_stage2(cfg, net, train_set, test_set, loader=train_loader, log=log, stage1_checkpoint=str(stage1_checkpoint))
+    out_path = Path(out_path) if out_path else Path(cfg.train.out_dir) / "routed.pt"
+    stage2.save(out_path)
+    log(f"wrote {out_path} ({stage2.seconds:.1f} s of router training and calibration)")
+    result = {"checkpoint": str(out_path), "seconds": stage2.seconds, "history": [asdict(h) for h in stage2.trainer.history],
+              "threshold": stage2.threshold, "stage2": stage2.info}
+    if evaluate:
+        report = evaluate_routed(net, stage2.router, test_loader, stage2.trainer.class_counts, image_size=cfg.data.image_size,
+                                 threshold=stage2.threshold, amp=cfg.train.amp, cost=stage2.cost)
+        json_path, png_path = report_paths(out_path)
+        write_report(report, json_path, png_path, extra={"checkpoint": str(out_path), "stage2": stage2.info})
+        log(report.summary())
+        log(f"wrote {json_path} and {png_path}")
+        result["report"] = report
+    return result

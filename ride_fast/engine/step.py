@@ -1,0 +1,225 @@
+"""One stage-1 training step, and the batches that feed it.
+
+`TrainStep`: forward (autocast) -> loss -> backward -> optimizer step -> on-device metric sums,
+with non-finite steps skipped on the device. `BufferGuard`: the BatchNorm running statistics put
+back when a step is skipped. `prefetch_to_device`: host batches copied one step ahead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed import ReduceOp
+
+from ride_fast.data.dataset import Batch
+from ride_fast.engine.distributed import DistContext, all_reduce_
+from ride_fast.engine.runtime import autocast_context, resolve_amp
+
+
+class TrainStep:
+    """One stage-1 training step on a batch that is already on the device:
+
+        forward (autocast) -> loss -> backward -> optimizer step -> on-device metric sums
+
+    Nothing here reads the device from the host: the loss, the number of correct mean-logit
+    predictions and the non-finite-loss counters are summed into device tensors, read by the caller
+    once per log interval (`read_metrics`).
+
+    Non-finite losses: a step whose loss is inf/NaN (on any rank) is skipped. Fused SGD (the
+    default) is handed the flag as `found_inf` and skips on the device; fp16 leaves it to GradScaler
+    (which skips steps with inf gradients and lowers the scale); a non-fused optimizer reads the flag
+    on the host (free on the CPU). The BatchNorm running statistics that the step's forward pass
+    updated are put back too (`BufferGuard`), so a NaN image cannot poison the evaluation network.
+    `nonfinite` counts the skipped steps, `max_run` the longest run of them in a row, which the
+    trainer compares with train.max_nonfinite_steps.
+
+    compile: torch.compile of forward + loss (+ teacher); cuda_graphs: the same with mode
+    "reduce-overhead", i.e. CUDA graphs replayed per step (static shapes; CUDA only).
+    compile_loss: whether the loss goes into the compiled graph; None (auto): yes, except the fused
+    Triton loss on CUDA (already one kernel; it runs eagerly between the compiled parts).
+    dist: the DistContext of a torchrun job (the model is then DDP-wrapped by the caller).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        amp: str = "none",
+        teacher: nn.Module | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        compile_loss: bool | None = None,
+        dist: DistContext | None = None,
+    ) -> None:
+        self.model, self.criterion, self.optimizer, self.teacher = model, criterion, optimizer, teacher
+        self.device = torch.device(device)
+        self.dist = dist or DistContext()
+        self.amp = resolve_amp(amp, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"train.cuda_graphs=true needs a CUDA device, the run is on {self.device}; set train.cuda_graphs=false")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.buffers = BufferGuard([model] + ([teacher] if teacher is not None else []))
+        self.cuda_graphs = cuda_graphs
+        self.forward_loss = self._forward_loss
+        self._loss = self._criterion
+        if compile or cuda_graphs:
+            if compile_loss is None:
+                compile_loss = not (self.device.type == "cuda" and getattr(criterion, "impl", "auto") in ("auto", "triton"))
+            if not compile_loss:
+                self._loss = torch.compiler.disable(self._criterion)
+            self.forward_loss = torch.compile(self._forward_loss, mode="reduce-overhead" if cuda_graphs else None)
+        self.reset_metrics()
+
+    METRICS = ("loss_sum", "counted", "correct", "nonfinite", "max_run")
+
+    def reset_metrics(self) -> None:
+        def zero(dtype=torch.float32):
+            return torch.zeros((), device=self.device, dtype=dtype)
+
+        self.loss_sum, self.counted = zero(), zero()  # loss x images and images over the finite steps
+        self.correct, self.nonfinite, self.run, self.max_run = (zero(torch.long) for _ in range(4))
+        self.seen = 0  # images of all steps (host count)
+
+    def read_metrics(self) -> dict:
+        """The sums so far as Python numbers (one host read; summed over ranks in a torchrun job)."""
+        values = torch.stack([getattr(self, k).double() for k in self.METRICS])
+        all_reduce_(values[:4], self.dist)  # max_run is the same on every rank (the skip flag is agreed)
+        out = dict(zip(self.METRICS, values.tolist()))
+        out["seen"] = self.seen * self.dist.world_size
+        return out
+
+    def load_metrics(self, values: dict) -> None:
+        """Continue an interrupted epoch's sums (values from read_metrics, i.e. over all ranks: rank 0 carries them)."""
+        keep = self.dist.is_main
+        for k in self.METRICS:
+            getattr(self, k).fill_(values[k] if keep or k == "max_run" else 0)
+        self.run.zero_()
+        self.seen = int(values["seen"]) // self.dist.world_size
+
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, mean logits [B, C]) under autocast."""
+        with autocast_context(self.device, self.amp):
+            out = self.model(images)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images).logits
+                loss = self._loss(out.expert_logits, labels, teacher_logits)
+            else:
+                loss = self._loss(out.expert_logits, labels)
+        return loss, out.logits
+
+    def _criterion(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.criterion(*args)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Run one step; returns the (detached) loss, a device tensor."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the last replay may be overwritten now
+        self.buffers.snapshot()
+        loss, logits = self.forward_loss(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        loss = loss.detach().float()
+        bad = (~torch.isfinite(loss)).to(torch.int32)
+        all_reduce_(bad, self.dist, op=ReduceOp.MAX)  # every rank skips the same steps
+        self.buffers.restore_if(bad.bool())
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips steps with non-finite gradients by itself
+        elif self.fused:
+            self.optimizer.found_inf = bad.float()  # fused SGD skips the update on the device
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bad.item():  # host read: free on the CPU; on CUDA use the (default) fused SGD
+            self.optimizer.step()
+        self.scaler.update()
+        n = labels.shape[0]
+        ok = 1 - bad
+        self.loss_sum += torch.where(ok.bool(), loss * n, 0.0)
+        self.counted += ok * n
+        self.correct += (logits.detach().argmax(1) == labels).sum() * ok
+        self.nonfinite += bad
+        self.run.add_(1).mul_(bad)  # length of the current run of skipped steps
+        torch.maximum(self.max_run, self.run, out=self.max_run)
+        self.seen += n
+        return loss
+
+
+class BufferGuard:
+    """Snapshot the BatchNorm running statistics of some modules before a step and put them back,
+    on the device and bit for bit, when the step turns out to be skipped. A few kernels per step
+    whatever the depth: the buffers of each dtype are concatenated into one snapshot, and restored
+    with one torch.where and one foreach copy (no host read)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for module in modules:
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                        groups.setdefault(b.dtype, []).append(b)
+        self.groups = list(groups.values())
+        self.saved: list[torch.Tensor] = []
+
+    def _flat(self, group: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([b.reshape(-1) for b in group])
+
+    def snapshot(self) -> None:
+        self.saved = [self._flat(g) for g in self.groups]
+
+    def restore_if(self, flag: torch.Tensor) -> None:
+        for group, saved in zip(self.groups, self.saved):
+            kept = torch.where(flag, saved, self._flat(group)).split([b.numel() for b in group])
+            torch._foreach_copy_(group, [k.view_as(b) for k, b in zip(kept, group)])
+        self.saved = []
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether `t` lives on `device`; "cuda" without an index means the current CUDA device."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None and device.type == "cuda":
+        return t.device.index == torch.cuda.current_device()
+    return device.index is None or t.device.index == device.index
+
+
+def prefetch_to_device(batches, device: torch.device, enabled: bool = True):
+    """Yield the batches of `batches` on `device`. Batches already there pass through unchanged;
+    host batches are pinned and copied with non_blocking=True, on CUDA on a side stream one batch
+    ahead, so the copy of batch i+1 overlaps the step on batch i."""
+    device = torch.device(device)
+    if not enabled or device.type != "cuda":
+        for batch in batches:
+            if not (on_device(batch.images, device) and on_device(batch.labels, device)):
+                batch = Batch(batch.images.to(device), batch.labels.to(device))
+            yield batch
+        return
+    stream = torch.cuda.Stream(device)
+
+    def start(batch: Batch) -> Batch:
+        if on_device(batch.images, device) and on_device(batch.labels, device):
+            return batch
+        with torch.cuda.stream(stream):
+            images, labels = (t if t.is_pinned() else t.pin_memory() for t in (batch.images, batch.labels))
+            return Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+
+    it = iter(batches)
+    try:
+        nxt = start(next(it))
+    except StopIteration:
+        return
+    while nxt is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)  # the copy of this batch is done before the step reads it
+        for t in (nxt.images, nxt.labels):
+            t.record_stream(current)  # its memory is not reused by the side stream too early
+        batch = nxt
+        try:
+            nxt = start(next(it))
+        except StopIteration:
+            nxt = None
+        yield batch
