@@ -6,7 +6,7 @@ Shape legend: K baseline members, E experts of a RIDE network, N test images, C 
     ensemble of k   mean over members 1..k of their logits          cost: sum of their MACs
     RIDE, all       mean over the E experts' logits                  cost: trunk + E experts
     RIDE, first k   mean over experts 1..k (one forward, k = 1..E)   cost: trunk + experts 1..k
-    RIDE, routed    routed inference (ride_fast.engine.route)        cost: test-set mean of trunk +
+    RIDE, routed    routed inference (ride_fast.engine.routed_eval) cost: test-set mean of trunk +
                                                                      used experts + routers passed
 
 MACs per image at batch 1, counted with fvcore part by part (ride_fast.profiling). Every point

@@ -26,7 +26,7 @@ import torch
 
 from ride_fast.config import Config, ModelConfig, config_from_dict, config_to_dict, dump_config, update
 from ride_fast.io import atomic_save, atomic_write_text  # noqa: F401  (re-exported)
-from ride_fast.models import RIDENet, create_model
+from ride_fast.models import RIDENet, create_model, to_per_expert
 from ride_fast.router import Router
 
 ROUTED_KIND = "ride_fast.routed"
@@ -133,8 +133,6 @@ def routed_checkpoint(net: RIDENet, router: Router, cfg: Config, threshold: floa
     stored once, as the config's router.threshold (see the module docstring). The network is
     stored in the per-expert layout, like the trainer's checkpoints."""
     if getattr(net, "batched", False):
-        from ride_fast.models.batched import to_per_expert
-
         net = to_per_expert(net)
     config = config_to_dict(cfg)
     config["router"]["threshold"] = float(threshold)

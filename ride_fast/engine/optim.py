@@ -13,7 +13,7 @@ from torch import nn
 
 from ride_fast.engine.checkpoint import CheckpointError
 from ride_fast.models import RIDENet, create_model
-from ride_fast.models.batched import batched_state_dict, per_expert_state_dict
+from ride_fast.models.layout import batched_state_dict, per_expert_state_dict
 
 
 def fused_sgd_supported(device: torch.device) -> bool:

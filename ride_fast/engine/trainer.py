@@ -64,7 +64,7 @@ from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
 from ride_fast.losses import build_loss
 from ride_fast.models import create_model
-from ride_fast.models.batched import per_expert_state_dict
+from ride_fast.models.layout import per_expert_state_dict
 
 
 @dataclass

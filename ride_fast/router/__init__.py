@@ -12,7 +12,7 @@ Shape legend: B images, E experts, R = E - 1 routers, C classes, D pooled featur
     routed_forward(net, router, images, threshold=0.5) -> RoutedOutput(logits [B, C], num_experts [B])
 
 The stage-2 loop (class-balanced sampler of ride_fast.data), checkpoints and the routed report live
-in ride_fast.engine.route.
+in ride_fast.engine.stage2, engine.routed_eval and engine.checkpoint.
 """
 from ride_fast.router.inference import RoutedOutput, RoutedRIDE, gather_rows, routed_forward
 from ride_fast.router.loss import (

@@ -27,7 +27,7 @@ from ride_fast.models import (
     create_model,
     per_expert_state_dict,
 )
-from ride_fast.models.batched import is_per_expert_layout
+from ride_fast.models.layout import is_per_expert_layout
 
 TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.max_steps_per_epoch=2",
         "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=1", "optim.warmup_epochs=1",
