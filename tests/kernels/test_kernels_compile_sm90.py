@@ -31,27 +31,32 @@ SCRIPT = textwrap.dedent(
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         return triton.compile(src, target=target, options={"num_warps": num_warps})
 
-    base = {
+    fwd = {
         "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32",
-        "temp_ptr": "*fp32", "wsum_ptr": "*fp32", "grad_ptr": None, "row_loss_ptr": "*fp32",
+        "temp_ptr": "*fp32", "stats_ptr": "*fp32", "part_ptr": "*fp32",
+        "E": "i32", "C": "i32", "stride_ze": "i64", "stride_zb": "i64", "div_scale": "fp32",
+    }
+    bwd = {
+        "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32",
+        "temp_ptr": "*fp32", "stats_ptr": "*fp32", "aux_ptr": "*fp32", "go_ptr": "*fp32", "g_ptr": None,
         "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i64", "stride_zb": "i64",
         "stride_ge": "i64", "stride_gb": "i64", "div_scale": "fp32",
     }
-    names = ["HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "COMPUTE_GRAD", "E_BLOCK", "BLOCK_C"]
-    for dtype, div, (vecs, grad), (e_block, block_c) in itertools.product(
-        ["fp32", "bf16", "fp16"], [0, 1, 2], [(True, True), (False, False)], [(4, 512)]
+    names = ["HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "BLOCK_C"]
+    for dtype, div, vecs, (e_block, block_c) in itertools.product(
+        ["fp32", "bf16", "fp16"], [0, 1, 2], [True, False], [(4, 512)]
     ):
-        sig = dict(base, z_ptr="*" + dtype, grad_ptr="*" + dtype, **{n: "constexpr" for n in names})
-        cx = dict(zip(names, [vecs, vecs, vecs, div, grad, e_block, block_c]))
-        build(ride_loss._ride_loss_kernel, sig, cx, pick_num_warps(e_block * block_c))
+        cx = dict(zip(names, [vecs, vecs, vecs, div, e_block, block_c]))
+        build(ride_loss._ride_loss_fwd_kernel, dict(fwd, z_ptr="*" + dtype, **{n: "constexpr" for n in names}), cx, pick_num_warps(e_block * block_c))
+        build(ride_loss._ride_loss_bwd_kernel, dict(bwd, z_ptr="*" + dtype, g_ptr="*" + dtype, **{n: "constexpr" for n in names}), cx, pick_num_warps(e_block * block_c))
     # E == 1 and B == 1 arrive as constexpr 1 (Triton specialises integer arguments equal to 1)
     for div in (0, 1):
-        sig = dict(base, z_ptr="*bf16", grad_ptr="*bf16", E="constexpr", B="constexpr", **{n: "constexpr" for n in names})
-        cx = dict(zip(names, [True, True, True, div, True, 1, 2048]), E=1, B=1)
-        build(ride_loss._ride_loss_kernel, sig, cx, 8)
-    build(ride_loss._weight_sum_kernel,
-          {"w_ptr": "*fp32", "target_ptr": "*i64", "out_ptr": "*fp32", "B": "i32", "C": "i32", "BLOCK_B": "constexpr"},
-          {"BLOCK_B": 1024}, 4)
+        cx = dict(zip(names, [True, True, True, div, 1, 2048]), E=1)
+        build(ride_loss._ride_loss_fwd_kernel, dict(fwd, z_ptr="*bf16", E="constexpr", **{n: "constexpr" for n in names}), cx, 8)
+        build(ride_loss._ride_loss_bwd_kernel, dict(bwd, z_ptr="*bf16", g_ptr="*bf16", E="constexpr", B="constexpr", **{n: "constexpr" for n in names}), dict(cx, B=1), 8)
+    build(ride_loss._ride_loss_finish_kernel,
+          {"part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "B": "i32", "BLOCK": "constexpr"},
+          {"BLOCK": 1024}, 4)
     for dtype, grad in itertools.product(["fp32", "bf16", "fp16"], [True, False]):
         sig = {"s_ptr": "*" + dtype, "t_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "row_loss_ptr": "*fp32",
                "C": "i32", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "inv_temp": "fp32",

@@ -175,7 +175,7 @@ def test_phase_switch_and_op_arguments(monkeypatch):
         calls.append(kw)
         return expert_logits.sum() * 0
 
-    monkeypatch.setattr(ride_module, "ride_loss", fake_op)
+    monkeypatch.setattr(ride_module, "_ride_loss_checked", fake_op)
     loss_mod = RIDELoss(COUNTS, reweight_epoch=160, base_temperature=1.5, diversity_factor=-0.3, impl="reference")
     logits, target = _inputs(2, 4, len(COUNTS), dtype=torch.float32)
     C = len(COUNTS)
