@@ -1,4 +1,4 @@
-"""RIDE loss forward + backward per provider and shape (and the KD term), with pytest-benchmark.
+"""RIDE loss forward + backward per provider and shape, with pytest-benchmark.
 
 Shape legend: E experts, B images, C classes. Providers:
 
@@ -23,7 +23,6 @@ import pytest
 import torch
 from _baselines import ride_loss_loop
 
-from ride_fast.ops.distill import kd_loss_reference
 from ride_fast.ops.ride_loss import ride_loss_reference
 from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
 
@@ -126,35 +125,6 @@ def test_bench_ride_loss(benchmark, provider, B, E, C, dtype_name):
 
     run_benchmark(benchmark, step, E * B * C, 2 * E * B * C * z.element_size())
     assert z.grad is not None and z.grad.shape == z.shape
-
-
-KD_SHAPES = [(128, 100), (256, 1000), (512, 8142)]  # (B, C)
-
-
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("B,C", KD_SHAPES, ids=[f"B{b}-C{c}" for b, c in KD_SHAPES])
-@pytest.mark.parametrize("provider", ["eager", "triton"])
-def test_bench_kd_loss(benchmark, provider, B, C, dtype_name):
-    dtype = DTYPES[dtype_name]
-    reason = skip_reason(provider, dtype, benchmark)
-    if reason:
-        pytest.skip(reason)
-    g = torch.Generator().manual_seed(1)
-    s = (6 * torch.randn(B, C, generator=g)).to(DEVICE, dtype).requires_grad_()
-    teacher = (6 * torch.randn(B, C, generator=g)).to(DEVICE, dtype)
-    if provider == "eager":
-        fn = kd_loss_reference
-    else:
-        from ride_fast_kernels.distill import kd_loss_fused as fn
-    benchmark.group = f"kd_loss fwd+bwd B={B} C={C} {dtype_name}"
-
-    def step():
-        s.grad = None
-        fn(s, teacher, 1.5).backward()
-        synchronize()
-
-    # floor: read student and teacher once, write the gradient once
-    run_benchmark(benchmark, step, B * C, 3 * B * C * s.element_size())
 
 
 def test_loop_baseline_matches_reference():

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from ride_fast_kernels import distill, ride_loss
+    from ride_fast_kernels import ride_loss
     from ride_fast_kernels._utils import pick_num_warps
 
     target = GPUTarget("cuda", 90, 32)
@@ -57,11 +57,6 @@ SCRIPT = textwrap.dedent(
     build(ride_loss._ride_loss_finish_kernel,
           {"part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "B": "i32", "BLOCK": "constexpr"},
           {"BLOCK": 1024}, 4)
-    for dtype, grad in itertools.product(["fp32", "bf16", "fp16"], [True, False]):
-        sig = {"s_ptr": "*" + dtype, "t_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "row_loss_ptr": "*fp32",
-               "C": "i32", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "inv_temp": "fp32",
-               "loss_scale": "fp32", "grad_scale": "fp32", "COMPUTE_GRAD": "constexpr", "BLOCK_C": "constexpr"}
-        build(distill._kd_loss_kernel, sig, {"COMPUTE_GRAD": grad, "BLOCK_C": 2048}, 8)
     print("compiled for sm_90")
     """
 )
