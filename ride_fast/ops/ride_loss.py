@@ -259,6 +259,13 @@ def _(grad_output, expert_logits, target, margins, class_weights, temperature, s
     return torch.empty(expert_logits.shape, dtype=expert_logits.dtype, device=expert_logits.device)
 
 
+def _eager(t: Tensor) -> bool:
+    """A real tensor outside any tracing (dynamo, AOT autograd, make_fx): reading it is allowed."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and get_proxy_mode() is None
+
+
 def _setup_context(ctx, inputs, output):
     z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _ = inputs
     _, saved, aux = output
@@ -280,7 +287,7 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
     if ctx.needs_input_grad[0]:
         if (
             not use_triton
-            and not torch.compiler.is_compiling()
+            and _eager(grad_loss)
             and grad_loss.device.type == "cpu"
             and saved.dtype == ctx.z_dtype
             and bool(grad_loss == 1.0)  # a host read, free on the CPU; eager only

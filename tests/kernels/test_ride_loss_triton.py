@@ -361,3 +361,11 @@ def test_gpu_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and torch.isfinite(op_loss)
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_opcheck_triton_path(diversity):
+    """The op's Triton branch: schema, fake implementation and autograd registration agree."""
+    z, y, m, w, t = make_inputs(3, 4, 20, seed=71)
+    args = (z.requires_grad_(), y, m, w, t, LAMBDA, TM, diversity, True, True)
+    torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, args)
