@@ -1,7 +1,7 @@
 """Fused RIDE stage-1 loss: every expert's LDAM cross-entropy and the diversity KL (forward kernel),
 and the gradient with respect to every expert's logits, already multiplied by grad_output
-(backward kernel). Three launches per training step: forward rows, the finishing reduction,
-backward rows.
+(backward kernel). Two launches per training step; the forward's last program to finish
+reduces the rows' partial sums (a ticket counter, then a fixed-order sum: deterministic).
 
 Shape legend: E experts, B images (rows), C classes.
 
@@ -15,6 +15,7 @@ Shape legend: E experts, B images (rows), C classes.
     part           [B, 3]     float32 per-row partial sums: w_y sum_k nll_k, the row's diversity
                               term, w_y (1 without weights)
     aux            [1]        float32 sum_i w_{y_i} (B without weights), kept for the backward
+    counter        [1]        int32 ticket counter (one per device, zero between launches)
     grad           [E, B, C]  grad_output * d loss / d expert_logits, logits' dtype, contiguous
 
 Math (all in float32), with a_k = z_k - margins[y] * onehot(y), u_k = z_k / T, q_k = softmax(u_k),
@@ -51,9 +52,11 @@ bytes this gives per GPU.
 Instruction shape: one program per row holds all E experts in one [E_BLOCK, BLOCK_C] tile
 (E_BLOCK = next_pow2(E)); the class axis runs as an unmasked main loop over full blocks (vector
 loads when the logits' row and expert strides are multiples of 16 elements, which Triton sees as
-divisibility) and one masked tail block. Register budget: at most 128 registers per thread and no
-spills, so that two 8-warp programs (or four 4-warp ones) share an SM and keep loads in flight
-while the other computes.
+divisibility) and one masked tail block. Register budget: 64 registers per thread (maxnreg) and
+no spills, so that four 8-warp programs share an SM (64K registers): each keeps one tile load in
+flight, E_BLOCK * BLOCK_C = 2048 elements, 8 KB in float32, so an SM has about 32 KB of loads in
+flight, what an H100 / H200 needs per SM to cover DRAM latency at full bandwidth (bandwidth x
+latency / SMs). Shared memory (the block reductions) is at most 8 KB per program.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
@@ -81,12 +84,24 @@ __all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "ride_loss_backward", "ride_los
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
-#: Registers per thread the design allows (see the module docstring); the compiler report and its
-#: test hold every variant to it.
-REGISTER_BUDGET = 128
+#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check that
+#: no variant spills under it): 4 programs of 8 warps per SM, see the module docstring.
+REGISTER_BUDGET = 64
 
-#: Rows reduced per step by the finishing kernel.
+#: Rows reduced per step by the forward's finishing program.
 _FINISH_BLOCK = 1024
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _ticket_counter(device: torch.device) -> Tensor:
+    """The forward's int32 ticket counter on `device`: zero between calls (the last program of
+    each launch resets it), allocated once, so a launch needs no memset. Launches that share it
+    must not overlap: one stream per device, as a training loop runs the loss."""
+    counter = _COUNTERS.get(device)
+    if counter is None:
+        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 # --------------------------------------------------------------------------- kernels
@@ -155,13 +170,14 @@ def _fwd_block(m_z, s_rest, m_u, s_u, t_k, m_v, s_v,
 @triton.jit
 def _ride_loss_fwd_kernel(
     z_ptr, target_ptr, margin_ptr, weight_ptr, temp_ptr,  # inputs
-    stats_ptr, part_ptr,  # outputs: [B, 3, E] and [B, 3] float32
-    E, C,
+    stats_ptr, part_ptr, loss_ptr, aux_ptr,  # outputs: [B, 3, E], [B, 3], [], [1] float32
+    counter_ptr,  # int32 ticket counter, 0 between calls (the last program resets it)
+    E, B, C,
     stride_ze, stride_zb,  # logits strides (class stride is 1)
     div_scale,  # lam * Tm^2 / B ("mean") or lam * Tm^2 / (B (E-1)) ("pairwise")
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
-    E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+    E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = row * stride_zb
@@ -226,21 +242,27 @@ def _ride_loss_fwd_kernel(
     tl.store(part_ptr + row * 3, cls_part)
     tl.store(part_ptr + row * 3 + 1, div_part)
     tl.store(part_ptr + row * 3 + 2, w_y)
+    # the last program to finish reduces every row's partial sums (the atomic orders the stores
+    # above before it: release; and the other programs' stores before the loads below: acquire)
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == B - 1:
+        _finish(part_ptr, loss_ptr, aux_ptr, B, FINISH_BLOCK)
+        tl.store(counter_ptr, 0)  # ready for the next call
 
 
 @triton.jit
-def _ride_loss_finish_kernel(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
+def _finish(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
     """loss = sum_i part[i, 0] / sum_i part[i, 2] + sum_i part[i, 1]; aux[0] = sum_i part[i, 2].
-    One program, fixed order: deterministic."""
+    One program, fixed order: deterministic whichever program runs it."""
     cls = tl.zeros([BLOCK], dtype=tl.float32)
     div = tl.zeros([BLOCK], dtype=tl.float32)
     wsum = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, B, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < B
-        cls += tl.load(part_ptr + offs * 3, mask=mask, other=0.0)
-        div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0)
-        wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0)
+        cls += tl.load(part_ptr + offs * 3, mask=mask, other=0.0, cache_modifier=".cg")
+        div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0, cache_modifier=".cg")
+        wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg")
     w = tl.sum(wsum, axis=0)
     tl.store(loss_ptr, tl.sum(cls, axis=0) / w + tl.sum(div, axis=0))
     tl.store(aux_ptr, w)
@@ -379,6 +401,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     part = part_out if part_out is not None else torch.empty((B, 3), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     aux = torch.empty(1, dtype=torch.float32, device=device)
+    counter = _ticket_counter(device)
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
     bc = pick_block_c(E, C, block_c)
@@ -388,11 +411,11 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
         margins if margins is not None else dummy,
         class_weights if class_weights is not None else dummy,
         temperature if temperature is not None else dummy,
-        stats, part, E, C, z.stride(0), z.stride(1), float(div_scale),
+        stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc),
+        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, FINISH_BLOCK=_FINISH_BLOCK,
+        num_warps=pick_num_warps(e_block * bc), maxnreg=REGISTER_BUDGET,
     )
-    _ride_loss_finish_kernel[(1,)](part, loss, aux, B, BLOCK=_FINISH_BLOCK, num_warps=4)
     return loss, stats, aux
 
 
@@ -413,7 +436,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
         temperature if temperature is not None else dummy,
         stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc),
+        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc), maxnreg=REGISTER_BUDGET,
     )
     return g
 

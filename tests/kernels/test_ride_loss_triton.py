@@ -369,3 +369,19 @@ def test_opcheck_triton_path(diversity):
     z, y, m, w, t = make_inputs(3, 4, 20, seed=71)
     args = (z.requires_grad_(), y, m, w, t, LAMBDA, TM, diversity, True, True)
     torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, args)
+
+
+def test_forward_reduces_in_its_last_program_and_resets_the_ticket():
+    """The loss is the fixed-order sum of the rows' partial sums, written by the forward's last
+    program; the ticket counter is zero again after every launch (the next call relies on it)."""
+    from ride_fast_kernels.ride_loss import _ticket_counter
+
+    z, y, m, w, t = make_inputs(3, 37, 20, seed=81)
+    part = torch.full((37, 3), float("nan"), device=DEVICE)
+    losses = [ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "pairwise", part_out=part)[0] for _ in range(3)]
+    assert int(_ticket_counter(z.device).item()) == 0
+    expected = part[:, 0].sum() / part[:, 2].sum() + part[:, 1].sum()
+    torch.testing.assert_close(losses[0], expected, rtol=1e-6, atol=1e-6)
+    assert losses[0].item() == losses[1].item() == losses[2].item()  # deterministic
+    _, _, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM)
+    torch.testing.assert_close(aux, w[y].sum().reshape(1))
