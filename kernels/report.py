@@ -17,6 +17,10 @@ triton wheel; no driver), one row per kernel variant:
     logit_loads   vector width in bytes of the main loop's global loads of the logits (16: one
                   128-bit load per instruction), and grad_stores likewise for the gradient
     vectorised    every logit load (and gradient store) in the main loop is a vector access
+    mufu_per_element, alu_per_element
+                  the main loop's MUFU instructions (ex2, lg2, rcp) and other float
+                  instructions (add, mul, fma, max, setp, selp, cvt, shfl ...) per logit: what
+                  benchmarks/loss_traffic.py charges against the SM's rates
 
 The main loop is the first loop of the PTX (the unmasked full-block loop); the logits' accesses
 are told apart from the per-class vectors by their cache hints (evict_last in the forward,
@@ -109,24 +113,31 @@ def _width_bytes(suffixes: str) -> int:
     return vec * bits // 8
 
 
+_MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?(ex2|lg2|rcp|rsqrt|sqrt)\.approx")
+_ALU = re.compile(r"^\s*(?:@%p\d+\s+)?(add|sub|mul|fma|max|min|neg|abs|selp|setp|cvt|shfl|mov)\.[\w.]*f(16|32)\b|^\s*(?:@%p\d+\s+)?(shfl|selp)\.")
+
+
 def main_loop_accesses(ptx: str, hint: str) -> dict:
-    """Widths (bytes) of the global loads / stores carrying `hint` in the first loop of the PTX."""
+    """Widths (bytes) of the global loads / stores carrying `hint` in the first loop of the PTX,
+    and its counts of MUFU instructions (ex2, lg2, rcp ...) and other float instructions."""
     lines = ptx.splitlines()
     header = next((i for i, line in enumerate(lines) if "Loop Header" in line), None)
     if header is None:
-        return {"loads": [], "stores": []}
+        return {"loads": [], "stores": [], "mufu": 0, "alu": 0}
     start = next(i for i in range(header, -1, -1) if lines[i].startswith("$L__BB"))
     label = lines[start].split(":")[0].strip()
     end = next(i for i in range(header + 1, len(lines)) if re.search(rf"bra(?:\.uni)?\s+{re.escape(label)};", lines[i]))
-    loads, stores = [], []
+    loads, stores, mufu, alu = [], [], 0, 0
     for line in lines[start:end + 1]:
         m = _ACCESS.search(line)
         if m and hint in m.group(2):
             (loads if m.group(1) == "ld" else stores).append(_width_bytes(m.group(2)))
-    return {"loads": loads, "stores": stores}
+        mufu += bool(_MUFU.search(line))
+        alu += bool(_ALU.search(line))
+    return {"loads": loads, "stores": stores, "mufu": mufu, "alu": alu}
 
 
-def _row(kernel, variant, gradient, compiled, arch, hint):
+def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread):
     usage = ptxas_usage(compiled.asm["ptx"], arch)
     acc = main_loop_accesses(compiled.asm["ptx"], hint)
     vec = lambda widths: bool(widths) and all(w >= 8 for w in widths)  # noqa: E731
@@ -142,6 +153,9 @@ def _row(kernel, variant, gradient, compiled, arch, hint):
         "logit_loads": min(acc["loads"]) if acc["loads"] else None,
         "grad_stores": min(acc["stores"]) if acc["stores"] else None,
         "vectorised": vectorised,
+        # per logit, in the main loop: exponentials (MUFU) and other float instructions
+        "mufu_per_element": round(acc["mufu"] / elements_per_thread, 2),
+        "alu_per_element": round(acc["alu"] / elements_per_thread, 2),
     }
 
 
@@ -161,14 +175,14 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.REGISTER_BUDGET)
-        rows.append(_row("fwd", variant, False, k, arch, "evict_last"))
+        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * bc / (32 * warps)))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
         c = dict(cx)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.REGISTER_BUDGET)
-        rows.append(_row("bwd", variant, True, k, arch, "evict_first"))
+        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * bc / (32 * warps)))
     return rows
 
 
@@ -208,7 +222,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    cols = ["kernel", "variant", "gradient", "registers", "spills", "shared_bytes", "num_warps", "logit_loads", "grad_stores", "vectorised"]
+    cols = ["kernel", "variant", "gradient", "registers", "spills", "shared_bytes", "num_warps", "logit_loads", "grad_stores", "vectorised", "mufu_per_element", "alu_per_element"]
     print("  ".join(f"{c:>12}" if c != "variant" else f"{c:<24}" for c in cols))
     for r in rows:
         print("  ".join(f"{str(r[c]):>12}" if c != "variant" else f"{r[c]:<24}" for c in cols))
