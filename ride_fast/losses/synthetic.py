@@ -11,7 +11,7 @@ Shape legend: E experts, B images, C classes.
     margins      [C]        s * m_c (`ldam_margins`)
     class_weights[C]        DRW weights (`class_balanced_weights`), None in the first phase
     temperature  [C]        T_base * t_c (`diversity_temperatures`), None in the first phase
-                            (all ones: the op's default)
+                            (all ones: the op's default) unless T_base != 1
     temperature_mean        mean_c T_c of the phase (a host float)
 
 Everything derived from the counts goes through `ride_fast.losses.weights`, so the inputs of a
@@ -67,11 +67,13 @@ def ride_loss_inputs(
     base_temperature: float = 1.0,
     margins: bool = True,
     vector_dtype: torch.dtype = torch.float32,
+    confident: bool = True,
 ) -> RideLossInputs:
     """Inputs of `ride_fast.ops.ride_loss` as training builds them (see the module docstring).
 
     phase 0: margins only (before the DRW switch, T = 1); phase 1: margins, DRW weights and the
-    distribution-aware temperatures. `margins=False` drops the margins (plain CE). The logits are
+    distribution-aware temperatures. `margins=False` drops the margins (plain CE);
+    `confident=False` leaves the "gaussian" logits without the confident rows. The logits are
     drawn in float64 and cast to `dtype`; the vectors come in `vector_dtype`.
     """
     if phase not in (0, 1):
@@ -82,8 +84,9 @@ def ride_loss_inputs(
     if logits == "gaussian":
         z = scale * torch.randn(E, B, C, generator=g, dtype=torch.float64)
         y = torch.randint(0, C, (B,), generator=g)
-        rows = torch.arange(0, B, 2)
-        z[:, rows, y[rows]] += 2.0 * scale  # every other row confident in its target
+        if confident:
+            rows = torch.arange(0, B, 2)
+            z[:, rows, y[rows]] += 2.0 * scale  # every other row confident in its target
     else:
         z = s * torch.tanh(0.3 * torch.randn(E, B, C, generator=g, dtype=torch.float64))
         y = torch.randint(0, C, (B,), generator=g)
