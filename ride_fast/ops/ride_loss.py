@@ -140,6 +140,10 @@ def ride_diversity_reference(
 # --------------------------------------------------------------------------- dispatch
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+try:  # a torch-only module: reading the kernels' limits does not import triton
+    from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES, check_logits
+except ImportError:  # the kernels package is not installed: no fused path
+    _TRITON_INSTALLED = False
 Path = Literal["triton", "analytic", "reference"]
 
 
@@ -161,8 +165,6 @@ def ride_loss_path(
     if not individual:
         return "reference"
     if torch.device(device).type == "cuda" and _TRITON_INSTALLED:
-        from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES  # torch-only module
-
         fits = (num_experts is None or 1 <= num_experts <= MAX_EXPERTS) and (num_classes is None or 2 <= num_classes <= MAX_CLASSES)
         if dtype in SUPPORTED_DTYPES and fits:
             return "triton"
@@ -361,8 +363,8 @@ def _ride_loss_checked(
     if impl == "reference" or not individual or not _constants_only(margins, class_weights, temperature):
         return ride_loss_reference(*args, individual)
     if impl == "triton":
-        from ride_fast_kernels._utils import MAX_EXPERTS, check_logits
-
+        if not _TRITON_INSTALLED:
+            raise RuntimeError("impl='triton' needs the triton package and ride_fast_kernels; use impl='auto'")
         check_logits("expert_logits", expert_logits, 3, "[E, B, C]")
         if expert_logits.shape[0] > MAX_EXPERTS:
             raise ValueError(f"expert_logits has E = {expert_logits.shape[0]} experts; the fused kernel supports at most {MAX_EXPERTS}")
