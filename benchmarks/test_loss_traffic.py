@@ -53,7 +53,6 @@ def test_traffic_within_1_3_of_the_floor(gpu):
 SHORT_OF_70 = {
     ("h200", "bfloat16", "mean", 0), ("h200", "bfloat16", "pairwise", 0),
     ("h200", "bfloat16", "mean", 1), ("h200", "bfloat16", "pairwise", 1),
-    ("h100", "bfloat16", "pairwise", 1),
 }
 
 

@@ -12,7 +12,7 @@ triton wheel; no driver), one row per kernel variant:
     variant       E<experts>-<mode>-<dtype>-phase<0|1> (phase 0: margins only and T = 1, the
                   shared-exponential path; phase 1: margins, DRW weights, temperatures)
     gradient      whether the kernel runs for the gradient (bwd) or for every call (fwd)
-    registers     per thread (ptxas -v), under the launchers' maxnreg (REGISTER_BUDGET);
+    registers     per thread (ptxas -v), under the launchers' maxnreg (register_budget);
                   spills: spill store + load bytes; shared_bytes: static + Triton's scratch
     logit_loads   vector width in bytes of the main loop's global loads of the logits (16: one
                   128-bit load per instruction), and grad_stores likewise for the gradient
@@ -137,7 +137,7 @@ def main_loop_accesses(ptx: str, hint: str) -> dict:
     return {"loads": loads, "stores": stores, "mufu": mufu, "alu": alu}
 
 
-def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread):
+def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, budget):
     usage = ptxas_usage(compiled.asm["ptx"], arch)
     acc = main_loop_accesses(compiled.asm["ptx"], hint)
     vec = lambda widths: bool(widths) and all(w >= 8 for w in widths)  # noqa: E731
@@ -153,6 +153,7 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread):
         "logit_loads": min(acc["loads"]) if acc["loads"] else None,
         "grad_stores": min(acc["stores"]) if acc["stores"] else None,
         "vectorised": vectorised,
+        "register_budget": budget,
         # per logit, in the main loop: exponentials (MUFU) and other float instructions
         "mufu_per_element": round(acc["mufu"] / elements_per_thread, 2),
         "alu_per_element": round(acc["alu"] / elements_per_thread, 2),
@@ -174,15 +175,15 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
         c = dict(cx, FINISH_BLOCK=ride_loss._FINISH_BLOCK)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.REGISTER_BUDGET)
-        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * bc / (32 * warps)))
+        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block))
+        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * bc / (32 * warps), ride_loss.register_budget(e_block)))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
         c = dict(cx)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.REGISTER_BUDGET)
-        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * bc / (32 * warps)))
+        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block))
+        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * bc / (32 * warps), ride_loss.register_budget(e_block)))
     return rows
 
 

@@ -52,8 +52,9 @@ bytes this gives per GPU.
 Instruction shape: one program per row holds all E experts in one [E_BLOCK, BLOCK_C] tile
 (E_BLOCK = next_pow2(E)); the class axis runs as an unmasked main loop over full blocks (vector
 loads when the logits' row and expert strides are multiples of 16 elements, which Triton sees as
-divisibility) and one masked tail block. Register budget: 64 registers per thread (maxnreg) and
-no spills, so that four 8-warp programs share an SM (64K registers): each keeps one tile load in
+divisibility) and one masked tail block. Register budget: 64 registers per thread (maxnreg; 80
+for 5 to 8 experts, three programs) and no spills, so that four 8-warp programs share an SM
+(64K registers): each keeps one tile load in
 flight, E_BLOCK * BLOCK_C = 2048 elements, 8 KB in float32, so an SM has about 32 KB of loads in
 flight, what an H100 / H200 needs per SM to cover DRAM latency at full bandwidth (bandwidth x
 latency / SMs). Shared memory (the block reductions) is at most 8 KB per program.
@@ -78,15 +79,22 @@ from ride_fast_kernels._utils import (
 )
 from torch import Tensor
 
-__all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "ride_loss_backward", "ride_loss_forward", "ride_loss_fused"]
+__all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "register_budget", "ride_loss_backward", "ride_loss_forward", "ride_loss_fused"]
 
 #: constexpr codes of the diversity term
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
 #: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check that
-#: no variant spills under it): 4 programs of 8 warps per SM, see the module docstring.
+#: no variant spills under it): 4 programs of 8 warps per SM, see the module docstring. Tiles of
+#: 8 experts keep twice the per-expert running state and get REGISTER_BUDGET_E8 (3 programs).
 REGISTER_BUDGET = 64
+REGISTER_BUDGET_E8 = 80
+
+
+def register_budget(e_block: int) -> int:
+    """maxnreg of a [E_BLOCK, BLOCK_C] tile's kernels."""
+    return REGISTER_BUDGET if e_block <= 4 else REGISTER_BUDGET_E8
 
 #: Rows reduced per step by the forward's finishing program.
 _FINISH_BLOCK = 1024
@@ -132,7 +140,7 @@ def _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr,
 
 @triton.jit
 def _fwd_block(m_z, s_rest, m_u, s_u, t_k, m_v, s_v,
-               z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E,
+               z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
                MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
     """Fold one class block into the running sums of the forward (see the module docstring)."""
     x, inv_t = _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr, MASKED, HAS_TEMP, "evict_last")
@@ -154,13 +162,16 @@ def _fwd_block(m_z, s_rest, m_u, s_u, t_k, m_v, s_v,
             u = x
             beta = alpha
             eu = e
+        # padded experts read 0, so sums over experts need no mask
         if DIV_MODE == 2:
-            valid = e_mask[:, None] & (eu > 0.0)
-            u_sum = tl.sum(tl.where(e_mask[:, None], u, 0.0), axis=0)
+            u_sum = tl.sum(u, axis=0)
             h = E * u - u_sum[None, :]
-            t_k = t_k * beta + tl.sum(tl.where(valid, eu * h, 0.0), axis=1)
+            if MASKED:  # padded classes: u = -inf, h = nan, eu = 0
+                t_k = t_k * beta + tl.sum(tl.where(eu > 0.0, eu * h, 0.0), axis=1)
+            else:  # all finite; a padded expert's t_k is never read
+                t_k = t_k * beta + tl.sum(eu * h, axis=1)
         if DIV_MODE == 1:
-            v = tl.sum(tl.where(e_mask[:, None], x, 0.0), axis=0) / E * inv_t
+            v = tl.sum(x, axis=0) * inv_e * inv_t
             mv_new = tl.maximum(m_v, tl.max(v, axis=0))
             s_v = s_v * tl.exp(m_v - mv_new) + tl.sum(tl.exp(v - mv_new), axis=0)
             m_v = mv_new
@@ -204,16 +215,17 @@ def _ride_loss_fwd_kernel(
     t_k = tl.zeros([E_BLOCK], dtype=tl.float32)
     m_v = float("-inf")
     s_v = 0.0
+    inv_e = 1.0 / E
     c_main = C - C % BLOCK_C
     for start in range(0, c_main, BLOCK_C):  # full blocks, no class mask
         offs_c = start + tl.arange(0, BLOCK_C)
         m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_block(
-            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E,
+            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
             False, HAS_TEMP, DIV_MODE)
     if c_main < C:  # the partial last block
         offs_c = c_main + tl.arange(0, BLOCK_C)
         m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_block(
-            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E,
+            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
             True, HAS_TEMP, DIV_MODE)
 
     lse_a = m_z + tl.log(s_rest + tl.exp(a_y - m_z))
@@ -269,7 +281,7 @@ def _finish(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E,
+def _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
                g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
                MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
     """Write grad_output * d loss / d z for one class block (see the module docstring)."""
@@ -286,12 +298,12 @@ def _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E,
         pa = tl.where(is_y, pa_y[:, None], q * ratio[:, None])
     g = cg * (pa - is_y.to(tl.float32))
     if DIV_MODE == 1:
-        v = tl.sum(tl.where(e_mask[:, None], x, 0.0), axis=0) / E * inv_t
+        v = tl.sum(x, axis=0) * inv_e * inv_t  # padded experts read 0
         p = tl.exp(v - slot2)  # slot2 holds lse(zbar / T), the same for every expert
         g += dg * (q - p[None, :]) * inv_t[None, :]
     if DIV_MODE == 2:
         log_q = u - lse_u[:, None]
-        s_sum = tl.sum(tl.where(e_mask[:, None], log_q, 0.0), axis=0)
+        s_sum = tl.sum(log_q, axis=0)  # a padded expert's log_q is 0 - 0
         q_sum = tl.sum(tl.where(e_mask[:, None], q, 0.0), axis=0)
         g += dg * (q * (E * log_q - s_sum[None, :] - slot2[:, None]) + E * q - q_sum[None, :]) * inv_t[None, :]
     ptrs = g_ptr + g_row + ge_off[:, None] + offs_c[None, :]
@@ -346,15 +358,16 @@ def _ride_loss_bwd_kernel(
         slot2 = tl.load(stats_ptr + row * 3 * E + 2 * E)  # lse(zbar / T): one value per row
     else:
         slot2 = tl.load(st + 2 * E, mask=e_mask, other=0.0)
+    inv_e = 1.0 / E
     c_main = C - C % BLOCK_C
     for start in range(0, c_main, BLOCK_C):
         offs_c = start + tl.arange(0, BLOCK_C)
-        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E,
+        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
                    g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
                    False, HAS_TEMP, DIV_MODE)
     if c_main < C:
         offs_c = c_main + tl.arange(0, BLOCK_C)
-        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E,
+        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
                    g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
                    True, HAS_TEMP, DIV_MODE)
 
@@ -414,7 +427,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
         stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
         DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, FINISH_BLOCK=_FINISH_BLOCK,
-        num_warps=pick_num_warps(e_block * bc), maxnreg=REGISTER_BUDGET,
+        num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
     )
     return loss, stats, aux
 
@@ -436,7 +449,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
         temperature if temperature is not None else dummy,
         stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc), maxnreg=REGISTER_BUDGET,
+        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
     )
     return g
 

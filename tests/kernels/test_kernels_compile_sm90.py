@@ -31,8 +31,8 @@ SCRIPT = textwrap.dedent(
     # B == 1 and E == 1 arrive as constexpr 1 (Triton specialises integer arguments equal to 1)
     sig = dict(report._BWD, z_ptr="*bf16", g_ptr="*bf16", E="constexpr", B="constexpr", **{n: "constexpr" for n in report._CONSTEXPRS})
     cx = dict(zip(report._CONSTEXPRS, [True, True, True, 1, 1, 2048]), E=1, B=1)
-    report._compile(ride_loss._ride_loss_bwd_kernel, sig, cx, 8, "sm_90", report._PTR_ARGS, ride_loss.REGISTER_BUDGET)
-    print(json.dumps({"budget": ride_loss.REGISTER_BUDGET, "rows": rows}))
+    report._compile(ride_loss._ride_loss_bwd_kernel, sig, cx, 8, "sm_90", report._PTR_ARGS, ride_loss.register_budget(1))
+    print(json.dumps({"rows": rows}))
     """
 )
 
@@ -58,7 +58,7 @@ def test_kernels_compile_for_sm90_within_budget():
     for row in rows:
         where = f"{row['kernel']} {row['variant']}"
         assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
-        assert row["registers"] <= out["budget"], f"{where} uses {row['registers']} registers > {out['budget']}"
+        assert row["registers"] <= row["register_budget"] <= 80, f"{where} uses {row['registers']} registers > {row['register_budget']}"
         assert row["shared_bytes"] <= 8192, f"{where} uses {row['shared_bytes']} bytes of shared memory"
         # a class stride padded to 16: every logit load (and gradient store) is 16 bytes wide
         assert row["vectorised"] and row["logit_loads"] == 16, f"{where}: main-loop logit loads {row['logit_loads']} bytes"
