@@ -272,21 +272,21 @@ def _setup_context(ctx, inputs, output):
     z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _ = inputs
     _, saved, aux = output
     ctx.mark_non_differentiable(saved, aux)
-    ctx.save_for_backward(z, target, margins, class_weights, temperature, aux)
-    # a plain reference, not save_for_backward: the analytic gradient may be handed to autograd
-    # as it is (below); holding it here makes autograd copy rather than steal it for a leaf's
-    # .grad, so a second backward (retain_graph=True) still finds it unchanged
-    ctx.saved = saved
+    ctx.set_materialize_grads(False)  # no [E, B, C] of zeros for the outputs that carry no gradient
+    # saved through an alias of its own (same storage, own version counter), not as the output
+    # itself: autograd then treats it like any tensor saved for backward, so the analytic
+    # gradient handed over below is stolen (no copy) when the graph is freed and copied into a
+    # leaf's .grad when the graph is retained
+    ctx.save_for_backward(z, target, margins, class_weights, temperature, aux, saved.new_empty(0).set_(saved))
     ctx.args = (lam, tm, diversity, use_triton)
     ctx.z_dtype = z.dtype
 
 
 def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
-    z, target, margins, class_weights, temperature, aux = ctx.saved_tensors
-    saved = ctx.saved
+    z, target, margins, class_weights, temperature, aux, saved = ctx.saved_tensors
     lam, tm, diversity, use_triton = ctx.args
     grad = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:
         if (
             not use_triton
             and _eager(grad_loss)
