@@ -2,7 +2,7 @@
 
 Shape legend: E experts, B images, C classes.
 
-`ride_loss_loop` transcribes the per-expert loop of the official `RIDELoss.forward`
+`original_ride_loss_forward` transcribes the per-expert loop of the official `RIDELoss.forward`
 (frank-xwang/RIDE-LongTailRecognition, model/loss.py): for every expert a separate LDAM margin
 subtraction (one-hot mask, batch margin by a [1, C] @ [C, B] matmul, torch.where),
 F.cross_entropy with the class weights, a tempered log_softmax, the softmax of the mean logits
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def ride_loss_loop(
+def original_ride_loss_forward(
     expert_logits: Tensor,
     target: Tensor,
     margins: Tensor | None = None,
@@ -26,7 +26,8 @@ def ride_loss_loop(
     diversity_factor: float = 0.0,
     temperature_mean: float = 1.0,
 ) -> Tensor:
-    """Loop-per-expert RIDE loss ("mean" diversity) as in the original code; float32 scalar."""
+    """The original code's RIDELoss.forward on prepared margins / weights / temperatures: a loop
+    over experts, "mean" diversity; float32 scalar. The speed baseline of the benchmarks."""
     output_logits = expert_logits.mean(0)  # the model's mean logits
     T = temperature.view(1, -1) if temperature is not None else 1.0
     loss = 0

@@ -1,4 +1,4 @@
-"""RIDE loss forward + backward per provider and shape (and the KD term), with pytest-benchmark.
+"""RIDE loss forward + backward per provider and shape, with pytest-benchmark.
 
 Shape legend: E experts, B images, C classes. Providers:
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _baselines import ride_loss_loop
+from _baselines import original_ride_loss_forward
 
-from ride_fast.ops.distill import kd_loss_reference
+from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss_reference
 from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
 
@@ -37,19 +37,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def ride_inputs(B, E, C, dtype, device=DEVICE, seed=0):
-    """Cosine-like s-scaled logits and the phase-2 (after DRW) margins, weights and temperatures."""
-    g = torch.Generator().manual_seed(seed)
-    z = 30.0 * torch.tanh(0.3 * torch.randn(E, B, C, generator=g))
-    y = torch.randint(0, C, (B,), generator=g)
-    counts = torch.randint(2, 1000, (C,), generator=g).double()
-    m = counts**-0.25
-    margins = 30.0 * 0.5 * m / m.max()
-    w = (1 - 0.9999) / (1 - 0.9999**counts)
-    w = w / w.sum() * C
-    t = C * counts / counts.sum() * 0.02 + 0.98
-    t = t / t.max()
-    vecs = [v.float().to(device) for v in (margins, w, t)]
-    return z.to(device=device, dtype=dtype), y.to(device), *vecs
+    """Cosine-like s-scaled logits and the phase-2 (after DRW) margins, weights and temperatures,
+    from long-tailed class counts (the shared builder, ride_fast.losses.synthetic)."""
+    inp = ride_loss_inputs(E, B, C, phase=1, dtype=dtype, device=device, seed=seed, logits="cosine", reweight_factor=0.02)
+    return inp.logits, inp.target, *inp.vectors
 
 
 _compiled = {}
@@ -59,7 +50,7 @@ def loss_fn(provider):
     if provider == "eager":
         return ride_loss_reference
     if provider == "loop":
-        return lambda z, y, m, w, t, lam, tm, diversity: ride_loss_loop(z, y, m, w, t, lam, tm)
+        return lambda z, y, m, w, t, lam, tm, diversity: original_ride_loss_forward(z, y, m, w, t, lam, tm)
     if provider == "analytic":
         return ride_loss_analytic
     if provider == "compile":
@@ -128,41 +119,12 @@ def test_bench_ride_loss(benchmark, provider, B, E, C, dtype_name):
     assert z.grad is not None and z.grad.shape == z.shape
 
 
-KD_SHAPES = [(128, 100), (256, 1000), (512, 8142)]  # (B, C)
-
-
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("B,C", KD_SHAPES, ids=[f"B{b}-C{c}" for b, c in KD_SHAPES])
-@pytest.mark.parametrize("provider", ["eager", "triton"])
-def test_bench_kd_loss(benchmark, provider, B, C, dtype_name):
-    dtype = DTYPES[dtype_name]
-    reason = skip_reason(provider, dtype, benchmark)
-    if reason:
-        pytest.skip(reason)
-    g = torch.Generator().manual_seed(1)
-    s = (6 * torch.randn(B, C, generator=g)).to(DEVICE, dtype).requires_grad_()
-    teacher = (6 * torch.randn(B, C, generator=g)).to(DEVICE, dtype)
-    if provider == "eager":
-        fn = kd_loss_reference
-    else:
-        from ride_fast_kernels.distill import kd_loss_fused as fn
-    benchmark.group = f"kd_loss fwd+bwd B={B} C={C} {dtype_name}"
-
-    def step():
-        s.grad = None
-        fn(s, teacher, 1.5).backward()
-        synchronize()
-
-    # floor: read student and teacher once, write the gradient once
-    run_benchmark(benchmark, step, B * C, 3 * B * C * s.element_size())
-
-
 def test_loop_baseline_matches_reference():
     """The loop-per-expert baseline computes the same loss and gradient as the reference."""
     z, y, m, w, t = ride_inputs(16, 3, 50, torch.float32, device="cpu", seed=2)
     for vecs in ((m, w, t), (m, None, None), (None, None, None)):
         a = z.clone().requires_grad_()
         b = z.clone().requires_grad_()
-        ride_loss_loop(a, y, *vecs, LAMBDA, TM).backward()
+        original_ride_loss_forward(a, y, *vecs, LAMBDA, TM).backward()
         ride_loss_reference(b, y, *vecs, LAMBDA, TM, "mean").backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)

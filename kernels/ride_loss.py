@@ -1,17 +1,24 @@
-"""Fused RIDE stage-1 loss: every expert's LDAM cross-entropy, the diversity KL and the gradient
-with respect to every expert's logits, in one kernel launch (plus a tiny one for the weight sum).
+"""Fused RIDE stage-1 loss: every expert's LDAM cross-entropy and the diversity KL (forward kernel),
+and the gradient with respect to every expert's logits, already multiplied by grad_output
+(backward kernel). Two launches per training step; the forward's last program to finish
+reduces the rows' partial sums (a ticket counter, then a fixed-order sum: deterministic).
 
 Shape legend: E experts, B images (rows), C classes.
 
-    expert_logits  [E, B, C]  s-scaled logits z_k (float32, bfloat16 or float16; any strides)
+    expert_logits  [E, B, C]  s-scaled logits z_k (float32, bfloat16 or float16; unit class stride)
     target         [B]        int64 (or int32) class indices y_i
     margins        [C]        s * m_c, subtracted from the target logit only (None: plain CE)
     class_weights  [C]        DRW weights w_c (None: plain batch mean)
     temperature    [C]        diversity temperatures T_c (None: all ones)
-    grad           [E, B, C]  d loss / d expert_logits, in the logits' dtype (contiguous)
-    row_loss       [B]        float32 per-image share of the loss; loss = row_loss.sum()
+    stats          [B, 3, E]  float32 per-row statistics the forward keeps for the backward:
+                              lse(a_k), lse(z_k / T), and K_k ("pairwise") or lse(zbar / T) ("mean")
+    part           [B, 3]     float32 per-row partial sums: w_y sum_k nll_k, the row's diversity
+                              term, w_y (1 without weights)
+    aux            [1]        float32 sum_i w_{y_i} (B without weights), kept for the backward
+    counter        [1]        int32 ticket counter (one per device, zero between launches)
+    grad           [E, B, C]  grad_output * d loss / d expert_logits, logits' dtype, contiguous
 
-Math (all in float32), with a_k = z_k - margins[y] * onehot(y), q_k = softmax(z_k / T),
+Math (all in float32), with a_k = z_k - margins[y] * onehot(y), u_k = z_k / T, q_k = softmax(u_k),
 pbar = softmax(zbar / T) where zbar = mean_k z_k (pbar carries no gradient), Tm = temperature_mean,
 lam = diversity_factor, c_i = w_{y_i} / sum_j w_{y_j} (or 1/B without weights):
 
@@ -24,24 +31,37 @@ lam = diversity_factor, c_i = w_{y_i} / sum_j w_{y_j} (or 1/B without weights):
                    + lam Tm^2 / B (q_ki - pbar_i) / T                                "mean"
                    + lam Tm^2 / (B (E-1)) [q_k (E log q_k - S - K_k) + E q_k - sum_j q_j] / T
                                                                                     "pairwise"
-(the pairwise gradient goes through both distributions of every pair; with Q = sum_j q_j it is
-d/du_k of E sum_k <q_k, log q_k> - <Q, S>, using sum_c Q_c = E). Because sum_k z_k / T = E zbar / T,
-the "mean" KL of a row needs only the log-sum-exps: sum_k KL(pbar || q_k) = sum_k lse(z_k / T)
-- E lse(zbar / T).
 
-Passes over one row of E x C values (one program per row, all E experts in one
-[E_BLOCK, BLOCK_C] tile, E_BLOCK = next_pow2(E), the class axis in blocks of BLOCK_C; the
-gradient is stored once, already final, in a contiguous [E, B, C] buffer of the logits' dtype):
-  pass 1  online max / sum-exp per expert of a_k and z_k / T, and of zbar / T ("mean"):
-          with a_k[y] (one load per expert) this gives the CE loss and the "mean" KL
-  pass 2  ("pairwise" only) K_k, which needs every expert's log q at each class
-  last    (when a gradient is wanted) writes d loss / d z for the whole row
-The row's loss goes to row_loss[i]; the launcher sums it with torch (no atomics, deterministic).
-A row is read from DRAM once (later passes mostly hit L2: one row is E*C*itemsize bytes) and its
-gradient written once: the floor for a loss with its gradient.
+One pass per kernel. Both terms of the forward are online (running max, rescaled sums):
+    sum_k KL(pbar || q_k) = sum_k lse(u_k) - E lse(zbar / T)        (sum_k u_k = E zbar / T)
+    K_k = sum_c q_kc h_kc - E lse(u_k) + sum_j lse(u_j),  h_kc = E u_kc - sum_j u_jc
+and sum_c q_kc h_kc = t_k / s_k with t_k = sum_c exp(u_kc - m_k) h_kc rescaled like s_k, so the
+forward reads each logit exactly once. Without a temperature vector (T = 1, the first DRW phase
+with T_base = 1) the exponentials are shared: exp(z - max z) serves lse(a_k) (every class but the
+target, whose a_y is added once per expert), lse(u_k) and, in the backward, both softmaxes
+(softmax(a_k)_c = q_kc exp(lse u_k - lse a_k) off the target): one exp per element, plus one per
+class for pbar ("mean").
 
-The weighted-mean denominator sum_i w_{y_i} is reduced on the device by `_weight_sum_kernel`
-(never read back); the backward only scales the stored gradient by grad_output.
+Memory traffic (the floor of a loss with its gradient is 2 E B C itemsize: read the logits once,
+write the gradient once): the forward reads the logits once (loads marked evict_last); the
+backward reads them once more, rows in reverse order so that the rows the forward read last,
+still in L2, come first, and writes the gradient once with evict_first stores that do not push
+them out. Per-row statistics are 12 E + 12 bytes. `benchmarks/loss_traffic.py` models the DRAM
+bytes this gives per GPU.
+
+Instruction shape: one program per row holds all E experts in one [E_BLOCK, BLOCK_C] tile
+(E_BLOCK = next_pow2(E)); the class axis runs as an unmasked main loop over full blocks (vector
+loads when the logits' row and expert strides are multiples of 16 elements, which Triton sees as
+divisibility) and one masked tail block. Register budget: 64 registers per thread (maxnreg; 80
+for 5 to 8 experts, three programs) and no spills, so that four 8-warp programs share an SM
+(64K registers): each keeps one tile load in
+flight, E_BLOCK * BLOCK_C = 2048 elements, 8 KB in float32, so an SM has about 32 KB of loads in
+flight, what an H100 / H200 needs per SM to cover DRAM latency at full bandwidth (bandwidth x
+latency / SMs). Shared memory (the block reductions) is at most 8 KB per program.
+
+grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
+2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
+logits' dtype.
 """
 from __future__ import annotations
 
@@ -59,85 +79,123 @@ from ride_fast_kernels._utils import (
 )
 from torch import Tensor
 
-__all__ = ["DIVERSITY_MODES", "ride_loss_forward", "ride_loss_fused"]
+__all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "register_budget", "ride_loss_backward", "ride_loss_forward", "ride_loss_fused"]
 
 #: constexpr codes of the diversity term
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
+
+#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check that
+#: no variant spills under it): 4 programs of 8 warps per SM, see the module docstring. Tiles of
+#: 8 experts keep twice the per-expert running state and get REGISTER_BUDGET_E8 (3 programs).
+REGISTER_BUDGET = 64
+REGISTER_BUDGET_E8 = 80
+
+
+def register_budget(e_block: int) -> int:
+    """maxnreg of a [E_BLOCK, BLOCK_C] tile's kernels."""
+    return REGISTER_BUDGET if e_block <= 4 else REGISTER_BUDGET_E8
+
+#: Rows reduced per step by the forward's finishing program.
+_FINISH_BLOCK = 1024
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _ticket_counter(device: torch.device) -> Tensor:
+    """The forward's int32 ticket counter on `device`: zero between calls (the last program of
+    each launch resets it), allocated once, so a launch needs no memset. Launches that share it
+    must not overlap: one stream per device, as a training loop runs the loss."""
+    counter = _COUNTERS.get(device)
+    if counter is None:
+        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _weight_sum_kernel(w_ptr, target_ptr, out_ptr, B, C, BLOCK_B: tl.constexpr):
-    """out[0] = sum_i w[target[i]] (out-of-range targets contribute 0). One program."""
-    acc = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for start in range(0, B, BLOCK_B):
-        offs = start + tl.arange(0, BLOCK_B)
-        y = tl.load(target_ptr + offs, mask=offs < B, other=-1).to(tl.int32)
-        ok = (offs < B) & (y >= 0) & (y < C)
-        acc += tl.load(w_ptr + y, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _online_lse_2d(m, s, x):
-    """Online log-sum-exp over the class axis of x [E_BLOCK, BLOCK_C]: running max m, sum s [E_BLOCK]."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-    return m_new, s
-
-
-@triton.jit
-def _online_lse_1d(m, s, x):
-    """Online log-sum-exp of a vector x [BLOCK_C]: running max m and sum s (scalars)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-    return m_new, s
-
-
-@triton.jit
-def _inv_temperature(temp_ptr, offs_c, c_mask, HAS_TEMP: tl.constexpr, BLOCK_C: tl.constexpr):
-    """1 / T_c for one block of classes (ones without a temperature vector)."""
-    if HAS_TEMP:
-        return 1.0 / tl.load(temp_ptr + offs_c, mask=c_mask, other=1.0)
+def _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr,
+                MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, EVICT: tl.constexpr):
+    """One [E_BLOCK, BLOCK_C] float32 tile of a row and 1/T of its classes. Padded experts read 0;
+    padded classes (MASKED tail block only) read -inf."""
+    ptrs = z_ptr + z_row + ze_off[:, None] + offs_c[None, :]
+    if MASKED:
+        c_mask = offs_c < C
+        x = tl.load(ptrs, mask=e_mask[:, None] & c_mask[None, :], other=0.0, eviction_policy=EVICT).to(tl.float32)
+        x = tl.where(c_mask[None, :], x, float("-inf"))
+        if HAS_TEMP:
+            inv_t = 1.0 / tl.load(temp_ptr + offs_c, mask=c_mask, other=1.0)
+        else:
+            inv_t = tl.full(offs_c.shape, 1.0, tl.float32)
     else:
-        return tl.full([BLOCK_C], 1.0, tl.float32)
+        x = tl.load(ptrs, mask=e_mask[:, None], other=0.0, eviction_policy=EVICT).to(tl.float32)
+        if HAS_TEMP:
+            inv_t = 1.0 / tl.load(temp_ptr + offs_c)
+        else:
+            inv_t = tl.full(offs_c.shape, 1.0, tl.float32)
+    return x, inv_t
 
 
 @triton.jit
-def _load_tile(z_ptr, row_off, e_off, offs_c, e_mask, c_mask):
-    """[E_BLOCK, BLOCK_C] float32 tile of one row: padded experts read 0, padded classes -inf."""
-    ptrs = z_ptr + row_off + e_off[:, None] + offs_c[None, :]
-    x = tl.load(ptrs, mask=e_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    return tl.where(c_mask[None, :], x, float("-inf"))
+def _fwd_block(m_z, s_rest, m_u, s_u, t_k, m_v, s_v,
+               z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
+               MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
+    """Fold one class block into the running sums of the forward (see the module docstring)."""
+    x, inv_t = _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr, MASKED, HAS_TEMP, "evict_last")
+    is_y = (offs_c == y)[None, :]
+    # exp(z - max z): every class but the target feeds lse(a_k); the target's a_y comes later
+    mz_new = tl.maximum(m_z, tl.max(x, axis=1))
+    alpha = tl.exp(m_z - mz_new)
+    e = tl.exp(x - mz_new[:, None])
+    s_rest = s_rest * alpha + tl.sum(tl.where(is_y, 0.0, e), axis=1)
+    if DIV_MODE != 0:
+        if HAS_TEMP:
+            u = x * inv_t[None, :]
+            mu_new = tl.maximum(m_u, tl.max(u, axis=1))
+            beta = tl.exp(m_u - mu_new)
+            eu = tl.exp(u - mu_new[:, None])
+            s_u = s_u * beta + tl.sum(eu, axis=1)
+            m_u = mu_new
+        else:  # T = 1: u = z, the same exponentials (lse(u) follows from s_rest at the end)
+            u = x
+            beta = alpha
+            eu = e
+        # padded experts read 0, so sums over experts need no mask
+        if DIV_MODE == 2:
+            u_sum = tl.sum(u, axis=0)
+            h = E * u - u_sum[None, :]
+            if MASKED:  # padded classes: u = -inf, h = nan, eu = 0
+                t_k = t_k * beta + tl.sum(tl.where(eu > 0.0, eu * h, 0.0), axis=1)
+            else:  # all finite; a padded expert's t_k is never read
+                t_k = t_k * beta + tl.sum(eu * h, axis=1)
+        if DIV_MODE == 1:
+            v = tl.sum(x, axis=0) * inv_e * inv_t
+            mv_new = tl.maximum(m_v, tl.max(v, axis=0))
+            s_v = s_v * tl.exp(m_v - mv_new) + tl.sum(tl.exp(v - mv_new), axis=0)
+            m_v = mv_new
+    return mz_new, s_rest, m_u, s_u, t_k, m_v, s_v
 
 
 @triton.jit
-def _ride_loss_kernel(
-    z_ptr, target_ptr, margin_ptr, weight_ptr, temp_ptr, wsum_ptr,  # inputs
-    grad_ptr, row_loss_ptr,  # outputs
+def _ride_loss_fwd_kernel(
+    z_ptr, target_ptr, margin_ptr, weight_ptr, temp_ptr,  # inputs
+    stats_ptr, part_ptr, loss_ptr, aux_ptr,  # outputs: [B, 3, E], [B, 3], [], [1] float32
+    counter_ptr,  # int32 ticket counter, 0 between calls (the last program resets it)
     E, B, C,
     stride_ze, stride_zb,  # logits strides (class stride is 1)
-    stride_ge, stride_gb,  # gradient strides (class stride is 1)
     div_scale,  # lam * Tm^2 / B ("mean") or lam * Tm^2 / (B (E-1)) ("pairwise")
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
-    COMPUTE_GRAD: tl.constexpr,
-    E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+    E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    z_row = row64 * stride_zb
-    g_row = row64 * stride_gb
-
+    row = tl.program_id(0).to(tl.int64)
+    z_row = row * stride_zb
     offs_e = tl.arange(0, E_BLOCK)
     e_mask = offs_e < E
     ze_off = offs_e.to(tl.int64) * stride_ze
-    ge_off = offs_e.to(tl.int64) * stride_ge
 
-    # ---- per-row scalars: target, its margin, the CE coefficient c_i
     y = tl.load(target_ptr + row).to(tl.int32)
     y_ok = (y >= 0) & (y < C)
     if HAS_MARGIN:
@@ -145,100 +203,255 @@ def _ride_loss_kernel(
     else:
         m_y = 0.0
     if HAS_WEIGHT:
-        coef = tl.load(weight_ptr + y, mask=y_ok, other=0.0) / tl.load(wsum_ptr)
+        w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
     else:
-        coef = 1.0 / B
-    # target logit of every expert, with its margin: a_k[y]
+        w_y = 1.0
     a_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32) - m_y
 
-    # ---- pass 1: online log-sum-exp of a_k, z_k / T and zbar / T
-    m_a = tl.full([E_BLOCK], float("-inf"), tl.float32)
-    s_a = tl.zeros([E_BLOCK], dtype=tl.float32)
+    m_z = tl.full([E_BLOCK], float("-inf"), tl.float32)
+    s_rest = tl.zeros([E_BLOCK], dtype=tl.float32)
     m_u = tl.full([E_BLOCK], float("-inf"), tl.float32)
     s_u = tl.zeros([E_BLOCK], dtype=tl.float32)
+    t_k = tl.zeros([E_BLOCK], dtype=tl.float32)
     m_v = float("-inf")
     s_v = 0.0
-    for start in range(0, C, BLOCK_C):
+    inv_e = 1.0 / E
+    c_main = C - C % BLOCK_C
+    for start in range(0, c_main, BLOCK_C):  # full blocks, no class mask
         offs_c = start + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
-        x = _load_tile(z_ptr, z_row, ze_off, offs_c, e_mask, c_mask)
-        is_y = (offs_c == y)[None, :]
-        a = tl.where(is_y, x - m_y, x)
-        m_a, s_a = _online_lse_2d(m_a, s_a, a)
-        if DIV_MODE != 0:
-            inv_t = _inv_temperature(temp_ptr, offs_c, c_mask, HAS_TEMP, BLOCK_C)
-            m_u, s_u = _online_lse_2d(m_u, s_u, x * inv_t[None, :])
-            if DIV_MODE == 1:
-                zbar = tl.sum(tl.where(e_mask[:, None], x, 0.0), axis=0) / E
-                m_v, s_v = _online_lse_1d(m_v, s_v, zbar * inv_t)
-    lse_a = m_a + tl.log(s_a)
-    lse_u = tl.zeros([E_BLOCK], dtype=tl.float32)
-    lse_v = 0.0
-    if DIV_MODE != 0:
-        lse_u = m_u + tl.log(s_u)
-        if DIV_MODE == 1:
-            lse_v = m_v + tl.log(s_v)
+        m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_block(
+            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
+            False, HAS_TEMP, DIV_MODE)
+    if c_main < C:  # the partial last block
+        offs_c = c_main + tl.arange(0, BLOCK_C)
+        m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_block(
+            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
+            True, HAS_TEMP, DIV_MODE)
 
-    # ---- pass 2 ("pairwise"): K_k = sum_c q_kc (E log q_kc - S_c)
-    kpair = tl.zeros([E_BLOCK], dtype=tl.float32)
-    if DIV_MODE == 2:
-        for start in range(0, C, BLOCK_C):
-            offs_c = start + tl.arange(0, BLOCK_C)
-            c_mask = offs_c < C
-            valid = e_mask[:, None] & c_mask[None, :]
-            x = _load_tile(z_ptr, z_row, ze_off, offs_c, e_mask, c_mask)
-            inv_t = _inv_temperature(temp_ptr, offs_c, c_mask, HAS_TEMP, BLOCK_C)
-            logq = tl.where(valid, x * inv_t[None, :] - lse_u[:, None], 0.0)
-            q = tl.where(valid, tl.exp(logq), 0.0)
-            s_sum = tl.sum(logq, axis=0)
-            kpair += tl.sum(q * (E * logq - s_sum[None, :]), axis=1)
-
-    # ---- last pass: the gradient
-    if COMPUTE_GRAD:
-        for start in range(0, C, BLOCK_C):
-            offs_c = start + tl.arange(0, BLOCK_C)
-            c_mask = offs_c < C
-            valid = e_mask[:, None] & c_mask[None, :]
-            x = _load_tile(z_ptr, z_row, ze_off, offs_c, e_mask, c_mask)
-            if DIV_MODE != 0:
-                inv_t = _inv_temperature(temp_ptr, offs_c, c_mask, HAS_TEMP, BLOCK_C)
-                logq = tl.where(valid, x * inv_t[None, :] - lse_u[:, None], 0.0)
-                q = tl.where(valid, tl.exp(logq), 0.0)
-                if DIV_MODE == 1:
-                    zbar = tl.sum(tl.where(e_mask[:, None], x, 0.0), axis=0) / E
-                    p = tl.where(c_mask, tl.exp(zbar * inv_t - lse_v), 0.0)
-                    g_div = (q - p[None, :]) * inv_t[None, :]
-                else:
-                    s_sum = tl.sum(logq, axis=0)
-                    q_sum = tl.sum(q, axis=0)
-                    g_div = (q * (E * logq - s_sum[None, :] - kpair[:, None]) + E * q - q_sum[None, :]) * inv_t[None, :]
-            is_y = (offs_c == y)[None, :]
-            a = tl.where(is_y, x - m_y, x)
-            g = coef * (tl.exp(a - lse_a[:, None]) - is_y.to(tl.float32))
-            if DIV_MODE != 0:
-                g += div_scale * g_div
-            g_ptrs = grad_ptr + g_row + ge_off[:, None] + offs_c[None, :]
-            tl.store(g_ptrs, g.to(grad_ptr.dtype.element_ty), mask=valid)
-
-    # ---- the row's loss
+    lse_a = m_z + tl.log(s_rest + tl.exp(a_y - m_z))
     nll = tl.where(e_mask, lse_a - a_y, 0.0)
-    loss = coef * tl.sum(nll, axis=0)
-    if DIV_MODE == 1:  # sum_k KL(pbar || q_k) = sum_k lse(z_k / T) - E lse(zbar / T)
-        loss += div_scale * tl.sum(tl.where(e_mask, lse_u - lse_v, 0.0), axis=0)
+    cls_part = w_y * tl.sum(nll, axis=0)
+    cls_part = tl.where(y_ok, cls_part, float("nan"))  # an out-of-range target poisons the loss
+    slot2 = tl.zeros([E_BLOCK], dtype=tl.float32)
+    div_part = 0.0
+    if HAS_TEMP:
+        lse_u = m_u + tl.log(s_u)
+    else:  # lse(z): the shared sum plus the target's own exp(z_y - max)
+        s_u = s_rest + tl.exp(a_y + m_y - m_z)
+        lse_u = m_z + tl.log(s_u)
+    if DIV_MODE == 1:
+        lse_v = m_v + tl.log(s_v)
+        slot2 = slot2 + lse_v
+        div_part = div_scale * tl.sum(tl.where(e_mask, lse_u - lse_v, 0.0), axis=0)
     if DIV_MODE == 2:
-        loss += div_scale * tl.sum(tl.where(e_mask, kpair, 0.0), axis=0)
-    loss = tl.where(y_ok, loss, float("nan"))  # an out-of-range target poisons the loss
-    tl.store(row_loss_ptr + row, loss)
+        l_sum = tl.sum(tl.where(e_mask, lse_u, 0.0), axis=0)
+        slot2 = t_k / s_u - E * lse_u + l_sum  # K_k
+        div_part = div_scale * tl.sum(tl.where(e_mask, slot2, 0.0), axis=0)
+    st = stats_ptr + row * 3 * E + offs_e
+    tl.store(st, lse_a, mask=e_mask)
+    tl.store(st + E, lse_u, mask=e_mask)
+    tl.store(st + 2 * E, slot2, mask=e_mask)
+    tl.store(part_ptr + row * 3, cls_part)
+    tl.store(part_ptr + row * 3 + 1, div_part)
+    tl.store(part_ptr + row * 3 + 2, w_y)
+    # the last program to finish reduces every row's partial sums (the atomic orders the stores
+    # above before it: release; and the other programs' stores before the loads below: acquire)
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == B - 1:
+        _finish(part_ptr, loss_ptr, aux_ptr, B, FINISH_BLOCK)
+        tl.store(counter_ptr, 0)  # ready for the next call
+
+
+@triton.jit
+def _finish(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
+    """loss = sum_i part[i, 0] / sum_i part[i, 2] + sum_i part[i, 1]; aux[0] = sum_i part[i, 2].
+    One program, fixed order: deterministic whichever program runs it."""
+    cls = tl.zeros([BLOCK], dtype=tl.float32)
+    div = tl.zeros([BLOCK], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < B
+        cls += tl.load(part_ptr + offs * 3, mask=mask, other=0.0, cache_modifier=".cg")
+        div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0, cache_modifier=".cg")
+        wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg")
+    w = tl.sum(wsum, axis=0)
+    tl.store(loss_ptr, tl.sum(cls, axis=0) / w + tl.sum(div, axis=0))
+    tl.store(aux_ptr, w)
+
+
+@triton.jit
+def _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
+               g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
+               MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
+    """Write grad_output * d loss / d z for one class block (see the module docstring)."""
+    x, inv_t = _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr, MASKED, HAS_TEMP, "evict_first")
+    is_y = (offs_c == y)[None, :]
+    if HAS_TEMP:
+        u = x * inv_t[None, :]
+        a = tl.where(is_y, x - m_y, x)
+        pa = tl.exp(a - lse_a[:, None])
+        q = tl.exp(u - lse_u[:, None])
+    else:  # one exponential: softmax(a) = q * exp(lse_u - lse_a) off the target
+        u = x
+        q = tl.exp(x - lse_u[:, None])
+        pa = tl.where(is_y, pa_y[:, None], q * ratio[:, None])
+    g = cg * (pa - is_y.to(tl.float32))
+    if DIV_MODE == 1:
+        v = tl.sum(x, axis=0) * inv_e * inv_t  # padded experts read 0
+        p = tl.exp(v - slot2)  # slot2 holds lse(zbar / T), the same for every expert
+        g += dg * (q - p[None, :]) * inv_t[None, :]
+    if DIV_MODE == 2:
+        log_q = u - lse_u[:, None]
+        s_sum = tl.sum(log_q, axis=0)  # a padded expert's log_q is 0 - 0
+        q_sum = tl.sum(tl.where(e_mask[:, None], q, 0.0), axis=0)
+        g += dg * (q * (E * log_q - s_sum[None, :] - slot2[:, None]) + E * q - q_sum[None, :]) * inv_t[None, :]
+    ptrs = g_ptr + g_row + ge_off[:, None] + offs_c[None, :]
+    if MASKED:
+        tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=e_mask[:, None] & (offs_c < C)[None, :], eviction_policy="evict_first")
+    else:
+        tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=e_mask[:, None], eviction_policy="evict_first")
+
+
+@triton.jit
+def _ride_loss_bwd_kernel(
+    z_ptr, target_ptr, margin_ptr, weight_ptr, temp_ptr, stats_ptr, aux_ptr, go_ptr,  # inputs
+    g_ptr,  # output [E, B, C], contiguous
+    E, B, C,
+    stride_ze, stride_zb, stride_ge, stride_gb,
+    div_scale,
+    HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
+    DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # rows in reverse order: the rows the forward read last are the likeliest still in L2
+    row = (B - 1 - tl.program_id(0)).to(tl.int64)
+    z_row = row * stride_zb
+    g_row = row * stride_gb
+    offs_e = tl.arange(0, E_BLOCK)
+    e_mask = offs_e < E
+    ze_off = offs_e.to(tl.int64) * stride_ze
+    ge_off = offs_e.to(tl.int64) * stride_ge
+
+    y = tl.load(target_ptr + row).to(tl.int32)
+    y_ok = (y >= 0) & (y < C)
+    if HAS_MARGIN:
+        m_y = tl.load(margin_ptr + y, mask=y_ok, other=0.0)
+    else:
+        m_y = 0.0
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
+    else:
+        w_y = 1.0
+    go = tl.load(go_ptr).to(tl.float32)  # grad_output stays float32
+    cg = w_y / tl.load(aux_ptr) * go
+    dg = div_scale * go
+    st = stats_ptr + row * 3 * E + offs_e
+    lse_a = tl.load(st, mask=e_mask, other=0.0)
+    lse_u = tl.load(st + E, mask=e_mask, other=0.0)
+    ratio = tl.zeros([E_BLOCK], dtype=tl.float32)
+    pa_y = tl.zeros([E_BLOCK], dtype=tl.float32)
+    if not HAS_TEMP:
+        z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
+        ratio = tl.exp(lse_u - lse_a)
+        pa_y = tl.exp(z_y - m_y - lse_a)
+    if DIV_MODE == 1:
+        slot2 = tl.load(stats_ptr + row * 3 * E + 2 * E)  # lse(zbar / T): one value per row
+    else:
+        slot2 = tl.load(st + 2 * E, mask=e_mask, other=0.0)
+    inv_e = 1.0 / E
+    c_main = C - C % BLOCK_C
+    for start in range(0, c_main, BLOCK_C):
+        offs_c = start + tl.arange(0, BLOCK_C)
+        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
+                   g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
+                   False, HAS_TEMP, DIV_MODE)
+    if c_main < C:
+        offs_c = c_main + tl.arange(0, BLOCK_C)
+        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
+                   g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
+                   True, HAS_TEMP, DIV_MODE)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def _weight_sum(class_weights: Tensor, target: Tensor, n_classes: int) -> Tensor:
-    """sum_i w[target[i]] as a float32 [1] device tensor (no host sync)."""
-    out = torch.empty(1, dtype=torch.float32, device=target.device)
-    _weight_sum_kernel[(1,)](class_weights, target, out, target.numel(), n_classes, BLOCK_B=1024, num_warps=4)
-    return out
+def _div_mode(diversity: str, diversity_factor: float, temperature_mean: float, E: int, B: int) -> tuple[int, float]:
+    if diversity_factor == 0.0 or (diversity == "pairwise" and E == 1):
+        return _DIV_NONE, 0.0
+    if diversity == "mean":
+        return _DIV_MEAN, diversity_factor * temperature_mean**2 / B
+    return _DIV_PAIRWISE, diversity_factor * temperature_mean**2 / (B * (E - 1))
+
+
+def _validate(expert_logits, target, margins, class_weights, temperature, diversity):
+    check_logits("expert_logits", expert_logits, 3, "[E, B, C]")
+    E, B, C = expert_logits.shape
+    if E > MAX_EXPERTS:
+        raise ValueError(f"expert_logits has E = {E} experts; the fused kernel supports at most {MAX_EXPERTS}")
+    if diversity not in DIVERSITY_MODES:
+        raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
+    device = expert_logits.device
+    target = check_targets(target, B, C, device, f"expert_logits {tuple(expert_logits.shape)}")
+    vecs = [check_vector(n, v, C, device) for n, v in (("margins", margins), ("class_weights", class_weights), ("temperature", temperature))]
+    return (target, *vecs)
+
+
+def _prepare(expert_logits, target, margins, class_weights, temperature):
+    """Unit class stride, contiguous target and float32 vectors; no checks (already validated)."""
+    z = expert_logits.detach()
+    if z.stride(2) != 1:  # the kernels read the class axis with unit stride
+        z = z.contiguous()
+    f32 = lambda v: None if v is None else v.detach().to(torch.float32).contiguous()  # noqa: E731
+    return z, target.contiguous(), f32(margins), f32(class_weights), f32(temperature)
+
+
+def _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
+             block_c=None, stats_out=None, part_out=None):
+    """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1])."""
+    E, B, C = z.shape
+    device = z.device
+    stats = stats_out if stats_out is not None else torch.empty((B, 3, E), dtype=torch.float32, device=device)
+    part = part_out if part_out is not None else torch.empty((B, 3), dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    aux = torch.empty(1, dtype=torch.float32, device=device)
+    counter = _ticket_counter(device)
+    div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
+    e_block = next_power_of_2(E)
+    bc = pick_block_c(E, C, block_c)
+    dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
+    _ride_loss_fwd_kernel[(B,)](
+        z, target,
+        margins if margins is not None else dummy,
+        class_weights if class_weights is not None else dummy,
+        temperature if temperature is not None else dummy,
+        stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
+        HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
+        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, FINISH_BLOCK=_FINISH_BLOCK,
+        num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
+    )
+    return loss, stats, aux
+
+
+def _backward(grad_output, z, target, margins, class_weights, temperature, stats, aux,
+              diversity_factor, temperature_mean, diversity, block_c=None, grad_out=None):
+    """Launch the backward on prepared inputs: grad_output * d loss / d z, [E, B, C] in z's dtype."""
+    E, B, C = z.shape
+    g = grad_out if grad_out is not None else torch.empty((E, B, C), dtype=z.dtype, device=z.device)
+    go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
+    div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
+    e_block = next_power_of_2(E)
+    bc = pick_block_c(E, C, block_c)
+    dummy = aux
+    _ride_loss_bwd_kernel[(B,)](
+        z, target,
+        margins if margins is not None else dummy,
+        class_weights if class_weights is not None else dummy,
+        temperature if temperature is not None else dummy,
+        stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
+        HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
+        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
+    )
+    return g
 
 
 def ride_loss_forward(
@@ -250,105 +463,56 @@ def ride_loss_forward(
     diversity_factor: float = 0.0,
     temperature_mean: float = 1.0,
     diversity: str = "mean",
-    compute_grad: bool = True,
+    block_c: int | None = None,
+    stats_out: Tensor | None = None,
+    part_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate and launch the forward: (loss float32 scalar, stats [B, 3, E], aux [1]).
+
+    `block_c` overrides the class-block width (a power of two >= 16); `stats_out` ([B, 3, E]) and
+    `part_out` ([B, 3]) are optional float32 buffers (tests pass poisoned ones). Under
+    RIDE_FAST_DEBUG=1 the target range is checked too (a host sync); otherwise a target out of
+    range yields a NaN loss.
+    """
+    target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
+    E, B, C = expert_logits.shape
+    for name, buf, shape in (("stats_out", stats_out, (B, 3, E)), ("part_out", part_out, (B, 3))):
+        if buf is not None and (tuple(buf.shape) != shape or buf.dtype != torch.float32 or not buf.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous float32 {list(shape)} tensor, got {tuple(buf.shape)} {buf.dtype}")
+    z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)
+    return _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
+                    block_c, stats_out, part_out)
+
+
+def ride_loss_backward(
+    grad_output: Tensor,
+    expert_logits: Tensor,
+    target: Tensor,
+    margins: Tensor | None,
+    class_weights: Tensor | None,
+    temperature: Tensor | None,
+    stats: Tensor,
+    aux: Tensor,
+    diversity_factor: float = 0.0,
+    temperature_mean: float = 1.0,
+    diversity: str = "mean",
     block_c: int | None = None,
     grad_out: Tensor | None = None,
-    row_loss_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Launch the fused kernel: returns (loss float32 scalar, grad [E, B, C] or None).
-
-    `block_c` overrides the class-block width (a power of two >= 16); `grad_out` ([E, B, C],
-    contiguous, the logits' dtype) and `row_loss_out` ([B] float32) are optional output buffers
-    (tests pass poisoned ones). Validates shapes, dtypes and devices; under RIDE_FAST_DEBUG=1 also
-    the target range (a host sync). A target out of range otherwise yields a NaN loss.
-    """
-    check_logits("expert_logits", expert_logits, 3, "[E, B, C]")
+) -> Tensor:
+    """Validate and launch the backward: grad_output * d loss / d expert_logits, [E, B, C] in the
+    logits' dtype, from the forward's `stats` and `aux`. `grad_out` is an optional output buffer
+    ([E, B, C], the logits' dtype, unit class stride)."""
+    target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
     E, B, C = expert_logits.shape
-    if E > MAX_EXPERTS:
-        raise ValueError(f"expert_logits has E = {E} experts; the fused kernel supports at most {MAX_EXPERTS}")
-    if diversity not in DIVERSITY_MODES:
-        raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
-    device = expert_logits.device
-    target = check_targets(target, B, C, device, f"expert_logits {tuple(expert_logits.shape)}")
-    margins = check_vector("margins", margins, C, device)
-    class_weights = check_vector("class_weights", class_weights, C, device)
-    temperature = check_vector("temperature", temperature, C, device)
-
-    z = expert_logits.detach()
-    if z.stride(2) != 1:  # the kernel reads the class axis with unit stride (coalesced)
-        z = z.contiguous()
-
-    if compute_grad:
-        if grad_out is None:
-            grad_out = torch.empty((E, B, C), dtype=z.dtype, device=device)
-        elif grad_out.shape != (E, B, C) or grad_out.dtype != z.dtype or grad_out.stride(2) != 1 or grad_out.device != device:
-            raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {z.dtype} on {device} with unit class stride")
-        grad_arg = grad_out
-    else:
-        grad_out = None
-        grad_arg = z  # never written (COMPUTE_GRAD=False)
-    if row_loss_out is None:
-        row_loss_out = torch.empty(B, dtype=torch.float32, device=device)
-    elif row_loss_out.shape != (B,) or row_loss_out.dtype != torch.float32 or not row_loss_out.is_contiguous():
-        raise ValueError(f"row_loss_out must be a contiguous float32 [B] = [{B}] tensor, got {tuple(row_loss_out.shape)} {row_loss_out.dtype}")
-
-    if diversity_factor == 0.0 or (diversity == "pairwise" and E == 1):
-        div_mode, div_scale = _DIV_NONE, 0.0
-    elif diversity == "mean":
-        div_mode, div_scale = _DIV_MEAN, diversity_factor * temperature_mean**2 / B
-    else:
-        div_mode, div_scale = _DIV_PAIRWISE, diversity_factor * temperature_mean**2 / (B * (E - 1))
-
-    wsum = _weight_sum(class_weights, target, C) if class_weights is not None else row_loss_out  # dummy ptr
-    e_block = next_power_of_2(E)
-    bc = pick_block_c(E, C, block_c)
-    dummy = row_loss_out  # pointer for absent optional vectors (never read: constexpr flags)
-    _ride_loss_kernel[(B,)](
-        z, target,
-        margins if margins is not None else dummy,
-        class_weights if class_weights is not None else dummy,
-        temperature if temperature is not None else dummy,
-        wsum,
-        grad_arg, row_loss_out,
-        E, B, C,
-        z.stride(0), z.stride(1),
-        grad_arg.stride(0), grad_arg.stride(1),
-        float(div_scale),
-        HAS_MARGIN=margins is not None,
-        HAS_WEIGHT=class_weights is not None,
-        HAS_TEMP=temperature is not None,
-        DIV_MODE=div_mode,
-        COMPUTE_GRAD=compute_grad,
-        E_BLOCK=e_block,
-        BLOCK_C=bc,
-        num_warps=pick_num_warps(e_block * bc),
-    )
-    return row_loss_out.sum(), grad_out
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-class _RideLossFunction(torch.autograd.Function):
-    """Forward = the fused kernel (loss and gradient); backward = gradient * grad_output."""
-
-    @staticmethod
-    def forward(ctx, expert_logits, target, margins, class_weights, temperature,
-                diversity_factor, temperature_mean, diversity, block_c):
-        loss, grad = ride_loss_forward(
-            expert_logits, target, margins, class_weights, temperature,
-            diversity_factor, temperature_mean, diversity,
-            compute_grad=ctx.needs_input_grad[0], block_c=block_c,
-        )
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # out of place, so a second backward (retain_graph=True) sees the unscaled gradient
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None, None
+    if grad_output.numel() != 1 or not grad_output.is_floating_point():
+        raise ValueError(f"grad_output must be a floating-point scalar, got shape {tuple(grad_output.shape)} {grad_output.dtype}")
+    if tuple(stats.shape) != (B, 3, E) or aux.shape != (1,):
+        raise ValueError(f"stats must be [B, 3, E] = {[B, 3, E]} and aux [1], got {tuple(stats.shape)} and {tuple(aux.shape)}")
+    if grad_out is not None and (grad_out.shape != (E, B, C) or grad_out.dtype != expert_logits.dtype or grad_out.stride(2) != 1 or grad_out.device != expert_logits.device):
+        raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {expert_logits.dtype} on {expert_logits.device} with unit class stride")
+    z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)
+    return _backward(grad_output, z, target, margins, class_weights, temperature, stats.contiguous(), aux,
+                     diversity_factor, temperature_mean, diversity, block_c, grad_out)
 
 
 def ride_loss_fused(
@@ -360,15 +524,14 @@ def ride_loss_fused(
     diversity_factor: float = 0.0,
     temperature_mean: float = 1.0,
     diversity: str = "mean",
-    block_c: int | None = None,
 ) -> Tensor:
-    """The RIDE loss (individual LDAM + diversity, summed over experts) as one fused op.
+    """The RIDE loss through the fused kernels, differentiable with respect to `expert_logits`.
 
-    Equals `ride_fast.ops.ride_loss_reference(..., individual=True)`; differentiable with respect
-    to `expert_logits` only (margins, weights and temperatures are constants). Returns a float32
-    scalar; the gradient comes back in the logits' dtype.
+    The registered operator `torch.ops.ride_fast.ride_loss` with the Triton path forced (CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1). Returns a float32 scalar; the gradient
+    comes back in the logits' dtype.
     """
-    return _RideLossFunction.apply(
-        expert_logits, target, margins, class_weights, temperature,
-        float(diversity_factor), float(temperature_mean), diversity, block_c,
-    )
+    from ride_fast.ops.ride_loss import ride_loss
+
+    return ride_loss(expert_logits, target, margins, class_weights, temperature, diversity_factor,
+                     temperature_mean, diversity, impl="triton")

@@ -34,7 +34,7 @@ from ride_fast.losses.classification import (
     focal_term,
 )
 from ride_fast.losses.weights import ClassCounts, class_balanced_weights, diversity_temperatures, ldam_margins
-from ride_fast.ops.ride_loss import ride_diversity_reference, ride_loss
+from ride_fast.ops.ride_loss import _ride_loss_checked, ride_diversity_reference
 
 CLASSIFICATIONS = ("ldam", "ce", "focal")
 DIVERSITIES = ("mean", "pairwise")
@@ -122,6 +122,9 @@ class RIDELoss(ExpertLoss):
         # Tm of each phase, host floats computed once in float64: never a device read in forward.
         self._temperature_mean = (self.base_temperature, float(t.mean()))
         self._phase = 0
+        # first phase with T_base = 1: every temperature is 1, which the op takes as None (the
+        # fused kernel then shares one exponential between the classification and diversity terms)
+        self._uniform_one = self.base_temperature == 1.0
         self.set_epoch(1)
 
     # ---- schedule
@@ -162,12 +165,13 @@ class RIDELoss(ExpertLoss):
                 expert_logits, self.temperature, self.diversity_factor, self.temperature_mean, self.diversity
             )
             return cls + div
-        return ride_loss(
+        # validated above: the op is called without a second check
+        return _ride_loss_checked(
             expert_logits,
             target,
             margins=self.margins,
             class_weights=self.class_weights,
-            temperature=self.temperature,
+            temperature=self.temperature if self._uniform_one is False or self._phase == 1 else None,
             diversity_factor=self.diversity_factor,
             temperature_mean=self.temperature_mean,
             diversity=self.diversity,

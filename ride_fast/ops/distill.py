@@ -10,7 +10,8 @@ Shape legend: B images, C classes.
 (the official code: F.kl_div(log_softmax(student / T), softmax(teacher / T), "batchmean") * T * T,
 teacher softmax under no_grad; T = 1.5 in the RIDE distillation recipes). Math in float32
 (float64 for float64 inputs).
-`kd_loss(..., impl=...)` chooses between this reference and the fused Triton kernel.
+Training computes this term in `ride_fast.losses.distill` (on the students' mean logits, [B, C]:
+1/E of the RIDE loss's traffic); there is no fused kernel for it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Impl = Literal["auto", "reference", "triton"]
+Impl = Literal["auto", "reference"]
 
 
 def check_kd_inputs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
@@ -56,24 +57,7 @@ def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, impl: Impl = "auto") -> Tensor:
-    """The KD term through the chosen implementation ("auto": Triton on CUDA, else the reference)."""
-    if impl not in ("auto", "reference", "triton"):
-        raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {impl!r}")
-    if impl == "reference" or (impl == "auto" and not _triton_usable(student_logits)):
-        return kd_loss_reference(student_logits, teacher_logits, temperature)
-    check_kd_inputs(student_logits, teacher_logits, temperature)
-    from ride_fast_kernels.distill import kd_loss_fused  # imports triton; only when asked for
-
-    return kd_loss_fused(student_logits, teacher_logits, temperature)
-
-
-def _triton_usable(student_logits: Tensor) -> bool:
-    if not student_logits.is_cuda or student_logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    from ride_fast_kernels._utils import MAX_CLASSES
-
-    return 2 <= student_logits.shape[-1] <= MAX_CLASSES
+    """The KD term; "auto" and "reference" are both the reference (no fused kernel)."""
+    if impl not in ("auto", "reference"):
+        raise ValueError(f"impl must be 'auto' or 'reference' (the KD term has no fused kernel), got {impl!r}")
+    return kd_loss_reference(student_logits, teacher_logits, temperature)

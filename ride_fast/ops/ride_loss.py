@@ -20,12 +20,13 @@ With z_k = expert_logits[k], zbar = mean_k z_k, q_k = softmax(z_k / T), pbar = s
 Half-precision inputs (bfloat16, float16) are computed in float32; float32 stays float32 and
 float64 stays float64 (so `torch.autograd.gradcheck` can check the reference).
 
-`ride_loss(..., impl=...)` is the one place that chooses between this reference and the fused
-Triton kernels (`ride_fast_kernels`).
+`ride_loss(..., impl=...)` is the one place that chooses between this reference, the analytic
+path and the fused Triton kernels (`ride_fast_kernels`); `ride_loss_path` says which "auto" takes.
 """
 from __future__ import annotations
 
-from typing import Literal
+import importlib.util
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +55,13 @@ def check_ride_loss_inputs(
         raise ValueError(f"target must have shape [B] = [{B}] to match expert_logits {tuple(expert_logits.shape)}, got {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must hold integer class indices (int64), got {target.dtype}")
+    if target.device != expert_logits.device:
+        raise ValueError(f"target is on {target.device} but expert_logits are on {expert_logits.device}")
     for name, vec in (("margins", margins), ("class_weights", class_weights), ("temperature", temperature)):
         if vec is not None and vec.shape != (C,):
             raise ValueError(f"{name} must have shape [C] = [{C}], got {tuple(vec.shape)}")
+        if vec is not None and vec.device != expert_logits.device:
+            raise ValueError(f"{name} is on {vec.device} but expert_logits are on {expert_logits.device}; move it with .to(logits.device)")
     if diversity not in ("mean", "pairwise"):
         raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
 
@@ -132,6 +137,186 @@ def ride_diversity_reference(
     return diversity_factor * temperature_mean**2 * kl / B
 
 
+# --------------------------------------------------------------------------- dispatch
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+try:  # a torch-only module: reading the kernels' limits does not import triton
+    from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES, check_logits
+except ImportError:  # the kernels package is not installed: no fused path
+    _TRITON_INSTALLED = False
+Path = Literal["triton", "analytic", "reference"]
+
+
+def ride_loss_path(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    num_experts: int | None = None,
+    num_classes: int | None = None,
+    individual: bool = True,
+) -> Path:
+    """The implementation `ride_loss(impl="auto")` takes for logits on `device` of `dtype`:
+
+    "triton"     the fused kernels (CUDA, Triton installed, a supported dtype and size)
+    "analytic"   the closed-form gradient in plain PyTorch (`ride_fast.ops.ride_loss_analytic`)
+    "reference"  autograd of `ride_loss_reference` (individual=False, the collaborative loss)
+
+    Pure host logic (no tensor is touched): a trainer can ask it before building anything.
+    """
+    if not individual:
+        return "reference"
+    if torch.device(device).type == "cuda" and _TRITON_INSTALLED:
+        fits = (num_experts is None or 1 <= num_experts <= MAX_EXPERTS) and (num_classes is None or 2 <= num_classes <= MAX_CLASSES)
+        if dtype in SUPPORTED_DTYPES and fits:
+            return "triton"
+    return "analytic"
+
+
+# --------------------------------------------------------------------------- the registered operator
+#
+# torch.ops.ride_fast.ride_loss returns (loss, saved, aux): `saved` and `aux` are what the
+# backward needs and carry no gradient. The Triton path keeps per-row statistics ([B, 3, E]) and
+# the weight sum ([1]); its backward kernel reads grad_output from device memory and writes the
+# scaled gradient once. The analytic path computes the gradient in the forward and keeps it
+# ([E, B, C]; float32 for float16 logits, so that it is rounded only after scaling); its backward
+# multiplies by grad_output. One op, one fake implementation, one autograd formula for both.
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The analytic path keeps float16 gradients in float32: scaled first, rounded once."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+@torch.library.custom_op("ride_fast::ride_loss", mutates_args=())
+def _ride_loss_op(
+    expert_logits: Tensor,
+    target: Tensor,
+    margins: Optional[Tensor],
+    class_weights: Optional[Tensor],
+    temperature: Optional[Tensor],
+    diversity_factor: float,
+    temperature_mean: float,
+    diversity: str,
+    use_triton: bool,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton:
+        from ride_fast_kernels.ride_loss import _forward, _prepare  # imports triton; only on this path
+
+        args = _prepare(expert_logits, target, margins, class_weights, temperature)
+        return _forward(*args, diversity_factor, temperature_mean, diversity)
+    if target.device.type == "cpu":  # free on the CPU; inside the op, so it holds under torch.compile too
+        _check_target_range(target, expert_logits.shape[2])
+    empty = expert_logits.new_empty(0)
+    if not need_grad:
+        with torch.no_grad():
+            loss = ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
+        return loss, empty, empty.clone()
+    from ride_fast.ops.ride_loss_analytic import _ride_loss_and_grad
+
+    loss, grad = _ride_loss_and_grad(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
+    return loss, grad.to(_saved_dtype(expert_logits.dtype)), empty
+
+
+@_ride_loss_op.register_fake
+def _(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, use_triton, need_grad):
+    E, B, C = expert_logits.shape
+    dtype = expert_logits.dtype
+    loss = expert_logits.new_empty((), dtype=_compute_dtype(dtype))
+    if use_triton:
+        return loss, expert_logits.new_empty((B, 3, E), dtype=torch.float32), expert_logits.new_empty(1, dtype=torch.float32)
+    saved = expert_logits.new_empty((E, B, C), dtype=_saved_dtype(dtype)) if need_grad else expert_logits.new_empty(0)
+    return loss, saved, expert_logits.new_empty(0)
+
+
+@torch.library.custom_op("ride_fast::ride_loss_backward", mutates_args=())
+def _ride_loss_backward_op(
+    grad_output: Tensor,
+    expert_logits: Tensor,
+    target: Tensor,
+    margins: Optional[Tensor],
+    class_weights: Optional[Tensor],
+    temperature: Optional[Tensor],
+    saved: Tensor,
+    aux: Tensor,
+    diversity_factor: float,
+    temperature_mean: float,
+    diversity: str,
+    use_triton: bool,
+) -> Tensor:
+    if use_triton:
+        from ride_fast_kernels.ride_loss import _backward, _prepare
+
+        args = _prepare(expert_logits, target, margins, class_weights, temperature)
+        return _backward(grad_output, *args, saved, aux, diversity_factor, temperature_mean, diversity)
+    # scale in the saved precision (float32 for float16 logits), then round once
+    return (saved * grad_output.to(_compute_dtype(saved.dtype))).to(expert_logits.dtype)
+
+
+@_ride_loss_backward_op.register_fake
+def _(grad_output, expert_logits, target, margins, class_weights, temperature, saved, aux, diversity_factor, temperature_mean, diversity, use_triton):
+    return torch.empty(expert_logits.shape, dtype=expert_logits.dtype, device=expert_logits.device)
+
+
+def _eager(t: Tensor) -> bool:
+    """A real tensor outside any tracing (dynamo, AOT autograd, make_fx): reading it is allowed."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and get_proxy_mode() is None
+
+
+def _setup_context(ctx, inputs, output):
+    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _ = inputs
+    _, saved, aux = output
+    ctx.mark_non_differentiable(saved, aux)
+    ctx.set_materialize_grads(False)  # no [E, B, C] of zeros for the outputs that carry no gradient
+    # saved through an alias of its own (same storage, own version counter), not as the output
+    # itself: autograd then treats it like any tensor saved for backward, so the analytic
+    # gradient handed over below is stolen (no copy) when the graph is freed and copied into a
+    # leaf's .grad when the graph is retained
+    ctx.save_for_backward(z, target, margins, class_weights, temperature, aux, saved.new_empty(0).set_(saved))
+    ctx.args = (lam, tm, diversity, use_triton)
+    ctx.z_dtype = z.dtype
+
+
+def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
+    z, target, margins, class_weights, temperature, aux, saved = ctx.saved_tensors
+    lam, tm, diversity, use_triton = ctx.args
+    grad = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        if (
+            not use_triton
+            and _eager(grad_loss)
+            and grad_loss.device.type == "cpu"
+            and saved.dtype == ctx.z_dtype
+            and bool(grad_loss == 1.0)  # a host read, free on the CPU; eager only
+        ):
+            # the usual loss.backward(): hand over the stored gradient without a copy (autograd
+            # only steals it when nothing else holds it, so retain_graph=True stays correct)
+            grad = saved
+        else:
+            grad = _ride_loss_backward_op(grad_loss, z, target, margins, class_weights, temperature, saved, aux, lam, tm, diversity, use_triton)
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+_ride_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_target_range(target: Tensor, n_classes: int) -> None:
+    bad = (target < 0) | (target >= n_classes)
+    if bool(bad.any()):
+        values = torch.unique(target[bad])[:10].tolist()
+        raise ValueError(f"target holds class index(es) {values} outside [0, C) with C = {n_classes}")
+
+
+def _constants_only(*vectors: Tensor | None) -> bool:
+    """The fused paths treat margins / weights / temperatures as constants (no gradient)."""
+    return not any(v is not None and v.requires_grad for v in vectors)
+
+
 def ride_loss(
     expert_logits: Tensor,
     target: Tensor,
@@ -144,67 +329,49 @@ def ride_loss(
     individual: bool = True,
     impl: Impl = "auto",
 ) -> Tensor:
-    """The RIDE loss through the chosen implementation.
+    """The RIDE loss through the chosen implementation; validates its inputs once.
 
-    impl: "reference" (plain PyTorch, any device), "triton" (fused kernels; CUDA, or CPU tensors
-    under TRITON_INTERPRET=1), "auto" (Triton on CUDA when the fused kernel supports the call;
-    elsewhere the reference's value with an analytic backward, `ride_loss_analytic`; the
-    reference itself for individual=False).
+    impl: "reference" (plain PyTorch autograd, any device), "triton" (the fused kernels; CUDA, or
+    CPU tensors under TRITON_INTERPRET=1), "auto" (`ride_loss_path`: Triton on CUDA when the
+    kernels support the call, the analytic path elsewhere, the reference for individual=False).
+    "triton" and the analytic path run as one registered operator, `torch.ops.ride_fast.ride_loss`,
+    so `torch.compile(fullgraph=True)` sees one node. Per-class vectors that need a gradient take
+    the reference.
     """
     if impl not in ("auto", "reference", "triton"):
         raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {impl!r}")
-    args = (expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual)
-    if impl == "reference" or (impl == "auto" and not individual):
-        return ride_loss_reference(*args)
-    if impl == "auto" and not _triton_usable(expert_logits, individual, margins, class_weights, temperature):
-        return _ride_loss_analytic(*args)
-    return _ride_loss_triton(*args)
-
-
-def _constants_only(*vectors: Tensor | None) -> bool:
-    """The fused paths treat margins / weights / temperatures as constants (no gradient)."""
-    return not any(v is not None and v.requires_grad for v in vectors)
-
-
-def _triton_usable(expert_logits: Tensor, individual: bool, *vectors: Tensor | None) -> bool:
-    """Whether "auto" takes the fused Triton kernel: CUDA logits of a supported dtype and size."""
-    if not (expert_logits.is_cuda and individual and _constants_only(*vectors)):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    # the limits live in a torch-only module: reading them does not import triton
-    from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES
-
-    E, _, C = expert_logits.shape if expert_logits.dim() == 3 else (0, 0, 0)
-    return expert_logits.dtype in SUPPORTED_DTYPES and 1 <= E <= MAX_EXPERTS and 2 <= C <= MAX_CLASSES
-
-
-def _ride_loss_analytic(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual):
-    """"auto" off the Triton path: the reference's value with a closed-form backward (faster on
-    CPU than autograd of the reference); the reference itself when a vector needs a gradient."""
-    if not _constants_only(margins, class_weights, temperature):
-        return ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual)
     check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity)
-    from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
-
-    return ride_loss_analytic(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
-
-
-def _ride_loss_triton(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual):
-    if not individual:
+    if impl == "triton" and not individual:
         raise ValueError("the fused Triton RIDE loss covers individual=True; use impl='reference' for the collaborative loss")
-    check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity)
-    from ride_fast_kernels.ride_loss import ride_loss_fused  # imports triton; only when asked for
+    return _ride_loss_checked(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual, impl)
 
-    return ride_loss_fused(
-        expert_logits,
-        target,
-        margins=margins,
-        class_weights=class_weights,
-        temperature=temperature,
-        diversity_factor=diversity_factor,
-        temperature_mean=temperature_mean,
-        diversity=diversity,
-    )
+
+def _ride_loss_checked(
+    expert_logits: Tensor,
+    target: Tensor,
+    margins: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    temperature: Tensor | None = None,
+    diversity_factor: float = 0.0,
+    temperature_mean: float = 1.0,
+    diversity: str = "mean",
+    individual: bool = True,
+    impl: Impl = "auto",
+) -> Tensor:
+    """`ride_loss` on inputs already validated (loss modules validate once, then call this)."""
+    args = (expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
+    if impl == "reference" or not individual or not _constants_only(margins, class_weights, temperature):
+        return ride_loss_reference(*args, individual)
+    if impl == "triton":
+        if not _TRITON_INSTALLED:
+            raise RuntimeError("impl='triton' needs the triton package and ride_fast_kernels; use impl='auto'")
+        check_logits("expert_logits", expert_logits, 3, "[E, B, C]")
+        if expert_logits.shape[0] > MAX_EXPERTS:
+            raise ValueError(f"expert_logits has E = {expert_logits.shape[0]} experts; the fused kernel supports at most {MAX_EXPERTS}")
+        use_triton = True
+    else:
+        E, _, C = expert_logits.shape
+        use_triton = ride_loss_path(expert_logits.device, expert_logits.dtype, E, C) == "triton"
+    need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = _ride_loss_op(*args[:5], float(diversity_factor), float(temperature_mean), diversity, use_triton, need_grad)
+    return loss

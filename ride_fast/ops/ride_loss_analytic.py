@@ -3,7 +3,8 @@
 The default path of `ride_loss(impl="auto")` where the fused Triton kernel does not run (CPU).
 Same value as `ride_loss_reference(..., individual=True)`; instead of recording ~20 autograd
 nodes over [E, B, C] tensors it evaluates the closed-form gradient of docs/method.md §3 with a
-few in-place passes, and the backward only scales it by grad_output.
+few in-place passes, and the backward only scales it by grad_output. It runs as the CPU branch
+of the registered operator `torch.ops.ride_fast.ride_loss` (see `ride_fast.ops.ride_loss`).
 
 Shape legend: E experts, B images, C classes (see `ride_fast.ops.ride_loss` for the inputs).
 With a_k = z_k - margins[y] onehot(y), c_i = w_{y_i} / sum_j w_{y_j} (1/B unweighted),
@@ -109,26 +110,6 @@ def _ride_loss_and_grad(
     return loss, grad
 
 
-class _RideLossAnalytic(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity):
-        loss, grad = _ride_loss_and_grad(
-            expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity
-        )
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(grad.to(expert_logits.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if grad_output.device.type == "cpu" and bool(grad_output == 1.0):  # no device sync on CPU
-            # the usual loss.backward(): hand over the stored gradient without a copy (autograd
-            # only steals it when nothing else holds it, so retain_graph=True stays correct)
-            return grad, None, None, None, None, None, None, None
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
-
-
 def ride_loss_analytic(
     expert_logits: Tensor,
     target: Tensor,
@@ -147,7 +128,11 @@ def ride_loss_analytic(
     """
     if diversity not in ("mean", "pairwise"):
         raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
-    return _RideLossAnalytic.apply(
+    from ride_fast.ops.ride_loss import _ride_loss_op
+
+    need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = _ride_loss_op(
         expert_logits, target, margins, class_weights, temperature,
-        float(diversity_factor), float(temperature_mean), diversity,
+        float(diversity_factor), float(temperature_mean), diversity, False, need_grad,
     )
+    return loss

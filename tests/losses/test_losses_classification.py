@@ -14,14 +14,14 @@ from ride_fast.losses import (
     RIDEDistillLoss,
     RIDELoss,
 )
+from ride_fast.losses.synthetic import ride_loss_inputs
 
 COUNTS = [300, 120, 40, 11, 2]  # C = 5
 
 
 def _inputs(E, B, C, dtype=torch.float64, seed=0, scale=5.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(E, B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return logits, torch.randint(0, C, (B,), generator=g)
+    inp = ride_loss_inputs(E, B, C, dtype=dtype, seed=seed, scale=scale, confident=False)
+    return inp.logits, inp.target
 
 
 def _cb_weights(counts, beta):

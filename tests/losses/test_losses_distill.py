@@ -4,15 +4,16 @@ import torch
 import torch.nn.functional as F
 
 from ride_fast.losses import CrossEntropyLoss, RIDEDistillLoss, RIDELoss
+from ride_fast.losses.synthetic import ride_loss_inputs
 
 COUNTS = [200, 60, 20, 9, 4, 1, 1]  # C = 7
 
 
 def _inputs(E, B, C, seed=0, scale=4.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(E, B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
+    inp = ride_loss_inputs(E, B, C, dtype=dtype, seed=seed, scale=scale, confident=False)
+    g = torch.Generator().manual_seed(seed + 1)
     teacher = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return student, torch.randint(0, C, (B,), generator=g), teacher
+    return inp.logits, inp.target, teacher
 
 
 def _hand(base, student, target, teacher, T, scale):

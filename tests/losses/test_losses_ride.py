@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import ride_fast.losses.ride as ride_module
 from ride_fast.losses import RIDELoss
+from ride_fast.losses.synthetic import ride_loss_inputs
 
 COUNTS = [500, 210, 90, 37, 16, 7, 3]  # C = 7 (odd, not a power of two)
 
 
-def ride_loss_loop(
+def ride_loss_loop_from_counts(
     expert_logits,
     target,
     class_counts,
@@ -34,6 +35,9 @@ def ride_loss_loop(
     reweight=True,
     beta=0.9999,
 ):
+    """The whole RIDELoss as the original code computes it, from the class counts and the epoch:
+    numpy margins / weights / temperatures, the DRW phase, then a loop over experts (float64
+    spec check of the module; every option RIDELoss has)."""
     n = np.asarray(class_counts, dtype=np.float64)
     C = n.shape[0]
     dt = expert_logits.dtype
@@ -91,10 +95,8 @@ def ride_loss_loop(
 
 
 def _inputs(E, B, C, dtype=torch.float64, seed=0, scale=10.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(E, B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
-    target = torch.randint(0, C, (B,), generator=g)
-    return logits, target
+    inp = ride_loss_inputs(E, B, C, dtype=dtype, seed=seed, scale=scale, confident=False)
+    return inp.logits, inp.target
 
 
 @pytest.mark.parametrize("E", [1, 2, 3, 4])
@@ -111,7 +113,7 @@ def test_matches_loop_transcription_value_and_grad(E, epoch, diversity, individu
     x1 = logits.clone().requires_grad_(True)
     x2 = logits.clone().requires_grad_(True)
     ours = loss_mod(x1, target)
-    ref = ride_loss_loop(x2, target, COUNTS, epoch, **kwargs)
+    ref = ride_loss_loop_from_counts(x2, target, COUNTS, epoch, **kwargs)
     assert ours.dtype == torch.float64
     # the module's buffers are float32: agreement to ~1e-7 relative
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
@@ -140,7 +142,7 @@ def test_matches_loop_transcription_options(classification, base_temperature, re
     loss_mod = RIDELoss(COUNTS, impl="reference", **kwargs)
     loss_mod.set_epoch(epoch)
     assert loss_mod.phase == int(reweight)
-    torch.testing.assert_close(loss_mod(logits, target), ride_loss_loop(logits, target, COUNTS, epoch, **kwargs), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss_mod(logits, target), ride_loss_loop_from_counts(logits, target, COUNTS, epoch, **kwargs), rtol=1e-6, atol=1e-6)
 
 
 def test_hand_checked_two_classes_one_expert():
@@ -175,7 +177,7 @@ def test_phase_switch_and_op_arguments(monkeypatch):
         calls.append(kw)
         return expert_logits.sum() * 0
 
-    monkeypatch.setattr(ride_module, "ride_loss", fake_op)
+    monkeypatch.setattr(ride_module, "_ride_loss_checked", fake_op)
     loss_mod = RIDELoss(COUNTS, reweight_epoch=160, base_temperature=1.5, diversity_factor=-0.3, impl="reference")
     logits, target = _inputs(2, 4, len(COUNTS), dtype=torch.float32)
     C = len(COUNTS)

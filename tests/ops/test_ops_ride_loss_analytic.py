@@ -5,10 +5,13 @@ Shape legend: E experts, B images, C classes.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from ride_fast.ops import ride_loss_analytic as analytic_module
+ride_loss_module = importlib.import_module("ride_fast.ops.ride_loss")  # the module (ride_fast.ops.ride_loss is also a function)
+from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
 from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
 
@@ -22,17 +25,14 @@ def _single_thread():
 
 
 def make_inputs(E, B, C, dtype, seed, vectors=("margins", "class_weights", "temperature")):
-    g = torch.Generator().manual_seed(seed)
-    z = (6.0 * torch.randn(E, B, C, generator=g, dtype=torch.float64)).to(dtype)
-    y = torch.randint(0, C, (B,), generator=g)
-    z[:, ::2][:, torch.arange((B + 1) // 2), y[::2]] += 12.0  # some confident rows
-    vecs = {
-        "margins": 15.0 * torch.rand(C, generator=g, dtype=torch.float64),
-        "class_weights": 0.1 + torch.rand(C, generator=g, dtype=torch.float64),
-        "temperature": 0.4 + 0.6 * torch.rand(C, generator=g, dtype=torch.float64),
-    }
-    vecs = {k: (v.to(dtype if dtype == torch.float64 else torch.float32) if k in vectors else None) for k, v in vecs.items()}
-    return z, y, vecs
+    """Logits with confident rows and the after-switch vectors built from long-tailed class counts
+    (a wide temperature range: reweight_factor 0.5); only the named vectors are kept."""
+    inp = ride_loss_inputs(
+        E, B, C, phase=1, dtype=dtype, seed=seed, reweight_factor=0.5,
+        vector_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+    )
+    vecs = dict(zip(("margins", "class_weights", "temperature"), inp.vectors))
+    return inp.logits, inp.target, {k: (v if k in vectors else None) for k, v in vecs.items()}
 
 
 def loss_and_grad(fn, z, y, vecs, diversity, lam=-0.45, tm=0.83):
@@ -114,8 +114,8 @@ def test_auto_dispatch_on_cpu(monkeypatch):
     """impl='auto' on CPU: the analytic path; the reference for individual=False or when a
     per-class vector needs a gradient."""
     calls = []
-    real = analytic_module.ride_loss_analytic
-    monkeypatch.setattr(analytic_module, "ride_loss_analytic", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ride_loss_module._ride_loss_op  # the registered op; its 9th argument is use_triton
+    monkeypatch.setattr(ride_loss_module, "_ride_loss_op", lambda *a: (a[8] or calls.append(1)) or real(*a))
     z, y, vecs = make_inputs(2, 3, 10, torch.float32, seed=12)
     args = (z, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83)
     torch.testing.assert_close(ride_loss(*args, impl="auto"), ride_loss_reference(*args))

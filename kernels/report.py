@@ -1,0 +1,234 @@
+"""What the compiler makes of the fused RIDE loss kernels, without a GPU.
+
+    python -m ride_fast_kernels.report --arch sm_90 [--json] [--classes 8142] [--unpadded]
+                                       [--experts 1,2,...] [--modes mean,pairwise]
+                                       [--dtypes fp32,bf16,fp16]
+
+Compiles every variant ahead of time (Triton front end, LLVM, and the ptxas bundled with the
+triton wheel; no driver), one row per kernel variant:
+
+    kernel        fwd (loss and row statistics, its last program reduces the rows: all a
+                  forward without gradient runs), bwd (the gradient)
+    variant       E<experts>-<mode>-<dtype>-phase<0|1> (phase 0: margins only and T = 1, the
+                  shared-exponential path; phase 1: margins, DRW weights, temperatures)
+    gradient      whether the kernel runs for the gradient (bwd) or for every call (fwd)
+    registers     per thread (ptxas -v), under the launchers' maxnreg (register_budget);
+                  spills: spill store + load bytes; shared_bytes: static + Triton's scratch
+    logit_loads   vector width in bytes of the main loop's global loads of the logits (16: one
+                  128-bit load per instruction), and grad_stores likewise for the gradient
+    vectorised    every logit load (and gradient store) in the main loop is a vector access
+    mufu_per_element, alu_per_element
+                  the main loop's MUFU instructions (ex2, lg2, rcp) and other float
+                  instructions (add, mul, fma, max, setp, selp, cvt, shfl ...) per logit: what
+                  benchmarks/loss_traffic.py charges against the SM's rates
+
+The main loop is the first loop of the PTX (the unmasked full-block loop); the logits' accesses
+are told apart from the per-class vectors by their cache hints (evict_last in the forward,
+evict_first in the backward). By default the logits' row and expert strides are declared
+multiples of 16 elements (a class stride padded to 16), which is what vector loads need;
+--unpadded drops that, as for an unpadded C = 8142 row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even from a test process that interprets
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ride_fast_kernels import ride_loss  # noqa: E402
+from ride_fast_kernels._utils import next_power_of_2, pick_block_c, pick_num_warps  # noqa: E402
+
+DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+MODES = {"mean": ride_loss._DIV_MEAN, "pairwise": ride_loss._DIV_PAIRWISE}
+_PTR_ARGS = ("z_ptr", "target_ptr", "margin_ptr", "weight_ptr", "temp_ptr", "stats_ptr", "part_ptr", "loss_ptr", "aux_ptr", "counter_ptr", "go_ptr", "g_ptr")
+_FWD = {
+    "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
+    "stats_ptr": "*fp32", "part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "counter_ptr": "*i32",
+    "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i64", "stride_zb": "i64", "div_scale": "fp32",
+}
+_BWD = {
+    "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
+    "stats_ptr": "*fp32", "aux_ptr": "*fp32", "go_ptr": "*fp32", "g_ptr": None, "E": "i32", "B": "i32", "C": "i32",
+    "stride_ze": "i64", "stride_zb": "i64", "stride_ge": "i64", "stride_gb": "i64", "div_scale": "fp32",
+}
+_CONSTEXPRS = ("HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "BLOCK_C")
+
+
+def ptxas_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _arch_number(arch: str) -> int:
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise SystemExit(f"--arch must look like sm_90, got {arch!r}")
+    return int(m.group(1))
+
+
+def _compile(fn, signature, constexprs, num_warps, arch, divisible, maxnreg=None):
+    names = fn.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in signature}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": num_warps}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", _arch_number(arch), 32), options=options)
+
+
+def ptxas_usage(ptx: str, arch: str) -> dict:
+    """registers and spill bytes from `ptxas -v` on the kernel's PTX."""
+    gpu = arch if arch.endswith("a") or _arch_number(arch) < 90 else arch + "a"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas_path(), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spills": (int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0),
+    }
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+
+
+def _width_bytes(suffixes: str) -> int:
+    parts = suffixes.split(".")
+    vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+    bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bfsu]\d+", p)), 32)
+    return vec * bits // 8
+
+
+_MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?(ex2|lg2|rcp|rsqrt|sqrt)\.approx")
+_ALU = re.compile(r"^\s*(?:@%p\d+\s+)?(add|sub|mul|fma|max|min|neg|abs|selp|setp|cvt|shfl|mov)\.[\w.]*f(16|32)\b|^\s*(?:@%p\d+\s+)?(shfl|selp)\.")
+
+
+def main_loop_accesses(ptx: str, hint: str) -> dict:
+    """Widths (bytes) of the global loads / stores carrying `hint` in the first loop of the PTX,
+    and its counts of MUFU instructions (ex2, lg2, rcp ...) and other float instructions."""
+    lines = ptx.splitlines()
+    header = next((i for i, line in enumerate(lines) if "Loop Header" in line), None)
+    if header is None:
+        return {"loads": [], "stores": [], "mufu": 0, "alu": 0}
+    start = next(i for i in range(header, -1, -1) if lines[i].startswith("$L__BB"))
+    label = lines[start].split(":")[0].strip()
+    end = next(i for i in range(header + 1, len(lines)) if re.search(rf"bra(?:\.uni)?\s+{re.escape(label)};", lines[i]))
+    loads, stores, mufu, alu = [], [], 0, 0
+    for line in lines[start:end + 1]:
+        m = _ACCESS.search(line)
+        if m and hint in m.group(2):
+            (loads if m.group(1) == "ld" else stores).append(_width_bytes(m.group(2)))
+        mufu += bool(_MUFU.search(line))
+        alu += bool(_ALU.search(line))
+    return {"loads": loads, "stores": stores, "mufu": mufu, "alu": alu}
+
+
+def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, budget):
+    usage = ptxas_usage(compiled.asm["ptx"], arch)
+    acc = main_loop_accesses(compiled.asm["ptx"], hint)
+    vec = lambda widths: bool(widths) and all(w >= 8 for w in widths)  # noqa: E731
+    vectorised = vec(acc["loads"]) and (vec(acc["stores"]) if kernel == "bwd" else True)
+    return {
+        "kernel": kernel,
+        "variant": variant,
+        "gradient": gradient,
+        "registers": usage["registers"],
+        "spills": usage["spills"],
+        "shared_bytes": int(compiled.metadata.shared),
+        "num_warps": int(compiled.metadata.num_warps),
+        "logit_loads": min(acc["loads"]) if acc["loads"] else None,
+        "grad_stores": min(acc["stores"]) if acc["stores"] else None,
+        "vectorised": vectorised,
+        "register_budget": budget,
+        # per logit, in the main loop: exponentials (MUFU) and other float instructions
+        "mufu_per_element": round(acc["mufu"] / elements_per_thread, 2),
+        "alu_per_element": round(acc["alu"] / elements_per_thread, 2),
+    }
+
+
+def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142, padded: bool = True, kernels=("fwd", "bwd")) -> list[dict]:
+    """Compile the forward and/or backward kernel of one variant as the launcher would launch it."""
+    e_block = next_power_of_2(E)
+    bc = pick_block_c(E, classes)
+    warps = pick_num_warps(e_block * bc)
+    vecs = phase == 1
+    cx = dict(zip(_CONSTEXPRS, [True, vecs, vecs, MODES[mode], e_block, bc]))
+    divisible = _PTR_ARGS + (("stride_ze", "stride_zb", "stride_ge", "stride_gb") if padded else ())
+    variant = f"E{E}-{mode}-{dtype}-phase{phase}"
+    rows = []
+    if "fwd" in kernels:
+        sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr", **{n: "constexpr" for n in _CONSTEXPRS})
+        c = dict(cx, FINISH_BLOCK=ride_loss._FINISH_BLOCK)
+        if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
+            sig["E"], c["E"] = "constexpr", 1
+        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block))
+        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * bc / (32 * warps), ride_loss.register_budget(e_block)))
+    if "bwd" in kernels:
+        sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
+        c = dict(cx)
+        if E == 1:
+            sig["E"], c["E"] = "constexpr", 1
+        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block))
+        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * bc / (32 * warps), ride_loss.register_budget(e_block)))
+    return rows
+
+
+def report(arch="sm_90", experts=range(1, 9), modes=("mean", "pairwise"), dtypes=("fp32", "bf16", "fp16"),
+           phases=(0, 1), classes=8142, padded=True) -> list[dict]:
+    rows = []
+    for E in experts:
+        for mode in modes:
+            for dtype in dtypes:
+                for phase in phases:
+                    rows += variant_rows(E, mode, dtype, phase, arch, classes, padded)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ride_fast_kernels.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_90", help="target, e.g. sm_90 (H100 / H200)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--classes", type=int, default=8142, help="C: sets the class block as the launcher does")
+    parser.add_argument("--unpadded", action="store_true", help="do not declare the strides multiples of 16")
+    parser.add_argument("--experts", default="1,2,3,4,5,6,7,8")
+    parser.add_argument("--modes", default="mean,pairwise")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16")
+    args = parser.parse_args(argv)
+    if not os.path.exists(ptxas_path()):
+        print(f"no ptxas at {ptxas_path()} (the triton wheel bundles one)", file=sys.stderr)
+        return 2
+    experts = [int(e) for e in args.experts.split(",")]
+    modes = args.modes.split(",")
+    dtypes = args.dtypes.split(",")
+    for what, values, valid in (("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES)):
+        bad = [v for v in values if v not in valid]
+        if bad:
+            print(f"{what}: unknown {bad}; valid: {sorted(valid)}", file=sys.stderr)
+            return 2
+    rows = report(args.arch, experts, modes, dtypes, classes=args.classes, padded=not args.unpadded)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = ["kernel", "variant", "gradient", "registers", "spills", "shared_bytes", "num_warps", "logit_loads", "grad_stores", "vectorised", "mufu_per_element", "alu_per_element"]
+    print("  ".join(f"{c:>12}" if c != "variant" else f"{c:<24}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{str(r[c]):>12}" if c != "variant" else f"{r[c]:<24}" for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
