@@ -25,7 +25,7 @@ from _baselines import original_ride_loss_forward
 
 from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss_reference
-from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
+from ride_fast.ops import ride_loss_analytic
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -59,7 +59,7 @@ def loss_fn(provider):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             _compiled["fn"] = torch.compile(ride_loss_reference, dynamic=False)
         return _compiled["fn"]
-    from ride_fast_kernels.ride_loss import ride_loss_fused
+    from ride_fast.ops import ride_loss_fused
 
     return ride_loss_fused
 

@@ -101,7 +101,7 @@ class TrainConfig:
     epochs: int = 200  # stage-1 epochs (200 CIFAR, 100 ImageNet-LT / iNat)
     seed: int = 0  # seeds torch, numpy and Python, and every loader draw (with epoch, rank and batch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA (if supported) and on CPUs with AMX, else none
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA (if supported) and on CPUs with native bf16 (AVX512-BF16 or AMX), else none
     out_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints (last.pt, best.pt, epoch_NNNN.pt) and reports
     log_interval: int = 50  # steps between metric reads (the only host syncs of a step)
     eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)

@@ -31,16 +31,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX tiles), where bf16 autocast is faster."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast is faster."""
     try:
-        return bool(torch.cpu._is_amx_tile_supported()) and torch.backends.mkldnn.is_available()
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native) and torch.backends.mkldnn.is_available()
     except (AttributeError, RuntimeError):
         return False
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """train.amp with "auto" resolved: bf16 on CUDA devices that support it and on CPUs with AMX,
-    otherwise "none" (fp32). Other values are returned unchanged."""
+    """train.amp with "auto" resolved: bf16 on CUDA devices that support it and on CPUs that
+    multiply bf16 natively (AVX512-BF16 or AMX), otherwise "none" (fp32). Other values are returned unchanged."""
     if amp != "auto":
         return amp
     if device.type == "cuda":

@@ -34,8 +34,8 @@ class TrainStep:
 
     compile: torch.compile of forward + loss (+ teacher); cuda_graphs: the same with mode
     "reduce-overhead", i.e. CUDA graphs replayed per step (static shapes; CUDA only).
-    compile_loss: whether the loss goes into the compiled graph; None (auto): yes, except the fused
-    Triton loss on CUDA (already one kernel; it runs eagerly between the compiled parts).
+    compile_loss: whether the loss goes into the compiled graph (default yes: the RIDE loss is one
+    registered operator on every path, so the compiler sees one node and CUDA graphs capture it).
     dist: the DistContext of a torchrun job (the model is then DDP-wrapped by the caller).
     """
 
@@ -50,7 +50,7 @@ class TrainStep:
         teacher: nn.Module | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
-        compile_loss: bool | None = None,
+        compile_loss: bool = True,
         dist: DistContext | None = None,
     ) -> None:
         self.model, self.criterion, self.optimizer, self.teacher = model, criterion, optimizer, teacher
@@ -66,8 +66,6 @@ class TrainStep:
         self.forward_loss = self._forward_loss
         self._loss = self._criterion
         if compile or cuda_graphs:
-            if compile_loss is None:
-                compile_loss = not (self.device.type == "cuda" and getattr(criterion, "impl", "auto") in ("auto", "triton"))
             if not compile_loss:
                 self._loss = torch.compiler.disable(self._criterion)
             self.forward_loss = torch.compile(self._forward_loss, mode="reduce-overhead" if cuda_graphs else None)

@@ -10,8 +10,8 @@ The fast path, one config key per switch; the defaults are the fastest correct s
 
     model.batched         experts as one grouped network (BatchedRIDENet)          default on
     model.channels_last   NHWC activations and weights (oneDNN / cuDNN)            default on
-    train.amp             auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32
-    optim.implementation  auto: fused SGD on CUDA, foreach on the CPU
+    train.amp             auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32
+    optim.implementation  auto: fused SGD where torch has it (CUDA and the CPU), else foreach
     loss.impl             auto: the fused Triton RIDE loss on CUDA, analytic backward on the CPU
     train.prefetch        host batches copied one step ahead (pinned, non_blocking, side stream)
     train.cudnn_benchmark cuDNN autotuning (CUDA, not with train.deterministic)
@@ -62,7 +62,7 @@ from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, l
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
-from ride_fast.losses import build_loss
+from ride_fast.losses import build_loss, loss_path
 from ride_fast.models import create_model
 from ride_fast.models.layout import per_expert_state_dict
 
@@ -132,6 +132,8 @@ class Trainer:
             self.model = convert_sync_batchnorm(self.model, self.device)
         self.train_model = wrap_ddp(self.model, self.dist, self.device)  # self.model: the module that is saved
         self.criterion = build_loss(cfg.loss, self.class_counts, cfg.distill).to(self.device)
+        # which loss implementation runs ("triton", "analytic", "reference"), asked of the ops dispatch
+        self.loss_path = loss_path(self.criterion, self.device, cfg.model.num_experts, num_classes)
         self.teacher = self._load_teacher() if cfg.distill.teacher_checkpoint else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.step = TrainStep(self.train_model, self.criterion, self.optimizer, device=self.device, amp=self.amp,

@@ -14,7 +14,7 @@ from ride_fast.losses.classification import (
     focal_term,
 )
 from ride_fast.losses.distill import RIDEDistillLoss, distill_kl
-from ride_fast.losses.factory import LOSS_NAMES, build_loss
+from ride_fast.losses.factory import LOSS_NAMES, build_loss, loss_path
 from ride_fast.losses.ride import RIDELoss, diversity_term
 from ride_fast.losses.weights import (
     class_balanced_weights,
@@ -40,5 +40,6 @@ __all__ = [
     "diversity_temperatures",
     "focal_term",
     "ldam_margins",
+    "loss_path",
     "validate_class_counts",
 ]

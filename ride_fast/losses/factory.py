@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import difflib
 
+import torch
+
 from ride_fast.config import DistillConfig, LossConfig
 from ride_fast.losses.classification import ClassBalancedCELoss, CrossEntropyLoss, ExpertLoss, FocalLoss, LDAMLoss
 from ride_fast.losses.distill import RIDEDistillLoss
 from ride_fast.losses.ride import RIDELoss
 from ride_fast.losses.weights import ClassCounts
+from ride_fast.ops import ride_loss_path
 
 LOSS_NAMES = ("ride", "ce", "cb_ce", "ldam", "focal")
 
@@ -73,3 +76,19 @@ def build_loss(cfg: LossConfig, class_counts: ClassCounts, distill: DistillConfi
 
 
 __all__ = ["LOSS_NAMES", "build_loss"]
+
+
+def loss_path(loss: ExpertLoss, device, num_experts: int, num_classes: int) -> str:
+    """Which implementation computes `loss` on `device`: "triton", "analytic" or "reference".
+
+    Losses that go through the RIDE loss operator ask its dispatch (`ride_fast.ops.ride_loss_path`;
+    the cosine heads emit float32 logits under autocast too); the plain-PyTorch losses (CE, CB-CE,
+    focal) are "reference".
+    """
+    inner = loss.base if isinstance(loss, RIDEDistillLoss) else loss
+    impl = getattr(inner, "impl", None)
+    if impl is None:
+        return "reference"
+    if impl != "auto":
+        return impl
+    return ride_loss_path(device, torch.float32, num_experts, num_classes, individual=getattr(inner, "individual", True))

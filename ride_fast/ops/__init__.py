@@ -1,5 +1,23 @@
 """Differentiable functions; the one place that picks the reference or the Triton implementation."""
 from ride_fast.ops.distill import kd_loss, kd_loss_reference
-from ride_fast.ops.ride_loss import check_ride_loss_inputs, ride_diversity_reference, ride_loss, ride_loss_path, ride_loss_reference
+from ride_fast.ops.ride_loss import (
+    check_ride_loss_inputs,
+    ride_diversity_reference,
+    ride_loss,
+    ride_loss_analytic,
+    ride_loss_fused,
+    ride_loss_path,
+    ride_loss_reference,
+)
 
-__all__ = ["check_ride_loss_inputs", "kd_loss", "kd_loss_reference", "ride_diversity_reference", "ride_loss", "ride_loss_path", "ride_loss_reference"]
+__all__ = [
+    "check_ride_loss_inputs",
+    "kd_loss",
+    "kd_loss_reference",
+    "ride_diversity_reference",
+    "ride_loss",
+    "ride_loss_analytic",
+    "ride_loss_fused",
+    "ride_loss_path",
+    "ride_loss_reference",
+]

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ride_fast.ops.ride_loss_analytic import _ride_loss_and_grad
+
 Impl = Literal["auto", "reference", "triton"]
 
 
@@ -215,8 +217,6 @@ def _ride_loss_op(
         with torch.no_grad():
             loss = ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
         return loss, empty, empty.clone()
-    from ride_fast.ops.ride_loss_analytic import _ride_loss_and_grad
-
     loss, grad = _ride_loss_and_grad(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
     return loss, grad.to(_saved_dtype(expert_logits.dtype)), empty
 
@@ -375,3 +375,49 @@ def _ride_loss_checked(
     need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
     loss, _, _ = _ride_loss_op(*args[:5], float(diversity_factor), float(temperature_mean), diversity, use_triton, need_grad)
     return loss
+
+
+def ride_loss_analytic(
+    expert_logits: Tensor,
+    target: Tensor,
+    margins: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    temperature: Tensor | None = None,
+    diversity_factor: float = 0.0,
+    temperature_mean: float = 1.0,
+    diversity: str = "mean",
+) -> Tensor:
+    """`ride_loss_reference(..., individual=True)` with an analytic backward; float32 scalar
+    (float64 for float64 logits).
+
+    Differentiable with respect to `expert_logits` only (margins, weights and temperatures are
+    constants, as in training). Shapes are validated by the caller (`ride_loss`).
+    """
+    if diversity not in ("mean", "pairwise"):
+        raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
+    need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = _ride_loss_op(
+        expert_logits, target, margins, class_weights, temperature,
+        float(diversity_factor), float(temperature_mean), diversity, False, need_grad,
+    )
+    return loss
+
+
+def ride_loss_fused(
+    expert_logits: Tensor,
+    target: Tensor,
+    margins: Tensor | None = None,
+    class_weights: Tensor | None = None,
+    temperature: Tensor | None = None,
+    diversity_factor: float = 0.0,
+    temperature_mean: float = 1.0,
+    diversity: str = "mean",
+) -> Tensor:
+    """The RIDE loss through the fused kernels, differentiable with respect to `expert_logits`.
+
+    The registered operator `torch.ops.ride_fast.ride_loss` with the Triton path forced (CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1). Returns a float32 scalar; the gradient
+    comes back in the logits' dtype.
+    """
+    return ride_loss(expert_logits, target, margins, class_weights, temperature, diversity_factor,
+                     temperature_mean, diversity, impl="triton")

@@ -4,7 +4,8 @@ The default path of `ride_loss(impl="auto")` where the fused Triton kernel does 
 Same value as `ride_loss_reference(..., individual=True)`; instead of recording ~20 autograd
 nodes over [E, B, C] tensors it evaluates the closed-form gradient of docs/method.md §3 with a
 few in-place passes, and the backward only scales it by grad_output. It runs as the CPU branch
-of the registered operator `torch.ops.ride_fast.ride_loss` (see `ride_fast.ops.ride_loss`).
+of the registered operator `torch.ops.ride_fast.ride_loss` (see `ride_fast.ops.ride_loss`, which
+also holds `ride_loss_analytic`, the operator with this branch forced). A leaf: it imports torch only.
 
 Shape legend: E experts, B images, C classes (see `ride_fast.ops.ride_loss` for the inputs).
 With a_k = z_k - margins[y] onehot(y), c_i = w_{y_i} / sum_j w_{y_j} (1/B unweighted),
@@ -108,31 +109,3 @@ def _ride_loss_and_grad(
         g_div.mul_(inv_t)
     grad.add_(g_div, alpha=scale)
     return loss, grad
-
-
-def ride_loss_analytic(
-    expert_logits: Tensor,
-    target: Tensor,
-    margins: Tensor | None = None,
-    class_weights: Tensor | None = None,
-    temperature: Tensor | None = None,
-    diversity_factor: float = 0.0,
-    temperature_mean: float = 1.0,
-    diversity: str = "mean",
-) -> Tensor:
-    """`ride_loss_reference(..., individual=True)` with an analytic backward; float32 scalar
-    (float64 for float64 logits).
-
-    Differentiable with respect to `expert_logits` only (margins, weights and temperatures are
-    constants, as in training). Shapes are validated by the caller (`ride_loss`).
-    """
-    if diversity not in ("mean", "pairwise"):
-        raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
-    from ride_fast.ops.ride_loss import _ride_loss_op
-
-    need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    loss, _, _ = _ride_loss_op(
-        expert_logits, target, margins, class_weights, temperature,
-        float(diversity_factor), float(temperature_mean), diversity, False, need_grad,
-    )
-    return loss

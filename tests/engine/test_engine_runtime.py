@@ -17,3 +17,14 @@ def test_resolve_amp(monkeypatch):
     assert resolve_amp("auto", cuda) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_amp("auto", cuda) == "none"
+
+
+def test_auto_amp_is_bf16_on_cpus_with_avx512_bf16_and_no_amx(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    expected = "bf16" if torch.backends.mkldnn.is_available() else "none"
+    assert resolve_amp("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_amp("auto", torch.device("cpu")) == "none"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_amp("auto", torch.device("cpu")) == expected

@@ -106,3 +106,9 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, student.teacher.parameters()))
     off = Trainer(tiny_cfg(tmp_path / "s2", f"distill.teacher_checkpoint={teacher_ckpt}", "distill.teacher_bn_train=false"), log=lambda s: None)
     assert not off.teacher.training
+
+
+def test_trainer_records_the_loss_path_the_dispatch_takes(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path), log=lambda s: None)
+    assert trainer.cfg.loss.name == "ride" and trainer.loss_path == "analytic"  # the CPU's closed form
+    assert Trainer(tiny_cfg(tmp_path / "ref", "loss.impl=reference"), log=lambda s: None).loss_path == "reference"

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 from ride_fast_kernels import _utils
-from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward, ride_loss_fused
+from ride_fast.ops import ride_loss_fused
+from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward
 
 from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference

@@ -12,6 +12,7 @@ from ride_fast.losses import (
     RIDEDistillLoss,
     RIDELoss,
     build_loss,
+    loss_path,
 )
 
 COUNTS = [50, 20, 8, 3, 1]
@@ -67,3 +68,18 @@ def test_unknown_name():
 def test_zero_count_class_is_named():
     with pytest.raises(ValueError, match=r"\[1\] have zero training images"):
         build_loss(LossConfig(), [10, 0, 3])
+
+
+def test_loss_path_asks_the_dispatch(monkeypatch):
+    import ride_fast.losses.factory as factory
+
+    ride = build_loss(LossConfig(name="ride"), COUNTS)
+    assert loss_path(ride, torch.device("cpu"), 3, len(COUNTS)) == "analytic"
+    seen = []
+    monkeypatch.setattr(factory, "ride_loss_path", lambda device, dtype, E, C, individual: seen.append((device.type, E, C, individual)) or "triton")
+    assert loss_path(ride, torch.device("cuda"), 3, len(COUNTS)) == "triton"
+    assert seen == [("cuda", 3, len(COUNTS), True)]
+    distilled = build_loss(LossConfig(name="ride"), COUNTS, DistillConfig(teacher_checkpoint="teacher.pt"))
+    assert loss_path(distilled, torch.device("cuda"), 3, len(COUNTS)) == "triton"
+    assert loss_path(build_loss(LossConfig(name="ride", impl="reference"), COUNTS), torch.device("cuda"), 3, 5) == "reference"
+    assert loss_path(build_loss(LossConfig(name="focal"), COUNTS), torch.device("cuda"), 3, 5) == "reference"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ride_fast.losses import RIDELoss
-from ride_fast.models.registry import create_model
+from ride_fast.models import create_model
 
 COUNTS = [50, 30, 20, 12, 8, 5, 3, 2, 2, 1]  # C = 10
 VARIANTS = [(phase, diversity) for phase in (0, 1) for diversity in ("mean", "pairwise")]

@@ -13,7 +13,7 @@ import torch
 ride_loss_module = importlib.import_module("ride_fast.ops.ride_loss")  # the module (ride_fast.ops.ride_loss is also a function)
 from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
-from ride_fast.ops.ride_loss_analytic import ride_loss_analytic
+from ride_fast.ops import ride_loss_analytic
 
 
 @pytest.fixture(autouse=True)
