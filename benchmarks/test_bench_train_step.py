@@ -32,7 +32,7 @@ Variants, cumulative (each adds one switch to the one before):
     bf16            train.amp=bf16 (autocast)
     compile         train.compile: torch.compile of forward + loss (the fused Triton loss stays
                     eager: one kernel already); GPU; on the CPU only with
-                    RIDE_FAST_BENCH_CPU_COMPILE=1 (minutes of compile time)
+                    RIDE_FAST_BENCH_CPU_COMPILE=1 (minutes of compile time; not collected otherwise)
     cuda_graphs     train.cuda_graphs: compile mode "reduce-overhead" (GPU only)
 
 extra_info: images_per_s (median round), images_per_s_best (fastest round), speedup_vs_original and
@@ -359,26 +359,28 @@ def time_rounds(fn, rounds: int) -> list[float]:
     return times
 
 
-def skip_reason(variant: str, device: torch.device, timing: bool) -> str | None:
-    if variant == "cuda_graphs" and device.type != "cuda":
-        return "CUDA graphs need a GPU"
-    if variant == "compile" and device.type != "cuda" and not (timing and os.environ.get("RIDE_FAST_BENCH_CPU_COMPILE")):
-        return "torch.compile on the CPU takes minutes: set RIDE_FAST_BENCH_CPU_COMPILE=1 and time with --benchmark-only"
-    return None
+CPU_COMPILE = bool(os.environ.get("RIDE_FAST_BENCH_CPU_COMPILE"))
 
 
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+def cases():
+    """(where, case, variant) of every run: CUDA graphs only on the GPU, torch.compile on the CPU
+    only when asked for (RIDE_FAST_BENCH_CPU_COMPILE=1: minutes of compile time, timed with
+    --benchmark-only). GPU runs are skipped without CUDA (marker gpu)."""
+    out = []
+    for where in ("cpu", "gpu"):
+        for case in CASES:
+            for variant in VARIANTS:
+                if where == "cpu" and (variant == "cuda_graphs" or (variant == "compile" and not CPU_COMPILE)):
+                    continue
+                marks = [pytest.mark.gpu] if where == "gpu" else []
+                out.append(pytest.param(where, case, variant, id=f"{where}-{case}-{variant}", marks=marks))
+    return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("where", DEVICES)
+@pytest.mark.parametrize("where,case,variant", cases())
 def test_train_step(benchmark, where, case, variant):
     device = torch.device("cuda" if where == "gpu" else "cpu")
     timing = not benchmark.disabled
-    reason = skip_reason(variant, device, timing)
-    if reason:
-        pytest.skip(reason)
     if variant in ("compile", "cuda_graphs"):
         torch._dynamo.reset()  # every case compiles its own TrainStep: start from an empty cache
     gc.collect()
