@@ -1,8 +1,9 @@
 """What a training run shows and hears: the tqdm bar, TensorBoard events, stop signals.
 
 `StopRequest` turns SIGTERM / SIGINT into a flag the loop reads at a step boundary (it saves a
-checkpoint, then exits); `signal_at_from_env` reads the test hook RIDE_FAST_SIGNAL_AT; `progress_bar`, `tensorboard_writer` and `tensorboard_log` are optional
-outputs that are None / no-ops when switched off or not installed.
+checkpoint, then exits); `signal_at_from_env` reads the test hook RIDE_FAST_SIGNAL_AT (off by
+default); `progress_bar`, `tensorboard_writer` and `tensorboard_log` are optional outputs that are
+None / no-ops when switched off or not installed.
 """
 from __future__ import annotations
 
