@@ -68,13 +68,32 @@ def _longer(ds: ImageListDataset, times: int) -> ImageListDataset:
     return ImageListDataset(ds.files * times, ds.labels.repeat(times), ds.num_classes, name="bench", recipe=ds.recipe)
 
 
-def _epoch(loader):
+def _epoch(loader, check: bool = False):
+    """Images in one pass of `loader`; check=True also checks every batch (`_check_batch`)."""
     n = 0
     for batch in loader:
+        if check:
+            _check_batch(batch, loader.dataset)
         n += batch.labels.numel()
     if batch.images.is_cuda:
         torch.cuda.synchronize()
     return n
+
+
+def _check_batch(batch, ds) -> None:
+    """What a training step needs: float32 [b, 3, S, S] channels-last, normalised colours of [0, 1]
+    pixels (so the range the normalisation maps [0, 1] to), not constant, labels of the data set."""
+    x, S = batch.images, ds.recipe.crop_size
+    assert x.dtype == torch.float32 and x.shape[1:] == (3, S, S) and x.is_contiguous(memory_format=torch.channels_last)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (ds.mean, ds.std))
+    assert (x >= -mean / std - 1e-4).all() and (x <= (1 - mean) / std + 1e-4).all()
+    assert float(x.std()) > 0.1
+    assert batch.labels.shape == (x.shape[0],) and set(batch.labels.tolist()) <= set(ds.labels.tolist())
+
+
+def _expected(ds, train: bool) -> int:
+    """Images in an epoch: training drops the last partial batch, evaluation sees every image."""
+    return len(ds) // BATCH * BATCH if train else len(ds)
 
 
 def _dali_loader(ds, train=True):
@@ -89,7 +108,7 @@ def _torch_loader(ds, device="cpu", train=True):
 
 def _measure(benchmark, loader, **info):
     torch.set_num_threads(1)  # the main process only normalises; workers / DALI threads decode
-    _epoch(loader)  # warm-up: page cache, worker start, pipeline build
+    assert _epoch(loader, check=True) == _expected(loader.dataset, train=True)  # warm-up: page cache, worker start, pipeline build
     epochs = iter(range(1, 10_000))
     benchmark.pedantic(lambda: (loader.set_epoch(next(epochs)), _epoch(loader)), rounds=3, iterations=1)
     if benchmark.stats is not None and benchmark.stats.stats.mean:
@@ -119,7 +138,7 @@ def test_dali_cpu_vs_torch_speedup(benchmark, photos, times, train):
     ds = _longer(photos, times) if times > 1 else photos
     loaders = {"dali": _dali_loader(ds, train=train), "torch": _torch_loader(ds, train=train)}
     for loader in loaders.values():
-        _epoch(loader)
+        assert _epoch(loader, check=True) == _expected(ds, train)
     seconds = {k: [] for k in loaders}
 
     def one_round():
@@ -134,6 +153,8 @@ def test_dali_cpu_vs_torch_speedup(benchmark, photos, times, train):
     benchmark.extra_info.update({f"{k}_images_per_s": round(v, 1) for k, v in rates.items()})
     benchmark.extra_info.update(dali_speedup=round(rates["dali"] / rates["torch"], 2), epoch_images=n)
     assert all(v > 0 for v in rates.values())
+    if not benchmark.disabled and times > 1:  # timing, at the steady state: DALI's CPU path is the faster one
+        assert rates["dali"] > rates["torch"], rates
 
 
 @needs_dali
@@ -202,6 +223,11 @@ def test_cpu_cost_per_image_by_stage(benchmark, photos):
     benchmark.extra_info.update({f"{k}_ms": v for k, v in ms.items()})
     benchmark.extra_info.update(stage_ceiling=round(torch_loader / dali, 2))
     assert all(v > 0 for v in ms.values())
+    # the stages timed are the loaders' work: n crops of the recipe's size, finished alike
+    S = recipe.crop_size
+    assert len(crops) == n and uint8.shape == (n, S, S, 3)
+    a = stages["dali_finish_crops"]()
+    assert a.shape == (n, 3, S, S) and torch.isfinite(a).all()
 
 
 # ----------------------------------------------------------------------------------------- GPU

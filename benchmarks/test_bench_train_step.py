@@ -9,7 +9,15 @@ Shape legend: B images per step, E experts, C classes, px image side.
 
 Cases (E, B, px, C): RIDE-ResNet-32 E=3 (128, 32 px, 100 classes: CIFAR-100-LT), RIDE-ResNet-50
 E=3 and E=4 (1000 classes: ImageNet-LT; 224 px and B=128 on the GPU, 64 px and B=8 on the CPU so
-the suite stays short). With --benchmark-disable every case runs one step at a small batch.
+the suite stays short).
+
+With --benchmark-disable (CI) every case runs one step at a small batch (ResNet-50 at 32 px, its
+smallest input: the stride-32 network ends on one pixel) from the same weights (the original code's,
+seed 0, loaded into ride_fast) and the same batch, and checks it: the loss and the weights after the
+step equal the original structure's (`TOLERANCES`, per precision), and each switch took effect
+(`check_switches`: the fused loss's backward in the graph, fused SGD, channels-last weights and
+convolution outputs, one grouped convolution per layer for all experts, bf16 features). When
+timing (--benchmark-only) the last variant of each device must beat the original (`speedup_best`).
 
 Variants, cumulative (each adds one switch to the one before):
 
@@ -24,7 +32,7 @@ Variants, cumulative (each adds one switch to the one before):
     bf16            train.amp=bf16 (autocast)
     compile         train.compile: torch.compile of forward + loss (the fused Triton loss stays
                     eager: one kernel already); GPU; on the CPU only with
-                    RIDE_FAST_BENCH_CPU_COMPILE=1 (minutes of compile time)
+                    RIDE_FAST_BENCH_CPU_COMPILE=1 (minutes of compile time; not collected otherwise)
     cuda_graphs     train.cuda_graphs: compile mode "reduce-overhead" (GPU only)
 
 extra_info: images_per_s (median round), images_per_s_best (fastest round), speedup_vs_original and
@@ -33,12 +41,13 @@ speedup_best (against the original measured in the same session and process), tr
 fvcore), and on the GPU mfu = train_flops_per_image x images_per_s / peak_flops (peak_flops =
 989e12, H100 SXM bf16 dense). On the GPU a round is GPU_STEPS steps closed by
 torch.cuda.synchronize, after one warm-up round (cuDNN autotuning, compilation).
-Environment: RIDE_FAST_BENCH_THREADS (CPU threads, default all cores), RIDE_FAST_BENCH_GPU_BATCH
+Environment: RIDE_FAST_BENCH_THREADS (CPU threads, default all cores when timing, 1 in CI), RIDE_FAST_BENCH_GPU_BATCH
 (B of the ResNet-50 cases on the GPU, default 128), RIDE_FAST_BENCH_GPU_STEPS (steps per GPU round,
 default 10), RIDE_FAST_BENCH_ROUNDS (timed rounds, default 3 on the GPU and 5 on the CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -62,8 +71,8 @@ GPU_R50_BATCH = int(os.environ.get("RIDE_FAST_BENCH_GPU_BATCH", "128"))
 # name -> (model, E, C, diversity_factor, reweight_factor, reweight_epoch, {device: (B, px)}, CI (B, px))
 CASES = {
     "r32_e3": ("resnet32", 3, 100, -0.45, 0.05, 160, {"cpu": (128, 32), "gpu": (128, 32)}, (16, 32)),
-    "r50_e3": ("resnet50", 3, 1000, -0.2, 0.02, 80, {"cpu": (8, 64), "gpu": (GPU_R50_BATCH, 224)}, (2, 64)),
-    "r50_e4": ("resnet50", 4, 1000, -0.2, 0.02, 80, {"cpu": (8, 64), "gpu": (GPU_R50_BATCH, 224)}, (2, 64)),
+    "r50_e3": ("resnet50", 3, 1000, -0.2, 0.02, 80, {"cpu": (8, 64), "gpu": (GPU_R50_BATCH, 224)}, (4, 32)),
+    "r50_e4": ("resnet50", 4, 1000, -0.2, 0.02, 80, {"cpu": (8, 64), "gpu": (GPU_R50_BATCH, 224)}, (4, 32)),
 }
 
 # Cumulative switches; "original" is the baseline and not a TrainStep.
@@ -114,23 +123,51 @@ def train_flops_per_image(case: str, px: int) -> float | None:
     return _FLOPS[case, px]
 
 
-def make_original(case: str, device: torch.device, B: int, px: int):
+_WEIGHTS: dict[str, tuple[dict, dict]] = {}
+
+
+def initial_weights(case: str) -> tuple[dict, dict]:
+    """(original state dict, ride_fast per-expert state dict) of the same network: the original
+    structure at seed 0, loaded into ride_fast. Every variant of a case starts from these."""
+    if case not in _WEIGHTS:
+        from ride_fast.models import load_original_state_dict
+
+        name, E, C = CASES[case][:3]
+        torch.manual_seed(0)
+        original = ORIGINAL_MODELS[name](C, E)
+        net = create_model(name, num_classes=C, num_experts=E)
+        load_original_state_dict(net, original.state_dict())
+        _WEIGHTS[case] = ({k: v.clone() for k, v in original.state_dict().items()}, {k: v.clone() for k, v in net.state_dict().items()})
+    return _WEIGHTS[case]
+
+
+def batch(case: str, device: torch.device, B: int, px: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The case's batch: the same images and labels for every variant."""
+    g = torch.Generator().manual_seed(1)
+    C = CASES[case][2]
+    return torch.randn(B, 3, px, px, generator=g).to(device), torch.randint(0, C, (B,), generator=g).to(device)
+
+
+def make_original(case: str, device: torch.device, B: int, px: int, *, with_model: bool = False):
     name, E, C, lam, gamma = CASES[case][:5]
-    torch.manual_seed(0)
-    model = ORIGINAL_MODELS[name](C, E).to(device)
+    model = ORIGINAL_MODELS[name](C, E)
+    model.load_state_dict(initial_weights(case)[0])
+    model.to(device)
     criterion = OriginalRIDELoss(class_counts(C), diversity_factor=lam, reweight_factor=gamma).to(device)
     step = make_original_step(model, criterion, weight_decay=5e-4 if name == "resnet32" else 2e-4)
-    images = torch.randn(B, 3, px, px, device=device)
-    labels = torch.randint(0, C, (B,), device=device)
-    return lambda: step(images, labels)
+    images, labels = batch(case, device, B, px)
+    fn = lambda: step(images, labels)  # noqa: E731
+    return (fn, model) if with_model else fn
 
 
-def make_ride_fast(case: str, variant: str, device: torch.device, B: int, px: int):
+def build_ride_fast(case: str, variant: str, device: torch.device, B: int, px: int):
+    """(TrainStep, images, labels) of a variant, from the case's initial weights."""
     name, E, C, lam, gamma, reweight_epoch = CASES[case][:6]
     s = switches(variant)
-    torch.manual_seed(0)
     fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
-    model = create_model(name, num_classes=C, num_experts=E, batched=s["batched"]).to(device, memory_format=fmt)
+    model = create_model(name, num_classes=C, num_experts=E, batched=s["batched"])
+    model.load_state_dict(initial_weights(case)[1])  # either layout loads the per-expert state dict
+    model.to(device, memory_format=fmt)
     loss_cfg = LossConfig(diversity_factor=lam, reweight_factor=gamma, reweight_epoch=reweight_epoch, impl=s["loss_impl"])
     criterion = build_loss(loss_cfg, np.asarray(class_counts(C))).to(device)
     criterion.set_epoch(reweight_epoch + 1)  # the DRW phase: every term of the loss is active
@@ -141,9 +178,163 @@ def make_ride_fast(case: str, variant: str, device: torch.device, B: int, px: in
         optimizer = build_optimizer(model, OptimConfig(weight_decay=wd, implementation=s["sgd"]), device)
     step = TrainStep(model, criterion, optimizer, device=device, amp=s["amp"], compile=s["compile"], cuda_graphs=s["cuda_graphs"])
     model.train()
-    images = torch.randn(B, 3, px, px, device=device).contiguous(memory_format=fmt)
-    labels = torch.randint(0, C, (B,), device=device)
+    images, labels = batch(case, device, B, px)
+    return step, images.contiguous(memory_format=fmt), labels
+
+
+def make_ride_fast(case: str, variant: str, device: torch.device, B: int, px: int):
+    step, images, labels = build_ride_fast(case, variant, device, B, px)
     return lambda: step(images, labels)
+
+
+# ----------------------------------------------------------------------------------------- CI checks
+# One step from the same weights and batch, the variant against the original structure: (rtol of the
+# loss, rtol of the update: |w_variant - w_original| / |w_original - w_0| over every weight and
+# statistic), per network, precision and layout on the CPU. Each bound is a few times the gap
+# measured on the CI batch. The NCHW float32 variants do the original's arithmetic in another order;
+# channels-last (oneDNN) and bf16 round differently, and ResNet-50 at 32 px (layer4 on one pixel,
+# BatchNorm over 4 values) turns a rounding difference into a different update (float32 against
+# float64 differs as much), so there only the loss is compared. None: not compared. On a GPU
+# (cuDNN, TF32) only the loss is compared, at GPU_LOSS_RTOL.
+TOLERANCES = {
+    ("resnet32", "none", False): (1e-6, 2e-6),
+    ("resnet32", "none", True): (1e-6, 5e-3),
+    ("resnet32", "bf16", True): (2e-3, 0.5),
+    ("resnet50", "none", False): (1e-6, 1e-5),
+    ("resnet50", "none", True): (5e-4, None),
+    ("resnet50", "bf16", True): (5e-2, None),
+}
+GPU_LOSS_RTOL = {"none": 1e-2, "bf16": 5e-2}
+FUSED_LOSS_BACKWARD = {"cpu": "_RideLossAnalyticBackward", "cuda": "_RideLossFunctionBackward"}
+_REFERENCE: dict[tuple[str, str, int, int], tuple[float, dict]] = {}
+
+
+def per_expert_state(model) -> dict:
+    from ride_fast.models.layout import per_expert_state_dict
+
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    return per_expert_state_dict(state, model.num_experts) if getattr(model, "batched", False) else state
+
+
+def reference_after_one_step(case: str, device: torch.device, B: int, px: int) -> tuple[float, dict]:
+    """The original structure's loss on the batch and its weights after the step, in ride_fast's names."""
+    key = (case, device.type, B, px)
+    if key not in _REFERENCE:
+        from ride_fast.models import load_original_state_dict
+
+        name, E, C = CASES[case][:3]
+        fn, original = make_original(case, device, B, px, with_model=True)
+        loss = float(fn())
+        net = create_model(name, num_classes=C, num_experts=E)
+        load_original_state_dict(net, {k: v.cpu() for k, v in original.state_dict().items()})
+        _REFERENCE[key] = (loss, per_expert_state(net))
+    return _REFERENCE[key]
+
+
+class Probe(torch.utils._python_dispatch.TorchDispatchMode):
+    """What one step did: convolutions run (count, channels-last outputs), the model output's dtypes
+    (forward hook) and the loss's backward node (a wrapper of TrainStep._loss)."""
+
+    def __init__(self, step: TrainStep):
+        super().__init__()
+        self.convolutions, self.layout_outputs, self.channels_last_outputs = 0, 0, 0
+        self.outputs, self.loss_backward = [], []
+        self.step = step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            self.convolutions += 1
+            if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:  # else both layouts are the same memory
+                self.layout_outputs += 1
+                self.channels_last_outputs += out.is_contiguous(memory_format=torch.channels_last)
+        return out
+
+    def __enter__(self):
+        self.hook = self.step.model.register_forward_hook(
+            lambda m, i, out: self.outputs.append((out.features.dtype, out.expert_logits.dtype)))
+        loss_fn = self.step._loss
+
+        def spy(*args):
+            loss = loss_fn(*args)
+            self.loss_backward.append(type(loss.grad_fn).__name__)
+            return loss
+
+        self.step._loss = spy
+        self._restore = loss_fn
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        self.step._loss = self._restore
+        return super().__exit__(*exc)
+
+
+def update_gap(got: dict, want: dict, start: dict) -> float:
+    """|got - want| / |want - start| over all floating-point tensors (want: the original's weights after
+    the step, start: before it); integer buffers (BatchNorm's step counts) must be equal."""
+    num = den = 0.0
+    for k, b in want.items():
+        if not b.is_floating_point():
+            assert torch.equal(got[k], b), k
+            continue
+        num += float(((got[k] - b).double() ** 2).sum())
+        den += float(((b - start[k].float()).double() ** 2).sum())
+    return (num / den) ** 0.5
+
+
+def check_step_against_the_original(case: str, variant: str, device: torch.device, B: int, px: int):
+    """One step of the variant from the case's weights and batch: loss and weights equal the
+    original structure's (TOLERANCES), and each switch of the variant took effect. Returns the
+    variant's step function (its next step)."""
+    ref_loss, ref_state = reference_after_one_step(case, device, B, px)
+    if variant == "original":
+        fn = make_original(case, device, B, px)
+        assert float(fn()) == ref_loss  # deterministic: the reference is this very computation
+        return fn
+    s = switches(variant)
+    step, images, labels = build_ride_fast(case, variant, device, B, px)
+    compiled = s["compile"] or s["cuda_graphs"]  # a dispatch mode and hooks would change the compiled graph
+    probe = Probe(step) if not compiled else contextlib.nullcontext()
+    with probe:
+        loss = float(step(images, labels))
+    name = CASES[case][0]
+    loss_rtol, update_rtol = TOLERANCES[name, s["amp"], s["channels_last"]] if device.type == "cpu" else (GPU_LOSS_RTOL[s["amp"]], None)
+    assert abs(loss - ref_loss) <= loss_rtol * abs(ref_loss), f"{case} {variant}: loss {loss} but the original's {ref_loss}"
+    if update_rtol is not None:
+        gap = update_gap(per_expert_state(step.model), ref_state, initial_weights(case)[1])
+        assert gap <= update_rtol, f"{case} {variant}: the step's update is {gap:.2e} (relative) from the original's, bound {update_rtol}"
+    if not compiled:
+        check_switches(case, s, step, probe, device)
+    return lambda: step(images, labels)
+
+
+def check_switches(case: str, s: dict, step: TrainStep, probe: Probe, device: torch.device) -> None:
+    from ride_fast.models import BatchedRIDENet
+
+    name, E = CASES[case][:2]
+    model = step.model
+    fused = FUSED_LOSS_BACKWARD[device.type]
+    assert (probe.loss_backward == [fused]) == (s["loss_impl"] == "auto"), f"loss backward {probe.loss_backward}, loss.impl={s['loss_impl']}"
+    assert bool(step.optimizer.defaults.get("fused")) == (s["sgd"] == "auto")  # fused SGD on the CPU and CUDA
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) == s["channels_last"] for p in convs if p.shape[-1] > 1)
+    assert probe.layout_outputs > 0 and probe.channels_last_outputs == (probe.layout_outputs if s["channels_last"] else 0), (
+        f"{probe.channels_last_outputs} of {probe.layout_outputs} convolution outputs channels-last")
+    assert isinstance(model, BatchedRIDENet) == s["batched"]
+    per_expert = CONVOLUTIONS[name]
+    expected = per_expert[0] + (1 if s["batched"] else E) * per_expert[1]  # trunk + experts
+    assert probe.convolutions == expected, f"{probe.convolutions} convolutions in the step, {expected} expected"
+    amp_dtype = {"none": torch.float32, "bf16": torch.bfloat16}[s["amp"]]
+    assert probe.outputs == [(amp_dtype, torch.float32)]  # features in the autocast dtype; cosine heads in float32
+
+
+# Convolutions of one forward: (shared trunk, one expert). ResNet-32: conv1 + layer1 (5 blocks x 2),
+# an expert layer2 + layer3 (10 blocks x 2; the option-A shortcuts have none). ResNet-50: conv1 +
+# layer1 (3 bottlenecks x 3 + downsample) + layer2 (4 x 3 + 1), an expert layer3 (6 x 3 + 1) + layer4
+# (3 x 3 + 1). The per-expert network runs E experts' convolutions, the batched one all experts as
+# one grouped convolution per layer.
+CONVOLUTIONS = {"resnet32": (1 + 5 * 2, 10 * 2), "resnet50": (1 + 3 * 3 + 1 + 4 * 3 + 1, 6 * 3 + 1 + 3 * 3 + 1)}
 
 
 def runner(step, device: torch.device):
@@ -168,26 +359,28 @@ def time_rounds(fn, rounds: int) -> list[float]:
     return times
 
 
-def skip_reason(variant: str, device: torch.device, timing: bool) -> str | None:
-    if variant == "cuda_graphs" and device.type != "cuda":
-        return "CUDA graphs need a GPU"
-    if variant == "compile" and device.type != "cuda" and not (timing and os.environ.get("RIDE_FAST_BENCH_CPU_COMPILE")):
-        return "torch.compile on the CPU takes minutes: set RIDE_FAST_BENCH_CPU_COMPILE=1 and time with --benchmark-only"
-    return None
+CPU_COMPILE = bool(os.environ.get("RIDE_FAST_BENCH_CPU_COMPILE"))
 
 
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+def cases():
+    """(where, case, variant) of every run: CUDA graphs only on the GPU, torch.compile on the CPU
+    only when asked for (RIDE_FAST_BENCH_CPU_COMPILE=1: minutes of compile time, timed with
+    --benchmark-only). GPU runs are skipped without CUDA (marker gpu)."""
+    out = []
+    for where in ("cpu", "gpu"):
+        for case in CASES:
+            for variant in VARIANTS:
+                if where == "cpu" and (variant == "cuda_graphs" or (variant == "compile" and not CPU_COMPILE)):
+                    continue
+                marks = [pytest.mark.gpu] if where == "gpu" else []
+                out.append(pytest.param(where, case, variant, id=f"{where}-{case}-{variant}", marks=marks))
+    return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("where", DEVICES)
+@pytest.mark.parametrize("where,case,variant", cases())
 def test_train_step(benchmark, where, case, variant):
     device = torch.device("cuda" if where == "gpu" else "cpu")
     timing = not benchmark.disabled
-    reason = skip_reason(variant, device, timing)
-    if reason:
-        pytest.skip(reason)
     if variant in ("compile", "cuda_graphs"):
         torch._dynamo.reset()  # every case compiles its own TrainStep: start from an empty cache
     gc.collect()
@@ -195,23 +388,25 @@ def test_train_step(benchmark, where, case, variant):
         torch.cuda.empty_cache()
         torch.backends.cudnn.benchmark = True  # the original's run gets it too (a conservative baseline)
     else:
-        torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", os.cpu_count() or 1)))
+        # CI: one thread, as the tests (two OpenMP threads on a shared 2-core machine stall)
+        torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
     B, px = CASES[case][6][where] if timing else CASES[case][7]
     rounds = ROUNDS or (3 if device.type == "cuda" else 5)  # of GPU_STEPS steps on the GPU, of one step on the CPU
     warmup = 1
     steps_per_round = GPU_STEPS if device.type == "cuda" else 1
 
     key = (where, case, B)
-    if variant == "original":
+    if not timing:  # CI: one step against the original's, its switches checked; the benchmark call is a second step
+        fn = check_step_against_the_original(case, variant, device, B, px)
+    elif variant == "original":
         fn = runner(make_original(case, device, B, px), device)
     else:
-        if timing and key not in _ORIGINAL_IPS:  # the baseline of this session was not run (-k): time it here
+        if key not in _ORIGINAL_IPS:  # the baseline of this session was not run (-k): time it here
             base = runner(make_original(case, device, B, px), device)
             time_rounds(base, warmup)
             t = time_rounds(base, rounds)
             _ORIGINAL_IPS[key] = (B * steps_per_round / float(np.median(t)), B * steps_per_round / min(t))
         fn = runner(make_ride_fast(case, variant, device, B, px), device)
-
     if timing:
         time_rounds(fn, warmup)  # allocator, cuDNN autotuning, torch.compile
     result = benchmark.pedantic(fn, rounds=rounds if timing else 1, iterations=1)
@@ -236,6 +431,11 @@ def test_train_step(benchmark, where, case, variant):
         if device.type == "cuda" and flops:
             info.update(peak_flops=H100_BF16_DENSE, mfu=flops * ips / H100_BF16_DENSE)
     benchmark.extra_info.update(info)
+    if timing and variant == LAST_VARIANT[device.type]:  # every switch on: faster than the original structure
+        assert info["speedup_best"] > 1.0, f"{case} {variant} on {info['device']}: {info['speedup_best']:.2f} x the original"
+
+
+LAST_VARIANT = {"cpu": "bf16", "cuda": "cuda_graphs"}  # the last variant that runs by default on each device
 
 
 @torch.no_grad()

@@ -79,9 +79,29 @@ def test_parse_overrides_nests():
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_recipe_loads(recipe):
+def test_every_recipe_loads(recipe, tmp_path):
+    """Every key the recipe sets reaches the config with its value (none dropped or left at its
+    default), and the config survives a round trip through its dict and YAML forms."""
     cfg = load_config(recipe)
-    assert isinstance(cfg, Config)
+    resolved = config_to_dict(cfg)
+
+    def leaves(d, prefix=()):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from leaves(v, (*prefix, k))
+            else:
+                yield (*prefix, k), v
+
+    written = dict(leaves(yaml.safe_load(recipe.read_text()) or {}))
+    assert written, f"{recipe.name} sets nothing"
+    for path, value in written.items():
+        got = resolved
+        for k in path:
+            got = got[k]
+        assert (list(got) if isinstance(got, tuple) else got) == value, f"{recipe.name}: {'.'.join(path)} = {got!r}, the file says {value!r}"
+    assert config_from_dict(resolved) == cfg
+    (tmp_path / "dumped.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "dumped.yaml") == cfg
 
 
 def test_show_config_cli_prints_resolved_config():

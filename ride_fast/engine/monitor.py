@@ -1,11 +1,13 @@
 """What a training run shows and hears: the tqdm bar, TensorBoard events, stop signals.
 
 `StopRequest` turns SIGTERM / SIGINT into a flag the loop reads at a step boundary (it saves a
-checkpoint, then exits); `progress_bar`, `tensorboard_writer` and `tensorboard_log` are optional
-outputs that are None / no-ops when switched off or not installed.
+checkpoint, then exits); `signal_at_from_env` reads the test hook RIDE_FAST_SIGNAL_AT (off by
+default); `progress_bar`, `tensorboard_writer` and `tensorboard_log` are optional outputs that are
+None / no-ops when switched off or not installed.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -39,6 +41,24 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+SIGNAL_AT_ENV = "RIDE_FAST_SIGNAL_AT"
+
+
+def signal_at_from_env() -> tuple[int, int, signal.Signals] | None:
+    """A test hook, off unless the environment variable RIDE_FAST_SIGNAL_AT=EPOCH:STEP:SIGNAL is set
+    (e.g. 2:5:SIGKILL): the training process then sends itself SIGNAL right after step STEP (1-based)
+    of epoch EPOCH, so tests of kills and pre-emption stop a run at a known point of an epoch
+    instead of after a guessed delay. Returns (epoch, step, signal) or None."""
+    value = os.environ.get(SIGNAL_AT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        epoch, step, name = value.split(":")
+        return int(epoch), int(step), signal.Signals[name.upper()]
+    except (ValueError, KeyError):
+        raise ValueError(f"{SIGNAL_AT_ENV}={value!r}: expected EPOCH:STEP:SIGNAL, e.g. 2:5:SIGTERM") from None
 
 
 def tensorboard_writer(out_dir: Path, enabled: bool):

@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +59,14 @@ from ride_fast.engine.distributed import (
 )
 from ride_fast.engine.evaluate import evaluate_model, write_per_class_report
 from ride_fast.engine.metrics import SplitAccuracy
-from ride_fast.engine.monitor import StopRequest, progress_bar, tensorboard_log, tensorboard_writer
+from ride_fast.engine.monitor import (
+    SIGNAL_AT_ENV,
+    StopRequest,
+    progress_bar,
+    signal_at_from_env,
+    tensorboard_log,
+    tensorboard_writer,
+)
 from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, load_canonical_optimizer_state
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
@@ -155,6 +164,7 @@ class Trainer:
         self._resume_sums: dict = {}
         self._stop: StopRequest | None = None
         self._tb = None
+        self._signal_at = signal_at_from_env()  # a test hook, None unless RIDE_FAST_SIGNAL_AT is set (engine/monitor.py)
 
     # ------------------------------------------------------------------ pieces of a step
     def _load_teacher(self) -> nn.Module:
@@ -224,6 +234,9 @@ class Trainer:
                 break
             step_fn(batch.images, batch.labels)
             done += 1
+            if self._signal_at is not None and self._signal_at[:2] == (epoch, done):
+                print(f"{SIGNAL_AT_ENV}: {self._signal_at[2].name} after epoch {epoch} step {done}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), self._signal_at[2])
             if bar is not None:
                 bar.update(1)
             if done % cfg.train.log_interval == 0:  # the only host reads inside the epoch

@@ -92,6 +92,23 @@ def test_finish_batch_normalises_and_lays_out_channels_last():
     assert math.isfinite(j.sum().item())
 
 
+def test_jittered_batch_is_the_unjittered_batch_through_the_drawn_colour_maps():
+    """finish_batch with jitter = finish_batch without, un-normalised, through each image's drawn
+    map u -> clamp(A u + c0 + C1 mean(u), 0, 1), normalised again; the maps differ per image."""
+    x = torch.randint(0, 256, (6, 10, 9, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor((0.5, 0.4, 0.3)), torch.tensor((0.2, 0.25, 0.3))
+    m, s = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+    plain = finish_batch(x, tuple(mean.tolist()), tuple(std.tolist()))
+    jittered = finish_batch(x, tuple(mean.tolist()), tuple(std.tolist()), jitter=0.4, gen=torch.Generator().manual_seed(4))
+    A, c0, C1 = jitter_maps(6, 0.4, torch.Generator().manual_seed(4))  # the draws finish_batch made
+    assert not torch.allclose(A, torch.eye(3).expand(6, 3, 3), atol=0.05)  # not the identity
+    assert not torch.allclose(A[0], A[1], atol=1e-3)  # one map per image
+    u = plain * s + m  # [B, 3, H, W] in [0, 1]
+    c = c0 + (C1 @ u.mean((2, 3)).unsqueeze(-1)).squeeze(-1)
+    want = (torch.einsum("bij,bjhw->bihw", A, u) + c[:, :, None, None]).clamp(0, 1)
+    torch.testing.assert_close(jittered, (want - m) / s, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("jitter", [0.0, 0.4])
 def test_colour_maps_batched_equal_image_by_image(jitter):
     """The batched form (a GPU batch) and the per-image form (the CPU loaders) of the same draws
@@ -107,19 +124,59 @@ def test_colour_maps_batched_equal_image_by_image(jitter):
     torch.testing.assert_close(one, batched, atol=1e-5, rtol=1e-5)
 
 
-def test_augmentations_keep_content():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(8, 3, 32, 32)
-    crop = random_crop(x, 4, gen)
+def _offsets(crop: torch.Tensor, x: torch.Tensor, pad: int) -> list[tuple[int, int]]:
+    """The (row, col) window of the zero-padded x that each crop is; random images make it unique."""
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    H, W = x.shape[-2:]
+    out = []
+    for i in range(x.shape[0]):
+        found = [(r, c) for r in range(2 * pad + 1) for c in range(2 * pad + 1)
+                 if torch.equal(crop[i], padded[i, :, r : r + H, c : c + W])]
+        assert len(found) == 1, f"image {i}: the crop is no window of the padded image ({found})"
+        out.append(found[0])
+    return out
+
+
+def test_random_crop_shifts_by_offsets_that_vary_over_a_seeded_batch():
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    crop = random_crop(x, 4, torch.Generator().manual_seed(0))
     assert crop.shape == x.shape
-    # each crop is a shifted window of the zero-padded image
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    offsets = _offsets(crop, x, 4)
+    rows, cols = {r for r, _ in offsets}, {c for _, c in offsets}
+    assert len(set(offsets)) >= 8 and min(rows) < 4 < max(rows) and min(cols) < 4 < max(cols), offsets  # not one shift
+    assert torch.equal(random_crop(x, 4, torch.Generator().manual_seed(0)), crop)  # seeded: reproducible
+
+
+def test_random_hflip_mirrors_some_images_of_a_seeded_batch_and_keeps_the_others():
+    x = torch.rand(16, 3, 5, 7, generator=torch.Generator().manual_seed(1))
+    flipped = random_hflip(x, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(flipped[i], x[i].flip(-1)) for i in range(16)]
+    kept = [torch.equal(flipped[i], x[i]) for i in range(16)]
+    assert all(m != k for m, k in zip(mirrored, kept))  # each image one or the other
+    assert 4 <= sum(mirrored) <= 12, mirrored  # probability 1/2 each
+
+
+def _rotate_reference(img: torch.Tensor, angle: float) -> torch.Tensor:
+    """img [K, H, W] rotated by `angle` radians about its centre: affine_grid's sampling grid of the
+    rotation, nearest pixel, zeros outside."""
+    c, s = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[[c, -s, 0.0], [s, c, 0.0]]])
+    grid = torch.nn.functional.affine_grid(theta, [1, *img.shape], align_corners=False)
+    return torch.nn.functional.grid_sample(img[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+
+
+def test_rotation_matches_the_affine_grid_reference_at_the_drawn_angle():
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # the reference itself: a quarter turn of a square image is a permutation of its pixels
+    torch.testing.assert_close(_rotate_reference(x[0], math.pi / 2), torch.rot90(x[0], 1, (1, 2)))
+    assert torch.equal(random_rotate(x, 0.0, torch.Generator().manual_seed(0)), x)
+    rot = random_rotate(x, 15.0, torch.Generator().manual_seed(0))
+    angles = (torch.rand(8, generator=torch.Generator().manual_seed(0)) * 2 - 1) * math.radians(15.0)  # the draws
+    assert angles.abs().max() > math.radians(10) and (angles > 0).any() and (angles < 0).any()  # spread
     for i in range(8):
-        found = any(torch.equal(crop[i], padded[i, :, r : r + 32, c : c + 32]) for r in range(9) for c in range(9))
-        assert found
-    flipped = random_hflip(x, gen)
-    assert all(torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1)) for i in range(8))
-    still = random_rotate(x, 0.0, gen)
-    assert torch.allclose(still, x)
-    rot = random_rotate(x, 15.0, gen)
-    assert rot.shape == x.shape and not torch.allclose(rot, x)
+        if abs(angles[i]) > math.radians(3):
+            assert not torch.equal(rot[i], x[i])
+        torch.testing.assert_close(rot[i], _rotate_reference(x[i], float(angles[i])), rtol=0, atol=0)
+    # the sign: a positive angle is not its mirror
+    i = int(angles.abs().argmax())
+    assert not torch.equal(rot[i], _rotate_reference(x[i], -float(angles[i])))

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from ride_fast.config import load_config
 from ride_fast.engine import Trainer, load_checkpoint
+from ride_fast.engine.monitor import SIGNAL_AT_ENV, signal_at_from_env
 
 TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.progress=false",
         "model.num_experts=2", "loss.reweight_epoch=2", "optim.warmup_epochs=1", "optim.milestones=[2]"]
@@ -89,6 +89,19 @@ def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_bit_identical(tm
     assert records[1]["test"] == full_records[1]["test"]
 
 
+def test_the_signal_hook_stops_an_in_process_run_after_the_step_it_names(tmp_path, monkeypatch):
+    monkeypatch.setenv(SIGNAL_AT_ENV, "2:3:SIGTERM")
+    assert signal_at_from_env() == (2, 3, signal.SIGTERM)
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None)
+    assert t.fit()["interrupted"] and t.epoch == 1
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+    monkeypatch.setenv(SIGNAL_AT_ENV, "2:SIGTERM")
+    with pytest.raises(ValueError, match="RIDE_FAST_SIGNAL_AT='2:SIGTERM': expected EPOCH:STEP:SIGNAL"):
+        signal_at_from_env()
+    monkeypatch.delenv(SIGNAL_AT_ENV)
+    assert signal_at_from_env() is None  # off by default
+
+
 class Unseekable:
     """A loader as the DALI loaders present themselves to the trainer: no mid-epoch start."""
 
@@ -138,28 +151,27 @@ def test_a_damaged_mid_epoch_checkpoint_falls_back_to_the_epoch_checkpoint(tmp_p
 
 # ---------------------------------------------------------------------------- real processes
 PROC_ARGS = [*TINY, "train.epochs=3"]  # whole epochs: 61 steps of 16 MNIST-LT images
+KILL_AT = (2, 25)  # epoch 2, after its step 25 of 61: mid-epoch by construction
 
 
-def _launch(out: Path, *extra: str) -> subprocess.Popen:
+def _launch(out: Path, *extra: str, signal_at: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
+    env.pop(SIGNAL_AT_ENV, None)
+    if signal_at:
+        env[SIGNAL_AT_ENV] = signal_at  # the process signals itself right after that step (engine/monitor.py)
     return subprocess.Popen([sys.executable, "-m", "ride_fast", "train", *PROC_ARGS, f"train.out_dir={out}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _finish(proc: subprocess.Popen) -> str:
+def _finish(proc: subprocess.Popen, returncode: int = 0) -> tuple[str, str]:
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    return out
+    assert proc.returncode == returncode, out[-2000:] + err[-2000:]
+    return out, err
 
 
-def _wait_for_epochs(out: Path, n: int, proc: subprocess.Popen) -> None:
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.05)
+def _epochs_logged(out: Path) -> list[int]:
+    return [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -170,26 +182,27 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted, tmp_path):
-    proc = _launch(tmp_path)
-    _wait_for_epochs(tmp_path, 1, proc)
-    time.sleep(0.5)  # into epoch 2
-    proc.kill()  # SIGKILL: nothing runs after it
-    proc.wait()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3
-    out = _finish(_launch(tmp_path, "--resume", "auto"))
-    assert "resumed from" in out
+    epoch, step = KILL_AT
+    _, err = _finish(_launch(tmp_path, signal_at=f"{epoch}:{step}:SIGKILL"), returncode=-signal.SIGKILL)
+    assert f"SIGKILL after epoch {epoch} step {step}" in err  # killed inside epoch 2 ...
+    assert _epochs_logged(tmp_path) == [1]  # ... which never finished
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)  # nothing after the kill was written: the end of epoch 1 is kept
+    out, _ = _finish(_launch(tmp_path, "--resume", "auto"))
+    assert "resumed from" in out and "the end of epoch 1" in out
+    assert _epochs_logged(tmp_path) == [1, 2, 3]
     assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
 
 
 def test_sigterm_exits_cleanly_and_resume_gives_bit_identical_weights(uninterrupted, tmp_path):
-    proc = _launch(tmp_path)
-    _wait_for_epochs(tmp_path, 1, proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out = _finish(proc)  # exit status 0
-    assert "stopped by SIGTERM" in out and "--resume auto" in out
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] < 3
-    _finish(_launch(tmp_path, "--resume", "auto"))
+    epoch, step = KILL_AT
+    out, _ = _finish(_launch(tmp_path, signal_at=f"{epoch}:{step}:SIGTERM"))  # exit status 0
+    assert f"stopped by SIGTERM in epoch {epoch} after step {step};" in out and "--resume auto" in out
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (epoch - 1, step)  # mid-epoch, at the next step boundary
+    assert _epochs_logged(tmp_path) == [1]
+    out, _ = _finish(_launch(tmp_path, "--resume", "auto"))
+    assert f"at epoch {epoch} step {step}" in out
     assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
 
 
@@ -211,8 +224,9 @@ def _poison(trainer: Trainer, bad_steps) -> list:
 @pytest.mark.parametrize("variant", [["optim.implementation=fused"], ["optim.implementation=foreach"], ["train.amp=fp16"]],
                          ids=["fused", "foreach", "fp16"])
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, variant):
-    t = Trainer(tiny_cfg(tmp_path, "train.epochs=1", "train.amp=none", *variant), log=lambda s: None)
-    _poison(t, {0, 3})  # the very first step too: momentum must not start from garbage
+    # 3 steps an epoch: fp16 steps are slow on the CPU (no native fp16 convolution backward)
+    t = Trainer(tiny_cfg(tmp_path, "train.epochs=1", "train.amp=none", "train.max_steps_per_epoch=3", *variant), log=lambda s: None)
+    _poison(t, {0, 3})  # the very first step too: momentum must not start from garbage; 3: the epoch's last step
     before = state_of(t)
     t.set_epoch_lr(1)
     t.train_loader.set_epoch(1)

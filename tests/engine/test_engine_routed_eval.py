@@ -81,13 +81,27 @@ def test_report_usage_macs_and_times(report_pair):
 
 
 def test_report_json_and_png(report_pair, tmp_path):
+    """The file holds the report's own numbers (read back from disk, compared with the report object,
+    not with what the writer returned)."""
     _, mixed, _ = report_pair
-    data = write_report(mixed, tmp_path / "r.json", tmp_path / "r.png")
+    write_report(mixed, tmp_path / "r.json", tmp_path / "r.png", extra={"checkpoint": "c.pt"})
     on_disk = json.loads((tmp_path / "r.json").read_text())
-    assert on_disk == json.loads(json.dumps(data))
-    assert set(on_disk["expert_usage"]) == {"overall", "many", "medium", "few"}
-    assert set(on_disk["accuracy"]) == {"all_experts", "routed"}
-    assert on_disk["macs"]["single_expert_baseline_per_image"] == mixed.baseline_macs
+    assert (on_disk["threshold"], on_disk["num_images"], on_disk["num_experts"]) == (mixed.threshold, 5 * C, 3)
+    assert on_disk["checkpoint"] == "c.pt" and on_disk["usage_plot"] == str(tmp_path / "r.png")
+    for split in ("overall", "many", "medium", "few"):
+        assert on_disk["expert_usage"][split] == {str(k + 1): pytest.approx(u) for k, u in enumerate(mixed.usage[split])}
+        assert on_disk["mean_experts_per_image"][split] == pytest.approx(mixed.mean_experts[split])
+        for name, acc in (("all_experts", mixed.all_experts), ("routed", mixed.routed)):
+            assert on_disk["accuracy"][name][split] == pytest.approx(getattr(acc, split))
+    assert on_disk["per_class_accuracy"]["routed"] == pytest.approx(list(mixed.routed.per_class), nan_ok=True)
+    macs = on_disk["macs"]
+    assert macs["routed_mean_per_image"] == pytest.approx(mixed.mean_macs)
+    assert macs["routed_mean_per_image_without_routers"] == pytest.approx(mixed.mean_macs_network)
+    assert macs["all_experts_per_image"] == mixed.all_experts_macs == mixed.cost.macs_with(3, routers=False)
+    assert macs["single_expert_baseline_per_image"] == mixed.baseline_macs
+    assert macs["routed_ratio_to_baseline"] == pytest.approx(mixed.mean_macs / mixed.baseline_macs)
+    assert macs["parts"]["macs_with_k_experts_and_routers"] == [mixed.cost.macs_with(n) for n in (1, 2, 3)]
+    assert on_disk["ms_per_image"] == pytest.approx(mixed.ms_per_image)
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "routed" in mixed.summary() and "experts used" in mixed.summary()
 

@@ -79,6 +79,38 @@ def test_random_masks_match_the_masked_dense_computation(E, B):
         torch.testing.assert_close(out.logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
+def _record_expert_batches(net):
+    """Wrap net.forward_expert to record (expert, images it ran on) per call."""
+    calls, forward_expert = [], net.forward_expert
+
+    def recording(i, h):
+        calls.append((i, h.shape[0]))
+        return forward_expert(i, h)
+
+    net.forward_expert = recording
+    return calls
+
+
+@pytest.mark.parametrize("E", [3, 5])
+def test_each_expert_runs_only_on_the_images_that_continue(E):
+    """The point of routing: expert i + 1 computes the images still active after expert i and no
+    others (a dense pass that masks its result afterwards has the same logits, not the same cost)."""
+    net, x = tiny_net(E, seed=E), images(12)
+    keep = torch.rand(E - 1, 12, generator=torch.Generator().manual_seed(E)) < 0.6
+    calls = _record_expert_batches(net)
+    out = routed_forward(net, None, x, decisions=keep)
+    active = torch.ones(12, dtype=torch.bool)
+    expected = [(0, 12)]
+    for i in range(E - 1):
+        active = active & keep[i]
+        if not active.any():
+            break
+        expected.append((i + 1, int(active.sum())))
+    assert calls == expected
+    assert len({n for _, n in calls}) > 2  # the sizes shrink: a real mix of usage
+    assert sum(n for _, n in calls) == int(out.num_experts.sum())  # cost = the experts each image used
+
+
 def test_the_step_where_no_image_continues_stops_the_loop():
     net, x = tiny_net(4), images(6)
     keep = torch.ones(3, 6, dtype=torch.bool)
@@ -169,10 +201,7 @@ def test_bad_inputs_are_named():
 
 
 def test_the_grouped_convolution_network_routes_the_same():
-    try:
-        batched = create_model("resnet32", num_classes=C, num_experts=3, batched=True).eval()
-    except TypeError:
-        pytest.skip("create_model has no batched=True here")
+    batched = create_model("resnet32", num_classes=C, num_experts=3, batched=True).eval()
     net = tiny_net(3)
     batched.load_state_dict(net.state_dict())
     keep = torch.rand(2, 9, generator=torch.Generator().manual_seed(4)) < 0.5
