@@ -16,7 +16,7 @@ slug names the machine (`cpu-intel-xeon-processor-2c`, `gpu-nvidia-h100-80gb-hbm
                     median, stddev, iqr, rounds, iterations, and the raw per-round `data`) and
                     extra_info (images/s, ratios, ... as each benchmark records them)
 
-benchmarks/conftest.py calls `write_results` at the end of a pytest session. It writes only when
+benchmarks/conftest.py calls `write_results` at the end of a pytest run. It writes only when
 pytest-benchmark timed something: a `--benchmark-disable` run (CI) leaves the tree as it was.
 RIDE_FAST_BENCH_RESULTS sets another folder, or `off` to write nothing.
 """
@@ -150,7 +150,7 @@ def entry_of(meta: Any, outcome: str | None) -> dict[str, Any]:
 
 
 def write_results(
-    benchmark_session: Any,
+    benchmarks_run: Any,
     *,
     command: str,
     results_dir: Path | None = None,
@@ -161,13 +161,13 @@ def write_results(
 ) -> list[Path]:
     """Write one JSON file per benchmark module that has timed tests; return the paths written.
 
-    benchmark_session: pytest-benchmark's session (`config._benchmarksession`): nothing is written
+    benchmarks_run: pytest-benchmark's state of the run (`config._benchmarksession`): nothing is written
     when it is disabled or timed nothing. outcomes: nodeid -> "passed" / "failed" / "skipped".
     windows: module -> {"load_start", "load_end", "started_utc"}, kept as the module's load record.
     """
-    if benchmark_session is None or getattr(benchmark_session, "disabled", True):
+    if benchmarks_run is None or getattr(benchmarks_run, "disabled", True):
         return []
-    timed = [m for m in getattr(benchmark_session, "benchmarks", []) if m and m.stats]
+    timed = [m for m in getattr(benchmarks_run, "benchmarks", []) if m and m.stats]
     if not timed:
         return []
     env = os.environ.get("RIDE_FAST_BENCH_RESULTS", "")

@@ -1,6 +1,6 @@
 """The raw-results writer (benchmarks/_results.py, called by benchmarks/conftest.py): a timed
-session gives one JSON file per benchmark module with the machine, versions, command, date and
-each test's stats and extra_info; a disabled session (CI) writes nothing."""
+run gives one JSON file per benchmark module with the machine, versions, command, date and
+each test's stats and extra_info; a disabled run (CI) writes nothing."""
 from __future__ import annotations
 
 import datetime as dt
@@ -29,17 +29,17 @@ def _timed(fullname: str, seconds: list[float], **extra) -> Metadata:
     return meta
 
 
-def _session(*benchmarks, disabled=False):
+def _run(*benchmarks, disabled=False):
     return SimpleNamespace(disabled=disabled, benchmarks=list(benchmarks))
 
 
-def test_a_timed_session_writes_one_file_per_module_with_machine_versions_command_date_and_stats(tmp_path):
+def test_a_timed_run_writes_one_file_per_module_with_machine_versions_command_date_and_stats(tmp_path):
     step = _timed("benchmarks/test_bench_train_step.py::test_train_step[cpu-r32_e3-bf16]", [0.4, 0.5, 0.6],
                   images_per_s=256.0, speedup_vs_original=2.0)
     routed = _timed("benchmarks/test_bench_routed.py::test_routed_inference_time_follows_macs[cpu-routed]", [0.2, 0.3],
                     time_ratio=0.8, macs_ratio=0.748)
     windows = {"routed": {"started_utc": "2026-01-02T03:00:00+00:00", "load_start": [1.0, 1.0, 1.0], "load_end": [2.0, 1.0, 1.0]}}
-    paths = write_results(_session(step, routed), command="python -m pytest benchmarks --benchmark-only",
+    paths = write_results(_run(step, routed), command="python -m pytest benchmarks --benchmark-only",
                           results_dir=tmp_path, outcomes={routed.fullname: "failed"}, windows=windows, now=NOW)
 
     assert sorted(p.relative_to(tmp_path).parts[0] for p in paths) == ["routed", "train_step"]
@@ -68,10 +68,10 @@ def test_a_timed_session_writes_one_file_per_module_with_machine_versions_comman
     assert routed_record["load_start"] == [1.0, 1.0, 1.0] and routed_record["load_end"] == [2.0, 1.0, 1.0]
 
 
-def test_a_disabled_or_untimed_session_writes_nothing(tmp_path):
+def test_a_disabled_or_untimed_run_writes_nothing(tmp_path):
     step = _timed("benchmarks/test_bench_train_step.py::test_train_step[cpu]", [0.5])
-    assert write_results(_session(step, disabled=True), command="pytest", results_dir=tmp_path, now=NOW) == []
-    assert write_results(_session(), command="pytest", results_dir=tmp_path, now=NOW) == []
+    assert write_results(_run(step, disabled=True), command="pytest", results_dir=tmp_path, now=NOW) == []
+    assert write_results(_run(), command="pytest", results_dir=tmp_path, now=NOW) == []
     assert write_results(None, command="pytest", results_dir=tmp_path, now=NOW) == []
     assert not any(tmp_path.iterdir())
 
@@ -79,9 +79,9 @@ def test_a_disabled_or_untimed_session_writes_nothing(tmp_path):
 def test_the_results_folder_can_be_moved_or_switched_off(tmp_path, monkeypatch):
     step = _timed("benchmarks/test_bench_routed.py::test_routed[cpu]", [0.5])
     monkeypatch.setenv("RIDE_FAST_BENCH_RESULTS", "off")
-    assert write_results(_session(step), command="pytest", now=NOW) == []
+    assert write_results(_run(step), command="pytest", now=NOW) == []
     monkeypatch.setenv("RIDE_FAST_BENCH_RESULTS", str(tmp_path / "elsewhere"))
-    (path,) = write_results(_session(step), command="pytest", now=NOW)
+    (path,) = write_results(_run(step), command="pytest", now=NOW)
     assert path.parent == tmp_path / "elsewhere" / "routed"
 
 
