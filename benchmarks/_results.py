@@ -19,6 +19,8 @@ slug names the machine (`cpu-intel-xeon-processor-2c`, `gpu-nvidia-h100-80gb-hbm
 benchmarks/conftest.py calls `write_results` at the end of a pytest run. It writes only when
 pytest-benchmark timed something: a `--benchmark-disable` run (CI) leaves the tree as it was.
 RIDE_FAST_BENCH_RESULTS sets another folder, or `off` to write nothing.
+
+    python benchmarks/_results.py benchmarks/results/<module>/<file>.json ...    print a summary
 """
 from __future__ import annotations
 
@@ -219,3 +221,23 @@ def command_line(args: Iterable[str]) -> str:
     import shlex
 
     return shlex.join([Path(sys.executable).name, "-m", "pytest", *args])
+
+
+def summary(record: Mapping[str, Any]) -> list[str]:
+    """A results file as text lines: its header, then per test the median / min ms, rounds and extra_info numbers."""
+    cpu, gpu = record["machine"]["cpu"], record["machine"].get("gpu") or {}
+    v = record["versions"]
+    lines = [f"{record['module']}: {record['date_utc']}  {gpu.get('name') or cpu['model']} ({cpu['logical_cores']} cores)  "
+             f"torch {v['torch']}  load {record.get('load_start')} -> {record.get('load_end')}", f"  {record['command']}"]
+    for t in record["tests"]:
+        s = t["stats"]
+        extra = {k: x for k, x in t["extra_info"].items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+        shown = " ".join(f"{k}={x:.4g}" for k, x in extra.items())
+        lines.append(f"  {t['name']:<60} {1e3 * s['median']:10.2f} ms (min {1e3 * s['min']:.2f}, {s['rounds']} rounds) "
+                     f"{t['outcome'] or ''}  {shown}")
+    return lines
+
+
+if __name__ == "__main__":  # python benchmarks/_results.py benchmarks/results/<module>/<file>.json ...
+    for arg in sys.argv[1:]:
+        print("\n".join(summary(json.loads(Path(arg).read_text()))))

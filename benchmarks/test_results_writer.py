@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from types import SimpleNamespace
 
-from _results import cpu_info, machine_slug, module_of, write_results
+from _results import cpu_info, machine_slug, module_of, summary, write_results
 from pytest_benchmark.stats import Metadata
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
@@ -66,6 +66,8 @@ def test_a_timed_run_writes_one_file_per_module_with_machine_versions_command_da
     routed_record = json.loads((tmp_path / "routed").glob("*.json").__next__().read_text())
     assert routed_record["tests"][0]["outcome"] == "failed"
     assert routed_record["load_start"] == [1.0, 1.0, 1.0] and routed_record["load_end"] == [2.0, 1.0, 1.0]
+    lines = summary(routed_record)
+    assert len(lines) == 3 and "time_ratio=0.8" in lines[2] and "failed" in lines[2]
 
 
 def test_a_disabled_or_untimed_run_writes_nothing(tmp_path):
