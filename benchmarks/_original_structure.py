@@ -1,5 +1,5 @@
 """The baseline of the train-step benchmark: a RIDE training step structured like the original code
-(frank-xwang/RIDE-LongTailRecognition), written here from the spec and that code's structure.
+(frank-xwang/RIDE-LongTailRecognition), written here from the paper (docs/method.md §2, §3) and that code's structure.
 
 Shape legend: B images, E experts, C classes, D expert feature width.
 

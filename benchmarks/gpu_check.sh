@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (a few minutes): the GPU tests, the loss-kernel benchmarks and the
-# training-step throughput, with a JSON report under $OUT (or ./gpu_out).
+# One call on a CUDA machine (a few minutes): the GPU tests, the loss-kernel benchmarks and the
+# training-step throughput, with a JSON report under $OUT (or ./gpu_out). The pytest benchmarks'
+# raw results (benchmarks/_results.py) go to $OUT/results/<module>/: copy them to benchmarks/results/.
 #   bash benchmarks/gpu_check.sh            (needs CUDA, torch, triton, pytest, pytest-benchmark;
 #                                            fvcore & co. as wheels in .whl/ when missing)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export RIDE_FAST_BENCH_RESULTS=${RIDE_FAST_BENCH_RESULTS:-$(cd "$OUT" && pwd)/results}
 SITE=/tmp/ride_fast_site; mkdir -p "$SITE"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1

@@ -5,7 +5,8 @@ DataLoader) fallback, on the same ImageNet-sized JPEGs, with the ImageNet-LT tra
     pytest benchmarks/test_bench_data.py --benchmark-only     measure (2 DALI threads / 2 workers)
     pytest benchmarks/test_bench_data.py --benchmark-disable  run each case once (CI)
 
-`extra_info["images_per_s"]` is the number to record in BENCHMARKS.md;
+`extra_info["images_per_s"]` is the loader's throughput (a timed run keeps it under
+benchmarks/results/data/);
 `test_dali_cpu_vs_torch_speedup` times both loaders in alternation (fairer on a shared machine)
 and records the ratio of the median epochs: training epochs of 96 and of 384 images (the same
 photos listed 4 times: the epoch start weighs less) and evaluation passes of 384. Both loaders
@@ -17,7 +18,7 @@ with PIL in worker processes and finishes the batch in the main process.
 (`stage_ceiling`) bounds the speedup the loaders can show when both saturate the cores.
 
 On a GPU: the CIFAR path (whole data set on the device, batched augmentation) and the torch
-photo path with jitter + normalisation on the GPU (DALI is not installed on the GPU machines).
+photo path with jitter + normalisation on the GPU (DALI's GPU pipeline is not timed here).
 RIDE_FAST_BENCH_THREADS sets the threads / workers.
 """
 import os
@@ -50,7 +51,7 @@ def _photo(width: int, height: int, seed: int):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> ImageListDataset:
-    """96 JPEGs of 500x375 / 375x500 (ImageNet's typical sizes, quality 90, ~50 KB each)."""
+    """96 JPEGs of 500x375 / 375x500 (ImageNet's typical sizes, quality 90)."""
     root = tmp_path_factory.mktemp("bench_photos")
     files = []
     for i in range(N_IMAGES):

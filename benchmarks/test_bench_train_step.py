@@ -36,7 +36,7 @@ Variants, cumulative (each adds one switch to the one before):
     cuda_graphs     train.cuda_graphs: compile mode "reduce-overhead" (GPU only)
 
 extra_info: images_per_s (median round), images_per_s_best (fastest round), speedup_vs_original and
-speedup_best (against the original measured in the same session and process), train_flops_per_image
+speedup_best (against the original measured in the same pytest run and process), train_flops_per_image
 (6 x MACs of ride_fast.profiling.model_cost at the case's px, i.e. 3 x the forward FLOPs; needs
 fvcore), and on the GPU mfu = train_flops_per_image x images_per_s / peak_flops (peak_flops =
 989e12, H100 SXM bf16 dense). On the GPU a round is GPU_STEPS steps closed by
@@ -414,7 +414,7 @@ def test_train_step(benchmark, where, case, variant):
     elif variant == "original":
         fn = runner(make_original(case, device, B, px), device)
     else:
-        if key not in _ORIGINAL_IPS:  # the baseline of this session was not run (-k): time it here
+        if key not in _ORIGINAL_IPS:  # the baseline was not run in this pytest run (-k): time it here
             base = runner(make_original(case, device, B, px), device)
             time_rounds(base, warmup)
             t = time_rounds(base, rounds)
