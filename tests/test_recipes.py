@@ -1,5 +1,5 @@
 """Every recipe in configs/: it loads, holds only what differs from the defaults, opens with a header
-that says what it reproduces and how to launch it, carries the spec's numbers (docs/method.md §4, §5,
+that says what it reproduces and how to launch it, carries the published numbers (docs/method.md §4, §5,
 §8, §9), and runs: two training steps on tiny synthetic data with the recipe's class count and its
 real architecture (distillation recipes from a teacher checkpoint written here by the teacher
 recipe), or one router step through the stage-2 entry point (router recipes).
@@ -39,7 +39,7 @@ CLASSES = {"mnist_lt": 10, "cifar10_lt": 10, "cifar100_lt": 100, "imagenet_lt": 
 BIG_MODELS = ("resnet50", "resnext50_32x4d")  # built for real, but slow: marked `slow`
 SMALL_BACKBONE = "resnet32"  # stands in for the big ones in teacher / stage-1 checkpoints
 
-# The configurations of the spec (§8, §9; issue 6, item 5): file -> (model.name, experts, kind).
+# The configurations of the published recipes (docs/method.md §8, §9): file -> (model.name, experts, kind).
 PAPER = {
     "cifar100_lt_ce.yaml": ("resnet32", 1, "ce"),
     "cifar100_lt_ride2.yaml": ("resnet32", 2, "ride"),
@@ -192,7 +192,7 @@ def test_recipe_header_says_what_where_how_long_and_how(recipe):
         assert f"torchrun --nproc_per_node=8 -m ride_fast train --config configs/{name}" in header
         assert "GLOBAL batch" in header
     if name in REFERENCE:
-        assert REFERENCE[name] in " ".join(header.split()), f"{name}: the header must quote the spec's {REFERENCE[name]}"
+        assert REFERENCE[name] in " ".join(header.split()), f"{name}: the header must quote the published {REFERENCE[name]}"
 
 
 def test_every_configuration_of_the_spec_has_a_recipe():
