@@ -45,7 +45,8 @@ from ride_fast.models import RIDENet
 from ride_fast.router import Router, router_step
 
 # the router keys that say where stage 2 takes its labels and its threshold from (stored with the checkpoint)
-STAGE2_OPTIONS = ("router_data", "heldout_per_class", "calibrate_threshold", "max_accuracy_drop", "calibration_per_class")
+STAGE2_OPTIONS = ("router_data", "heldout_per_class", "calibrate_threshold", "max_accuracy_drop", "calibration_per_class",
+                  "calibration_z")
 
 
 def build_router(cfg: RouterConfig, net: RIDENet) -> Router:
@@ -247,7 +248,7 @@ def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=No
         calib_loader = InMemoryLoader(heldout.calibration, cfg.data.eval_batch_size, train=False, device=device,
                                       channels_last=cfg.model.channels_last)
         calibration = calibrate_threshold(net, trainer.router, calib_loader, cost, max_accuracy_drop=rc.max_accuracy_drop,
-                                          amp=cfg.train.amp)
+                                          grid=None, amp=cfg.train.amp, z=rc.calibration_z)
         threshold = calibration.threshold
         log(calibration.summary())
     return Stage2Result(trainer, threshold, heldout, calibration, cost, time.perf_counter() - start)
