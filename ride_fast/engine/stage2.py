@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ride_fast.config import Config, RouterConfig, update
@@ -50,8 +51,10 @@ STAGE2_OPTIONS = ("router_data", "heldout_per_class", "calibrate_threshold", "ma
 
 
 def build_router(cfg: RouterConfig, net: RIDENet) -> Router:
-    """A Router sized for `net` from the router section of the config."""
-    return Router(net.num_experts, net.feature_dim, net.num_classes, top_k=cfg.top_k, hidden=cfg.hidden, share_fc=cfg.share_fc)
+    """A Router sized for `net` from the router section of the config; its top-k inputs are the
+    running mean logits divided by the network's classifier scale s (see ride_fast.router.module)."""
+    return Router(net.num_experts, net.feature_dim, net.num_classes, top_k=cfg.top_k, hidden=cfg.hidden, share_fc=cfg.share_fc,
+                  logit_scale=net.scale)
 
 
 def router_lr(epoch: int, base_lr: float, epochs: int) -> float:
@@ -71,7 +74,8 @@ def freeze(net: nn.Module) -> nn.Module:
 
 @dataclass
 class RouterEpochResult:
-    """One stage-2 epoch. Shares are fractions of the images seen, one entry per router."""
+    """One stage-2 epoch. Shares are fractions of the images seen; lists hold one entry per router
+    (router i decides on expert i + 1). A call is sigmoid(r) > router.threshold."""
 
     epoch: int
     lr: float
@@ -81,6 +85,9 @@ class RouterEpochResult:
     router_accuracy: list[float]  # decision == label
     seconds: float
     images_per_s: float
+    router_loss: list[float] = dataclasses.field(default_factory=list)  # each router's weighted BCE (their mean is `loss`)
+    precision: list[float] = dataclasses.field(default_factory=list)  # of the calls, the share labelled positive (NaN: no call)
+    recall: list[float] = dataclasses.field(default_factory=list)  # of the positives, the share called (NaN: no positive)
 
 
 def balanced_loaders(cfg: Config, train_set, test_set, device: torch.device):
@@ -137,7 +144,8 @@ class RouterTrainer:
         self.net.eval()
         self.router.train()
         R = self.router.num_routers
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros(R, device=self.device)
+        true_pos = torch.zeros(R, device=self.device)
         label_pos = torch.zeros(R, device=self.device)
         call_pos = torch.zeros(R, device=self.device)
         agree = torch.zeros(R, device=self.device)
@@ -157,19 +165,25 @@ class RouterTrainer:
             self.optimizer.step()
             with torch.no_grad():
                 n = batch.labels.shape[0]
-                calls = torch.sigmoid(result.router_logits) > rc.threshold
-                loss_sum += result.loss.detach() * n
+                logits = result.router_logits.detach().float()
+                calls = torch.sigmoid(logits) > rc.threshold
+                loss_sum += F.binary_cross_entropy_with_logits(logits, result.labels.float(), pos_weight=logits.new_tensor(rc.w_on),
+                                                               reduction="none").sum(1)
+                true_pos += (calls & result.labels).sum(1)
                 label_pos += result.labels.sum(1)
                 call_pos += calls.sum(1)
                 agree += (calls == result.labels).sum(1)
             seen += n
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        mean_loss = float(loss_sum) / max(seen, 1)  # the epoch's host reads
+        share = lambda t: [float(v) / max(seen, 1) for v in t.cpu()]  # noqa: E731  (the epoch's host reads)
+        losses = share(loss_sum)
+        mean_loss = sum(losses) / R
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"router epoch {epoch}: the loss is {mean_loss}; lower router.lr")
-        share = lambda t: [float(v) / max(seen, 1) for v in t.cpu()]  # noqa: E731
-        return RouterEpochResult(epoch, lr, mean_loss, share(label_pos), share(call_pos), share(agree), seconds, seen / max(seconds, 1e-9))
+        ratio = lambda a, b: [float(x) / float(y) if y > 0 else float("nan") for x, y in zip(a.cpu(), b.cpu())]  # noqa: E731
+        return RouterEpochResult(epoch, lr, mean_loss, share(label_pos), share(call_pos), share(agree), seconds, seen / max(seconds, 1e-9),
+                                 losses, ratio(true_pos, call_pos), ratio(true_pos, label_pos))
 
     def fit(self) -> list[RouterEpochResult]:
         for epoch in range(len(self.history) + 1, self.cfg.router.epochs + 1):
@@ -177,9 +191,9 @@ class RouterTrainer:
             self.history.append(r)
             pct = lambda xs: "/".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
             self.log(
-                f"router epoch {epoch}/{self.cfg.router.epochs}  lr {r.lr:.4f}  loss {r.loss:.4f}  "
-                f"label+ {pct(r.label_share)}%  called {pct(r.call_share)}%  agree {pct(r.router_accuracy)}%  "
-                f"{r.images_per_s:,.0f} img/s"
+                f"router epoch {epoch}/{self.cfg.router.epochs}  lr {r.lr:.4f}  loss {r.loss:.4f} "
+                f"({'/'.join(f'{x:.3f}' for x in r.router_loss)})  positive {pct(r.label_share)}%  called {pct(r.call_share)}%  "
+                f"precision {pct(r.precision)}%  recall {pct(r.recall)}%  {r.images_per_s:,.0f} img/s"
             )
         return self.history
 
