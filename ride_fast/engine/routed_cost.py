@@ -163,7 +163,7 @@ def time_routed(net: RIDENet, router: Router | None, images: Tensor, *, threshol
     """Time routed against all-experts inference on `images` [N, 3, h, w] (on the network's device).
 
     Throughput over all N images in batches of `batch`, `repeats` A B B A rounds after one A B
-    warm-up; batch-1 latency on the first `latency_images` images (after a few warm-up images).
+    warm-up; batch-1 latency on `latency_images` of them, evenly spread (after a few warm-up images).
     `decisions` [E - 1, N] replaces the router (see routed_forward), e.g. to force a usage mix.
     """
     if repeats < 1 or batch < 1 or images.shape[0] < 1:
@@ -200,13 +200,13 @@ def time_routed(net: RIDENet, router: Router | None, images: Tensor, *, threshol
         seconds["routed"].append((b1 + b2) / 2)
     ratio = [b / a for a, b in zip(seconds["all_experts"], seconds["routed"])]
 
-    L = min(latency_images, N)
-    for j in range(min(5, N)):  # batch-1 warm-up
+    picks = np.unique(np.linspace(0, N - 1, min(latency_images, N)).round().astype(int))  # spread over the images
+    for j in picks[:5]:  # batch-1 warm-up
         run("all_experts", j, j + 1), run("routed", j, j + 1)
     lat = {"all_experts": [], "routed": []}
     used = []
-    for j in range(L):
-        for mode in (("all_experts", "routed") if j % 2 == 0 else ("routed", "all_experts")):
+    for n_done, j in enumerate(picks):
+        for mode in (("all_experts", "routed") if n_done % 2 == 0 else ("routed", "all_experts")):
             synchronize(device)
             t0 = time.perf_counter()
             _, n = run(mode, j, j + 1)

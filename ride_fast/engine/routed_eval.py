@@ -274,8 +274,8 @@ def evaluate_routed(
     `loader` yields Batch(images, labels) on the network's device (e.g. an evaluation
     InMemoryLoader); `class_counts` are the training counts that define the splits. `cost` and
     `baseline` (MACs) may be passed when already counted (fvcore tracing takes a while). After the
-    accuracy pass, `timing` measures time on the first `timing_images` test images at the loader's
-    batch (`time_routed`: `repeats` A B B A rounds, batch-1 latency on `latency_images` images).
+    accuracy pass, `timing` measures time on `timing_images` test images spread over the set, at the
+    loader's batch (`time_routed`: `repeats` A B B A rounds, batch-1 latency on `latency_images` images).
     """
     device = next(net.parameters()).device
     net.eval()
@@ -286,11 +286,13 @@ def evaluate_routed(
     total = torch.zeros_like(correct_all)
     usage = torch.zeros(C * E, dtype=torch.long, device=device)  # [class, experts used - 1]
     kept, kept_n, batch_size = [], 0, 0
+    per_batch = -(-timing_images // max(len(loader), 1)) if timing else 0  # test sets are often sorted by class
     for batch in loader:
         x, y = batch.images, batch.labels
         batch_size = max(batch_size, x.shape[0])
-        if timing and kept_n < timing_images:  # the timing phase reuses the first test images
-            kept.append(x[: timing_images - kept_n])
+        if kept_n < timing_images and per_batch:  # the timing phase reuses test images spread over the whole set
+            take = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0], timing_images - kept_n), device=x.device).round().long()
+            kept.append(x.index_select(0, take.unique()))
             kept_n += kept[-1].shape[0]
         with autocast_context(device, amp):
             logits_all = net(x).logits
