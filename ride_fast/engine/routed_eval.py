@@ -398,7 +398,7 @@ def sweep_table(curve: ThresholdCurve, chosen: float) -> str:
     rows = threshold_curve_rows(curve, [*SWEEP_TABLE, chosen])
     E = curve.usage.shape[1]
     all_macs = curve.mean_macs[-1]
-    head = (f"{'threshold':>10}{'accuracy':>10}{'drop':>7}{'+-SE':>6}{'GMACs/img':>11}{'x all':>7}{'experts':>8}  "
+    head = (f"{'threshold':>10}{'accuracy':>10}{'drop':>7}{'+-SE':>6}{'GMACs/img':>11}{'x all':>7}{'mean E':>8}  experts "
             + " / ".join(str(k) for k in range(1, E + 1)) + " %")
     lines = [head]
     for i, t in rows:
