@@ -50,17 +50,17 @@ def stage2_row(cfg, net, stage1_seed: int, stage2_seed: int, train_set, test_set
     result = fit_stage2(cfg, net, train_set, test_set, log=lambda s: None)
     loader = InMemoryLoader(test_set, cfg.data.eval_batch_size, train=False)
     report = evaluate_routed(net, result.router, loader, train_set.class_counts(), image_size=cfg.data.image_size,
-                             threshold=result.threshold, cost=result.cost, timing=False)
+                             threshold=result.threshold, amp=cfg.train.amp, cost=result.cost, timing=False)
     cal = result.calibration
     row = {
-        "stage1_seed": stage1_seed, "stage2_seed": stage2_seed, "threshold": result.threshold,
+        "stage1_seed": stage1_seed, "stage2_seed": stage2_seed, "amp": cfg.train.amp, "threshold": result.threshold,
         "macs_ratio": report.macs_ratio, "test_drop": report.all_experts.overall - report.routed.overall,
         "all_experts": report.all_experts.overall, "routed": report.routed.overall,
         "mean_experts": report.mean_experts, "calibration_drop": cal.drop, "calibration_drop_se": cal.drop_se,
         "router_loss": [h.loss for h in result.trainer.history], "seconds": time.perf_counter() - start,
     }
     row["pays"] = row["macs_ratio"] <= MACS_BAR and row["test_drop"] <= DROP_BAR
-    log(f"stage 1 seed {stage1_seed}, stage 2 seed {stage2_seed}: threshold {row['threshold']:.4g}  MACs x{row['macs_ratio']:.3f}  "
+    log(f"stage 1 seed {stage1_seed}, stage 2 seed {stage2_seed} (amp {cfg.train.amp}): threshold {row['threshold']:.4g}  MACs x{row['macs_ratio']:.3f}  "
         f"test {row['routed']:.1f} vs {row['all_experts']:.1f} (drop {row['test_drop']:+.1f})  "
         f"experts many/medium/few {report.mean_experts['many']:.2f}/{report.mean_experts['medium']:.2f}/{report.mean_experts['few']:.2f}"
         f"  {'pays' if row['pays'] else 'DOES NOT PAY'}")
@@ -75,10 +75,13 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="runs/demo_seeds")
     p.add_argument("--stage1-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--stage2-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--amp", default=None, help="train.amp for stage 2 and the evaluation (none: fp32, as on a CPU without AMX)")
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = demo_recipes()["RIDE 3 experts (R32)"]
+    if args.amp:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=args.amp))
     train_set, test_set = build_datasets(cfg.data)
     rows = []
     for i, s1 in enumerate(args.stage1_seeds):
@@ -87,9 +90,10 @@ def main(argv=None) -> int:
             rows.append(stage2_row(cfg, net, s1, s2, train_set, test_set, print))
     old = out_dir / "demo_seeds.json"  # rows of earlier runs into the same folder stay, unless run again
     if old.is_file():
-        done = {(r["stage1_seed"], r["stage2_seed"]) for r in rows}
-        rows = [r for r in json.loads(old.read_text())["rows"] if (r["stage1_seed"], r["stage2_seed"]) not in done] + rows
-        rows.sort(key=lambda r: (r["stage1_seed"], r["stage2_seed"]))
+        key = lambda r: (r["stage1_seed"], r["stage2_seed"], r.get("amp", "auto"))  # noqa: E731
+        done = {key(r) for r in rows}
+        rows = [r for r in json.loads(old.read_text())["rows"] if key(r) not in done] + rows
+        rows.sort(key=key)
     text = json.dumps({"bar": {"macs_ratio": MACS_BAR, "test_drop": DROP_BAR}, "rows": rows}, indent=2)
     (out_dir / "demo_seeds.json").write_text(text)
     results = Path(__file__).resolve().parent / "results"
