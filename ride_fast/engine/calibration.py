@@ -6,10 +6,11 @@ it, so the routers never learn to call the last experts. Two options of the rout
 answer that, for data sets whose full training data holds images the long-tailed set left out:
 
     router.router_data=heldout      the routers train on such unused images (`heldout_split`)
-    router.calibrate_threshold      the threshold is the cheapest of `THRESHOLD_GRID` whose routed
-                                    accuracy on other unused images stays within
-                                    router.max_accuracy_drop points of all experts
-                                    (`calibrate_threshold`; one all-experts pass scores every threshold)
+    router.calibrate_threshold      the threshold is the cheapest point of the accuracy-cost curve
+                                    of other unused images whose accuracy drop against all experts,
+                                    plus router.calibration_z standard errors, is within
+                                    router.max_accuracy_drop points (`calibrate_threshold`: one
+                                    all-experts pass replayed at every threshold, engine/routed_eval.py)
 
 Shape legend: B images, E experts, R = E - 1 routers, C classes, T thresholds.
 """
@@ -97,7 +98,8 @@ def heldout_split(cfg: Config, train_set, test_set=None, *, pool=None) -> HeldOu
                    np.bincount(labels[unused], minlength=pool.num_classes).tolist())
 
 
-# Weighted BCE (w_on = 100) calibrates sigmoid(r) to 100x the odds of 'call': 0.99 is about an unweighted 0.5.
+# A fixed grid for `calibrate_threshold(grid=...)` (stage 2 uses the whole curve, grid=None). Weighted BCE
+# (w_on = 100) calibrates sigmoid(r) to 100x the odds of "call": 0.99 is about an unweighted 0.5.
 THRESHOLD_GRID = (0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0)
 
 

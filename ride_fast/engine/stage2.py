@@ -5,13 +5,16 @@ Shape legend: B images, E experts, R = E - 1 routers, C classes, D pooled featur
 Every stage-1 parameter is frozen and BatchNorm stays in eval mode, so per batch the frozen network
 runs once, without autograd (and under bf16 autocast with train.amp=bf16), with all experts:
 expert_logits [E, B, C] and features [E, B, D] give the router labels and the inputs of all R
-routers at once; only the routers get gradients. Batches come from the class-balanced sampler
-(epoch = N draws) with the stage-1 training augmentation; SGD with Nesterov momentum, cosine lr to
-0 stepped per epoch.
+routers at once; only the routers get gradients. The routers read the running mean logits divided
+by the network's classifier scale s (`build_router`; fed raw, the published SGD step overshoots,
+docs/method.md §5). Batches come from the class-balanced sampler (epoch = N draws) with the stage-1
+training augmentation; SGD with Nesterov momentum, cosine lr to 0 stepped per epoch. Each epoch
+logs, per router, its loss, positive share, call share, precision and recall.
 
 `fit_stage2` trains the routers as the router config section says: on the training set (the
 published recipe) or on held-out images (router.router_data=heldout), and with router.threshold or
-a calibrated threshold (router.calibrate_threshold; engine/calibration.py). It returns the threshold
+a threshold chosen from the accuracy-cost curve of held-out images (router.calibrate_threshold;
+engine/calibration.py). It returns the threshold
 it chose; the routed checkpoint stores it once (engine/checkpoint.py). `train_router` is
 `ride-fast route`: stage 2 on a stage-1 checkpoint, then the routed evaluation (engine/routed_eval.py).
 """
