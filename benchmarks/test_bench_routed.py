@@ -124,9 +124,9 @@ def test_threshold_zero_routed_time_matches_all_experts(benchmark):
     torch.manual_seed(0)
     net = create_model("resnet32", num_classes=CLASSES, num_experts=EXPERTS).to(memory_format=torch.channels_last).eval()
     router = Router(EXPERTS, net.feature_dim, CLASSES, top_k=30, logit_scale=net.scale).eval()
-    n = CI_BATCH if benchmark.disabled else BATCH["cpu"] * 2
+    n = CI_BATCH if benchmark.disabled else BATCH["cpu"]
     x = torch.randn(n, 3, PX, PX).contiguous(memory_format=torch.channels_last)
-    kwargs = dict(threshold=0.0, batch=min(n, BATCH["cpu"]), repeats=1 if benchmark.disabled else 7,
+    kwargs = dict(threshold=0.0, batch=min(n, BATCH["cpu"]), repeats=1 if benchmark.disabled else 5,
                   latency_images=4 if benchmark.disabled else 100)
     timing = benchmark.pedantic(lambda: time_routed(net, router, x, **kwargs), rounds=1, iterations=1)
     assert set(timing.latency_by_experts) == {str(EXPERTS)}  # threshold 0: every image used every expert
@@ -153,8 +153,8 @@ def test_demo_batch1_time_ratio_tracks_macs_ratio(benchmark):
     test_set = build_datasets(cfg.data)[1]
     x = torch.cat([b.images for b in InMemoryLoader(test_set, cfg.data.eval_batch_size, train=False)])
     t = cfg.router.threshold
-    timing = benchmark.pedantic(lambda: time_routed(net, router, x[:512], threshold=t, batch=cfg.data.eval_batch_size,
-                                                    latency_images=400), rounds=1, iterations=1)
+    timing = benchmark.pedantic(lambda: time_routed(net, router, x[::4], threshold=t, batch=cfg.data.eval_batch_size,
+                                                    latency_images=200), rounds=1, iterations=1)
     cost = routed_cost(net, router, cfg.data.image_size)
     used = {int(k): v["images"] for k, v in timing.latency_by_experts.items()}
     macs_ratio = sum(n * cost.macs_with(k) for k, n in used.items()) / (sum(used.values()) * cost.macs_with(net.num_experts))
