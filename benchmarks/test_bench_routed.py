@@ -104,3 +104,61 @@ def test_routed_inference_time_follows_macs(benchmark, mode, device_name):
         assert abs(time_ratio / macs_ratio - 1) <= TOLERANCE, (
             f"routed / all-experts time {time_ratio:.3f} vs MACs ratio {macs_ratio:.3f} ({device}, {torch.get_num_threads()} threads)"
         )
+
+
+# --- time_routed: the timing phase of the routed report ------------------------------------------------
+
+TIME_TOLERANCE_ALL = 0.10  # threshold 0: routed time within 10% of all experts (+ the routers, 0.001% of the MACs)
+DEMO_ROUTED = os.environ.get("RIDE_FAST_DEMO_ROUTED", "demo_out/ride_3experts/routed.pt")
+
+
+def _threads(benchmark):
+    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", 1 if benchmark.disabled else os.cpu_count() or 1)))
+
+
+def test_threshold_zero_routed_time_matches_all_experts(benchmark):
+    """Every image through every expert and router: routed inference must cost what all experts cost."""
+    from ride_fast.engine.routed_cost import time_routed
+    from ride_fast.router import Router
+
+    _threads(benchmark)
+    torch.manual_seed(0)
+    net = create_model("resnet32", num_classes=CLASSES, num_experts=EXPERTS).to(memory_format=torch.channels_last).eval()
+    router = Router(EXPERTS, net.feature_dim, CLASSES, top_k=30, logit_scale=net.scale).eval()
+    n = CI_BATCH if benchmark.disabled else BATCH["cpu"]
+    x = torch.randn(n, 3, PX, PX).contiguous(memory_format=torch.channels_last)
+    kwargs = dict(threshold=0.0, batch=min(n, BATCH["cpu"]), repeats=1 if benchmark.disabled else 5,
+                  latency_images=4 if benchmark.disabled else 100)
+    timing = benchmark.pedantic(lambda: time_routed(net, router, x, **kwargs), rounds=1, iterations=1)
+    assert set(timing.latency_by_experts) == {str(EXPERTS)}  # threshold 0: every image used every expert
+    benchmark.extra_info.update(timing.as_dict(), torch=torch.__version__)
+    if not benchmark.disabled:
+        ratio = timing.time_ratio["median"]
+        assert abs(ratio - 1) <= TIME_TOLERANCE_ALL, f"threshold 0: routed / all-experts time {ratio:.3f} ({timing.summary()})"
+
+
+def test_demo_batch1_time_ratio_tracks_macs_ratio(benchmark):
+    """The demo's routed model at its chosen threshold: batch-1 time ratio within 15% of the MACs ratio.
+    Needs the demo's routed.pt (`ride-fast demo`; RIDE_FAST_DEMO_ROUTED=path to use another)."""
+    if benchmark.disabled:
+        pytest.skip("timing only (--benchmark-only)")
+    if not os.path.isfile(DEMO_ROUTED):
+        pytest.skip(f"no routed demo checkpoint at {DEMO_ROUTED} (run `ride-fast demo` or set RIDE_FAST_DEMO_ROUTED)")
+    from ride_fast.data import InMemoryLoader, build_datasets
+    from ride_fast.engine.checkpoint import checkpoint_config, load_checkpoint, load_routed_checkpoint
+    from ride_fast.engine.routed_cost import routed_cost, time_routed
+
+    _threads(benchmark)
+    cfg = checkpoint_config(load_checkpoint(DEMO_ROUTED))
+    net, router, _ = load_routed_checkpoint(DEMO_ROUTED, "cpu")
+    test_set = build_datasets(cfg.data)[1]
+    x = torch.cat([b.images for b in InMemoryLoader(test_set, cfg.data.eval_batch_size, train=False)])
+    t = cfg.router.threshold
+    timing = benchmark.pedantic(lambda: time_routed(net, router, x[::4], threshold=t, batch=cfg.data.eval_batch_size,
+                                                    latency_images=200), rounds=1, iterations=1)
+    cost = routed_cost(net, router, cfg.data.image_size)
+    used = {int(k): v["images"] for k, v in timing.latency_by_experts.items()}
+    macs_ratio = sum(n * cost.macs_with(k) for k, n in used.items()) / (sum(used.values()) * cost.macs_with(net.num_experts))
+    ratio = timing.latency_ratio
+    benchmark.extra_info.update(timing.as_dict(), threshold=t, macs_ratio=macs_ratio, time_over_macs=ratio / macs_ratio)
+    assert abs(ratio / macs_ratio - 1) <= TOLERANCE, f"batch-1 time ratio {ratio:.3f} vs MACs ratio {macs_ratio:.3f} ({timing.summary()})"

@@ -5,7 +5,8 @@
                                                          torchrun --nproc_per_node=N -m ride_fast train ...)
     ride-fast route --config X --checkpoint P [...]     stage 2: train the router of a stage-1 checkpoint
     ride-fast eval --checkpoint P [section.key=value]    accuracy overall / many / medium / few (a routed
-                                                         checkpoint: routed vs all experts, usage, MACs, ms)
+                                                         checkpoint: routed vs all experts, usage, MACs, time;
+                                                         --sweep: accuracy and MACs at every threshold)
     ride-fast show-config --config X [overrides]         the resolved config
     ride-fast flops --config X [overrides]               parameters and MACs per part
     ride-fast data check --config X [overrides]          validate a data set: bad files / lines, class sizes
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=... train.device=cpu")
     p.add_argument("--json", help="also write the result to this file (routed checkpoints: default <stem>_eval.json)")
+    p.add_argument("--sweep", action="store_true",
+                   help="routed checkpoints: accuracy and MACs at every threshold (table, <stem>_sweep.json and .png)")
 
     p = sub.add_parser("show-config", help="print the resolved config")
     _add_config_args(p)
@@ -216,8 +219,10 @@ def _cmd_eval(args) -> int:
 
     overrides = parse_overrides(args.overrides)
     if is_routed_checkpoint(load_checkpoint(args.checkpoint)):  # routed vs all experts, expert usage, MACs and ms per image
-        evaluate_routed_checkpoint(args.checkpoint, overrides, args.json)
+        evaluate_routed_checkpoint(args.checkpoint, overrides, args.json, sweep=args.sweep)
         return 0
+    if args.sweep:
+        raise ConfigError(f"--sweep needs a routed checkpoint (ride-fast route); {args.checkpoint} is a stage-1 checkpoint")
     # The run's own config (a converted original checkpoint has none: defaults), then the overrides
     # (e.g. data.root=... or train.device=cpu); the architecture always comes from the checkpoint.
     acc = evaluate_checkpoint(args.checkpoint, overrides)

@@ -125,7 +125,7 @@ class RouterConfig:
     """Stage 2 (docs/method.md §5): only the routers train, the stage-1 network is frozen.
 
     The first keys are the published recipe's. `router_data`, `heldout_per_class`,
-    `calibrate_threshold`, `max_accuracy_drop` and `calibration_per_class` are options for data sets
+    `calibrate_threshold`, `max_accuracy_drop`, `calibration_per_class` and `calibration_z` are options for data sets
     with unused images (mnist_lt, cifar*_lt), whose stage-1 networks memorise the training set; their
     defaults give the published stage 2.
     """
@@ -140,6 +140,7 @@ class RouterConfig:
     calibrate_threshold: bool = False  # choose router.threshold on other unused images (the cheapest within max_accuracy_drop)
     max_accuracy_drop: float = 1.0  # calibrate_threshold: points of accuracy the routed model may lose against all experts
     calibration_per_class: int = 50  # calibrate_threshold: unused images per class, disjoint from the router's
+    calibration_z: float = 1.645  # calibrate_threshold: the drop plus this many standard errors must stay within max_accuracy_drop
     epochs: int = 5  # stage-2 epochs of class-balanced draws (an epoch = as many draws as training images)
     lr: float = 0.01  # SGD, Nesterov, cosine to 0 stepped per epoch
     momentum: float = 0.9  # SGD momentum
@@ -161,6 +162,8 @@ class RouterConfig:
                 raise ConfigError(f"router.{key}: held-out images per class must be >= 1, got {getattr(self, key)}")
         if not self.max_accuracy_drop >= 0:  # also NaN
             raise ConfigError(f"router.max_accuracy_drop is in points and must be >= 0, got {self.max_accuracy_drop}")
+        if not self.calibration_z >= 0:
+            raise ConfigError(f"router.calibration_z counts standard errors and must be >= 0, got {self.calibration_z}")
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ it, so the routers never learn to call the last experts. Two options of the rout
 answer that, for data sets whose full training data holds images the long-tailed set left out:
 
     router.router_data=heldout      the routers train on such unused images (`heldout_split`)
-    router.calibrate_threshold      the threshold is the cheapest of `THRESHOLD_GRID` whose routed
-                                    accuracy on other unused images stays within
-                                    router.max_accuracy_drop points of all experts
-                                    (`calibrate_threshold`; one all-experts pass scores every threshold)
+    router.calibrate_threshold      the threshold is the cheapest point of the accuracy-cost curve
+                                    of other unused images whose accuracy drop against all experts,
+                                    plus router.calibration_z standard errors, is within
+                                    router.max_accuracy_drop points (`calibrate_threshold`: one
+                                    all-experts pass replayed at every threshold, engine/routed_eval.py)
 
 Shape legend: B images, E experts, R = E - 1 routers, C classes, T thresholds.
 """
@@ -26,9 +27,9 @@ from torch import Tensor
 from ride_fast.config import Config, RouterConfig
 from ride_fast.data import ArrayDataset, build_datasets
 from ride_fast.engine.routed_cost import RoutedCost
-from ride_fast.engine.runtime import autocast_context
+from ride_fast.engine.routed_eval import ThresholdCurve, score_routers, threshold_curve
 from ride_fast.models import RIDENet
-from ride_fast.router import Router, prefix_mean_logits
+from ride_fast.router import Router
 
 
 HELDOUT_DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")  # data sets with a full training set to draw unused images from
@@ -97,14 +98,16 @@ def heldout_split(cfg: Config, train_set, test_set=None, *, pool=None) -> HeldOu
                    np.bincount(labels[unused], minlength=pool.num_classes).tolist())
 
 
-# Weighted BCE (w_on = 100) calibrates sigmoid(r) to 100x the odds of 'call': 0.99 is about an unweighted 0.5.
+# A fixed grid for `calibrate_threshold(grid=...)` (stage 2 uses the whole curve, grid=None). Weighted BCE
+# (w_on = 100) calibrates sigmoid(r) to 100x the odds of "call": 0.99 is about an unweighted 0.5.
 THRESHOLD_GRID = (0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0)
+
 
 
 @dataclass
 class ThresholdCalibration:
     """The threshold chosen on a calibration split, and the curve it was chosen from (percent
-    accuracies, mean per class over the classes present)."""
+    accuracies, mean per class over the classes present; `curve` is thinned to a few hundred points)."""
 
     threshold: float
     max_accuracy_drop: float
@@ -113,62 +116,57 @@ class ThresholdCalibration:
     mean_macs: float
     num_images: int
     per_class: list[int]
-    curve: list[dict]  # threshold, accuracy, mean_experts, mean_macs
+    curve: list[dict]  # threshold, accuracy, drop, drop_se, mean_experts, mean_macs, usage
+    drop_se: float = 0.0  # standard error of the chosen threshold's drop (points)
+    z: float = 0.0  # the rule: drop + z * drop_se <= max_accuracy_drop
+    all_experts_macs: float = 0.0
+    num_thresholds: int = 0  # points of the curve the choice was made from
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def drop(self) -> float:
+        return self.all_experts_accuracy - self.routed_accuracy
+
     def summary(self) -> str:
-        return (f"threshold {self.threshold:g} calibrated on {self.num_images} held-out images: routed {self.routed_accuracy:.2f} % "
-                f"vs all experts {self.all_experts_accuracy:.2f} % (allowed drop {self.max_accuracy_drop:g} points), "
-                f"{self.mean_macs / 1e6:.1f} MMACs per image")
+        ratio = f" ({self.mean_macs / self.all_experts_macs:.2f} x all experts)" if self.all_experts_macs else ""
+        return (f"threshold {self.threshold:.4g} calibrated on {self.num_images} held-out images ({self.num_thresholds} thresholds): "
+                f"routed {self.routed_accuracy:.2f} % vs all experts {self.all_experts_accuracy:.2f} %, drop "
+                f"{self.drop:.2f} +- {self.drop_se:.2f} points (drop + {self.z:g} SE <= {self.max_accuracy_drop:g} allowed), "
+                f"{self.mean_macs / 1e6:.1f} MMACs per image{ratio}")
 
 
-@torch.no_grad()
+CURVE_POINTS = 200  # points of the calibration curve kept in the routed checkpoint
+
+
+def choose_threshold(curve: ThresholdCurve, max_accuracy_drop: float, z: float = 0.0) -> int:
+    """Index of the cheapest point (lowest mean MACs, the higher threshold on ties) whose drop
+    plus z standard errors is at most `max_accuracy_drop`; none: the lowest threshold."""
+    ok = np.flatnonzero(curve.drop + z * curve.drop_se <= max_accuracy_drop + 1e-9)
+    if not ok.size:
+        return len(curve.thresholds) - 1
+    return int(min(ok, key=lambda i: (curve.mean_macs[i], -curve.thresholds[i])))
+
+
 def calibrate_threshold(net: RIDENet, router: Router, loader, cost: RoutedCost, *, max_accuracy_drop: float = 1.0,
-                        grid=THRESHOLD_GRID, amp: str = "none") -> ThresholdCalibration:
-    """The cheapest threshold of `grid` (lowest mean MACs per image, the higher threshold on ties)
-    whose routed accuracy on `loader` is at most `max_accuracy_drop` points below all experts.
+                        grid=THRESHOLD_GRID, amp: str = "none", z: float = 0.0) -> ThresholdCalibration:
+    """The cheapest threshold whose routed accuracy on `loader` is, with z standard errors of
+    margin, at most `max_accuracy_drop` points below all experts (`choose_threshold`).
 
-    One all-experts pass gives every router's probability on every image: routing only decides
-    how many of the (deterministic) experts an image uses, so every threshold is scored from the
-    same pass. Accuracy is the mean over classes present, as on a balanced test set.
+    grid=None scores every threshold that changes a decision (the whole curve), else the
+    thresholds of `grid`. One all-experts pass gives every router's probability on every image:
+    routing only decides how many of the (deterministic) experts an image uses, so every threshold
+    is replayed from the same pass (`score_routers`, `threshold_curve`). Accuracy is the mean over
+    classes present, as on a balanced test set.
     """
-    device = next(net.parameters()).device
-    net.eval()
-    router.eval()
-    C, E = net.num_classes, net.num_experts
-    grid = sorted({float(t) for t in grid}, reverse=True)
-    if not grid or not all(0.0 <= t <= 1.0 for t in grid):
-        raise ValueError(f"calibration thresholds must lie in [0, 1], got {grid}")
-    T = len(grid)
-    th = torch.tensor(grid, device=device).view(T, 1, 1)
-    correct = torch.zeros(T + 1, C, dtype=torch.long, device=device)  # row T: all experts
-    total = torch.zeros(C, dtype=torch.long, device=device)
-    used = torch.zeros(T, E, dtype=torch.long, device=device)  # [threshold, experts used - 1]
-    for batch in loader:
-        y = batch.labels
-        with autocast_context(device, amp):
-            out = net(batch.images)
-        means = prefix_mean_logits(out.expert_logits)  # [E, B, C] float32
-        right = means.argmax(-1) == y  # [E, B]
-        p = torch.sigmoid(router.forward_all(out.features[:-1].float(), means[:-1]).float())  # [R, B]
-        go = (p.unsqueeze(0) > th).long().cumprod(1)  # [T, R, B]: still going after router i
-        n = 1 + go.sum(1)  # [T, B] experts used
-        hit = right.gather(0, n - 1)  # [T, B]: the prediction of the experts used is right
-        correct[:T] += torch.stack([torch.bincount(y[h], minlength=C) for h in hit])
-        correct[T] += torch.bincount(y[right[-1]], minlength=C)
-        total += torch.bincount(y, minlength=C)
-        used += torch.stack([torch.bincount(k - 1, minlength=E) for k in n])
-    present = total > 0
-    if not present.any():
-        raise ValueError("calibrate_threshold: the loader yielded no images")
-    acc = (100.0 * correct[:, present].double() / total[present].double()).mean(1).tolist()  # [T + 1]
-    shares = (used.double() / used.sum(1, keepdim=True)).cpu().numpy()
-    macs = [float(sum(s[k] * cost.macs_with(k + 1) for k in range(E))) for s in shares]
-    curve = [{"threshold": t, "accuracy": acc[i], "mean_experts": float((shares[i] * np.arange(1, E + 1)).sum()), "mean_macs": macs[i]}
-             for i, t in enumerate(grid)]
-    ok = [i for i in range(T) if acc[i] >= acc[T] - max_accuracy_drop - 1e-9]
-    best = min(ok, key=lambda i: (macs[i], -grid[i])) if ok else T - 1  # none within the drop: the lowest threshold
-    return ThresholdCalibration(grid[best], float(max_accuracy_drop), acc[T], acc[best], macs[best], int(total.sum()),
-                                total.tolist(), curve)
+    if grid is not None:
+        grid = sorted({float(t) for t in grid}, reverse=True)
+        if not grid or not all(0.0 <= t <= 1.0 for t in grid):
+            raise ValueError(f"calibration thresholds must lie in [0, 1], got {grid}")
+    curve = threshold_curve(score_routers(net, router, loader, amp), cost, grid)
+    best = choose_threshold(curve, max_accuracy_drop, z)
+    return ThresholdCalibration(float(curve.thresholds[best]), float(max_accuracy_drop), curve.all_experts_accuracy,
+                                float(curve.accuracy[best]), float(curve.mean_macs[best]), curve.num_images, curve.per_class,
+                                curve.points(CURVE_POINTS, keep=(best,)), float(curve.drop_se[best]), float(z),
+                                float(cost.macs_with(cost.num_experts)), len(curve.thresholds))

@@ -5,13 +5,16 @@ Shape legend: B images, E experts, R = E - 1 routers, C classes, D pooled featur
 Every stage-1 parameter is frozen and BatchNorm stays in eval mode, so per batch the frozen network
 runs once, without autograd (and under bf16 autocast with train.amp=bf16), with all experts:
 expert_logits [E, B, C] and features [E, B, D] give the router labels and the inputs of all R
-routers at once; only the routers get gradients. Batches come from the class-balanced sampler
-(epoch = N draws) with the stage-1 training augmentation; SGD with Nesterov momentum, cosine lr to
-0 stepped per epoch.
+routers at once; only the routers get gradients. The routers read the running mean logits divided
+by the network's classifier scale s (`build_router`; fed raw, the published SGD step overshoots,
+docs/method.md §5). Batches come from the class-balanced sampler (epoch = N draws) with the stage-1
+training augmentation; SGD with Nesterov momentum, cosine lr to 0 stepped per epoch. Each epoch
+logs, per router, its loss, positive share, call share, precision and recall.
 
 `fit_stage2` trains the routers as the router config section says: on the training set (the
 published recipe) or on held-out images (router.router_data=heldout), and with router.threshold or
-a calibrated threshold (router.calibrate_threshold; engine/calibration.py). It returns the threshold
+a threshold chosen from the accuracy-cost curve of held-out images (router.calibrate_threshold;
+engine/calibration.py). It returns the threshold
 it chose; the routed checkpoint stores it once (engine/checkpoint.py). `train_router` is
 `ride-fast route`: stage 2 on a stage-1 checkpoint, then the routed evaluation (engine/routed_eval.py).
 """
@@ -26,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ride_fast.config import Config, RouterConfig, update
@@ -45,12 +49,15 @@ from ride_fast.models import RIDENet
 from ride_fast.router import Router, router_step
 
 # the router keys that say where stage 2 takes its labels and its threshold from (stored with the checkpoint)
-STAGE2_OPTIONS = ("router_data", "heldout_per_class", "calibrate_threshold", "max_accuracy_drop", "calibration_per_class")
+STAGE2_OPTIONS = ("router_data", "heldout_per_class", "calibrate_threshold", "max_accuracy_drop", "calibration_per_class",
+                  "calibration_z")
 
 
 def build_router(cfg: RouterConfig, net: RIDENet) -> Router:
-    """A Router sized for `net` from the router section of the config."""
-    return Router(net.num_experts, net.feature_dim, net.num_classes, top_k=cfg.top_k, hidden=cfg.hidden, share_fc=cfg.share_fc)
+    """A Router sized for `net` from the router section of the config; its top-k inputs are the
+    running mean logits divided by the network's classifier scale s (see ride_fast.router.module)."""
+    return Router(net.num_experts, net.feature_dim, net.num_classes, top_k=cfg.top_k, hidden=cfg.hidden, share_fc=cfg.share_fc,
+                  logit_scale=net.scale)
 
 
 def router_lr(epoch: int, base_lr: float, epochs: int) -> float:
@@ -70,7 +77,8 @@ def freeze(net: nn.Module) -> nn.Module:
 
 @dataclass
 class RouterEpochResult:
-    """One stage-2 epoch. Shares are fractions of the images seen, one entry per router."""
+    """One stage-2 epoch. Shares are fractions of the images seen; lists hold one entry per router
+    (router i decides on expert i + 1). A call is sigmoid(r) > router.threshold."""
 
     epoch: int
     lr: float
@@ -80,6 +88,9 @@ class RouterEpochResult:
     router_accuracy: list[float]  # decision == label
     seconds: float
     images_per_s: float
+    router_loss: list[float] = dataclasses.field(default_factory=list)  # each router's weighted BCE (their mean is `loss`)
+    precision: list[float] = dataclasses.field(default_factory=list)  # of the calls, the share labelled positive (NaN: no call)
+    recall: list[float] = dataclasses.field(default_factory=list)  # of the positives, the share called (NaN: no positive)
 
 
 def balanced_loaders(cfg: Config, train_set, test_set, device: torch.device):
@@ -136,7 +147,8 @@ class RouterTrainer:
         self.net.eval()
         self.router.train()
         R = self.router.num_routers
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros(R, device=self.device)
+        true_pos = torch.zeros(R, device=self.device)
         label_pos = torch.zeros(R, device=self.device)
         call_pos = torch.zeros(R, device=self.device)
         agree = torch.zeros(R, device=self.device)
@@ -156,19 +168,25 @@ class RouterTrainer:
             self.optimizer.step()
             with torch.no_grad():
                 n = batch.labels.shape[0]
-                calls = torch.sigmoid(result.router_logits) > rc.threshold
-                loss_sum += result.loss.detach() * n
+                logits = result.router_logits.detach().float()
+                calls = torch.sigmoid(logits) > rc.threshold
+                loss_sum += F.binary_cross_entropy_with_logits(logits, result.labels.float(), pos_weight=logits.new_tensor(rc.w_on),
+                                                               reduction="none").sum(1)
+                true_pos += (calls & result.labels).sum(1)
                 label_pos += result.labels.sum(1)
                 call_pos += calls.sum(1)
                 agree += (calls == result.labels).sum(1)
             seen += n
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        mean_loss = float(loss_sum) / max(seen, 1)  # the epoch's host reads
+        share = lambda t: [float(v) / max(seen, 1) for v in t.cpu()]  # noqa: E731  (the epoch's host reads)
+        losses = share(loss_sum)
+        mean_loss = sum(losses) / R
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"router epoch {epoch}: the loss is {mean_loss}; lower router.lr")
-        share = lambda t: [float(v) / max(seen, 1) for v in t.cpu()]  # noqa: E731
-        return RouterEpochResult(epoch, lr, mean_loss, share(label_pos), share(call_pos), share(agree), seconds, seen / max(seconds, 1e-9))
+        ratio = lambda a, b: [float(x) / float(y) if y > 0 else float("nan") for x, y in zip(a.cpu(), b.cpu())]  # noqa: E731
+        return RouterEpochResult(epoch, lr, mean_loss, share(label_pos), share(call_pos), share(agree), seconds, seen / max(seconds, 1e-9),
+                                 losses, ratio(true_pos, call_pos), ratio(true_pos, label_pos))
 
     def fit(self) -> list[RouterEpochResult]:
         for epoch in range(len(self.history) + 1, self.cfg.router.epochs + 1):
@@ -176,9 +194,9 @@ class RouterTrainer:
             self.history.append(r)
             pct = lambda xs: "/".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
             self.log(
-                f"router epoch {epoch}/{self.cfg.router.epochs}  lr {r.lr:.4f}  loss {r.loss:.4f}  "
-                f"label+ {pct(r.label_share)}%  called {pct(r.call_share)}%  agree {pct(r.router_accuracy)}%  "
-                f"{r.images_per_s:,.0f} img/s"
+                f"router epoch {epoch}/{self.cfg.router.epochs}  lr {r.lr:.4f}  loss {r.loss:.4f} "
+                f"({'/'.join(f'{x:.3f}' for x in r.router_loss)})  positive {pct(r.label_share)}%  called {pct(r.call_share)}%  "
+                f"precision {pct(r.precision)}%  recall {pct(r.recall)}%  {r.images_per_s:,.0f} img/s"
             )
         return self.history
 
@@ -247,7 +265,7 @@ def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=No
         calib_loader = InMemoryLoader(heldout.calibration, cfg.data.eval_batch_size, train=False, device=device,
                                       channels_last=cfg.model.channels_last)
         calibration = calibrate_threshold(net, trainer.router, calib_loader, cost, max_accuracy_drop=rc.max_accuracy_drop,
-                                          amp=cfg.train.amp)
+                                          grid=None, amp=cfg.train.amp, z=rc.calibration_z)
         threshold = calibration.threshold
         log(calibration.summary())
     return Stage2Result(trainer, threshold, heldout, calibration, cost, time.perf_counter() - start)

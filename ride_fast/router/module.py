@@ -9,8 +9,16 @@ expert, H hidden width (16), k top-k logits (30 or 50).
 
 Router i (0-based `step`, deciding on expert step + 2):
     h = ReLU(Linear_i(feature / ||feature||))          Linear_i: D -> H, one per router
-    v = top-k of mean_logits, sorted descending         [B, k]
+    v = top-k of mean_logits / logit_scale, descending  [B, k]
     r = Linear([v, h])                                  k + H -> 1, shared by all routers
+
+`logit_scale` is the classifier scale s of the network (30 for cosine classifiers; stage 2 builds
+the router with it). The original feeds the s-scaled logits themselves: the same functions (the
+top-k weights times s), but the top-k inputs are then about s times larger than the unit-norm
+hidden path, and with the positive weight w_on = 100 one SGD step at the published lr moves the
+router logit by tens: training overshoots between "call every image" and "call none" (see
+docs/method.md §5). Dividing by s makes every input O(1). Original weights load into a router of
+any logit_scale as the same function (`load_original_state_dict` multiplies the top-k weights by s).
 
 Parameter names and their originals (frank-xwang/RIDE-LongTailRecognition):
     hidden.{i}.weight [H, D], hidden.{i}.bias [H]   <- expert_help_pred_hidden_fcs.{i}.*
@@ -50,6 +58,7 @@ class Router(nn.Module):
         top_k: int = 30,
         hidden: int = 16,
         share_fc: bool = True,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if num_experts < 2:
@@ -59,6 +68,8 @@ class Router(nn.Module):
                 f"router.top_k={top_k} must lie in 1..{num_classes} (the number of classes); "
                 f"set router.top_k={min(num_classes, 30)} for this data set"
             )
+        if not logit_scale > 0:
+            raise ValueError(f"router logit_scale must be > 0 (the classifier scale s of the network), got {logit_scale}")
         if hidden < 1 or feature_dim < 1:
             raise ValueError(f"router hidden width and feature width must be >= 1, got hidden={hidden}, feature_dim={feature_dim}")
         self.num_experts = int(num_experts)
@@ -68,6 +79,7 @@ class Router(nn.Module):
         self.top_k = int(top_k)
         self.hidden_dim = int(hidden)
         self.share_fc = bool(share_fc)
+        self.logit_scale = float(logit_scale)
         self.hidden = nn.ModuleList(nn.Linear(feature_dim, hidden) for _ in range(self.num_routers))
         if self.share_fc:
             self.fc = nn.Linear(top_k + hidden, 1)
@@ -77,7 +89,7 @@ class Router(nn.Module):
     @property
     def router_args(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
-                "top_k": self.top_k, "hidden": self.hidden_dim, "share_fc": self.share_fc}
+                "top_k": self.top_k, "hidden": self.hidden_dim, "share_fc": self.share_fc, "logit_scale": self.logit_scale}
 
     def _check_step(self, step: int) -> None:
         if not 0 <= step < self.num_routers:
@@ -91,7 +103,7 @@ class Router(nn.Module):
             raise ValueError(f"router expects feature [B, D] and mean_logits [B, C]; got {tuple(feature.shape)} and {tuple(mean_logits.shape)}")
         # plain division by the norm, as the original (a zero feature gives NaN -> stop)
         h = F.relu(self.hidden[step](feature / feature.norm(dim=1, keepdim=True)))
-        v = mean_logits.topk(self.top_k, dim=1).values  # sorted, descending
+        v = mean_logits.topk(self.top_k, dim=1).values / self.logit_scale  # sorted, descending; cosines when s-scaled
         x = torch.cat((v.to(h.dtype), h), dim=1)
         fc = self.fc if self.share_fc else self.fcs[step]
         return fc(x).squeeze(1)
@@ -109,7 +121,7 @@ class Router(nn.Module):
         b = torch.stack([lin.bias for lin in self.hidden])  # [R, H]
         f = features / features.norm(dim=2, keepdim=True)
         h = F.relu(torch.baddbmm(b.unsqueeze(1), f, w.transpose(1, 2)))  # [R, B, H]
-        v = mean_logits.topk(self.top_k, dim=2).values  # [R, B, k]
+        v = mean_logits.topk(self.top_k, dim=2).values / self.logit_scale  # [R, B, k]
         x = torch.cat((v.to(h.dtype), h), dim=2)  # [R, B, k + H]
         if self.share_fc:
             return self.fc(x).squeeze(2)
@@ -155,7 +167,8 @@ class Router(nn.Module):
         return router
 
     def load_original_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load original router weights; names, counts and shapes must all fit (strict)."""
+        """Load original router weights; names, counts and shapes must all fit (strict). The top-k
+        weights are multiplied by `logit_scale`, so the router computes the original's function."""
         renamed = self.original_to_ride_fast(state)
         own = self.state_dict()
         missing = sorted(set(own) - set(renamed))
@@ -167,4 +180,9 @@ class Router(nn.Module):
                 f"original router weights do not fit Router({self.router_args}): "
                 f"missing {missing}, unexpected {unexpected}, shape mismatches {shapes}"
             )
+        if self.logit_scale != 1.0:
+            for key in [k for k in renamed if k.endswith("weight") and (k == "fc.weight" or k.startswith("fcs."))]:
+                w = renamed[key].clone()
+                w[:, : self.top_k] *= self.logit_scale
+                renamed[key] = w
         self.load_state_dict(renamed)
