@@ -36,6 +36,13 @@ def debug_checks_enabled() -> bool:
     return os.environ.get("RIDE_FAST_DEBUG", "") not in ("", "0")
 
 
+def range_check_reads_host(device: torch.device) -> bool:
+    """Whether `check_logits_and_target` reads the target range back to the host on `device`:
+    always on the CPU (free), on an accelerator only under RIDE_FAST_DEBUG=1 (a device sync), never
+    on the meta device (nothing to read)."""
+    return device.type == "cpu" or (device.type != "meta" and debug_checks_enabled())
+
+
 def check_logits_and_target(expert_logits: Tensor, target: Tensor, num_classes: int | None = None) -> None:
     """Raise a clear error for logits/targets a user can get wrong.
 
@@ -74,7 +81,7 @@ def check_logits_and_target(expert_logits: Tensor, target: Tensor, num_classes: 
         raise ValueError(f"target is on {target.device} but expert_logits are on {expert_logits.device}")
     if torch.compiler.is_compiling():
         return  # no host read inside a compiled graph; the CPU op checks the range itself
-    if target.device.type == "cpu" or (target.device.type != "meta" and debug_checks_enabled()):
+    if range_check_reads_host(target.device):
         bad = (target < 0) | (target >= C)
         if bool(bad.any()):  # host read: CPU tensors, or an accelerator under RIDE_FAST_DEBUG=1
             values = torch.unique(target[bad])[:10].tolist()

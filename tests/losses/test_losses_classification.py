@@ -170,13 +170,23 @@ def test_int32_targets_accepted():
 
 
 def test_range_check_skipped_off_cpu_without_debug(monkeypatch):
-    # On the meta device nothing can be read; the check must not try (and must not sync).
+    # An accelerator's target is read back (a host sync) only under RIDE_FAST_DEBUG=1; the CPU's
+    # always (free); the meta device's never (nothing to read).
     from ride_fast.losses import check_logits_and_target
+    from ride_fast.losses.classification import range_check_reads_host
 
+    cuda, cpu, meta = torch.device("cuda"), torch.device("cpu"), torch.device("meta")
     monkeypatch.delenv("RIDE_FAST_DEBUG", raising=False)
-    check_logits_and_target(torch.empty(2, 3, 5, device="meta"), torch.empty(3, dtype=torch.long, device="meta"), 5)
+    assert not range_check_reads_host(cuda) and range_check_reads_host(cpu) and not range_check_reads_host(meta)
     monkeypatch.setenv("RIDE_FAST_DEBUG", "1")
+    assert range_check_reads_host(cuda) and range_check_reads_host(cpu) and not range_check_reads_host(meta)
+    # meta tensors pass without a read, whatever the flag
     check_logits_and_target(torch.empty(2, 3, 5, device="meta"), torch.empty(3, dtype=torch.long, device="meta"), 5)
+    # and the check is the one that runs: a CPU target out of range is refused under either setting
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RIDE_FAST_DEBUG", flag)
+        with pytest.raises(ValueError, match=r"outside \[0, C\)"):
+            check_logits_and_target(torch.zeros(2, 3, 5), torch.tensor([0, 5, 1]), 5)
 
 
 def test_debug_flag():
