@@ -65,19 +65,25 @@ def test_float32_close_to_reference(E, B, C, diversity):
     ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, diversity)
     loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, diversity)
     assert loss.dtype == grad.dtype == torch.float32
+    # measured (4 seeds each): loss within 4e-6 relative; gradient within 1e-5 of its largest entry,
+    # and within 2.2e-4 relative where it is above 1e-3 of its largest entry
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-4 * ref_grad.abs().max().item())
+    torch.testing.assert_close(grad, ref_grad, rtol=5e-4, atol=3e-5 * ref_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(dtype):
-    """Half inputs: float32 math, the gradient in the input dtype, as the reference."""
-    z, y, vecs = make_inputs(3, 4, 50, dtype, seed=5)
-    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, "mean")
-    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, "mean")
+def test_half_inputs(dtype, seed, diversity):
+    """Half inputs: float32 math, the gradient in the input dtype, as the reference. Both round a
+    float32 gradient once, so they differ by at most one rounding step: measured, most elements are
+    bit-identical and the rest within 0.83 eps |reference| (16 cases)."""
+    z, y, vecs = make_inputs(3, 4, 50, dtype, seed=5 + seed)
+    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z, y, vecs, diversity)
+    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, diversity)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-2 * ref_grad.float().abs().max().item())
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=torch.finfo(dtype).eps, atol=0.0)
 
 
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
