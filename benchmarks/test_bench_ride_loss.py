@@ -92,6 +92,25 @@ def run_benchmark(benchmark, step, n_elements, floor_bytes):
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
 
 
+#: how far each provider may be from the float64 reference on the same inputs, per logits dtype:
+#: (loss rtol, gradient rtol, gradient atol as a fraction of the largest gradient entry). float32:
+#: summation order only; bfloat16: the gradient is rounded once to bfloat16 (one step: 2^-7).
+TOLERANCE = {torch.float32: (1e-5, 1e-3, 3e-5), torch.bfloat16: (1e-4, 2 ** -7, 2 ** -8)}
+_REFERENCE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def float64_reference(z, y, m, w, t):
+    """Loss and gradient of ride_loss_reference in float64 on the same (rounded) inputs, on the CPU."""
+    key = (tuple(z.shape), z.dtype)
+    if key not in _REFERENCE:
+        z64 = z.detach().double().cpu().requires_grad_()
+        vecs = [v.double().cpu() if v is not None else None for v in (m, w, t)]
+        loss = ride_loss_reference(z64, y.cpu(), *vecs, LAMBDA, TM, "mean")
+        loss.backward()
+        _REFERENCE[key] = (loss.detach(), z64.grad)
+    return _REFERENCE[key]
+
+
 def synchronize():
     if CUDA:
         torch.cuda.synchronize()
@@ -110,13 +129,22 @@ def test_bench_ride_loss(benchmark, provider, B, E, C, dtype_name):
     fn = loss_fn(provider)
     benchmark.group = f"ride_loss fwd+bwd B={B} E={E} C={C} {dtype_name}"
 
+    result = {}
+
     def step():
         z.grad = None
-        fn(z, y, m, w, t, LAMBDA, TM, "mean").backward()
+        loss = fn(z, y, m, w, t, LAMBDA, TM, "mean")
+        loss.backward()
         synchronize()
+        result["loss"] = loss.detach()
 
     run_benchmark(benchmark, step, E * B * C, 2 * E * B * C * z.element_size())
-    assert z.grad is not None and z.grad.shape == z.shape
+    # what was timed computes the RIDE loss: value and gradient against float64 on the same inputs
+    ref_loss, ref_grad = float64_reference(z, y, m, w, t)
+    loss_rtol, grad_rtol, grad_atol = TOLERANCE[dtype]
+    assert z.grad is not None and z.grad.dtype == z.dtype and z.grad.shape == z.shape
+    torch.testing.assert_close(result["loss"].double().cpu(), ref_loss, rtol=loss_rtol, atol=0.0)
+    torch.testing.assert_close(z.grad.double().cpu(), ref_grad, rtol=grad_rtol, atol=grad_atol * ref_grad.abs().max().item())
 
 
 def test_loop_baseline_matches_reference():
