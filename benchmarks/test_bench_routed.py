@@ -106,6 +106,26 @@ def test_routed_inference_time_follows_macs(benchmark, mode, device_name):
         )
 
 
+FLOP_TOLERANCE = 0.01
+
+
+def test_routed_forward_executes_the_macs_it_is_charged():
+    """FLOPs the routed forward really executes (torch's FlopCounterMode: convolutions and matmuls)
+    over those of all experts equal the MACs ratio that fvcore charges part by part, within 1%
+    (BatchNorm, which fvcore charges and FlopCounterMode does not, is a small and equal share of
+    each part). Computing every expert for every image would give 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(1)
+    all_experts, routed, macs_ratio = _setup(torch.device("cpu"), CI_BATCH)
+    with FlopCounterMode(display=False) as dense:
+        all_experts()
+    with FlopCounterMode(display=False) as sparse:
+        routed()
+    flops_ratio = sparse.get_total_flops() / dense.get_total_flops()
+    assert abs(flops_ratio / macs_ratio - 1) <= FLOP_TOLERANCE, f"executed FLOPs ratio {flops_ratio:.4f}, MACs ratio {macs_ratio:.4f}"
+
+
 # --- time_routed: the timing phase of the routed report ------------------------------------------------
 
 TIME_TOLERANCE_ALL = 0.10  # threshold 0: routed time within 10% of all experts (+ the routers, 0.001% of the MACs)
