@@ -32,7 +32,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 LAMBDA, TM = -0.2, 0.9  # ImageNet-LT / iNat diversity factor, a temperature mean != 1
 
 SHAPES = [(128, 3, 100), (256, 4, 1000), (512, 4, 8142), (128, 4, 8142)]  # (B, E, C)
-PROVIDERS = ["eager", "compile", "loop", "analytic", "triton"]
+# torch.compile of the reference takes 10-30 s per shape and only matters for timing
+PROVIDERS = ["eager", pytest.param("compile", marks=pytest.mark.timing), "loop", "analytic", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -69,8 +70,6 @@ def skip_reason(provider, dtype, benchmark):
         return "the fused kernel is timed on CUDA only (never the interpreter)"
     if dtype != torch.float32 and not CUDA:
         return "half precision is benchmarked on GPU only"
-    if provider == "compile" and benchmark.disabled:
-        return "torch.compile takes 10-30 s per shape and only matters for timing: runs with --benchmark-only"
     return None
 
 

@@ -157,13 +157,12 @@ def test_threshold_zero_routed_time_matches_all_experts(benchmark):
         assert abs(ratio - 1) <= TIME_TOLERANCE_ALL, f"threshold 0: routed / all-experts time {ratio:.3f} ({timing.summary()})"
 
 
+@pytest.mark.timing
 def test_demo_batch1_time_ratio_tracks_macs_ratio(benchmark):
     """The demo's routed model at its chosen threshold: batch-1 time ratio within 15% of the MACs ratio.
-    Needs the demo's routed.pt (`ride-fast demo`; RIDE_FAST_DEMO_ROUTED=path to use another)."""
-    if benchmark.disabled:
-        pytest.skip("timing only (--benchmark-only)")
+    Needs the demo's routed.pt (`make demo`; RIDE_FAST_DEMO_ROUTED=path to use another)."""
     if not os.path.isfile(DEMO_ROUTED):
-        pytest.skip(f"no routed demo checkpoint at {DEMO_ROUTED} (run `ride-fast demo` or set RIDE_FAST_DEMO_ROUTED)")
+        pytest.fail(f"no routed demo checkpoint at {DEMO_ROUTED}: run `make demo` first, or set RIDE_FAST_DEMO_ROUTED=path", pytrace=False)
     from ride_fast.data import InMemoryLoader, build_datasets
     from ride_fast.engine.checkpoint import checkpoint_config, load_checkpoint, load_routed_checkpoint
     from ride_fast.engine.routed_cost import routed_cost, time_routed
