@@ -188,7 +188,7 @@ def member_specs(cfg: Config, members: int, out_dir: str | Path, datasets=None) 
             for i in range(members)]
 
 
-def ride_specs(cfg: Config, experts, out_dir: str | Path, datasets=None) -> list[RunSpec]:
+def ride_run_specs(cfg: Config, experts, out_dir: str | Path, datasets=None) -> list[RunSpec]:
     """One RIDE run of `cfg` per number of experts, in OUT/ride_E."""
     train, test = datasets or (None, None)
     return [RunSpec(f"RIDE {e} experts", update(cfg, model={"num_experts": int(e)}, train={"out_dir": str(Path(out_dir) / f"ride_{int(e)}")}),
@@ -243,7 +243,7 @@ def run_ensemble(
     if ride_experts:
         if ride_cfg is None:
             raise ValueError("--ride-experts needs the RIDE recipe (--ride-config)")
-        rspecs = ride_specs(ride_cfg, ride_experts, out_dir, datasets)
+        rspecs = ride_run_specs(ride_cfg, ride_experts, out_dir, datasets)
     if specs or rspecs:
         train_runs(specs + rspecs, workers=workers, log=log)
     baselines += [str(s.final_checkpoint) for s in specs]
@@ -309,5 +309,5 @@ def plot_ensemble(report: EnsembleReport, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-__all__ = ["FAMILIES", "EnsemblePoint", "EnsembleReport", "ensemble_report", "member_specs", "plot_ensemble", "ride_specs",
+__all__ = ["FAMILIES", "EnsemblePoint", "EnsembleReport", "ensemble_report", "member_specs", "plot_ensemble", "ride_run_specs",
            "route_runs", "run_ensemble"]

@@ -12,7 +12,8 @@ Modules, lowest first (each imports only the ones above it):
     monitor        tqdm, TensorBoard, stop signals
     evaluate       the evaluation pass; `ride-fast eval` on a stage-1 checkpoint
     trainer        the stage-1 loop
-    routed_cost    MACs per routed image
+    routed_cost    MACs and measured time per routed image
+    threshold_curve  the accuracy-cost curve: one all-experts pass replayed at every threshold
     routed_eval    routed against all-experts evaluation, its report; `ride-fast eval` on a routed checkpoint
     calibration    held-out stage-2 data, threshold calibration
     stage2         router training; `ride-fast route`

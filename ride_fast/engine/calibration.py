@@ -27,7 +27,7 @@ from torch import Tensor
 from ride_fast.config import Config, RouterConfig
 from ride_fast.data import ArrayDataset, build_datasets
 from ride_fast.engine.routed_cost import RoutedCost
-from ride_fast.engine.routed_eval import ThresholdCurve, score_routers, threshold_curve
+from ride_fast.engine.threshold_curve import ThresholdCurve, score_routers, threshold_curve
 from ride_fast.models import RIDENet
 from ride_fast.router import Router
 

@@ -1,4 +1,4 @@
-"""The threshold from the whole accuracy-cost curve (ride_fast.engine.routed_eval.threshold_curve,
+"""The threshold from the whole accuracy-cost curve (ride_fast.engine.threshold_curve,
 calibration.choose_threshold / calibrate_threshold(grid=None)): one all-experts pass replayed at
 every threshold that changes a decision must equal routed inference there, the drop's standard
 error is the paired one, and the rule takes the cheapest point whose drop + z SE is allowed.
@@ -11,7 +11,7 @@ import torch
 
 from ride_fast.engine.calibration import calibrate_threshold, choose_threshold
 from ride_fast.engine.routed_cost import routed_cost
-from ride_fast.engine.routed_eval import RouterScores, score_routers, threshold_curve
+from ride_fast.engine.threshold_curve import RouterScores, score_routers, threshold_curve
 from ride_fast.models import create_model
 from ride_fast.router import Router, routed_forward
 
