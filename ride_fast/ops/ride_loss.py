@@ -372,8 +372,15 @@ def _ride_loss_checked(
     else:
         E, _, C = expert_logits.shape
         use_triton = ride_loss_path(expert_logits.device, expert_logits.dtype, E, C) == "triton"
+    return _run_op(*args, use_triton)
+
+
+def _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
+            use_triton: bool) -> Tensor:
+    """The registered operator's loss, asking for the gradient only where autograd will want it."""
     need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    loss, _, _ = _ride_loss_op(*args[:5], float(diversity_factor), float(temperature_mean), diversity, use_triton, need_grad)
+    loss, _, _ = _ride_loss_op(expert_logits, target, margins, class_weights, temperature, float(diversity_factor),
+                               float(temperature_mean), diversity, use_triton, need_grad)
     return loss
 
 
@@ -395,12 +402,8 @@ def ride_loss_analytic(
     """
     if diversity not in ("mean", "pairwise"):
         raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
-    need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    loss, _, _ = _ride_loss_op(
-        expert_logits, target, margins, class_weights, temperature,
-        float(diversity_factor), float(temperature_mean), diversity, False, need_grad,
-    )
-    return loss
+    return _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean,
+                   diversity, False)
 
 
 def ride_loss_fused(
