@@ -119,6 +119,9 @@ def _global_bn_worker(rank: int, world: int, init: str) -> None:
         bn.eval()
         torch.testing.assert_close(bn(x), ref.eval()(x), rtol=0, atol=1e-12)  # evaluation: running statistics
     finally:
+        # both ranks leave together, so that neither tears down its gloo pairs while the other may
+        # still use them (seen once as an abort at exit: "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
