@@ -47,18 +47,29 @@ SIGNAL_AT_ENV = "RIDE_FAST_SIGNAL_AT"
 
 
 def signal_at_from_env() -> tuple[int, int, signal.Signals] | None:
-    """A test hook, off unless the environment variable RIDE_FAST_SIGNAL_AT=EPOCH:STEP:SIGNAL is set
-    (e.g. 2:5:SIGKILL): the training process then sends itself SIGNAL right after step STEP (1-based)
-    of epoch EPOCH, so tests of kills and pre-emption stop a run at a known point of an epoch
-    instead of after a guessed delay. Returns (epoch, step, signal) or None."""
+    """A test hook, off unless the environment variable RIDE_FAST_SIGNAL_AT=EPOCH:STEP:SIGNAL[:RANK]
+    is set (e.g. 2:5:SIGKILL): the training process then sends itself SIGNAL right after step STEP
+    (1-based) of epoch EPOCH, so tests of kills and pre-emption stop a run at a known point of an
+    epoch instead of after a guessed delay. In a torchrun job every rank signals itself, or only
+    rank RANK when given, and only in the job's first attempt (TORCHELASTIC_RESTART_COUNT 0), so
+    the group that torchrun restarts runs to the end. Returns (epoch, step, signal) or None."""
     value = os.environ.get(SIGNAL_AT_ENV, "").strip()
     if not value:
         return None
     try:
-        epoch, step, name = value.split(":")
-        return int(epoch), int(step), signal.Signals[name.upper()]
+        epoch, step, name, *rank = value.split(":")
+        if len(rank) > 1:
+            raise ValueError
+        hook = int(epoch), int(step), signal.Signals[name.upper()]
+        ranks = [int(r) for r in rank]
     except (ValueError, KeyError):
-        raise ValueError(f"{SIGNAL_AT_ENV}={value!r}: expected EPOCH:STEP:SIGNAL, e.g. 2:5:SIGTERM") from None
+        raise ValueError(f"{SIGNAL_AT_ENV}={value!r}: expected EPOCH:STEP:SIGNAL or EPOCH:STEP:SIGNAL:RANK, "
+                         "e.g. 2:5:SIGTERM") from None
+    if ranks and int(os.environ.get("RANK", "0")) != ranks[0]:
+        return None
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return None
+    return hook
 
 
 def tensorboard_writer(out_dir: Path, enabled: bool):
