@@ -1,9 +1,15 @@
 """ride_fast: a fast, faithful RIDE (ICLR 2021) training engine for long-tailed recognition."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one source of truth: ride_fast.__version__ (what `ride-fast --version` prints)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "ride_fast" / "__init__.py").read_text(), re.M)[1]
 
 setup(
     name="ride_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast RIDE (Routing Diverse Distribution-Aware Experts) for long-tailed recognition",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -31,7 +31,10 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ride_fast import __version__
+
     parser = argparse.ArgumentParser(prog="ride-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ride-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train a CE baseline and RIDE on MNIST-LT and compare them")
