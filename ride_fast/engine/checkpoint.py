@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +40,70 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not hold what is needed."""
 
 
+# what every message about a file that is not a checkpoint says a checkpoint is
+CHECKPOINT_FORMAT = ("A ride_fast checkpoint is a file written by `ride-fast train`, `ride-fast route` or `ride-fast convert`: "
+                     "a torch.save dict with 'model' (the network's state dict) and 'model_args' (the arguments that rebuild "
+                     "it), and after training also 'optimizer', 'epoch' and 'config'")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint with weights_only=True; a missing, truncated or foreign file is a clear error."""
+    """Read a checkpoint with weights_only=True; a missing, truncated or foreign file is a clear
+    error that says what the file is and what a checkpoint is (CHECKPOINT_FORMAT)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, pickle with arbitrary objects, not a torch file
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what the file is
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # truncated zip, pickle with arbitrary objects, not a torch file at all
+        what = _what_the_file_is(path)
+        if what.startswith("it is a damaged"):
+            raise CheckpointError(f"{path}: cannot read the checkpoint: {what}") from None
+        raise CheckpointError(f"{path} is not a ride_fast checkpoint: {what}. {CHECKPOINT_FORMAT}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a ride_fast checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is not a ride_fast checkpoint: {_what_the_object_is(ckpt)}. {CHECKPOINT_FORMAT}")
     return ckpt
+
+
+def _what_the_file_is(path: Path) -> str:
+    """What an unreadable file looks like, from its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):
+        return ("it is a damaged or truncated torch.save archive (a copy or a write that did not finish); "
+                "an older epoch_NNNN.pt beside it may be whole")
+    if head[:1] == b"\x80":  # a pickle (protocol 2 or later), also torch.save's legacy format
+        return ("it is a pickle holding Python objects besides tensors and plain containers, which are not loaded "
+                "(nothing from the file is run); a checkpoint of the original RIDE code is such a file: "
+                "`ride-fast convert SRC DST --model NAME` turns it into a ride_fast checkpoint")
+    try:
+        head.decode("utf-8")
+        is_text = b"\x00" not in head
+    except UnicodeDecodeError as err:
+        is_text = err.start >= len(head) - 3 and b"\x00" not in head  # a character cut at the end of the 4 KiB read
+    if is_text:
+        return "it is a text file, not a torch.save file"
+    return "it is not a torch.save file (neither a zip archive nor a pickle)"
+
+
+def _what_the_object_is(obj) -> str:
+    """What a readable torch file that is not a checkpoint holds."""
+    if isinstance(obj, dict):
+        keys = [str(k) for k in list(obj)[:8]]
+        more = f" and {len(obj) - 8} more" if len(obj) > 8 else ""
+        if "state_dict" in obj:
+            return (f"it holds a dict with the keys {keys}{more} but no 'model', like a checkpoint of the original RIDE code: "
+                    "`ride-fast convert SRC DST --model NAME` turns it into a ride_fast checkpoint")
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return (f"it holds a bare state dict ({len(obj)} tensors, e.g. {keys[:3]}), not a dict with 'model' and "
+                    "'model_args'; original RIDE weights convert with `ride-fast convert`")
+        return f"it holds a dict with the keys {keys}{more} but no 'model'"
+    if isinstance(obj, torch.Tensor):
+        return f"it holds a single tensor of shape {list(obj.shape)}"
+    return f"it holds a {type(obj).__name__}, not a dict"
 
 
 def rng_state() -> dict:
