@@ -49,11 +49,13 @@ def test_broken_cifar_pickle_is_named(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     (folder / "train").write_bytes(b"not a pickle at all")
+    (folder / "test").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cifar-100-python/train: not a CIFAR python pickle"):
         build_cifar_lt(tmp_path, 100)
     with open(folder / "train", "wb") as fh:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, fh)  # no b"fine_labels"
-    with pytest.raises(ValueError, match=r"not a CIFAR python pickle \(KeyError"):
+    with pytest.raises(ValueError, match=r"not a CIFAR python pickle \(expected a dict with b'data' and b'fine_labels'\); "
+                                         r"extract it again from cifar-100-python.tar.gz"):
         build_cifar_lt(tmp_path, 100)
 
 
@@ -88,8 +90,26 @@ def test_cifar_lt_selection_is_the_original(tmp_path):
 
 
 def test_cifar_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train not found"):
+    with pytest.raises(FileNotFoundError) as info:
         build_cifar_lt(tmp_path, 100)
+    assert str(info.value) == (
+        f"data.root={tmp_path}: no CIFAR-100 data: {tmp_path / 'cifar-100-python'} lacks train, test; data.root must hold "
+        "the folder cifar-100-python/ with train, test (the python version of CIFAR-100: extract cifar-100-python.tar.gz "
+        f"into data.root, e.g. `tar -xzf cifar-100-python.tar.gz -C {tmp_path}`)")
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py lacks data_batch_2, data_batch_3, data_batch_4, "
+                                                r"data_batch_5, test_batch; data.root must hold the folder cifar-10-batches-py/"):
+        build_cifar_lt(tmp_path, 10)
+    with pytest.raises(FileNotFoundError, match=r"holds the CIFAR-10 data \(cifar-10-batches-py\): for it set data.name=cifar10_lt"):
+        build_cifar_lt(tmp_path, 100)  # the other CIFAR is there
+    (tmp_path / "damaged").mkdir()
+    _fake_cifar10(tmp_path / "damaged")
+    (tmp_path / "damaged" / "cifar-10-batches-py" / "test_batch").write_text("not a pickle")
+    with pytest.raises(ValueError) as info:
+        build_cifar_lt(tmp_path / "damaged", 10)
+    assert str(info.value).startswith(f"{tmp_path / 'damaged' / 'cifar-10-batches-py' / 'test_batch'}: not a CIFAR python pickle")
+    assert "Error" not in str(info.value)
     with pytest.raises(ValueError, match="data.root"):
         build_datasets(DataConfig(name="cifar100_lt"))
     with pytest.raises(ValueError, match="did you mean 'mnist_lt'"):
