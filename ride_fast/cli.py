@@ -10,7 +10,7 @@
     ride-fast show-config --config X [overrides]         the resolved config
     ride-fast flops --config X [overrides]               parameters and MACs per part
     ride-fast data check --config X [overrides]          validate a data set: bad files / lines, class sizes
-    ride-fast convert SRC DST --model NAME ...           original RIDE weights -> ride_fast
+    ride-fast convert SRC DST --model NAME               original RIDE weights -> ride_fast (classes, experts from SRC)
     ride-fast analyze bias-variance --config X --runs N [--methods ce,ldam,ride]   bias / variance over LT draws
     ride-fast analyze confusion --checkpoint P [...]     hardest-negative score histograms per split
     ride-fast analyze two-stage --checkpoint P --method crt|tau_norm|cosine   decoupled classifiers
@@ -74,14 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_analyze_parser(sub)
 
-    p = sub.add_parser("convert", help="convert a checkpoint of the original RIDE code")
+    from ride_fast.models import list_models
+
+    p = sub.add_parser("convert", help="convert a checkpoint of the original RIDE code",
+                       description="Classes, experts, expert width and classifier type are read from SRC; "
+                                   "the flags below only check them (a flag that disagrees with the file is an error).")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--model", required=True, help="resnet32 | resnet10 | resnet50 | resnext50_32x4d")
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--num-experts", type=int, required=True)
-    p.add_argument("--no-reduce-dimension", action="store_true", help="the experts use the full widths")
-    p.add_argument("--linear", action="store_true", help="plain Linear classifiers instead of cosine ones")
+    p.add_argument("--model", required=True, choices=list_models(), help="the architecture SRC holds")
+    p.add_argument("--num-classes", type=int, help="default: from SRC's classifier")
+    p.add_argument("--num-experts", type=int, help="default: from SRC's per-expert stages")
+    p.add_argument("--reduce-dimension", action=argparse.BooleanOptionalAction, default=None,
+                   help="the experts use the reduced widths (default: from SRC's feature width)")
+    p.add_argument("--linear", dest="use_norm", action="store_const", const=False, default=None,
+                   help="plain Linear classifiers instead of cosine ones (default: from SRC's classifier)")
     return parser
 
 
@@ -306,11 +312,11 @@ def _cmd_data(args) -> int:
 def _cmd_convert(args) -> int:
     from ride_fast.models.convert import convert_original_checkpoint
 
-    convert_original_checkpoint(
+    info = convert_original_checkpoint(
         args.src, args.dst, args.model, num_classes=args.num_classes, num_experts=args.num_experts,
-        reduce_dimension=not args.no_reduce_dimension, use_norm=not args.linear,
+        reduce_dimension=args.reduce_dimension, use_norm=args.use_norm,
     )
-    print(f"wrote {args.dst}")
+    print(f"wrote {args.dst}: " + ", ".join(f"{k}={v}" for k, v in info["model_args"].items()))
     return 0
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from ride_fast.io import atomic_save
 from ride_fast.models.batched import to_per_expert
 from ride_fast.models.factory import create_model
+from ride_fast.models.registry import model_entrypoint
 from ride_fast.models.ride import RIDENet
 
 ROUTER_PREFIX = "expert_help_pred"  # expert_help_pred_hidden_fcs.{i}, expert_help_pred_fc(s)
@@ -95,11 +96,8 @@ def load_original_state_dict(model: RIDENet, state_dict: Mapping[str, Any]) -> d
         model.load_state_dict(twin.state_dict())
         return info
     source = {_strip_prefixes(k): v for k, v in _state_dict_of(state_dict).items()}
-    stage_names: tuple[str, ...] = tuple(getattr(model.experts[0], "stage_names", ()))
-    if not stage_names:
-        raise TypeError(f"{type(model.experts[0]).__name__} declares no stage_names; cannot map original keys")
+    stage_names, trunk_roots = _mapping_for(model)
     target = model.state_dict()
-    trunk_roots = {k.split(".")[1] for k in target if k.startswith("trunk.")}
 
     mapped, router, indexed, single = _map_original_keys(source, stage_names, trunk_roots)
     # Expert count first: it explains most other mismatches at once.
@@ -155,8 +153,8 @@ def _map_original_keys(source: Mapping[str, Tensor], stage_names: tuple[str, ...
     return mapped, router, indexed, single
 
 
-def _check_expert_count(indexed: dict[str, set[int]], single: set[str], stage_names: tuple[str, ...], num_experts: int) -> None:
-    """CheckpointMismatchError when the checkpoint's expert count (or layout) is not the model's."""
+def _expert_count(indexed: dict[str, set[int]], single: set[str], stage_names: tuple[str, ...]) -> tuple[int, str]:
+    """(experts in the checkpoint, where that is seen); CheckpointMismatchError for a mixed layout."""
     if indexed and single:
         raise CheckpointMismatchError(
             f"the checkpoint mixes per-expert ({', '.join(sorted(indexed))}) and single ({', '.join(sorted(single))}) "
@@ -165,14 +163,55 @@ def _check_expert_count(indexed: dict[str, set[int]], single: set[str], stage_na
     if indexed:
         name = next((f"{s}s" for s in reversed(stage_names) if f"{s}s" in indexed), "linears")
         ckpt_experts = max(max(ix) for ix in indexed.values()) + 1
-        where = f"{name}.0..{ckpt_experts - 1}"
-    else:
-        ckpt_experts, where = (1, "single-expert layout") if single else (0, "no expert stages")
+        return ckpt_experts, f"{name}.0..{ckpt_experts - 1}"
+    return (1, "single-expert layout") if single else (0, "no expert stages")
+
+
+def _check_expert_count(indexed: dict[str, set[int]], single: set[str], stage_names: tuple[str, ...], num_experts: int) -> None:
+    """CheckpointMismatchError when the checkpoint's expert count (or layout) is not the model's."""
+    ckpt_experts, where = _expert_count(indexed, single, stage_names)
     if ckpt_experts != num_experts:
         hint = f"; create the model with num_experts={ckpt_experts}" if ckpt_experts else ""
         raise CheckpointMismatchError(
             f"the checkpoint has {ckpt_experts} experts ({where}) but the model has {num_experts}{hint}"
         )
+
+
+def _mapping_for(model: RIDENet) -> tuple[tuple[str, ...], set[str]]:
+    """(expert stage names, trunk root names) of a model: what `_map_original_keys` needs."""
+    stage_names: tuple[str, ...] = tuple(getattr(model.experts[0], "stage_names", ()))
+    if not stage_names:
+        raise TypeError(f"{type(model.experts[0]).__name__} declares no stage_names; cannot map original keys")
+    return stage_names, {k.split(".")[1] for k in model.state_dict() if k.startswith("trunk.")}
+
+
+def infer_model_args(state_dict: Mapping[str, Any], model_name: str) -> dict[str, Any]:
+    """What an original checkpoint says about the network `model_name` it holds: {"num_classes",
+    "num_experts", "reduce_dimension", "use_norm"} (from the classifier's shape and bias, the
+    per-expert stage indices and the feature width), each with "<key>_source" naming the tensors
+    it was read from. CheckpointMismatchError when the file cannot be such a network."""
+    source = {_strip_prefixes(k): v for k, v in _state_dict_of(state_dict).items()}
+    probes = {r: create_model(model_name, num_classes=2, num_experts=1, reduce_dimension=r) for r in (True, False)}
+    stage_names, trunk_roots = _mapping_for(probes[True])
+    mapped, _, indexed, single = _map_original_keys(source, stage_names, trunk_roots)
+    experts, where = _expert_count(indexed, single, stage_names)
+    head = mapped.get("heads.0.weight")
+    if not experts or head is None:
+        raise CheckpointMismatchError(
+            f"no {model_name} weights: expected per-expert stages ({', '.join(f'{s}s.0' for s in stage_names)}) and "
+            "classifiers (linears.0.weight), or one expert's (linear.weight / fc.weight); is --model right?")
+    has_bias = "heads.0.bias" in mapped
+    width, classes = _head_shape(head[1], has_bias)
+    reduced = [r for r, probe in probes.items() if probe.feature_dim == width]
+    if not reduced:
+        raise CheckpointMismatchError(
+            f"the checkpoint's classifier {head[0]} {list(head[1].shape)} has feature width {width}, but {model_name} has "
+            f"{probes[True].feature_dim} (reduced) or {probes[False].feature_dim} (full width); is --model right?")
+    head_source = f"{head[0]} {list(head[1].shape)}"
+    return {"num_classes": classes, "num_classes_source": head_source,
+            "num_experts": experts, "num_experts_source": where,
+            "reduce_dimension": reduced[0], "reduce_dimension_source": f"feature width {width} of {head_source}",
+            "use_norm": not has_bias, "use_norm_source": f"{head[0]} {'with' if has_bias else 'without'} a bias"}
 
 
 def _hints(model: RIDENet, mapped: Mapping[str, tuple[str, Tensor]]) -> list[str]:
@@ -282,24 +321,39 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         raise RuntimeError(f"could not read {path} as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
 
 
+# the flags of `ride-fast convert` that can override what the file says
+_FLAGS = {"num_classes": "--num-classes", "num_experts": "--num-experts", "reduce_dimension": "--[no-]reduce-dimension",
+          "use_norm": "--linear"}
+
+
 def convert_original_checkpoint(
     src_path: str | os.PathLike[str],
     dst_path: str | os.PathLike[str],
     model_name: str,
-    num_classes: int,
-    num_experts: int,
-    reduce_dimension: bool = True,
-    use_norm: bool = True,
+    num_classes: int | None = None,
+    num_experts: int | None = None,
+    reduce_dimension: bool | None = None,
+    use_norm: bool | None = None,
 ) -> dict[str, Any]:
     """Convert an original RIDE checkpoint file into a ride_fast one.
 
-    Writes {"model": state_dict, "model_args": {...}, "router": {original router key: tensor}}
+    The classes, experts, width and head type come from the file (`infer_model_args`); an argument
+    that is not None must agree with it (CheckpointMismatchError naming both otherwise). Writes
+    {"model": state_dict, "model_args": {...}, "router": {original router key: tensor}}
     atomically to dst_path; `create_model(**model_args)` rebuilds the network. Returns
     {"path", "loaded", "router_keys", "model_args"}.
     """
-    model = create_model(model_name, num_classes=num_classes, num_experts=num_experts, reduce_dimension=reduce_dimension, use_norm=use_norm)
+    model_entrypoint(model_name)  # an unknown name is an error before the file is read
     checkpoint = load_checkpoint_file(src_path)
     try:
+        found = infer_model_args(checkpoint, model_name)
+        asked = {"num_classes": num_classes, "num_experts": num_experts, "reduce_dimension": reduce_dimension, "use_norm": use_norm}
+        for key, value in asked.items():
+            if value is not None and value != found[key]:
+                raise CheckpointMismatchError(
+                    f"{_FLAGS[key]} asks for {key}={value}, but the checkpoint has {key}={found[key]} "
+                    f"({found[key + '_source']}); leave {_FLAGS[key]} out to take it from the file")
+        model = create_model(model_name, **{key: found[key] for key in asked})
         info = load_original_state_dict(model, checkpoint)
     except (CheckpointMismatchError, TypeError) as exc:
         raise type(exc)(f"{src_path}: {exc}") from exc

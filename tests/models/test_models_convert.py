@@ -306,9 +306,60 @@ def test_convert_reports_bad_files(tmp_path):
         convert_original_checkpoint(tmp_path / "nope.pth", tmp_path / "out.pth", "resnet32", C, 2)
     src = tmp_path / "three.pth"
     torch.save({"state_dict": wrapped_state_dict(OrigCifarRIDE(3), "backbone.")}, src)
-    with pytest.raises(CheckpointMismatchError, match=r"three\.pth: the checkpoint has 3 experts"):
+    with pytest.raises(CheckpointMismatchError, match=r"three\.pth: --num-experts asks for num_experts=2, but the checkpoint "
+                                                      r"has num_experts=3 \(layer3s\.0\.\.2\); leave --num-experts out"):
         convert_original_checkpoint(src, tmp_path / "out.pth", "resnet32", C, 2)
     assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("experts,reduce,use_norm,single", [(3, True, True, False), (2, False, False, False), (1, True, True, True)],
+                         ids=["ride3", "full_width_linear", "one_expert"])
+def test_convert_reads_classes_experts_width_and_head_from_the_file(tmp_path, capsys, experts, reduce, use_norm, single):
+    from ride_fast.cli import main
+
+    orig = randomise(OrigCifarRIDE(experts, reduce=reduce, use_norm=use_norm, single=single), seed=6)
+    src, dst = tmp_path / "orig.pth", tmp_path / "out.pt"
+    torch.save({"state_dict": wrapped_state_dict(orig, "module.backbone.")}, src)
+    assert main(["convert", str(src), str(dst), "--model", "resnet32"]) == 0
+    args = dict(name="resnet32", num_classes=C, num_experts=experts, reduce_dimension=reduce, use_norm=use_norm)
+    assert capsys.readouterr().out == f"wrote {dst}: " + ", ".join(f"{k}={v}" for k, v in args.items()) + "\n"
+    ckpt = torch.load(dst, weights_only=True)
+    assert ckpt["model_args"] == args
+    model = create_model(**args).eval()
+    model.load_state_dict(ckpt["model"])
+    x = _images(32, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).expert_logits, orig(x).transpose(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_flags_that_disagree_with_the_file_are_named(tmp_path, capsys):
+    from ride_fast.cli import main
+
+    src = tmp_path / "orig.pth"
+    torch.save({"state_dict": wrapped_state_dict(randomise(OrigCifarRIDE(2), seed=7), "backbone.")}, src)
+    dst = str(tmp_path / "out.pt")
+    cases = {
+        ("--num-classes", "100"): "--num-classes asks for num_classes=100, but the checkpoint has num_classes=10 "
+                                  "(linears.0.weight [48, 10]); leave --num-classes out to take it from the file",
+        ("--no-reduce-dimension",): "--[no-]reduce-dimension asks for reduce_dimension=False, but the checkpoint has "
+                                    "reduce_dimension=True (feature width 48 of linears.0.weight [48, 10])",
+        ("--linear",): "--linear asks for use_norm=False, but the checkpoint has use_norm=True (linears.0.weight without a bias)",
+    }
+    for flags, message in cases.items():
+        assert main(["convert", str(src), dst, "--model", "resnet32", *flags]) == 2
+        assert f"ride-fast convert: error: {src}: {message}" in capsys.readouterr().err
+    assert main(["convert", str(src), dst, "--model", "resnet32", "--num-classes", "10", "--num-experts", "2"]) == 0  # agreeing
+    with pytest.raises(SystemExit):
+        main(["convert", str(src), dst, "--model", "resnet-32"])
+    err = capsys.readouterr().err
+    assert "argument --model: invalid choice: 'resnet-32'" in err and "resnet32" in err and "resnext50_32x4d" in err
+    assert main(["convert", str(src), dst, "--model", "resnet10"]) == 2  # the wrong architecture
+    assert ("the checkpoint's classifier linears.0.weight [48, 10] has feature width 48, but resnet10 has 384 (reduced) or "
+            "512 (full width); is --model right?") in capsys.readouterr().err
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.ones(16, 3, 3, 3)}}, src)
+    assert main(["convert", str(src), dst, "--model", "resnet32"]) == 2  # no expert stages at all
+    assert ("no resnet32 weights: expected per-expert stages (layer2s.0, layer3s.0) and classifiers (linears.0.weight), "
+            "or one expert's (linear.weight / fc.weight)") in capsys.readouterr().err
 
 
 class _Evil:
