@@ -66,6 +66,7 @@ class LossConfig:
     diversity_factor: float = -0.45  # lambda; negative maximises the KL (-0.45 CIFAR, -0.2 ImageNet-LT / iNat); 0: no diversity term
     diversity: Literal["mean", "pairwise"] = "mean"  # mean: KL to the detached mean (original code); pairwise: the paper's formula
     individual: bool = True  # False: "collaborative", the classification loss on the mean logits
+    zero_diversity_on_mean_logits: bool = False  # true: at diversity_factor == 0 exactly, as the original code: every expert's classification term on the mean logits (E x LDAM(mean)); docs/method.md §10
     classification: Literal["ldam", "ce", "focal"] = "ldam"  # per-expert term of the RIDE loss
     reweight: bool = True  # DRW: class-balanced weights and temperatures after reweight_epoch
     reweight_epoch: int = 160  # epochs 1..reweight_epoch unweighted, T = T_base; from reweight_epoch + 1 on DRW and T_c; -1: never

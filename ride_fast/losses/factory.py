@@ -44,6 +44,7 @@ def build_loss(cfg: LossConfig, class_counts: ClassCounts, distill: DistillConfi
             base_temperature=cfg.base_temperature,
             diversity=cfg.diversity,
             individual=cfg.individual,
+            zero_diversity_on_mean_logits=cfg.zero_diversity_on_mean_logits,
             classification=cfg.classification,
             reweight=cfg.reweight,
             beta=cfg.beta,
@@ -91,4 +92,4 @@ def loss_path(loss: ExpertLoss, device, num_experts: int, num_classes: int) -> s
         return "reference"
     if impl != "auto":
         return impl
-    return ride_loss_path(device, torch.float32, num_experts, num_classes, individual=getattr(inner, "individual", True))
+    return ride_loss_path(device, torch.float32, num_experts, num_classes, individual=getattr(inner, "per_expert_terms", True))

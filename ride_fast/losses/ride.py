@@ -20,6 +20,9 @@ Two phases, switched by `set_epoch` (epochs from 1):
     epoch >  reweight_epoch   cls_k DRW-weighted, T_c = T_base * t_c,  Tm = mean_c T_c
 
 (reweight=False or reweight_epoch=-1: the first phase forever, as in the original code.)
+
+zero_diversity_on_mean_logits with lambda == 0 exactly: what the original code does then, every
+expert's classification term on zbar instead of z_k, so loss = E * cls(zbar) (docs/method.md §10).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ class RIDELoss(ExpertLoss):
         base_temperature: T_base.
         diversity: "mean" (original code) or "pairwise" (paper formula).
         individual: True: classification loss per expert; False ("collaborative"): on mean logits.
+        zero_diversity_on_mean_logits: True: when diversity_factor == 0 exactly, the original code's
+            loss, E copies of the classification term on the mean logits (E * cls(zbar)).
         classification: "ldam" (margins), "ce" (no margins) or "focal" (no margins, focal_gamma).
             In the second phase every one of them is DRW-weighted.
         reweight: False keeps the first phase forever.
@@ -82,6 +87,7 @@ class RIDELoss(ExpertLoss):
         base_temperature: float = 1.0,
         diversity: str = "mean",
         individual: bool = True,
+        zero_diversity_on_mean_logits: bool = False,
         classification: str = "ldam",
         reweight: bool = True,
         beta: float = 0.9999,
@@ -106,6 +112,9 @@ class RIDELoss(ExpertLoss):
         self.base_temperature = float(base_temperature)
         self.diversity = diversity
         self.individual = bool(individual)
+        self.zero_diversity_on_mean_logits = bool(zero_diversity_on_mean_logits)
+        # the original's lambda == 0: sum over the E experts of the classification term of zbar
+        self._mean_copies = self.zero_diversity_on_mean_logits and self.diversity_factor == 0.0
         self.classification = classification
         self.reweight = bool(reweight)
         self.focal_gamma = float(focal_gamma)
@@ -154,19 +163,26 @@ class RIDELoss(ExpertLoss):
         """Tm = mean_c T_c now (a host float)."""
         return self._temperature_mean[self._phase]
 
+    @property
+    def per_expert_terms(self) -> bool:
+        """Whether the classification term is computed per expert (False: on the mean logits, the
+        path the fused kernel and the analytic gradient do not cover)."""
+        return self.individual and not self._mean_copies
+
     # ---- loss
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         check_logits_and_target(expert_logits, target, self.num_classes)
+        copies = expert_logits.shape[0] if self._mean_copies else 1  # lambda == 0: the diversity term is zero
         if self.classification == "focal":
-            cls_logits = expert_logits if self.individual else expert_logits.mean(0, keepdim=True)
+            cls_logits = expert_logits if self.per_expert_terms else expert_logits.mean(0, keepdim=True)
             cls = focal_term(cls_logits, target, self.focal_gamma, self.class_weights)
             div = diversity_term(
                 expert_logits, self.temperature, self.diversity_factor, self.temperature_mean, self.diversity
             )
-            return cls + div
+            return cls * copies + div
         # validated above: the op is called without a second check
-        return _ride_loss_checked(
+        loss = _ride_loss_checked(
             expert_logits,
             target,
             margins=self.margins,
@@ -175,15 +191,16 @@ class RIDELoss(ExpertLoss):
             diversity_factor=self.diversity_factor,
             temperature_mean=self.temperature_mean,
             diversity=self.diversity,
-            individual=self.individual,
+            individual=self.per_expert_terms,
             impl=self.impl,
         )
+        return loss * copies if copies != 1 else loss
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, classification={self.classification!r}, "
             f"diversity={self.diversity!r}, diversity_factor={self.diversity_factor}, "
-            f"individual={self.individual}, reweight={self.reweight}, reweight_epoch={self.reweight_epoch}, "
+            f"individual={self.individual}, zero_diversity_on_mean_logits={self.zero_diversity_on_mean_logits}, reweight={self.reweight}, reweight_epoch={self.reweight_epoch}, "
             f"reweight_factor={self.reweight_factor}, base_temperature={self.base_temperature}, "
             f"max_m={self.max_m}, s={self.s}, phase={self.phase}"
         )

@@ -34,10 +34,12 @@ def ride_loss_loop_from_counts(
     classification="ldam",
     reweight=True,
     beta=0.9999,
+    zero_diversity_on_mean_logits=False,
 ):
     """The whole RIDELoss as the original code computes it, from the class counts and the epoch:
     numpy margins / weights / temperatures, the DRW phase, then a loop over experts (float64
-    spec check of the module; every option RIDELoss has)."""
+    spec check of the module; every option RIDELoss has). zero_diversity_on_mean_logits: the
+    original's choice of logits for each expert's term, the mean logits when the factor is 0."""
     n = np.asarray(class_counts, dtype=np.float64)
     C = n.shape[0]
     dt = expert_logits.dtype
@@ -71,11 +73,13 @@ def ride_loss_loop_from_counts(
         return F.cross_entropy(x, target, weight=weight)
 
     loss = 0
-    if not individual:
+    if not individual and not (zero_diversity_on_mean_logits and diversity_factor == 0):
         loss = loss + classify(output_logits)  # collaborative: once, on the mean logits
     for k in range(E):
         logits_item = expert_logits[k]
-        if individual:
+        if zero_diversity_on_mean_logits and diversity_factor == 0:
+            loss = loss + classify(output_logits)  # the original's ride_loss_logits at a zero factor
+        elif individual:
             loss = loss + classify(logits_item)
         if diversity == "mean":
             output_dist = F.log_softmax(logits_item / T, dim=1)
@@ -120,6 +124,48 @@ def test_matches_loop_transcription_value_and_grad(E, epoch, diversity, individu
     (g1,) = torch.autograd.grad(ours, x1)
     (g2,) = torch.autograd.grad(ref, x2)
     torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("E", [1, 3])
+@pytest.mark.parametrize("epoch", [160, 161])
+@pytest.mark.parametrize("classification", ["ldam", "ce"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_zero_diversity_on_mean_logits_is_the_originals_loss_at_a_zero_factor(E, epoch, classification, impl):
+    """The original at lambda = 0 exactly: every expert's term on the mean logits, E copies."""
+    logits, target = _inputs(E, 9, len(COUNTS), seed=E * 10 + epoch)
+    loss_mod = RIDELoss(COUNTS, diversity_factor=0.0, zero_diversity_on_mean_logits=True, classification=classification, impl=impl)
+    loss_mod.set_epoch(epoch)
+    assert loss_mod.per_expert_terms is False  # the dispatch takes the path that covers it
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    ours = loss_mod(x1, target)
+    ref = ride_loss_loop_from_counts(x2, target, COUNTS, epoch, diversity_factor=0.0, classification=classification,
+                                     zero_diversity_on_mean_logits=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, x1)[0], torch.autograd.grad(ref, x2)[0], rtol=1e-6, atol=1e-7)
+    if E > 1:  # not the default: individual terms, a different loss
+        plain = RIDELoss(COUNTS, diversity_factor=0.0, classification=classification, impl=impl)
+        plain.set_epoch(epoch)
+        assert plain.per_expert_terms and not torch.allclose(plain(logits, target), ours.detach())
+
+
+def test_zero_diversity_on_mean_logits_changes_nothing_at_a_nonzero_factor():
+    logits, target = _inputs(3, 9, len(COUNTS), seed=5)
+    on = RIDELoss(COUNTS, diversity_factor=-0.45, zero_diversity_on_mean_logits=True)
+    off = RIDELoss(COUNTS, diversity_factor=-0.45)
+    assert on.per_expert_terms and torch.equal(on(logits, target), off(logits, target))
+
+
+def test_the_config_switch_reaches_the_loss_and_its_dispatch():
+    from ride_fast.config import load_config
+    from ride_fast.losses import build_loss
+    from ride_fast.losses.factory import loss_path
+
+    cfg = load_config(overrides=["loss.diversity_factor=0", "loss.zero_diversity_on_mean_logits=true"])
+    loss_mod = build_loss(cfg.loss, COUNTS)
+    assert loss_mod.zero_diversity_on_mean_logits and loss_path(loss_mod, torch.device("cpu"), 3, len(COUNTS)) == "reference"
+    default = build_loss(load_config(overrides=["loss.diversity_factor=0"]).loss, COUNTS)
+    assert loss_path(default, torch.device("cpu"), 3, len(COUNTS)) == "analytic"
 
 
 @pytest.mark.parametrize("classification", ["ldam", "ce"])
