@@ -42,6 +42,7 @@ SMALL_BACKBONE = "resnet32"  # stands in for the big ones in teacher / stage-1 c
 # The configurations of the published recipes (docs/method.md §8, §9): file -> (model.name, experts, kind).
 PAPER = {
     "cifar100_lt_ce.yaml": ("resnet32", 1, "ce"),
+    "cifar100_lt_ldam_drw.yaml": ("resnet32", 1, "ldam_drw"),
     "cifar100_lt_ride2.yaml": ("resnet32", 2, "ride"),
     "cifar100_lt_ride3.yaml": ("resnet32", 3, "ride"),
     "cifar100_lt_ride4.yaml": ("resnet32", 4, "ride"),
@@ -76,6 +77,22 @@ SPEC = {
                  "select": "last", "checkpoint": "last.pt"},
 }
 TOP_K = {"resnet32": 30, "resnet10": 30, "resnet50": 50, "resnext50_32x4d": 50}  # §5 / §8
+
+# The original code's configs/config_imbalance_cifar100_ldam_drw.json, every field (frank-xwang/RIDE-LongTailRecognition);
+# cifar100_lt_ldam_drw.yaml must be this run. Fields of the original's own bookkeeping are listed with None.
+ORIGINAL_LDAM_DRW = {
+    "name": None,  # "Imbalance_CIFAR100_LT_RIDE": a run name
+    "n_gpu": 1,
+    "arch": {"type": "ResNet32Model", "args": {"num_classes": 100, "reduce_dimension": False, "use_norm": True, "num_experts": 1}},
+    "data_loader": {"type": "ImbalanceCIFAR100DataLoader",
+                    "args": {"data_dir": None, "batch_size": 128, "shuffle": True, "num_workers": None}},
+    "optimizer": {"type": "SGD", "args": {"lr": 0.1, "weight_decay": 2e-4, "momentum": 0.9}},  # no "nesterov": SGD's False
+    "loss": {"type": "LDAMLoss", "args": {"reweight_epoch": 160}},  # LDAMLoss defaults: max_m 0.5, s 30
+    "metrics": ["accuracy"],
+    "lr_scheduler": {"type": "CustomLR", "args": {"step1": 160, "step2": 180, "gamma": 0.01, "warmup_epoch": 5}},
+    "trainer": {"epochs": 200, "save_dir": None, "save_period": None, "verbosity": None, "monitor": "max val_accuracy",
+                "tensorboard": None},
+}
 
 # §9: the reference number each recipe's header must quote (overall / many / medium / few).
 REFERENCE = {
@@ -227,6 +244,8 @@ def test_recipe_carries_the_spec_numbers(name):
         return
     o, m, t = cfg.optim, cfg.model, cfg.train
     assert (m.name, m.num_experts) == (model, experts)
+    if kind == "ldam_drw":  # the original's own baseline config, checked field by field below
+        return
     assert (t.epochs, cfg.data.batch_size, cfg.data.image_size, t.select_best_on) == (
         spec["epochs"], spec["batch"], spec["image_size"], spec["select"])
     assert (o.lr, o.momentum, o.nesterov, o.weight_decay) == (spec["lr"], 0.9, True, spec["wd"])
@@ -251,6 +270,44 @@ def test_recipe_carries_the_spec_numbers(name):
     teacher = _cfg(CONFIGS / name.replace("_ride4_distill", "_ride6_teacher"))
     assert (teacher.model.name, teacher.model.num_experts, teacher.data.name) == (model, 6, cfg.data.name)
     assert d.teacher_checkpoint == f"{teacher.train.out_dir}/{spec['checkpoint']}"
+
+
+def test_ldam_drw_recipe_is_the_originals_config_field_for_field():
+    cfg = _cfg(CONFIGS / "cifar100_lt_ldam_drw.yaml")
+    o, arch = ORIGINAL_LDAM_DRW, ORIGINAL_LDAM_DRW["arch"]["args"]
+    assert ORIGINAL_LDAM_DRW["n_gpu"] == 1 and cfg.train.sync_bn is False  # one process: BatchNorm over the batch of 128
+    assert (ORIGINAL_LDAM_DRW["arch"]["type"], cfg.model.name) == ("ResNet32Model", "resnet32")
+    assert (cfg.model.num_experts, cfg.model.reduce_dimension, cfg.model.use_norm) == (
+        arch["num_experts"], arch["reduce_dimension"], arch["use_norm"])
+    assert CLASSES[cfg.data.name] == arch["num_classes"]
+    loader = o["data_loader"]
+    assert (loader["type"], cfg.data.name, cfg.data.imbalance_factor) == ("ImbalanceCIFAR100DataLoader", "cifar100_lt", 100.0)
+    assert cfg.data.batch_size == loader["args"]["batch_size"] and loader["args"]["shuffle"] is True
+    opt = o["optimizer"]["args"]
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.nesterov) == (
+        opt["lr"], opt["weight_decay"], opt["momentum"], False)
+    loss = o["loss"]
+    assert (loss["type"], cfg.loss.name) == ("LDAMLoss", "ldam")
+    assert (cfg.loss.reweight, cfg.loss.reweight_epoch) == (True, loss["args"]["reweight_epoch"])
+    assert (cfg.loss.max_m, cfg.loss.s, cfg.loss.beta) == (0.5, 30.0, 0.9999)  # LDAMLoss's defaults, its DRW beta
+    lr = o["lr_scheduler"]["args"]
+    assert (cfg.optim.milestones, cfg.optim.gamma, cfg.optim.warmup_epochs) == ((lr["step1"], lr["step2"]), lr["gamma"], lr["warmup_epoch"])
+    trainer = o["trainer"]
+    assert (cfg.train.epochs, trainer["monitor"], cfg.train.select_best_on) == (trainer["epochs"], "max val_accuracy", "overall")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=_ids)
+def test_recipe_time_estimates_say_whether_measured_and_on_what_basis(recipe):
+    header = " ".join(_header(recipe).split())
+    expected = header[header.index("Expected time"):]
+    expected = expected[:expected.index("Data:")] if "Data:" in expected else expected
+    assert "estimate" in expected or "measured" in expected, f"{recipe.name}: say whether the time is measured or an estimate"
+    assert "takes days" not in header  # 2 CPU cores train a CIFAR recipe in hours (BENCHMARKS.md)
+    data = _cfg(recipe).data.name
+    if data == "cifar100_lt" and recipe not in ROUTER_RECIPES:
+        assert "On 2 CPU cores:" in expected and 'BENCHMARKS.md, "Training step"' in expected, recipe.name
+    if data in ("imagenet_lt", "inat2018"):  # the loader, not the GPU, sets the pace of these runs
+        assert '818 images/s' in expected and 'BENCHMARKS.md, "Data loaders"' in expected, recipe.name
 
 
 # ----------------------------------------------------------------------------------------------- they run
