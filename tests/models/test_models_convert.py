@@ -141,6 +141,73 @@ class OrigResNet10RIDE(nn.Module):
         return torch.stack(outs, dim=1)
 
 
+class OrigBottleneck(nn.Module):
+    """The original's Bottleneck (fb_resnets): 1x1, 3x3 (grouped for ResNeXt), 1x1 x4, shortcut."""
+
+    def __init__(self, cin, planes, stride=1, downsample=None, groups=1, base_width=64):
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class OrigBottleneckRIDE(nn.Module):
+    """RIDEResNet / ResNeXt (fb_resnets) with Bottleneck blocks [3, 4, 6, 3]: shared stem, layer1,
+    layer2; per-expert layer3s / layer4s (reduced 192 / 384 planes), fixed 7x7 pooling (224 px)."""
+
+    def __init__(self, num_experts, groups=1, width_per_group=64, reduce=True, use_norm=True, top_k=50):
+        super().__init__()
+        self.groups, self.base_width = groups, width_per_group
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.inplanes = 64
+        self.layer1 = self._make_layer(64, 3)
+        self.inplanes = self.next_inplanes
+        self.layer2 = self._make_layer(128, 4, stride=2)
+        self.inplanes = self.next_inplanes
+        p3, p4 = (192, 384) if reduce else (256, 512)
+        self.layer3s = nn.ModuleList([self._make_layer(p3, 6, stride=2) for _ in range(num_experts)])
+        self.inplanes = self.next_inplanes
+        self.layer4s = nn.ModuleList([self._make_layer(p4, 3, stride=2) for _ in range(num_experts)])
+        self.avgpool = nn.AvgPool2d(7, stride=1)
+        head = (lambda: OrigNormedLinear(p4 * 4, C)) if use_norm else (lambda: nn.Linear(p4 * 4, C))
+        self.linears = nn.ModuleList([head() for _ in range(num_experts)])
+        self.expert_help_pred_hidden_fcs = nn.ModuleList([nn.Linear(p4 * 4, 16) for _ in range(num_experts - 1)])
+        self.expert_help_pred_fc = nn.Linear(16 + top_k, 1)
+        self.s = 30 if use_norm else 1
+
+    def _make_layer(self, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+        layers = [OrigBottleneck(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
+        self.next_inplanes = planes * 4
+        layers += [OrigBottleneck(self.next_inplanes, planes, groups=self.groups, base_width=self.base_width) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+        outs = []
+        for l3, l4, lin in zip(self.layer3s, self.layer4s, self.linears):
+            f = self.avgpool(l4(l3(x))).view(x.size(0), -1)
+            outs.append(lin(f) * self.s)
+        return torch.stack(outs, dim=1)
+
+
 class Model(nn.Module):  # the original's Model wrapper: parameters under `backbone.`
     def __init__(self, backbone):
         super().__init__()
@@ -211,6 +278,20 @@ def test_resnet10_original_weights_give_identical_logits(prefix):
     info = load_original_state_dict(model, wrapped_state_dict(orig, prefix))
     assert len(info["router"]) == 4
     x = _images(224)  # the original's fixed 7x7 pooling is global only at 224 px
+    expected = orig(x)
+    out = model(x)
+    torch.testing.assert_close(out.expert_logits, expected.transpose(0, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits, expected.mean(1), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,groups,width", [("resnet50", 1, 64), ("resnext50_32x4d", 32, 4)])
+def test_resnet50_and_resnext50_original_weights_give_identical_logits_at_224px(name, groups, width):
+    orig = randomise(OrigBottleneckRIDE(2, groups=groups, width_per_group=width), seed=8)
+    model = create_model(name, num_classes=C, num_experts=2).eval()
+    info = load_original_state_dict(model, wrapped_state_dict(orig, "module.backbone."))
+    assert info["loaded"] == len(model.state_dict()) and len(info["router"]) == 4
+    x = _images(224)[:1]  # the original's fixed 7x7 pooling is global only at 224 px; one image keeps it quick
     expected = orig(x)
     out = model(x)
     torch.testing.assert_close(out.expert_logits, expected.transpose(0, 1), rtol=1e-4, atol=1e-4)
