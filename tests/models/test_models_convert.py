@@ -113,7 +113,20 @@ def _r10_layer(cin, cout, stride):
     return nn.Sequential(OrigBasicBlock(cin, cout, stride, ds))
 
 
-class OrigResNet10RIDE(nn.Module):
+class OrigImageNetRIDE(nn.Module):
+    """The forward of the original's ImageNet networks (RIDEResNet / ResNeXt): shared stem, layer1,
+    layer2, then per expert layer3s[i], layer4s[i], fixed 7x7 average pool, linears[i] times s."""
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+        outs = []
+        for l3, l4, lin in zip(self.layer3s, self.layer4s, self.linears):
+            f = self.avgpool(l4(l3(x))).view(x.size(0), -1)
+            outs.append(lin(f) * self.s)
+        return torch.stack(outs, dim=1)
+
+
+class OrigResNet10RIDE(OrigImageNetRIDE):
     """RIDEResNet.ResNet(BasicBlock, [1, 1, 1, 1]) reduced, cosine heads, fixed 7x7 pooling (224 px)."""
 
     def __init__(self, num_experts, top_k=30):
@@ -131,14 +144,6 @@ class OrigResNet10RIDE(nn.Module):
         self.expert_help_pred_hidden_fcs = nn.ModuleList([nn.Linear(384, 16) for _ in range(num_experts - 1)])
         self.expert_help_pred_fc = nn.Linear(16 + top_k, 1)
         self.s = 30
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
-        outs = []
-        for l3, l4, lin in zip(self.layer3s, self.layer4s, self.linears):
-            f = self.avgpool(l4(l3(x))).view(x.size(0), -1)
-            outs.append(lin(f) * self.s)
-        return torch.stack(outs, dim=1)
 
 
 class OrigBottleneck(nn.Module):
@@ -163,7 +168,7 @@ class OrigBottleneck(nn.Module):
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class OrigBottleneckRIDE(nn.Module):
+class OrigBottleneckRIDE(OrigImageNetRIDE):
     """RIDEResNet / ResNeXt (fb_resnets) with Bottleneck blocks [3, 4, 6, 3]: shared stem, layer1,
     layer2; per-expert layer3s / layer4s (reduced 192 / 384 planes), fixed 7x7 pooling (224 px)."""
 
@@ -198,14 +203,6 @@ class OrigBottleneckRIDE(nn.Module):
         self.next_inplanes = planes * 4
         layers += [OrigBottleneck(self.next_inplanes, planes, groups=self.groups, base_width=self.base_width) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
-        outs = []
-        for l3, l4, lin in zip(self.layer3s, self.layer4s, self.linears):
-            f = self.avgpool(l4(l3(x))).view(x.size(0), -1)
-            outs.append(lin(f) * self.s)
-        return torch.stack(outs, dim=1)
 
 
 class Model(nn.Module):  # the original's Model wrapper: parameters under `backbone.`
