@@ -61,8 +61,18 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    **({"device_id": device} if device.type == "cuda" else {}))
+        except RuntimeError as err:
+            restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                raise RuntimeError(
+                    f"rank {rank}, restart {restart}: the process group could not connect ({str(err).splitlines()[0]}). "
+                    "After a restart, torchrun's shared rendezvous store can still hold the addresses of the processes "
+                    "that died: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (README.md, "
+                    "\"Several GPUs, several nodes\")") from None
+            raise
     return DistContext(rank, world, local), device
 
 

@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from ride_fast.engine.distributed import init_distributed
 from ride_fast.engine.monitor import SIGNAL_AT_ENV, signal_at_from_env
 
 from test_engine_fault_tolerance import _epochs_logged, assert_identical, state_of
@@ -154,3 +157,19 @@ def test_two_launchers_on_two_nodes_train_as_one_launcher_with_two_processes(uni
     assert sum("epoch   2" in log for log in logs) == 1  # one rank 0 over both launchers logs
     assert _epochs_logged(tmp_path) == [1, 2]
     assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
+
+
+def test_a_restarted_rank_that_cannot_connect_names_the_shared_store_and_the_setting(monkeypatch):
+    def refused(*args, **kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed with ... Connection refused\nmore")
+
+    monkeypatch.setattr(dist, "init_process_group", refused)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "1",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match=r"rank 1, restart 1: the process group could not connect \(Gloo connectFullMesh "
+                                           r"failed with \.\.\. Connection refused\)\. .* TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        init_distributed(torch.device("cpu"))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first attempt: torch's own error, untouched
+    with pytest.raises(RuntimeError, match=r"^Gloo connectFullMesh failed"):
+        init_distributed(torch.device("cpu"))
