@@ -1,4 +1,4 @@
-"""Atomic file writes (a leaf module: any layer may use it).
+"""Atomic file writes, and what a file that cannot be read looks like (a leaf module: any layer may use it).
 
 A crash, a kill or a full disk during a write leaves the previous file whole, never a truncated one:
 write a temporary file in the same folder, flush and fsync it, rename it over the target, fsync
@@ -47,6 +47,27 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda fh: fh.write(text), "w")
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a file looks like from its first 4 KiB, for the message when torch.load cannot read it:
+    "empty", "zip" (torch.save's format: damaged or truncated, if it does not load), "pickle"
+    (protocol 2 or later, also torch.save's legacy format), "text" or "binary" (anything else)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if b"\x00" in head:
+        return "binary"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "text" if err.start >= len(head) - 3 else "binary"  # a character cut at the end of the read is still text
+    return "text"
 
 
 def pyplot():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ride_fast.config import Config, ModelConfig, config_from_dict, config_to_dict, dump_config, update
-from ride_fast.io import atomic_save, atomic_write_text  # noqa: F401  (re-exported)
+from ride_fast.io import atomic_save, atomic_write_text, file_kind  # noqa: F401  (atomic_* re-exported)
 from ride_fast.models import RIDENet, create_model, to_per_expert
 from ride_fast.router import Router
 
@@ -57,36 +57,25 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             warnings.simplefilter("ignore", UserWarning)
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # truncated zip, pickle with arbitrary objects, not a torch file at all
-        what = _what_the_file_is(path)
-        if what.startswith("it is a damaged"):
-            raise CheckpointError(f"{path}: cannot read the checkpoint: {what}") from None
-        raise CheckpointError(f"{path} is not a ride_fast checkpoint: {what}. {CHECKPOINT_FORMAT}") from None
+        kind = file_kind(path)
+        if kind == "zip":
+            raise CheckpointError(f"{path}: cannot read the checkpoint: it is a damaged or truncated torch.save archive (a copy "
+                                  "or a write that did not finish); an older epoch_NNNN.pt beside it may be whole") from None
+        raise CheckpointError(f"{path} is not a ride_fast checkpoint: {_UNREADABLE[kind]}. {CHECKPOINT_FORMAT}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a ride_fast checkpoint: {_what_the_object_is(ckpt)}. {CHECKPOINT_FORMAT}")
     return ckpt
 
 
-def _what_the_file_is(path: Path) -> str:
-    """What an unreadable file looks like, from its first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    if not head:
-        return "the file is empty"
-    if head.startswith(b"PK\x03\x04"):
-        return ("it is a damaged or truncated torch.save archive (a copy or a write that did not finish); "
-                "an older epoch_NNNN.pt beside it may be whole")
-    if head[:1] == b"\x80":  # a pickle (protocol 2 or later), also torch.save's legacy format
-        return ("it is a pickle holding Python objects besides tensors and plain containers, which are not loaded "
-                "(nothing from the file is run); a checkpoint of the original RIDE code is such a file: "
-                "`ride-fast convert SRC DST --model NAME` turns it into a ride_fast checkpoint")
-    try:
-        head.decode("utf-8")
-        is_text = b"\x00" not in head
-    except UnicodeDecodeError as err:
-        is_text = err.start >= len(head) - 3 and b"\x00" not in head  # a character cut at the end of the 4 KiB read
-    if is_text:
-        return "it is a text file, not a torch.save file"
-    return "it is not a torch.save file (neither a zip archive nor a pickle)"
+# what a file torch.load(weights_only=True) refused is, by `file_kind`
+_UNREADABLE = {
+    "empty": "the file is empty",
+    "pickle": ("it is a pickle holding Python objects besides tensors and plain containers, which are not loaded (nothing "
+               "from the file is run); a checkpoint of the original RIDE code is such a file: "
+               "`ride-fast convert SRC DST --model NAME` turns it into a ride_fast checkpoint"),
+    "text": "it is a text file, not a torch.save file",
+    "binary": "it is not a torch.save file (neither a zip archive nor a pickle)",
+}
 
 
 def _what_the_object_is(obj) -> str:

@@ -200,7 +200,8 @@ class RIDELoss(ExpertLoss):
         return (
             f"num_classes={self.num_classes}, classification={self.classification!r}, "
             f"diversity={self.diversity!r}, diversity_factor={self.diversity_factor}, "
-            f"individual={self.individual}, zero_diversity_on_mean_logits={self.zero_diversity_on_mean_logits}, reweight={self.reweight}, reweight_epoch={self.reweight_epoch}, "
+            f"individual={self.individual}, zero_diversity_on_mean_logits={self.zero_diversity_on_mean_logits}, "
+            f"reweight={self.reweight}, reweight_epoch={self.reweight_epoch}, "
             f"reweight_factor={self.reweight_factor}, base_temperature={self.base_temperature}, "
             f"max_m={self.max_m}, s={self.s}, phase={self.phase}"
         )

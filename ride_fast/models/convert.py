@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ride_fast.io import atomic_save
+from ride_fast.io import atomic_save, file_kind
 from ride_fast.models.batched import to_per_expert
 from ride_fast.models.factory import create_model
 from ride_fast.models.registry import model_entrypoint
@@ -309,6 +309,11 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal falls through to the full unpickler
         first_error = exc
+    kind = file_kind(path)
+    if kind not in ("zip", "pickle"):
+        what = {"empty": "the file is empty", "text": "it is a text file"}.get(kind, "it is neither a zip archive nor a pickle")
+        raise RuntimeError(f"{path} is not a PyTorch checkpoint: {what}; expected a file written by torch.save, such as the "
+                           "original RIDE code's checkpoint-epochN.pth or model_best.pth")
     warnings.warn(
         f"{path} holds Python objects besides tensors (the original RIDE trainer saves its config), so "
         f"torch.load(weights_only=True) refused it ({type(first_error).__name__}: {str(first_error).splitlines()[0] if str(first_error) else ''}). "
@@ -317,8 +322,10 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
     )
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
-    except Exception as exc:
-        raise RuntimeError(f"could not read {path} as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
+    except Exception:
+        raise RuntimeError(f"{path}: cannot read this PyTorch checkpoint: "
+                           + ("a damaged or truncated torch.save archive" if kind == "zip" else "a damaged or truncated pickle")
+                           + " (a copy or a download that did not finish?)") from None
 
 
 # the flags of `ride-fast convert` that can override what the file says

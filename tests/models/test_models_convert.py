@@ -382,6 +382,18 @@ def test_convert_original_checkpoint_round_trip(tmp_path, monkeypatch):
 def test_convert_reports_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_original_checkpoint(tmp_path / "nope.pth", tmp_path / "out.pth", "resnet32", C, 2)
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights\n")
+    with pytest.raises(RuntimeError, match=r"notes\.pth is not a PyTorch checkpoint: it is a text file; expected a file "
+                                           r"written by torch\.save, such as the original RIDE code's checkpoint-epochN\.pth"):
+        convert_original_checkpoint(notes, tmp_path / "out.pth", "resnet32")
+    cut = tmp_path / "cut.pth"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:700])
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError) as info:
+        convert_original_checkpoint(cut, tmp_path / "out.pth", "resnet32")
+    assert str(info.value) == (f"{cut}: cannot read this PyTorch checkpoint: a damaged or truncated torch.save archive "
+                               "(a copy or a download that did not finish?)")
     src = tmp_path / "three.pth"
     torch.save({"state_dict": wrapped_state_dict(OrigCifarRIDE(3), "backbone.")}, src)
     with pytest.raises(CheckpointMismatchError, match=r"three\.pth: --num-experts asks for num_experts=2, but the checkpoint "
