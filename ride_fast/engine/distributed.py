@@ -1,8 +1,13 @@
 """Data-parallel training through PyTorch's own stack: torchrun, DistributedDataParallel, NCCL/gloo.
 
-    torchrun --nproc_per_node=8 -m ride_fast train --config configs/imagenet_lt/ride_r50_e4.yaml
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
-        -m ride_fast train --config ...
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=8 --max-restarts=3 \
+        -m ride_fast train --config configs/imagenet_lt_resnet50_ride3.yaml --resume auto
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --node-rank=$NODE_RANK \
+        --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:29500 --rdzv-id=ride \
+        -m ride_fast train --config ... --resume auto
+
+(README.md gives these lines; tests/engine/test_engine_elastic.py runs them: a rank killed mid-epoch
+restarts the group, which resumes from last.pt.)
 
 `init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is
 a single process and nothing here does anything. Backends: NCCL when training on CUDA (one GPU per
