@@ -100,8 +100,23 @@ def _run(command: tuple[list[str], dict], **env: str) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**settings, **env))
 
 
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    """Stop a launcher that hangs: SIGTERM makes torchrun stop its workers (they run in sessions of
+    their own), SIGKILL if it has not exited a minute later."""
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
 def _finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=300)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        out, err = _stop(proc)
+        pytest.fail(f"torchrun did not finish in 300 s:\n{out[-2000:]}{err[-2000:]}")
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     return out + err
 
@@ -153,7 +168,12 @@ def test_two_launchers_on_two_nodes_train_as_one_launcher_with_two_processes(uni
     endpoint = f"127.0.0.1:{_free_port()}"  # the head node's address and a free port for the rendezvous
     line = [a.replace("$HEAD_NODE:29500", endpoint) for a in line]
     launchers = [_run(_adapt(line, tmp_path, nproc=1, NODE_RANK=str(node))) for node in range(2)]
-    logs = [_finish(p) for p in launchers]
+    try:
+        logs = [_finish(p) for p in launchers]
+    finally:  # one launcher failing leaves the other waiting for its rendezvous partner
+        for p in launchers:
+            if p.poll() is None:
+                _stop(p)
     assert sum("epoch   2" in log for log in logs) == 1  # one rank 0 over both launchers logs
     assert _epochs_logged(tmp_path) == [1, 2]
     assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
