@@ -23,6 +23,7 @@ import torch
 
 from ride_fast.config import (
     Config,
+    config_diff,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -80,17 +81,8 @@ def run_state(spec: RunSpec) -> tuple[str, int]:
 def _config_diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ (progress / logging keys ignored)."""
     ignore = {"train.progress", "train.log_interval", "train.device", "analysis"}
-    out: list[str] = []
-
-    def walk(x, y, path):
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
-        elif x != y and path not in ignore and path.split(".")[0] not in ignore:
-            out.append(f"{path}: {x!r} there, {y!r} now")
-
-    walk(config_to_dict(a), config_to_dict(b), "")
-    return out
+    return [f"{key}: {x!r} there, {y!r} now" for key, x, y in config_diff(a, b)
+            if key not in ignore and key.split(".")[0] not in ignore]
 
 
 def train_run(spec: RunSpec, log: Callable[[str], None] = print) -> Path:
