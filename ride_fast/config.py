@@ -464,9 +464,10 @@ def _read_recipe(path: Path) -> tuple[dict, dict[str, int]]:
     return data, lines
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML recipe (only the keys that differ from the defaults), then apply overrides. An
-    error names its source: the override as written, or the recipe's file and line."""
+def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The keys a YAML recipe and the overrides set, as a nested mapping (nothing filled in from the
+    defaults), checked like a whole config. An error names its source: the override as written, or
+    the recipe's file and line. For commands whose base is a checkpoint's config (`ride-fast route`)."""
     data: dict = {}
     lines: dict[str, int] = {}
     if path:
@@ -474,7 +475,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data, lines = _read_recipe(path)
     data = _merge(data, parse_overrides(overrides))
     try:
-        return config_from_dict(data)
+        config_from_dict(data)
     except ConfigError as err:
         key = (getattr(err, "key", None) or "").split("[")[0]
         from_override = [o for o in overrides if o.split("=", 1)[0].strip() == key]
@@ -484,6 +485,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise
         where = f"{path}:{lines[key]}" if key in lines else str(path)
         raise ConfigError(f"{where}: {err}", key) from None
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe (only the keys that differ from the defaults), then apply overrides (see `load_settings`)."""
+    return config_from_dict(load_settings(path, overrides))
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -531,6 +538,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "load_settings",
     "parse_overrides",
     "update",
 ]

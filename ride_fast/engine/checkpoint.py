@@ -95,6 +95,32 @@ def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
     return update(cfg, model=model_section(ckpt["model_args"])) if "model_args" in ckpt else cfg
 
 
+def has_data_config(ckpt: dict) -> bool:
+    """Whether the checkpoint stores the data config it was trained on (a converted original one does not)."""
+    return isinstance(ckpt.get("config"), dict) and bool(ckpt["config"].get("data"))
+
+
+def require_data(ckpt: dict, source: str | Path, overrides: dict | None, command: str) -> None:
+    """Refuse a checkpoint without a data config when no data.* option says what to use: the
+    defaults (MNIST-LT) would be scored or trained on without a word."""
+    if not has_data_config(ckpt) and not (overrides or {}).get("data"):
+        raise CheckpointError(
+            f"{source} stores no data config (a converted original checkpoint has none), so `ride-fast {command}` cannot tell "
+            "which data set it belongs to; pass the data options, e.g. data.name=cifar100_lt data.root=/path/to/cifar"
+            + (" (or --config with a recipe that sets them)" if command == "route" else ""))
+
+
+def inapplicable_options(overrides: dict | None, applicable: set[str]) -> list[str]:
+    """The dotted keys of `overrides` that neither a key nor a section of `applicable` covers."""
+    out = []
+    for section, values in (overrides or {}).items():
+        for key in (values if isinstance(values, dict) else {None: values}):
+            dotted = f"{section}.{key}" if key is not None else section
+            if dotted not in applicable and section not in applicable:
+                out.append(dotted)
+    return out
+
+
 def model_section(model_args: dict) -> dict:
     """The keys of a checkpoint's model_args that the config's model section holds."""
     keys = {f.name for f in dataclasses.fields(ModelConfig)}
