@@ -47,6 +47,7 @@ from ride_fast.engine.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     network_from_checkpoint,
+    resume_changes,
     rng_state,
     set_rng_state,
 )
@@ -162,6 +163,7 @@ class Trainer:
         self.last_eval: SplitAccuracy | None = None
         self._resume_step = 0  # > 0: the checkpoint was written inside epoch self.epoch + 1
         self._resume_sums: dict = {}
+        self._resumed: dict | None = None  # after resume(): {"from", "at", "changes" [(key, old, new)]}
         self._stop: StopRequest | None = None
         self._tb = None
         self._signal_at = signal_at_from_env()  # a test hook, None unless RIDE_FAST_SIGNAL_AT is set (engine/monitor.py)
@@ -282,7 +284,7 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(dump_config(cfg), self.out_dir / "config.yaml")
+            self._write_config()
             self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard)
         interrupted = False
         stop = StopRequest(self.log) if cfg.train.handle_signals else contextlib.nullcontext()
@@ -339,6 +341,18 @@ class Trainer:
                 self.log(f"stopped by {self._stop.requested} after epoch {epoch}; `ride-fast train ... --resume auto` continues")
                 return True
         return False
+
+    def _write_config(self) -> None:
+        """config.yaml is the config the run started with: a resume never rewrites it. A resume that
+        changes keys writes config_resume_N.yaml, its resolved config with the changes in its header."""
+        first = self.out_dir / "config.yaml"
+        if self._resumed is None or not first.exists():
+            atomic_write_text(dump_config(self.cfg), first)
+        elif self._resumed["changes"]:
+            n = len(list(self.out_dir.glob("config_resume_*.yaml"))) + 1
+            header = [f"# resume {n}: from {self._resumed['from']} at {self._resumed['at']}; keys changed (old -> new):"]
+            header += [f"#   {key}: {old!r} -> {new!r}" for key, old, new in self._resumed["changes"]]
+            atomic_write_text("\n".join(header) + "\n" + dump_config(self.cfg), self.out_dir / f"config_resume_{n}.yaml")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -412,6 +426,11 @@ class Trainer:
                 break
             else:
                 raise
+        changes = resume_changes(ckpt, self.cfg, path)  # refuses a change of the model or data shape, naming the key
+        stored_counts = [int(c) for c in ckpt.get("class_counts", [])]
+        if stored_counts and stored_counts != [int(c) for c in self.class_counts]:
+            raise ValueError(f"cannot resume {path}: its training set had other class counts than {self.train_set.name} has now "
+                             "(another data.root or list file?); resume with the data the run was trained on")
         self.model.load_state_dict(ckpt["model"])  # either layout
         load_canonical_optimizer_state(self.optimizer, self.model, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -423,6 +442,12 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")
+        if changes:
+            self.log(f"the config differs from the checkpoint's in {len(changes)} key{'s' if len(changes) != 1 else ''} "
+                     "(old -> new; the epochs trained so far used the old values):")
+            for key, old, new in changes:
+                self.log(f"  {key}: {old!r} -> {new!r}")
+        self._resumed = {"from": str(path), "at": where, "changes": changes}
 
 
 def _seek(loader, epoch: int, start_batch: int) -> int:

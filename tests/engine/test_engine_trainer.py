@@ -105,15 +105,30 @@ def test_bad_inputs_are_clear(tmp_path):
     empty_class = ArrayDataset(torch.zeros(4, 1, 32, 32, dtype=torch.uint8), torch.tensor([0, 0, 2, 2]), 3, (0.5,), (0.5,), "holes")
     with pytest.raises(ValueError, match=r"holes: classes \[1\] have no training image"):
         Trainer(tiny_cfg(tmp_path), train_set=empty_class, test_set=empty_class, log=lambda s: None)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="model.name: unknown name 'resnet33'"):
         Trainer(tiny_cfg(tmp_path, "model.name=resnet33"), log=lambda s: None)
 
 
 def test_cli_train_resume_and_eval(tmp_path, capsys):
     args = [*TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
     assert main(["train", *args]) == 0
-    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2"]) == 0
+    first_config = (tmp_path / "config.yaml").read_text()
+    capsys.readouterr()
+    # a change of the model's shape is refused, naming the key, before anything is written
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2", "model.num_experts=3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "model.num_experts: 2 -> 3" in err and "state dict" not in err
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    # other changes are printed (old -> new) before the first step; config.yaml keeps the config the run started with
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr: 0.1 -> 0.5" in out and "train.epochs: 1 -> 2" in out
+    assert out.index("optim.lr: 0.1 -> 0.5") < out.index("epoch   2")
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert (tmp_path / "config.yaml").read_text() == first_config
+    record = (tmp_path / "config_resume_1.yaml").read_text()
+    assert "# resume 1: from" in record and "#   optim.lr: 0.1 -> 0.5" in record
+    assert load_config(tmp_path / "config_resume_1.yaml").optim.lr == 0.5
     out_json = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(tmp_path / "last.pt"), "--json", str(out_json)]) == 0
     assert "overall" in capsys.readouterr().out
