@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from ride_fast.config import ConfigError, dump_config, load_config
+from ride_fast.io import plural
 
 
 ROUTE_EPILOG = """\
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a CE baseline and RIDE on MNIST-LT and compare them")
     p.add_argument("--out-dir", default="demo_out")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="stage-1 epochs per model (default 30); the router trains 5 x EPOCHS / 30 epochs (at least 1)")
 
     p = sub.add_parser("train", help="stage-1 training")
     _add_config_args(p)
@@ -265,7 +267,8 @@ def _cmd_flops(args) -> int:
     model = create_model(cfg.model.name, num_classes=num_classes, num_experts=cfg.model.num_experts,
                          reduce_dimension=cfg.model.reduce_dimension, use_norm=cfg.model.use_norm)
     cost = model_cost(model, cfg.data.image_size)
-    print(f"{cfg.model.name}, {num_classes} classes, {cfg.model.num_experts} experts, {cfg.data.image_size} px, batch 1")
+    print(f"{cfg.model.name}, {plural(num_classes, 'class', 'classes')}, {plural(cfg.model.num_experts, 'expert')}, "
+          f"{cfg.data.image_size} px, batch 1")
     print(f"{'part':<16}{'params':>14}{'GMACs':>10}")
     print(f"{'trunk':<16}{cost.trunk_params:>14,}{cost.trunk_macs / 1e9:>10.4f}")
     for i, (p, m) in enumerate(zip(cost.expert_params, cost.expert_macs)):
@@ -296,7 +299,7 @@ def _print_router_cost(cfg, model, num_classes: int) -> int | None:
     router = build_router(cfg.router, model)
     macs = count_router_macs(router)
     one, every = router_params(router)
-    print(f"{'router (each)':<16}{one:>14,}{macs / 1e9:>10.4f}   ({macs:,} MACs; {cfg.model.num_experts - 1} routers, "
+    print(f"{'router (each)':<16}{one:>14,}{macs / 1e9:>10.4f}   ({macs:,} MACs; {plural(cfg.model.num_experts - 1, 'router')}, "
           f"{every:,} params in all; top-k {cfg.router.top_k})")
     return macs
 

@@ -277,7 +277,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     args = typing.get_args(tp)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_closest(str(value), map(str, args))}", path)
+            quote = " (YAML reads yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_closest(str(value), map(str, args))}{quote}", path)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -313,7 +314,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}", path)
+        quote = " (YAML reads yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{path}: expected a string, got {value!r}{quote}", path)
     return value
 
 

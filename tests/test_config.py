@@ -95,6 +95,9 @@ def test_recipe_errors_name_the_file(tmp_path):
     path.write_text("# a recipe\noptim:\n  momentum: 0.9\n  lr: -0.5\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:4: optim\.lr is a learning rate and must be > 0, got -0\.5"):
         load_config(path)
+    path.write_text("train:\n  seed: 1\n  amp: yes\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: train\.amp: True is not one of .*quote the word"):
+        load_config(path)
     path.write_text("optim:\n  lr: 0.1\n   momentum: 0.9\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:3: not valid YAML: "):
         load_config(path)

@@ -30,7 +30,7 @@ from ride_fast.config import (
     update,
 )
 from ride_fast.engine import CheckpointError, Trainer, load_checkpoint
-from ride_fast.io import atomic_write_text
+from ride_fast.io import atomic_write_text, plural
 
 FINAL = "last.pt"
 
@@ -129,6 +129,10 @@ def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], N
             log(f"{s.name}: done already, skipped")
         else:
             todo.append((i, s))
+    done = len(specs) - len(todo)
+    if done:  # a re-run: say what is left to compute
+        left = f"training {', '.join(s.name for _, s in todo)}" if todo else "nothing left to train"
+        log(f"{plural(done, 'run')} of {len(specs)} done already (skipped); {left}")
     if workers <= 1 or len(todo) <= 1:
         for _, s in todo:
             train_run(s, log)

@@ -3,7 +3,8 @@ overall and per many / medium / few split.
 
 `evaluate_model` is the one evaluation pass (the Trainer's after each epoch, too);
 `evaluate_checkpoint` is `ride-fast eval` on a stage-1 checkpoint: the network and the test data
-only, no optimizer or loss (`eval_report` prints and writes what it scored). `write_per_class_report` writes the long-tail picture of a run.
+only, no optimizer or loss (`eval_report` prints and writes what it scored). `write_per_class_report`
+writes the long-tail picture of a run.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def eval_config(ckpt: dict, checkpoint: str | Path, overrides: dict | None, *, r
             why = "it has one expert, nothing to route" if experts == 1 else "it has no router (`ride-fast route` trains one)"
             log(f"warning: {key} does not apply to {checkpoint}: {why}; ignored")
         elif key.startswith("router."):
-            log(f"warning: {key} does not apply: the checkpoint's router is used as trained (only router.threshold applies); ignored")
+            log(f"warning: {key} does not apply: the checkpoint's router is used as trained (only router.threshold applies); "
+                "ignored")
         else:
             log(f"warning: {key} does not apply to `ride-fast eval` (the architecture and training options come from the "
                 "checkpoint); ignored")
@@ -129,13 +131,14 @@ def eval_report(checkpoint: str | Path, overrides: dict | None = None, json_path
     return result
 
 
-def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_counts) -> None:
-    """per_class_accuracy.json and .png in `out_dir`: each class's accuracy against its number of
-    training images, the long-tail picture of a run."""
+def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_counts, *, source: str = "",
+                           name: str = "per_class_accuracy") -> None:
+    """<name>.json and .png in `out_dir`: each class's accuracy against its number of training images,
+    the long-tail picture of a run at `epoch` (`source`: the checkpoint holding that epoch, e.g. best.pt)."""
     out_dir = Path(out_dir)
     counts = [int(c) for c in class_counts]
-    atomic_write_text(json.dumps({"epoch": epoch, "test": acc.as_dict(), "class_counts": counts,
-                                  "per_class_accuracy": acc.per_class}, indent=1), out_dir / "per_class_accuracy.json")
+    atomic_write_text(json.dumps({"epoch": epoch, "checkpoint": source, "test": acc.as_dict(), "class_counts": counts,
+                                  "per_class_accuracy": acc.per_class}, indent=1), out_dir / f"{name}.json")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     per_class = np.asarray(acc.per_class, dtype=np.float64)
@@ -143,8 +146,8 @@ def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_title(f"epoch {epoch}: overall {acc.overall:.1f}, many {acc.many:.1f}, medium {acc.medium:.1f}, few {acc.few:.1f}",
-                 fontsize=9)
+    ax.set_title(f"epoch {epoch}{f' ({source})' if source else ''}: overall {acc.overall:.1f}, many {acc.many:.1f}, "
+                 f"medium {acc.medium:.1f}, few {acc.few:.1f}", fontsize=9)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    save_figure(fig, out_dir / "per_class_accuracy.png")
+    save_figure(fig, out_dir / f"{name}.png")

@@ -47,6 +47,7 @@ from ride_fast.engine.checkpoint import (
 from ride_fast.engine.routed_cost import RoutedCost, routed_cost
 from ride_fast.engine.routed_eval import evaluate_routed, report_paths, write_report
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything, synchronize
+from ride_fast.io import plural
 from ride_fast.models import RIDENet
 from ride_fast.router import Router, router_step
 
@@ -294,9 +295,9 @@ def check_stage2(cfg: Config, model_args: dict, source: str | Path) -> None:
     if cfg.router.uses_heldout and cfg.data.name not in HELDOUT_DATASETS:
         keys = [k for k, on in (("router.router_data=heldout", cfg.router.router_data == "heldout"),
                                 ("router.calibrate_threshold=true", cfg.router.calibrate_threshold)) if on]
-        raise ValueError(f"{' and '.join(keys)} need{'' if len(keys) > 1 else 's'} images the long-tailed training set leaves out, which only "
-                         f"{', '.join(HELDOUT_DATASETS)} have (data.name={cfg.data.name}); use router.router_data=train "
-                         "router.calibrate_threshold=false")
+        raise ValueError(f"{' and '.join(keys)} need{'' if len(keys) > 1 else 's'} images the long-tailed training set "
+                         f"leaves out, which only {', '.join(HELDOUT_DATASETS)} have (data.name={cfg.data.name}); "
+                         "use router.router_data=train router.calibrate_threshold=false")
 
 
 def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Path | None = None, *,
@@ -317,8 +318,8 @@ def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Pat
     if train_set.num_classes != net.num_classes:
         raise ValueError(f"the checkpoint's network has {net.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}")
     train_loader, test_loader = balanced_loaders(cfg, train_set, test_set, device)
-    log(f"stage 2: routers of {net.name} ({net.num_experts} experts) from {stage1_checkpoint}; "
-        f"{cfg.router.epochs} epochs of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
+    log(f"stage 2: routers of {net.name} ({plural(net.num_experts, 'expert')}) from {stage1_checkpoint}; "
+        f"{plural(cfg.router.epochs, 'epoch')} of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
     stage2 = fit_stage2(cfg, net, train_set, test_set, loader=train_loader, log=log, stage1_checkpoint=str(stage1_checkpoint))
     out_path = Path(out_path) if out_path else Path(cfg.train.out_dir) / "routed.pt"
     stage2.save(out_path)

@@ -72,6 +72,7 @@ from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, l
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
+from ride_fast.io import plural
 from ride_fast.losses import build_loss, loss_path
 from ride_fast.models import create_model
 from ride_fast.models.layout import per_expert_state_dict
@@ -161,6 +162,7 @@ class Trainer:
         self.best_epoch = 0
         self.history: list[dict] = []
         self.last_eval: SplitAccuracy | None = None
+        self.best_eval: SplitAccuracy | None = None  # the evaluation of best_epoch (best.pt), for per_class_accuracy.*
         self._resume_step = 0  # > 0: the checkpoint was written inside epoch self.epoch + 1
         self._resume_sums: dict = {}
         self._resumed: dict | None = None  # after resume(): {"from", "at", "changes" [(key, old, new)]}
@@ -297,8 +299,12 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
-        if not interrupted and self.dist.is_main and self.last_eval is not None:
-            write_per_class_report(self.out_dir, self.epoch, self.last_eval, self.class_counts)
+        if not interrupted and self.dist.is_main:
+            if self.best_eval is not None:  # the epoch best.pt holds, as the printed best epoch
+                write_per_class_report(self.out_dir, self.best_epoch, self.best_eval, self.class_counts, source="best.pt")
+            elif self.last_eval is not None:  # best.pt is an epoch from before a resume (an older checkpoint without best_eval)
+                write_per_class_report(self.out_dir, self.epoch, self.last_eval, self.class_counts,
+                                       name=f"per_class_accuracy_epoch_{self.epoch:04d}")
         return {"best_epoch": self.best_epoch, "best_metric": self.best_metric, "history": self.history, "interrupted": interrupted}
 
     def _fit_epochs(self) -> bool:
@@ -322,14 +328,14 @@ class Trainer:
                 metric = acc.overall if cfg.train.select_best_on == "overall" else epoch
                 is_best = metric > self.best_metric
                 if is_best:
-                    self.best_metric, self.best_epoch = metric, epoch
+                    self.best_metric, self.best_epoch, self.best_eval = metric, epoch, acc
                 self.log(
                     f"epoch {epoch:3d}  lr {result.lr:.4f}  loss {result.loss:.4f}  "
                     f"test {acc.overall:5.1f} (many {acc.many:5.1f} med {acc.medium:5.1f} few {acc.few:5.1f})  "
                     f"{result.images_per_s:,.0f} img/s  data wait {result.data_wait:.1f}/{result.seconds:.1f} s"
                 )
             if result.nonfinite:
-                self.log(f"warning: epoch {epoch} skipped {result.nonfinite} steps with a non-finite loss")
+                self.log(f"warning: epoch {epoch} skipped {plural(result.nonfinite, 'step')} with a non-finite loss")
             self.epoch = epoch
             self.history.append(record)
             if self.dist.is_main:
@@ -376,6 +382,7 @@ class Trainer:
             "step": 0,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "best_eval": self.best_eval.as_dict(with_per_class=True) if self.best_eval is not None else None,
             "config": config_to_dict(self.cfg),
             "model_args": {k: v for k, v in self.model.model_args.items() if k != "batched"},  # per-expert layout
             "class_counts": [int(c) for c in self.class_counts],
@@ -437,13 +444,14 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.best_metric = float(ckpt["best_metric"])
         self.best_epoch = int(ckpt["best_epoch"])
+        self.best_eval = SplitAccuracy(**ckpt["best_eval"]) if ckpt.get("best_eval") else None
         self._resume_step = int(ckpt.get("step", 0))
         self._resume_sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"])
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")
         if changes:
-            self.log(f"the config differs from the checkpoint's in {len(changes)} key{'s' if len(changes) != 1 else ''} "
+            self.log(f"the config differs from the checkpoint's in {plural(len(changes), 'key')} "
                      "(old -> new; the epochs trained so far used the old values):")
             for key, old, new in changes:
                 self.log(f"  {key}: {old!r} -> {new!r}")

@@ -206,3 +206,14 @@ def test_route_checks_everything_before_any_work(tmp_path, monkeypatch, capsys, 
     captured = capsys.readouterr()
     assert re.search(message, captured.err) and "stage 2" not in captured.out
     assert "Options" not in captured.err and "Config" not in captured.err  # keys, not class names
+
+
+def test_route_help_explains_the_stage2_columns(capsys):
+    from ride_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["route", "--help"])
+    out = capsys.readouterr().out
+    assert "--config" in out and "come from the checkpoint" in " ".join(out.split())
+    for column in ("loss", "positive", "called", "precision", "recall"):
+        assert re.search(rf"^  {column} +\S", out, re.M), f"route --help does not explain the column {column!r}"

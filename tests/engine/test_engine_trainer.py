@@ -155,3 +155,25 @@ def test_trainer_records_the_loss_path_the_dispatch_takes(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path), log=lambda s: None)
     assert trainer.cfg.loss.name == "ride" and trainer.loss_path == "analytic"  # the CPU's closed form
     assert Trainer(tiny_cfg(tmp_path / "ref", "loss.impl=reference"), log=lambda s: None).loss_path == "reference"
+
+
+def test_per_class_report_is_the_epoch_best_pt_holds(tmp_path, monkeypatch):
+    """per_class_accuracy.json / .png come from best.pt's epoch (also after a resume), not the last epoch."""
+    from ride_fast.engine.metrics import SplitAccuracy
+
+    scores = iter([60.0, 30.0, 20.0])
+
+    def fake_evaluate(self, model=None):
+        overall = next(scores)
+        return SplitAccuracy(overall, overall, overall, overall, [overall] * 10)
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None).fit()
+    report = json.loads((tmp_path / "per_class_accuracy.json").read_text())
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert report["epoch"] == 1 and report["checkpoint"] == "best.pt" and report["test"]["overall"] == 60.0
+    resumed = Trainer(tiny_cfg(tmp_path, "train.epochs=3"), log=lambda s: None)
+    resumed.resume(tmp_path / "last.pt")
+    assert resumed.fit()["best_epoch"] == 1
+    report = json.loads((tmp_path / "per_class_accuracy.json").read_text())
+    assert report["epoch"] == 1 and report["per_class_accuracy"] == [60.0] * 10
