@@ -70,10 +70,10 @@ def test_override_errors_name_the_override_not_the_recipe(tmp_path):
 
 def test_override_values_take_their_keys_type():
     cfg = load_config(overrides=["data.root=yes", "train.out_dir=1e-3", "model.channels_last=no", "train.deterministic=YES",
-                                 "train.prefetch=off", "data.color_jitter=null"])
+                                 "train.prefetch=off", "data.color_jitter=null", "train.device=cuda:1"])
     assert cfg.data.root == "yes" and cfg.train.out_dir == "1e-3"  # strings stay as written
     assert cfg.model.channels_last is False and cfg.train.deterministic is True and cfg.train.prefetch is False
-    assert cfg.data.color_jitter is None
+    assert cfg.data.color_jitter is None and cfg.train.device == "cuda:1"
 
 
 def test_names_match_the_registries():

@@ -177,3 +177,18 @@ def test_per_class_report_is_the_epoch_best_pt_holds(tmp_path, monkeypatch):
     assert resumed.fit()["best_epoch"] == 1
     report = json.loads((tmp_path / "per_class_accuracy.json").read_text())
     assert report["epoch"] == 1 and report["per_class_accuracy"] == [60.0] * 10
+
+
+def test_resume_refuses_a_training_set_with_other_class_counts(tmp_path):
+    """Same config keys, other data behind them (another data.root): refused before a step, with the reason."""
+    def data(counts):
+        labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
+        images = torch.randint(0, 256, (len(labels), 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        return ArrayDataset(images, labels, 3, (0.5,) * 3, (0.5,) * 3, "tiny")
+
+    first = data((12, 6, 3))
+    Trainer(tiny_cfg(tmp_path, "train.epochs=1"), train_set=first, test_set=first, log=lambda s: None).fit()
+    other = data((12, 5, 4))
+    trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), train_set=other, test_set=other, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"cannot resume .*last\.pt: its training set had other class counts than tiny has now"):
+        trainer.resume(tmp_path / "last.pt")
