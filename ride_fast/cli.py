@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this file (routed checkpoints: default <stem>_test_eval.json; "
                                   "route's <stem>_eval.json is left as it is)")
     p.add_argument("--sweep", action="store_true",
-                   help="routed checkpoints: accuracy and MACs at every threshold (table, <stem>_sweep.json and .png)")
+                   help="routed checkpoints: accuracy and MACs at every threshold (table, <stem>_test_sweep.json and .png)")
 
     p = sub.add_parser("show-config", help="print the resolved config")
     _add_config_args(p)

@@ -255,7 +255,7 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
     config needs data options), then `overrides` (e.g. {"router": {"threshold": 0.3}, "data": {"root": ...}}).
     `datasets` = (train, test) replaces building cfg.data. `sweep`: also the test set's accuracy and
     MACs at every threshold (one all-experts pass, replayed): printed as a table, written as
-    <stem>_sweep.json and <stem>_sweep.png."""
+    <stem>_test_sweep.json and <stem>_test_sweep.png (beside --json: <name>_sweep.json)."""
     cfg = eval_config(load_checkpoint(checkpoint), checkpoint, overrides, routed=True, datasets=datasets, log=log)
     device = resolve_device(cfg.train.device)
     net, router, _ = load_routed_checkpoint(checkpoint, device, channels_last=cfg.model.channels_last)
