@@ -3,7 +3,7 @@
     ride-fast demo --out-dir DIR                         MNIST-LT: CE baseline vs RIDE, on the CPU
     ride-fast train --config X [section.key=value ...]   stage 1 (add --resume PATH|auto to continue;
                                                          torchrun --nproc_per_node=N -m ride_fast train ...)
-    ride-fast route --config X --checkpoint P [...]     stage 2: train the router of a stage-1 checkpoint
+    ride-fast route --checkpoint P [--config X] [...]   stage 2: train the router of a stage-1 checkpoint
     ride-fast eval --checkpoint P [section.key=value]    accuracy overall / many / medium / few (a routed
                                                          checkpoint: routed vs all experts, usage, MACs, time;
                                                          --sweep: accuracy and MACs at every threshold)
@@ -19,10 +19,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ride_fast.config import ConfigError, dump_config, load_config
+from ride_fast.io import plural
+
+
+ROUTE_EPILOG = """\
+each router epoch prints one value per router, joined by / (router i decides whether an image that
+experts 1..i have seen goes on to expert i + 1):
+  loss       the router's binary cross-entropy, positives weighted by router.w_on (first: the mean)
+  positive   % of images labelled "call the next expert": experts 1..i together get the image wrong
+             and adding experts would set it right
+  called     % of images the router sends on (sigmoid(r) > router.threshold)
+  precision  % of the called images that are positive (NaN: none called)
+  recall     % of the positive images that are called (NaN: no positive)
+docs/method.md §5 has the labels and the loss.
+"""
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -39,14 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a CE baseline and RIDE on MNIST-LT and compare them")
     p.add_argument("--out-dir", default="demo_out")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="stage-1 epochs per model (default 30); the router trains 5 x EPOCHS / 30 epochs (at least 1)")
 
     p = sub.add_parser("train", help="stage-1 training")
     _add_config_args(p)
     p.add_argument("--resume", help="checkpoint to continue from ('auto': OUT_DIR/last.pt if present)")
 
-    p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint")
-    _add_config_args(p, required=True)
+    p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint",
+                       description="Stage 2: train the routers of a frozen stage-1 checkpoint. The architecture, the data and "
+                                   "the router section come from the checkpoint; --config and key=value overrides change "
+                                   "only the keys they set.",
+                       epilog=ROUTE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (ride-fast train or convert)")
     p.add_argument("--out", help="routed checkpoint to write (default: <train.out_dir>/routed.pt)")
     p.add_argument("--no-eval", action="store_true", help="skip the routed evaluation on the test set")
@@ -54,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.root=... train.device=cpu")
-    p.add_argument("--json", help="also write the result to this file (routed checkpoints: default <stem>_eval.json)")
+    p.add_argument("--json", help="also write the result to this file (routed checkpoints: default <stem>_test_eval.json; "
+                                  "route's <stem>_eval.json is left as it is)")
     p.add_argument("--sweep", action="store_true",
-                   help="routed checkpoints: accuracy and MACs at every threshold (table, <stem>_sweep.json and .png)")
+                   help="routed checkpoints: accuracy and MACs at every threshold (table, <stem>_test_sweep.json and .png)")
 
     p = sub.add_parser("show-config", help="print the resolved config")
     _add_config_args(p)
@@ -213,9 +232,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_route(args) -> int:
-    from ride_fast.engine.stage2 import train_router
+    from ride_fast.config import load_settings
+    from ride_fast.engine.checkpoint import load_checkpoint
+    from ride_fast.engine.stage2 import route_config, train_router
 
-    cfg = load_config(args.config, args.overrides)
+    # the checkpoint's own config (architecture, data, router section); --config and the overrides only change keys
+    cfg = route_config(load_checkpoint(args.checkpoint), args.checkpoint, load_settings(args.config, args.overrides))
     train_router(cfg, args.checkpoint, args.out, evaluate=not args.no_eval)
     return 0
 
@@ -223,7 +245,7 @@ def _cmd_route(args) -> int:
 def _cmd_eval(args) -> int:
     from ride_fast.config import parse_overrides
     from ride_fast.engine.checkpoint import is_routed_checkpoint, load_checkpoint
-    from ride_fast.engine.evaluate import evaluate_checkpoint
+    from ride_fast.engine.evaluate import eval_report
     from ride_fast.engine.routed_eval import evaluate_routed_checkpoint
 
     overrides = parse_overrides(args.overrides)
@@ -232,13 +254,9 @@ def _cmd_eval(args) -> int:
         return 0
     if args.sweep:
         raise ConfigError(f"--sweep needs a routed checkpoint (ride-fast route); {args.checkpoint} is a stage-1 checkpoint")
-    # The run's own config (a converted original checkpoint has none: defaults), then the overrides
+    # The run's own config (one without a data config needs data options), then the overrides
     # (e.g. data.root=... or train.device=cpu); the architecture always comes from the checkpoint.
-    acc = evaluate_checkpoint(args.checkpoint, overrides)
-    print(f"{args.checkpoint}: overall {acc.overall:.2f}  many {acc.many:.2f}  medium {acc.medium:.2f}  few {acc.few:.2f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(acc.as_dict(with_per_class=True), fh, indent=2)
+    eval_report(args.checkpoint, overrides, args.json)
     return 0
 
 
@@ -258,7 +276,8 @@ def _cmd_flops(args) -> int:
     model = create_model(cfg.model.name, num_classes=num_classes, num_experts=cfg.model.num_experts,
                          reduce_dimension=cfg.model.reduce_dimension, use_norm=cfg.model.use_norm)
     cost = model_cost(model, cfg.data.image_size)
-    print(f"{cfg.model.name}, {num_classes} classes, {cfg.model.num_experts} experts, {cfg.data.image_size} px, batch 1")
+    print(f"{cfg.model.name}, {plural(num_classes, 'class', 'classes')}, {plural(cfg.model.num_experts, 'expert')}, "
+          f"{cfg.data.image_size} px, batch 1")
     print(f"{'part':<16}{'params':>14}{'GMACs':>10}")
     print(f"{'trunk':<16}{cost.trunk_params:>14,}{cost.trunk_macs / 1e9:>10.4f}")
     for i, (p, m) in enumerate(zip(cost.expert_params, cost.expert_macs)):
@@ -289,7 +308,7 @@ def _print_router_cost(cfg, model, num_classes: int) -> int | None:
     router = build_router(cfg.router, model)
     macs = count_router_macs(router)
     one, every = router_params(router)
-    print(f"{'router (each)':<16}{one:>14,}{macs / 1e9:>10.4f}   ({macs:,} MACs; {cfg.model.num_experts - 1} routers, "
+    print(f"{'router (each)':<16}{one:>14,}{macs / 1e9:>10.4f}   ({macs:,} MACs; {plural(cfg.model.num_experts - 1, 'router')}, "
           f"{every:,} params in all; top-k {cfg.router.top_k})")
     return macs
 

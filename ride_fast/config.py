@@ -9,6 +9,7 @@ This module is a leaf: it imports nothing from the rest of ride_fast.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -19,7 +20,31 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema."""
+    """A recipe or override that does not fit the schema; `key` is the dotted key at fault (if one is)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# The names ride_fast.models registers and ride_fast.losses builds (a test keeps them equal): the
+# config checks them itself, so `show-config` refuses an unknown name as `train` does.
+MODEL_NAMES = ("resnet10", "resnet32", "resnet50", "resnext50_32x4d")
+LOSS_NAMES = ("ride", "ce", "cb_ce", "ldam", "focal")
+MIN_EXPERTS, MAX_EXPERTS = 1, 8
+# train.device: auto, cpu, cuda, cuda:N, mps (torch's device strings that ride_fast runs on)
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check(ok: bool, key: str, message: str, value: Any) -> None:
+    """Raise a ConfigError naming `key` unless `ok`: '<key> <message>, got <value>'."""
+    if not ok:
+        raise ConfigError(f"{key} {message}, got {value!r}", key)
+
+
+def _check_name(key: str, value: str, names: tuple[str, ...]) -> None:
+    if value not in names:
+        raise ConfigError(f"{key}: unknown name {value!r}{_closest(str(value), names)}; valid names are {list(names)}", key)
 
 
 @dataclass(frozen=True)
@@ -31,6 +56,13 @@ class ModelConfig:
     num_classes: int = 0  # 0: taken from the data set; otherwise it must equal the data set's class count
     channels_last: bool = True  # faster on CPUs (oneDNN) and GPUs (cuDNN NHWC); same results
     batched: bool = True  # all experts as one grouped network (models/batched.py); same results, either checkpoint layout loads
+
+    def __post_init__(self) -> None:
+        _check_name("model.name", self.name, MODEL_NAMES)
+        _check(MIN_EXPERTS <= self.num_experts <= MAX_EXPERTS, "model.num_experts", f"must be in {MIN_EXPERTS}..{MAX_EXPERTS}",
+               self.num_experts)
+        _check(self.num_classes == 0 or self.num_classes >= 2, "model.num_classes", "must be 0 (from the data set) or >= 2",
+               self.num_classes)
 
 
 @dataclass(frozen=True)
@@ -57,6 +89,11 @@ class DataConfig:
     skip_bad_images: bool = False  # leave out missing / unreadable images (and say how many) instead of stopping
     seed: int = 0  # selection of the long-tailed subset (the original uses numpy seed 0)
 
+    def __post_init__(self) -> None:
+        _check(self.imbalance_factor >= 1, "data.imbalance_factor", "must be >= 1 (1 = balanced)", self.imbalance_factor)
+        for key in ("batch_size", "eval_batch_size", "image_size", "test_per_class"):
+            _check(getattr(self, key) >= 1, f"data.{key}", "must be >= 1", getattr(self, key))
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -76,6 +113,12 @@ class LossConfig:
     focal_gamma: float = 1.0  # focal loss exponent (>= 0; 0 is cross-entropy); name=focal or classification=focal
     impl: Literal["auto", "reference", "triton"] = "auto"  # auto: fused Triton kernel on CUDA, closed-form gradient on the CPU
 
+    def __post_init__(self) -> None:
+        _check_name("loss.name", self.name, LOSS_NAMES)
+        _check(self.base_temperature > 0, "loss.base_temperature", "must be > 0", self.base_temperature)
+        _check(0 <= self.beta < 1, "loss.beta", "must lie in [0, 1)", self.beta)
+        _check(self.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0", self.focal_gamma)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -88,6 +131,13 @@ class OptimConfig:
     gamma: float = 0.01  # lr factor applied once per milestone passed (0.01 CIFAR, 0.1 ImageNet-LT / iNat)
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"  # auto: fused where torch has it (CUDA, CPU)
 
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "is a learning rate and must be > 0", self.lr)  # also NaN
+        _check(0 <= self.momentum < 1, "optim.momentum", "must lie in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0", self.warmup_epochs)
+        _check(self.gamma > 0, "optim.gamma", "must be > 0", self.gamma)
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -95,6 +145,9 @@ class DistillConfig:
     temperature: float = 1.5  # T_d of the distillation KL (> 0)
     scale_by_experts: bool = True  # the original multiplies the loss by E (docs/method.md §4)
     teacher_bn_train: bool = True  # the original leaves the teacher's BatchNorm in training mode; false: eval mode
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "distill.temperature", "must be > 0", self.temperature)
 
 
 @dataclass(frozen=True)
@@ -119,6 +172,14 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # a non-finite loss skips its step; stop after this many in a row (0: never stop)
     handle_signals: bool = True  # SIGTERM / SIGINT: save a checkpoint at the next step boundary, then exit cleanly
     tensorboard: bool = True  # also write TensorBoard events when the tensorboard package is installed
+
+    def __post_init__(self) -> None:
+        _check(DEVICE_PATTERN.fullmatch(self.device) is not None, "train.device", "must be auto, cpu, cuda, cuda:N or mps",
+               self.device)
+        for key in ("epochs", "log_interval", "eval_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1", getattr(self, key))
+        for key in ("keep_last", "max_steps_per_epoch", "max_nonfinite_steps"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -154,17 +215,15 @@ class RouterConfig:
         return self.router_data == "heldout" or self.calibrate_threshold
 
     def __post_init__(self) -> None:
-        if self.router_data not in ("train", "heldout"):
-            raise ConfigError(f"router.router_data must be 'train' or 'heldout', got {self.router_data!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"router.threshold must lie in [0, 1] (a probability), got {self.threshold}")
+        _check(self.router_data in ("train", "heldout"), "router.router_data", "must be 'train' or 'heldout'", self.router_data)
+        _check(0.0 <= self.threshold <= 1.0, "router.threshold", "must lie in [0, 1] (a probability)", self.threshold)
         for key in ("heldout_per_class", "calibration_per_class"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"router.{key}: held-out images per class must be >= 1, got {getattr(self, key)}")
-        if not self.max_accuracy_drop >= 0:  # also NaN
-            raise ConfigError(f"router.max_accuracy_drop is in points and must be >= 0, got {self.max_accuracy_drop}")
-        if not self.calibration_z >= 0:
-            raise ConfigError(f"router.calibration_z counts standard errors and must be >= 0, got {self.calibration_z}")
+            _check(getattr(self, key) >= 1, f"router.{key}", "(held-out images per class) must be >= 1", getattr(self, key))
+        _check(self.max_accuracy_drop >= 0, "router.max_accuracy_drop", "is in points and must be >= 0", self.max_accuracy_drop)
+        _check(self.calibration_z >= 0, "router.calibration_z", "counts standard errors and must be >= 0", self.calibration_z)
+        for key in ("top_k", "hidden", "epochs", "batch_size"):
+            _check(getattr(self, key) >= 1, f"router.{key}", "must be >= 1", getattr(self, key))
+        _check(self.lr > 0, "router.lr", "is a learning rate and must be > 0", self.lr)
 
 
 @dataclass(frozen=True)
@@ -219,7 +278,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     args = typing.get_args(tp)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_closest(str(value), map(str, args))}")
+            quote = " (YAML reads yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_closest(str(value), map(str, args))}{quote}", path)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -230,19 +290,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value] if not isinstance(value, str) else [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {value!r}", path)
         item_tp = args[0] if args else Any
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}", path)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {value!r}", path)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -251,11 +311,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        raise ConfigError(f"{path}: expected a number, got {value!r}", path)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        quote = " (YAML reads yes/no/on/off as true/false: quote the word)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{path}: expected a string, got {value!r}{quote}", path)
     return value
 
 
@@ -270,7 +331,7 @@ def _build(cls: type, data: Any, path: str):
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'{_closest(str(key), names)}")
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}", dotted)
         tp = hints[key]
         if is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted)
@@ -284,9 +345,60 @@ def config_from_dict(data: dict | None) -> Config:
     return _build(Config, data or {}, "")
 
 
-def _parse_scalar(text: str) -> Any:
-    """Parse the value of a command-line override with YAML rules (1e-3, true, [1, 2], null)."""
-    return yaml.safe_load(text) if text.strip() else ""
+def _leaf_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema: 'model.name', ..., 'analysis.confusion_bins'."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        dotted = f"{prefix}{f.name}"
+        out += _leaf_keys(hints[f.name], f"{dotted}.") if is_dataclass(hints[f.name]) else [dotted]
+    return out
+
+
+def _suggest(dotted: str) -> str:
+    """' (did you mean ...?)' from the full dotted keys: a key with the same last part ('lr' ->
+    'optim.lr' or 'router.lr'; 'optm.lr' -> 'optim.lr'), else the closest dotted key."""
+    keys = _leaf_keys()
+    section, _, leaf = dotted.rpartition(".")
+    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
+    if same_leaf:
+        if section:  # a misspelt section: the closest of them
+            same_leaf = difflib.get_close_matches(dotted, same_leaf, n=1, cutoff=0.0)
+        return " (did you mean " + " or ".join(f"'{k}'" for k in same_leaf) + "?)"
+    match = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _field_type(dotted: str) -> tuple[type, str, Any]:
+    """(section dataclass, key, type) of a dotted leaf key; ConfigError with a suggestion otherwise."""
+    parts = dotted.split(".")
+    cls, tp = Config, Config
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if is_dataclass(cls) else {}
+        if part not in hints:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}", dotted)
+        tp = hints[part]
+        if i < len(parts) - 1:
+            cls = tp
+    if is_dataclass(tp) or len(parts) != 2:
+        raise ConfigError(f"'{dotted}' is not a key (section.key){_suggest(dotted)}", dotted)
+    return cls, parts[-1], tp
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    """The text of a command-line override as the key's type: a string stays the text as written
+    ('yes' is not a bool), a bool takes true/false/yes/no/on/off/1/0, the rest YAML rules
+    (1e-3, [60, 80], null)."""
+    text = text.strip()
+    if tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
+        return text
+    if tp is bool and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    return yaml.safe_load(text) if text else ""
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -294,8 +406,6 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
     node[parts[-1]] = value
 
 
@@ -310,40 +420,80 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
-    """Turn ['optim.lr=0.05', 'model.num_experts=4'] into a nested mapping."""
+    """Turn ['optim.lr=0.05', 'model.num_experts=4'] into a nested mapping, each value parsed and
+    checked as its key's type and rules; an error names the override as written."""
     data: dict = {}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if "." not in key:
-            raise ConfigError(
-                f"override '{item}': the key must be dotted (section.key){_closest(key, [f.name for f in fields(Config)])}"
-            )
-        _set_dotted(data, key, _parse_scalar(text))
+        try:
+            if "=" not in item:
+                raise ConfigError("an override must look like section.key=value")
+            key, text = item.split("=", 1)
+            key = key.strip()
+            section_cls, name, tp = _field_type(key)
+            value = _coerce(_parse_value(text, tp), tp, key)
+            section_cls(**{name: value})  # the key's own rules (ranges, names), the other keys at their defaults
+        except ConfigError as err:
+            raise ConfigError(f"override '{item}': {err}", getattr(err, "key", None)) from None
+        _set_dotted(data, key, value)
+    return data
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """dotted key -> line (from 1) of a composed YAML mapping."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            lines[dotted] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, f"{dotted}."))
+    return lines
+
+
+def _read_recipe(path: Path) -> tuple[dict, dict[str, int]]:
+    """(mapping, dotted key -> line) of a YAML recipe; errors name the file and line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data, lines
+
+
+def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The keys a YAML recipe and the overrides set, as a nested mapping (nothing filled in from the
+    defaults), checked like a whole config. An error names its source: the override as written, or
+    the recipe's file and line. For commands whose base is a checkpoint's config (`ride-fast route`)."""
+    data: dict = {}
+    lines: dict[str, int] = {}
+    if path:
+        path = Path(path)
+        data, lines = _read_recipe(path)
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        config_from_dict(data)
+    except ConfigError as err:
+        key = (getattr(err, "key", None) or "").split("[")[0]
+        from_override = [o for o in overrides if o.split("=", 1)[0].strip() == key]
+        if from_override:
+            raise ConfigError(f"override '{from_override[-1]}': {err}", key) from None
+        if not path:
+            raise
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        raise ConfigError(f"{where}: {err}", key) from None
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML recipe (only the keys that differ from the defaults), then apply overrides."""
-    data: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = _merge(data, parse_overrides(overrides))
-    try:
-        return config_from_dict(data)
-    except ConfigError as err:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{err}") from None
+    """Load a YAML recipe (only the keys that differ from the defaults), then apply overrides (see `load_settings`)."""
+    return config_from_dict(load_settings(path, overrides))
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -357,6 +507,12 @@ def config_to_dict(cfg: Config) -> dict:
         return obj
 
     return plain(cfg)
+
+
+def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key whose value differs, in schema order."""
+    a, b = config_to_dict(old), config_to_dict(new)
+    return [(f"{s}.{k}", a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]]
 
 
 def dump_config(cfg: Config) -> str:
@@ -380,10 +536,12 @@ __all__ = [
     "OptimConfig",
     "RouterConfig",
     "TrainConfig",
+    "config_diff",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "load_config",
+    "load_settings",
     "parse_overrides",
     "update",
 ]

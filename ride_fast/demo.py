@@ -6,7 +6,8 @@ baseline is the plain network (16/32/64 channels, linear classifier, cross-entro
 reduced experts with cosine classifiers and the RIDE loss. The schedule is the CIFAR recipe shrunk
 from 200 to `epochs` epochs (warm-up, DRW switch and lr steps at the same fractions of the run).
 
-The recipes live here, in `demo_recipes`, because they follow `epochs`; configs/mnist_lt_ce.yaml and
+The recipes live here, in `demo_recipes`, because they follow `epochs` (the router's epochs too:
+5 x epochs / 30, at least 1, `router_epochs`); configs/mnist_lt_ce.yaml and
 configs/mnist_lt_ride3.yaml are the same recipes at DEMO_EPOCHS for `ride-fast train` (a test keeps
 them equal).
 
@@ -43,16 +44,22 @@ from typing import Callable
 
 from ride_fast.config import Config, config_from_dict
 from ride_fast.data import build_datasets, split_of_classes
-from ride_fast.io import pyplot, save_figure
+from ride_fast.io import plural, pyplot, save_figure
 
 DEMO_EPOCHS = 30
-DEMO_ROUTER_EPOCHS = 5  # the published stage-2 length
+DEMO_ROUTER_EPOCHS = 5  # the published stage-2 length, at DEMO_EPOCHS; `epochs` scales it (`router_epochs`)
 DEMO_ROUTER_BATCH = 128  # the published 512 would leave 2 steps an epoch at this scale (CIFAR-100-LT: 21)
 DEMO_ROUTER_LR = 0.1  # the published 0.01 is too slow for 35 steps (CIFAR-100-LT: 105)
 DEMO_HELDOUT_PER_CLASS = 100  # held-out digits per class that train the routers
 DEMO_CALIBRATION_PER_CLASS = 300  # other held-out digits per class that set the threshold (at most; 2,112 in all)
 DEMO_MAX_DROP = 1.0  # points of held-out accuracy the routed model may lose against all experts (with 1.645 SE of margin)
 ROUTED_ROW = "RIDE 3 experts, routed"  # routers on held-out digits, threshold calibrated (the RIDE recipe's router section)
+
+
+def router_epochs(epochs: int) -> int:
+    """Stage-2 epochs of a demo with `epochs` stage-1 epochs: DEMO_ROUTER_EPOCHS x epochs / DEMO_EPOCHS,
+    rounded, at least 1 (5 at 30, 1 at 1..8)."""
+    return max(1, round(DEMO_ROUTER_EPOCHS * epochs / DEMO_EPOCHS))
 
 
 def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[str, Config]:
@@ -73,7 +80,7 @@ def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[s
     ride = {
         **common,
         "model": {"name": "resnet32", "num_experts": 3, "reduce_dimension": True, "use_norm": True},
-        "router": {"top_k": 10, "epochs": DEMO_ROUTER_EPOCHS, "batch_size": DEMO_ROUTER_BATCH, "lr": DEMO_ROUTER_LR,  # 10 classes
+        "router": {"top_k": 10, "epochs": router_epochs(epochs), "batch_size": DEMO_ROUTER_BATCH, "lr": DEMO_ROUTER_LR,  # 10 classes
                    "router_data": "heldout", "heldout_per_class": DEMO_HELDOUT_PER_CLASS, "calibrate_threshold": True,
                    "max_accuracy_drop": DEMO_MAX_DROP, "calibration_per_class": DEMO_CALIBRATION_PER_CLASS},
         "loss": {"name": "ride", "reweight_epoch": reweight, "diversity_factor": -0.45, "reweight_factor": 0.05},
@@ -98,7 +105,7 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
                               "splits": {k: v.nonzero()[0].tolist() for k, v in split_of_classes(counts).items()}},
                      "models": {}}
     for name, cfg in recipes.items():
-        log(f"\n== {name}: {cfg.model.num_experts} expert(s), loss {cfg.loss.name}, {cfg.train.epochs} epochs")
+        log(f"\n== {name}: {plural(cfg.model.num_experts, 'expert')}, loss {cfg.loss.name}, {plural(cfg.train.epochs, 'epoch')}")
         start = time.perf_counter()
         trainer = Trainer(cfg, train_set=train_set, test_set=test_set, log=lambda s: log("  " + s) if _every(s, cfg) else None)
         summary = trainer.fit()
@@ -134,7 +141,7 @@ def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print) -> di
     from ride_fast.engine.stage2 import fit_stage2
 
     cfg = trainer.cfg
-    log(f"\n== stage 2: router on the frozen RIDE model, {cfg.router.epochs} epochs, batch {cfg.router.batch_size}, "
+    log(f"\n== stage 2: router on the frozen RIDE model, {plural(cfg.router.epochs, 'epoch')}, batch {cfg.router.batch_size}, "
         f"top-k {cfg.router.top_k}")
     start = time.perf_counter()
     stage2 = fit_stage2(cfg, trainer.model, trainer.train_set, trainer.test_set, log=lambda s: log("  " + s),

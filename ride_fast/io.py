@@ -88,3 +88,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
         return _atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png"), "wb")
     finally:
         pyplot().close(fig)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 epoch', '3 epochs' (`words`: the plural when it is not word + 's')."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,24 +35,68 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lrr=0.1", r"unknown config key 'optim\.lrr' \(did you mean 'lr'\?\)"),
-        ("optm.lr=0.1", r"unknown config key 'optm' \(did you mean 'optim'\?\)"),
+        ("optim.lrr=0.1", r"unknown config key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"),
+        ("optm.lr=0.1", r"unknown config key 'optm\.lr' \(did you mean 'optim\.lr'\?\)"),
         ("model.use_norm=yes please", r"model\.use_norm: expected true or false"),
         ("train.amp=fp8", r"train\.amp: 'fp8' is not one of"),
+        ("train.amp=yes", r"train\.amp: 'yes' is not one of"),  # the word as written, not YAML's True
         ("loss.diversity=pairwse", r"did you mean 'pairwise'"),
-        ("lr=0.1", r"must be dotted"),
+        ("lr=0.1", r"unknown config key 'lr' \(did you mean 'optim\.lr' or 'router\.lr'\?\)"),
+        ("model=3", r"'model' is not a key \(section\.key\)"),
         ("optim.lr", r"section\.key=value"),
+        ("train.device=gpu", r"train\.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ("optim.lr=-1", r"optim\.lr is a learning rate and must be > 0, got -1\.0"),
+        ("router.lr=0", r"router\.lr is a learning rate and must be > 0"),
+        ("model.name=resnet33", r"model\.name: unknown name 'resnet33' \(did you mean 'resnet32'\?\)"),
+        ("model.num_experts=0", r"model\.num_experts must be in 1\.\.8, got 0"),
+        ("loss.name=ridee", r"loss\.name: unknown name 'ridee' \(did you mean 'ride'\?\)"),
+        ("data.batch_size=0", r"data\.batch_size must be >= 1"),
+        ("router.top_k=0", r"router\.top_k must be >= 1"),
     ],
 )
-def test_bad_keys_and_types_name_the_dotted_path(override, message):
-    with pytest.raises(ConfigError, match=message):
+def test_bad_keys_and_values_name_the_override_and_the_dotted_path(override, message):
+    with pytest.raises(ConfigError, match=r"^override '" + re.escape(override) + "': .*" + message):
         load_config(overrides=[override])
+
+
+def test_override_errors_name_the_override_not_the_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  lr: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["optim.lrr=0.1"])
+    assert str(err.value).startswith("override 'optim.lrr=0.1': unknown config key 'optim.lrr'")
+    assert "r.yaml" not in str(err.value)
+
+
+def test_override_values_take_their_keys_type():
+    cfg = load_config(overrides=["data.root=yes", "train.out_dir=1e-3", "model.channels_last=no", "train.deterministic=YES",
+                                 "train.prefetch=off", "data.color_jitter=null", "train.device=cuda:1"])
+    assert cfg.data.root == "yes" and cfg.train.out_dir == "1e-3"  # strings stay as written
+    assert cfg.model.channels_last is False and cfg.train.deterministic is True and cfg.train.prefetch is False
+    assert cfg.data.color_jitter is None and cfg.train.device == "cuda:1"
+
+
+def test_names_match_the_registries():
+    """The config checks model and loss names itself (show-config too); they are the registries' names."""
+    from ride_fast.config import MODEL_NAMES
+    from ride_fast.models import list_models
+
+    assert sorted(MODEL_NAMES) == list_models()
 
 
 def test_recipe_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("loss:\n  diversity_factr: -0.2\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'loss\.diversity_factr' \(did you mean 'diversity_factor'\?\)"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: unknown config key 'loss\.diversity_factr' \(did you mean 'loss\.diversity_factor'\?\)"):
+        load_config(path)
+    path.write_text("# a recipe\noptim:\n  momentum: 0.9\n  lr: -0.5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:4: optim\.lr is a learning rate and must be > 0, got -0\.5"):
+        load_config(path)
+    path.write_text("train:\n  seed: 1\n  amp: yes\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: train\.amp: True is not one of .*quote the word"):
+        load_config(path)
+    path.write_text("optim:\n  lr: 0.1\n   momentum: 0.9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: not valid YAML: "):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -75,7 +120,8 @@ def test_recipe_overrides_merge_with_file(tmp_path):
 
 
 def test_parse_overrides_nests():
-    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+    assert parse_overrides(["optim.lr=1", "optim.momentum=0", "data.name=x"]) == {"optim": {"lr": 1.0, "momentum": 0.0},
+                                                                                   "data": {"name": "x"}}
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -108,4 +154,7 @@ def test_show_config_cli_prints_resolved_config():
     out = subprocess.run([sys.executable, "-m", "ride_fast", "show-config", "optim.lr=0.05"], capture_output=True, text=True, check=True)
     assert yaml.safe_load(out.stdout)["optim"]["lr"] == 0.05
     bad = subprocess.run([sys.executable, "-m", "ride_fast", "show-config", "optim.lrr=0.05"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "did you mean 'lr'" in bad.stderr
+    assert bad.returncode == 2 and "did you mean 'optim.lr'" in bad.stderr
+    for override in ("model.name=resnet33", "model.num_experts=0", "loss.name=ridee"):  # refused as train refuses them
+        bad = subprocess.run([sys.executable, "-m", "ride_fast", "show-config", override], capture_output=True, text=True)
+        assert bad.returncode == 2 and f"override '{override}'" in bad.stderr and not bad.stdout

@@ -19,6 +19,9 @@ def test_demo_writes_table_results_and_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("CE baseline (R32)", "RIDE 3 experts (R32)", "RIDE 3 experts, routed"):
         assert row in out
+    # --epochs 1 scales the router's 5 epochs at 30 down to 1; counts of one are singular
+    assert "== CE baseline (R32): 1 expert, loss ce, 1 epoch\n" in out and "== RIDE 3 experts (R32): 3 experts, loss ride, 1 epoch\n" in out
+    assert "router on the frozen RIDE model, 1 epoch, batch" in out and "router epoch 1/1 " in out and "router epoch 2/" not in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"]["train_class_counts"] == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
     models = results["models"]

@@ -238,6 +238,8 @@ def test_recipe_carries_the_spec_numbers(name):
         assert (r.top_k, r.hidden, r.share_fc, r.w_on, r.threshold) == (TOP_K[model], 16, True, 100.0, 0.5)
         assert (r.epochs, r.lr, r.momentum, r.weight_decay, r.batch_size) == (5, 0.01, 0.9, 5e-4, 512)
         assert cfg.router == stage1.router, "the stage-1 recipe must give `ride-fast route` the same router"
+        # `ride-fast flops` on the router recipe counts the network it routes
+        assert (cfg.model.name, cfg.model.num_experts) == (stage1.model.name, stage1.model.num_experts) == (model, experts)
         assert (cfg.data.name, cfg.data.image_size) == (stage1.data.name, stage1.data.image_size)
         assert cfg.train.out_dir == stage1.train.out_dir  # routed.pt beside the stage-1 checkpoints
         assert _launch_checkpoint(CONFIGS / name) == f"{stage1.train.out_dir}/{spec['checkpoint']}"

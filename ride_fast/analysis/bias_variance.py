@@ -56,7 +56,7 @@ from ride_fast.data import (
     split_of_classes,
 )
 from ride_fast.engine import load_model_from_checkpoint, resolve_device
-from ride_fast.io import pyplot, save_figure
+from ride_fast.io import plural, pyplot, save_figure
 
 TIE_RULE = "ties between equally frequent predictions go to the smallest class index"
 POOL_DATASETS = ("mnist_lt", "cifar10_lt", "cifar100_lt")
@@ -296,6 +296,8 @@ def run_bias_variance(
         f"from a pool of {len(lt.pool)}; {len(lt.test_set)} test images; methods {', '.join(methods)}; out {out_dir}")
     specs = run_specs(cfg, methods, runs, out_dir, lt)
     train_runs([s for group in specs.values() for s in group], workers=workers, log=log)
+    checkpoints = plural(sum(map(len, specs.values())), "checkpoint")
+    log(f"bias-variance: predicting the {len(lt.test_set):,} test images with the {checkpoints}, then 0-1 bias and variance per split")
 
     results, ckpts = {}, {}
     labels = lt.test_set.labels.numpy()

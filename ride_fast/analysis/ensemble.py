@@ -30,7 +30,7 @@ from ride_fast.analysis.common import (
 from ride_fast.analysis.runs import RunSpec, train_runs
 from ride_fast.config import Config, update
 from ride_fast.engine import SplitAccuracy, load_checkpoint
-from ride_fast.io import pyplot, save_figure
+from ride_fast.io import plural, pyplot, save_figure
 from ride_fast.profiling import model_cost
 
 FAMILIES = ("baseline ensemble", "RIDE, first k experts", "RIDE, all experts", "RIDE, routed")
@@ -253,6 +253,8 @@ def run_ensemble(
         routed += [str(p) for p in route_runs(rspecs, log)]
     elif rspecs:
         notes.append("RIDE points are all-experts (and first-k-experts) only: pass --route to train and add the routed models")
+    log(f"ensemble: evaluating {plural(len(baselines), 'baseline')}, {plural(len(rides), 'RIDE network')} and "
+        f"{plural(len(routed), 'routed network')} on the test set")
     report = ensemble_report(baselines, rides, routed, overrides=overrides, thresholds=thresholds, prefixes=prefixes,
                              datasets=datasets, log=log)
     report.notes += notes

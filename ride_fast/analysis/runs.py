@@ -23,13 +23,14 @@ import torch
 
 from ride_fast.config import (
     Config,
+    config_diff,
     config_from_dict,
     config_to_dict,
     load_config,
     update,
 )
 from ride_fast.engine import CheckpointError, Trainer, load_checkpoint
-from ride_fast.io import atomic_write_text
+from ride_fast.io import atomic_write_text, plural
 
 FINAL = "last.pt"
 
@@ -80,17 +81,8 @@ def run_state(spec: RunSpec) -> tuple[str, int]:
 def _config_diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ (progress / logging keys ignored)."""
     ignore = {"train.progress", "train.log_interval", "train.device", "analysis"}
-    out: list[str] = []
-
-    def walk(x, y, path):
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
-        elif x != y and path not in ignore and path.split(".")[0] not in ignore:
-            out.append(f"{path}: {x!r} there, {y!r} now")
-
-    walk(config_to_dict(a), config_to_dict(b), "")
-    return out
+    return [f"{key}: {x!r} there, {y!r} now" for key, x, y in config_diff(a, b)
+            if key not in ignore and key.split(".")[0] not in ignore]
 
 
 def train_run(spec: RunSpec, log: Callable[[str], None] = print) -> Path:
@@ -137,6 +129,10 @@ def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], N
             log(f"{s.name}: done already, skipped")
         else:
             todo.append((i, s))
+    done = len(specs) - len(todo)
+    if done:  # a re-run: say what is left to compute
+        left = f"training {', '.join(s.name for _, s in todo)}" if todo else "nothing left to train"
+        log(f"{plural(done, 'run')} of {len(specs)} done already (skipped); {left}")
     if workers <= 1 or len(todo) <= 1:
         for _, s in todo:
             train_run(s, log)

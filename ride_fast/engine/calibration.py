@@ -75,7 +75,8 @@ def heldout_split(cfg: Config, train_set, test_set=None, *, pool=None) -> HeldOu
                              "router.calibrate_threshold=false)")
         pool = build_datasets(dataclasses.replace(cfg.data, imbalance_factor=1.0))[0]
     if not isinstance(train_set, ArrayDataset) or not isinstance(pool, ArrayDataset):
-        raise TypeError("held-out stage-2 data needs in-memory data sets (ArrayDataset)")
+        raise TypeError("router.router_data=heldout and router.calibrate_threshold need a data set held in memory "
+                        f"({', '.join(HELDOUT_DATASETS)})")
     seen = set(_image_keys(train_set.images))
     if test_set is not None:
         seen.update(_image_keys(test_set.images))

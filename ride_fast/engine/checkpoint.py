@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ride_fast.config import Config, ModelConfig, config_from_dict, config_to_dict, dump_config, update
+from ride_fast.config import Config, ModelConfig, config_diff, config_from_dict, config_to_dict, dump_config, update
 from ride_fast.io import atomic_save, atomic_write_text, file_kind  # noqa: F401  (atomic_* re-exported)
 from ride_fast.models import RIDENet, create_model, to_per_expert
 from ride_fast.router import Router
@@ -121,10 +121,9 @@ def _python_state_to_plain(state):
     return [version, list(internal), gauss]
 
 
-def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
-    """The run's own config (defaults for a converted original checkpoint, which has none; keys of
-    older checkpoints under their current names), then `overrides` (e.g. {"data": {"root": ...}});
-    the architecture always comes from the checkpoint's model_args."""
+def stored_config(ckpt: dict) -> Config:
+    """The config a checkpoint was written with (defaults for a converted original checkpoint, which
+    has none; keys of older checkpoints under their current names)."""
     stored = {section: dict(values) if isinstance(values, dict) else values for section, values in (ckpt.get("config") or {}).items()}
     for section, renamed in RENAMED_KEYS.items():
         values = stored.get(section)
@@ -133,8 +132,59 @@ def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
                 if old in values:
                     value = values.pop(old)
                     values.setdefault(new, value)
-    cfg = update(config_from_dict(stored), **(overrides or {}))
+    return config_from_dict(stored)
+
+
+def checkpoint_config(ckpt: dict, overrides: dict | None = None) -> Config:
+    """The run's own config (`stored_config`), then `overrides` (e.g. {"data": {"root": ...}});
+    the architecture always comes from the checkpoint's model_args."""
+    cfg = update(stored_config(ckpt), **(overrides or {}))
     return update(cfg, model=model_section(ckpt["model_args"])) if "model_args" in ckpt else cfg
+
+
+# keys a resumed run may not change: they change the network's shape or which images it trains on
+SHAPE_KEYS = ("model.name", "model.num_experts", "model.reduce_dimension", "model.use_norm", "model.num_classes", "data.name",
+              "data.num_classes", "data.imbalance_factor", "data.seed", "data.train_list", "data.image_size")
+
+
+def resume_changes(ckpt: dict, cfg: Config, source: str | Path) -> list[tuple[str, object, object]]:
+    """(key, old, new) of every key `cfg` changes against the checkpoint's config; a change of a
+    SHAPE_KEYS key is refused (ValueError naming it)."""
+    if not isinstance(ckpt.get("config"), dict):
+        return []
+    changes = config_diff(stored_config(ckpt), cfg)
+    refused = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key in SHAPE_KEYS]
+    if refused:
+        raise ValueError(f"cannot resume {source} with {'; '.join(refused)}: the run was trained with the old value, and "
+                         f"{'this key changes' if len(refused) == 1 else 'these keys change'} the model or the data it trains "
+                         "on; keep the checkpoint's value, or start a new run in another train.out_dir")
+    return changes
+
+
+def has_data_config(ckpt: dict) -> bool:
+    """Whether the checkpoint stores the data config it was trained on (a converted original one does not)."""
+    return isinstance(ckpt.get("config"), dict) and bool(ckpt["config"].get("data"))
+
+
+def require_data(ckpt: dict, source: str | Path, overrides: dict | None, command: str) -> None:
+    """Refuse a checkpoint without a data config when no data.* option says what to use: the
+    defaults (MNIST-LT) would be scored or trained on without a word."""
+    if not has_data_config(ckpt) and not (overrides or {}).get("data"):
+        raise CheckpointError(
+            f"{source} stores no data config (a converted original checkpoint has none), so `ride-fast {command}` cannot tell "
+            "which data set it belongs to; pass the data options, e.g. data.name=cifar100_lt data.root=/path/to/cifar"
+            + (" (or --config with a recipe that sets them)" if command == "route" else ""))
+
+
+def inapplicable_options(overrides: dict | None, applicable: set[str]) -> list[str]:
+    """The dotted keys of `overrides` that neither a key nor a section of `applicable` covers."""
+    out = []
+    for section, values in (overrides or {}).items():
+        for key in (values if isinstance(values, dict) else {None: values}):
+            dotted = f"{section}.{key}" if key is not None else section
+            if dotted not in applicable and section not in applicable:
+                out.append(dotted)
+    return out
 
 
 def model_section(model_args: dict) -> dict:

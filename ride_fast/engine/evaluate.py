@@ -3,19 +3,28 @@ overall and per many / medium / few split.
 
 `evaluate_model` is the one evaluation pass (the Trainer's after each epoch, too);
 `evaluate_checkpoint` is `ride-fast eval` on a stage-1 checkpoint: the network and the test data
-only, no optimizer or loss. `write_per_class_report` writes the long-tail picture of a run.
+only, no optimizer or loss (`eval_report` prints and writes what it scored). `write_per_class_report`
+writes the long-tail picture of a run.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ride_fast.data import build_datasets, build_loaders
-from ride_fast.engine.checkpoint import atomic_write_text, checkpoint_config, load_checkpoint, network_from_checkpoint
+from ride_fast.engine.checkpoint import (
+    atomic_write_text,
+    checkpoint_config,
+    inapplicable_options,
+    load_checkpoint,
+    network_from_checkpoint,
+    require_data,
+)
 from ride_fast.engine.distributed import DistContext, all_reduce_
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
@@ -46,12 +55,57 @@ def evaluate_model(model: nn.Module, loader, class_counts, *, device: torch.devi
     return split_accuracy(correct, total, class_counts)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, overrides: dict | None = None, *, datasets=None) -> SplitAccuracy:
-    """`ride-fast eval` on a stage-1 checkpoint. The run's own config (defaults for a converted
-    original checkpoint), then `overrides` (e.g. {"data": {"root": ...}, "train": {"device": "cpu"}});
+# the options `ride-fast eval` reads (a section name covers all its keys); routed checkpoints add router.threshold
+EVAL_OPTIONS = {"data", "train.device", "train.amp", "train.seed", "train.deterministic", "train.prefetch", "model.batched",
+                "model.channels_last"}
+
+
+def eval_config(ckpt: dict, checkpoint: str | Path, overrides: dict | None, *, routed: bool, datasets=None,
+                log: Callable[[str], None] = print):
+    """The config `ride-fast eval` scores a checkpoint with: the run's own, then `overrides`. Refuses a
+    checkpoint without a data config unless data options (or `datasets`) are given; warns about
+    options that do not apply to the checkpoint (they are ignored)."""
+    if datasets is None:
+        require_data(ckpt, checkpoint, overrides, "eval")
+    ignored = inapplicable_options(overrides, EVAL_OPTIONS | ({"router.threshold"} if routed else set()))
+    for key in ignored:
+        if key.startswith("router.") and not routed:
+            experts = int((ckpt.get("model_args") or {}).get("num_experts", 0))
+            why = "it has one expert, nothing to route" if experts == 1 else "it has no router (`ride-fast route` trains one)"
+            log(f"warning: {key} does not apply to {checkpoint}: {why}; ignored")
+        elif key.startswith("router."):
+            log(f"warning: {key} does not apply: the checkpoint's router is used as trained (only router.threshold applies); "
+                "ignored")
+        else:
+            log(f"warning: {key} does not apply to `ride-fast eval` (the architecture and training options come from the "
+                "checkpoint); ignored")
+    return checkpoint_config(ckpt, overrides)
+
+
+def scored_data(cfg, test_set, checkpoint: str | Path) -> dict:
+    """What an evaluation scored, for its printed line and its JSON: checkpoint, data set, split, images."""
+    return {"checkpoint": str(checkpoint), "data": {"name": cfg.data.name, "root": cfg.data.root, "split": "test",
+                                                    "num_images": len(test_set)}}
+
+
+def describe_scored(scored: dict) -> str:
+    """'CKPT on cifar100_lt (root R), test split, 10,000 images'."""
+    d = scored["data"]
+    root = f" (root {d['root']})" if d["root"] else ""
+    return f"{scored['checkpoint']} on {d['name']}{root}, {d['split']} split, {d['num_images']:,} images"
+
+
+def evaluate_checkpoint(checkpoint: str | Path, overrides: dict | None = None, *, datasets=None,
+                        log: Callable[[str], None] = print) -> SplitAccuracy:
+    """`ride-fast eval` on a stage-1 checkpoint. The run's own config (a checkpoint without a data
+    config needs data options), then `overrides` (e.g. {"data": {"root": ...}, "train": {"device": "cpu"}});
     the architecture comes from the checkpoint. `datasets` = (train, test) replaces building cfg.data."""
+    return _evaluate_checkpoint(checkpoint, overrides, datasets=datasets, log=log)[0]
+
+
+def _evaluate_checkpoint(checkpoint, overrides, *, datasets, log) -> tuple[SplitAccuracy, dict]:
     ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, overrides)
+    cfg = eval_config(ckpt, checkpoint, overrides, routed=False, datasets=datasets, log=log)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
@@ -60,16 +114,31 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: dict | None = None, *
         raise ValueError(f"{checkpoint}: the network has {model.num_classes} classes but data {cfg.data.name} has "
                          f"{train_set.num_classes}; pass the data it was trained on (data.name=... data.root=...)")
     _, test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)
-    return evaluate_model(model, test_loader, train_set.class_counts(), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch)
+    acc = evaluate_model(model, test_loader, train_set.class_counts(), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch)
+    return acc, scored_data(cfg, test_set, checkpoint)
 
 
-def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_counts) -> None:
-    """per_class_accuracy.json and .png in `out_dir`: each class's accuracy against its number of
-    training images, the long-tail picture of a run."""
+def eval_report(checkpoint: str | Path, overrides: dict | None = None, json_path: str | Path | None = None, *, datasets=None,
+                log: Callable[[str], None] = print) -> dict:
+    """`ride-fast eval` on a stage-1 checkpoint: prints what it scored (checkpoint, data set, split,
+    images) and the accuracies; `json_path` also gets them (with per-class accuracy). Returns the dict."""
+    acc, scored = _evaluate_checkpoint(checkpoint, overrides, datasets=datasets, log=log)
+    log(f"{describe_scored(scored)}: overall {acc.overall:.2f}  many {acc.many:.2f}  medium {acc.medium:.2f}  few {acc.few:.2f}")
+    result = {**scored, **acc.as_dict(with_per_class=True)}
+    if json_path:
+        atomic_write_text(json.dumps(result, indent=2), json_path)
+        log(f"wrote {json_path}")
+    return result
+
+
+def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_counts, *, source: str = "",
+                           name: str = "per_class_accuracy") -> None:
+    """<name>.json and .png in `out_dir`: each class's accuracy against its number of training images,
+    the long-tail picture of a run at `epoch` (`source`: the checkpoint holding that epoch, e.g. best.pt)."""
     out_dir = Path(out_dir)
     counts = [int(c) for c in class_counts]
-    atomic_write_text(json.dumps({"epoch": epoch, "test": acc.as_dict(), "class_counts": counts,
-                                  "per_class_accuracy": acc.per_class}, indent=1), out_dir / "per_class_accuracy.json")
+    atomic_write_text(json.dumps({"epoch": epoch, "checkpoint": source, "test": acc.as_dict(), "class_counts": counts,
+                                  "per_class_accuracy": acc.per_class}, indent=1), out_dir / f"{name}.json")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     per_class = np.asarray(acc.per_class, dtype=np.float64)
@@ -77,8 +146,8 @@ def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_title(f"epoch {epoch}: overall {acc.overall:.1f}, many {acc.many:.1f}, medium {acc.medium:.1f}, few {acc.few:.1f}",
-                 fontsize=9)
+    ax.set_title(f"epoch {epoch}{f' ({source})' if source else ''}: overall {acc.overall:.1f}, many {acc.many:.1f}, "
+                 f"medium {acc.medium:.1f}, few {acc.few:.1f}", fontsize=9)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    save_figure(fig, out_dir / "per_class_accuracy.png")
+    save_figure(fig, out_dir / f"{name}.png")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
-from ride_fast.engine.checkpoint import atomic_write_text, checkpoint_config, load_checkpoint, load_routed_checkpoint
+from ride_fast.engine.checkpoint import atomic_write_text, load_checkpoint, load_routed_checkpoint
+from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
@@ -238,21 +239,24 @@ def write_report(report: RoutedReport, json_path: str | Path, png_path: str | Pa
     return data
 
 
-def report_paths(checkpoint: str | Path, json_path: str | Path | None = None) -> tuple[Path, Path]:
-    """Where a routed report goes: --json if given, else <checkpoint stem>_eval.json; the PNG beside it."""
-    json_path = Path(json_path) if json_path else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_eval.json")
+def report_paths(checkpoint: str | Path, json_path: str | Path | None = None, name: str = "eval") -> tuple[Path, Path]:
+    """Where a routed report goes: --json if given, else <checkpoint stem>_<name>.json (`ride-fast route`:
+    <stem>_eval.json; `ride-fast eval`: <stem>_test_eval.json, so that it never replaces route's report
+    and its stage-2 record); the PNG beside it (<stem>_usage.png, <stem>_test_usage.png)."""
+    json_path = Path(json_path) if json_path else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_{name}.json")
     return json_path, json_path.with_name(f"{json_path.stem.removesuffix('_eval')}_usage.png")
 
 
 def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = None, json_path: str | Path | None = None, *,
                                log: Callable[[str], None] = print, datasets=None, sweep: bool = False) -> RoutedReport:
-    """`ride-fast eval` on a routed checkpoint: the report, printed and written as JSON + PNG.
-    The run's own config (defaults for a converted original checkpoint; its router.threshold is the
-    one stage 2 chose), then `overrides` (e.g. {"router": {"threshold": 0.3}, "data": {"root": ...}}).
+    """`ride-fast eval` on a routed checkpoint: the report, printed and written as JSON + PNG
+    (<stem>_test_eval.json and <stem>_test_usage.png by default: route's <stem>_eval.json stays as it is).
+    The run's own config (its router.threshold is the one stage 2 chose; a checkpoint without a data
+    config needs data options), then `overrides` (e.g. {"router": {"threshold": 0.3}, "data": {"root": ...}}).
     `datasets` = (train, test) replaces building cfg.data. `sweep`: also the test set's accuracy and
     MACs at every threshold (one all-experts pass, replayed): printed as a table, written as
-    <stem>_sweep.json and <stem>_sweep.png."""
-    cfg = checkpoint_config(load_checkpoint(checkpoint), overrides)
+    <stem>_test_sweep.json and <stem>_test_sweep.png (beside --json: <name>_sweep.json)."""
+    cfg = eval_config(load_checkpoint(checkpoint), checkpoint, overrides, routed=True, datasets=datasets, log=log)
     device = resolve_device(cfg.train.device)
     net, router, _ = load_routed_checkpoint(checkpoint, device, channels_last=cfg.model.channels_last)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
@@ -261,9 +265,9 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
     test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)[1]
     report = evaluate_routed(net, router, test_loader, train_set.class_counts(),
                              image_size=cfg.data.image_size, threshold=cfg.router.threshold, amp=cfg.train.amp)
-    json_path, png_path = report_paths(checkpoint, json_path)
-    extra = {"checkpoint": str(checkpoint)}
-    lines = [f"{checkpoint}:", report.summary()]
+    json_path, png_path = report_paths(checkpoint, json_path, "test_eval")
+    extra = scored_data(cfg, test_set, checkpoint)
+    lines = [f"{describe_scored(extra)}:", report.summary()]
     written = [json_path, png_path]
     if sweep:
         test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)[1]

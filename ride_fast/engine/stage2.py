@@ -34,17 +34,20 @@ from torch import nn
 
 from ride_fast.config import Config, RouterConfig, update
 from ride_fast.data import InMemoryLoader, build_datasets, build_loaders
-from ride_fast.engine.calibration import HeldOut, ThresholdCalibration, calibrate_threshold, heldout_split
+from ride_fast.engine.calibration import HELDOUT_DATASETS, HeldOut, ThresholdCalibration, calibrate_threshold, heldout_split
 from ride_fast.engine.checkpoint import (
+    checkpoint_config,
     load_checkpoint,
     model_section,
     network_from_checkpoint,
+    require_data,
     routed_checkpoint,
     save_routed_checkpoint,
 )
 from ride_fast.engine.routed_cost import RoutedCost, routed_cost
 from ride_fast.engine.routed_eval import evaluate_routed, report_paths, write_report
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything, synchronize
+from ride_fast.io import plural
 from ride_fast.models import RIDENet
 from ride_fast.router import Router, router_step
 
@@ -271,23 +274,52 @@ def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=No
     return Stage2Result(trainer, threshold, heldout, calibration, cost, time.perf_counter() - start)
 
 
+def route_config(ckpt: dict, source: str | Path, settings: dict | None = None) -> Config:
+    """The config `ride-fast route` runs with: the stage-1 checkpoint's own (architecture, data,
+    router section), then `settings` (the keys a --config recipe and the overrides set). A checkpoint
+    without a data config needs data options."""
+    require_data(ckpt, source, settings, "route")
+    return checkpoint_config(ckpt, settings)
+
+
+def check_stage2(cfg: Config, model_args: dict, source: str | Path) -> None:
+    """Every check of stage 2 that needs no data, run before any work: experts to route between,
+    router.top_k within the classes, held-out options only on data sets that leave images out."""
+    experts, classes = int(model_args.get("num_experts", 0)), int(model_args.get("num_classes", 0))
+    if experts < 2:
+        raise ValueError(f"{source}: stage 2 routes between experts, and this checkpoint has {experts} "
+                         f"(model.num_experts={experts}); route a RIDE checkpoint with 2 or more experts")
+    if not 1 <= cfg.router.top_k <= classes:
+        raise ValueError(f"router.top_k={cfg.router.top_k} must lie in 1..{classes} (the classes of {source}); "
+                         f"set router.top_k={min(classes, 30)}")
+    if cfg.router.uses_heldout and cfg.data.name not in HELDOUT_DATASETS:
+        keys = [k for k, on in (("router.router_data=heldout", cfg.router.router_data == "heldout"),
+                                ("router.calibrate_threshold=true", cfg.router.calibrate_threshold)) if on]
+        raise ValueError(f"{' and '.join(keys)} need{'' if len(keys) > 1 else 's'} images the long-tailed training set "
+                         f"leaves out, which only {', '.join(HELDOUT_DATASETS)} have (data.name={cfg.data.name}); "
+                         "use router.router_data=train router.calibrate_threshold=false")
+
+
 def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Path | None = None, *,
                  log: Callable[[str], None] = print, evaluate: bool = True, datasets=None) -> dict:
     """`ride-fast route`: stage 2 on a stage-1 checkpoint (as cfg.router says); writes the routed
     checkpoint (default <train.out_dir>/routed.pt), then evaluates it (JSON report and usage PNG
     beside it). `datasets` = (train, test) replaces building cfg.data. Returns {"checkpoint",
     "seconds", "history", "threshold", "stage2", "report" (a RoutedReport, when evaluated)}."""
+    ckpt = load_checkpoint(stage1_checkpoint)
+    if "model_args" in ckpt:
+        cfg = update(cfg, model=model_section(ckpt["model_args"]))  # the architecture comes from the checkpoint
+        check_stage2(cfg, ckpt["model_args"], stage1_checkpoint)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    net = network_from_checkpoint(load_checkpoint(stage1_checkpoint), stage1_checkpoint)
-    cfg = update(cfg, model=model_section(net.model_args))  # the architecture comes from the checkpoint
+    net = network_from_checkpoint(ckpt, stage1_checkpoint)
     net = net.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
     if train_set.num_classes != net.num_classes:
         raise ValueError(f"the checkpoint's network has {net.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}")
     train_loader, test_loader = balanced_loaders(cfg, train_set, test_set, device)
-    log(f"stage 2: routers of {net.name} ({net.num_experts} experts) from {stage1_checkpoint}; "
-        f"{cfg.router.epochs} epochs of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
+    log(f"stage 2: routers of {net.name} ({plural(net.num_experts, 'expert')}) from {stage1_checkpoint}; "
+        f"{plural(cfg.router.epochs, 'epoch')} of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
     stage2 = fit_stage2(cfg, net, train_set, test_set, loader=train_loader, log=log, stage1_checkpoint=str(stage1_checkpoint))
     out_path = Path(out_path) if out_path else Path(cfg.train.out_dir) / "routed.pt"
     stage2.save(out_path)

@@ -47,6 +47,7 @@ from ride_fast.engine.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     network_from_checkpoint,
+    resume_changes,
     rng_state,
     set_rng_state,
 )
@@ -71,6 +72,7 @@ from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, l
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
+from ride_fast.io import plural
 from ride_fast.losses import build_loss, loss_path
 from ride_fast.models import create_model
 from ride_fast.models.layout import per_expert_state_dict
@@ -160,8 +162,10 @@ class Trainer:
         self.best_epoch = 0
         self.history: list[dict] = []
         self.last_eval: SplitAccuracy | None = None
+        self.best_eval: SplitAccuracy | None = None  # the evaluation of best_epoch (best.pt), for per_class_accuracy.*
         self._resume_step = 0  # > 0: the checkpoint was written inside epoch self.epoch + 1
         self._resume_sums: dict = {}
+        self._resumed: dict | None = None  # after resume(): {"from", "at", "changes" [(key, old, new)]}
         self._stop: StopRequest | None = None
         self._tb = None
         self._signal_at = signal_at_from_env()  # a test hook, None unless RIDE_FAST_SIGNAL_AT is set (engine/monitor.py)
@@ -282,7 +286,7 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(dump_config(cfg), self.out_dir / "config.yaml")
+            self._write_config()
             self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard)
         interrupted = False
         stop = StopRequest(self.log) if cfg.train.handle_signals else contextlib.nullcontext()
@@ -295,8 +299,12 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
-        if not interrupted and self.dist.is_main and self.last_eval is not None:
-            write_per_class_report(self.out_dir, self.epoch, self.last_eval, self.class_counts)
+        if not interrupted and self.dist.is_main:
+            if self.best_eval is not None:  # the epoch best.pt holds, as the printed best epoch
+                write_per_class_report(self.out_dir, self.best_epoch, self.best_eval, self.class_counts, source="best.pt")
+            elif self.last_eval is not None:  # best.pt is an epoch from before a resume (an older checkpoint without best_eval)
+                write_per_class_report(self.out_dir, self.epoch, self.last_eval, self.class_counts,
+                                       name=f"per_class_accuracy_epoch_{self.epoch:04d}")
         return {"best_epoch": self.best_epoch, "best_metric": self.best_metric, "history": self.history, "interrupted": interrupted}
 
     def _fit_epochs(self) -> bool:
@@ -320,14 +328,14 @@ class Trainer:
                 metric = acc.overall if cfg.train.select_best_on == "overall" else epoch
                 is_best = metric > self.best_metric
                 if is_best:
-                    self.best_metric, self.best_epoch = metric, epoch
+                    self.best_metric, self.best_epoch, self.best_eval = metric, epoch, acc
                 self.log(
                     f"epoch {epoch:3d}  lr {result.lr:.4f}  loss {result.loss:.4f}  "
                     f"test {acc.overall:5.1f} (many {acc.many:5.1f} med {acc.medium:5.1f} few {acc.few:5.1f})  "
                     f"{result.images_per_s:,.0f} img/s  data wait {result.data_wait:.1f}/{result.seconds:.1f} s"
                 )
             if result.nonfinite:
-                self.log(f"warning: epoch {epoch} skipped {result.nonfinite} steps with a non-finite loss")
+                self.log(f"warning: epoch {epoch} skipped {plural(result.nonfinite, 'step')} with a non-finite loss")
             self.epoch = epoch
             self.history.append(record)
             if self.dist.is_main:
@@ -339,6 +347,18 @@ class Trainer:
                 self.log(f"stopped by {self._stop.requested} after epoch {epoch}; `ride-fast train ... --resume auto` continues")
                 return True
         return False
+
+    def _write_config(self) -> None:
+        """config.yaml is the config the run started with: a resume never rewrites it. A resume that
+        changes keys writes config_resume_N.yaml, its resolved config with the changes in its header."""
+        first = self.out_dir / "config.yaml"
+        if self._resumed is None or not first.exists():
+            atomic_write_text(dump_config(self.cfg), first)
+        elif self._resumed["changes"]:
+            n = len(list(self.out_dir.glob("config_resume_*.yaml"))) + 1
+            header = [f"# resume {n}: from {self._resumed['from']} at {self._resumed['at']}; keys changed (old -> new):"]
+            header += [f"#   {key}: {old!r} -> {new!r}" for key, old, new in self._resumed["changes"]]
+            atomic_write_text("\n".join(header) + "\n" + dump_config(self.cfg), self.out_dir / f"config_resume_{n}.yaml")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -362,6 +382,7 @@ class Trainer:
             "step": 0,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "best_eval": self.best_eval.as_dict(with_per_class=True) if self.best_eval is not None else None,
             "config": config_to_dict(self.cfg),
             "model_args": {k: v for k, v in self.model.model_args.items() if k != "batched"},  # per-expert layout
             "class_counts": [int(c) for c in self.class_counts],
@@ -412,17 +433,29 @@ class Trainer:
                 break
             else:
                 raise
+        changes = resume_changes(ckpt, self.cfg, path)  # refuses a change of the model or data shape, naming the key
+        stored_counts = [int(c) for c in ckpt.get("class_counts", [])]
+        if stored_counts and stored_counts != [int(c) for c in self.class_counts]:
+            raise ValueError(f"cannot resume {path}: its training set had other class counts than {self.train_set.name} has now "
+                             "(another data.root or list file?); resume with the data the run was trained on")
         self.model.load_state_dict(ckpt["model"])  # either layout
         load_canonical_optimizer_state(self.optimizer, self.model, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
         self.best_metric = float(ckpt["best_metric"])
         self.best_epoch = int(ckpt["best_epoch"])
+        self.best_eval = SplitAccuracy(**ckpt["best_eval"]) if ckpt.get("best_eval") else None
         self._resume_step = int(ckpt.get("step", 0))
         self._resume_sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"])
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")
+        if changes:
+            self.log(f"the config differs from the checkpoint's in {plural(len(changes), 'key')} "
+                     "(old -> new; the epochs trained so far used the old values):")
+            for key, old, new in changes:
+                self.log(f"  {key}: {old!r} -> {new!r}")
+        self._resumed = {"from": str(path), "at": where, "changes": changes}
 
 
 def _seek(loader, epoch: int, start_batch: int) -> int:

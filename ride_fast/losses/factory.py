@@ -18,14 +18,12 @@ import difflib
 
 import torch
 
-from ride_fast.config import DistillConfig, LossConfig
+from ride_fast.config import LOSS_NAMES, DistillConfig, LossConfig
 from ride_fast.losses.classification import ClassBalancedCELoss, CrossEntropyLoss, ExpertLoss, FocalLoss, LDAMLoss
 from ride_fast.losses.distill import RIDEDistillLoss
 from ride_fast.losses.ride import RIDELoss
 from ride_fast.losses.weights import ClassCounts
 from ride_fast.ops import ride_loss_path
-
-LOSS_NAMES = ("ride", "ce", "cb_ce", "ldam", "focal")
 
 
 def build_loss(cfg: LossConfig, class_counts: ClassCounts, distill: DistillConfig | None = None) -> ExpertLoss:

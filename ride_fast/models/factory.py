@@ -8,11 +8,10 @@ carry batched=True). Names come from the registry (ride_fast.models.registry).
 """
 from __future__ import annotations
 
+from ride_fast.config import MAX_EXPERTS, MIN_EXPERTS  # the one expert range, checked by the config too
 from ride_fast.models.batched import to_batched
 from ride_fast.models.registry import model_entrypoint
 from ride_fast.models.ride import RIDENet
-
-MIN_EXPERTS, MAX_EXPERTS = 1, 8
 
 
 def _check_int(what: str, value: object) -> int:

@@ -126,7 +126,10 @@ def test_end_to_end_in_two_processes_is_resumable_and_refuses_a_changed_config(t
 
     messages = []
     again = run_bias_variance(cfg, runs=2, methods=["ce", "ride2"], out_dir=tmp_path, pool=pool, log=messages.append)
-    assert sum("done already" in m for m in messages) == 4 and last.stat().st_mtime_ns == stamp
+    assert sum(m.endswith(": done already, skipped") for m in messages) == 4 and last.stat().st_mtime_ns == stamp
+    # a re-run says what it skips and what it still computes
+    assert "4 runs of 4 done already (skipped); nothing left to train" in messages
+    assert any(m.startswith("bias-variance: predicting the ") and "with the 4 checkpoints" in m for m in messages)
     np.testing.assert_array_equal(again.methods["ce"].variance, report.methods["ce"].variance)  # the same models, read back
 
     with pytest.raises(ValueError, match="another config"):

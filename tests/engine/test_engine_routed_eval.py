@@ -5,6 +5,7 @@ the command line: `ride-fast route`, `ride-fast eval` on a routed checkpoint.
 Shape legend: N images, C classes, E experts.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -125,3 +126,94 @@ def test_route_and_eval_commands_end_to_end(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "again.json").read_text())
     assert report["threshold"] == 1.0 and report["expert_usage"]["overall"] == {"1": 1.0, "2": 0.0}
     assert (tmp_path / "again_usage.png").is_file()
+
+
+def test_eval_keeps_routes_report_and_names_its_data(tmp_path, monkeypatch, capsys):
+    """`ride-fast eval` on a routed checkpoint writes its own <stem>_test_eval.json: route's
+    routed_eval.json (with its stage2 record) stays byte for byte; both name the data they scored."""
+    from ride_fast.cli import main
+
+    for module in (stage2, routed_eval):
+        monkeypatch.setattr(module, "build_datasets", lambda cfg: (tiny_split_data(0), tiny_test_data()))
+    net = tiny_net(2)
+    stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args}, tmp_path / "stage1.pt")
+    assert main(["route", "--checkpoint", str(stage1), f"data.image_size={PX}", "router.top_k=5", "router.epochs=1",
+                 "router.batch_size=64", "train.device=cpu", f"train.out_dir={tmp_path}", "train.max_steps_per_epoch=2"]) == 0
+    route_report = (tmp_path / "routed_eval.json").read_bytes()
+    assert "stage2" in json.loads(route_report)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "routed.pt"), "router.threshold=0.2", "router.top_k=3"]) == 0
+    out = capsys.readouterr().out
+    n = len(tiny_test_data())
+    assert f"routed.pt on mnist_lt, test split, {n:,} images:" in out
+    assert "warning: router.top_k does not apply" in out and "router.threshold does not apply" not in out
+    assert (tmp_path / "routed_eval.json").read_bytes() == route_report
+    mine = json.loads((tmp_path / "routed_test_eval.json").read_text())
+    assert mine["data"] == {"name": "mnist_lt", "root": "", "split": "test", "num_images": n}
+    assert mine["checkpoint"] == str(tmp_path / "routed.pt") and mine["threshold"] == 0.2
+    assert (tmp_path / "routed_test_usage.png").is_file()
+
+
+def test_route_takes_architecture_data_and_router_section_from_the_checkpoint(tmp_path, monkeypatch):
+    """No --config: the stage-1 checkpoint's data and router sections are used; a recipe changes only the keys it sets."""
+    from ride_fast.cli import main
+
+    seen = []
+
+    def fake_datasets(cfg):
+        seen.append(cfg)
+        return tiny_split_data(0), tiny_test_data()
+
+    monkeypatch.setattr(stage2, "build_datasets", fake_datasets)
+    net = tiny_net(2)
+    config = {"data": {"name": "cifar10_lt", "image_size": PX, "imbalance_factor": 10.0},
+              "router": {"top_k": 5, "epochs": 1, "batch_size": 64}, "train": {"device": "cpu", "out_dir": str(tmp_path)}}
+    stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args, "config": config}, tmp_path / "stage1.pt")
+    assert main(["route", "--no-eval", "--checkpoint", str(stage1), "train.max_steps_per_epoch=1"]) == 0
+    data = seen[-1]
+    assert (data.name, data.image_size, data.imbalance_factor) == ("cifar10_lt", PX, 10.0)
+    routed = torch.load(tmp_path / "routed.pt", weights_only=True)
+    assert routed["config"]["router"]["top_k"] == 5 and routed["config"]["model"]["num_experts"] == 2
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("router:\n  hidden: 4\n")
+    assert main(["route", "--no-eval", "--config", str(recipe), "--checkpoint", str(stage1), "--out", str(tmp_path / "b.pt"),
+                 "train.max_steps_per_epoch=1"]) == 0
+    assert seen[-1].name == "cifar10_lt"  # the recipe sets no data key: the checkpoint's data stays
+    routed = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert routed["config"]["router"]["hidden"] == 4 and routed["config"]["router"]["top_k"] == 5
+
+
+@pytest.mark.parametrize("experts, overrides, message", [
+    (1, [], r"stage 2 routes between experts, and this checkpoint has 1 \(model\.num_experts=1\)"),
+    (2, ["router.top_k=7"], r"router\.top_k=7 must lie in 1\.\.6"),
+    (2, ["data.name=image_list", "router.router_data=heldout"], r"router\.router_data=heldout needs images .*data\.name=image_list"),
+    (None, [], r"stores no data config .* pass the data options, e.g\. data\.name="),
+])
+def test_route_checks_everything_before_any_work(tmp_path, monkeypatch, capsys, experts, overrides, message):
+    """Each failure comes before the data is built and before the stage-2 start line; messages name config keys."""
+    from ride_fast.cli import main
+
+    def refuse(cfg):
+        raise AssertionError("route built its data before the checks")
+
+    monkeypatch.setattr(stage2, "build_datasets", refuse)
+    net = tiny_net(experts or 2)
+    state = {"model": net.state_dict(), "model_args": net.model_args}
+    if experts is not None:
+        state["config"] = {"data": {"image_size": PX}, "router": {"top_k": 5}}
+    stage1 = atomic_save(state, tmp_path / "stage1.pt")
+    assert main(["route", "--checkpoint", str(stage1), *overrides]) == 2
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err) and "stage 2" not in captured.out
+    assert "Options" not in captured.err and "Config" not in captured.err  # keys, not class names
+
+
+def test_route_help_explains_the_stage2_columns(capsys):
+    from ride_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["route", "--help"])
+    out = capsys.readouterr().out
+    assert "--config" in out and "come from the checkpoint" in " ".join(out.split())
+    for column in ("loss", "positive", "called", "precision", "recall"):
+        assert re.search(rf"^  {column} +\S", out, re.M), f"route --help does not explain the column {column!r}"

@@ -39,16 +39,16 @@ def test_eval_sweep_prints_the_curve_and_writes_json_and_png(tmp_path, monkeypat
     assert main(["eval", "--checkpoint", str(routed), "--sweep", "router.threshold=0.5"]) == 0
     out = capsys.readouterr().out
     assert "at every threshold" in out and "<- chosen" in out and "batch-1 latency" in out
-    sweep = json.loads((tmp_path / "routed_sweep.json").read_text())
+    sweep = json.loads((tmp_path / "routed_test_sweep.json").read_text())
     assert sweep["threshold"] == 0.5 and sweep["num_images"] == 5 * C
     curve = sweep["curve"]
     assert curve[0]["threshold"] == 1.0 and curve[-1]["threshold"] == 0.0 and curve[-1]["usage"] == [0.0, 0.0, 1.0]
     assert curve[-1]["accuracy"] == pytest.approx(sweep["all_experts_accuracy"])
-    assert (tmp_path / "routed_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = json.loads((tmp_path / "routed_eval.json").read_text())
+    assert (tmp_path / "routed_test_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "routed_test_eval.json").read_text())
     timing = report["timing"]
     assert timing["repeats"] >= 5 and set(timing["images_per_s"]) == {"all_experts", "routed"}
     assert {"p50", "p95"} <= set(timing["latency_ms"]["routed"]) and timing["latency_by_experts"]
-    assert report["sweep"]["png"].endswith("routed_sweep.png")
+    assert report["sweep"]["png"].endswith("routed_test_sweep.png")
     assert main(["eval", "--checkpoint", str(stage1), "--sweep"]) != 0  # a stage-1 checkpoint has no curve
     assert "--sweep needs a routed checkpoint" in capsys.readouterr().err

@@ -105,15 +105,30 @@ def test_bad_inputs_are_clear(tmp_path):
     empty_class = ArrayDataset(torch.zeros(4, 1, 32, 32, dtype=torch.uint8), torch.tensor([0, 0, 2, 2]), 3, (0.5,), (0.5,), "holes")
     with pytest.raises(ValueError, match=r"holes: classes \[1\] have no training image"):
         Trainer(tiny_cfg(tmp_path), train_set=empty_class, test_set=empty_class, log=lambda s: None)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="model.name: unknown name 'resnet33'"):
         Trainer(tiny_cfg(tmp_path, "model.name=resnet33"), log=lambda s: None)
 
 
 def test_cli_train_resume_and_eval(tmp_path, capsys):
     args = [*TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
     assert main(["train", *args]) == 0
-    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2"]) == 0
+    first_config = (tmp_path / "config.yaml").read_text()
+    capsys.readouterr()
+    # a change of the model's shape is refused, naming the key, before anything is written
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2", "model.num_experts=3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "model.num_experts: 2 -> 3" in err and "state dict" not in err
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    # other changes are printed (old -> new) before the first step; config.yaml keeps the config the run started with
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr: 0.1 -> 0.5" in out and "train.epochs: 1 -> 2" in out
+    assert out.index("optim.lr: 0.1 -> 0.5") < out.index("epoch   2")
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert (tmp_path / "config.yaml").read_text() == first_config
+    record = (tmp_path / "config_resume_1.yaml").read_text()
+    assert "# resume 1: from" in record and "#   optim.lr: 0.1 -> 0.5" in record
+    assert load_config(tmp_path / "config_resume_1.yaml").optim.lr == 0.5
     out_json = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(tmp_path / "last.pt"), "--json", str(out_json)]) == 0
     assert "overall" in capsys.readouterr().out
@@ -140,3 +155,40 @@ def test_trainer_records_the_loss_path_the_dispatch_takes(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path), log=lambda s: None)
     assert trainer.cfg.loss.name == "ride" and trainer.loss_path == "analytic"  # the CPU's closed form
     assert Trainer(tiny_cfg(tmp_path / "ref", "loss.impl=reference"), log=lambda s: None).loss_path == "reference"
+
+
+def test_per_class_report_is_the_epoch_best_pt_holds(tmp_path, monkeypatch):
+    """per_class_accuracy.json / .png come from best.pt's epoch (also after a resume), not the last epoch."""
+    from ride_fast.engine.metrics import SplitAccuracy
+
+    scores = iter([60.0, 30.0, 20.0])
+
+    def fake_evaluate(self, model=None):
+        overall = next(scores)
+        return SplitAccuracy(overall, overall, overall, overall, [overall] * 10)
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_evaluate)
+    Trainer(tiny_cfg(tmp_path, "train.epochs=2"), log=lambda s: None).fit()
+    report = json.loads((tmp_path / "per_class_accuracy.json").read_text())
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert report["epoch"] == 1 and report["checkpoint"] == "best.pt" and report["test"]["overall"] == 60.0
+    resumed = Trainer(tiny_cfg(tmp_path, "train.epochs=3"), log=lambda s: None)
+    resumed.resume(tmp_path / "last.pt")
+    assert resumed.fit()["best_epoch"] == 1
+    report = json.loads((tmp_path / "per_class_accuracy.json").read_text())
+    assert report["epoch"] == 1 and report["per_class_accuracy"] == [60.0] * 10
+
+
+def test_resume_refuses_a_training_set_with_other_class_counts(tmp_path):
+    """Same config keys, other data behind them (another data.root): refused before a step, with the reason."""
+    def data(counts):
+        labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
+        images = torch.randint(0, 256, (len(labels), 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        return ArrayDataset(images, labels, 3, (0.5,) * 3, (0.5,) * 3, "tiny")
+
+    first = data((12, 6, 3))
+    Trainer(tiny_cfg(tmp_path, "train.epochs=1"), train_set=first, test_set=first, log=lambda s: None).fit()
+    other = data((12, 5, 4))
+    trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), train_set=other, test_set=other, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"cannot resume .*last\.pt: its training set had other class counts than tiny has now"):
+        trainer.resume(tmp_path / "last.pt")

@@ -59,8 +59,8 @@ def test_distill_wrapping():
 
 
 def test_unknown_name():
-    with pytest.raises(ValueError, match=r"unknown loss 'ldma' \(did you mean 'ldam'\?\).*'ride', 'ce', 'cb_ce', 'ldam', 'focal'"):
-        build_loss(LossConfig(name="ldma"), COUNTS)
+    with pytest.raises(ValueError, match=r"loss\.name: unknown name 'ldma' \(did you mean 'ldam'\?\).*'ride', 'ce', 'cb_ce', 'ldam', 'focal'"):
+        build_loss(LossConfig(name="ldma"), COUNTS)  # the config refuses it before any loss is built
     with pytest.raises(TypeError, match="LossConfig"):
         build_loss({"name": "ride"}, COUNTS)
 

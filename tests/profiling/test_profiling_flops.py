@@ -42,3 +42,6 @@ def test_flops_cli_prints_parts_and_totals(capsys):
     assert main(["flops", "model.num_experts=3", "data.name=cifar100_lt"]) == 0
     out = capsys.readouterr().out
     assert "expert 3" in out and "total, 3 exp." in out and "0.1022" in out and "783,856" in out
+    assert "resnet32, 100 classes, 3 experts, 32 px" in out and "2 routers," in out
+    assert main(["flops", "model.num_experts=2", "data.name=cifar100_lt"]) == 0
+    assert "1 router," in capsys.readouterr().out  # singular
