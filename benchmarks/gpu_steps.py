@@ -503,11 +503,16 @@ def step_amp_fp16(rows: Rows, sizes: Sizes, mode: str) -> None:
     first_rel = abs(fp16["losses"][0] - bf16["losses"][0]) / abs(bf16["losses"][0])
     end_rel = abs(end_fp16 - end_bf16) / abs(end_bf16)
     finite = all(math.isfinite(x) for x in fp16["losses"] + bf16["losses"])
-    ok = finite and not late and first_rel <= FP16_FIRST_LOSS_RTOL and end_rel <= FP16_END_LOSS_RTOL
-    rows.measure("passed" if ok else "failed", case="resnet32-e3-fp16-gradscaler", loss_path=fp16["loss_path"], amp=fp16["amp"],
+    end_checked = n >= MIN_STEPS_FALLING  # a few steps of the dry run are noise
+    problems = [text for bad, text in (
+        (not finite, "a loss is not finite"), (late, f"GradScaler skipped steps {late} after step {FP16_SETTLE_STEPS}"),
+        (first_rel > FP16_FIRST_LOSS_RTOL, f"first loss {first_rel:.1%} from bf16's"),
+        (end_checked and end_rel > FP16_END_LOSS_RTOL, f"final loss level {end_rel:.1%} from bf16's")) if bad]
+    rows.measure("failed" if problems else "passed", case="resnet32-e3-fp16-gradscaler", loss_path=fp16["loss_path"], amp=fp16["amp"],
                  steps=n, skipped_steps=skipped, skipped_after_settle=late, final_scale=fp16["scales"][-1],
                  first_loss_fp16=fp16["losses"][0], first_loss_bf16=bf16["losses"][0], first_loss_rel_diff=first_rel,
-                 end_loss_fp16=end_fp16, end_loss_bf16=end_bf16, end_loss_rel_diff=end_rel, finite=finite,
+                 end_loss_fp16=end_fp16, end_loss_bf16=end_bf16, end_loss_rel_diff=end_rel, end_loss_checked=end_checked, finite=finite,
+                 reason="; ".join(problems),
                  tolerance=f"no skipped step after step {FP16_SETTLE_STEPS}; first loss within {FP16_FIRST_LOSS_RTOL:.0%}, "
                            f"mean of the last {tail} losses within {FP16_END_LOSS_RTOL:.0%} of bf16")
 
@@ -698,7 +703,7 @@ def step_status(step_rows: list[dict], rc: int | None) -> tuple[str, str]:
     statuses = [r["status"] for r in step_rows]
     reasons = [r.get("reason", "") for r in step_rows if r["status"] in ("failed", "skipped") and r.get("reason")]
     if "failed" in statuses or rc:
-        return "failed", reasons[0] if reasons else f"exit code {rc}"
+        return "failed", reasons[0] if reasons else (f"exit code {rc}" if rc else "a row failed")
     if not step_rows:
         return "failed", "the step wrote no row"
     if all(s == "skipped" for s in statuses):
