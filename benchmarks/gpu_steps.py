@@ -14,6 +14,7 @@ it wrote; the runner then writes the step's `timed_out` row. Each row has `step`
     env      device, versions
     test     one pytest test (gpu_tests, dali)
     measure  one measurement; rows with a goal carry `target` (text) and `target_met`
+    error    the exception that ended a step (failed; its message and traceback)
 
 Modes: full (<= 420 s on an H100/H200), quick (<= 150 s, fewer repetitions and one compile
 shape), dry (tiny sizes on the CPU, Triton through its interpreter; CUDA-only steps skipped).
@@ -41,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from _results import _jsonable  # benchmarks/ is on the path: this file runs from there
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = Path(__file__).resolve().parent
 
 STATUSES = ("passed", "failed", "timed_out", "skipped")
 #: imported before the first step; a failure names the module and stops the check
@@ -103,15 +105,6 @@ SIZES = {
 
 # --------------------------------------------------------------------------------------- rows
 
-def jsonable(value: Any) -> Any:
-    """Tensors, numpy scalars, paths and the like as plain JSON values."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
 class Rows:
     """Appends rows to DIR/rows.jsonl, one line each, written through at once (a killed step keeps
     what it wrote). A line is one write() on a file opened for appending, so rows of the runner and
@@ -127,7 +120,7 @@ class Rows:
         assert status in STATUSES, status
         row = {"step": self.step, "status": status, **fields}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row, default=jsonable) + "\n")
+            fh.write(json.dumps(row, default=_jsonable) + "\n")
             fh.flush()
         self.written.append(row)
         if self.fault and fields.get("kind") in ("measure", "test", "env"):
@@ -139,10 +132,6 @@ class Rows:
 
     def measure(self, status: str = "passed", **fields: Any) -> dict:
         return self.write(status, kind="measure", **fields)
-
-    def target(self, name: str, value: float, goal: float, text: str, **fields: Any) -> dict:
-        """A measurement with a goal (value >= goal): `target` and `target_met` in the row."""
-        return self.measure(case=name, value=value, target=text, target_met=bool(value >= goal), **fields)
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -159,13 +148,6 @@ def read_rows(out: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- timing
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
 
 def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3) -> dict:
     """Seconds per call of `fn`, no host sync inside the timed loop.
@@ -409,10 +391,11 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                            "predicted_pct_floor": 100 * pred["fraction_of_floor"], "predicted_for": gpu_model.name}
                     ok = math.isfinite(losses[provider]) and abs(losses[provider] - losses["eager"]) <= 1e-2 * max(1.0, abs(losses["eager"]))
                     if provider == "fused":
-                        row.update(x_eager=times["eager"] / timing["s"],
-                                   x_compile=times["compile"] / timing["s"] if "compile" in times else None,
-                                   target="fused >= 70% of the floor, >= 10x eager, >= 2x compile",
-                                   target_met=bool(pct >= 70 and row["x_eager"] >= 10 and (row["x_compile"] or 0) >= 2))
+                        x_compile = times["compile"] / timing["s"] if "compile" in times else None
+                        row.update(x_eager=times["eager"] / timing["s"], x_compile=x_compile,
+                                   target="fused >= 70% of the floor, >= 10x eager, "
+                                          + (">= 2x compile" if x_compile is not None else "(compile not timed at this shape)"),
+                                   target_met=bool(pct >= 70 and row["x_eager"] >= 10 and (x_compile is None or x_compile >= 2)))
                     rows.measure("passed" if ok else "failed", **row,
                                  **({} if ok else {"reason": f"loss {losses[provider]} vs eager {losses['eager']}"}))
             del z
@@ -720,6 +703,7 @@ def run(mode: str, out: Path) -> int:
     runner = Rows(out, "plan")
     runner.write(kind="plan", mode=mode, budget_s=BUDGET_S[mode], steps=[{"step": s, "deadline_s": d} for s, d in steps],
                  started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    t0 = time.perf_counter()
     missing = check_imports()
     imports = Rows(out, "imports")
     if missing:
@@ -732,7 +716,7 @@ def run(mode: str, out: Path) -> int:
             print(f"  {m}: {w}", file=sys.stderr)
         print("install them (make gpu-wheels builds .whl/ for a GPU machine; pip install -r requirements.txt here)", file=sys.stderr)
         return 1
-    imports.write(kind="end", modules=list(REQUIRED), elapsed_s=0.0)
+    imports.write(kind="end", modules=list(REQUIRED), elapsed_s=round(time.perf_counter() - t0, 2))
     faults = _env_map("RIDE_FAST_GPU_CHECK_FAULT")
     ctx = mp.get_context("fork")
     worst = 0
@@ -775,7 +759,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "dry":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    sys.path.insert(0, str(BENCH))
     return run(args.mode, args.out)
 
 
