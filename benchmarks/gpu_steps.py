@@ -533,13 +533,11 @@ def _engine_step_throughput(sizes: Sizes, name: str, experts: int, classes: int,
 
 def step_r50(rows: Rows, sizes: Sizes, mode: str) -> None:
     """RIDE-ResNet-50 E=3 and E=4 training steps, 224 px, bf16, channels-last: images/s and MFU."""
-    from ride_fast.models import create_model
     from ride_fast.profiling import model_cost
 
     for E in (3, 4):
         r = _engine_step_throughput(sizes, "resnet50", E, 1000, sizes.r50_batch, sizes.r50_px, sizes.r50_iters)
-        r.pop("model")
-        macs = model_cost(create_model("resnet50", num_classes=1000, num_experts=E), sizes.r50_px).total_macs
+        macs = model_cost(r.pop("model"), sizes.r50_px).total_macs
         flops = 6 * macs  # forward 2 MACs, backward about twice the forward
         mfu = flops * r["images_per_s"] / (H100_BF16_DENSE_TFLOPS * 1e12)
         finite = math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
