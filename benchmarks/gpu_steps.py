@@ -149,13 +149,17 @@ def read_rows(out: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------------------- timing
 
-def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3) -> dict:
+GRAPH_CALLS = 10  # calls captured in one CUDA graph (one graph launch per 10 calls)
+
+
+def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3, graph: bool = True) -> dict:
     """Seconds per call of `fn`, no host sync inside the timed loop.
 
     CUDA: `stream_s` from CUDA events around `iters` back-to-back calls (the host's launch cost is
-    in it when the host is the slower side), and `graph_s` from the same calls captured once in a
-    CUDA graph and replayed `iters` times (GPU time alone; None when the calls cannot be captured,
-    with `graph_error`). CPU: wall clock around the loop. `s` is graph_s when there is one."""
+    in it when the host is the slower side); with graph=True also `graph_s` from GRAPH_CALLS calls
+    captured once in a CUDA graph and replayed until about `iters` calls ran (the GPU's own time;
+    None when the calls cannot be captured, with `graph_error`). CPU: wall clock around the loop.
+    `s` is graph_s when there is one, else stream_s."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
@@ -181,27 +185,31 @@ def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3) ->
     end.record()
     end.synchronize()
     out = {"stream_s": start.elapsed_time(end) / 1e3 / iters, "graph_s": None, "iters": iters}
+    out["s"] = out["stream_s"]
+    if not graph:
+        return out
     torch.cuda.set_sync_debug_mode("error")  # a call that synchronises with the host cannot be captured
     try:
         fn()
     except RuntimeError as err:
         out["graph_error"] = f"not captured, the call synchronises with the host: {str(err).splitlines()[0][:200]}"
-        out["s"] = out["stream_s"]
         return out
     finally:
         torch.cuda.set_sync_debug_mode("default")
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        captured.replay()
         torch.cuda.synchronize()
+        replays = max(1, iters // GRAPH_CALLS)
         start.record()
-        for _ in range(iters):
-            graph.replay()
+        for _ in range(replays):
+            captured.replay()
         end.record()
         end.synchronize()
-        out["graph_s"] = start.elapsed_time(end) / 1e3 / iters
+        out["graph_s"] = start.elapsed_time(end) / 1e3 / (replays * GRAPH_CALLS)
     except Exception as err:  # some calls cannot be captured: keep the stream timing
         out["graph_error"] = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         torch.cuda.synchronize()
@@ -215,7 +223,7 @@ def copy_bandwidth(device, nbytes: int, iters: int) -> dict:
 
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = time_per_iter(lambda: dst.copy_(src), iters, device, warmup=1)
+    t = time_per_iter(lambda: dst.copy_(src), iters, device, warmup=1, graph=False)
     moved = 2 * src.numel() * 4
     del src, dst
     return {"bytes": moved, "ms": t["stream_s"] * 1e3, "gbps": moved / t["stream_s"] / 1e9}
@@ -526,7 +534,7 @@ def _engine_step_throughput(sizes: Sizes, name: str, experts: int, classes: int,
     def timed():
         last[:] = [step(x, y)]  # a device tensor: read after the timed loop
 
-    t = time_per_iter(timed, iters, dev, warmup=2 if dev.type == "cuda" else 0)
+    t = time_per_iter(timed, iters, dev, warmup=2 if dev.type == "cuda" else 0, graph=False)  # images/s as training runs
     return {"images_per_s": batch / t["stream_s"], "ms_per_step": t["stream_s"] * 1e3, "first_loss": first, "last_loss": float(last[0]),
             "batch": batch, "px": px, "model": model}
 
