@@ -298,6 +298,10 @@ def step_env(rows: Rows, sizes: Sizes, mode: str) -> None:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
                     cudnn=torch.backends.cudnn.version(), capability=list(torch.cuda.get_device_capability(0)))
+        try:
+            info["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except Exception:  # a torch built without NCCL: the ddp_nccl step says so
+            info["nccl"] = None
     else:
         info.update(gpu=None, device="cpu", triton_interpret=os.environ.get("TRITON_INTERPRET"))
     try:
