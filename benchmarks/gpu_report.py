@@ -1,53 +1,133 @@
-"""Summarise a GPU check: pytest-benchmark JSON files + test logs -> one JSON report and a table.
+"""The GPU check's report, rebuilt from its rows alone.
 
-    python3 benchmarks/gpu_report.py OUT_DIR     reads OUT_DIR/bench_*.json, OUT_DIR/env.json,
-                                                 OUT_DIR/tests.log; writes OUT_DIR/gpu_report.json
+    python benchmarks/gpu_report.py DIR      reads DIR/rows.jsonl, writes DIR/report.md and prints it
+
+Exit status 1 when any step failed or timed out (or no row says the run began), else 0. A step
+that started without an end row (the run was killed during it), and a planned step that never
+started, count as timed out. A line cut short by a kill is left out.
 """
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 
+from gpu_steps import STATUSES, read_rows
 
-def summarise(out: Path) -> dict:
-    report: dict = {"env": {}, "tests": {}, "benchmarks": []}
-    env = out / "env.json"
-    if env.exists():
-        report["env"] = json.loads(env.read_text())
-    for log in sorted(out.glob("tests*.log")):
-        summaries = [line for line in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
-        report["tests"][log.stem] = summaries
-    step = out / "train_step.json"
-    if step.exists():
-        report["train_step"] = json.loads(step.read_text())
-    for path in sorted(out.glob("bench_*.json")):
-        data = json.loads(path.read_text())
-        for b in data.get("benchmarks", []):
-            stats = b.get("stats", {})
-            report["benchmarks"].append({
-                "suite": path.stem.removeprefix("bench_"),
-                "name": b.get("name"),
-                "median_ms": 1e3 * stats.get("median", float("nan")),
-                "mean_ms": 1e3 * stats.get("mean", float("nan")),
-                "rounds": stats.get("rounds"),
-                **b.get("extra_info", {}),
-            })
-    return report
+LOSS_COLUMNS = ("case", "provider", "ms", "ms_stream", "gbps", "pct_copy_bw", "pct_floor_time", "predicted_pct_floor", "x_eager",
+                "x_compile")
+HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}
+
+
+def step_table(rows: list[dict]) -> list[dict]:
+    """One entry per step of the plan (then any other step seen): status, seconds, deadline, reason."""
+    plan = next((r for r in rows if r.get("kind") == "plan"), None)
+    order = ["imports"] + [s["step"] for s in plan["steps"]] if plan else []
+    deadlines = {s["step"]: s["deadline_s"] for s in plan["steps"]} if plan else {}
+    for r in rows:
+        if r.get("kind") != "plan" and r["step"] not in order:
+            order.append(r["step"])
+    table = []
+    for step in order:
+        mine = [r for r in rows if r["step"] == step]
+        end = next((r for r in reversed(mine) if r.get("kind") == "end"), None)
+        targets = [r for r in mine if "target_met" in r]
+        entry = {"step": step, "deadline_s": deadlines.get(step), "targets": len(targets),
+                 "targets_met": sum(bool(r["target_met"]) for r in targets)}
+        if end is not None:
+            entry.update(status=end["status"], elapsed_s=end.get("elapsed_s"), reason=end.get("reason", ""))
+        elif any(r.get("kind") == "start" for r in mine):
+            entry.update(status="timed_out", reason="the run ended during this step (no end row)")
+        elif step == "imports" and not mine:
+            entry.update(status="timed_out", reason="the run ended before its imports were checked")
+        else:
+            entry.update(status="timed_out", reason="not reached: the run ended before this step")
+        table.append(entry)
+    return table
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value[:8]) + (" ..." if len(value) > 8 else "")
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def _table(header: list[str], lines: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(v) for v in line) + " |" for line in lines]
+    return out
+
+
+def build(rows: list[dict]) -> tuple[str, int]:
+    """(report markdown, exit status)."""
+    plan = next((r for r in rows if r.get("kind") == "plan"), {})
+    env = next((r for r in rows if r.get("kind") == "env"), {})
+    steps = step_table(rows)
+    counts = {s: sum(e["status"] == s for e in steps) for s in STATUSES}
+    md = [f"# GPU check ({plan.get('mode', '?')} mode, started {plan.get('started_utc', '?')})", ""]
+    if env:
+        md.append("Device: " + ", ".join(f"{k} {_fmt(v)}" for k, v in env.items() if k not in HIDDEN and v is not None))
+        md.append("")
+    md += ["## Steps", ""]
+    md += _table(["step", "status", "seconds", "deadline", "targets met", "note"],
+                 [[e["step"], e["status"].replace("_", " "), e.get("elapsed_s"), e["deadline_s"],
+                   f"{e['targets_met']}/{e['targets']}" if e["targets"] else "", e.get("reason", "")[:200]] for e in steps])
+    total = sum(e.get("elapsed_s") or 0 for e in steps)
+    md += ["", f"{counts['passed']} passed, {counts['failed']} failed, {counts['timed_out']} timed out, {counts['skipped']} skipped; "
+               f"{total:.0f} s of steps (budget {plan.get('budget_s', '?')} s).", ""]
+    targets = [r for r in rows if "target_met" in r]
+    if targets:
+        md += ["## Targets", ""]
+        md += _table(["step", "case", "target", "met"], [[r["step"], r.get("case"), r["target"], r["target_met"]] for r in targets])
+        md.append("")
+    loss = [r for r in rows if r["step"] == "loss_bench" and r.get("kind") == "measure" and r.get("provider")]
+    copy = next((r for r in rows if r["step"] == "loss_bench" and r.get("case") == "copy"), None)
+    if loss:
+        md += ["## RIDE loss, forward + backward", ""]
+        if copy:
+            md.append(f"Copy bandwidth (read + written): {copy['gbps']:,.0f} GB/s over {copy['bytes'] / 1e9:.2f} GB. "
+                      "ms is the CUDA-graph replay time (ms_stream: back-to-back launches); GB/s and % of the floor count "
+                      "the floor bytes, reading the logits once and writing their gradient once.")
+            md.append("")
+        md += _table(list(LOSS_COLUMNS) + ["status"], [[r.get(c) for c in LOSS_COLUMNS] + [r["status"]] for r in loss])
+        md.append("")
+    others = [r for r in rows if r.get("kind") == "measure" and r not in loss and r is not copy]
+    if others:
+        md += ["## Measurements", ""]
+        for r in others:
+            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in HIDDEN and v is not None and v != "")
+            md.append(f"- **{r['step']}** {r.get('case', '')} ({r['status']}): {shown}")
+        md.append("")
+    failed_tests = [r for r in rows if r.get("kind") in ("test", "error") and r["status"] == "failed"]
+    if failed_tests:
+        md += ["## Failures", ""]
+        md += [f"- {r['step']}: {r.get('test', 'error')}: {_fmt(r.get('reason', ''))}" for r in failed_tests]
+        md.append("")
+    tests = [r for r in rows if r.get("kind") == "test"]
+    if tests:
+        by = {s: sum(r["status"] == s for r in tests) for s in ("passed", "failed", "skipped")}
+        md += [f"pytest: {by['passed']} passed, {by['failed']} failed, {by['skipped']} skipped.", ""]
+    status = 1 if (counts["failed"] or counts["timed_out"] or not plan) else 0
+    return "\n".join(md), status
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[1] if len(argv) > 1 else "gpu_out")
-    report = summarise(out)
-    (out / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str))
-    for name, lines in report["tests"].items():
-        print(f"{name}: {' | '.join(lines) or 'no summary line'}")
-    for b in report["benchmarks"]:
-        extra = {k: v for k, v in b.items() if k not in ("suite", "name", "median_ms", "mean_ms", "rounds")}
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-        print(f"{b['suite']:<10} {b['name']:<60} {b['median_ms']:9.3f} ms  {shown}")
-    return 0
+    if len(argv) != 2:
+        print("usage: python benchmarks/gpu_report.py DIR   (DIR holds the rows.jsonl of a GPU check)", file=sys.stderr)
+        return 2
+    out = Path(argv[1])
+    if not (out / "rows.jsonl").exists():
+        print(f"{out / 'rows.jsonl'} not found: run `bash benchmarks/gpu_check.sh --out {out}` first", file=sys.stderr)
+        return 2
+    text, status = build(read_rows(out))
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    return status
 
 
 if __name__ == "__main__":

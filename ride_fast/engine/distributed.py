@@ -37,10 +37,11 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False  # in a process group (every torchrun job, one process included)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.joined
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +49,9 @@ class DistContext:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun started this process (it sets TORCHELASTIC_RUN_ID): a job of one process joins a
+    process group too, so `torchrun --nproc_per_node=1` runs DDP over NCCL like N processes do."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
@@ -78,7 +81,7 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
                     "that died: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (README.md, "
                     "\"Several GPUs, several nodes\")") from None
             raise
-    return DistContext(rank, world, local), device
+    return DistContext(rank, world, local, joined=True), device
 
 
 def shutdown_distributed() -> None:

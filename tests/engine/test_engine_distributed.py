@@ -150,3 +150,25 @@ def test_single_process_needs_no_process_group():
     assert ctx == DistContext() and not ctx.enabled and ctx.is_main and device == torch.device("cpu")
     model = nn.Linear(2, 2)
     assert wrap_ddp(model, ctx, device) is model
+
+
+def test_torchrun_with_one_process_joins_a_process_group(monkeypatch):
+    """`torchrun --nproc_per_node=1` (WORLD_SIZE=1, TORCHELASTIC_RUN_ID set) trains through DDP and
+    a process group (NCCL on a GPU) like a job of N processes, not as a plain single process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"TORCHELASTIC_RUN_ID": "one", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    ctx, device = init_distributed(torch.device("cpu"))
+    try:
+        assert ctx.enabled and ctx.world_size == 1 and ctx.is_main and dist.is_initialized()
+        assert dist.get_backend() == "gloo"
+        from torch.nn.parallel import DistributedDataParallel
+
+        assert isinstance(wrap_ddp(nn.Linear(2, 2), ctx, device), DistributedDataParallel)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,158 @@
+"""The GPU check proven on the CPU: `gpu_check.sh --cpu-dry-run` runs every step with tiny sizes,
+writes its rows as it goes, reports from the rows alone, and says failed / timed out / skipped
+honestly (a failed step, a step past its deadline, a killed runner, a missing module)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gpu_report import build, step_table
+from gpu_steps import BUDGET_S, DEADLINES, STARTUP_S, STEPS, read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_STEPS = ["env", "loss_bench", "trainer_compile", "amp_fp16", "r50", "routed", "ddp_nccl", "e8"]
+CUDA_ONLY = ["gpu_tests", "trainer_cuda_graphs", "dali"]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIDE_FAST_GPU_CHECK")}
+    env.pop("WORLD_SIZE", None)
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
+def _check(out: Path, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out", str(out)], cwd=ROOT, env=_env(**extra),
+                          capture_output=True, text=True, timeout=900)
+
+
+def _ends(out: Path) -> dict:
+    return {r["step"]: r for r in read_rows(out) if r.get("kind") == "end"}
+
+
+def _report(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/gpu_report.py", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    return out, _check(out)
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
+    out, proc = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = read_rows(out)
+    assert all(set(r) >= {"step", "status"} and r["status"] in ("passed", "failed", "timed_out", "skipped") for r in rows)
+    ends = _ends(out)
+    assert [s for s in ends if s != "imports"] == list(STEPS)
+    assert {s for s in CPU_STEPS if ends[s]["status"] == "passed"} == set(CPU_STEPS)
+    for s in CUDA_ONLY:
+        assert ends[s]["status"] == "skipped" and "CUDA" in ends[s]["reason"]
+    loss = [r for r in rows if r["step"] == "loss_bench" and r.get("provider")]
+    assert {(r["dtype"], r["diversity"], r["provider"]) for r in loss} == {
+        (d, m, p) for d in ("fp32", "bf16") for m in ("mean", "pairwise") for p in ("eager", "compile", "fused")}
+    copy = next(r for r in rows if r.get("case") == "copy")
+    fused = [r for r in loss if r["provider"] == "fused"]
+    assert copy["gbps"] > 0 and all(r["pct_floor_time"] > 0 and 0 < r["predicted_pct_floor"] <= 100 for r in fused)
+    assert all(r["x_eager"] > 0 and r["x_compile"] > 0 and isinstance(r["target_met"], bool) for r in fused)
+    ddp = next(r for r in rows if r["step"] == "ddp_nccl" and r.get("kind") == "measure")
+    assert ddp["backend"] == "gloo" and ddp["rc"] == 0 and ddp["epochs"] == 1
+    fp16 = next(r for r in rows if r["step"] == "amp_fp16" and r.get("kind") == "measure")
+    assert fp16["loss_path"] == "triton" and fp16["amp"] == "fp16" and fp16["first_loss_rel_diff"] <= 0.02
+    r50 = [r for r in rows if r["step"] == "r50" and r.get("kind") == "measure"]
+    assert [r["case"] for r in r50] == ["resnet50-e3-bf16-cl", "resnet50-e4-bf16-cl"] and all(r["mfu"] > 0 for r in r50)
+    report = (out / "report.md").read_text()
+    for step in STEPS:
+        assert f"| {step} | {ends[step]['status'].replace('_', ' ')} |" in report
+    # the report is rebuilt from the rows alone, the same
+    (out / "report.md").unlink()
+    again = _report(out)
+    assert again.returncode == 0 and (out / "report.md").read_text() == report
+
+
+def test_a_failed_step_fails_the_check_and_the_next_steps_still_run(tmp_path):
+    proc = _check(tmp_path, RIDE_FAST_GPU_CHECK_STEPS="env,trainer_cuda_graphs", RIDE_FAST_GPU_CHECK_FAULT="env:raise")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ends = _ends(tmp_path)
+    assert ends["env"]["status"] == "failed" and "RIDE_FAST_GPU_CHECK_FAULT" in ends["env"]["reason"]
+    assert ends["trainer_cuda_graphs"]["status"] == "skipped"
+    assert "| env | failed |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_step_past_its_deadline_is_timed_out_and_keeps_its_rows(tmp_path):
+    proc = _check(tmp_path, RIDE_FAST_GPU_CHECK_STEPS="env,trainer_cuda_graphs", RIDE_FAST_GPU_CHECK_FAULT="env:hang",
+                  RIDE_FAST_GPU_CHECK_DEADLINES="env=4")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_rows(tmp_path)
+    assert any(r["step"] == "env" and r.get("kind") == "env" and r["status"] == "passed" for r in rows)  # written before the hang
+    ends = _ends(tmp_path)
+    assert ends["env"]["status"] == "timed_out" and ends["env"]["deadline_s"] == 4
+    assert ends["trainer_cuda_graphs"]["status"] == "skipped"  # the check went on
+    assert "| env | timed out |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_killed_runner_leaves_its_rows_and_a_report_that_says_timed_out(tmp_path):
+    env = _env(RIDE_FAST_GPU_CHECK_STEPS="env,dali", RIDE_FAST_GPU_CHECK_FAULT="env:hang", TRITON_INTERPRET="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    runner = subprocess.Popen([sys.executable, "benchmarks/gpu_steps.py", "--mode", "dry", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r.get("kind") == "env" for r in read_rows(tmp_path)):
+            assert runner.poll() is None and time.monotonic() < deadline, "the env step never wrote its row"
+            time.sleep(0.2)
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(30)
+    with open(tmp_path / "rows.jsonl", "a") as fh:
+        fh.write('{"step": "env", "status": "pas')  # a line cut short by the kill
+    proc = _report(tmp_path)
+    assert proc.returncode == 1
+    table = {e["step"]: e for e in step_table(read_rows(tmp_path))}
+    assert table["env"]["status"] == "timed_out" and "during this step" in table["env"]["reason"]
+    assert table["dali"]["status"] == "timed_out" and "not reached" in table["dali"]["reason"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| env | timed out |" in report and "| dali | timed out |" in report and "Device: python" in report
+
+
+def test_a_missing_module_is_named_before_any_step_runs(tmp_path):
+    hidden = tmp_path / "hide" / "fvcore"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'fvcore'\")\n")
+    out = tmp_path / "out"
+    proc = _check(out, PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), os.environ.get("PYTHONPATH", "")]))
+    assert proc.returncode == 1
+    assert "cannot import fvcore.nn" in proc.stderr and "No module named 'fvcore'" in proc.stderr
+    rows = read_rows(out)
+    assert not any(r.get("kind") == "start" for r in rows)  # no step began
+    ends = _ends(out)
+    assert ends["imports"]["status"] == "failed" and ends["imports"]["missing"][0]["module"] == "fvcore.nn"
+    assert all(ends[s]["status"] == "skipped" for s in STEPS)
+    assert "| imports | failed |" in (out / "report.md").read_text()
+
+
+def test_deadlines_fit_the_budgets():
+    """The full check's steps fit in 420 s and --quick's in 150 s, the runner's start and report included."""
+    for column, mode in enumerate(("full", "quick")):
+        assert sum(d[column] for d in DEADLINES.values()) + STARTUP_S <= BUDGET_S[mode]
+
+
+def test_report_counts_a_step_without_rows_as_failed_and_needs_a_plan(tmp_path):
+    rows = [{"step": "plan", "status": "passed", "kind": "plan", "mode": "full", "budget_s": 420,
+             "steps": [{"step": "env", "deadline_s": 20}]},
+            {"step": "imports", "status": "passed", "kind": "end"},
+            {"step": "env", "status": "passed", "kind": "end", "elapsed_s": 1.0}]
+    assert build(rows)[1] == 0
+    assert build(rows[:2] + [{**rows[2], "status": "failed", "reason": "the step wrote no row"}])[1] == 1
+    assert build(rows[1:])[1] == 1  # no plan row: the run never began properly
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert _report(tmp_path).returncode == 0
