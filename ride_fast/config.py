@@ -118,6 +118,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # a non-finite loss skips its step; stop after this many in a row (0: never stop)
     handle_signals: bool = True  # SIGTERM / SIGINT: save a checkpoint at the next step boundary, then exit cleanly
     tensorboard: bool = True  # also write TensorBoard events when the tensorboard package is installed
+    # Gradient accumulation: each rank's share of data.batch_size (still the global batch of one optimizer step) runs
+    # as this many micro-batches, gradients summed before the one step; activation memory shrinks by this factor.
+    # BatchNorm normalises with each micro-batch's statistics (docs/method.md §8). Not with train.cuda_graphs.
+    accumulate_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.accumulate_steps, int) and self.accumulate_steps >= 1):
+            raise ConfigError(f"train.accumulate_steps counts micro-batches per optimizer step and must be an integer >= 1, "
+                              f"got {self.accumulate_steps!r}")
 
 
 @dataclass(frozen=True)

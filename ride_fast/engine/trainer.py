@@ -146,7 +146,8 @@ class Trainer:
         self.teacher = self._load_teacher() if cfg.distill.teacher_checkpoint else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.step = TrainStep(self.train_model, self.criterion, self.optimizer, device=self.device, amp=self.amp,
-                              teacher=self.teacher, compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs, dist=self.dist)
+                              teacher=self.teacher, compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs, dist=self.dist,
+                              accumulate_steps=cfg.train.accumulate_steps)
         self.scaler = self.step.scaler
 
         # in-memory sets (MNIST/CIFAR) stay on the device; file lists go through DALI or the torch loader
