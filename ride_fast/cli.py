@@ -35,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train a CE baseline and RIDE on MNIST-LT and compare them")
-    p.add_argument("--out-dir", default="demo_out")
+    p.add_argument("--out-dir", default="demo_out", help="results; its run folders are trained anew on every call (default demo_out)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30)")
 
     p = sub.add_parser("train", help="stage-1 training")
     _add_config_args(p)
     p.add_argument("--resume", help="checkpoint to continue from ('auto': OUT_DIR/last.pt if present)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a new run into a train.out_dir that holds another run: delete that run's files first "
+                        "(config.yaml, metrics.jsonl, train.log, *.pt, tensorboard/, per_class_accuracy.*); without it the run stops")
 
     p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint")
     _add_config_args(p, required=True)
@@ -188,7 +191,7 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=args.overwrite)
         resume = args.resume
         if resume == "auto":
             last = Path(cfg.train.out_dir) / "last.pt"

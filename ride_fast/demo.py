@@ -100,7 +100,8 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
     for name, cfg in recipes.items():
         log(f"\n== {name}: {cfg.model.num_experts} expert(s), loss {cfg.loss.name}, {cfg.train.epochs} epochs")
         start = time.perf_counter()
-        trainer = Trainer(cfg, train_set=train_set, test_set=test_set, log=lambda s: log("  " + s) if _every(s, cfg) else None)
+        trainer = Trainer(cfg, train_set=train_set, test_set=test_set, log=lambda s: log("  " + s) if _every(s, cfg) else None,
+                          overwrite=True)  # the demo trains both models anew on every call, replacing its last results
         summary = trainer.fit()
         seconds = time.perf_counter() - start
         acc = trainer.evaluate()  # the last epoch, like ImageNet-LT / iNat reporting

@@ -103,7 +103,9 @@ def train_run(spec: RunSpec, log: Callable[[str], None] = print) -> Path:
     if spec.data_info:
         atomic_write_text(json.dumps(spec.data_info, indent=2), spec.out_dir / "data.json")
     start = time.perf_counter()
-    trainer = Trainer(spec.cfg, train_set=spec.train_set, test_set=spec.test_set, log=lambda s: log(f"{spec.name}: {s}"))
+    # "new": no checkpoint to continue from, and run_state checked that any config.yaml there is this run's
+    trainer = Trainer(spec.cfg, train_set=spec.train_set, test_set=spec.test_set, log=lambda s: log(f"{spec.name}: {s}"),
+                      overwrite=state == "new")
     if state == "partial":
         trainer.resume(spec.final_checkpoint)
     trainer.fit()

@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -108,8 +109,11 @@ class Trainer:
         train_set: ArrayDataset | None = None,
         test_set: ArrayDataset | None = None,
         log: Callable[[str], None] = print,
+        overwrite: bool = False,
     ):
         self.cfg = cfg
+        self.overwrite = overwrite  # a new run may replace another run's files in train.out_dir (`--overwrite`)
+        self._resumed = False
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.log = log if self.dist.is_main else (lambda s: None)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -282,6 +286,8 @@ class Trainer:
         (the run stopped on a signal after saving; `ride-fast train --resume auto` continues it)."""
         cfg = self.cfg
         if self.dist.is_main:
+            if not self._resumed:  # before anything is written: a new run never mixes with another run's files
+                claim_run_folder(self.out_dir, self.overwrite, self.log)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(dump_config(cfg), self.out_dir / "config.yaml")
             self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard)
@@ -422,8 +428,40 @@ class Trainer:
         self._resume_step = int(ckpt.get("step", 0))
         self._resume_sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"])
+        self._resumed = True
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard", "per_class_accuracy.json",
+             "per_class_accuracy.png")  # what a run writes into train.out_dir (routed.pt of `ride-fast route` included)
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files and folders of a run in `out_dir` (RUN_FILES), sorted; [] for a fresh or missing folder."""
+    out_dir = Path(out_dir)
+    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)}) if out_dir.is_dir() else []
+
+
+def claim_run_folder(out_dir: Path, overwrite: bool, log: Callable[[str], None] = print) -> None:
+    """Make `out_dir` ready for a new run. When it holds another run's files: without `overwrite`
+    raise, naming the folder and the choices, with nothing touched; with it, delete those files
+    (RUN_FILES only: other files in the folder stay)."""
+    found = run_files(out_dir)
+    if not found:
+        return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    if not overwrite:
+        cont = ("`ride-fast train ... --resume auto` continues it" if (Path(out_dir) / "last.pt").is_file()
+                else "it has no last.pt to continue from")
+        raise ValueError(f"train.out_dir {out_dir} holds another run ({names}); nothing was changed. Choose one: {cont}; "
+                         f"set a new train.out_dir=...; or pass --overwrite to delete that run's files and start anew")
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    log(f"deleted the previous run's files in {out_dir} to start anew ({names})")
 
 
 def _seek(loader, epoch: int, start_batch: int) -> int:

@@ -140,3 +140,28 @@ def test_trainer_records_the_loss_path_the_dispatch_takes(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path), log=lambda s: None)
     assert trainer.cfg.loss.name == "ride" and trainer.loss_path == "analytic"  # the CPU's closed form
     assert Trainer(tiny_cfg(tmp_path / "ref", "loss.impl=reference"), log=lambda s: None).loss_path == "reference"
+
+
+def _folder_state(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_never_mixes_with_another_runs_folder(tmp_path, capsys):
+    args = [*TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
+    assert main(["train", *args]) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _folder_state(tmp_path)
+    capsys.readouterr()
+    assert main(["train", *args]) == 2  # a new run into the same folder: refused, nothing touched
+    err = capsys.readouterr().err
+    assert f"train.out_dir {tmp_path} holds another run" in err
+    for choice in ("--resume auto", "a new train.out_dir", "--overwrite"):
+        assert choice in err
+    assert _folder_state(tmp_path) == before
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(["train", "--overwrite", *args]) == 0  # the old run's files go, other files stay
+    assert "deleted the previous run's files" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2"]) == 0  # continuing is not a new run
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
