@@ -29,6 +29,7 @@ from ride_fast.config import (
     update,
 )
 from ride_fast.engine import CheckpointError, Trainer, load_checkpoint
+from ride_fast.engine.monitor import info
 from ride_fast.io import atomic_write_text
 
 FINAL = "last.pt"
@@ -93,7 +94,7 @@ def _config_diff(a: Config, b: Config) -> list[str]:
     return out
 
 
-def train_run(spec: RunSpec, log: Callable[[str], None] = print) -> Path:
+def train_run(spec: RunSpec, log: Callable[[str], None] = info) -> Path:
     """Train one run to its last epoch (resuming a partial one); returns its final checkpoint."""
     state, _ = run_state(spec)
     if state == "done":
@@ -131,7 +132,7 @@ def _devices(cfg: Config, n: int) -> list[str | None]:
     return [f"cuda:{i % count}" for i in range(n)]
 
 
-def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], None] = print) -> list[Path]:
+def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], None] = info) -> list[Path]:
     """Train every run that is not done; returns their final checkpoints (in the order of `specs`)."""
     todo = []
     for i, s in enumerate(specs):  # also checks every folder's config before anything trains

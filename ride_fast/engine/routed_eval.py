@@ -22,6 +22,7 @@ import torch
 from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
 from ride_fast.engine.checkpoint import atomic_write_text, checkpoint_config, load_checkpoint, load_routed_checkpoint
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
+from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
 from ride_fast.engine.threshold_curve import plot_sweep, score_routers, sweep_table, threshold_curve, threshold_curve_rows
@@ -123,6 +124,7 @@ def evaluate_routed(
     timing_images: int = 512,
     latency_images: int = 200,
     repeats: int = 5,
+    show_progress: bool = True,
 ) -> RoutedReport:
     """Accuracy, expert usage, MACs and time per image of routed vs all-experts inference.
 
@@ -131,6 +133,7 @@ def evaluate_routed(
     `baseline` (MACs) may be passed when already counted (fvcore tracing takes a while). After the
     accuracy pass, `timing` measures time on `timing_images` test images spread over the set, at the
     loader's batch (`time_routed`: `repeats` A B B A rounds, batch-1 latency on `latency_images` images).
+    `show_progress`: a progress bar over the batches (on a terminal; see engine/monitor.py).
     """
     device = next(net.parameters()).device
     net.eval()
@@ -142,7 +145,7 @@ def evaluate_routed(
     usage = torch.zeros(C * E, dtype=torch.long, device=device)  # [class, experts used - 1]
     kept, kept_n, batch_size = [], 0, 0
     per_batch = -(-timing_images // max(len(loader), 1)) if timing else 0  # test sets are often sorted by class
-    for batch in loader:
+    for batch in progress(loader, "routed eval", enabled=show_progress):
         x, y = batch.images, batch.labels
         batch_size = max(batch_size, x.shape[0])
         if kept_n < timing_images and per_batch:  # the timing phase reuses test images spread over the whole set
@@ -245,7 +248,7 @@ def report_paths(checkpoint: str | Path, json_path: str | Path | None = None) ->
 
 
 def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = None, json_path: str | Path | None = None, *,
-                               log: Callable[[str], None] = print, datasets=None, sweep: bool = False) -> RoutedReport:
+                               log: Callable[[str], None] = info, datasets=None, sweep: bool = False) -> RoutedReport:
     """`ride-fast eval` on a routed checkpoint: the report, printed and written as JSON + PNG.
     The run's own config (defaults for a converted original checkpoint; its router.threshold is the
     one stage 2 chose), then `overrides` (e.g. {"router": {"threshold": 0.3}, "data": {"root": ...}}).

@@ -1,8 +1,11 @@
 """Stage-1 training and evaluation: one `Trainer` from a resolved `Config`.
 
-Per step (`TrainStep`): forward of all experts, the loss over all experts' logits, backward, SGD.
+Per step (`TrainStep`): forward of all experts, the loss over all experts' logits, backward, SGD
+(with train.accumulate_steps = K: forward and backward over K micro-batches, then the one SGD step).
 Metrics stay on the device and are read once per `train.log_interval` steps and at the end of the
-epoch (the only host syncs of the loop). Per epoch: the lr multiplier of the recipe,
+epoch (the only host syncs of the loop). First: a new run claims train.out_dir (`claim_run_folder`:
+another run's files stop it unless --overwrite), logs its start-up summary and opens train.log
+(rank 0). Per epoch: the lr multiplier of the recipe,
 `loss.set_epoch` (the DRW / temperature switch), evaluation, metrics as a JSON line, checkpoints
 written atomically.
 
@@ -41,7 +44,7 @@ from torch import nn
 from torch.distributed import ReduceOp
 
 from ride_fast.config import Config, config_to_dict, dump_config
-from ride_fast.data import ArrayDataset, build_datasets, build_loaders
+from ride_fast.data import ArrayDataset, build_datasets, build_loaders, choose_loader
 from ride_fast.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -63,10 +66,14 @@ from ride_fast.engine.metrics import SplitAccuracy
 from ride_fast.engine.monitor import (
     SIGNAL_AT_ENV,
     StopRequest,
+    info,
+    log_file,
     progress_bar,
     signal_at_from_env,
+    startup_summary,
     tensorboard_log,
     tensorboard_writer,
+    warn,
 )
 from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, load_canonical_optimizer_state
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
@@ -108,7 +115,7 @@ class Trainer:
         *,
         train_set: ArrayDataset | None = None,
         test_set: ArrayDataset | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = info,
         overwrite: bool = False,
     ):
         self.cfg = cfg
@@ -273,7 +280,8 @@ class Trainer:
         """Accuracy of the mean logits of all experts on the test set, overall and per split (in a
         torchrun job each rank evaluates its shard and the per-class counts are summed)."""
         return evaluate_model(model or self.model, self.test_loader, self.class_counts, device=self.device, amp=self.amp,
-                              prefetch=self.cfg.train.prefetch, dist=self.dist)
+                              prefetch=self.cfg.train.prefetch, dist=self.dist,
+                              show_progress=self.cfg.train.progress and self.dist.is_main)
 
     def _average_bn_statistics(self) -> None:
         """Every rank evaluates, and rank 0 saves, the same network (with sync_bn the statistics are equal already)."""
@@ -285,12 +293,30 @@ class Trainer:
         """Train to train.epochs; returns best_epoch, best_metric, history and `interrupted`
         (the run stopped on a signal after saving; `ride-fast train --resume auto` continues it)."""
         cfg = self.cfg
+        run_log = contextlib.nullcontext()
         if self.dist.is_main:
             if not self._resumed:  # before anything is written: a new run never mixes with another run's files
                 claim_run_folder(self.out_dir, self.overwrite, self.log)
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            run_log = log_file(self.out_dir / "train.log")
+        with run_log:
+            return self._fit()
+
+    def summary(self) -> str:
+        """The start-up lines of a run: data, loader, device, precision, batch per step and rank, output."""
+        cfg = self.cfg
+        return startup_summary(
+            "train", data=cfg.data.name, num_classes=self.num_classes, train_images=len(self.train_set),
+            test_images=len(self.test_set), loader=choose_loader(cfg.data, self.train_set), device=self.device, amp=self.amp,
+            amp_setting=cfg.train.amp, batch=cfg.data.batch_size, world_size=self.dist.world_size,
+            accumulate_steps=cfg.train.accumulate_steps, out=self.out_dir)
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.log(self.summary())
             atomic_write_text(dump_config(cfg), self.out_dir / "config.yaml")
-            self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard)
+            self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard, self.log)
         interrupted = False
         stop = StopRequest(self.log) if cfg.train.handle_signals else contextlib.nullcontext()
         try:
@@ -334,7 +360,7 @@ class Trainer:
                     f"{result.images_per_s:,.0f} img/s  data wait {result.data_wait:.1f}/{result.seconds:.1f} s"
                 )
             if result.nonfinite:
-                self.log(f"warning: epoch {epoch} skipped {result.nonfinite} steps with a non-finite loss")
+                warn(self.log, f"epoch {epoch} skipped {result.nonfinite} steps with a non-finite loss")
             self.epoch = epoch
             self.history.append(record)
             if self.dist.is_main:
@@ -414,7 +440,7 @@ class Trainer:
                     ckpt = load_checkpoint(alt)
                 except CheckpointError:
                     continue
-                self.log(f"warning: {err}; resuming from {alt} instead")
+                warn(self.log, f"{err}; resuming from {alt} instead")
                 path = alt
                 break
             else:
@@ -443,7 +469,7 @@ def run_files(out_dir: Path) -> list[Path]:
     return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)}) if out_dir.is_dir() else []
 
 
-def claim_run_folder(out_dir: Path, overwrite: bool, log: Callable[[str], None] = print) -> None:
+def claim_run_folder(out_dir: Path, overwrite: bool, log: Callable[[str], None] = info) -> None:
     """Make `out_dir` ready for a new run. When it holds another run's files: without `overwrite`
     raise, naming the folder and the choices, with nothing touched; with it, delete those files
     (RUN_FILES only: other files in the folder stay)."""
