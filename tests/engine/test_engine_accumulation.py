@@ -101,3 +101,25 @@ def test_accumulation_refuses_cuda_graphs_and_counts_below_one():
         TrainStep(model, crit, opt, device=torch.device("cuda"), cuda_graphs=True, accumulate_steps=2)
     with pytest.raises(ConfigError, match=r"train.accumulate_steps .* integer >= 1, got 0"):
         load_config(overrides=["train.accumulate_steps=0"])
+
+
+def test_a_real_ddp_model_accumulates_like_the_plain_model(tmp_path):
+    """DDP's own no_sync path (gloo, one rank): the accumulated step equals the plain whole-batch step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    _, p_one, _ = _step_result(1, x, y, steps=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = create_model("resnet32", num_classes=C, num_experts=E, batched=True).double().eval()
+        ddp = DistributedDataParallel(model)
+        crit = build_loss(LossConfig(name="ride", reweight_epoch=1), COUNTS).double()
+        opt = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
+        TrainStep(ddp, crit, opt, device=torch.device("cpu"), amp="none", accumulate_steps=2)(x, y)
+    finally:
+        dist.destroy_process_group()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), p_one[n], rtol=1e-12, atol=1e-12)
