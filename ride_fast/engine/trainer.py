@@ -120,7 +120,7 @@ class Trainer:
     ):
         self.cfg = cfg
         self.overwrite = overwrite  # a new run may replace another run's files in train.out_dir (`--overwrite`)
-        self._resumed = False
+        self._resumed = False  # True after resume() or the first fit(): train.out_dir holds this run
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.log = log if self.dist.is_main else (lambda s: None)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -297,6 +297,7 @@ class Trainer:
         if self.dist.is_main:
             if not self._resumed:  # before anything is written: a new run never mixes with another run's files
                 claim_run_folder(self.out_dir, self.overwrite, self.log)
+                self._resumed = True  # the folder is this run's now (a second fit() continues it)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             run_log = log_file(self.out_dir / "train.log")
         with run_log:
