@@ -316,7 +316,6 @@ def _print_router_cost(cfg, model, num_classes: int) -> int | None:
 def _cmd_data(args) -> int:
     """`data check`: every problem with its file and line, then the statistics; exit 1 on problems."""
     from ride_fast.data.check import check_data
-
     from ride_fast.engine.monitor import progress_bar
 
     cfg = load_config(args.config, args.overrides)

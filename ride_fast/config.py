@@ -107,7 +107,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)
     select_best_on: Literal["overall", "last"] = "overall"  # best.pt: highest overall accuracy (CIFAR) or the last evaluated epoch
     keep_last: int = 2  # epoch_NNNN.pt files kept (besides last.pt and best.pt); 0 keeps all
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # tqdm progress bars of training, its evaluation and stage 2 (only on a terminal; not with --no-progress)
     deterministic: bool = False  # torch deterministic algorithms (warn only) and no cuDNN autotuning; slower
     max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
     compile: bool = False  # torch.compile the forward + loss (minutes of compile time: for long runs)

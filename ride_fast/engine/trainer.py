@@ -120,7 +120,7 @@ class Trainer:
     ):
         self.cfg = cfg
         self.overwrite = overwrite  # a new run may replace another run's files in train.out_dir (`--overwrite`)
-        self._resumed = False  # True after resume() or the first fit(): train.out_dir holds this run
+        self._owns_out_dir = False  # True after resume() or the first fit(): train.out_dir holds this run
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.log = log if self.dist.is_main else (lambda s: None)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -295,9 +295,9 @@ class Trainer:
         cfg = self.cfg
         run_log = contextlib.nullcontext()
         if self.dist.is_main:
-            if not self._resumed:  # before anything is written: a new run never mixes with another run's files
+            if not self._owns_out_dir:  # before anything is written: a new run never mixes with another run's files
                 claim_run_folder(self.out_dir, self.overwrite, self.log)
-                self._resumed = True  # the folder is this run's now (a second fit() continues it)
+                self._owns_out_dir = True  # the folder is this run's now (a second fit() continues it)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             run_log = log_file(self.out_dir / "train.log")
         with run_log:
@@ -455,7 +455,7 @@ class Trainer:
         self._resume_step = int(ckpt.get("step", 0))
         self._resume_sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"])
-        self._resumed = True
+        self._owns_out_dir = True
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")
 
@@ -480,7 +480,7 @@ def claim_run_folder(out_dir: Path, overwrite: bool, log: Callable[[str], None] 
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:6]) + (", ..." if len(found) > 6 else "")
     if not overwrite:
         cont = ("`ride-fast train ... --resume auto` continues it" if (Path(out_dir) / "last.pt").is_file()
-                else "it has no last.pt to continue from")
+                else "`--resume auto` finds no last.pt there to continue from")
         raise ValueError(f"train.out_dir {out_dir} holds another run ({names}); nothing was changed. Choose one: {cont}; "
                          f"set a new train.out_dir=...; or pass --overwrite to delete that run's files and start anew")
     for p in found:
