@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint to continue from ('auto': OUT_DIR/last.pt if present)")
     p.add_argument("--overwrite", action="store_true",
                    help="a new run into a train.out_dir that holds another run: delete that run's files first "
-                        "(config.yaml, metrics.jsonl, train.log, *.pt, tensorboard/, per_class_accuracy.*); without it the run stops")
+                        "(config.yaml, metrics.jsonl, train.log, *.pt, tensorboard/, per_class_accuracy.*, routed_config.yaml); "
+                        "without it the run stops")
 
     p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint")
     _add_config_args(p, required=True)

@@ -461,7 +461,7 @@ class Trainer:
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard", "per_class_accuracy.json",
-             "per_class_accuracy.png")  # what a run writes into train.out_dir (routed.pt of `ride-fast route` included)
+             "per_class_accuracy.png", "routed_config.yaml")  # what a run writes into train.out_dir (with stage 2's routed.pt)
 
 
 def run_files(out_dir: Path) -> list[Path]:
