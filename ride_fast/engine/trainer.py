@@ -64,6 +64,7 @@ from ride_fast.engine.distributed import (
 from ride_fast.engine.evaluate import evaluate_model, write_per_class_report
 from ride_fast.engine.metrics import SplitAccuracy
 from ride_fast.engine.monitor import (
+    LOGGER,
     SIGNAL_AT_ENV,
     StopRequest,
     info,
@@ -316,6 +317,10 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             self.log(self.summary())
+            opt = "fused" if self.optimizer.defaults.get("fused") else "foreach" if self.optimizer.defaults.get("foreach") else "for-loop"
+            LOGGER.debug(f"fast path: model.batched={cfg.model.batched}, model.channels_last={cfg.model.channels_last}, "
+                         f"loss path {self.loss_path}, {opt} SGD, train.compile={cfg.train.compile}, "
+                         f"train.cuda_graphs={cfg.train.cuda_graphs}, train.prefetch={cfg.train.prefetch}")
             atomic_write_text(dump_config(cfg), self.out_dir / "config.yaml")
             self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard, self.log)
         interrupted = False

@@ -23,8 +23,9 @@ TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64
 
 def test_train_and_route_print_a_startup_summary_log_to_train_log_and_write_tensorboard_events(tmp_path, capsys):
     args = [*TINY, f"train.out_dir={tmp_path}", "train.amp=auto", "train.accumulate_steps=2", "train.tensorboard=true"]
-    assert main(["train", *args]) == 0
+    assert main(["train", "-v", *args]) == 0
     out = capsys.readouterr().out
+    assert "fast path: model.batched=True, model.channels_last=True, loss path analytic" in out  # a DEBUG line, shown by -v
     precision = {"none": "fp32"}.get(resolve_amp("auto", torch.device("cpu")), "bf16")
     train_set, test_set = build_datasets(load_config(overrides=TINY).data)
     images = f"{train_set.num_classes} classes, {len(train_set):,} training and {len(test_set):,} test images"
@@ -62,6 +63,7 @@ def test_quiet_console_shows_warnings_while_train_log_keeps_everything_and_missi
     warning = "train.tensorboard=true but the tensorboard package is not installed"
     assert f"warning: {warning}" in out
     assert "epoch   1" not in out and "train: data" not in out  # INFO messages stay off the console under -q
+    assert "fast path:" not in (tmp_path / "train.log").read_text()  # the log file keeps INFO and above
     log = (tmp_path / "train.log").read_text()
     assert f" WARNING {warning}" in log and " INFO epoch   1  lr " in log and " INFO train: data mnist_lt" in log
     assert not (tmp_path / "tensorboard").exists()
