@@ -123,3 +123,25 @@ def test_a_real_ddp_model_accumulates_like_the_plain_model(tmp_path):
         dist.destroy_process_group()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), p_one[n], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_accumulated_step_matches_eager_on_the_cpu():
+    """train.compile with train.accumulate_steps: the compiled forward + loss runs once per micro-batch."""
+    from test_engine_step import TinyRIDE
+
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = TinyRIDE()
+        crit = build_loss(LossConfig(reweight_epoch=1), COUNTS)
+        crit.set_epoch(2)
+        opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+        step = TrainStep(model, crit, opt, device=torch.device("cpu"), amp="none", compile=compile, accumulate_steps=2)
+        g = torch.Generator().manual_seed(1)
+        losses = [step(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, C, (8,), generator=g)).clone() for _ in range(3)]
+        results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    (l_eager, p_eager), (l_compiled, p_compiled) = results
+    torch.testing.assert_close(l_compiled, l_eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(p_compiled, p_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
