@@ -29,7 +29,7 @@ from ride_fast.config import (
     update,
 )
 from ride_fast.engine import CheckpointError, Trainer, load_checkpoint
-from ride_fast.engine.monitor import info
+from ride_fast.engine.monitor import info, setup_logging
 from ride_fast.io import atomic_write_text
 
 FINAL = "last.pt"
@@ -121,7 +121,8 @@ def _worker(spec_dict: dict, device: str | None, threads: int) -> str:
     if device is not None:
         cfg = update(cfg, train={"device": device})
     spec = RunSpec(spec_dict["name"], cfg, spec_dict["train_set"], spec_dict["test_set"], spec_dict["data_info"])
-    return str(train_run(spec, log=lambda s: print(s, flush=True)))
+    setup_logging()  # a spawned process: its messages to its stdout, and to each run's train.log
+    return str(train_run(spec))
 
 
 def _devices(cfg: Config, n: int) -> list[str | None]:
