@@ -145,3 +145,27 @@ def test_compiled_accumulated_step_matches_eager_on_the_cpu():
     torch.testing.assert_close(l_compiled, l_eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(p_compiled, p_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_grad_scaler_scales_every_micro_batch_and_steps_and_updates_once():
+    """train.amp=fp16: one GradScaler step and update per optimizer step, so the scaler's state
+    (scale, growth tracker) and the weights follow the unaccumulated run (to fp16 rounding)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    runs = []
+    for A in (1, 2):
+        torch.manual_seed(0)
+        model = create_model("resnet32", num_classes=C, num_experts=E, batched=True).eval()
+        crit = build_loss(LossConfig(name="ride", reweight_epoch=1), COUNTS)
+        opt = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
+        step = TrainStep(model, crit, opt, device=torch.device("cpu"), amp="fp16", accumulate_steps=A)
+        step.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        start = [p.detach().clone() for p in model.parameters()]
+        for _ in range(3):
+            step(x, y)
+        runs.append(([p.detach().clone() for p in model.parameters()], start, step.scaler.state_dict()))
+    (p_one, start, s_one), (p_acc, _, s_acc) = runs
+    assert s_acc == s_one
+    assert max(float((a - b).abs().max()) for a, b in zip(p_one, start)) > 0.1  # the weights moved
+    for a, b in zip(p_acc, p_one):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3)
