@@ -25,7 +25,8 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "flops": ["fvcore>=0.1.5"],
         "demo": ["mlxtend==0.25.0"],
-        "test": ["pytest", "pytest-benchmark", "fvcore>=0.1.5"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest", "pytest-benchmark", "fvcore>=0.1.5", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["ride-fast=ride_fast.cli:main"]},
 )

@@ -15,13 +15,19 @@
     ride-fast analyze confusion --checkpoint P [...]     hardest-negative score histograms per split
     ride-fast analyze two-stage --checkpoint P --method crt|tau_norm|cosine   decoupled classifiers
     ride-fast analyze ensemble [--baseline P ...] [--ride P ...] [--routed P ...]   accuracy vs MACs
+
+Every command takes --log-level debug|info|warning|error (-v: debug, -q: warnings and errors only)
+and --no-progress (no progress bars; also RIDE_FAST_PROGRESS=0). Bars show only on a terminal.
+`train` also writes its messages, with time and level, to <train.out_dir>/train.log.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ride_fast.config import ConfigError, dump_config, load_config
+from ride_fast.engine.monitor import LEVELS, PROGRESS_ENV, setup_logging
 from ride_fast.io import plural
 
 
@@ -51,13 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train a CE baseline and RIDE on MNIST-LT and compare them")
-    p.add_argument("--out-dir", default="demo_out")
+    p.add_argument("--out-dir", default="demo_out", help="results; its run folders are trained anew on every call (default demo_out)")
     p.add_argument("--epochs", type=int, default=None,
                    help="stage-1 epochs per model (default 30); the router trains 5 x EPOCHS / 30 epochs (at least 1)")
 
     p = sub.add_parser("train", help="stage-1 training")
     _add_config_args(p)
     p.add_argument("--resume", help="checkpoint to continue from ('auto': OUT_DIR/last.pt if present)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a new run into a train.out_dir that holds another run: delete that run's files first "
+                        "(config.yaml, metrics.jsonl, train.log, *.pt, tensorboard/, per_class_accuracy.*, routed_config.yaml); "
+                        "without it the run stops")
 
     p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint",
                        description="Stage 2: train the routers of a frozen stage-1 checkpoint. The architecture, the data and "
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=16, help="threads reading the images")
 
     _add_analyze_parser(sub)
+    _add_output_flags(parser)
 
     from ride_fast.models import list_models
 
@@ -108,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", dest="use_norm", action="store_const", const=False, default=None,
                    help="plain Linear classifiers instead of cosine ones (default: from SRC's classifier)")
     return parser
+
+
+def _add_output_flags(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """--log-level / -v / -q / --no-progress on the parser and on every subcommand's parser (before or after the command)."""
+    g = parser.add_argument_group("output")
+    keep = {} if top else {"default": argparse.SUPPRESS}  # a subcommand sets them only when given
+    g.add_argument("--log-level", choices=LEVELS, **({"default": "info"} if top else keep),
+                   help="messages shown: debug, info (default), warning, error")
+    g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug", **keep, help="--log-level debug")
+    g.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning", **keep, help="--log-level warning")
+    g.add_argument("--no-progress", action="store_true", **keep, help=f"no progress bars (also {PROGRESS_ENV}=0)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_output_flags(sub, top=False)
 
 
 def _add_analyze_parser(sub) -> None:
@@ -193,6 +219,9 @@ def _cmd_analyze(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.no_progress:
+        os.environ[PROGRESS_ENV] = "0"  # child processes (analysis workers) inherit it
     try:
         return _COMMANDS[args.command](args)
     except (ConfigError, ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
@@ -216,7 +245,7 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=args.overwrite)
         resume = args.resume
         if resume == "auto":
             last = Path(cfg.train.out_dir) / "last.pt"
@@ -316,12 +345,19 @@ def _print_router_cost(cfg, model, num_classes: int) -> int | None:
 def _cmd_data(args) -> int:
     """`data check`: every problem with its file and line, then the statistics; exit 1 on problems."""
     from ride_fast.data.check import check_data
+    from ride_fast.engine.monitor import progress_bar
 
     cfg = load_config(args.config, args.overrides)
+    current: list = [None]
 
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\rchecking images: {done:,}/{total:,}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    def progress(done: int, total: int) -> None:  # images checked so far, per split (train, then test)
+        bar = current[0]
+        if bar is None or bar.n >= bar.total:  # the first call of a split
+            bar = current[0] = progress_bar(total, "checking images", True)
+        if bar is not None:
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
 
     report = check_data(cfg.data, level=args.images, threads=args.threads, progress=progress)
     print(report.format())

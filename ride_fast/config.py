@@ -161,7 +161,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the test set every N epochs (and always after the last)
     select_best_on: Literal["overall", "last"] = "overall"  # best.pt: highest overall accuracy (CIFAR) or the last evaluated epoch
     keep_last: int = 2  # epoch_NNNN.pt files kept (besides last.pt and best.pt); 0 keeps all
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # tqdm progress bars of training, its evaluation and stage 2 (only on a terminal; not with --no-progress)
     deterministic: bool = False  # torch deterministic algorithms (warn only) and no cuDNN autotuning; slower
     max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
     compile: bool = False  # torch.compile the forward + loss (minutes of compile time: for long runs)
@@ -172,8 +172,14 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # a non-finite loss skips its step; stop after this many in a row (0: never stop)
     handle_signals: bool = True  # SIGTERM / SIGINT: save a checkpoint at the next step boundary, then exit cleanly
     tensorboard: bool = True  # also write TensorBoard events when the tensorboard package is installed
+    # Gradient accumulation: each rank's share of data.batch_size (still the global batch of one optimizer step) runs
+    # as this many micro-batches, gradients summed before the one step; activation memory shrinks by this factor.
+    # BatchNorm normalises with each micro-batch's statistics (docs/method.md §8). Not with train.cuda_graphs.
+    accumulate_steps: int = 1
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.accumulate_steps, int) and self.accumulate_steps >= 1, "train.accumulate_steps",
+               "counts micro-batches per optimizer step and must be an integer >= 1", self.accumulate_steps)
         _check(DEVICE_PATTERN.fullmatch(self.device) is not None, "train.device", "must be auto, cpu, cuda, cuda:N or mps",
                self.device)
         for key in ("epochs", "log_interval", "eval_every"):

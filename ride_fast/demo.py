@@ -44,6 +44,7 @@ from typing import Callable
 
 from ride_fast.config import Config, config_from_dict
 from ride_fast.data import build_datasets, split_of_classes
+from ride_fast.engine.monitor import info
 from ride_fast.io import plural, pyplot, save_figure
 
 DEMO_EPOCHS = 30
@@ -89,7 +90,7 @@ def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[s
     return {"CE baseline (R32)": config_from_dict(baseline), "RIDE 3 experts (R32)": config_from_dict(ride)}
 
 
-def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: Callable[[str], None] = print) -> dict:
+def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: Callable[[str], None] = info) -> dict:
     """Train both models, print the comparison table, write results.json and per_class_accuracy.png."""
     from ride_fast.engine import Trainer
     from ride_fast.profiling import model_cost
@@ -107,7 +108,8 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
     for name, cfg in recipes.items():
         log(f"\n== {name}: {plural(cfg.model.num_experts, 'expert')}, loss {cfg.loss.name}, {plural(cfg.train.epochs, 'epoch')}")
         start = time.perf_counter()
-        trainer = Trainer(cfg, train_set=train_set, test_set=test_set, log=lambda s: log("  " + s) if _every(s, cfg) else None)
+        trainer = Trainer(cfg, train_set=train_set, test_set=test_set, log=lambda s: log("  " + s) if _every(s, cfg) else None,
+                          overwrite=True)  # the demo trains both models anew on every call, replacing its last results
         summary = trainer.fit()
         seconds = time.perf_counter() - start
         acc = trainer.evaluate()  # the last epoch, like ImageNet-LT / iNat reporting
@@ -133,7 +135,7 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
     return results
 
 
-def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print) -> dict:
+def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = info) -> dict:
     """Train the router of the trainer's (stage-1) RIDE model as its config's router section says,
     evaluate routed against all experts, write routed.pt, routed_eval.json and expert_usage.png;
     returns the demo table's row."""
@@ -149,7 +151,8 @@ def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print) -> di
     train_seconds = stage2.seconds
     checkpoint = stage2.save(Path(cfg.train.out_dir) / "routed.pt")
     report = evaluate_routed(trainer.model, stage2.router, trainer.test_loader, trainer.class_counts,
-                             image_size=cfg.data.image_size, threshold=stage2.threshold, amp=cfg.train.amp, cost=stage2.cost)
+                             image_size=cfg.data.image_size, threshold=stage2.threshold, amp=cfg.train.amp, cost=stage2.cost,
+                             show_progress=cfg.train.progress)
     write_report(report, out_dir / "routed_eval.json", out_dir / "expert_usage.png",
                  extra={"checkpoint": str(checkpoint), "stage2": stage2.info})
     seconds = time.perf_counter() - start
@@ -175,7 +178,10 @@ def run_stage2(trainer, out_dir: Path, log: Callable[[str], None] = print) -> di
 
 
 def _every(line: str, cfg: Config) -> bool:
-    """Print every 5th epoch line and the last one (the demo is meant to be read)."""
+    """Print every 5th epoch line and the last one (the demo is meant to be read); the trainer's
+    start-up summary is left out (the demo prints its own header per model)."""
+    if line.startswith("train: "):
+        return False
     try:
         epoch = int(line.split()[1])
     except (IndexError, ValueError):

@@ -56,6 +56,7 @@ from ride_fast.data import (
     split_of_classes,
 )
 from ride_fast.engine import load_model_from_checkpoint, resolve_device
+from ride_fast.engine.monitor import info
 from ride_fast.io import plural, pyplot, save_figure
 
 TIE_RULE = "ties between equally frequent predictions go to the smallest class index"
@@ -275,7 +276,7 @@ def run_bias_variance(
     workers: int | None = None,
     out_dir: str | Path | None = None,
     pool: tuple | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = info,
 ) -> BiasVarianceReport:
     """Train every (method, run) not trained yet, decompose, write bias_variance.json and .png in out_dir.
 

@@ -26,6 +26,7 @@ from ride_fast.engine import (
     split_accuracy,
 )
 from ride_fast.engine.checkpoint import checkpoint_config, network_from_checkpoint
+from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context
 from ride_fast.io import atomic_write_text
 from ride_fast.models import RIDENet
@@ -107,7 +108,7 @@ def collect_outputs(model: nn.Module, loader, *, features: bool = False, amp: st
     model.eval()
     device = next(model.parameters()).device
     logits, feats, labels = [], [], []
-    for batch in loader:
+    for batch in progress(loader, "analyze: network outputs"):
         with autocast_context(device, amp):
             out = model(batch.images)
         logits.append(out.expert_logits.float().cpu())

@@ -30,6 +30,7 @@ from ride_fast.analysis.common import (
     write_json,
 )
 from ride_fast.data import split_of_classes
+from ride_fast.engine.monitor import info
 from ride_fast.io import pyplot, save_figure
 
 
@@ -133,7 +134,7 @@ def run_confusion(
     names=None,
     routed: bool = False,
     datasets=None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = info,
 ) -> dict[str, ConfusionReport]:
     """Hardest-negative histograms of one or more checkpoints: confusion.json and confusion.png in out_dir.
     Splits come from each checkpoint's training counts; `datasets` = (train, test) replaces building them."""

@@ -30,6 +30,7 @@ from ride_fast.analysis.common import (
 from ride_fast.analysis.runs import RunSpec, train_runs
 from ride_fast.config import Config, update
 from ride_fast.engine import SplitAccuracy, load_checkpoint
+from ride_fast.engine.monitor import info
 from ride_fast.io import plural, pyplot, save_figure
 from ride_fast.profiling import model_cost
 
@@ -94,7 +95,7 @@ def ensemble_report(
     thresholds=None,
     prefixes: bool = True,
     datasets=None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = info,
 ) -> EnsembleReport:
     """Points for ensembles of the first 1..K `baselines`, every RIDE checkpoint in `rides` (all
     experts, and its first k experts when `prefixes`), and every routed checkpoint in `routed` (at
@@ -196,7 +197,7 @@ def ride_run_specs(cfg: Config, experts, out_dir: str | Path, datasets=None) -> 
             for e in experts]
 
 
-def route_runs(specs: list[RunSpec], log: Callable[[str], None] = print) -> list[Path]:
+def route_runs(specs: list[RunSpec], log: Callable[[str], None] = info) -> list[Path]:
     """Train the router of every finished RIDE run that has none yet (OUT/ride_E/routed.pt)."""
     from ride_fast.engine.stage2 import train_router
 
@@ -228,7 +229,7 @@ def run_ensemble(
     thresholds=None,
     prefixes: bool = True,
     datasets=None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = info,
 ) -> EnsembleReport:
     """Train the missing models (`members` baselines of `baseline_cfg`, RIDE of `ride_cfg` with each
     of `ride_experts`, their routers when `route`), add the given checkpoints, write ensemble.json / .png."""

@@ -30,6 +30,7 @@ from ride_fast.config import (
     update,
 )
 from ride_fast.engine import CheckpointError, Trainer, load_checkpoint
+from ride_fast.engine.monitor import info, setup_logging
 from ride_fast.io import atomic_write_text, plural
 
 FINAL = "last.pt"
@@ -85,7 +86,7 @@ def _config_diff(a: Config, b: Config) -> list[str]:
             if key not in ignore and key.split(".")[0] not in ignore]
 
 
-def train_run(spec: RunSpec, log: Callable[[str], None] = print) -> Path:
+def train_run(spec: RunSpec, log: Callable[[str], None] = info) -> Path:
     """Train one run to its last epoch (resuming a partial one); returns its final checkpoint."""
     state, _ = run_state(spec)
     if state == "done":
@@ -95,7 +96,9 @@ def train_run(spec: RunSpec, log: Callable[[str], None] = print) -> Path:
     if spec.data_info:
         atomic_write_text(json.dumps(spec.data_info, indent=2), spec.out_dir / "data.json")
     start = time.perf_counter()
-    trainer = Trainer(spec.cfg, train_set=spec.train_set, test_set=spec.test_set, log=lambda s: log(f"{spec.name}: {s}"))
+    # "new": no checkpoint to continue from, and run_state checked that any config.yaml there is this run's
+    trainer = Trainer(spec.cfg, train_set=spec.train_set, test_set=spec.test_set, log=lambda s: log(f"{spec.name}: {s}"),
+                      overwrite=state == "new")
     if state == "partial":
         trainer.resume(spec.final_checkpoint)
     trainer.fit()
@@ -110,7 +113,8 @@ def _worker(spec_dict: dict, device: str | None, threads: int) -> str:
     if device is not None:
         cfg = update(cfg, train={"device": device})
     spec = RunSpec(spec_dict["name"], cfg, spec_dict["train_set"], spec_dict["test_set"], spec_dict["data_info"])
-    return str(train_run(spec, log=lambda s: print(s, flush=True)))
+    setup_logging()  # a spawned process: its messages to its stdout, and to each run's train.log
+    return str(train_run(spec))
 
 
 def _devices(cfg: Config, n: int) -> list[str | None]:
@@ -121,7 +125,7 @@ def _devices(cfg: Config, n: int) -> list[str | None]:
     return [f"cuda:{i % count}" for i in range(n)]
 
 
-def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], None] = print) -> list[Path]:
+def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], None] = info) -> list[Path]:
     """Train every run that is not done; returns their final checkpoints (in the order of `specs`)."""
     todo = []
     for i, s in enumerate(specs):  # also checks every folder's config before anything trains

@@ -55,6 +55,7 @@ from ride_fast.analysis.frozen_heads import (
 from ride_fast.analysis.tau_validation import validation_split
 from ride_fast.config import config_to_dict, update
 from ride_fast.engine import SplitAccuracy, atomic_save
+from ride_fast.engine.monitor import info
 from ride_fast.io import pyplot, save_figure
 from ride_fast.models import RIDENet
 from ride_fast.models.heads import COSINE_SCALE
@@ -112,7 +113,7 @@ def run_two_stage(
     overrides: dict | None = None,
     datasets=None,
     pool=None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = info,
 ) -> TwoStageResult:
     """Apply `method` (crt | tau_norm | cosine) to a checkpoint; write <stem>_<method>.json / .png and,
     when the classifiers changed, the checkpoint <stem>_<method>.pt (loadable by `ride-fast eval`).

@@ -27,6 +27,7 @@ from ride_fast.engine.checkpoint import (
 )
 from ride_fast.engine.distributed import DistContext, all_reduce_
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
+from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
 from ride_fast.engine.step import prefetch_to_device
 from ride_fast.io import pyplot, save_figure
@@ -34,16 +35,16 @@ from ride_fast.io import pyplot, save_figure
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, class_counts, *, device: torch.device, amp: str = "none", prefetch: bool = True,
-                   dist: DistContext | None = None) -> SplitAccuracy:
+                   dist: DistContext | None = None, show_progress: bool = False) -> SplitAccuracy:
     """Accuracy of `model`'s mean logits over `loader` (eval mode), overall and per split of
     `class_counts` [C] (the training counts). In a torchrun job (`dist`) each rank evaluates its
-    shard and the per-class counts are summed over ranks."""
+    shard and the per-class counts are summed over ranks. `show_progress`: a bar over the batches (on a terminal)."""
     device = torch.device(device)
     num_classes = len(class_counts)
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros_like(correct)
-    for batch in prefetch_to_device(loader, device, prefetch):
+    for batch in progress(prefetch_to_device(loader, device, prefetch), "eval", total=len(loader), enabled=show_progress):
         with autocast_context(device, amp):
             logits = model(batch.images).logits
         c, t = per_class_accuracy(logits.argmax(1), batch.labels, num_classes)
@@ -114,7 +115,8 @@ def _evaluate_checkpoint(checkpoint, overrides, *, datasets, log) -> tuple[Split
         raise ValueError(f"{checkpoint}: the network has {model.num_classes} classes but data {cfg.data.name} has "
                          f"{train_set.num_classes}; pass the data it was trained on (data.name=... data.root=...)")
     _, test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)
-    acc = evaluate_model(model, test_loader, train_set.class_counts(), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch)
+    acc = evaluate_model(model, test_loader, train_set.class_counts(), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch,
+                         show_progress=True)
     return acc, scored_data(cfg, test_set, checkpoint)
 
 

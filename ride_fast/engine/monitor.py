@@ -1,17 +1,97 @@
-"""What a training run shows and hears: the tqdm bar, TensorBoard events, stop signals.
+"""What a run shows and hears: log messages, tqdm bars, TensorBoard events, stop signals.
+
+Messages go through the stdlib logger `ride_fast` (`LOGGER`): `info` is the default `log` callable
+of the engine, `warn` sends a warning through whatever `log` callable a caller passed.
+`setup_logging` (the CLI: `--log-level`, `-v`, `-q`) prints them on stdout as before, with
+"warning: " in front of warnings; `log_file` also writes them, with time and level, to a file
+(`<train.out_dir>/train.log` of a run, rank 0).
 
 `StopRequest` turns SIGTERM / SIGINT into a flag the loop reads at a step boundary (it saves a
 checkpoint, then exits); `signal_at_from_env` reads the test hook RIDE_FAST_SIGNAL_AT (off by
-default); `progress_bar`, `tensorboard_writer` and `tensorboard_log` are optional outputs that are
-None / no-ops when switched off or not installed.
+default); `progress_bar`, `progress`, `tensorboard_writer` and `tensorboard_log` are optional
+outputs that are None / pass-throughs / no-ops when switched off or not installed. Progress bars
+show only on a terminal, and never with RIDE_FAST_PROGRESS=0 (the CLI's `--no-progress`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+LOGGER = logging.getLogger("ride_fast")
+LOGGER.addHandler(logging.NullHandler())  # a library: silent until setup_logging / log_file attach a handler
+LOGGER.setLevel(logging.INFO)
+LEVELS = ("debug", "info", "warning", "error")
+PROGRESS_ENV = "RIDE_FAST_PROGRESS"
+
+
+def info(message: str) -> None:
+    """The default `log` callable of the engine (a message at level INFO)."""
+    LOGGER.info(message)
+
+
+def warn(log: Callable[[str], None], message: str) -> None:
+    """A warning through `log`: a WARNING record when `log` is the logger's `info`, else "warning: ..." to `log`."""
+    if log is info:
+        LOGGER.warning(message)
+    else:
+        log(f"warning: {message}")
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A StreamHandler on `stream`, or on whatever sys.stdout is when a message is written (None)."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream)  # sets sys.stderr for None, through the setter below
+        self._fixed = stream
+
+    @property
+    def stream(self):
+        return self._fixed or sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ / setStream
+        self._fixed = value
+
+
+def setup_logging(level: str = "info", stream=None) -> logging.Handler:
+    """Messages of `ride_fast` at `level` and above to `stream` (default: sys.stdout at the time of each message),
+    replacing an earlier console handler."""
+    if level not in LEVELS:
+        raise ValueError(f"--log-level {level!r}: choose one of {', '.join(LEVELS)}")
+    for h in [h for h in LOGGER.handlers if isinstance(h, _ConsoleHandler)]:
+        LOGGER.removeHandler(h)
+    handler = _ConsoleHandler(stream)
+    handler.setFormatter(_ConsoleFormatter())
+    handler.setLevel(level.upper())
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(min(logging.INFO, handler.level))  # a log file still gets INFO under -q
+    return handler
+
+
+@contextlib.contextmanager
+def log_file(path: Path):
+    """While open, messages of `ride_fast` at INFO and above are appended to `path` with time and level."""
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    LOGGER.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        LOGGER.removeHandler(handler)
+        handler.close()
 
 
 class StopRequest:
@@ -21,7 +101,7 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, log: Callable[[str], None] = print):
+    def __init__(self, log: Callable[[str], None] = info):
         self.requested: str | None = None
         self.log = log
         self._previous: dict = {}
@@ -72,13 +152,32 @@ def signal_at_from_env() -> tuple[int, int, signal.Signals] | None:
     return hook
 
 
-def tensorboard_writer(out_dir: Path, enabled: bool):
-    """A SummaryWriter under OUT_DIR/tensorboard when asked for and the tensorboard package is installed."""
+def startup_summary(command: str, *, data: str, num_classes: int, train_images: int, test_images: int, loader: str,
+                    device, amp: str, amp_setting: str, batch: int, world_size: int = 1, accumulate_steps: int = 1,
+                    out: Path | str = "") -> str:
+    """The lines `train` and `route` print first (rank 0): data, loader, device, precision, batch, output."""
+    per_rank = batch // max(world_size, 1)
+    micro = (f", run as {accumulate_steps} micro-batches of {-(-per_rank // accumulate_steps)} (train.accumulate_steps)"
+             if accumulate_steps > 1 else "")
+    precision = {"none": "fp32"}.get(amp, amp) + (" (chosen by train.amp=auto)" if amp_setting == "auto" else "")
+    ranks = f"{world_size} rank" + ("s" if world_size != 1 else "")
+    return "\n".join([
+        f"{command}: data {data}, {num_classes} classes, {train_images:,} training and {test_images:,} test images, loader {loader}",
+        f"  device {device}, precision {precision}, {ranks}",
+        f"  batch {batch} per optimizer step, {per_rank} per rank{micro}",
+        f"  output {out}",
+    ])
+
+
+def tensorboard_writer(out_dir: Path, enabled: bool, log: Callable[[str], None] = info):
+    """A SummaryWriter under OUT_DIR/tensorboard when asked for; a warning when the tensorboard package is missing."""
     if not enabled:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch.utils.tensorboard needs the tensorboard package
+        warn(log, "train.tensorboard=true but the tensorboard package is not installed: no TensorBoard events are written "
+                  "(pip install ride_fast[tensorboard], or set train.tensorboard=false)")
         return None
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
@@ -95,10 +194,31 @@ def tensorboard_log(writer, record: dict) -> None:
     writer.flush()
 
 
+def progress_enabled(requested: bool = True) -> bool:
+    """Whether to draw a progress bar: asked for, stderr is a terminal, and RIDE_FAST_PROGRESS is not 0."""
+    return requested and os.environ.get(PROGRESS_ENV, "1") != "0" and sys.stderr.isatty()
+
+
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    """A tqdm bar over an epoch's steps, or None when switched off."""
-    if not enabled:
+    """A tqdm bar over `total` steps, or None when switched off (see progress_enabled)."""
+    if not progress_enabled(enabled):
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool = True) -> Iterable:
+    """`iterable` behind a tqdm bar (batches of an evaluation, epochs of a router...), or as it is when switched off."""
+    if total is None:
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+    bar = progress_bar(total, desc, enabled)
+    if bar is None:
+        yield from iterable
+        return
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -23,6 +23,7 @@ from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_class
 from ride_fast.engine.checkpoint import atomic_write_text, load_checkpoint, load_routed_checkpoint
 from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
+from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
 from ride_fast.engine.threshold_curve import plot_sweep, score_routers, sweep_table, threshold_curve, threshold_curve_rows
@@ -124,6 +125,7 @@ def evaluate_routed(
     timing_images: int = 512,
     latency_images: int = 200,
     repeats: int = 5,
+    show_progress: bool = True,
 ) -> RoutedReport:
     """Accuracy, expert usage, MACs and time per image of routed vs all-experts inference.
 
@@ -132,6 +134,7 @@ def evaluate_routed(
     `baseline` (MACs) may be passed when already counted (fvcore tracing takes a while). After the
     accuracy pass, `timing` measures time on `timing_images` test images spread over the set, at the
     loader's batch (`time_routed`: `repeats` A B B A rounds, batch-1 latency on `latency_images` images).
+    `show_progress`: a progress bar over the batches (on a terminal; see engine/monitor.py).
     """
     device = next(net.parameters()).device
     net.eval()
@@ -143,7 +146,7 @@ def evaluate_routed(
     usage = torch.zeros(C * E, dtype=torch.long, device=device)  # [class, experts used - 1]
     kept, kept_n, batch_size = [], 0, 0
     per_batch = -(-timing_images // max(len(loader), 1)) if timing else 0  # test sets are often sorted by class
-    for batch in loader:
+    for batch in progress(loader, "routed eval", enabled=show_progress):
         x, y = batch.images, batch.labels
         batch_size = max(batch_size, x.shape[0])
         if kept_n < timing_images and per_batch:  # the timing phase reuses test images spread over the whole set
@@ -248,7 +251,7 @@ def report_paths(checkpoint: str | Path, json_path: str | Path | None = None, na
 
 
 def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = None, json_path: str | Path | None = None, *,
-                               log: Callable[[str], None] = print, datasets=None, sweep: bool = False) -> RoutedReport:
+                               log: Callable[[str], None] = info, datasets=None, sweep: bool = False) -> RoutedReport:
     """`ride-fast eval` on a routed checkpoint: the report, printed and written as JSON + PNG
     (<stem>_test_eval.json and <stem>_test_usage.png by default: route's <stem>_eval.json stays as it is).
     The run's own config (its router.threshold is the one stage 2 chose; a checkpoint without a data

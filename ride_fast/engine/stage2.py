@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ride_fast.config import Config, RouterConfig, update
-from ride_fast.data import InMemoryLoader, build_datasets, build_loaders
+from ride_fast.data import InMemoryLoader, build_datasets, build_loaders, choose_loader
 from ride_fast.engine.calibration import HELDOUT_DATASETS, HeldOut, ThresholdCalibration, calibrate_threshold, heldout_split
 from ride_fast.engine.checkpoint import (
     checkpoint_config,
@@ -44,9 +44,10 @@ from ride_fast.engine.checkpoint import (
     routed_checkpoint,
     save_routed_checkpoint,
 )
+from ride_fast.engine.monitor import info, progress, startup_summary
 from ride_fast.engine.routed_cost import RoutedCost, routed_cost
 from ride_fast.engine.routed_eval import evaluate_routed, report_paths, write_report
-from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything, synchronize
+from ride_fast.engine.runtime import autocast_context, resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.io import plural
 from ride_fast.models import RIDENet
 from ride_fast.router import Router, router_step
@@ -121,7 +122,7 @@ class RouterTrainer:
         *,
         loader=None,
         router: Router | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = info,
         stage1_checkpoint: str = "",
         class_counts=None,
     ) -> None:
@@ -160,7 +161,8 @@ class RouterTrainer:
         if self.cfg.train.max_steps_per_epoch:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         start = time.perf_counter()
-        for step, batch in enumerate(self.loader):
+        batches = progress(self.loader, f"router epoch {epoch}/{self.cfg.router.epochs}", total=steps, enabled=self.cfg.train.progress)
+        for step, batch in enumerate(batches):
             if step >= steps:
                 break
             with torch.no_grad(), autocast_context(self.device, amp):
@@ -241,7 +243,7 @@ class Stage2Result:
         return self.trainer.save(path, self.threshold, self.info)
 
 
-def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=None, log: Callable[[str], None] = print,
+def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=None, log: Callable[[str], None] = info,
                stage1_checkpoint: str = "", pool=None) -> Stage2Result:
     """Train the routers of `net` (frozen) and settle the threshold, as cfg.router says (see the
     module docstring); returns the threshold chosen in the result.
@@ -301,7 +303,7 @@ def check_stage2(cfg: Config, model_args: dict, source: str | Path) -> None:
 
 
 def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Path | None = None, *,
-                 log: Callable[[str], None] = print, evaluate: bool = True, datasets=None) -> dict:
+                 log: Callable[[str], None] = info, evaluate: bool = True, datasets=None) -> dict:
     """`ride-fast route`: stage 2 on a stage-1 checkpoint (as cfg.router says); writes the routed
     checkpoint (default <train.out_dir>/routed.pt), then evaluates it (JSON report and usage PNG
     beside it). `datasets` = (train, test) replaces building cfg.data. Returns {"checkpoint",
@@ -318,6 +320,10 @@ def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Pat
     if train_set.num_classes != net.num_classes:
         raise ValueError(f"the checkpoint's network has {net.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}")
     train_loader, test_loader = balanced_loaders(cfg, train_set, test_set, device)
+    log(startup_summary("route", data=cfg.data.name, num_classes=train_set.num_classes, train_images=len(train_set),
+                        test_images=len(test_set), loader=choose_loader(cfg.data, train_set), device=device,
+                        amp=resolve_amp(cfg.train.amp, device), amp_setting=cfg.train.amp, batch=cfg.router.batch_size,
+                        out=Path(out_path) if out_path else Path(cfg.train.out_dir) / "routed.pt"))
     log(f"stage 2: routers of {net.name} ({plural(net.num_experts, 'expert')}) from {stage1_checkpoint}; "
         f"{plural(cfg.router.epochs, 'epoch')} of class-balanced draws, batch {cfg.router.batch_size}, on {device}")
     stage2 = fit_stage2(cfg, net, train_set, test_set, loader=train_loader, log=log, stage1_checkpoint=str(stage1_checkpoint))

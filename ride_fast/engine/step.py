@@ -6,6 +6,8 @@ back when a step is skipped. `prefetch_to_device`: host batches copied one step 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.distributed import ReduceOp
@@ -37,6 +39,15 @@ class TrainStep:
     compile_loss: whether the loss goes into the compiled graph (default yes: the RIDE loss is one
     registered operator on every path, so the compiler sees one node and CUDA graphs capture it).
     dist: the DistContext of a torchrun job (the model is then DDP-wrapped by the caller).
+
+    accumulate_steps (train.accumulate_steps): the batch is split into this many micro-batches (equal
+    but for a short last batch), each run forward and backward with its loss scaled by its share of
+    the images (1 / accumulate_steps when they are equal), so the summed gradient
+    is the mean over the whole batch and the one optimizer step equals the unaccumulated one (the
+    losses are means over images). DDP synchronises gradients on the last micro-batch only
+    (`no_sync` before). A non-finite loss in any micro-batch skips the whole step. BatchNorm
+    normalises each micro-batch with its own statistics (and updates its running statistics once per
+    micro-batch): that is the one difference to a step on the whole batch.
     """
 
     def __init__(
@@ -52,6 +63,7 @@ class TrainStep:
         cuda_graphs: bool = False,
         compile_loss: bool = True,
         dist: DistContext | None = None,
+        accumulate_steps: int = 1,
     ) -> None:
         self.model, self.criterion, self.optimizer, self.teacher = model, criterion, optimizer, teacher
         self.device = torch.device(device)
@@ -59,6 +71,10 @@ class TrainStep:
         self.amp = resolve_amp(amp, self.device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"train.cuda_graphs=true needs a CUDA device, the run is on {self.device}; set train.cuda_graphs=false")
+        if cuda_graphs and accumulate_steps > 1:  # a replay would overwrite the previous micro-batch's graph outputs
+            raise ValueError(f"train.cuda_graphs=true replays one captured step per batch and cannot accumulate gradients "
+                             f"(train.accumulate_steps={accumulate_steps}); set train.cuda_graphs=false or train.accumulate_steps=1")
+        self.accumulate_steps = int(accumulate_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.fused = bool(optimizer.defaults.get("fused"))
         self.buffers = BufferGuard([model] + ([teacher] if teacher is not None else []))
@@ -112,15 +128,34 @@ class TrainStep:
     def _criterion(self, *args: torch.Tensor) -> torch.Tensor:
         return self.criterion(*args)
 
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the batch, as accumulate_steps micro-batches; (loss, mean logits), detached."""
+        A = self.accumulate_steps
+        if A == 1:
+            loss, logits = self.forward_loss(images, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            return loss.detach().float(), logits.detach()
+        n = labels.shape[0]
+        parts = [(x, y) for x, y in zip(images.tensor_split(A), labels.tensor_split(A)) if y.shape[0]]  # a short last batch: fewer
+        self.optimizer.zero_grad(set_to_none=True)
+        no_sync = getattr(self.model, "no_sync", None)  # DDP: all-reduce the gradients on the last micro-batch only
+        loss_sum, all_logits = 0.0, []
+        for i, (x, y) in enumerate(parts):
+            weight = y.shape[0] / n  # 1 / accumulate_steps for equal micro-batches: the gradient of the batch mean
+            with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
+                loss, logits = self.forward_loss(x, y)
+                self.scaler.scale(loss * weight).backward()
+            loss_sum = loss_sum + loss.detach().float() * weight
+            all_logits.append(logits.detach())
+        return loss_sum, torch.cat(all_logits)
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Run one step; returns the (detached) loss, a device tensor."""
+        """Run one step (one optimizer step, over accumulate_steps micro-batches); returns the (detached) loss, a device tensor."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the last replay may be overwritten now
         self.buffers.snapshot()
-        loss, logits = self.forward_loss(images, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        loss = loss.detach().float()
+        loss, logits = self._forward_backward(images, labels)
         bad = (~torch.isfinite(loss)).to(torch.int32)
         all_reduce_(bad, self.dist, op=ReduceOp.MAX)  # every rank skips the same steps
         self.buffers.restore_if(bad.bool())
@@ -139,7 +174,7 @@ class TrainStep:
         ok = 1 - bad
         self.loss_sum += torch.where(ok.bool(), loss * n, 0.0)
         self.counted += ok * n
-        self.correct += (logits.detach().argmax(1) == labels).sum() * ok
+        self.correct += (logits.argmax(1) == labels).sum() * ok
         self.nonfinite += bad
         self.run.add_(1).mul_(bad)  # length of the current run of skipped steps
         torch.maximum(self.max_run, self.run, out=self.max_run)

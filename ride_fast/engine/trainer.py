@@ -1,8 +1,11 @@
 """Stage-1 training and evaluation: one `Trainer` from a resolved `Config`.
 
-Per step (`TrainStep`): forward of all experts, the loss over all experts' logits, backward, SGD.
+Per step (`TrainStep`): forward of all experts, the loss over all experts' logits, backward, SGD
+(with train.accumulate_steps = K: forward and backward over K micro-batches, then the one SGD step).
 Metrics stay on the device and are read once per `train.log_interval` steps and at the end of the
-epoch (the only host syncs of the loop). Per epoch: the lr multiplier of the recipe,
+epoch (the only host syncs of the loop). First: a new run claims train.out_dir (`claim_run_folder`:
+another run's files stop it unless --overwrite), logs its start-up summary and opens train.log
+(rank 0). Per epoch: the lr multiplier of the recipe,
 `loss.set_epoch` (the DRW / temperature switch), evaluation, metrics as a JSON line, checkpoints
 written atomically.
 
@@ -28,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +44,7 @@ from torch import nn
 from torch.distributed import ReduceOp
 
 from ride_fast.config import Config, config_to_dict, dump_config
-from ride_fast.data import ArrayDataset, build_datasets, build_loaders
+from ride_fast.data import ArrayDataset, build_datasets, build_loaders, choose_loader
 from ride_fast.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -61,12 +65,17 @@ from ride_fast.engine.distributed import (
 from ride_fast.engine.evaluate import evaluate_model, write_per_class_report
 from ride_fast.engine.metrics import SplitAccuracy
 from ride_fast.engine.monitor import (
+    LOGGER,
     SIGNAL_AT_ENV,
     StopRequest,
+    info,
+    log_file,
     progress_bar,
     signal_at_from_env,
+    startup_summary,
     tensorboard_log,
     tensorboard_writer,
+    warn,
 )
 from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, load_canonical_optimizer_state
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
@@ -109,9 +118,12 @@ class Trainer:
         *,
         train_set: ArrayDataset | None = None,
         test_set: ArrayDataset | None = None,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = info,
+        overwrite: bool = False,
     ):
         self.cfg = cfg
+        self.overwrite = overwrite  # a new run may replace another run's files in train.out_dir (`--overwrite`)
+        self._owns_out_dir = False  # True after resume() or the first fit(): train.out_dir holds this run
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         self.log = log if self.dist.is_main else (lambda s: None)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -148,7 +160,8 @@ class Trainer:
         self.teacher = self._load_teacher() if cfg.distill.teacher_checkpoint else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.step = TrainStep(self.train_model, self.criterion, self.optimizer, device=self.device, amp=self.amp,
-                              teacher=self.teacher, compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs, dist=self.dist)
+                              teacher=self.teacher, compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs, dist=self.dist,
+                              accumulate_steps=cfg.train.accumulate_steps)
         self.scaler = self.step.scaler
 
         # in-memory sets (MNIST/CIFAR) stay on the device; file lists go through DALI or the torch loader
@@ -272,7 +285,8 @@ class Trainer:
         """Accuracy of the mean logits of all experts on the test set, overall and per split (in a
         torchrun job each rank evaluates its shard and the per-class counts are summed)."""
         return evaluate_model(model or self.model, self.test_loader, self.class_counts, device=self.device, amp=self.amp,
-                              prefetch=self.cfg.train.prefetch, dist=self.dist)
+                              prefetch=self.cfg.train.prefetch, dist=self.dist,
+                              show_progress=self.cfg.train.progress and self.dist.is_main)
 
     def _average_bn_statistics(self) -> None:
         """Every rank evaluates, and rank 0 saves, the same network (with sync_bn the statistics are equal already)."""
@@ -283,11 +297,35 @@ class Trainer:
     def fit(self) -> dict:
         """Train to train.epochs; returns best_epoch, best_metric, history and `interrupted`
         (the run stopped on a signal after saving; `ride-fast train --resume auto` continues it)."""
+        run_log = contextlib.nullcontext()
+        if self.dist.is_main:
+            if not self._owns_out_dir:  # before anything is written: a new run never mixes with another run's files
+                claim_run_folder(self.out_dir, self.overwrite, self.log)
+                self._owns_out_dir = True  # the folder is this run's now (a second fit() continues it)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            run_log = log_file(self.out_dir / "train.log")
+        with run_log:
+            return self._fit()
+
+    def summary(self) -> str:
+        """The start-up lines of a run: data, loader, device, precision, batch per step and rank, output."""
+        cfg = self.cfg
+        return startup_summary(
+            "train", data=cfg.data.name, num_classes=self.num_classes, train_images=len(self.train_set),
+            test_images=len(self.test_set), loader=choose_loader(cfg.data, self.train_set), device=self.device, amp=self.amp,
+            amp_setting=cfg.train.amp, batch=cfg.data.batch_size, world_size=self.dist.world_size,
+            accumulate_steps=cfg.train.accumulate_steps, out=self.out_dir)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log(self.summary())
+            opt = "fused" if self.optimizer.defaults.get("fused") else "foreach" if self.optimizer.defaults.get("foreach") else "for-loop"
+            LOGGER.debug(f"fast path: model.batched={cfg.model.batched}, model.channels_last={cfg.model.channels_last}, "
+                         f"loss path {self.loss_path}, {opt} SGD, train.compile={cfg.train.compile}, "
+                         f"train.cuda_graphs={cfg.train.cuda_graphs}, train.prefetch={cfg.train.prefetch}")
             self._write_config()
-            self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard)
+            self._tb = tensorboard_writer(self.out_dir, cfg.train.tensorboard, self.log)
         interrupted = False
         stop = StopRequest(self.log) if cfg.train.handle_signals else contextlib.nullcontext()
         try:
@@ -335,7 +373,7 @@ class Trainer:
                     f"{result.images_per_s:,.0f} img/s  data wait {result.data_wait:.1f}/{result.seconds:.1f} s"
                 )
             if result.nonfinite:
-                self.log(f"warning: epoch {epoch} skipped {plural(result.nonfinite, 'step')} with a non-finite loss")
+                warn(self.log, f"epoch {epoch} skipped {plural(result.nonfinite, 'step')} with a non-finite loss")
             self.epoch = epoch
             self.history.append(record)
             if self.dist.is_main:
@@ -428,7 +466,7 @@ class Trainer:
                     ckpt = load_checkpoint(alt)
                 except CheckpointError:
                     continue
-                self.log(f"warning: {err}; resuming from {alt} instead")
+                warn(self.log, f"{err}; resuming from {alt} instead")
                 path = alt
                 break
             else:
@@ -448,6 +486,7 @@ class Trainer:
         self._resume_step = int(ckpt.get("step", 0))
         self._resume_sums = dict(ckpt.get("epoch_sums", {}))
         set_rng_state(ckpt["rng"])
+        self._owns_out_dir = True
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")
         if changes:
@@ -456,6 +495,37 @@ class Trainer:
             for key, old, new in changes:
                 self.log(f"  {key}: {old!r} -> {new!r}")
         self._resumed = {"from": str(path), "at": where, "changes": changes}
+
+
+RUN_FILES = ("config.yaml", "config_resume_*.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard",
+             "per_class_accuracy.json", "per_class_accuracy.png", "routed_config.yaml")  # what a run writes into train.out_dir (with stage 2's routed.pt)
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files and folders of a run in `out_dir` (RUN_FILES), sorted; [] for a fresh or missing folder."""
+    out_dir = Path(out_dir)
+    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)}) if out_dir.is_dir() else []
+
+
+def claim_run_folder(out_dir: Path, overwrite: bool, log: Callable[[str], None] = info) -> None:
+    """Make `out_dir` ready for a new run. When it holds another run's files: without `overwrite`
+    raise, naming the folder and the choices, with nothing touched; with it, delete those files
+    (RUN_FILES only: other files in the folder stay)."""
+    found = run_files(out_dir)
+    if not found:
+        return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    if not overwrite:
+        cont = ("`ride-fast train ... --resume auto` continues it" if (Path(out_dir) / "last.pt").is_file()
+                else "`--resume auto` finds no last.pt there to continue from")
+        raise ValueError(f"train.out_dir {out_dir} holds another run ({names}); nothing was changed. Choose one: {cont}; "
+                         f"set a new train.out_dir=...; or pass --overwrite to delete that run's files and start anew")
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    log(f"deleted the previous run's files in {out_dir} to start anew ({names})")
 
 
 def _seek(loader, epoch: int, start_batch: int) -> int:

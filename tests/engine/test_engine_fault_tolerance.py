@@ -64,12 +64,15 @@ class SignalAtBatch:
             yield batch
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_bit_identical(tmp_path, sig):
+@pytest.mark.parametrize("sig,accumulate", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-accumulate_steps=2"])
+def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_bit_identical(tmp_path, sig, accumulate):
+    """With train.accumulate_steps the checkpoint's step and loader position still count optimizer steps."""
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    full = Trainer(tiny_cfg(tmp_path / "full", "train.epochs=3"), log=lambda s: None)
+    acc = f"train.accumulate_steps={accumulate}"
+    full = Trainer(tiny_cfg(tmp_path / "full", "train.epochs=3", acc), log=lambda s: None)
     full.fit()
-    cut = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3"), log=lambda s: None)
+    cut = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3", acc), log=lambda s: None)
     cut.train_loader = SignalAtBatch(cut.train_loader, sig, epoch=2, at=3)
     summary = cut.fit()
     assert summary["interrupted"] and cut.epoch == 1
@@ -78,7 +81,7 @@ def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_bit_identical(tm
     assert sorted(p.name for p in (tmp_path / "cut").glob("epoch_*.pt")) == ["epoch_0001.pt"]  # epoch files stay whole
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
 
-    resumed = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3"), log=lambda s: None)
+    resumed = Trainer(tiny_cfg(tmp_path / "cut", "train.epochs=3", acc), log=lambda s: None)
     resumed.resume(tmp_path / "cut" / "last.pt")
     assert resumed.fit()["interrupted"] is False
     assert_identical(state_of(full), state_of(resumed))

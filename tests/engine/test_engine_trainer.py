@@ -192,3 +192,28 @@ def test_resume_refuses_a_training_set_with_other_class_counts(tmp_path):
     trainer = Trainer(tiny_cfg(tmp_path, "train.epochs=2"), train_set=other, test_set=other, log=lambda s: None)
     with pytest.raises(ValueError, match=r"cannot resume .*last\.pt: its training set had other class counts than tiny has now"):
         trainer.resume(tmp_path / "last.pt")
+
+
+def _folder_state(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_never_mixes_with_another_runs_folder(tmp_path, capsys):
+    args = [*TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
+    assert main(["train", *args]) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _folder_state(tmp_path)
+    capsys.readouterr()
+    assert main(["train", *args]) == 2  # a new run into the same folder: refused, nothing touched
+    err = capsys.readouterr().err
+    assert f"train.out_dir {tmp_path} holds another run" in err
+    for choice in ("--resume auto", "a new train.out_dir", "--overwrite"):
+        assert choice in err
+    assert _folder_state(tmp_path) == before
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(["train", "--overwrite", *args]) == 0  # the old run's files go, other files stay
+    assert "deleted the previous run's files" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2"]) == 0  # continuing is not a new run
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -1,0 +1,95 @@
+"""What a user watching a run sees: the start-up summary of `train` and `route`, levelled messages on
+the console and in <out_dir>/train.log, real TensorBoard events, a warning when TensorBoard is
+missing, and progress bars only on a terminal."""
+import io
+import json
+import os
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ride_fast.cli import main
+from ride_fast.config import load_config
+from ride_fast.data import build_datasets
+from ride_fast.engine.monitor import PROGRESS_ENV, progress, progress_bar
+from ride_fast.engine.runtime import resolve_amp
+
+TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.max_steps_per_epoch=2",
+        "model.num_experts=2", "loss.reweight_epoch=1", "optim.warmup_epochs=1", "optim.milestones=[1]",
+        "train.epochs=1", "train.progress=false"]
+
+
+def test_train_and_route_print_a_startup_summary_log_to_train_log_and_write_tensorboard_events(tmp_path, capsys):
+    args = [*TINY, f"train.out_dir={tmp_path}", "train.amp=auto", "train.accumulate_steps=2", "train.tensorboard=true"]
+    assert main(["train", "-v", *args]) == 0
+    out = capsys.readouterr().out
+    assert "fast path: model.batched=True, model.channels_last=True, loss path analytic" in out  # a DEBUG line, shown by -v
+    precision = {"none": "fp32"}.get(resolve_amp("auto", torch.device("cpu")), "bf16")
+    train_set, test_set = build_datasets(load_config(overrides=TINY).data)
+    images = f"{train_set.num_classes} classes, {len(train_set):,} training and {len(test_set):,} test images"
+    summary = [
+        f"train: data mnist_lt, {images}, loader memory",
+        f"  device cpu, precision {precision} (chosen by train.amp=auto), 1 rank",
+        "  batch 16 per optimizer step, 16 per rank, run as 2 micro-batches of 8 (train.accumulate_steps)",
+        f"  output {tmp_path}",
+    ]
+    assert "\n".join(summary) in out
+    log = (tmp_path / "train.log").read_text()
+    assert summary[0] in log and summary[2] in log and " INFO epoch   1  lr " in log
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's own reader of the event file
+    events.Reload()
+    assert {"train/loss", "train/lr", "test/overall", "test/few"} <= set(events.Tags()["scalars"])
+    [loss] = events.Scalars("train/loss")
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert loss.step == 1 and loss.value == pytest.approx(record["loss"], rel=1e-6)
+
+    (tmp_path / "router.yaml").write_text("router:\n  top_k: 5\n  epochs: 1\n  batch_size: 64\n")
+    assert main(["route", "--config", str(tmp_path / "router.yaml"), "--checkpoint", str(tmp_path / "last.pt"),
+                 "--out", str(tmp_path / "routed.pt"), "--no-eval", "data.test_per_class=10", "train.amp=none"]) == 0
+    out = capsys.readouterr().out
+    assert (f"route: data mnist_lt, {images}, loader memory\n"
+            "  device cpu, precision fp32, 1 rank\n  batch 64 per optimizer step, 64 per rank\n"
+            f"  output {tmp_path / 'routed.pt'}") in out
+
+
+def test_quiet_console_shows_warnings_while_train_log_keeps_everything_and_missing_tensorboard_warns(tmp_path, capsys,
+                                                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert main(["train", "-q", *TINY, f"train.out_dir={tmp_path}", "train.tensorboard=true"]) == 0
+    out = capsys.readouterr().out
+    warning = "train.tensorboard=true but the tensorboard package is not installed"
+    assert f"warning: {warning}" in out
+    assert "epoch   1" not in out and "train: data" not in out  # INFO messages stay off the console under -q
+    assert "fast path:" not in (tmp_path / "train.log").read_text()  # the log file keeps INFO and above
+    log = (tmp_path / "train.log").read_text()
+    assert f" WARNING {warning}" in log and " INFO epoch   1  lr " in log and " INFO train: data mnist_lt" in log
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_progress_bars_show_on_a_terminal_unless_switched_off(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    assert list(progress(range(3), "eval")) == [0, 1, 2]
+    assert "eval:" in sys.stderr.getvalue() and "/3 [" in sys.stderr.getvalue()  # a bar was drawn
+    assert progress_bar(3, "x", enabled=False) is None
+    monkeypatch.setenv(PROGRESS_ENV, "0")  # what --no-progress sets
+    assert progress_bar(3, "x", enabled=True) is None
+    monkeypatch.delenv(PROGRESS_ENV)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    assert progress_bar(3, "x", enabled=True) is None
+    assert list(progress(range(2), "eval")) == [0, 1]
+
+
+def test_no_progress_flag_is_accepted_before_and_after_the_command(monkeypatch, capsys):
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    assert main(["show-config", "--no-progress"]) == 0
+    assert os.environ[PROGRESS_ENV] == "0"
+    monkeypatch.delenv(PROGRESS_ENV)
+    assert main(["-q", "show-config"]) == 0 and "model:" in capsys.readouterr().out
