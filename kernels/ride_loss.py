@@ -72,8 +72,7 @@ from ride_fast_kernels._utils import (
     check_targets,
     check_vector,
     next_power_of_2,
-    pick_block_c,
-    pick_num_warps,
+    pick_tile,
 )
 from ride_fast_kernels.ride_loss_kernels import _ride_loss_bwd_kernel, _ride_loss_fwd_kernel
 from torch import Tensor
@@ -85,15 +84,16 @@ _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
 #: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check that
-#: no variant spills under it): 4 programs of 8 warps per SM, see the module docstring. Tiles of
-#: 8 experts keep twice the per-expert running state and get REGISTER_BUDGET_E8 (3 programs).
+#: no variant spills under it): a thread holds E_BLOCK x V logits of a tile (see the module
+#: docstring); up to 16 of them fit REGISTER_BUDGET, more (bfloat16 / float16 rows of 8 classes,
+#: or 8 experts) get REGISTER_BUDGET_WIDE.
 REGISTER_BUDGET = 64
-REGISTER_BUDGET_E8 = 80
+REGISTER_BUDGET_WIDE = 80
 
 
-def register_budget(e_block: int) -> int:
-    """maxnreg of a [E_BLOCK, BLOCK_C] tile's kernels."""
-    return REGISTER_BUDGET if e_block <= 4 else REGISTER_BUDGET_E8
+def register_budget(e_block: int, v: int) -> int:
+    """maxnreg of the kernels of a [R, V, E_BLOCK] tile."""
+    return REGISTER_BUDGET if e_block <= 4 else REGISTER_BUDGET_WIDE
 
 #: Rows reduced per step by the forward's finishing program.
 _FINISH_BLOCK = 1024
@@ -156,7 +156,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     counter = _ticket_counter(device)
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
-    bc = pick_block_c(E, C, block_c)
+    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
     _ride_loss_fwd_kernel[(B,)](
         z, target,
@@ -165,8 +165,8 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
         temperature if temperature is not None else dummy,
         stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, FINISH_BLOCK=_FINISH_BLOCK,
-        num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
+        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=_FINISH_BLOCK,
+        num_warps=warps, maxnreg=register_budget(e_block, v),
     )
     return loss, stats, aux
 
@@ -179,7 +179,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
     go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
-    bc = pick_block_c(E, C, block_c)
+    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     dummy = aux
     _ride_loss_bwd_kernel[(B,)](
         z, target,
@@ -188,7 +188,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
         temperature if temperature is not None else dummy,
         stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
+        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, num_warps=warps, maxnreg=register_budget(e_block, v),
     )
     return g
 
