@@ -163,7 +163,8 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
 def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142, padded: bool = True, kernels=("fwd", "bwd")) -> list[dict]:
     """Compile the forward and/or backward kernel of one variant as the launcher would launch it."""
     e_block = next_power_of_2(E)
-    r, v, warps = pick_tile(e_block, classes, {"fp32": 4, "bf16": 2, "fp16": 2}[dtype])
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    r, v, warps = pick_tile(e_block, classes, itemsize)
     vecs = phase == 1
     cx = dict(zip(_CONSTEXPRS, [True, vecs, vecs, MODES[mode], e_block, r, v]))
     divisible = _PTR_ARGS + (("stride_ze", "stride_zb", "stride_ge", "stride_gb") if padded else ())
@@ -174,15 +175,15 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
         c = dict(cx, FINISH_BLOCK=ride_loss._FINISH_BLOCK)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, v))
-        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, v)))
+        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
+        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
         c = dict(cx)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, v))
-        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, v)))
+        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
+        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
     return rows
 
 

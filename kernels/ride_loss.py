@@ -83,17 +83,22 @@ __all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "register_budget", "ride_loss_b
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
-#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check that
-#: no variant spills under it): a thread holds E_BLOCK x V logits of a tile (see the module
-#: docstring); up to 16 of them fit REGISTER_BUDGET, more (bfloat16 / float16 rows of 8 classes,
-#: or 8 experts) get REGISTER_BUDGET_WIDE.
+#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check the
+#: variants against it): a thread holds E_BLOCK x V = 16 logits of a tile and 3 to 5 running values
+#: per expert (see the module docstring). Float32 tiles of up to 4 experts fit REGISTER_BUDGET
+#: (four 8-warp programs an SM); 2-byte logits keep the packed loads beside their float32
+#: conversions and get REGISTER_BUDGET_HALF (three); 8 experts double the running state and get
+#: REGISTER_BUDGET_WIDE (three).
 REGISTER_BUDGET = 64
+REGISTER_BUDGET_HALF = 72
 REGISTER_BUDGET_WIDE = 80
 
 
-def register_budget(e_block: int, v: int) -> int:
-    """maxnreg of the kernels of a [R, V, E_BLOCK] tile."""
-    return REGISTER_BUDGET if e_block <= 4 else REGISTER_BUDGET_WIDE
+def register_budget(e_block: int, itemsize: int) -> int:
+    """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits."""
+    if e_block > 4:
+        return REGISTER_BUDGET_WIDE
+    return REGISTER_BUDGET if itemsize == 4 else REGISTER_BUDGET_HALF
 
 #: Rows reduced per step by the forward's finishing program.
 _FINISH_BLOCK = 1024
@@ -166,7 +171,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
         stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
         DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=_FINISH_BLOCK,
-        num_warps=warps, maxnreg=register_budget(e_block, v),
+        num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
     )
     return loss, stats, aux
 
@@ -188,7 +193,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
         temperature if temperature is not None else dummy,
         stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, num_warps=warps, maxnreg=register_budget(e_block, v),
+        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
     )
     return g
 
