@@ -49,15 +49,21 @@ still in L2, come first, and writes the gradient once with evict_first stores th
 them out. Per-row statistics are 12 E + 12 bytes. `benchmarks/loss_traffic.py` models the DRAM
 bytes this gives per GPU.
 
-Instruction shape: one program per row holds all E experts in one [E_BLOCK, BLOCK_C] tile
-(E_BLOCK = next_pow2(E)); the class axis runs as an unmasked main loop over full blocks (vector
-loads when the logits' row and expert strides are multiples of 16 elements, which Triton sees as
-divisibility) and one masked tail block. Register budget: 64 registers per thread (maxnreg; 80
-for 5 to 8 experts, three programs) and no spills, so that four 8-warp programs share an SM
-(64K registers): each keeps one tile load in
-flight, E_BLOCK * BLOCK_C = 2048 elements, 8 KB in float32, so an SM has about 32 KB of loads in
-flight, what an H100 / H200 needs per SM to cover DRAM latency at full bandwidth (bandwidth x
-latency / SMs). Shared memory (the block reductions) is at most 8 KB per program.
+Instruction shape: one program per row; a tile is [R, V, E_BLOCK] (E_BLOCK = next_pow2(E)): R =
+32 num_warps rows of V consecutive classes, each expert's block one vector load per thread, the
+experts joined along the minor axis inside each thread (`ride_fast_kernels.ride_loss_kernels`).
+Sums over experts and over a thread's V classes are register arithmetic; the forward keeps its
+running maxima and sums per thread and reduces across threads once per row. The class axis runs
+as an unmasked main loop over full blocks (vector loads when the logits' row and expert strides
+are multiples of 16 elements, which Triton sees as divisibility) and one masked tail block.
+A thread holds 16 logits: V = 4 classes (16-byte float32 loads, 8-byte 2-byte ones) for up to 4
+experts, V = 2 for 8 (`_utils.pick_tile`); BLOCK_C = R V = 1024 classes with 8 warps. Register
+budget (`register_budget`, passed as maxnreg): 64 for float32 (four 8-warp programs share an SM,
+64K registers), 72 for 2-byte logits, 80 for 8 experts (three programs); the compiler report
+checks every variant against it. Each program keeps one tile of loads in flight, E_BLOCK x 1024
+elements (16 KB in float32 at E = 4), what an H100 / H200 SM needs to cover DRAM latency at full
+bandwidth (bandwidth x latency / SMs). Shared memory (the once-a-row reductions, the tail's
+stores) is at most 4 KB per program.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the

@@ -64,51 +64,50 @@ def _ld(z_ptr, base, k: tl.constexpr, stride_ze, E, offs, C, MASKED: tl.constexp
 
 
 @triton.jit
+def _ld2(z_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ze, E, offs, C, MASKED: tl.constexpr,
+         EVICT: tl.constexpr):
+    """[R, V, 2]: experts k0 and k0 + step joined (the joined axis stays in the thread)."""
+    return tl.join(_ld(z_ptr, base, k0, stride_ze, E, offs, C, MASKED, EVICT),
+                   _ld(z_ptr, base, k0 + step, stride_ze, E, offs, C, MASKED, EVICT))
+
+
+@triton.jit
+def _ld4(z_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ze, E, offs, C, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """[R, V, 4]: experts k0 + step * j, j = 0..3 in order. Joining the even-j half to the odd-j
+    half and flattening the two minor axes puts expert j at index j."""
+    even = _ld2(z_ptr, base, k0, 2 * step, stride_ze, E, offs, C, MASKED, EVICT)
+    odd = _ld2(z_ptr, base, k0 + step, 2 * step, stride_ze, E, offs, C, MASKED, EVICT)
+    return tl.reshape(tl.join(even, odd), [R, V, 4])
+
+
+@triton.jit
+def _ld8(z_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ze, E, offs, C, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """[R, V, 8]: experts k0 + step * j in order (as `_ld4`)."""
+    even = _ld4(z_ptr, base, k0, 2 * step, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+    odd = _ld4(z_ptr, base, k0 + step, 2 * step, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+    return tl.reshape(tl.join(even, odd), [R, V, 8])
+
+
+@triton.jit
 def _load_tile(z_ptr, base, stride_ze, E, offs, C, R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
                MASKED: tl.constexpr, EVICT: tl.constexpr):
-    """[R, V, E_BLOCK] float32 logits, experts in order along the minor (in-thread) axis: each
-    join appends an axis of 2, and the pairing below makes the flattened index the expert's.
-    Padded classes (MASKED) read -inf."""
+    """[R, V, E_BLOCK] float32 logits, the experts in order along the minor (in-thread) axis.
+    Padded experts read 0, padded classes (MASKED) -inf."""
     if E_BLOCK == 1:
         x = tl.expand_dims(_ld(z_ptr, base, 0, stride_ze, E, offs, C, MASKED, EVICT), 2)
     elif E_BLOCK == 2:
-        x = tl.join(_ld(z_ptr, base, 0, stride_ze, E, offs, C, MASKED, EVICT),
-                    _ld(z_ptr, base, 1, stride_ze, E, offs, C, MASKED, EVICT))
+        x = _ld2(z_ptr, base, 0, 1, stride_ze, E, offs, C, MASKED, EVICT)
     elif E_BLOCK == 4:
-        a = tl.join(_ld(z_ptr, base, 0, stride_ze, E, offs, C, MASKED, EVICT),
-                    _ld(z_ptr, base, 2, stride_ze, E, offs, C, MASKED, EVICT))
-        b = tl.join(_ld(z_ptr, base, 1, stride_ze, E, offs, C, MASKED, EVICT),
-                    _ld(z_ptr, base, 3, stride_ze, E, offs, C, MASKED, EVICT))
-        x = tl.reshape(tl.join(a, b), [R, V, 4])
+        x = _ld4(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
     elif E_BLOCK == 8:
-        a = tl.join(tl.join(_ld(z_ptr, base, 0, stride_ze, E, offs, C, MASKED, EVICT),
-                            _ld(z_ptr, base, 4, stride_ze, E, offs, C, MASKED, EVICT)),
-                    tl.join(_ld(z_ptr, base, 2, stride_ze, E, offs, C, MASKED, EVICT),
-                            _ld(z_ptr, base, 6, stride_ze, E, offs, C, MASKED, EVICT)))
-        b = tl.join(tl.join(_ld(z_ptr, base, 1, stride_ze, E, offs, C, MASKED, EVICT),
-                            _ld(z_ptr, base, 5, stride_ze, E, offs, C, MASKED, EVICT)),
-                    tl.join(_ld(z_ptr, base, 3, stride_ze, E, offs, C, MASKED, EVICT),
-                            _ld(z_ptr, base, 7, stride_ze, E, offs, C, MASKED, EVICT)))
-        x = tl.reshape(tl.join(a, b), [R, V, 8])
+        x = _ld8(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
     else:
         tl.static_assert(E_BLOCK == 16, "E_BLOCK must be a power of two <= 16")
-        a = tl.join(tl.join(tl.join(_ld(z_ptr, base, 0, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 8, stride_ze, E, offs, C, MASKED, EVICT)),
-                            tl.join(_ld(z_ptr, base, 4, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 12, stride_ze, E, offs, C, MASKED, EVICT))),
-                    tl.join(tl.join(_ld(z_ptr, base, 2, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 10, stride_ze, E, offs, C, MASKED, EVICT)),
-                            tl.join(_ld(z_ptr, base, 6, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 14, stride_ze, E, offs, C, MASKED, EVICT))))
-        b = tl.join(tl.join(tl.join(_ld(z_ptr, base, 1, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 9, stride_ze, E, offs, C, MASKED, EVICT)),
-                            tl.join(_ld(z_ptr, base, 5, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 13, stride_ze, E, offs, C, MASKED, EVICT))),
-                    tl.join(tl.join(_ld(z_ptr, base, 3, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 11, stride_ze, E, offs, C, MASKED, EVICT)),
-                            tl.join(_ld(z_ptr, base, 7, stride_ze, E, offs, C, MASKED, EVICT),
-                                    _ld(z_ptr, base, 15, stride_ze, E, offs, C, MASKED, EVICT))))
-        x = tl.reshape(tl.join(a, b), [R, V, 16])
+        even = _ld8(z_ptr, base, 0, 2, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+        odd = _ld8(z_ptr, base, 1, 2, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+        x = tl.reshape(tl.join(even, odd), [R, V, 16])
     if MASKED:
         x = tl.where((offs < C)[:, :, None], x, float("-inf"))
     return x
@@ -131,71 +130,47 @@ def _st(g_ptr, base, k: tl.constexpr, stride_ge, E, offs, C, g, MASKED: tl.const
 
 
 @triton.jit
+def _st2(g_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ge, E, offs, C, g, MASKED: tl.constexpr):
+    """Store [R, V, 2]: experts k0 and k0 + step."""
+    g0, g1 = tl.split(g)
+    _st(g_ptr, base, k0, stride_ge, E, offs, C, g0, MASKED)
+    _st(g_ptr, base, k0 + step, stride_ge, E, offs, C, g1, MASKED)
+
+
+@triton.jit
+def _st4(g_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ge, E, offs, C, g, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr):
+    """Store [R, V, 4]: experts k0 + step * j (the inverse of `_ld4`)."""
+    even, odd = tl.split(tl.reshape(g, [R, V, 2, 2]))
+    _st2(g_ptr, base, k0, 2 * step, stride_ge, E, offs, C, even, MASKED)
+    _st2(g_ptr, base, k0 + step, 2 * step, stride_ge, E, offs, C, odd, MASKED)
+
+
+@triton.jit
+def _st8(g_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ge, E, offs, C, g, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr):
+    """Store [R, V, 8]: experts k0 + step * j (the inverse of `_ld8`)."""
+    even, odd = tl.split(tl.reshape(g, [R, V, 4, 2]))
+    _st4(g_ptr, base, k0, 2 * step, stride_ge, E, offs, C, even, R, V, MASKED)
+    _st4(g_ptr, base, k0 + step, 2 * step, stride_ge, E, offs, C, odd, R, V, MASKED)
+
+
+@triton.jit
 def _store_tile(g_ptr, base, stride_ge, E, offs, C, g, R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):
-    """Store a [R, V, E_BLOCK] gradient tile: the inverse of `_load_tile`'s joins."""
+    """Store a [R, V, E_BLOCK] gradient tile (the inverse of `_load_tile`)."""
     if E_BLOCK == 1:
         _st(g_ptr, base, 0, stride_ge, E, offs, C, tl.reshape(g, [R, V]), MASKED)
     elif E_BLOCK == 2:
-        g0, g1 = tl.split(g)
-        _st(g_ptr, base, 0, stride_ge, E, offs, C, g0, MASKED)
-        _st(g_ptr, base, 1, stride_ge, E, offs, C, g1, MASKED)
+        _st2(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, MASKED)
     elif E_BLOCK == 4:
-        a, b = tl.split(tl.reshape(g, [R, V, 2, 2]))
-        g0, g2 = tl.split(a)
-        g1, g3 = tl.split(b)
-        _st(g_ptr, base, 0, stride_ge, E, offs, C, g0, MASKED)
-        _st(g_ptr, base, 1, stride_ge, E, offs, C, g1, MASKED)
-        _st(g_ptr, base, 2, stride_ge, E, offs, C, g2, MASKED)
-        _st(g_ptr, base, 3, stride_ge, E, offs, C, g3, MASKED)
+        _st4(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
     elif E_BLOCK == 8:
-        a, b = tl.split(tl.reshape(g, [R, V, 2, 2, 2]))
-        a0, a1 = tl.split(a)
-        b0, b1 = tl.split(b)
-        g0, g4 = tl.split(a0)
-        g2, g6 = tl.split(a1)
-        g1, g5 = tl.split(b0)
-        g3, g7 = tl.split(b1)
-        _st(g_ptr, base, 0, stride_ge, E, offs, C, g0, MASKED)
-        _st(g_ptr, base, 1, stride_ge, E, offs, C, g1, MASKED)
-        _st(g_ptr, base, 2, stride_ge, E, offs, C, g2, MASKED)
-        _st(g_ptr, base, 3, stride_ge, E, offs, C, g3, MASKED)
-        _st(g_ptr, base, 4, stride_ge, E, offs, C, g4, MASKED)
-        _st(g_ptr, base, 5, stride_ge, E, offs, C, g5, MASKED)
-        _st(g_ptr, base, 6, stride_ge, E, offs, C, g6, MASKED)
-        _st(g_ptr, base, 7, stride_ge, E, offs, C, g7, MASKED)
+        _st8(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
     else:
-        a, b = tl.split(tl.reshape(g, [R, V, 2, 2, 2, 2]))
-        a0, a1 = tl.split(a)
-        b0, b1 = tl.split(b)
-        a00, a01 = tl.split(a0)
-        a10, a11 = tl.split(a1)
-        b00, b01 = tl.split(b0)
-        b10, b11 = tl.split(b1)
-        g0, g8 = tl.split(a00)
-        g4, g12 = tl.split(a01)
-        g2, g10 = tl.split(a10)
-        g6, g14 = tl.split(a11)
-        g1, g9 = tl.split(b00)
-        g5, g13 = tl.split(b01)
-        g3, g11 = tl.split(b10)
-        g7, g15 = tl.split(b11)
-        _st(g_ptr, base, 0, stride_ge, E, offs, C, g0, MASKED)
-        _st(g_ptr, base, 1, stride_ge, E, offs, C, g1, MASKED)
-        _st(g_ptr, base, 2, stride_ge, E, offs, C, g2, MASKED)
-        _st(g_ptr, base, 3, stride_ge, E, offs, C, g3, MASKED)
-        _st(g_ptr, base, 4, stride_ge, E, offs, C, g4, MASKED)
-        _st(g_ptr, base, 5, stride_ge, E, offs, C, g5, MASKED)
-        _st(g_ptr, base, 6, stride_ge, E, offs, C, g6, MASKED)
-        _st(g_ptr, base, 7, stride_ge, E, offs, C, g7, MASKED)
-        _st(g_ptr, base, 8, stride_ge, E, offs, C, g8, MASKED)
-        _st(g_ptr, base, 9, stride_ge, E, offs, C, g9, MASKED)
-        _st(g_ptr, base, 10, stride_ge, E, offs, C, g10, MASKED)
-        _st(g_ptr, base, 11, stride_ge, E, offs, C, g11, MASKED)
-        _st(g_ptr, base, 12, stride_ge, E, offs, C, g12, MASKED)
-        _st(g_ptr, base, 13, stride_ge, E, offs, C, g13, MASKED)
-        _st(g_ptr, base, 14, stride_ge, E, offs, C, g14, MASKED)
-        _st(g_ptr, base, 15, stride_ge, E, offs, C, g15, MASKED)
+        even, odd = tl.split(tl.reshape(g, [R, V, 8, 2]))
+        _st8(g_ptr, base, 0, 2, stride_ge, E, offs, C, even, R, V, MASKED)
+        _st8(g_ptr, base, 1, 2, stride_ge, E, offs, C, odd, R, V, MASKED)
 
 
 @triton.jit
