@@ -17,11 +17,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (iNaturalist 2018 has 8,142 classes, ImageNet-21k 21,841). Raise it together with a test.
 MAX_CLASSES = 1 << 16
 
-#: Largest expert count: all E experts of a row are held in one [next_pow2(E), BLOCK_C] tile.
+#: Largest expert count: all E experts of a row are held in one [R, V, next_pow2(E)] tile.
 MAX_EXPERTS = 16
-
-#: Classes of one tile of the fused RIDE loss (each thread holds V of them for every expert).
-TILE_CLASSES = 1024
 
 
 def interpreting() -> bool:
@@ -39,9 +36,10 @@ def next_power_of_2(n: int) -> int:
 
 
 def pick_tile(e_block: int, n_cols: int, itemsize: int, block_c: int | None = None) -> tuple[int, int, int]:
-    """(R, V, num_warps) of a [R, V, e_block] tile: R threads' rows of V consecutive classes, V one
-    16-byte load per expert and thread (fewer past 8 experts: 64 elements a thread at most), R * V
-    = block_c classes (TILE_CLASSES, or the whole row when shorter), one row of the tile a thread.
+    """(R, V, num_warps) of a [R, V, e_block] tile: R rows of V consecutive classes, one row a
+    thread; V = 4 (16-byte float32 loads, 8-byte 2-byte ones) up to 4 experts, 16 // e_block past
+    them, so that a thread holds at most 16 logits; R * V = block_c classes (256 V, or the whole
+    row when shorter).
 
     `block_c` overrides the class-block width (tests use a small one to exercise the blocked path).
     """
