@@ -18,7 +18,8 @@ triton wheel; no driver), one row per kernel variant:
                   128-bit load per instruction), and grad_stores likewise for the gradient
     vectorised    every logit load (and gradient store) in the main loop is a vector access
     mufu_per_element, alu_per_element
-                  the main loop's MUFU instructions (ex2, lg2, rcp) and other float
+                  the main loop's MUFU instructions (ex2, lg2, rcp, and float32 divisions,
+                  which run a reciprocal) and other float
                   instructions (add, mul, fma, max, setp, selp, cvt, shfl ...) per logit: what
                   benchmarks/loss_traffic.py charges against the SM's rates
 
@@ -113,7 +114,8 @@ def _width_bytes(suffixes: str) -> int:
     return vec * bits // 8
 
 
-_MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?(ex2|lg2|rcp|rsqrt|sqrt)\.approx")
+# div.full / div.approx (and div.rn) of float32 run a MUFU reciprocal (1/T in the kernels)
+_MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?((ex2|lg2|rcp|rsqrt|sqrt)\.approx|div\.(full|approx|rn)\.(ftz\.)?f32)")
 _ALU = re.compile(r"^\s*(?:@%p\d+\s+)?(add|sub|mul|fma|max|min|neg|abs|selp|setp|cvt|shfl|mov)\.[\w.]*f(16|32)\b|^\s*(?:@%p\d+\s+)?(shfl|selp)\.")
 
 

@@ -10,9 +10,11 @@ arithmetic; the forward keeps its running maxima and sums per thread ([R, E_BLOC
 across threads once per row.
 
 Exponentials are base 2 with log2(e) (and 1/T) folded into one multiply-add. The running maxima
-are integers in log2 units (a ceiling of the true maximum), so rescaling a sum by 2^(m_old -
-m_new) is an exponent-field shift (`_exp2i`) rather than an exponential; the largest term of a
-sum stays in (1/2, 1].
+are integers in log2 units (a ceiling of the true maximum, kept negated: n = -m is the addend of
+that multiply-add), so rescaling a sum by 2^(m_old - m_new) is an exponent-field shift (`_exp2i`)
+rather than an exponential; the largest term of a sum stays in (1/2, 1]. The MUFU computes only
+the per-logit exponentials: pbar's per-class ones (`_exp2_fma`) and 1/T (`_rcp`, one per thread
+and tile) run on the FMA pipe.
 """
 from __future__ import annotations
 
@@ -21,22 +23,25 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NEG = tl.constexpr(-1e30)  # the running maxima's start: finite, so no inf - inf
+BIG = tl.constexpr(1e30)  # the negated running maxima's start: finite, so no inf - inf
 
 
 @triton.jit
 def _exp2i(d):
-    """2^d for an integer-valued d <= 0, 0 below 2^-126: built in the exponent field (no MUFU)."""
-    k = tl.maximum(d, -127.0).to(tl.int32)
+    """2^d for an integer-valued d <= 0, 0 below 2^-126: built in the exponent field with integer
+    instructions (the conversion saturates: a d of -1e30 gives the most negative integer)."""
+    k = tl.maximum(d.to(tl.int32), -127)
     return ((k + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _exp2_fma(d):
+def _exp2_fma(d, MASKED: tl.constexpr):
     """2^d for d <= 0 on the FMA pipe (degree-5 polynomial on [0, 1), relative error 2e-7): the
-    forward's per-class exponentials, so that the MUFU serves the per-element ones. Below 2^-126 it
-    returns at most 2^-126 (against a largest term of at least 1/2 in the sums it feeds)."""
-    d = tl.maximum(d, -126.0)
+    forward's per-class exponentials, so that the MUFU serves the per-element ones. Below 2^-126
+    it returns at most 2^-126 (against a largest term of at least 1/2 in the sums it feeds); d may
+    be -inf only in a MASKED block."""
+    if MASKED:
+        d = tl.maximum(d, -126.0)
     j = tl.math.floor(d)
     f = d - j
     p = 0.0018762343097478151 * f + 0.008992594666779041
@@ -44,7 +49,18 @@ def _exp2_fma(d):
     p = p * f + 0.24015454947948456
     p = p * f + 0.6931529641151428
     p = p * f + 0.9999999403953552
-    return (p.to(tl.int32, bitcast=True) + (j.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
+    return (p.to(tl.int32, bitcast=True) + (tl.maximum(j.to(tl.int32), -126) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x for a positive normal float32 x on the FMA pipe: a first guess from the exponent
+    field (relative error < 0.13), then three Newton steps (each squares the error)."""
+    y = (0x7EF311C3 - x.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    y = y + y * (1.0 - x * y)
+    y = y + y * (1.0 - x * y)
+    y = y + y * (1.0 - x * y)
+    return y
 
 
 @triton.jit
@@ -174,62 +190,84 @@ def _store_tile(g_ptr, base, stride_ge, E, offs, C, g, R: tl.constexpr, V: tl.co
 
 
 @triton.jit
-def _inv_temp(temp_ptr, offs, C, MASKED: tl.constexpr):
-    """log2(e) / T of a [R, V] block of classes (padded classes: log2(e))."""
+def _inv_temp(temp_ptr, offs, C, SCALE: tl.constexpr, R: tl.constexpr, V: tl.constexpr, MASKED: tl.constexpr):
+    """SCALE / T of a [R, V] block of classes (padded classes: SCALE) without the MUFU: the V
+    temperatures' product is inverted once (`_rcp`) and multiplied back (Montgomery's trick),
+    which needs that product to be a normal float32 (temperatures within 1e-9..1e9)."""
     if MASKED:
-        return LOG2E / tl.load(temp_ptr + offs, mask=offs < C, other=1.0)
-    return LOG2E / tl.load(temp_ptr + offs)
+        t = tl.load(temp_ptr + offs, mask=offs < C, other=1.0)
+    else:
+        t = tl.load(temp_ptr + offs)
+    if V == 4:
+        even, odd = tl.split(tl.reshape(t, [R, 2, 2]))
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+        a = t0 * t1
+        b = t2 * t3
+        inv = _rcp(a * b) * SCALE
+        ia = inv * b  # SCALE / (t0 t1)
+        ib = inv * a
+        k = tl.reshape(tl.join(tl.join(ia * t1, ib * t3), tl.join(ia * t0, ib * t2)), [R, 4])
+    elif V == 2:
+        t0, t1 = tl.split(t)
+        inv = _rcp(t0 * t1) * SCALE
+        k = tl.join(inv * t1, inv * t0)
+    else:
+        k = _rcp(t) * SCALE
+    return k
 
 
 @triton.jit
-def _fwd_tile(m_z, s_rest, m_u, s_u, t_k, m_v, s_v,
+def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
               z_ptr, z_row, stride_ze, E, offs, C, y, temp_ptr, inv_e,
               R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
               MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
-    """Fold one [R, V, E_BLOCK] tile into the per-thread running maxima and sums ([R, E_BLOCK];
-    [R] for pbar), all in log2 units (see the module docstring)."""
+    """Fold one [R, V, E_BLOCK] tile into the per-thread running sums ([R, E_BLOCK]; [R] for
+    pbar), in log2 units. The running maxima are kept negated (n = -m, integer-valued), so that
+    exp2(w - m) is one multiply-add or add with n, no negation (see the module docstring)."""
     x = _load_tile(z_ptr, z_row, stride_ze, E, offs, C, R, V, E_BLOCK, MASKED, "evict_last")
     is_y = (offs == y)[:, :, None]
     # exp(z - max z): every class but the target feeds lse(a_k); the target's a_y comes later
-    mz_new = tl.maximum(m_z, tl.math.ceil(tl.max(x, axis=1) * LOG2E))
-    e = tl.exp2(x * LOG2E - mz_new[:, None, :])
-    alpha = _exp2i(m_z - mz_new)
+    nz_new = tl.minimum(n_z, tl.math.floor(tl.max(x, axis=1) * -LOG2E))
+    e = tl.exp2(x * LOG2E + nz_new[:, None, :])
+    alpha = _exp2i(nz_new - n_z)
     s_rest = s_rest * alpha + tl.sum(tl.where(is_y, 0.0, e), axis=1)
     if DIV_MODE != 0:
         if HAS_TEMP:
-            k_u = _inv_temp(temp_ptr, offs, C, MASKED)  # log2(e) / T, [R, V]
-            k_x = k_u[:, :, None]
-            w = x * k_x  # u in log2 units
-            mu_new = tl.maximum(m_u, tl.math.ceil(tl.max(w, axis=1)))
-            beta = _exp2i(m_u - mu_new)
-            eu = tl.exp2(w - mu_new[:, None, :])
+            k_n = _inv_temp(temp_ptr, offs, C, -LOG2E, R, V, MASKED)  # -log2(e) / T, [R, V]
+            k_x = k_n[:, :, None]
+            w_n = x * k_x  # -u in log2 units
+            nu_new = tl.minimum(n_u, tl.math.floor(tl.min(w_n, axis=1)))
+            beta = _exp2i(nu_new - n_u)
+            eu = tl.exp2(nu_new[:, None, :] - w_n)
             s_u = s_u * beta + tl.sum(eu, axis=1)
-            m_u = mu_new
+            n_u = nu_new
         else:  # T = 1: u = z, the same exponentials (lse(u) follows from s_rest at the end)
-            k_u = LOG2E
-            k_x = LOG2E
+            k_n = -LOG2E
+            k_x = -LOG2E
             beta = alpha
             eu = e
         # padded experts read 0, so sums over experts need no mask
         if DIV_MODE == 2:
-            h = x * (E * k_x) - (tl.sum(x, axis=2) * k_u)[:, :, None]  # E u - sum_j u_j, log2 units
+            h = (tl.sum(x, axis=2) * k_n)[:, :, None] - x * (E * k_x)  # E u - sum_j u_j, log2 units
             if MASKED:  # padded classes: x = -inf, h = nan, eu = 0
                 t_k = t_k * beta + tl.sum(tl.where(eu > 0.0, eu * h, 0.0), axis=1)
             else:  # all finite; a padded expert's t_k is never read
                 t_k = t_k * beta + tl.sum(eu * h, axis=1)
         if DIV_MODE == 1:
-            v = tl.sum(x, axis=2) * (k_u * inv_e)  # zbar / T, log2 units
-            mv_new = tl.maximum(m_v, tl.math.ceil(tl.max(v, axis=1)))
-            s_v = s_v * _exp2i(m_v - mv_new) + tl.sum(_exp2_fma(v - mv_new[:, None]), axis=1)
-            m_v = mv_new
-    return mz_new, s_rest, m_u, s_u, t_k, m_v, s_v
+            v_e = tl.sum(x, axis=2) * k_n  # -E zbar / T, log2 units (1/E is applied below)
+            nv_new = tl.minimum(n_v, tl.math.floor(tl.min(v_e, axis=1) * inv_e))
+            s_v = s_v * _exp2i(nv_new - n_v) + tl.sum(_exp2_fma(nv_new[:, None] - v_e * inv_e, MASKED), axis=1)
+            n_v = nv_new
+    return nz_new, s_rest, n_u, s_u, t_k, n_v, s_v
 
 
 @triton.jit
-def _row_sum(m, s):
-    """(max, sum) over threads of per-thread [R, E_BLOCK] (integer log2 maximum, rescaled sum)."""
-    top = tl.max(m, axis=0)
-    return top, tl.sum(s * _exp2i(m - top[None, :]), axis=0)
+def _row_sum(n, s):
+    """(-max, sum) over threads of per-thread [R, E_BLOCK] (negated integer log2 maximum, rescaled
+    sum) pairs."""
+    bottom = tl.min(n, axis=0)
+    return bottom, tl.sum(s * _exp2i(bottom[None, :] - n), axis=0)
 
 
 @triton.jit
@@ -264,50 +302,50 @@ def _ride_loss_fwd_kernel(
     z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
     a_y = z_y - m_y
 
-    m_z = tl.full([R, E_BLOCK], NEG, tl.float32)
+    n_z = tl.full([R, E_BLOCK], BIG, tl.float32)
     s_rest = tl.zeros([R, E_BLOCK], dtype=tl.float32)
-    m_u = tl.full([R, E_BLOCK], NEG, tl.float32)
+    n_u = tl.full([R, E_BLOCK], BIG, tl.float32)
     s_u = tl.zeros([R, E_BLOCK], dtype=tl.float32)
     t_k = tl.zeros([R, E_BLOCK], dtype=tl.float32)
-    m_v = tl.full([R], NEG, tl.float32)
+    n_v = tl.full([R], BIG, tl.float32)
     s_v = tl.zeros([R], dtype=tl.float32)
     inv_e = 1.0 / E
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]  # [R, V]: V consecutive classes a thread
     c_main = C - C % BLOCK_C
     for start in range(0, c_main, BLOCK_C):  # full blocks, no class mask
-        m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_tile(
-            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, stride_ze, E, start + cls, C, y, temp_ptr, inv_e,
+        n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, start + cls, C, y, temp_ptr, inv_e,
             R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
     if c_main < C:  # the partial last block
-        m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_tile(
-            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, stride_ze, E, c_main + cls, C, y, temp_ptr, inv_e,
+        n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, c_main + cls, C, y, temp_ptr, inv_e,
             R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
 
-    # across threads, once per row
-    top_z, s_rest = _row_sum(m_z, s_rest)
-    lse_a = (top_z + tl.log2(s_rest + tl.exp2(a_y * LOG2E - top_z))) * LN2
+    # across threads, once per row (bottom = -max)
+    bottom_z, s_rest = _row_sum(n_z, s_rest)
+    lse_a = (tl.log2(s_rest + tl.exp2(a_y * LOG2E + bottom_z)) - bottom_z) * LN2
     nll = tl.where(e_mask, lse_a - a_y, 0.0)
     cls_part = w_y * tl.sum(nll, axis=0)
     cls_part = tl.where(y_ok, cls_part, float("nan"))  # an out-of-range target poisons the loss
     slot2 = tl.zeros([E_BLOCK], dtype=tl.float32)
     div_part = 0.0
     if HAS_TEMP:
-        top_u, s_row = _row_sum(m_u, s_u)
+        bottom_u, s_row = _row_sum(n_u, s_u)
     else:  # lse(z): the shared sum plus the target's own exp(z_y - max)
-        top_u = top_z
-        s_row = s_rest + tl.exp2(z_y * LOG2E - top_z)
-    lse_u = (top_u + tl.log2(s_row)) * LN2
+        bottom_u = bottom_z
+        s_row = s_rest + tl.exp2(z_y * LOG2E + bottom_z)
+    lse_u = (tl.log2(s_row) - bottom_u) * LN2
     if DIV_MODE == 1:
-        top_v = tl.max(m_v, axis=0)
-        s_v = tl.sum(s_v * _exp2i(m_v - top_v), axis=0)
-        lse_v = (top_v + tl.log2(s_v)) * LN2
+        bottom_v = tl.min(n_v, axis=0)
+        s_v = tl.sum(s_v * _exp2i(bottom_v - n_v), axis=0)
+        lse_v = (tl.log2(s_v) - bottom_v) * LN2
         slot2 = slot2 + lse_v
         div_part = div_scale * tl.sum(tl.where(e_mask, lse_u - lse_v, 0.0), axis=0)
     if DIV_MODE == 2:
         if HAS_TEMP:
-            t_row = tl.sum(t_k * _exp2i(m_u - top_u[None, :]), axis=0)
+            t_row = tl.sum(t_k * _exp2i(bottom_u[None, :] - n_u), axis=0)
         else:
-            t_row = tl.sum(t_k * _exp2i(m_z - top_z[None, :]), axis=0)
+            t_row = tl.sum(t_k * _exp2i(bottom_z[None, :] - n_z), axis=0)
         l_sum = tl.sum(tl.where(e_mask, lse_u, 0.0), axis=0)
         slot2 = t_row / s_row * LN2 - E * lse_u + l_sum  # K_k
         div_part = div_scale * tl.sum(tl.where(e_mask, slot2, 0.0), axis=0)
@@ -354,7 +392,7 @@ def _bwd_tile(z_ptr, z_row, stride_ze, E, offs, C, y, m_yl, temp_ptr, inv_e, g_p
     x = _load_tile(z_ptr, z_row, stride_ze, E, offs, C, R, V, E_BLOCK, MASKED, "evict_first")
     is_y = (offs == y)[:, :, None]
     if HAS_TEMP:
-        k_u = _inv_temp(temp_ptr, offs, C, MASKED)  # log2(e) / T
+        k_u = _inv_temp(temp_ptr, offs, C, LOG2E, R, V, MASKED)  # log2(e) / T
         lq = x * k_u[:, :, None] - lse_ul[None, None, :]  # log2 q
         q = tl.exp2(lq)
         la = x * LOG2E - lse_al[None, None, :]
