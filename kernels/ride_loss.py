@@ -40,7 +40,7 @@ forward reads each logit exactly once. Without a temperature vector (T = 1, the 
 with T_base = 1) the exponentials are shared: exp(z - max z) serves lse(a_k) (every class but the
 target, whose a_y is added once per expert), lse(u_k) and, in the backward, both softmaxes
 (softmax(a_k)_c = q_kc exp(lse u_k - lse a_k) off the target): one exp per element, plus one per
-class for pbar ("mean").
+class for pbar ("mean"; in the forward a polynomial on the FMA pipe).
 
 Memory traffic (the floor of a loss with its gradient is 2 E B C itemsize: read the logits once,
 write the gradient once): the forward reads the logits once (loads marked evict_last); the
@@ -57,11 +57,13 @@ running maxima and sums per thread and reduces across threads once per row. The 
 as an unmasked main loop over full blocks (vector loads when the logits' row and expert strides
 are multiples of 16 elements, which Triton sees as divisibility) and one masked tail block.
 A thread holds 16 logits: V = 4 classes (16-byte float32 loads, 8-byte 2-byte ones) for up to 4
-experts, V = 2 for 8 (`_utils.pick_tile`); BLOCK_C = R V = 1024 classes with 8 warps. Register
-budget (`register_budget`, passed as maxnreg): 64 for float32 (four 8-warp programs share an SM,
-64K registers), 72 for 2-byte logits, 80 for 8 experts (three programs); the compiler report
-checks every variant against it. Each program keeps one tile of loads in flight, E_BLOCK x 1024
-elements (16 KB in float32 at E = 4), what an H100 / H200 SM needs to cover DRAM latency at full
+experts, V = 2 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 256 V with 8 warps.
+Register budget (`register_budget`, passed as maxnreg): 64 for float32 (four 8-warp programs
+share an SM, 64K registers), 72 for 2-byte logits, 80 for 5 to 8 experts (three programs); the
+compiler report checks every variant against it (5 to 8 experts: the pairwise forward with
+temperatures spills, `docs/performance-notes.md`). Each program keeps one tile of loads in
+flight, E_BLOCK x BLOCK_C elements (16 KB in float32 at E = 4), what an H100 / H200 SM needs to
+cover DRAM latency at full
 bandwidth (bandwidth x latency / SMs). Shared memory (the once-a-row reductions, the tail's
 stores) is at most 4 KB per program.
 
