@@ -17,8 +17,10 @@ written (kernels/ride_loss.py):
               are evict_first, so they do not push those rows out); writes the gradient, Z
               bytes, once, already multiplied by grad_output
 
-Per-class vectors (margins, weights and temperatures, 4 C bytes each) come from DRAM once and
-stay in each SM's L1 (every program of an SM reads the same C floats). Each kernel's time is a
+Per-class vectors (margins, weights and temperatures, 4 C bytes each) come from DRAM once; the
+kernels read margins and weights at the row's target only, and the temperatures (phase 1) at every
+class: those stay in each SM's L1 (every program of an SM reads the same C floats), one fill per SM
+and kernel from L2. Each kernel's time is a
 fixed cost (the gap between back-to-back kernels plus the first wave's ramp and the last one's
 tail) plus the largest of: DRAM bytes / DRAM bandwidth, L2 bytes / L2 bandwidth, exponentials /
 MUFU rate, other float instructions / FP32 rate (one per lane per clock, optimistic for
@@ -69,14 +71,14 @@ MODES = ("mean", "pairwise")
 #: sm_90 compiler emits them: the mufu_per_element / alu_per_element columns of
 #: `python -m ride_fast_kernels.report --arch sm_90 --experts 4` (a test keeps them in step).
 OPS_E4 = {
-    ("fwd", "float32", "mean", 0): (1.88, 19.38), ("bwd", "float32", "mean", 0): (1.5, 11.0),
-    ("fwd", "float32", "mean", 1): (2.88, 30.88), ("bwd", "float32", "mean", 1): (2.5, 14.5),
-    ("fwd", "bfloat16", "mean", 0): (2.25, 21.62), ("bwd", "bfloat16", "mean", 0): (2.0, 16.5),
-    ("fwd", "bfloat16", "mean", 1): (2.62, 28.25), ("bwd", "bfloat16", "mean", 1): (3.0, 20.5),
-    ("fwd", "float32", "pairwise", 0): (1.25, 18.75), ("bwd", "float32", "pairwise", 0): (1.0, 17.0),
-    ("fwd", "float32", "pairwise", 1): (2.5, 30.5), ("bwd", "float32", "pairwise", 1): (2.0, 20.0),
-    ("fwd", "bfloat16", "pairwise", 0): (1.12, 17.88), ("bwd", "bfloat16", "pairwise", 0): (1.0, 24.5),
-    ("fwd", "bfloat16", "pairwise", 1): (2.25, 26.25), ("bwd", "bfloat16", "pairwise", 1): (2.0, 27.5),
+    ("fwd", "float32", "mean", 0): (1.0, 9.0), ("bwd", "float32", "mean", 0): (1.25, 6.0),
+    ("fwd", "float32", "mean", 1): (2.0, 15.06), ("bwd", "float32", "mean", 1): (2.25, 10.31),
+    ("fwd", "bfloat16", "mean", 0): (1.0, 10.0), ("bwd", "bfloat16", "mean", 0): (1.25, 7.5),
+    ("fwd", "bfloat16", "mean", 1): (2.0, 16.06), ("bwd", "bfloat16", "mean", 1): (2.25, 11.81),
+    ("fwd", "float32", "pairwise", 0): (1.0, 8.25), ("bwd", "float32", "pairwise", 0): (1.0, 9.25),
+    ("fwd", "float32", "pairwise", 1): (2.0, 14.81), ("bwd", "float32", "pairwise", 1): (2.0, 13.06),
+    ("fwd", "bfloat16", "pairwise", 0): (1.0, 9.25), ("bwd", "bfloat16", "pairwise", 0): (1.0, 10.75),
+    ("fwd", "bfloat16", "pairwise", 1): (2.0, 15.81), ("bwd", "bfloat16", "pairwise", 1): (2.0, 14.56),
 }
 
 
@@ -102,7 +104,7 @@ def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 
     Z = E * B * C * s
     elements = E * B * C
     vectors = (3 if phase == 1 else 1) * 4 * C  # margins (+ weights, temperatures) from DRAM once
-    l1_fill = (2 if phase == 1 else 0) * 4 * C * gpu.sms  # temperatures (and weights) into every SM's L1
+    l1_fill = (1 if phase == 1 else 0) * 4 * C * gpu.sms  # temperatures into every SM's L1 (margins, weights: gathered at y)
     small_in = B * 8 + B * 4 * 2  # targets, gathered margin and weight per row
     stats = B * 3 * E * 4 + B * 3 * 4 + 8  # statistics, partial sums, loss and weight sum
 

@@ -46,25 +46,13 @@ def test_traffic_within_1_3_of_the_floor(gpu):
         assert row["traffic_ratio"] <= 1.3, row
 
 
-# Predicted under 70% today: in bfloat16 the memory time halves but the kernels' instructions per
-# logit do not (block reductions across warps: shuffles, shared-memory round trips and barriers
-# are most of them), so these variants are bound by the FP32 pipe or the MUFU. strict: the day a
-# kernel change brings one above 70%, its mark must go.
-SHORT_OF_70 = {
-    ("h200", "bfloat16", "mean", 0), ("h200", "bfloat16", "pairwise", 0),
-    ("h200", "bfloat16", "mean", 1), ("h200", "bfloat16", "pairwise", 1),
-}
-
-
 @pytest.mark.parametrize("gpu", sorted(lt.GPUS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["mean", "pairwise"])
 @pytest.mark.parametrize("phase", [0, 1])
-def test_kernel_as_written_predicted_at_least_70_percent_of_the_floor(gpu, dtype, mode, phase, request):
+def test_kernel_as_written_predicted_at_least_70_percent_of_the_floor(gpu, dtype, mode, phase):
     """At (512, 4, 8142). At (256, 4, 1000) the floor is 1-2 us, the order of one kernel's fixed
     cost: no two-kernel design gets near it there (the model prints those rows too)."""
-    if (gpu, dtype, mode, phase) in SHORT_OF_70:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="compute-bound in bfloat16 (see SHORT_OF_70)"))
     row = lt.model(512, 4, 8142, dtype, mode, lt.GPUS[gpu], phase)
     assert row["fraction_of_floor"] >= 0.70, row
 

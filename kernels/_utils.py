@@ -17,13 +17,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (iNaturalist 2018 has 8,142 classes, ImageNet-21k 21,841). Raise it together with a test.
 MAX_CLASSES = 1 << 16
 
-#: Largest expert count: all E experts of a row are held in one [next_pow2(E), BLOCK_C] tile.
+#: Largest expert count: all E experts of a row are held in one [R, V, next_pow2(E)] tile.
 MAX_EXPERTS = 16
-
-#: Elements of one [E_BLOCK, BLOCK_C] tile; bounds the registers a program needs. With 8 warps,
-#: 8 elements per thread: ptxas (sm_90) gives the RIDE kernel 60-80 registers and no spills
-#: (E_BLOCK=8 "pairwise": 126), so several programs share an SM; 4096 needed 128 and spilled.
-MAX_TILE = 2048
 
 
 def interpreting() -> bool:
@@ -40,22 +35,24 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def pick_block_c(n_rows: int, n_cols: int, block_c: int | None = None) -> int:
-    """Class-block width for a [n_rows, n_cols] row group: the whole row when it fits MAX_TILE.
+def pick_tile(e_block: int, n_cols: int, itemsize: int, block_c: int | None = None) -> tuple[int, int, int]:
+    """(R, V, num_warps) of a [R, V, e_block] tile: R rows of V consecutive classes, one row a
+    thread; V = 4 (16-byte float32 loads, 8-byte 2-byte ones) up to 4 experts, 16 // e_block past
+    them, so that a thread holds at most 16 logits; R * V = block_c classes (256 V, or the whole
+    row when shorter).
 
-    `block_c` overrides the heuristic (tests use a small one to exercise the blocked path).
+    `block_c` overrides the class-block width (tests use a small one to exercise the blocked path).
     """
+    v = max(1, min(16 // itemsize, 4, 16 // e_block))
     if block_c is not None:
         if block_c < 16 or block_c & (block_c - 1):
             raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
-        return block_c
-    rows = next_power_of_2(n_rows)
-    return max(16, min(next_power_of_2(n_cols), MAX_TILE // rows))
-
-
-def pick_num_warps(tile: int) -> int:
-    """Warps per program for a tile of `tile` elements (8 elements per thread, 1 to 8 warps)."""
-    return max(1, min(8, tile // 256))
+        bc = block_c
+    else:
+        bc = max(16, min(next_power_of_2(n_cols), 256 * v))
+    v = min(v, bc)
+    r = bc // v
+    return r, v, max(1, min(8, r // 32))
 
 
 def check_vector(name: str, vec: Tensor | None, n: int, device: torch.device) -> Tensor | None:

@@ -18,7 +18,8 @@ triton wheel; no driver), one row per kernel variant:
                   128-bit load per instruction), and grad_stores likewise for the gradient
     vectorised    every logit load (and gradient store) in the main loop is a vector access
     mufu_per_element, alu_per_element
-                  the main loop's MUFU instructions (ex2, lg2, rcp) and other float
+                  the main loop's MUFU instructions (ex2, lg2, rcp, and float32 divisions,
+                  which run a reciprocal) and other float
                   instructions (add, mul, fma, max, setp, selp, cvt, shfl ...) per logit: what
                   benchmarks/loss_traffic.py charges against the SM's rates
 
@@ -45,7 +46,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ride_fast_kernels import ride_loss  # noqa: E402
-from ride_fast_kernels._utils import next_power_of_2, pick_block_c, pick_num_warps  # noqa: E402
+from ride_fast_kernels._utils import next_power_of_2, pick_tile  # noqa: E402
 
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 MODES = {"mean": ride_loss._DIV_MEAN, "pairwise": ride_loss._DIV_PAIRWISE}
@@ -60,7 +61,7 @@ _BWD = {
     "stats_ptr": "*fp32", "aux_ptr": "*fp32", "go_ptr": "*fp32", "g_ptr": None, "E": "i32", "B": "i32", "C": "i32",
     "stride_ze": "i64", "stride_zb": "i64", "stride_ge": "i64", "stride_gb": "i64", "div_scale": "fp32",
 }
-_CONSTEXPRS = ("HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "BLOCK_C")
+_CONSTEXPRS = ("HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "R", "V")
 
 
 def ptxas_path() -> str:
@@ -113,7 +114,8 @@ def _width_bytes(suffixes: str) -> int:
     return vec * bits // 8
 
 
-_MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?(ex2|lg2|rcp|rsqrt|sqrt)\.approx")
+# div.full / div.approx (and div.rn) of float32 run a MUFU reciprocal (1/T in the kernels)
+_MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?((ex2|lg2|rcp|rsqrt|sqrt)\.approx|div\.(full|approx|rn)\.(ftz\.)?f32)")
 _ALU = re.compile(r"^\s*(?:@%p\d+\s+)?(add|sub|mul|fma|max|min|neg|abs|selp|setp|cvt|shfl|mov)\.[\w.]*f(16|32)\b|^\s*(?:@%p\d+\s+)?(shfl|selp)\.")
 
 
@@ -163,10 +165,10 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
 def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142, padded: bool = True, kernels=("fwd", "bwd")) -> list[dict]:
     """Compile the forward and/or backward kernel of one variant as the launcher would launch it."""
     e_block = next_power_of_2(E)
-    bc = pick_block_c(E, classes)
-    warps = pick_num_warps(e_block * bc)
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    r, v, warps = pick_tile(e_block, classes, itemsize)
     vecs = phase == 1
-    cx = dict(zip(_CONSTEXPRS, [True, vecs, vecs, MODES[mode], e_block, bc]))
+    cx = dict(zip(_CONSTEXPRS, [True, vecs, vecs, MODES[mode], e_block, r, v]))
     divisible = _PTR_ARGS + (("stride_ze", "stride_zb", "stride_ge", "stride_gb") if padded else ())
     variant = f"E{E}-{mode}-{dtype}-phase{phase}"
     rows = []
@@ -175,15 +177,15 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
         c = dict(cx, FINISH_BLOCK=ride_loss._FINISH_BLOCK)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block))
-        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * bc / (32 * warps), ride_loss.register_budget(e_block)))
+        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
+        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
         c = dict(cx)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block))
-        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * bc / (32 * warps), ride_loss.register_budget(e_block)))
+        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
+        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
     return rows
 
 

@@ -40,7 +40,7 @@ forward reads each logit exactly once. Without a temperature vector (T = 1, the 
 with T_base = 1) the exponentials are shared: exp(z - max z) serves lse(a_k) (every class but the
 target, whose a_y is added once per expert), lse(u_k) and, in the backward, both softmaxes
 (softmax(a_k)_c = q_kc exp(lse u_k - lse a_k) off the target): one exp per element, plus one per
-class for pbar ("mean").
+class for pbar ("mean"; in the forward a polynomial on the FMA pipe).
 
 Memory traffic (the floor of a loss with its gradient is 2 E B C itemsize: read the logits once,
 write the gradient once): the forward reads the logits once (loads marked evict_last); the
@@ -49,15 +49,23 @@ still in L2, come first, and writes the gradient once with evict_first stores th
 them out. Per-row statistics are 12 E + 12 bytes. `benchmarks/loss_traffic.py` models the DRAM
 bytes this gives per GPU.
 
-Instruction shape: one program per row holds all E experts in one [E_BLOCK, BLOCK_C] tile
-(E_BLOCK = next_pow2(E)); the class axis runs as an unmasked main loop over full blocks (vector
-loads when the logits' row and expert strides are multiples of 16 elements, which Triton sees as
-divisibility) and one masked tail block. Register budget: 64 registers per thread (maxnreg; 80
-for 5 to 8 experts, three programs) and no spills, so that four 8-warp programs share an SM
-(64K registers): each keeps one tile load in
-flight, E_BLOCK * BLOCK_C = 2048 elements, 8 KB in float32, so an SM has about 32 KB of loads in
-flight, what an H100 / H200 needs per SM to cover DRAM latency at full bandwidth (bandwidth x
-latency / SMs). Shared memory (the block reductions) is at most 8 KB per program.
+Instruction shape: one program per row; a tile is [R, V, E_BLOCK] (E_BLOCK = next_pow2(E)): R =
+32 num_warps rows of V consecutive classes, each expert's block one vector load per thread, the
+experts joined along the minor axis inside each thread (`ride_fast_kernels.ride_loss_kernels`).
+Sums over experts and over a thread's V classes are register arithmetic; the forward keeps its
+running maxima and sums per thread and reduces across threads once per row. The class axis runs
+as an unmasked main loop over full blocks (vector loads when the logits' row and expert strides
+are multiples of 16 elements, which Triton sees as divisibility) and one masked tail block.
+A thread holds 16 logits: V = 4 classes (16-byte float32 loads, 8-byte 2-byte ones) for up to 4
+experts, V = 2 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 256 V with 8 warps.
+Register budget (`register_budget`, passed as maxnreg): 64 for float32 (four 8-warp programs
+share an SM, 64K registers), 72 for 2-byte logits, 80 for 5 to 8 experts (three programs); the
+compiler report checks every variant against it (5 to 8 experts: the pairwise forward with
+temperatures spills, `docs/performance-notes.md`). Each program keeps one tile of loads in
+flight, E_BLOCK x BLOCK_C elements (16 KB in float32 at E = 4), what an H100 / H200 SM needs to
+cover DRAM latency at full
+bandwidth (bandwidth x latency / SMs). Shared memory (the once-a-row reductions, the tail's
+stores) is at most 4 KB per program.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
@@ -72,8 +80,7 @@ from ride_fast_kernels._utils import (
     check_targets,
     check_vector,
     next_power_of_2,
-    pick_block_c,
-    pick_num_warps,
+    pick_tile,
 )
 from ride_fast_kernels.ride_loss_kernels import _ride_loss_bwd_kernel, _ride_loss_fwd_kernel
 from torch import Tensor
@@ -84,16 +91,22 @@ __all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "register_budget", "ride_loss_b
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
-#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check that
-#: no variant spills under it): 4 programs of 8 warps per SM, see the module docstring. Tiles of
-#: 8 experts keep twice the per-expert running state and get REGISTER_BUDGET_E8 (3 programs).
+#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check the
+#: variants against it): a thread holds E_BLOCK x V = 16 logits of a tile and 3 to 5 running values
+#: per expert (see the module docstring). Float32 tiles of up to 4 experts fit REGISTER_BUDGET
+#: (four 8-warp programs an SM); 2-byte logits keep the packed loads beside their float32
+#: conversions and get REGISTER_BUDGET_HALF (three); 8 experts double the running state and get
+#: REGISTER_BUDGET_WIDE (three).
 REGISTER_BUDGET = 64
-REGISTER_BUDGET_E8 = 80
+REGISTER_BUDGET_HALF = 72
+REGISTER_BUDGET_WIDE = 80
 
 
-def register_budget(e_block: int) -> int:
-    """maxnreg of a [E_BLOCK, BLOCK_C] tile's kernels."""
-    return REGISTER_BUDGET if e_block <= 4 else REGISTER_BUDGET_E8
+def register_budget(e_block: int, itemsize: int) -> int:
+    """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits."""
+    if e_block > 4:
+        return REGISTER_BUDGET_WIDE
+    return REGISTER_BUDGET if itemsize == 4 else REGISTER_BUDGET_HALF
 
 #: Rows reduced per step by the forward's finishing program.
 _FINISH_BLOCK = 1024
@@ -156,7 +169,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     counter = _ticket_counter(device)
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
-    bc = pick_block_c(E, C, block_c)
+    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
     _ride_loss_fwd_kernel[(B,)](
         z, target,
@@ -165,8 +178,8 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
         temperature if temperature is not None else dummy,
         stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, FINISH_BLOCK=_FINISH_BLOCK,
-        num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
+        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=_FINISH_BLOCK,
+        num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
     )
     return loss, stats, aux
 
@@ -179,7 +192,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
     go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
-    bc = pick_block_c(E, C, block_c)
+    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     dummy = aux
     _ride_loss_bwd_kernel[(B,)](
         z, target,
@@ -188,7 +201,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
         temperature if temperature is not None else dummy,
         stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, BLOCK_C=bc, num_warps=pick_num_warps(e_block * bc), maxnreg=register_budget(e_block),
+        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
     )
     return g
 

@@ -1,75 +1,273 @@
 """The Triton kernels of the fused RIDE loss: the forward (`_ride_loss_fwd_kernel`, with its
 finishing reduction `_finish`) and the backward (`_ride_loss_bwd_kernel`). The math, the memory
-traffic and the register budget are described in `ride_fast_kernels.ride_loss`, whose launchers
-are the only callers.
+traffic, the tile shape and the register budget are described in `ride_fast_kernels.ride_loss`,
+whose launchers are the only callers.
+
+Tile: [R, V, E_BLOCK] float32, R = 32 num_warps rows of V consecutive classes (one vector load
+per expert and thread), the E_BLOCK experts joined as the minor axis (`tl.join` keeps a joined
+axis inside each thread). Sums over experts and over a thread's V classes are therefore register
+arithmetic; the forward keeps its running maxima and sums per thread ([R, E_BLOCK]) and reduces
+across threads once per row.
+
+Exponentials are base 2 with log2(e) (and 1/T) folded into one multiply-add. The running maxima
+are integers in log2 units (a ceiling of the true maximum, kept negated: n = -m is the addend of
+that multiply-add), so rescaling a sum by 2^(m_old - m_new) is an exponent-field shift (`_exp2i`)
+rather than an exponential; the largest term of a sum stays in (1/2, 1]. The MUFU computes only
+the per-logit exponentials: pbar's per-class ones (`_exp2_fma`) and 1/T (`_rcp`, one per thread
+and tile) run on the FMA pipe.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+BIG = tl.constexpr(1e30)  # the negated running maxima's start: finite, so no inf - inf
+
 
 @triton.jit
-def _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr,
-                MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, EVICT: tl.constexpr):
-    """One [E_BLOCK, BLOCK_C] float32 tile of a row and 1/T of its classes. Padded experts read 0;
-    padded classes (MASKED tail block only) read -inf."""
-    ptrs = z_ptr + z_row + ze_off[:, None] + offs_c[None, :]
+def _exp2i(d):
+    """2^d for an integer-valued d <= 0, 0 below 2^-126: built in the exponent field with integer
+    instructions (the conversion saturates: a d of -1e30 gives the most negative integer)."""
+    k = tl.maximum(d.to(tl.int32), -127)
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_fma(d, MASKED: tl.constexpr):
+    """2^d for d <= 0 on the FMA pipe (degree-5 polynomial on [0, 1), relative error 2e-7): the
+    forward's per-class exponentials, so that the MUFU serves the per-element ones. Below 2^-126
+    it returns at most 2^-126 (against a largest term of at least 1/2 in the sums it feeds); d may
+    be -inf only in a MASKED block."""
     if MASKED:
-        c_mask = offs_c < C
-        x = tl.load(ptrs, mask=e_mask[:, None] & c_mask[None, :], other=0.0, eviction_policy=EVICT).to(tl.float32)
-        x = tl.where(c_mask[None, :], x, float("-inf"))
-        if HAS_TEMP:
-            inv_t = 1.0 / tl.load(temp_ptr + offs_c, mask=c_mask, other=1.0)
-        else:
-            inv_t = tl.full(offs_c.shape, 1.0, tl.float32)
-    else:
-        x = tl.load(ptrs, mask=e_mask[:, None], other=0.0, eviction_policy=EVICT).to(tl.float32)
-        if HAS_TEMP:
-            inv_t = 1.0 / tl.load(temp_ptr + offs_c)
-        else:
-            inv_t = tl.full(offs_c.shape, 1.0, tl.float32)
-    return x, inv_t
+        d = tl.maximum(d, -126.0)
+    j = tl.math.floor(d)
+    f = d - j
+    p = 0.0018762343097478151 * f + 0.008992594666779041
+    p = p * f + 0.05582358315587044
+    p = p * f + 0.24015454947948456
+    p = p * f + 0.6931529641151428
+    p = p * f + 0.9999999403953552
+    return (p.to(tl.int32, bitcast=True) + (tl.maximum(j.to(tl.int32), -126) << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _fwd_block(m_z, s_rest, m_u, s_u, t_k, m_v, s_v,
-               z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
-               MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
-    """Fold one class block into the running sums of the forward (see the module docstring)."""
-    x, inv_t = _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr, MASKED, HAS_TEMP, "evict_last")
-    is_y = (offs_c == y)[None, :]
+def _rcp(x):
+    """1 / x for a positive normal float32 x on the FMA pipe: a first guess from the exponent
+    field (relative error < 0.13), then three Newton steps (each squares the error)."""
+    y = (0x7EF311C3 - x.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    y = y + y * (1.0 - x * y)
+    y = y + y * (1.0 - x * y)
+    y = y + y * (1.0 - x * y)
+    return y
+
+
+@triton.jit
+def _ld(z_ptr, base, k: tl.constexpr, stride_ze, E, offs, C, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """Expert k's [R, V] logits as float32: padded experts (k >= E) read 0."""
+    ptrs = z_ptr + base + k * stride_ze + offs
+    if MASKED:
+        ok = offs < C
+        if k > 0:
+            ok = ok & (k < E)
+        x = tl.load(ptrs, mask=ok, other=0.0, eviction_policy=EVICT)
+    elif k > 0:
+        x = tl.load(ptrs, mask=k < E, other=0.0, eviction_policy=EVICT)
+    else:
+        x = tl.load(ptrs, eviction_policy=EVICT)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _ld2(z_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ze, E, offs, C, MASKED: tl.constexpr,
+         EVICT: tl.constexpr):
+    """[R, V, 2]: experts k0 and k0 + step joined (the joined axis stays in the thread)."""
+    return tl.join(_ld(z_ptr, base, k0, stride_ze, E, offs, C, MASKED, EVICT),
+                   _ld(z_ptr, base, k0 + step, stride_ze, E, offs, C, MASKED, EVICT))
+
+
+@triton.jit
+def _ld4(z_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ze, E, offs, C, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """[R, V, 4]: experts k0 + step * j, j = 0..3 in order. Joining the even-j half to the odd-j
+    half and flattening the two minor axes puts expert j at index j."""
+    even = _ld2(z_ptr, base, k0, 2 * step, stride_ze, E, offs, C, MASKED, EVICT)
+    odd = _ld2(z_ptr, base, k0 + step, 2 * step, stride_ze, E, offs, C, MASKED, EVICT)
+    return tl.reshape(tl.join(even, odd), [R, V, 4])
+
+
+@triton.jit
+def _ld8(z_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ze, E, offs, C, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """[R, V, 8]: experts k0 + step * j in order (as `_ld4`)."""
+    even = _ld4(z_ptr, base, k0, 2 * step, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+    odd = _ld4(z_ptr, base, k0 + step, 2 * step, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+    return tl.reshape(tl.join(even, odd), [R, V, 8])
+
+
+@triton.jit
+def _load_tile(z_ptr, base, stride_ze, E, offs, C, R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
+               MASKED: tl.constexpr, EVICT: tl.constexpr):
+    """[R, V, E_BLOCK] float32 logits, the experts in order along the minor (in-thread) axis.
+    Padded experts read 0, padded classes (MASKED) -inf."""
+    if E_BLOCK == 1:
+        x = tl.expand_dims(_ld(z_ptr, base, 0, stride_ze, E, offs, C, MASKED, EVICT), 2)
+    elif E_BLOCK == 2:
+        x = _ld2(z_ptr, base, 0, 1, stride_ze, E, offs, C, MASKED, EVICT)
+    elif E_BLOCK == 4:
+        x = _ld4(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+    elif E_BLOCK == 8:
+        x = _ld8(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+    else:
+        tl.static_assert(E_BLOCK == 16, "E_BLOCK must be a power of two <= 16")
+        even = _ld8(z_ptr, base, 0, 2, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+        odd = _ld8(z_ptr, base, 1, 2, stride_ze, E, offs, C, R, V, MASKED, EVICT)
+        x = tl.reshape(tl.join(even, odd), [R, V, 16])
+    if MASKED:
+        x = tl.where((offs < C)[:, :, None], x, float("-inf"))
+    return x
+
+
+@triton.jit
+def _st(g_ptr, base, k: tl.constexpr, stride_ge, E, offs, C, g, MASKED: tl.constexpr):
+    """Store expert k's [R, V] gradient (padded experts: nothing)."""
+    ptrs = g_ptr + base + k * stride_ge + offs
+    g = g.to(g_ptr.dtype.element_ty)
+    if MASKED:
+        ok = offs < C
+        if k > 0:
+            ok = ok & (k < E)
+        tl.store(ptrs, g, mask=ok, eviction_policy="evict_first")
+    elif k > 0:
+        tl.store(ptrs, g, mask=k < E, eviction_policy="evict_first")
+    else:
+        tl.store(ptrs, g, eviction_policy="evict_first")
+
+
+@triton.jit
+def _st2(g_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ge, E, offs, C, g, MASKED: tl.constexpr):
+    """Store [R, V, 2]: experts k0 and k0 + step."""
+    g0, g1 = tl.split(g)
+    _st(g_ptr, base, k0, stride_ge, E, offs, C, g0, MASKED)
+    _st(g_ptr, base, k0 + step, stride_ge, E, offs, C, g1, MASKED)
+
+
+@triton.jit
+def _st4(g_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ge, E, offs, C, g, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr):
+    """Store [R, V, 4]: experts k0 + step * j (the inverse of `_ld4`)."""
+    even, odd = tl.split(tl.reshape(g, [R, V, 2, 2]))
+    _st2(g_ptr, base, k0, 2 * step, stride_ge, E, offs, C, even, MASKED)
+    _st2(g_ptr, base, k0 + step, 2 * step, stride_ge, E, offs, C, odd, MASKED)
+
+
+@triton.jit
+def _st8(g_ptr, base, k0: tl.constexpr, step: tl.constexpr, stride_ge, E, offs, C, g, R: tl.constexpr,
+         V: tl.constexpr, MASKED: tl.constexpr):
+    """Store [R, V, 8]: experts k0 + step * j (the inverse of `_ld8`)."""
+    even, odd = tl.split(tl.reshape(g, [R, V, 4, 2]))
+    _st4(g_ptr, base, k0, 2 * step, stride_ge, E, offs, C, even, R, V, MASKED)
+    _st4(g_ptr, base, k0 + step, 2 * step, stride_ge, E, offs, C, odd, R, V, MASKED)
+
+
+@triton.jit
+def _store_tile(g_ptr, base, stride_ge, E, offs, C, g, R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Store a [R, V, E_BLOCK] gradient tile (the inverse of `_load_tile`)."""
+    if E_BLOCK == 1:
+        _st(g_ptr, base, 0, stride_ge, E, offs, C, tl.reshape(g, [R, V]), MASKED)
+    elif E_BLOCK == 2:
+        _st2(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, MASKED)
+    elif E_BLOCK == 4:
+        _st4(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
+    elif E_BLOCK == 8:
+        _st8(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
+    else:
+        even, odd = tl.split(tl.reshape(g, [R, V, 8, 2]))
+        _st8(g_ptr, base, 0, 2, stride_ge, E, offs, C, even, R, V, MASKED)
+        _st8(g_ptr, base, 1, 2, stride_ge, E, offs, C, odd, R, V, MASKED)
+
+
+@triton.jit
+def _inv_temp(temp_ptr, offs, C, SCALE: tl.constexpr, R: tl.constexpr, V: tl.constexpr, MASKED: tl.constexpr):
+    """SCALE / T of a [R, V] block of classes (padded classes: SCALE) without the MUFU: the V
+    temperatures' product is inverted once (`_rcp`) and multiplied back (Montgomery's trick),
+    which needs that product to be a normal float32 (temperatures within 1e-9..1e9)."""
+    if MASKED:
+        t = tl.load(temp_ptr + offs, mask=offs < C, other=1.0)
+    else:
+        t = tl.load(temp_ptr + offs)
+    if V == 4:
+        even, odd = tl.split(tl.reshape(t, [R, 2, 2]))
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+        a = t0 * t1
+        b = t2 * t3
+        inv = _rcp(a * b) * SCALE
+        ia = inv * b  # SCALE / (t0 t1)
+        ib = inv * a
+        k = tl.reshape(tl.join(tl.join(ia * t1, ib * t3), tl.join(ia * t0, ib * t2)), [R, 4])
+    elif V == 2:
+        t0, t1 = tl.split(t)
+        inv = _rcp(t0 * t1) * SCALE
+        k = tl.join(inv * t1, inv * t0)
+    else:
+        k = _rcp(t) * SCALE
+    return k
+
+
+@triton.jit
+def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
+              z_ptr, z_row, stride_ze, E, offs, C, y, temp_ptr, inv_e,
+              R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
+              MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
+    """Fold one [R, V, E_BLOCK] tile into the per-thread running sums ([R, E_BLOCK]; [R] for
+    pbar), in log2 units. The running maxima are kept negated (n = -m, integer-valued), so that
+    exp2(w - m) is one multiply-add or add with n, no negation (see the module docstring)."""
+    x = _load_tile(z_ptr, z_row, stride_ze, E, offs, C, R, V, E_BLOCK, MASKED, "evict_last")
+    is_y = (offs == y)[:, :, None]
     # exp(z - max z): every class but the target feeds lse(a_k); the target's a_y comes later
-    mz_new = tl.maximum(m_z, tl.max(x, axis=1))
-    alpha = tl.exp(m_z - mz_new)
-    e = tl.exp(x - mz_new[:, None])
+    nz_new = tl.minimum(n_z, tl.math.floor(tl.max(x, axis=1) * -LOG2E))
+    e = tl.exp2(x * LOG2E + nz_new[:, None, :])
+    alpha = _exp2i(nz_new - n_z)
     s_rest = s_rest * alpha + tl.sum(tl.where(is_y, 0.0, e), axis=1)
     if DIV_MODE != 0:
         if HAS_TEMP:
-            u = x * inv_t[None, :]
-            mu_new = tl.maximum(m_u, tl.max(u, axis=1))
-            beta = tl.exp(m_u - mu_new)
-            eu = tl.exp(u - mu_new[:, None])
+            k_n = _inv_temp(temp_ptr, offs, C, -LOG2E, R, V, MASKED)  # -log2(e) / T, [R, V]
+            k_x = k_n[:, :, None]
+            w_n = x * k_x  # -u in log2 units
+            nu_new = tl.minimum(n_u, tl.math.floor(tl.min(w_n, axis=1)))
+            beta = _exp2i(nu_new - n_u)
+            eu = tl.exp2(nu_new[:, None, :] - w_n)
             s_u = s_u * beta + tl.sum(eu, axis=1)
-            m_u = mu_new
+            n_u = nu_new
         else:  # T = 1: u = z, the same exponentials (lse(u) follows from s_rest at the end)
-            u = x
+            k_n = -LOG2E
+            k_x = -LOG2E
             beta = alpha
             eu = e
         # padded experts read 0, so sums over experts need no mask
         if DIV_MODE == 2:
-            u_sum = tl.sum(u, axis=0)
-            h = E * u - u_sum[None, :]
-            if MASKED:  # padded classes: u = -inf, h = nan, eu = 0
+            h = (tl.sum(x, axis=2) * k_n)[:, :, None] - x * (E * k_x)  # E u - sum_j u_j, log2 units
+            if MASKED:  # padded classes: x = -inf, h = nan, eu = 0
                 t_k = t_k * beta + tl.sum(tl.where(eu > 0.0, eu * h, 0.0), axis=1)
             else:  # all finite; a padded expert's t_k is never read
                 t_k = t_k * beta + tl.sum(eu * h, axis=1)
         if DIV_MODE == 1:
-            v = tl.sum(x, axis=0) * inv_e * inv_t
-            mv_new = tl.maximum(m_v, tl.max(v, axis=0))
-            s_v = s_v * tl.exp(m_v - mv_new) + tl.sum(tl.exp(v - mv_new), axis=0)
-            m_v = mv_new
-    return mz_new, s_rest, m_u, s_u, t_k, m_v, s_v
+            v_e = tl.sum(x, axis=2) * k_n  # -E zbar / T, log2 units (1/E is applied below)
+            nv_new = tl.minimum(n_v, tl.math.floor(tl.min(v_e, axis=1) * inv_e))
+            s_v = s_v * _exp2i(nv_new - n_v) + tl.sum(_exp2_fma(nv_new[:, None] - v_e * inv_e, MASKED), axis=1)
+            n_v = nv_new
+    return nz_new, s_rest, n_u, s_u, t_k, n_v, s_v
+
+
+@triton.jit
+def _row_sum(n, s):
+    """(-max, sum) over threads of per-thread [R, E_BLOCK] (negated integer log2 maximum, rescaled
+    sum) pairs."""
+    bottom = tl.min(n, axis=0)
+    return bottom, tl.sum(s * _exp2i(bottom[None, :] - n), axis=0)
 
 
 @triton.jit
@@ -82,8 +280,9 @@ def _ride_loss_fwd_kernel(
     div_scale,  # lam * Tm^2 / B ("mean") or lam * Tm^2 / (B (E-1)) ("pairwise")
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
-    E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr,
+    E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr, FINISH_BLOCK: tl.constexpr,
 ):
+    BLOCK_C: tl.constexpr = R * V
     row = tl.program_id(0).to(tl.int64)
     z_row = row * stride_zb
     offs_e = tl.arange(0, E_BLOCK)
@@ -100,46 +299,55 @@ def _ride_loss_fwd_kernel(
         w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
     else:
         w_y = 1.0
-    a_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32) - m_y
+    z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
+    a_y = z_y - m_y
 
-    m_z = tl.full([E_BLOCK], float("-inf"), tl.float32)
-    s_rest = tl.zeros([E_BLOCK], dtype=tl.float32)
-    m_u = tl.full([E_BLOCK], float("-inf"), tl.float32)
-    s_u = tl.zeros([E_BLOCK], dtype=tl.float32)
-    t_k = tl.zeros([E_BLOCK], dtype=tl.float32)
-    m_v = float("-inf")
-    s_v = 0.0
+    n_z = tl.full([R, E_BLOCK], BIG, tl.float32)
+    s_rest = tl.zeros([R, E_BLOCK], dtype=tl.float32)
+    n_u = tl.full([R, E_BLOCK], BIG, tl.float32)
+    s_u = tl.zeros([R, E_BLOCK], dtype=tl.float32)
+    t_k = tl.zeros([R, E_BLOCK], dtype=tl.float32)
+    n_v = tl.full([R], BIG, tl.float32)
+    s_v = tl.zeros([R], dtype=tl.float32)
     inv_e = 1.0 / E
+    cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]  # [R, V]: V consecutive classes a thread
     c_main = C - C % BLOCK_C
     for start in range(0, c_main, BLOCK_C):  # full blocks, no class mask
-        offs_c = start + tl.arange(0, BLOCK_C)
-        m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_block(
-            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
-            False, HAS_TEMP, DIV_MODE)
+        n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, start + cls, C, y, temp_ptr, inv_e,
+            R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
     if c_main < C:  # the partial last block
-        offs_c = c_main + tl.arange(0, BLOCK_C)
-        m_z, s_rest, m_u, s_u, t_k, m_v, s_v = _fwd_block(
-            m_z, s_rest, m_u, s_u, t_k, m_v, s_v, z_ptr, z_row, ze_off, e_mask, offs_c, C, y, temp_ptr, E, inv_e,
-            True, HAS_TEMP, DIV_MODE)
+        n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, c_main + cls, C, y, temp_ptr, inv_e,
+            R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
 
-    lse_a = m_z + tl.log(s_rest + tl.exp(a_y - m_z))
+    # across threads, once per row (bottom = -max)
+    bottom_z, s_rest = _row_sum(n_z, s_rest)
+    lse_a = (tl.log2(s_rest + tl.exp2(a_y * LOG2E + bottom_z)) - bottom_z) * LN2
     nll = tl.where(e_mask, lse_a - a_y, 0.0)
     cls_part = w_y * tl.sum(nll, axis=0)
     cls_part = tl.where(y_ok, cls_part, float("nan"))  # an out-of-range target poisons the loss
     slot2 = tl.zeros([E_BLOCK], dtype=tl.float32)
     div_part = 0.0
     if HAS_TEMP:
-        lse_u = m_u + tl.log(s_u)
+        bottom_u, s_row = _row_sum(n_u, s_u)
     else:  # lse(z): the shared sum plus the target's own exp(z_y - max)
-        s_u = s_rest + tl.exp(a_y + m_y - m_z)
-        lse_u = m_z + tl.log(s_u)
+        bottom_u = bottom_z
+        s_row = s_rest + tl.exp2(z_y * LOG2E + bottom_z)
+    lse_u = (tl.log2(s_row) - bottom_u) * LN2
     if DIV_MODE == 1:
-        lse_v = m_v + tl.log(s_v)
+        bottom_v = tl.min(n_v, axis=0)
+        s_v = tl.sum(s_v * _exp2i(bottom_v - n_v), axis=0)
+        lse_v = (tl.log2(s_v) - bottom_v) * LN2
         slot2 = slot2 + lse_v
         div_part = div_scale * tl.sum(tl.where(e_mask, lse_u - lse_v, 0.0), axis=0)
     if DIV_MODE == 2:
+        if HAS_TEMP:
+            t_row = tl.sum(t_k * _exp2i(bottom_u[None, :] - n_u), axis=0)
+        else:
+            t_row = tl.sum(t_k * _exp2i(bottom_z[None, :] - n_z), axis=0)
         l_sum = tl.sum(tl.where(e_mask, lse_u, 0.0), axis=0)
-        slot2 = t_k / s_u - E * lse_u + l_sum  # K_k
+        slot2 = t_row / s_row * LN2 - E * lse_u + l_sum  # K_k
         div_part = div_scale * tl.sum(tl.where(e_mask, slot2, 0.0), axis=0)
     st = stats_ptr + row * 3 * E + offs_e
     tl.store(st, lse_a, mask=e_mask)
@@ -175,36 +383,44 @@ def _finish(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
-               g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
-               MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
-    """Write grad_output * d loss / d z for one class block (see the module docstring)."""
-    x, inv_t = _load_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, temp_ptr, MASKED, HAS_TEMP, "evict_first")
-    is_y = (offs_c == y)[None, :]
+def _bwd_tile(z_ptr, z_row, stride_ze, E, offs, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+              lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad,
+              R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
+              MASKED: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr):
+    """Write grad_output * d loss / d z for one [R, V, E_BLOCK] tile (see the module docstring).
+    lse_al, lse_ul: lse(a_k), lse(u_k) in log2 units, [E_BLOCK]."""
+    x = _load_tile(z_ptr, z_row, stride_ze, E, offs, C, R, V, E_BLOCK, MASKED, "evict_first")
+    is_y = (offs == y)[:, :, None]
     if HAS_TEMP:
-        u = x * inv_t[None, :]
-        a = tl.where(is_y, x - m_y, x)
-        pa = tl.exp(a - lse_a[:, None])
-        q = tl.exp(u - lse_u[:, None])
+        k_u = _inv_temp(temp_ptr, offs, C, LOG2E, R, V, MASKED)  # log2(e) / T
+        lq = x * k_u[:, :, None] - lse_ul[None, None, :]  # log2 q
+        q = tl.exp2(lq)
+        la = x * LOG2E - lse_al[None, None, :]
+        pa = tl.exp2(tl.where(is_y, la - m_yl, la))
+        g = cg * pa - tl.where(is_y, cg, 0.0)
     else:  # one exponential: softmax(a) = q * exp(lse_u - lse_a) off the target
-        u = x
-        q = tl.exp(x - lse_u[:, None])
-        pa = tl.where(is_y, pa_y[:, None], q * ratio[:, None])
-    g = cg * (pa - is_y.to(tl.float32))
+        k_u = LOG2E
+        lq = x * LOG2E - lse_ul[None, None, :]
+        q = tl.exp2(lq)
+        g = tl.where(is_y, g_y[None, None, :], q * cgr[None, None, :])
     if DIV_MODE == 1:
-        v = tl.sum(x, axis=0) * inv_e * inv_t  # padded experts read 0
-        p = tl.exp(v - slot2)  # slot2 holds lse(zbar / T), the same for every expert
-        g += dg * (q - p[None, :]) * inv_t[None, :]
+        p = tl.exp2(tl.sum(x, axis=2) * (k_u * inv_e) - slot2)  # slot2: lse(zbar / T) in log2 units
+        if HAS_TEMP:
+            dgt = dg * k_u * LN2  # dg / T
+            g += (q - p[:, :, None]) * dgt[:, :, None]
+        else:
+            g += (q - p[:, :, None]) * dg
     if DIV_MODE == 2:
-        log_q = u - lse_u[:, None]
-        s_sum = tl.sum(log_q, axis=0)  # a padded expert's log_q is 0 - 0
-        q_sum = tl.sum(tl.where(e_mask[:, None], q, 0.0), axis=0)
-        g += dg * (q * (E * log_q - s_sum[None, :] - slot2[:, None]) + E * q - q_sum[None, :]) * inv_t[None, :]
-    ptrs = g_ptr + g_row + ge_off[:, None] + offs_c[None, :]
-    if MASKED:
-        tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=e_mask[:, None] & (offs_c < C)[None, :], eviction_policy="evict_first")
-    else:
-        tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=e_mask[:, None], eviction_policy="evict_first")
+        # [q (E log q - S - K) + E q - sum_j q_j] / T; a padded expert's lq is 0 - 0 and its q 1
+        s_sum = tl.sum(lq, axis=2)
+        q_sum = tl.sum(q, axis=2) - pad
+        inner = lq * (E * LN2) + (slot2[None, None, :] - (s_sum * LN2)[:, :, None])  # slot2: E - K_k
+        term = q * inner - q_sum[:, :, None]
+        if HAS_TEMP:
+            g += term * (dg * k_u * LN2)[:, :, None]
+        else:
+            g += term * dg
+    _store_tile(g_ptr, g_row, stride_ge, E, offs, C, g, R, V, E_BLOCK, MASKED)
 
 
 @triton.jit
@@ -215,8 +431,9 @@ def _ride_loss_bwd_kernel(
     stride_ze, stride_zb, stride_ge, stride_gb,
     div_scale,
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
-    DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+    DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
 ):
+    BLOCK_C: tl.constexpr = R * V
     # rows in reverse order: the rows the forward read last are the likeliest still in L2
     row = (B - 1 - tl.program_id(0)).to(tl.int64)
     z_row = row * stride_zb
@@ -224,7 +441,6 @@ def _ride_loss_bwd_kernel(
     offs_e = tl.arange(0, E_BLOCK)
     e_mask = offs_e < E
     ze_off = offs_e.to(tl.int64) * stride_ze
-    ge_off = offs_e.to(tl.int64) * stride_ge
 
     y = tl.load(target_ptr + row).to(tl.int32)
     y_ok = (y >= 0) & (y < C)
@@ -242,25 +458,23 @@ def _ride_loss_bwd_kernel(
     st = stats_ptr + row * 3 * E + offs_e
     lse_a = tl.load(st, mask=e_mask, other=0.0)
     lse_u = tl.load(st + E, mask=e_mask, other=0.0)
-    ratio = tl.zeros([E_BLOCK], dtype=tl.float32)
-    pa_y = tl.zeros([E_BLOCK], dtype=tl.float32)
+    cgr = tl.zeros([E_BLOCK], dtype=tl.float32)
+    g_y = tl.zeros([E_BLOCK], dtype=tl.float32)
     if not HAS_TEMP:
         z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
-        ratio = tl.exp(lse_u - lse_a)
-        pa_y = tl.exp(z_y - m_y - lse_a)
+        cgr = cg * tl.exp2((lse_u - lse_a) * LOG2E)  # softmax(a) = q exp(lse_u - lse_a) off the target
+        g_y = cg * (tl.exp2((z_y - m_y - lse_a) * LOG2E) - 1.0)
     if DIV_MODE == 1:
-        slot2 = tl.load(stats_ptr + row * 3 * E + 2 * E)  # lse(zbar / T): one value per row
+        slot2 = tl.load(stats_ptr + row * 3 * E + 2 * E) * LOG2E  # lse(zbar / T): one value per row
     else:
-        slot2 = tl.load(st + 2 * E, mask=e_mask, other=0.0)
+        slot2 = E - tl.load(st + 2 * E, mask=e_mask, other=0.0)  # E - K_k
     inv_e = 1.0 / E
+    pad = (E_BLOCK - E) * 1.0
+    cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
     c_main = C - C % BLOCK_C
     for start in range(0, c_main, BLOCK_C):
-        offs_c = start + tl.arange(0, BLOCK_C)
-        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
-                   g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
-                   False, HAS_TEMP, DIV_MODE)
+        _bwd_tile(z_ptr, z_row, stride_ze, E, start + cls, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+                  lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
     if c_main < C:
-        offs_c = c_main + tl.arange(0, BLOCK_C)
-        _bwd_block(z_ptr, z_row, ze_off, e_mask, offs_c, C, y, m_y, temp_ptr, E, inv_e,
-                   g_ptr, g_row, ge_off, lse_a, lse_u, slot2, ratio, pa_y, cg, dg,
-                   True, HAS_TEMP, DIV_MODE)
+        _bwd_tile(z_ptr, z_row, stride_ze, E, c_main + cls, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+                  lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
