@@ -37,22 +37,24 @@ def next_power_of_2(n: int) -> int:
 
 def pick_tile(e_block: int, n_cols: int, itemsize: int, block_c: int | None = None) -> tuple[int, int, int]:
     """(R, V, num_warps) of a [R, V, e_block] tile: R rows of V consecutive classes, one row a
-    thread; V = 4 (16-byte float32 loads, 8-byte 2-byte ones) up to 4 experts, 16 // e_block past
-    them, so that a thread holds at most 16 logits; R * V = block_c classes (256 V, or the whole
-    row when shorter).
+    thread. V = 4 up to 8 experts (16-byte float32 loads, 8-byte 2-byte ones; a thread holds 16
+    logits up to 4 experts, 32 with 5 to 8), 1 for 16; R = 32 num_warps with 8 warps, 4 for 5 to 8
+    experts (so that a program keeps 4096 logits in flight at 4 and at 8 experts); R * V = block_c
+    classes (the whole row when shorter).
 
     `block_c` overrides the class-block width (tests use a small one to exercise the blocked path).
     """
-    v = max(1, min(16 // itemsize, 4, 16 // e_block))
+    v = 4 if e_block <= 8 else 1
+    max_warps = 4 if e_block == 8 else 8
     if block_c is not None:
         if block_c < 16 or block_c & (block_c - 1):
             raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
         bc = block_c
     else:
-        bc = max(16, min(next_power_of_2(n_cols), 256 * v))
+        bc = max(16, min(next_power_of_2(n_cols), 32 * max_warps * v))
     v = min(v, bc)
     r = bc // v
-    return r, v, max(1, min(8, r // 32))
+    return r, v, max(1, min(max_warps, r // 32))
 
 
 def check_vector(name: str, vec: Tensor | None, n: int, device: torch.device) -> Tensor | None:

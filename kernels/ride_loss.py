@@ -56,13 +56,13 @@ Sums over experts and over a thread's V classes are register arithmetic; the for
 running maxima and sums per thread and reduces across threads once per row. The class axis runs
 as an unmasked main loop over full blocks (vector loads when the logits' row and expert strides
 are multiples of 16 elements, which Triton sees as divisibility) and one masked tail block.
-A thread holds 16 logits: V = 4 classes (16-byte float32 loads, 8-byte 2-byte ones) for up to 4
-experts, V = 2 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 256 V with 8 warps.
-Register budget (`register_budget`, passed as maxnreg): 64 for float32 (four 8-warp programs
-share an SM, 64K registers), 72 for 2-byte logits, 80 for 5 to 8 experts (three programs); the
-compiler report checks every variant against it (5 to 8 experts: the pairwise forward with
-temperatures spills, `docs/performance-notes.md`). Each program keeps one tile of loads in
-flight, E_BLOCK x BLOCK_C elements (16 KB in float32 at E = 4), what an H100 / H200 SM needs to
+V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 experts: 16 logits a
+thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
+warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
+maxnreg): 64 for float32 (four 8-warp programs share an SM, 64K registers), 72 for 2-byte logits
+(three), 128 for 5 to 8 experts (four 4-warp programs); the compiler report checks every variant
+against it, without spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C =
+4096 elements at 4 and at 8 experts (16 KB in float32), what an H100 / H200 SM needs to
 cover DRAM latency at full
 bandwidth (bandwidth x latency / SMs). Shared memory (the once-a-row reductions, the tail's
 stores) is at most 4 KB per program.
@@ -92,18 +92,23 @@ _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
 #: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check the
-#: variants against it): a thread holds E_BLOCK x V = 16 logits of a tile and 3 to 5 running values
-#: per expert (see the module docstring). Float32 tiles of up to 4 experts fit REGISTER_BUDGET
-#: (four 8-warp programs an SM); 2-byte logits keep the packed loads beside their float32
-#: conversions and get REGISTER_BUDGET_HALF (three); 8 experts double the running state and get
-#: REGISTER_BUDGET_WIDE (three).
+#: variants against it): a thread holds E_BLOCK x V logits of a tile and 3 to 5 running values
+#: per expert (see the module docstring). Float32 tiles of up to 4 experts (16 logits a thread)
+#: fit REGISTER_BUDGET (four 8-warp programs an SM); 2-byte logits keep the packed loads beside
+#: their float32 conversions and get REGISTER_BUDGET_HALF (three); 5 to 8 experts hold 32 logits
+#: and twice the running state and get REGISTER_BUDGET_WIDE with 4-warp programs (four an SM,
+#: 16 warps, each program with 4096 logits in flight as at 4 experts); 9 to 16 experts (V = 1,
+#: 8 warps) keep REGISTER_BUDGET_E16.
 REGISTER_BUDGET = 64
 REGISTER_BUDGET_HALF = 72
-REGISTER_BUDGET_WIDE = 80
+REGISTER_BUDGET_WIDE = 128
+REGISTER_BUDGET_E16 = 80
 
 
 def register_budget(e_block: int, itemsize: int) -> int:
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits."""
+    if e_block > 8:
+        return REGISTER_BUDGET_E16
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
     return REGISTER_BUDGET if itemsize == 4 else REGISTER_BUDGET_HALF

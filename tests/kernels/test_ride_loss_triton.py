@@ -94,7 +94,8 @@ def assert_matches(loss, grad, ref_loss, ref_grad, rtol=1e-5, grad_rtol=1e-4):
 @pytest.mark.parametrize("phase2", [False, True], ids=["before_drw", "after_drw"])
 @pytest.mark.parametrize(
     "E,B,C",
-    [(1, 4, 7), (2, 1, 7), (3, 5, 100), (4, 3, 2), (5, 2, 33), (6, 2, 100), (3, 2, 1000), (4, 1, 1000)],
+    [(1, 4, 7), (2, 1, 7), (3, 5, 100), (4, 3, 2), (5, 2, 33), (6, 2, 100), (7, 2, 300), (8, 1, 600), (3, 2, 1000),
+     (4, 1, 1000)],
 )
 def test_matches_reference(E, B, C, diversity, phase2):
     z, y, m, w, t = make_inputs(E, B, C, phase2=phase2, seed=E * 1000 + B * 10 + C)
@@ -102,7 +103,7 @@ def test_matches_reference(E, B, C, diversity, phase2):
 
 
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
-@pytest.mark.parametrize("E,B,C,block_c", [(3, 3, 100, 32), (4, 2, 100, 16), (2, 2, 1000, 128), (5, 1, 37, 16)])
+@pytest.mark.parametrize("E,B,C,block_c", [(3, 3, 100, 32), (4, 2, 100, 16), (2, 2, 1000, 128), (5, 1, 37, 16), (8, 1, 70, 16)])
 def test_blocked_online_softmax(E, B, C, block_c, diversity):
     """Rows longer than one block: the online max / sum-exp across class blocks (last one partial)."""
     z, y, m, w, t = make_inputs(E, B, C, seed=C + block_c)
