@@ -64,7 +64,7 @@ def test_kernels_compile_for_sm90_within_budget():
     assert len(rows) == 2 * len(SUBSET)
     for row in rows:
         where = f"{row['kernel']} {row['variant']}"
-        E, mode, dtype, phase = row["variant"].split("-")
+        E, _, dtype, _ = row["variant"].split("-")
         budget, warps = BUDGET[dtype, int(E[1:]) > 4]
         assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
         assert row["register_budget"] == budget and row["num_warps"] == warps, where
