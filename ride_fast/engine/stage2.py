@@ -276,11 +276,18 @@ def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=No
     return Stage2Result(trainer, threshold, heldout, calibration, cost, time.perf_counter() - start)
 
 
-def route_config(ckpt: dict, source: str | Path, settings: dict | None = None) -> Config:
+def route_config(ckpt: dict, source: str | Path, settings: dict | None = None, *,
+                 log: Callable[[str], None] = info) -> Config:
     """The config `ride-fast route` runs with: the stage-1 checkpoint's own (architecture, data,
     router section), then `settings` (the keys a --config recipe and the overrides set). A checkpoint
-    without a data config needs data options."""
+    without a data config needs data options; a model key that contradicts the checkpoint's
+    architecture is named in a warning (the checkpoint's value is used)."""
     require_data(ckpt, source, settings, "route")
+    architecture = model_section(ckpt.get("model_args") or {})
+    for key, value in ((settings or {}).get("model") or {}).items():
+        if key in architecture and value != architecture[key]:
+            log(f"warning: model.{key}={value} does not apply to `ride-fast route`: the architecture comes from {source} "
+                f"(model.{key}={architecture[key]}); ignored")
     return checkpoint_config(ckpt, settings)
 
 

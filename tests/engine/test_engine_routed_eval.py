@@ -183,6 +183,24 @@ def test_route_takes_architecture_data_and_router_section_from_the_checkpoint(tm
     assert routed["config"]["router"]["hidden"] == 4 and routed["config"]["router"]["top_k"] == 5
 
 
+def test_route_warns_about_model_keys_the_checkpoint_overrules(tmp_path, monkeypatch, capsys):
+    """model.num_experts=3 on a 2-expert checkpoint is not silently dropped: a warning names the key and both values."""
+    from ride_fast.cli import main
+
+    def stop(cfg):
+        raise ValueError("stopped after the config")
+
+    monkeypatch.setattr(stage2, "build_datasets", stop)
+    net = tiny_net(2)
+    stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args,
+                          "config": {"data": {"image_size": PX}, "router": {"top_k": 5}}}, tmp_path / "stage1.pt")
+    assert main(["route", "--checkpoint", str(stage1), "model.num_experts=3", "model.use_norm=true", "model.batched=false"]) == 2
+    out = capsys.readouterr().out
+    assert f"warning: model.num_experts=3 does not apply to `ride-fast route`: the architecture comes from {stage1} " \
+           "(model.num_experts=2); ignored" in out
+    assert "model.use_norm" not in out and "model.batched" not in out  # the checkpoint's own value; a speed switch
+
+
 @pytest.mark.parametrize("experts, overrides, message", [
     (1, [], r"stage 2 routes between experts, and this checkpoint has 1 \(model\.num_experts=1\)"),
     (2, ["router.top_k=7"], r"router\.top_k=7 must lie in 1\.\.6"),
