@@ -25,7 +25,7 @@ from ride_fast.engine import (
     resolve_device,
     split_accuracy,
 )
-from ride_fast.engine.checkpoint import checkpoint_config, network_from_checkpoint
+from ride_fast.engine.checkpoint import check_data_classes, checkpoint_config, network_from_checkpoint
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context
 from ride_fast.io import atomic_write_text
@@ -75,9 +75,7 @@ def load_analysis_checkpoint(path: str | Path, overrides: dict | None = None, *,
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).eval()
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
-    if train_set.num_classes != model.num_classes:
-        raise ValueError(f"{path}: the network has {model.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}; "
-                         "pass the data the checkpoint was trained on (e.g. data.name=... data.root=...)")
+    check_data_classes(path, model.num_classes, cfg.data.name, train_set.num_classes)
     counts = np.asarray(ckpt.get("class_counts") or train_set.class_counts(), dtype=np.int64)
     if counts.shape != (model.num_classes,):
         counts = np.asarray(train_set.class_counts(), dtype=np.int64)

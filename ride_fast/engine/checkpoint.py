@@ -176,6 +176,13 @@ def require_data(ckpt: dict, source: str | Path, overrides: dict | None, command
             + (" (or --config with a recipe that sets them)" if command == "route" else ""))
 
 
+def check_data_classes(source: str | Path, network_classes: int, data_name: str, data_classes: int) -> None:
+    """Refuse data whose class count differs from the checkpoint's network, naming both and the fix."""
+    if network_classes != data_classes:
+        raise ValueError(f"{source}: the network has {network_classes} classes but data {data_name} has {data_classes}; "
+                         "pass the data the checkpoint was trained on (e.g. data.name=... data.root=...)")
+
+
 def inapplicable_options(overrides: dict | None, applicable: set[str]) -> list[str]:
     """The dotted keys of `overrides` that neither a key nor a section of `applicable` covers."""
     out = []

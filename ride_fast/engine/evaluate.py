@@ -19,6 +19,7 @@ from torch import nn
 from ride_fast.data import build_datasets, build_loaders
 from ride_fast.engine.checkpoint import (
     atomic_write_text,
+    check_data_classes,
     checkpoint_config,
     inapplicable_options,
     load_checkpoint,
@@ -111,9 +112,7 @@ def _evaluate_checkpoint(checkpoint, overrides, *, datasets, log) -> tuple[Split
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
     model = network_from_checkpoint(ckpt, checkpoint, device=device, batched=cfg.model.batched, channels_last=cfg.model.channels_last)
-    if train_set.num_classes != model.num_classes:
-        raise ValueError(f"{checkpoint}: the network has {model.num_classes} classes but data {cfg.data.name} has "
-                         f"{train_set.num_classes}; pass the data it was trained on (data.name=... data.root=...)")
+    check_data_classes(checkpoint, model.num_classes, cfg.data.name, train_set.num_classes)
     _, test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)
     acc = evaluate_model(model, test_loader, train_set.class_counts(), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch,
                          show_progress=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
-from ride_fast.engine.checkpoint import atomic_write_text, load_checkpoint, load_routed_checkpoint
+from ride_fast.engine.checkpoint import atomic_write_text, check_data_classes, load_checkpoint, load_routed_checkpoint
 from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data
 from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
 from ride_fast.engine.monitor import info, progress
@@ -263,8 +263,7 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
     device = resolve_device(cfg.train.device)
     net, router, _ = load_routed_checkpoint(checkpoint, device, channels_last=cfg.model.channels_last)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
-    if train_set.num_classes != net.num_classes:
-        raise ValueError(f"the checkpoint's network has {net.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}")
+    check_data_classes(checkpoint, net.num_classes, cfg.data.name, train_set.num_classes)
     test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)[1]
     report = evaluate_routed(net, router, test_loader, train_set.class_counts(),
                              image_size=cfg.data.image_size, threshold=cfg.router.threshold, amp=cfg.train.amp)

@@ -36,6 +36,7 @@ from ride_fast.config import Config, RouterConfig, update
 from ride_fast.data import InMemoryLoader, build_datasets, build_loaders, choose_loader
 from ride_fast.engine.calibration import HELDOUT_DATASETS, HeldOut, ThresholdCalibration, calibrate_threshold, heldout_split
 from ride_fast.engine.checkpoint import (
+    check_data_classes,
     checkpoint_config,
     load_checkpoint,
     model_section,
@@ -324,8 +325,7 @@ def train_router(cfg: Config, stage1_checkpoint: str | Path, out_path: str | Pat
     net = network_from_checkpoint(ckpt, stage1_checkpoint)
     net = net.to(device, memory_format=torch.channels_last if cfg.model.channels_last else torch.contiguous_format)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
-    if train_set.num_classes != net.num_classes:
-        raise ValueError(f"the checkpoint's network has {net.num_classes} classes but data {cfg.data.name} has {train_set.num_classes}")
+    check_data_classes(stage1_checkpoint, net.num_classes, cfg.data.name, train_set.num_classes)
     train_loader, test_loader = balanced_loaders(cfg, train_set, test_set, device)
     log(startup_summary("route", data=cfg.data.name, num_classes=train_set.num_classes, train_images=len(train_set),
                         test_images=len(test_set), loader=choose_loader(cfg.data, train_set), device=device,

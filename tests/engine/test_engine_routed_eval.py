@@ -201,6 +201,19 @@ def test_route_warns_about_model_keys_the_checkpoint_overrules(tmp_path, monkeyp
     assert "model.use_norm" not in out and "model.batched" not in out  # the checkpoint's own value; a speed switch
 
 
+def test_route_names_the_checkpoint_and_the_fix_when_the_data_has_other_classes(tmp_path, monkeypatch, capsys):
+    from ride_fast.cli import main
+
+    ten = ArrayDataset(torch.zeros(10, 3, PX, PX, dtype=torch.uint8), torch.arange(10), 10, mean=(0.5,) * 3, std=(0.25,) * 3, name="ten")
+    monkeypatch.setattr(stage2, "build_datasets", lambda cfg: (ten, ten))
+    net = tiny_net(2)
+    stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args,
+                          "config": {"data": {"image_size": PX}, "router": {"top_k": 5}}}, tmp_path / "stage1.pt")
+    assert main(["route", "--checkpoint", str(stage1), "data.name=mnist_lt"]) == 2
+    assert f"{stage1}: the network has {C} classes but data mnist_lt has 10; pass the data the checkpoint was trained on " \
+           "(e.g. data.name=... data.root=...)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("experts, overrides, message", [
     (1, [], r"stage 2 routes between experts, and this checkpoint has 1 \(model\.num_experts=1\)"),
     (2, ["router.top_k=7"], r"router\.top_k=7 must lie in 1\.\.6"),
