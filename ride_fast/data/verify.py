@@ -52,6 +52,12 @@ def image_format(head: bytes) -> str | None:
     return None
 
 
+def cannot_decode(err: BaseException) -> str:
+    """'cannot decode (REASON)': PIL's own words for what is wrong, without the exception's class name."""
+    reason = str(err).strip()
+    return f"cannot decode ({reason})" if reason else "cannot decode (not a readable image)"
+
+
 def decode_problem(path: str) -> tuple[str, str] | None:
     """Decode the whole image with PIL: None if it is readable, else (kind, reason)."""
     from PIL import Image
@@ -64,7 +70,7 @@ def decode_problem(path: str) -> tuple[str, str] | None:
     except FileNotFoundError:
         return "missing", "image not found"
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return "unreadable", f"cannot decode ({type(err).__name__}: {err})"
+        return "unreadable", cannot_decode(err)
     return None
 
 
