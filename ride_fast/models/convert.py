@@ -314,9 +314,10 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         what = {"empty": "the file is empty", "text": "it is a text file"}.get(kind, "it is neither a zip archive nor a pickle")
         raise RuntimeError(f"{path} is not a PyTorch checkpoint: {what}; expected a file written by torch.save, such as the "
                            "original RIDE code's checkpoint-epochN.pth or model_best.pth")
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(first_error))
     warnings.warn(
-        f"{path} holds Python objects besides tensors (the original RIDE trainer saves its config), so "
-        f"torch.load(weights_only=True) refused it ({type(first_error).__name__}: {str(first_error).splitlines()[0] if str(first_error) else ''}). "
+        f"{path} holds Python objects besides tensors (the original RIDE trainer saves its config"
+        + (f"; this file: {refused.group(1)}" if refused else "") + "), which torch.load(weights_only=True) does not read. "
         "Reading it with a restricted unpickler: tensors and containers load, every other object becomes an inert stand-in.",
         stacklevel=2,
     )
