@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -65,9 +66,23 @@ class _ConsoleHandler(logging.StreamHandler):
         self._fixed = value
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning: a warning raised in ride_fast's own code is a message to the user ("warning: ..."
+    through the logger, into train.log too), not a Python source line with a class name; others as Python shows them."""
+    if file is None and Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+        LOGGER.warning(str(message))
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
 def setup_logging(level: str = "info", stream=None) -> logging.Handler:
     """Messages of `ride_fast` at `level` and above to `stream` (default: sys.stdout at the time of each message),
-    replacing an earlier console handler."""
+    replacing an earlier console handler; warnings.warn from ride_fast's code becomes such a message."""
+    warnings.showwarning = _show_warning
     if level not in LEVELS:
         raise ValueError(f"--log-level {level!r}: choose one of {', '.join(LEVELS)}")
     for h in [h for h in LOGGER.handlers if isinstance(h, _ConsoleHandler)]:

@@ -93,3 +93,18 @@ def test_no_progress_flag_is_accepted_before_and_after_the_command(monkeypatch, 
     assert os.environ[PROGRESS_ENV] == "0"
     monkeypatch.delenv(PROGRESS_ENV)
     assert main(["-q", "show-config"]) == 0 and "model:" in capsys.readouterr().out
+
+
+def test_a_warning_of_ride_fast_prints_as_a_message_not_as_a_python_source_line(tmp_path, capsys):
+    """`convert` of a file that pickles other objects: "warning: ..." on the console, no "convert.py:N: UserWarning"."""
+    import argparse
+    import warnings
+
+    src = tmp_path / "original.pth"
+    torch.save({"state_dict": {}, "config": argparse.Namespace(lr=0.1)}, src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["convert", str(src), str(tmp_path / "out.pt"), "--model", "resnet32"]) == 2  # no weights in it
+    out, err = capsys.readouterr()
+    assert f"warning: {src} holds Python objects besides tensors" in out and "this file: argparse.Namespace" in out
+    assert "UserWarning" not in out + err and "convert.py" not in err
