@@ -37,7 +37,6 @@ and `expert_usage.png` hold the share of images using 1, 2 or 3 experts per spli
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,7 +44,7 @@ from typing import Callable
 from ride_fast.config import Config, config_from_dict
 from ride_fast.data import build_datasets, split_of_classes
 from ride_fast.engine.monitor import info
-from ride_fast.io import plural, pyplot, save_figure
+from ride_fast.io import json_text, plural, pyplot, save_figure
 
 DEMO_EPOCHS = 30
 DEMO_ROUTER_EPOCHS = 5  # the published stage-2 length, at DEMO_EPOCHS; `epochs` scales it (`router_epochs`)
@@ -128,7 +127,7 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int = DEMO_EPOCHS, log: C
     table = format_table(results["models"])
     log("\n" + table)
     results["table"] = table
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json").write_text(json_text(results, indent=2))
     plot_per_class(results, out_dir / "per_class_accuracy.png")
     extra = f", {out_dir / 'routed_eval.json'} and {out_dir / 'expert_usage.png'}" if ROUTED_ROW in results["models"] else ""
     log(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'per_class_accuracy.png'}{extra}")

@@ -7,11 +7,14 @@ the folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
@@ -43,6 +46,28 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+
+
+def json_ready(obj):
+    """`obj` with numpy values as Python ones, paths as strings and NaN / inf as None (JSON null)."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def json_text(data, indent: int | None = None) -> str:
+    """Standard JSON (no NaN token: an undefined value, such as the accuracy of an empty split, is null)."""
+    return json.dumps(json_ready(data), indent=indent, allow_nan=False)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:

@@ -8,7 +8,6 @@ Shape legend: N images, E experts, C classes, D pooled feature width of one expe
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ride_fast.engine import (
 from ride_fast.engine.checkpoint import check_data_classes, checkpoint_config, network_from_checkpoint
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context
-from ride_fast.io import atomic_write_text
+from ride_fast.io import atomic_write_text, json_text
 from ride_fast.models import RIDENet
 
 SPLIT_NAMES = ("many", "medium", "few")
@@ -127,22 +126,8 @@ def split_summary(preds: Tensor, labels: Tensor, class_counts, num_classes: int 
 
 def write_json(data: dict, path: str | Path) -> Path:
     """Write `data` as indented JSON, atomically (NaN written as null)."""
-    return atomic_write_text(json.dumps(_plain(data), indent=2, allow_nan=False), path)
+    return atomic_write_text(json_text(data, indent=2), path)
 
 
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 

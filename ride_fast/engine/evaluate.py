@@ -8,7 +8,6 @@ writes the long-tail picture of a run.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +30,7 @@ from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_ac
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
 from ride_fast.engine.step import prefetch_to_device
-from ride_fast.io import pyplot, save_figure
+from ride_fast.io import json_text, pyplot, save_figure
 
 
 @torch.no_grad()
@@ -127,7 +126,7 @@ def eval_report(checkpoint: str | Path, overrides: dict | None = None, json_path
     log(f"{describe_scored(scored)}: overall {acc.overall:.2f}  many {acc.many:.2f}  medium {acc.medium:.2f}  few {acc.few:.2f}")
     result = {**scored, **acc.as_dict(with_per_class=True)}
     if json_path:
-        atomic_write_text(json.dumps(result, indent=2), json_path)
+        atomic_write_text(json_text(result, indent=2), json_path)
         log(f"wrote {json_path}")
     return result
 
@@ -138,7 +137,7 @@ def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_
     the long-tail picture of a run at `epoch` (`source`: the checkpoint holding that epoch, e.g. best.pt)."""
     out_dir = Path(out_dir)
     counts = [int(c) for c in class_counts]
-    atomic_write_text(json.dumps({"epoch": epoch, "checkpoint": source, "test": acc.as_dict(), "class_counts": counts,
+    atomic_write_text(json_text({"epoch": epoch, "checkpoint": source, "test": acc.as_dict(), "class_counts": counts,
                                   "per_class_accuracy": acc.per_class}, indent=1), out_dir / f"{name}.json")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))

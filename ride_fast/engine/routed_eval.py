@@ -11,7 +11,6 @@ over every threshold (table, JSON, PNG).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
 from ride_fast.engine.threshold_curve import plot_sweep, score_routers, sweep_table, threshold_curve, threshold_curve_rows
-from ride_fast.io import pyplot, save_figure
+from ride_fast.io import json_text, pyplot, save_figure
 from ride_fast.models import RIDENet
 from ride_fast.router import Router, routed_forward
 
@@ -238,7 +237,7 @@ def write_report(report: RoutedReport, json_path: str | Path, png_path: str | Pa
         data["usage_plot"] = str(plot_expert_usage(report, png_path))
     if extra:
         data.update(extra)
-    atomic_write_text(json.dumps(data, indent=2), json_path)
+    atomic_write_text(json_text(data, indent=2), json_path)
     return data
 
 
@@ -278,7 +277,7 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
         sweep_png = plot_sweep(curve, report.threshold, sweep_json.with_suffix(".png"),
                                title=f"{Path(checkpoint).name}: accuracy against cost on the test set")
         idx = threshold_curve_rows(curve, [report.threshold])[0][0]
-        atomic_write_text(json.dumps({"checkpoint": str(checkpoint), "threshold": report.threshold, "chosen": curve.point(idx),
+        atomic_write_text(json_text({"checkpoint": str(checkpoint), "threshold": report.threshold, "chosen": curve.point(idx),
                                       "all_experts_accuracy": curve.all_experts_accuracy, "num_images": curve.num_images,
                                       "curve": curve.points()}, indent=2), sweep_json)
         extra["sweep"] = {"json": str(sweep_json), "png": str(sweep_png)}

@@ -28,7 +28,6 @@ resumes, evaluates or routes with either layout (engine/optim.py, engine/checkpo
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -81,7 +80,7 @@ from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, l
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
-from ride_fast.io import plural
+from ride_fast.io import json_text, plural
 from ride_fast.losses import build_loss, loss_path
 from ride_fast.models import create_model
 from ride_fast.models.layout import per_expert_state_dict
@@ -378,7 +377,7 @@ class Trainer:
             self.history.append(record)
             if self.dist.is_main:
                 with open(self.out_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                    fh.write(json_text(record) + "\n")
                 tensorboard_log(self._tb, record)
                 self.save(is_best)
             if epoch < cfg.train.epochs and self._stop_requested(agree=True):  # a signal during evaluation / saving

@@ -179,6 +179,23 @@ def test_per_class_report_is_the_epoch_best_pt_holds(tmp_path, monkeypatch):
     assert report["epoch"] == 1 and report["per_class_accuracy"] == [60.0] * 10
 
 
+def test_reports_are_standard_json_with_null_for_an_empty_split(tmp_path, monkeypatch):
+    """No class with > 100 images: the many-shot accuracy is undefined, written as null (not NaN, which JSON lacks)."""
+    from ride_fast.engine.metrics import SplitAccuracy
+
+    nan = float("nan")
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, model=None: SplitAccuracy(50.0, nan, 50.0, 50.0, [50.0] * 9 + [nan]))
+    Trainer(tiny_cfg(tmp_path, "train.epochs=1"), log=lambda s: None).fit()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
+
+    report = strict((tmp_path / "per_class_accuracy.json").read_text())
+    assert report["test"]["many"] is None and report["test"]["few"] == 50.0 and report["per_class_accuracy"][-1] is None
+    record = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["test"] == {"overall": 50.0, "many": None, "medium": 50.0, "few": 50.0}
+
+
 def test_resume_refuses_a_training_set_with_other_class_counts(tmp_path):
     """Same config keys, other data behind them (another data.root): refused before a step, with the reason."""
     def data(counts):
