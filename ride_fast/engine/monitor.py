@@ -80,12 +80,38 @@ def setup_logging(level: str = "info", stream=None) -> logging.Handler:
     return handler
 
 
+class _HeldRecords(logging.Handler):
+    """Keeps the records of `ride_fast` at INFO and above, for a log file opened later (`log_file(earlier=...)`)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def log_file(path: Path):
-    """While open, messages of `ride_fast` at INFO and above are appended to `path` with time and level."""
+def held_records():
+    """While open, the messages of `ride_fast` (shown as usual) are also kept; yields the list they go to.
+    A run's messages from before its folder may be written to (a resume) reach train.log this way."""
+    handler = _HeldRecords()
+    LOGGER.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        LOGGER.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def log_file(path: Path, earlier: Iterable[logging.LogRecord] = ()):
+    """While open, messages of `ride_fast` at INFO and above are appended to `path` with time and level;
+    `earlier` records (from `held_records`) are written first, with their own times."""
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
+    for record in earlier:
+        handler.handle(record)
     LOGGER.addHandler(handler)
     try:
         yield handler

@@ -68,6 +68,7 @@ from ride_fast.engine.monitor import (
     LOGGER,
     SIGNAL_AT_ENV,
     StopRequest,
+    held_records,
     info,
     log_file,
     progress_bar,
@@ -179,6 +180,7 @@ class Trainer:
         self._resume_step = 0  # > 0: the checkpoint was written inside epoch self.epoch + 1
         self._resume_sums: dict = {}
         self._resumed: dict | None = None  # after resume(): {"from", "at", "changes" [(key, old, new)]}
+        self._resume_records: list = []  # resume()'s messages, written to train.log when fit() opens it
         self._stop: StopRequest | None = None
         self._tb = None
         self._signal_at = signal_at_from_env()  # a test hook, None unless RIDE_FAST_SIGNAL_AT is set (engine/monitor.py)
@@ -303,7 +305,8 @@ class Trainer:
                 claim_run_folder(self.out_dir, self.overwrite, self.log)
                 self._owns_out_dir = True  # the folder is this run's now (a second fit() continues it)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            run_log = log_file(self.out_dir / "train.log")
+            run_log = log_file(self.out_dir / "train.log", earlier=self._resume_records)
+            self._resume_records = []
         with run_log:
             return self._fit()
 
@@ -455,8 +458,13 @@ class Trainer:
         atomic_save(state, self.out_dir / "last.pt")
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint; a corrupt file falls back to the newest readable one beside it."""
-        path = Path(path)
+        """Continue from a checkpoint; a corrupt file falls back to the newest readable one beside it.
+        Its messages (where it resumed, the changed keys) also go to train.log once fit() opens it."""
+        with held_records() as records:
+            self._resume(Path(path))
+        self._resume_records = records
+
+    def _resume(self, path: Path) -> None:
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as err:

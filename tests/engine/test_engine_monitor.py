@@ -93,3 +93,17 @@ def test_no_progress_flag_is_accepted_before_and_after_the_command(monkeypatch, 
     assert os.environ[PROGRESS_ENV] == "0"
     monkeypatch.delenv(PROGRESS_ENV)
     assert main(["-q", "show-config"]) == 0 and "model:" in capsys.readouterr().out
+
+
+def test_a_resumed_run_writes_where_it_resumed_and_the_changed_keys_to_train_log(tmp_path, capsys):
+    assert main(["train", *TINY, f"train.out_dir={tmp_path}", "train.tensorboard=false"]) == 0
+    assert main(["train", *TINY, f"train.out_dir={tmp_path}", "train.tensorboard=false", "train.epochs=2",
+                 "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    resumed = f"resumed from {tmp_path / 'last.pt'} at the end of epoch 1"
+    assert resumed in out and "  train.epochs: 1 -> 2" in out  # on the console, as before
+    log = (tmp_path / "train.log").read_text().splitlines()
+    lines = [line.split(" INFO ", 1)[1] for line in log if " INFO " in line]
+    assert resumed in lines and "  train.epochs: 1 -> 2" in lines  # and in the run's log, with time and level
+    epoch_2 = next(i for i, line in enumerate(lines) if line.startswith("epoch   2 "))
+    assert lines.index(resumed) < epoch_2  # in the order they happened
