@@ -52,6 +52,17 @@ def image_format(head: bytes) -> str | None:
     return None
 
 
+def decode_reason(err: Exception) -> str:
+    """Why PIL could not decode an image, in words: its message (the first line) without the exception's
+    class name; an unknown format or a damaged header said as such."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL reads, or its header is damaged"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "the decoder stopped without a reason"
+
+
 def decode_problem(path: str) -> tuple[str, str] | None:
     """Decode the whole image with PIL: None if it is readable, else (kind, reason)."""
     from PIL import Image
@@ -64,7 +75,7 @@ def decode_problem(path: str) -> tuple[str, str] | None:
     except FileNotFoundError:
         return "missing", "image not found"
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return "unreadable", f"cannot decode ({type(err).__name__}: {err})"
+        return "unreadable", f"cannot decode ({decode_reason(err)})"
     return None
 
 
