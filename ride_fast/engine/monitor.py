@@ -183,8 +183,10 @@ def startup_summary(command: str, *, data: str, num_classes: int, train_images: 
                     out: Path | str = "") -> str:
     """The lines `train` and `route` print first (rank 0): data, loader, device, precision, batch, output."""
     per_rank = batch // max(world_size, 1)
-    micro = (f", run as {accumulate_steps} micro-batches of {-(-per_rank // accumulate_steps)} (train.accumulate_steps)"
-             if accumulate_steps > 1 else "")
+    parts = max(min(accumulate_steps, per_rank), 1)  # as engine/step.py splits it (tensor_split, empty parts dropped)
+    small, large = per_rank // parts, -(-per_rank // parts)
+    sizes = f"{small}" if small == large else f"{small}-{large}"
+    micro = f", run as {parts} micro-batches of {sizes} (train.accumulate_steps)" if accumulate_steps > 1 else ""
     precision = {"none": "fp32"}.get(amp, amp) + (" (chosen by train.amp=auto)" if amp_setting == "auto" else "")
     ranks = f"{world_size} rank" + ("s" if world_size != 1 else "")
     return "\n".join([
