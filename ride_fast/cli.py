@@ -250,6 +250,8 @@ def _cmd_train(args) -> int:
         if resume == "auto":
             last = Path(cfg.train.out_dir) / "last.pt"
             resume = str(last) if last.exists() else None
+            if resume is None:  # a first attempt, or one that died before its first checkpoint
+                trainer.restart_unsaved_run()
         if resume:
             trainer.resume(resume)
         summary = trainer.fit()

@@ -1,6 +1,8 @@
-"""The README's "Using it" commands are real command lines: each parses with the CLI's parser,
-its recipe and overrides load, and every `train` line (the resume one included) names the data
-folder its data set needs, so that it runs as written once /data/... is a real path."""
+"""The README's command lines, read as a user would copy them: each "Using it" command parses with
+the CLI's parser and its recipe and overrides load; every `train` or `data check` line (torchrun
+lines included, the resume ones too) names the data folder its data set needs, so that it runs as
+written once /data/... is a real path."""
+import re
 import shlex
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import pytest
 from ride_fast.cli import build_parser
 from ride_fast.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = README.parent
 
 
 def using_it_commands() -> list[list[str]]:
@@ -37,3 +40,33 @@ def test_each_command_parses_and_its_config_loads(argv, monkeypatch):
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
             assert cfg.data.name == "mnist_lt" or cfg.data.root, f"`ride-fast {' '.join(argv)}` names no data.root for {cfg.data.name}"
+
+def readme_commands() -> list[list[str]]:
+    """Each command line of README.md's bash blocks (continuations joined, comments dropped) as argv."""
+    text = README.read_text(encoding="utf-8")
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    return [argv for argv in lines if argv]
+
+
+def data_commands() -> list[list[str]]:
+    """The `train` and `data check` lines that read a data set through a recipe: [recipe, override, ...]."""
+    found = []
+    for argv in readme_commands():
+        rest = argv[argv.index("train") + 1:] if "train" in argv else argv[argv.index("check") + 1:] if "check" in argv else []
+        if "--config" in rest:
+            recipe = rest[rest.index("--config") + 1]
+            overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+            found.append([recipe, *overrides])
+    return found
+
+
+def test_every_training_and_data_check_line_names_the_data_it_reads():
+    commands = data_commands()
+    assert any("--resume" in argv for argv in readme_commands() if "train" in argv)  # the resume lines are among them
+    assert len(commands) >= 4, commands
+    for recipe, *overrides in commands:
+        data = load_config(ROOT / recipe, overrides).data
+        assert data.name == "mnist_lt" or data.root, (
+            f"README.md: `ride-fast ... --config {recipe} {' '.join(overrides)}` reads {data.name} but gives no data.root")

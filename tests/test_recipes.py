@@ -208,6 +208,8 @@ def test_recipe_header_says_what_where_how_long_and_how(recipe):
         assert f"ride-fast train --config configs/{name}" in header
         assert f"torchrun --nproc_per_node=8 -m ride_fast train --config configs/{name}" in header
         assert "GLOBAL batch" in header
+        if load_config(recipe).data.image_size == 224:  # a batch of 224 px images may not fit: say how to keep it
+            assert "train.accumulate_steps=K" in header, f"{name}: the header must say how to keep the global batch"
     if name in REFERENCE:
         assert REFERENCE[name] in " ".join(header.split()), f"{name}: the header must quote the published {REFERENCE[name]}"
 

@@ -30,7 +30,7 @@ from ride_fast.data.image_list import ImageListDataset, ImageRecipe
 from ride_fast.data.loader import EpochLoader
 from ride_fast.data.samplers import batch_indices, epoch_rng
 from ride_fast.data.transforms import center_crop_offset, finish_batch, random_resized_crop_box, resize_shorter_size
-from ride_fast.data.verify import cannot_decode
+from ride_fast.data.verify import decode_reason
 
 log = logging.getLogger("ride_fast.data")
 
@@ -89,8 +89,8 @@ class _DecodeTask(torch.utils.data.Dataset):
             im = load_rgb(self.files[i])
         except Exception as err:
             where = self.where(i)
-            msg = f"{where}: {cannot_decode(err)}: {self.files[i]}" if where != self.files[i] \
-                else f"{self.files[i]}: {cannot_decode(err)}"
+            msg = f"{where}: cannot decode ({decode_reason(err)}): {self.files[i]}" if where != self.files[i] \
+                else f"{self.files[i]}: cannot decode ({decode_reason(err)})"
             if not self.skip_bad:
                 raise BadImageError(msg + " (data.skip_bad_images=true leaves such images out)") from None
             return None, i, msg

@@ -52,10 +52,15 @@ def image_format(head: bytes) -> str | None:
     return None
 
 
-def cannot_decode(err: BaseException) -> str:
-    """'cannot decode (REASON)': PIL's own words for what is wrong, without the exception's class name."""
-    reason = str(err).strip()
-    return f"cannot decode ({reason})" if reason else "cannot decode (not a readable image)"
+def decode_reason(err: Exception) -> str:
+    """Why PIL could not decode an image, in words: its message (the first line) without the exception's
+    class name; an unknown format or a damaged header said as such."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL reads, or its header is damaged"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "the decoder stopped without a reason"
 
 
 def decode_problem(path: str) -> tuple[str, str] | None:
@@ -70,7 +75,7 @@ def decode_problem(path: str) -> tuple[str, str] | None:
     except FileNotFoundError:
         return "missing", "image not found"
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return "unreadable", cannot_decode(err)
+        return "unreadable", f"cannot decode ({decode_reason(err)})"
     return None
 
 

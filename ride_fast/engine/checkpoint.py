@@ -50,6 +50,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint with weights_only=True; a missing, truncated or foreign file is a clear
     error that says what the file is and what a checkpoint is (CHECKPOINT_FORMAT)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        hint = f": name one of its checkpoints, e.g. {path / inside[0]} ({', '.join(inside[:4])})" if inside else \
+            " and holds no .pt file: name a checkpoint file (best.pt, last.pt or routed.pt of a run's train.out_dir)"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

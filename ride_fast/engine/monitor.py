@@ -95,12 +95,38 @@ def setup_logging(level: str = "info", stream=None) -> logging.Handler:
     return handler
 
 
+class _HeldRecords(logging.Handler):
+    """Keeps the records of `ride_fast` at INFO and above, for a log file opened later (`log_file(earlier=...)`)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def log_file(path: Path):
-    """While open, messages of `ride_fast` at INFO and above are appended to `path` with time and level."""
+def held_records():
+    """While open, the messages of `ride_fast` (shown as usual) are also kept; yields the list they go to.
+    A run's messages from before its folder may be written to (a resume) reach train.log this way."""
+    handler = _HeldRecords()
+    LOGGER.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        LOGGER.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def log_file(path: Path, earlier: Iterable[logging.LogRecord] = ()):
+    """While open, messages of `ride_fast` at INFO and above are appended to `path` with time and level;
+    `earlier` records (from `held_records`) are written first, with their own times."""
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
+    for record in earlier:
+        handler.handle(record)
     LOGGER.addHandler(handler)
     try:
         yield handler
@@ -172,8 +198,10 @@ def startup_summary(command: str, *, data: str, num_classes: int, train_images: 
                     out: Path | str = "") -> str:
     """The lines `train` and `route` print first (rank 0): data, loader, device, precision, batch, output."""
     per_rank = batch // max(world_size, 1)
-    micro = (f", run as {accumulate_steps} micro-batches of {-(-per_rank // accumulate_steps)} (train.accumulate_steps)"
-             if accumulate_steps > 1 else "")
+    parts = max(min(accumulate_steps, per_rank), 1)  # as engine/step.py splits it (tensor_split, empty parts dropped)
+    small, large = per_rank // parts, -(-per_rank // parts)
+    sizes = f"{small}" if small == large else f"{small}-{large}"
+    micro = f", run as {parts} micro-batches of {sizes} (train.accumulate_steps)" if accumulate_steps > 1 else ""
     precision = {"none": "fp32"}.get(amp, amp) + (" (chosen by train.amp=auto)" if amp_setting == "auto" else "")
     ranks = f"{world_size} rank" + ("s" if world_size != 1 else "")
     return "\n".join([

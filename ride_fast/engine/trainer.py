@@ -67,6 +67,7 @@ from ride_fast.engine.monitor import (
     LOGGER,
     SIGNAL_AT_ENV,
     StopRequest,
+    held_records,
     info,
     log_file,
     progress_bar,
@@ -178,6 +179,7 @@ class Trainer:
         self._resume_step = 0  # > 0: the checkpoint was written inside epoch self.epoch + 1
         self._resume_sums: dict = {}
         self._resumed: dict | None = None  # after resume(): {"from", "at", "changes" [(key, old, new)]}
+        self._resume_records: list = []  # resume()'s messages, written to train.log when fit() opens it
         self._stop: StopRequest | None = None
         self._tb = None
         self._signal_at = signal_at_from_env()  # a test hook, None unless RIDE_FAST_SIGNAL_AT is set (engine/monitor.py)
@@ -302,7 +304,8 @@ class Trainer:
                 claim_run_folder(self.out_dir, self.overwrite, self.log)
                 self._owns_out_dir = True  # the folder is this run's now (a second fit() continues it)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            run_log = log_file(self.out_dir / "train.log")
+            run_log = log_file(self.out_dir / "train.log", earlier=self._resume_records)
+            self._resume_records = []
         with run_log:
             return self._fit()
 
@@ -453,9 +456,29 @@ class Trainer:
         state.update(step=result.steps, epoch_sums=result.sums, loader=dict(state["loader"], batch=result.steps))
         atomic_save(state, self.out_dir / "last.pt")
 
+    def restart_unsaved_run(self) -> bool:
+        """`--resume auto` where train.out_dir has no last.pt: a run there that stopped before its first
+        checkpoint (a torchrun job pre-empted in epoch 1) left only config.yaml, train.log and tensorboard/,
+        so there is nothing to continue and nothing to lose: this run starts anew in the folder (train.log
+        goes on) instead of refusing it. False, with the folder left to claim_run_folder, when it holds more."""
+        found = run_files(self.out_dir)
+        if not found or any(p.name not in UNSAVED_RUN_FILES for p in found):
+            return False
+        with held_records() as records:
+            self.log(f"{self.out_dir} holds a run that stopped before its first checkpoint "
+                     f"({', '.join(p.name for p in found)}): nothing to resume, starting it anew")
+        self._resume_records = records
+        self._owns_out_dir = True
+        return True
+
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint; a corrupt file falls back to the newest readable one beside it."""
-        path = Path(path)
+        """Continue from a checkpoint; a corrupt file falls back to the newest readable one beside it.
+        Its messages (where it resumed, the changed keys) also go to train.log once fit() opens it."""
+        with held_records() as records:
+            self._resume(Path(path))
+        self._resume_records = records
+
+    def _resume(self, path: Path) -> None:
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as err:
@@ -498,6 +521,9 @@ class Trainer:
 
 RUN_FILES = ("config.yaml", "config_resume_*.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard",
              "per_class_accuracy.json", "per_class_accuracy.png", "routed_config.yaml")  # what a run writes into train.out_dir (with stage 2's routed.pt)
+
+
+UNSAVED_RUN_FILES = ("config.yaml", "train.log", "tensorboard")  # all a run writes before its first checkpoint
 
 
 def run_files(out_dir: Path) -> list[Path]:

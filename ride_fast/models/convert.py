@@ -62,6 +62,9 @@ def _state_dict_of(checkpoint: Any) -> Mapping[str, Any]:
     inner = checkpoint.get("state_dict")
     if isinstance(inner, Mapping):
         return inner
+    if isinstance(checkpoint.get("model"), Mapping) and "model_args" in checkpoint:
+        raise TypeError("this is a ride_fast checkpoint already (it holds 'model' and 'model_args'), not the original code's: "
+                        "`ride-fast eval --checkpoint` and `ride-fast route --checkpoint` read it as it is")
     not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise TypeError(

@@ -1,6 +1,7 @@
 """Bad input: `ride-fast data check` and the fail-fast checks of training report every problem
 with its file and line, or leave unreadable images out with data.skip_bad_images=true."""
 import logging
+import re
 
 import pytest
 import yaml
@@ -168,3 +169,17 @@ def test_greyscale_and_cmyk_photos_pass_the_checks(tmp_path):
         im.save(tmp_path / f"{mode}.jpg", "JPEG")
         assert header_problem(str(tmp_path / f"{mode}.jpg")) is None
         assert decode_problem(str(tmp_path / f"{mode}.jpg")) is None
+
+
+def test_decode_problems_are_said_in_words_without_python_class_names(tmp_path):
+    head_only = tmp_path / "head_only.jpg"  # a JPEG signature, then garbage: PIL cannot tell what it is
+    head_only.write_bytes(b"\xff\xd8\xff garbage")
+    whole = tmp_path / "whole.png"
+    photo(40, 30, 0).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:120])
+    assert decode_problem(str(head_only)) == ("unreadable", "cannot decode (not an image format PIL reads, or its header is damaged)")
+    kind, reason = decode_problem(str(cut))
+    assert kind == "unreadable" and reason.startswith("cannot decode (") and len(reason) > len("cannot decode ()")
+    for text in (reason, *header_problem(str(head_only))):
+        assert not re.search(r"\b[A-Z]\w*(Error|Exception)\b", text), text

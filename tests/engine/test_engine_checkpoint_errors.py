@@ -85,3 +85,13 @@ def test_a_truncated_checkpoint_is_called_damaged_not_foreign(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: cannot read the checkpoint: it is a damaged or truncated torch.save archive")
     assert not EXCEPTION_NAME.search(message)
+
+
+def test_a_folder_given_as_checkpoint_is_called_a_folder_and_its_checkpoints_are_named(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert f"ride-fast eval: error: {tmp_path} is a folder, not a checkpoint file and holds no .pt file" in capsys.readouterr().err
+    (tmp_path / "last.pt").write_bytes(b"")
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path} is a folder, not a checkpoint file: name one of its "
+                                                        f"checkpoints, e.g. {tmp_path / 'best.pt'} (best.pt, last.pt)")):
+        load_checkpoint(tmp_path)

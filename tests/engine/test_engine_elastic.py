@@ -2,7 +2,8 @@
 
   - the single-node line with `--max-restarts` and `--resume auto`: one rank is killed with SIGKILL
     in the middle of epoch 2, torchrun restarts the group, which resumes from the end of epoch 1 and
-    finishes with the weights of the uninterrupted run, bit for bit;
+    finishes with the weights of the uninterrupted run, bit for bit; killed in epoch 1 (no checkpoint
+    yet), the restarted group starts the run anew in its folder, to the same weights;
   - the multi-node line (`--nnodes=2`, c10d rendezvous), as two launchers on 127.0.0.1 with one
     process each: the same weights as one launcher with two processes.
 
@@ -159,6 +160,16 @@ def test_a_rank_killed_mid_epoch_restarts_the_group_which_resumes_to_the_same_we
     assert log.count("SIGKILL after epoch") == 1  # ... once: the restarted group did not kill itself again
     assert "resumed from" in log and "the end of epoch 1" in log  # the second attempt continued the first
     assert _epochs_logged(tmp_path) == [1, 2]  # epoch 1 once, epoch 2 once (after the restart)
+    assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
+
+
+@pytest.mark.slow
+def test_a_rank_killed_before_the_first_checkpoint_restarts_the_run_anew_to_the_same_weights(uninterrupted, tmp_path):
+    log = _finish(_run(_adapt(_line(nodes=1), tmp_path, nproc=2), **{SIGNAL_AT_ENV: "1:3:SIGKILL:1"}))
+    assert "SIGKILL after epoch 1 step 3" in log  # the first attempt left config.yaml, train.log, tensorboard/: no last.pt
+    assert "holds a run that stopped before its first checkpoint" in log  # the second attempt took the folder over
+    assert _epochs_logged(tmp_path) == [1, 2]
+    assert "stopped before its first checkpoint" in (tmp_path / "train.log").read_text()
     assert_identical(uninterrupted, state_of(tmp_path / "last.pt"))
 
 

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ride_fast.cli import main
 from ride_fast.config import load_config
 from ride_fast.data import build_datasets
-from ride_fast.engine.monitor import PROGRESS_ENV, progress, progress_bar
+from ride_fast.engine.monitor import PROGRESS_ENV, progress, progress_bar, startup_summary
 from ride_fast.engine.runtime import resolve_amp
 
 TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.max_steps_per_epoch=2",
@@ -108,3 +108,30 @@ def test_a_warning_of_ride_fast_prints_as_a_message_not_as_a_python_source_line(
     out, err = capsys.readouterr()
     assert f"warning: {src} holds Python objects besides tensors" in out and "this file: argparse.Namespace" in out
     assert "UserWarning" not in out + err and "convert.py" not in err
+
+
+def test_a_resumed_run_writes_where_it_resumed_and_the_changed_keys_to_train_log(tmp_path, capsys):
+    assert main(["train", *TINY, f"train.out_dir={tmp_path}", "train.tensorboard=false"]) == 0
+    assert main(["train", *TINY, f"train.out_dir={tmp_path}", "train.tensorboard=false", "train.epochs=2",
+                 "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    resumed = f"resumed from {tmp_path / 'last.pt'} at the end of epoch 1"
+    assert resumed in out and "  train.epochs: 1 -> 2" in out  # on the console, as before
+    log = (tmp_path / "train.log").read_text().splitlines()
+    lines = [line.split(" INFO ", 1)[1] for line in log if " INFO " in line]
+    assert resumed in lines and "  train.epochs: 1 -> 2" in lines  # and in the run's log, with time and level
+    epoch_2 = next(i for i, line in enumerate(lines) if line.startswith("epoch   2 "))
+    assert lines.index(resumed) < epoch_2  # in the order they happened
+
+
+def test_the_summary_gives_the_micro_batches_the_step_runs():
+    def micro(batch, accumulate_steps, world_size=1):
+        return startup_summary("train", data="d", num_classes=2, train_images=1, test_images=1, loader="memory", device="cpu",
+                               amp="none", amp_setting="none", batch=batch, world_size=world_size,
+                               accumulate_steps=accumulate_steps).splitlines()[2]
+
+    assert micro(16, 2) == "  batch 16 per optimizer step, 16 per rank, run as 2 micro-batches of 8 (train.accumulate_steps)"
+    assert micro(16, 3).endswith("run as 3 micro-batches of 5-6 (train.accumulate_steps)")  # tensor_split: 6, 5, 5
+    assert micro(16, 32).endswith("run as 16 micro-batches of 1 (train.accumulate_steps)")  # no empty micro-batch runs
+    assert micro(16, 4, world_size=2).endswith("8 per rank, run as 4 micro-batches of 2 (train.accumulate_steps)")
+    assert micro(16, 1) == "  batch 16 per optimizer step, 16 per rank"

@@ -234,3 +234,31 @@ def test_a_new_run_never_mixes_with_another_runs_folder(tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert main(["train", "--resume", "auto", *args[:-1], "train.epochs=2"]) == 0  # continuing is not a new run
     assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_auto_restarts_a_run_that_died_before_its_first_checkpoint(tmp_path, capsys):
+    """What a torchrun job pre-empted in epoch 1 leaves (config.yaml, train.log, tensorboard/, no last.pt):
+    the restarted attempt's `--resume auto` starts the run anew there instead of refusing the folder."""
+    def leftovers(folder):
+        folder.mkdir()
+        (folder / "config.yaml").write_text("model:\n  name: resnet32\n")
+        (folder / "train.log").write_text("2026-01-01 00:00:00,000 INFO train: data mnist_lt (the first attempt)\n")
+        (folder / "tensorboard").mkdir()
+        return [*TINY, f"train.out_dir={folder}", "train.epochs=1"]
+
+    args = leftovers(tmp_path / "died")
+    assert main(["train", *args]) == 2  # without --resume auto: a new run, refused as before
+    assert "holds another run" in capsys.readouterr().err
+    assert main(["train", "--resume", "auto", *args]) == 0
+    said = f"{tmp_path / 'died'} holds a run that stopped before its first checkpoint (config.yaml, tensorboard, train.log)"
+    assert said in capsys.readouterr().out
+    log = (tmp_path / "died" / "train.log").read_text()
+    assert log.startswith("2026-01-01 00:00:00,000 INFO train: data mnist_lt (the first attempt)\n")  # the log goes on
+    assert f" INFO {said}" in log and " INFO epoch   1  lr " in log
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "died" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+    args = leftovers(tmp_path / "epochs")
+    (tmp_path / "epochs" / "metrics.jsonl").write_text('{"epoch": 1}\n')  # a run that finished epochs: never restarted
+    assert main(["train", "--resume", "auto", *args]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert (tmp_path / "epochs" / "metrics.jsonl").read_text() == '{"epoch": 1}\n'

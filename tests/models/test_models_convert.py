@@ -473,3 +473,16 @@ def test_foreign_objects_in_a_checkpoint_never_run(tmp_path):
         info = convert_original_checkpoint(src, tmp_path / "out.pt", "resnet32", num_classes=C, num_experts=2)
     assert info["loaded"] > 0
     assert not marker.exists()
+
+
+def test_convert_of_a_ride_fast_checkpoint_says_it_needs_no_conversion(tmp_path, capsys):
+    from ride_fast.cli import main
+
+    src = tmp_path / "best.pt"
+    torch.save({"model": create_model("resnet32", num_classes=C, num_experts=2).state_dict(), "epoch": 3,
+                "model_args": dict(name="resnet32", num_classes=C, num_experts=2)}, src)
+    assert main(["convert", str(src), str(tmp_path / "out.pt"), "--model", "resnet32"]) == 2
+    assert capsys.readouterr().err == (f"ride-fast convert: error: {src}: this is a ride_fast checkpoint already (it holds 'model' "
+                                       "and 'model_args'), not the original code's: `ride-fast eval --checkpoint` and "
+                                       "`ride-fast route --checkpoint` read it as it is\n")
+    assert not (tmp_path / "out.pt").exists()
