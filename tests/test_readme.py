@@ -41,6 +41,7 @@ def test_each_command_parses_and_its_config_loads(argv, monkeypatch):
         if args.command == "train":
             assert cfg.data.name == "mnist_lt" or cfg.data.root, f"`ride-fast {' '.join(argv)}` names no data.root for {cfg.data.name}"
 
+
 def readme_commands() -> list[list[str]]:
     """Each command line of README.md's bash blocks (continuations joined, comments dropped) as argv."""
     text = README.read_text(encoding="utf-8")
