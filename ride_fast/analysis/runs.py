@@ -159,5 +159,5 @@ def train_runs(specs: list[RunSpec], *, workers: int = 1, log: Callable[[str], N
                 fut.result()
             except Exception as err:  # name the run that failed; finished runs keep their checkpoints
                 pool.shutdown(wait=True, cancel_futures=True)
-                raise RuntimeError(f"{spec.name} ({spec.out_dir}) failed: {type(err).__name__}: {err}") from err
+                raise RuntimeError(f"{spec.name} ({spec.out_dir}) failed: {str(err).strip() or 'its worker process stopped without a message'}") from err
     return [s.final_checkpoint for s in specs]
