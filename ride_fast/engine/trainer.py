@@ -3,7 +3,7 @@
 Per step (`TrainStep`): forward of all experts, the loss over all experts' logits, backward, SGD
 (with train.accumulate_steps = K: forward and backward over K micro-batches, then the one SGD step).
 Metrics stay on the device and are read once per `train.log_interval` steps and at the end of the
-epoch (the only host syncs of the loop). First: a new run claims train.out_dir (`claim_run_folder`:
+epoch (the only host syncs of the loop). First: a new run claims train.out_dir (run_folder.py:
 another run's files stop it unless --overwrite), logs its start-up summary and opens train.log
 (rank 0). Per epoch: the lr multiplier of the recipe,
 `loss.set_epoch` (the DRW / temperature switch), evaluation, metrics as a JSON line, checkpoints
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +77,7 @@ from ride_fast.engine.monitor import (
     warn,
 )
 from ride_fast.engine.optim import build_optimizer, canonical_optimizer_state, load_canonical_optimizer_state
+from ride_fast.engine.run_folder import UNSAVED_RUN_FILES, claim_run_folder, run_files
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
@@ -517,40 +517,6 @@ class Trainer:
             for key, old, new in changes:
                 self.log(f"  {key}: {old!r} -> {new!r}")
         self._resumed = {"from": str(path), "at": where, "changes": changes}
-
-
-RUN_FILES = ("config.yaml", "config_resume_*.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard",
-             "per_class_accuracy.json", "per_class_accuracy.png", "routed_config.yaml")  # what a run writes into train.out_dir (with stage 2's routed.pt)
-
-
-UNSAVED_RUN_FILES = ("config.yaml", "train.log", "tensorboard")  # all a run writes before its first checkpoint
-
-
-def run_files(out_dir: Path) -> list[Path]:
-    """The files and folders of a run in `out_dir` (RUN_FILES), sorted; [] for a fresh or missing folder."""
-    out_dir = Path(out_dir)
-    return sorted({p for pattern in RUN_FILES for p in out_dir.glob(pattern)}) if out_dir.is_dir() else []
-
-
-def claim_run_folder(out_dir: Path, overwrite: bool, log: Callable[[str], None] = info) -> None:
-    """Make `out_dir` ready for a new run. When it holds another run's files: without `overwrite`
-    raise, naming the folder and the choices, with nothing touched; with it, delete those files
-    (RUN_FILES only: other files in the folder stay)."""
-    found = run_files(out_dir)
-    if not found:
-        return
-    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:6]) + (", ..." if len(found) > 6 else "")
-    if not overwrite:
-        cont = ("`ride-fast train ... --resume auto` continues it" if (Path(out_dir) / "last.pt").is_file()
-                else "`--resume auto` finds no last.pt there to continue from")
-        raise ValueError(f"train.out_dir {out_dir} holds another run ({names}); nothing was changed. Choose one: {cont}; "
-                         f"set a new train.out_dir=...; or pass --overwrite to delete that run's files and start anew")
-    for p in found:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    log(f"deleted the previous run's files in {out_dir} to start anew ({names})")
 
 
 def _seek(loader, epoch: int, start_batch: int) -> int:
