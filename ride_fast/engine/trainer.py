@@ -106,7 +106,7 @@ class EpochResult:
 class Trainer:
     """Builds data, model, loss and optimizer from `cfg`, then trains with `fit()`.
 
-    Under torchrun (WORLD_SIZE > 1) every process builds a Trainer: it joins the process group,
+    Under torchrun (one process or many) every process builds a Trainer: it joins the process group,
     trains a DDP-wrapped model on its shard of each global batch, evaluates its shard of the test
     set (per-class counts summed over ranks: every test image counted once), and only rank 0 logs
     and writes files.
