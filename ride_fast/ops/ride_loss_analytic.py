@@ -17,15 +17,50 @@ Q = sum_j q_j, K_k = sum_c q_k (E log q_k - S), d = lambda Tm^2 / B (/(E-1) for 
                                                                                        "pairwise"
 and, since sum_k z_k / T = E zbar / T, the "mean" KL needs no pass of its own:
 
-    sum_k KL(pbar || q_k) = sum_k lse(z_k / T) - E lse(zbar / T)       (per image)
+    sum_k KL(pbar || q_k) = sum_k lse(u_k) - E lse(zbar / T)       (per image)
 
-Memory: about 15 passes over [E, B, C] in all (forward and backward; a log-softmax counts 3),
-against about 30 for autograd of the reference; two [E, B, C] buffers besides the input.
+Every log-sum-exp comes with a softmax: lse(x) = x_y - log softmax(x)_y, read at the target
+column (see `_softmax_lse`). So the "mean" mode runs seven ops over [E, B, C], forward and backward
+together: a copy (the LDAM logits), two softmaxes (one exponential per logit each), z / T, a sum
+over experts and two multiply-adds; 14 reads and writes of [E, B, C], two buffers of its size. Why
+it is built so, and what it measured: docs/performance-notes.md.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+
+def _host_reads_are_free(x: Tensor) -> bool:
+    """Whether reading a value of x on the host costs nothing (the CPU) or waits for a device."""
+    return x.device.type == "cpu"
+
+
+def _softmax_lse(x: Tensor, out: Tensor, index: Tensor, rebuild: Callable[[], Tensor]) -> Tensor:
+    """Write softmax(x) over the last dim into `out` (x itself or a buffer of its shape: ATen's row
+    kernel reads a row before writing it); return x's log-sum-exp [..., B] for x [..., B, C].
+
+    On the CPU, lse = x_i - log softmax(x)_i at column i = index[b] of each row: the softmax's own
+    normaliser, at no extra pass. Where softmax(x)_i is too small for its log to be exact (under
+    2^24 times the dtype's smallest normal number: column i some 80 below the row's maximum in
+    float32), those rows' lse is recomputed from `rebuild()`, which returns x anew. Elsewhere that
+    check would wait for the device, so the lse comes from two reductions instead:
+    lse = max x - log max softmax(x) (the largest entry of a softmax is 1 / sum exp(x - max x)).
+    """
+    rows = torch.arange(x.shape[-2], device=x.device)
+    if not _host_reads_are_free(x):
+        x_max = x.amax(-1)
+        torch.ops.aten._softmax.out(x, -1, False, out=out)
+        return x_max - out.amax(-1).log()
+    x_i = x[..., rows, index]
+    p_i = torch.ops.aten._softmax.out(x, -1, False, out=out)[..., rows, index]
+    lse = x_i - p_i.log()
+    small = p_i < torch.finfo(x.dtype).tiny * 2**24
+    if bool(small.any()):  # a host read, free on the CPU
+        lse[small] = torch.logsumexp(rebuild()[small], dim=-1)
+    return lse
 
 
 def _ride_loss_and_grad(
@@ -41,12 +76,11 @@ def _ride_loss_and_grad(
     """(loss scalar, grad [E, B, C]) of the individual RIDE loss, in the compute dtype
     (float32; float64 for float64 logits, like the reference).
 
-    Two [E, B, C] buffers: `grad` (log-softmax of the LDAM logits, then the gradient) and `work`
-    (the LDAM logits, then z / T and its log-softmax). Few, large, mostly in-place ops: on a
-    small shared CPU every op also pays a thread hand-off, so fewer ops beat cache blocking.
+    Two [E, B, C] buffers: `grad` (the LDAM logits, then their softmax, then the gradient) and
+    `work` (z / T, then q, then the diversity term of the gradient).
     """
     z = expert_logits.detach()
-    E, B, C = z.shape
+    E, B, _ = z.shape
     dtype = torch.promote_types(z.dtype, torch.float32)
     z = z.to(dtype)  # no copy for float32 / float64
     y = target.long()
@@ -59,13 +93,17 @@ def _ride_loss_and_grad(
     mode = "none" if diversity_factor == 0.0 or (diversity == "pairwise" and E == 1) else diversity
 
     # ---- LDAM / CE: loss = sum_i c_i (lse(a) - a_y), grad = c (softmax(a) - onehot)
-    work = None
-    if margins is not None:
-        work = z.clone()
-        work[:, rows, y] -= margins.detach().to(dtype)[y]
-    grad = torch.log_softmax(work if work is not None else z, dim=-1)
-    loss = -(grad[:, rows, y] * coef).sum()
-    grad.exp_()  # softmax(a)
+    m_y = margins.detach().to(dtype)[y] if margins is not None else None
+
+    def ldam_logits() -> Tensor:
+        a = z.clone()
+        if m_y is not None:
+            a[:, rows, y] -= m_y
+        return a
+
+    grad = ldam_logits()
+    a_y = grad[:, rows, y]  # [E, B]
+    loss = ((_softmax_lse(grad, grad, y, ldam_logits) - a_y) * coef).sum()  # grad = softmax(a)
 
     if mode == "none":
         grad.mul_(coef.view(1, B, 1))
@@ -74,24 +112,25 @@ def _ride_loss_and_grad(
 
     inv_t = 1.0 / temperature.detach().to(dtype) if temperature is not None else None
     scale = diversity_factor * temperature_mean**2 / B  # d
-    if work is None:
-        work = torch.empty_like(z)
-    log_q = torch.mul(z, inv_t, out=work) if inv_t is not None else work.copy_(z)  # u = z / T
-    u0 = log_q[..., 0].clone()  # [E, B]
-    torch.log_softmax(log_q, dim=-1, out=log_q)  # in place
+
+    def tempered() -> Tensor:  # u = z / T (z itself when T = 1)
+        return z * inv_t if inv_t is not None else z
+
+    u = tempered()
+    work = u if inv_t is not None else torch.empty_like(z)  # u, then q
     if mode == "mean":
-        zbar = z.mean(0)  # [B, C]
-        vbar = zbar * inv_t if inv_t is not None else zbar
-        log_p = torch.log_softmax(vbar, dim=-1)  # [B, C]
-        lse_v = vbar[:, 0] - log_p[:, 0]  # [B]
-        p = log_p.exp_()  # pbar
-        # sum_k KL(p || q_k) = sum_k lse(u_k) - E lse(vbar), because sum_k u_k = E vbar
-        lse_u = u0 - log_q[..., 0]  # [E, B]
+        vbar = u.sum(0).div_(E)  # zbar / T  [B, C]
+        lse_u = _softmax_lse(u, work, y, tempered)  # work = q
+        lse_v = _softmax_lse(vbar, vbar, y, lambda: tempered().mean(0))  # vbar = pbar
+        # sum_k KL(pbar || q_k) = sum_k lse(u_k) - E lse(vbar), because sum_k u_k = E vbar
         loss = loss + scale * (lse_u.sum() - E * lse_v.sum())
-        # grad = c softmax(a) - d p / T + d q / T, then - c at the target
-        s_c = scale * inv_t if inv_t is not None else torch.full((C,), scale, dtype=dtype, device=z.device)
-        torch.addcmul(-(p * s_c), grad, coef.view(1, B, 1), out=grad)
-        grad.addcmul_(log_q.exp_(), s_c)
+        # grad = c softmax(a) + d (q - pbar) / T, then - c at the target
+        if inv_t is not None:
+            s_c = scale * inv_t  # d / T  [C]
+            torch.addcmul(vbar.mul_(s_c).neg_(), work, s_c, out=work)
+        else:
+            torch.add(vbar.mul_(-scale), work, alpha=scale, out=work)
+        torch.addcmul(work, grad, coef.view(1, B, 1), out=grad)
         grad[:, rows, y] -= coef
         return loss, grad
 
@@ -99,13 +138,15 @@ def _ride_loss_and_grad(
     scale = scale / (E - 1)  # d'
     grad.mul_(coef.view(1, B, 1))
     grad[:, rows, y] -= coef
+    log_q = torch.log_softmax(u, dim=-1, out=work)
     q = log_q.exp()
-    s_sum = log_q.sum(0)  # S [B, C]
-    h = log_q.mul_(E).sub_(s_sum)  # E log q_k - S, in place
+    h = torch.add(log_q.sum(0).neg_(), log_q, alpha=E, out=log_q)  # E log q_k - S, in place
     k_pair = torch.einsum("ebc,ebc->eb", q, h)  # K [E, B]
     loss = loss + scale * k_pair.sum()
-    g_div = h.sub_(k_pair[..., None]).add_(E).mul_(q).sub_(q.sum(0))  # q (E log q - S - K) + E q - Q
+    h.sub_(k_pair.sub_(E)[..., None])  # E log q_k - S - K_k + E
+    g_div = torch.addcmul(q.sum(0).neg_(), h, q, out=h)  # q (E log q - S - K + E) - Q
     if inv_t is not None:
-        g_div.mul_(inv_t)
-    grad.add_(g_div, alpha=scale)
+        grad.addcmul_(g_div, scale * inv_t)
+    else:
+        grad.add_(g_div, alpha=scale)
     return loss, grad

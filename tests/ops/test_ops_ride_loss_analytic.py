@@ -12,8 +12,8 @@ import torch
 
 ride_loss_module = importlib.import_module("ride_fast.ops.ride_loss")  # the module (ride_fast.ops.ride_loss is also a function)
 from ride_fast.losses.synthetic import ride_loss_inputs
-from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
 from ride_fast.ops import ride_loss_analytic
+from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
 
 
 @pytest.fixture(autouse=True)
@@ -134,3 +134,26 @@ def test_auto_dispatch_on_cpu(monkeypatch):
     assert calls == [1]
     with pytest.raises(ValueError, match="target must have shape"):
         ride_loss(z, y[:2], impl="auto")
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu_rule", "device_rule"])
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_log_sum_exp_where_the_softmax_underflows(monkeypatch, host_reads, diversity):
+    """Logits whose target column lies far below the row's maximum (a wrong, confident expert):
+    softmax(x) at the target underflows in float32, so the log-sum-exp cannot be read from it there.
+    Both rules for the log-sum-exp (the CPU's, which recomputes those rows, and the one for devices,
+    from each row's maximum) give the float64 reference's loss and gradient."""
+    analytic = importlib.import_module("ride_fast.ops.ride_loss_analytic")
+    monkeypatch.setattr(analytic, "_host_reads_are_free", lambda x: host_reads)
+    z, y, vecs = make_inputs(3, 6, 40, torch.float32, seed=13)
+    z = z.clone()
+    z[:, 1::2, :] = 0.0
+    z[:, 1::2][:, :, 0] = 60.0  # rows 1, 3, 5: class 0 at 60, the rest at 0
+    y = y.clone()
+    y[1::2] = torch.where(y[1::2] == 0, 1, y[1::2])  # their target is not class 0: p_y ~ e^-60 (with T < 1: below 1e-31)
+    z[:, 1, y[1]] = -40.0  # and one target at -100 from the maximum: softmax underflows to 0 even with T = 1
+    ref_loss, ref_grad = loss_and_grad(ride_loss_reference, z.double(), y, {k: None if v is None else v.double() for k, v in vecs.items()}, diversity)
+    loss, grad = loss_and_grad(ride_loss_analytic, z, y, vecs, diversity)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=3e-5 * ref_grad.abs().max().item())
