@@ -37,7 +37,7 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni", "avx2")
-ENV_PREFIXES = ("RIDE_FAST_BENCH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+ENV_PREFIXES = ("RIDE_FAST_BENCH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ONEDNN_", "DNNL_", "CUDA_VISIBLE_DEVICES")
 STAT_FIELDS = ("min", "max", "mean", "median", "stddev", "iqr", "rounds", "ops")
 
 

@@ -11,6 +11,11 @@ Shape legend: E experts, B images, C classes. Providers:
 Reported in extra_info: median ms and GB/s against the floor "read the logits once + write their
 gradient once" = 2 * E * B * C * itemsize bytes.
 
+The CPU goal (`test_default_cpu_loss_against_the_original_code`): the RIDE loss module training
+builds, on its default path, at least 3x the original code's RIDELoss (a transcription of the
+authors' model/loss.py, benchmarks/_original_structure.py) at (B, E, C) = (128, 4, 8142), fp32,
+forward + backward, the two timed in A B B A pairs in one process (benchmarks/_paired.py).
+
     pytest benchmarks/test_bench_ride_loss.py --benchmark-only        # time (CPU or GPU)
     pytest benchmarks/test_bench_ride_loss.py --benchmark-only -k "not compile"   # short GPU run
     pytest benchmarks/test_bench_ride_loss.py --benchmark-disable     # CI: each case runs once
@@ -19,13 +24,19 @@ gradient once" = 2 * E * B * C * itemsize bytes.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _baselines import original_ride_loss_forward
+from _original_structure import OriginalRIDELoss
+from _paired import time_paired
 
+from ride_fast.config import LossConfig
+from ride_fast.losses import build_loss, loss_path
 from ride_fast.losses.synthetic import ride_loss_inputs
-from ride_fast.ops.ride_loss import ride_loss_reference
 from ride_fast.ops import ride_loss_analytic
+from ride_fast.ops.ride_loss import ride_loss_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -155,3 +166,61 @@ def test_loop_baseline_matches_reference():
         original_ride_loss_forward(a, y, *vecs, LAMBDA, TM).backward()
         ride_loss_reference(b, y, *vecs, LAMBDA, TM, "mean").backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the CPU goal against the original
+CPU_GOAL = 3.0  # the default path's speed-up over the original code's RIDELoss, median of the pairs
+GOAL_CASE = (128, 4, 8142)  # (B, E, C): iNaturalist 2018's classes at a CPU-sized batch
+GOAL_PAIRS = int(os.environ.get("RIDE_FAST_BENCH_LOSS_PAIRS", "12"))
+REWEIGHT_FACTOR = 0.02  # the ImageNet-LT / iNaturalist recipes' temperature factor
+
+
+def goal_case(B, E, C):
+    """(logits, target, ride_fast's loss module, the original code's RIDELoss) in the DRW phase, from
+    the same long-tailed class counts."""
+    inp = ride_loss_inputs(E, B, C, phase=1, logits="cosine", reweight_factor=REWEIGHT_FACTOR)
+    counts = inp.counts.tolist()
+    ride = build_loss(LossConfig(diversity_factor=LAMBDA, reweight_factor=REWEIGHT_FACTOR, reweight_epoch=0), inp.counts.numpy())
+    ride.set_epoch(1)  # after the switch: margins, class weights and temperatures all active
+    original = OriginalRIDELoss(counts, diversity_factor=LAMBDA, reweight_factor=REWEIGHT_FACTOR)
+    return inp.logits, inp.target, ride, original
+
+
+def test_default_cpu_loss_against_the_original_code(benchmark):
+    """The default loss path on the CPU against the original code's RIDELoss, fp32, forward +
+    backward: the same loss and gradient (always), and >= CPU_GOAL times faster (when timing).
+
+    The original receives the mean logits ready-made, as its model computes them; ride_fast's loss
+    computes them itself, inside the timing."""
+    timing = not benchmark.disabled
+    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
+    B, E, C = GOAL_CASE if timing else (16, 4, 1000)
+    z, y, ride, original = goal_case(B, E, C)
+    assert loss_path(ride, "cpu", E, C) == "analytic"  # the default path on the CPU
+    zbar = z.mean(0)
+    x_ride, x_original = z.clone().requires_grad_(), z.clone().requires_grad_()
+
+    def ride_step():
+        x_ride.grad = None
+        loss = ride(x_ride, y)
+        loss.backward()
+        return loss
+
+    def original_step():
+        x_original.grad = None
+        loss = original(zbar, y, {"logits": x_original})
+        loss.backward()
+        return loss
+
+    torch.testing.assert_close(ride_step().detach(), original_step().detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ride.grad, x_original.grad, rtol=1e-3, atol=3e-5 * float(x_original.grad.abs().max()))
+    if not timing:
+        benchmark(ride_step)
+        return
+    paired = benchmark.pedantic(lambda: time_paired(original_step, ride_step, GOAL_PAIRS), rounds=1, iterations=1)
+    summary = paired.summary()
+    benchmark.extra_info.update(summary, case={"B": B, "E": E, "C": C}, threads=torch.get_num_threads(), goal=CPU_GOAL,
+                                torch=torch.__version__, path="analytic")
+    assert summary["speedup_median"] >= CPU_GOAL, (
+        f"default loss path {summary['speedup_median']:.2f}x the original code's RIDELoss at (B, E, C) = {GOAL_CASE} "
+        f"(pairs {summary['speedups']}), goal {CPU_GOAL}x")

@@ -15,10 +15,10 @@ costs time in proportion to the experts it runs).
 """
 import os
 import statistics
-import time
 
 import pytest
 import torch
+from _paired import time_paired
 
 from ride_fast.models import create_model
 from ride_fast.profiling import model_cost
@@ -64,18 +64,9 @@ def _setup(device: torch.device, batch: int, count_macs: bool = True):
 
 
 def _paired_time_ratio(all_experts, routed) -> tuple[float, float, float]:
-    """Median over paired rounds of (routed time / all-experts time), and the median times (s)."""
-    ratios, t_all, t_routed = [], [], []
-    for _ in range(PAIRED_ROUNDS):
-        t0 = time.perf_counter()
-        all_experts()
-        t1 = time.perf_counter()
-        routed()
-        t2 = time.perf_counter()
-        t_all.append(t1 - t0)
-        t_routed.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ratios), statistics.median(t_all), statistics.median(t_routed)
+    """Median over A B B A pairs of (routed time / all-experts time), and the median times (s)."""
+    paired = time_paired(all_experts, routed, PAIRED_ROUNDS, warmup=0)
+    return statistics.median(paired.time_ratios), statistics.median(paired.a), statistics.median(paired.b)
 
 
 @pytest.mark.parametrize("device_name", DEVICES)
