@@ -56,9 +56,11 @@ import numpy as np
 import pytest
 import torch
 from _original_structure import ORIGINAL_MODELS, OriginalRIDELoss, make_original_step
+from _paired import time_paired
 
-from ride_fast.config import LossConfig, OptimConfig
+from ride_fast.config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 from ride_fast.engine.optim import build_optimizer
+from ride_fast.engine.runtime import resolve_amp
 from ride_fast.engine.step import TrainStep
 from ride_fast.losses import build_loss
 from ride_fast.models import create_model
@@ -90,8 +92,19 @@ STEPS = [
 VARIANTS = ["original"] + [name for name, _ in STEPS]
 
 
-def switches(variant: str) -> dict:
-    """The ride_fast settings of a variant: BASE plus every step up to and including it."""
+def default_switches(device: torch.device) -> dict:
+    """The settings of a run that sets none: the config's defaults, `train.amp=auto` resolved for
+    `device` (bf16 on CPUs that multiply bf16 natively, else fp32)."""
+    model, train = ModelConfig(), TrainConfig()
+    return dict(loss_impl=LossConfig().impl, sgd=OptimConfig().implementation, channels_last=model.channels_last,
+                batched=model.batched, amp=resolve_amp(train.amp, device), compile=train.compile, cuda_graphs=train.cuda_graphs)
+
+
+def switches(variant: str, device: torch.device | None = None) -> dict:
+    """The ride_fast settings of a variant: BASE plus every step up to and including it; "defaults":
+    the engine's defaults on `device`."""
+    if variant == "defaults":
+        return default_switches(device or torch.device("cpu"))
     out = dict(BASE)
     for name, change in STEPS:
         out.update(change)
@@ -163,7 +176,7 @@ def make_original(case: str, device: torch.device, B: int, px: int, *, with_mode
 def build_ride_fast(case: str, variant: str, device: torch.device, B: int, px: int):
     """(TrainStep, images, labels) of a variant, from the case's initial weights."""
     name, E, C, lam, gamma, reweight_epoch = CASES[case][:6]
-    s = switches(variant)
+    s = switches(variant, device)
     fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
     model = create_model(name, num_classes=C, num_experts=E, batched=s["batched"])
     model.load_state_dict(initial_weights(case)[1])  # either layout loads the per-expert state dict
@@ -306,7 +319,7 @@ def check_step_against_the_original(case: str, variant: str, device: torch.devic
         fn = make_original(case, device, B, px)
         assert float(fn()) == ref_loss  # deterministic: the reference is this very computation
         return fn
-    s = switches(variant)
+    s = switches(variant, device)
     step, images, labels = build_ride_fast(case, variant, device, B, px)
     compiled = s["compile"] or s["cuda_graphs"]  # a dispatch mode and hooks would change the compiled graph
     probe = Probe(step) if not compiled else contextlib.nullcontext()
@@ -449,6 +462,34 @@ def test_train_step(benchmark, where, case, variant):
 
 
 LAST_VARIANT = {"cpu": "bf16", "cuda": "cuda_graphs"}  # the last variant that runs by default on each device
+
+CPU_DEFAULTS_GOAL = 1.5  # the defaults' speed-up over the original code's step on the CPU, median of the pairs
+DEFAULTS_PAIRS = int(os.environ.get("RIDE_FAST_BENCH_STEP_PAIRS", "6"))
+
+
+def test_cpu_defaults_against_the_original_code(benchmark):
+    """The CPU goal: RIDE-ResNet-32 E=3, batch 128, one training step with every setting at its
+    default (what `ride-fast train` runs: `default_switches`) against the original code's step,
+    timed in A B B A pairs in one process: >= CPU_DEFAULTS_GOAL times faster (median of the pairs)
+    when timing. In CI: one step of each from the same weights and batch, the same loss and update
+    (TOLERANCES), every default switch in effect (`check_switches`)."""
+    case, device = "r32_e3", torch.device("cpu")
+    timing = not benchmark.disabled
+    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
+    s = default_switches(device)
+    if not timing:
+        benchmark(check_step_against_the_original(case, "defaults", device, *CASES[case][7]))
+        return
+    B, px = CASES[case][6]["cpu"]
+    paired = benchmark.pedantic(lambda: time_paired(make_original(case, device, B, px), make_ride_fast(case, "defaults", device, B, px),
+                                                    DEFAULTS_PAIRS), rounds=1, iterations=1)
+    summary = paired.summary()
+    benchmark.extra_info.update(summary, case=case, batch=B, px=px, switches=s, threads=torch.get_num_threads(), goal=CPU_DEFAULTS_GOAL,
+                                torch=torch.__version__, images_per_s_original=B / summary["baseline_s_median"],
+                                images_per_s_defaults=B / summary["contender_s_median"])
+    assert summary["speedup_median"] >= CPU_DEFAULTS_GOAL, (
+        f"the default step {summary['speedup_median']:.2f}x the original code's (RIDE-ResNet-32 E=3, batch {B}, amp {s['amp']}; "
+        f"pairs {summary['speedups']}), goal {CPU_DEFAULTS_GOAL}x")
 
 
 @torch.no_grad()
