@@ -30,6 +30,7 @@ from ride_fast.analysis.common import (
 from ride_fast.analysis.runs import RunSpec, train_runs
 from ride_fast.config import Config, update
 from ride_fast.engine import SplitAccuracy, load_checkpoint
+from ride_fast.engine.metrics import pct
 from ride_fast.engine.monitor import info
 from ride_fast.io import plural, pyplot, save_figure
 from ride_fast.profiling import model_cost
@@ -68,7 +69,7 @@ class EnsembleReport:
         lines = [head, "-" * len(head)]
         for p in self.points:
             a = p.accuracy
-            lines.append(f"{p.family:<24}{p.label:<30}{p.macs / 1e6:>11.2f}{a.overall:>9.2f}{a.many:>8.2f}{a.medium:>8.2f}{a.few:>8.2f}")
+            lines.append(f"{p.family:<24}{p.label:<30}{p.macs / 1e6:>11.2f}{a.overall:>9.2f}{pct(a.many, '>8.2f')}{pct(a.medium, '>8.2f')}{pct(a.few, '>8.2f')}")
         return "\n".join(lines + self.notes)
 
 

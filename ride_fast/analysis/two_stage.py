@@ -55,6 +55,7 @@ from ride_fast.analysis.frozen_heads import (
 from ride_fast.analysis.tau_validation import validation_split
 from ride_fast.config import config_to_dict, update
 from ride_fast.engine import SplitAccuracy, atomic_save
+from ride_fast.engine.metrics import pct
 from ride_fast.engine.monitor import info
 from ride_fast.io import pyplot, save_figure
 from ride_fast.models import RIDENet
@@ -87,7 +88,7 @@ class TwoStageResult:
     def summary(self) -> str:
         rows = [f"{'':<10}{'overall':>9}{'many':>8}{'medium':>8}{'few':>8}"]
         for name, a in (("before", self.before), (self.method, self.after)):
-            rows.append(f"{name:<10}{a.overall:>9.2f}{a.many:>8.2f}{a.medium:>8.2f}{a.few:>8.2f}")
+            rows.append(f"{name:<10}{a.overall:>9.2f}{pct(a.many, '>8.2f')}{pct(a.medium, '>8.2f')}{pct(a.few, '>8.2f')}")
         if self.tau is not None:
             rows.append(f"tau = {self.tau:g} (validation: {self.validation.get('source')}, {self.validation.get('images')} images)")
         if self.note:

@@ -26,7 +26,7 @@ from ride_fast.engine.checkpoint import (
     require_data,
 )
 from ride_fast.engine.distributed import DistContext, all_reduce_
-from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
+from ride_fast.engine.metrics import SplitAccuracy, pct, per_class_accuracy, split_accuracy
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
 from ride_fast.engine.step import prefetch_to_device
@@ -123,7 +123,7 @@ def eval_report(checkpoint: str | Path, overrides: dict | None = None, json_path
     """`ride-fast eval` on a stage-1 checkpoint: prints what it scored (checkpoint, data set, split,
     images) and the accuracies; `json_path` also gets them (with per-class accuracy). Returns the dict."""
     acc, scored = _evaluate_checkpoint(checkpoint, overrides, datasets=datasets, log=log)
-    log(f"{describe_scored(scored)}: overall {acc.overall:.2f}  many {acc.many:.2f}  medium {acc.medium:.2f}  few {acc.few:.2f}")
+    log(f"{describe_scored(scored)}: overall {acc.overall:.2f}  many {pct(acc.many)}  medium {pct(acc.medium)}  few {pct(acc.few)}")
     result = {**scored, **acc.as_dict(with_per_class=True)}
     if json_path:
         atomic_write_text(json_text(result, indent=2), json_path)
@@ -146,8 +146,8 @@ def write_per_class_report(out_dir: Path, epoch: int, acc: SplitAccuracy, class_
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class")
     ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_title(f"epoch {epoch}{f' ({source})' if source else ''}: overall {acc.overall:.1f}, many {acc.many:.1f}, "
-                 f"medium {acc.medium:.1f}, few {acc.few:.1f}", fontsize=9)
+    ax.set_title(f"epoch {epoch}{f' ({source})' if source else ''}: overall {acc.overall:.1f}, many {pct(acc.many, '.1f')}, "
+                 f"medium {pct(acc.medium, '.1f')}, few {pct(acc.few, '.1f')}", fontsize=9)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     save_figure(fig, out_dir / f"{name}.png")

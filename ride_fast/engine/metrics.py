@@ -4,6 +4,8 @@ Shape legend: N test images, C classes.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +30,15 @@ class SplitAccuracy:
         if with_per_class:
             out["per_class"] = self.per_class
         return out
+
+
+def pct(value: float, spec: str = ".2f") -> str:
+    """An accuracy as `format(value, spec)`, or "n/a" at the same width for a split that holds no
+    test class (NaN; JSON writes null)."""
+    if not math.isnan(value):
+        return format(value, spec)
+    width = re.match(r"[<>^]?(\d*)", spec).group(1)
+    return format("n/a", f">{width}") if width else "n/a"
 
 
 def per_class_accuracy(preds: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ import torch
 from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
 from ride_fast.engine.checkpoint import atomic_write_text, check_data_classes, load_checkpoint, load_routed_checkpoint
 from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data
-from ride_fast.engine.metrics import SplitAccuracy, per_class_accuracy, split_accuracy
+from ride_fast.engine.metrics import SplitAccuracy, pct, per_class_accuracy, split_accuracy
 from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
@@ -95,9 +95,9 @@ class RoutedReport:
         timing = [self.timing.summary()] if self.timing else []
         return "\n".join([
             f"{'':<13}{'overall':>9}{'many':>8}{'medium':>8}{'few':>8}{'GMACs/img':>11}{'ms/img':>9}",
-            f"{'all experts':<13}{a.overall:>9.2f}{a.many:>8.2f}{a.medium:>8.2f}{a.few:>8.2f}"
+            f"{'all experts':<13}{a.overall:>9.2f}{pct(a.many, '>8.2f')}{pct(a.medium, '>8.2f')}{pct(a.few, '>8.2f')}"
             f"{self.all_experts_macs / 1e9:>11.4f}{self.ms_per_image['all_experts']:>9.3f}",
-            f"{'routed':<13}{r.overall:>9.2f}{r.many:>8.2f}{r.medium:>8.2f}{r.few:>8.2f}"
+            f"{'routed':<13}{r.overall:>9.2f}{pct(r.many, '>8.2f')}{pct(r.medium, '>8.2f')}{pct(r.few, '>8.2f')}"
             f"{self.mean_macs / 1e9:>11.4f}{self.ms_per_image['routed']:>9.3f}",
             f"threshold {self.threshold:g}; experts used: {usage}; mean experts per image: {per_split}, "
             f"overall {self.mean_experts['overall']:.2f}",

@@ -61,7 +61,7 @@ from ride_fast.engine.distributed import (
     wrap_ddp,
 )
 from ride_fast.engine.evaluate import evaluate_model, write_per_class_report
-from ride_fast.engine.metrics import SplitAccuracy
+from ride_fast.engine.metrics import SplitAccuracy, pct
 from ride_fast.engine.monitor import (
     LOGGER,
     SIGNAL_AT_ENV,
@@ -371,7 +371,7 @@ class Trainer:
                     self.best_metric, self.best_epoch, self.best_eval = metric, epoch, acc
                 self.log(
                     f"epoch {epoch:3d}  lr {result.lr:.4f}  loss {result.loss:.4f}  "
-                    f"test {acc.overall:5.1f} (many {acc.many:5.1f} med {acc.medium:5.1f} few {acc.few:5.1f})  "
+                    f"test {acc.overall:5.1f} (many {pct(acc.many, '5.1f')} med {pct(acc.medium, '5.1f')} few {pct(acc.few, '5.1f')})  "
                     f"{result.images_per_s:,.0f} img/s  data wait {result.data_wait:.1f}/{result.seconds:.1f} s"
                 )
             if result.nonfinite:

@@ -29,3 +29,14 @@ def test_split_mean_is_per_class_not_per_image():
     assert acc.many == pytest.approx(50.0)  # (100% + 0%) / 2, not 10/12
     assert acc.medium != acc.medium or math.isnan(acc.medium)  # no medium class: nan
     assert np.isclose(acc.few, 100.0)
+
+
+def test_an_empty_split_prints_as_n_a_at_the_same_width():
+    """A split without test classes is NaN in SplitAccuracy (null in JSON) and "n/a" on the console,
+    padded like a number so that tables stay aligned."""
+    from ride_fast.engine.metrics import pct
+
+    acc = split_accuracy(torch.tensor([5, 3]), torch.tensor([10, 10]), [500, 400])  # every class "many"
+    assert acc.few != acc.few
+    assert pct(acc.few, ">8.2f") == "     n/a" and pct(acc.many, ">8.2f") == "   40.00"
+    assert pct(acc.few, "5.1f") == "  n/a" and pct(acc.few) == "n/a" and pct(12.345) == "12.35"
