@@ -254,11 +254,9 @@ def _cmd_train(args) -> int:
                 trainer.restart_unsaved_run()
         if resume:
             trainer.resume(resume)
-        summary = trainer.fit()
+        trainer.fit()  # its last line names the best epoch and the checkpoints (console and train.log)
     finally:
         shutdown_distributed()
-    if trainer.dist.is_main and not summary["interrupted"]:
-        print(f"best epoch {summary['best_epoch']}: {summary['best_metric']:.2f}; checkpoints in {cfg.train.out_dir}")
     return 0
 
 

@@ -345,6 +345,7 @@ class Trainer:
             elif self.last_eval is not None:  # best.pt is an epoch from before a resume (an older checkpoint without best_eval)
                 write_per_class_report(self.out_dir, self.epoch, self.last_eval, self.class_counts,
                                        name=f"per_class_accuracy_epoch_{self.epoch:04d}")
+            self.log(f"best epoch {self.best_epoch}: {self.best_metric:.2f}; checkpoints in {self.out_dir}")
         return {"best_epoch": self.best_epoch, "best_metric": self.best_metric, "history": self.history, "interrupted": interrupted}
 
     def _fit_epochs(self) -> bool:

@@ -38,6 +38,8 @@ def test_train_and_route_print_a_startup_summary_log_to_train_log_and_write_tens
     assert "\n".join(summary) in out
     log = (tmp_path / "train.log").read_text()
     assert summary[0] in log and summary[2] in log and " INFO epoch   1  lr " in log
+    last = f"best epoch 1: {json.loads((tmp_path / 'metrics.jsonl').read_text())['test']['overall']:.2f}; checkpoints in {tmp_path}"
+    assert log.rstrip().endswith(last) and out.rstrip().endswith(last)  # the run's last line, in train.log too
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's own reader of the event file
     events.Reload()
