@@ -131,7 +131,7 @@ def ensemble_report(
             summed = out.logits.clone() if summed is None else summed + out.logits
             macs += costs(loaded.model).total_macs
             acc = split_summary((summed / k).argmax(1), out.labels, counts, C)
-            points.append(EnsemblePoint(FAMILIES[0], f"{k} baseline{'s' if k > 1 else ''}", k, macs, acc, {"members": baselines[:k]}))
+            points.append(EnsemblePoint(FAMILIES[0], plural(k, "baseline"), k, macs, acc, {"members": baselines[:k]}))
             log(f"ensemble of {k}: {acc.overall:.2f} % at {macs / 1e6:.2f} MMACs")
     for path in rides:
         loaded, out = outputs(path)
@@ -141,7 +141,7 @@ def ensemble_report(
         for k in ks:
             acc = split_summary(out.expert_logits[:k].mean(0).argmax(1), out.labels, counts, C)
             family = FAMILIES[2] if k == E else FAMILIES[1]
-            points.append(EnsemblePoint(family, f"RIDE-{E}, {k} expert{'s' if k > 1 else ''}", k, cost.macs_with(k), acc,
+            points.append(EnsemblePoint(family, f"RIDE-{E}, {plural(k, 'expert')}", k, cost.macs_with(k), acc,
                                         {"checkpoint": path, "experts_in_network": E}))
         log(f"RIDE {E} experts ({path}): {points[-1].accuracy.overall:.2f} % at {cost.total_macs / 1e6:.2f} MMACs")
     for path in routed:

@@ -24,6 +24,8 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ride_fast.io import plural
+
 LOGGER = logging.getLogger("ride_fast")
 LOGGER.addHandler(logging.NullHandler())  # a library: silent until setup_logging / log_file attach a handler
 LOGGER.setLevel(logging.INFO)
@@ -203,7 +205,7 @@ def startup_summary(command: str, *, data: str, num_classes: int, train_images: 
     sizes = f"{small}" if small == large else f"{small}-{large}"
     micro = f", run as {parts} micro-batches of {sizes} (train.accumulate_steps)" if accumulate_steps > 1 else ""
     precision = {"none": "fp32"}.get(amp, amp) + (" (chosen by train.amp=auto)" if amp_setting == "auto" else "")
-    ranks = f"{world_size} rank" + ("s" if world_size != 1 else "")
+    ranks = plural(world_size, "rank")
     return "\n".join([
         f"{command}: data {data}, {num_classes} classes, {train_images:,} training and {test_images:,} test images, loader {loader}",
         f"  device {device}, precision {precision}, {ranks}",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ride_fast.models import RIDENet, create_model
 from ride_fast.profiling import ModelCost, count_macs, model_cost
 from ride_fast.engine.runtime import autocast_context, synchronize
+from ride_fast.io import plural
 from ride_fast.router import Router, routed_forward
 
 
@@ -143,7 +144,7 @@ class RoutedTiming:
 
     def summary(self) -> str:
         ips, r, lat = self.images_per_s, self.time_ratio, self.latency_ms
-        by = ", ".join(f"{n} expert{'s' if n != '1' else ''} {v['p50']:.2f}/{v['p95']:.2f} ({v['images']})"
+        by = ", ".join(f"{plural(int(n), 'expert')} {v['p50']:.2f}/{v['p95']:.2f} ({v['images']})"
                        for n, v in sorted(self.latency_by_experts.items()))
         return "\n".join([
             f"time on {self.device}, {self.threads} threads (A B B A x {self.repeats} after a warm-up, median [min, max]): "

@@ -26,7 +26,7 @@ from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
 from ride_fast.engine.threshold_curve import plot_sweep, score_routers, sweep_table, threshold_curve, threshold_curve_rows
-from ride_fast.io import json_text, pyplot, save_figure
+from ride_fast.io import json_text, plural, pyplot, save_figure
 from ride_fast.models import RIDENet
 from ride_fast.router import Router, routed_forward
 
@@ -217,7 +217,7 @@ def plot_expert_usage(report: RoutedReport, path: str | Path, title: str = "") -
     colors = plt.get_cmap("Blues")(np.linspace(0.35, 0.95, report.num_experts))
     for k in range(report.num_experts):
         vals = np.nan_to_num(shares[:, k])
-        bars = ax.bar(splits, vals, bottom=bottom, color=colors[k], edgecolor="white", label=f"{k + 1} expert{'s' if k else ''}")
+        bars = ax.bar(splits, vals, bottom=bottom, color=colors[k], edgecolor="white", label=plural(k + 1, "expert"))
         for bar, v, b in zip(bars, vals, bottom):
             if v >= 6:
                 ax.text(bar.get_x() + bar.get_width() / 2, b + v / 2, f"{v:.0f}%", ha="center", va="center", fontsize=8,
