@@ -27,8 +27,10 @@ classes), with four changes of scale, all set by the router section of the RIDE 
   still inside the stable range of SGD on this loss;
 - the threshold chosen from the accuracy-cost curve of up to 300 other unused digits per class
   (router.calibrate_threshold; 2,112 digits): the cheapest threshold whose accuracy drop against
-  all experts, plus 1.645 standard errors, is within 1 point (docs/method.md §5; the published
-  threshold is 0.5). Fewer calibration digits give a wider margin and a dearer threshold.
+  all experts, plus 3 standard errors, is within 1 point (docs/method.md §5; the published
+  threshold is 0.5). 3 rather than 1.645: the goal is met on the 1,000 test digits, whose drop has
+  its own noise (`DEMO_CALIBRATION_Z`). Fewer calibration digits give a wider margin and a dearer
+  threshold.
 
 The table gains a "routed" row: accuracy of the routed model and its mean MACs per image (trunk +
 the experts each image used + the routers it went through; docs/method.md §6); `routed_eval.json`
@@ -52,7 +54,12 @@ DEMO_ROUTER_BATCH = 128  # the published 512 would leave 2 steps an epoch at thi
 DEMO_ROUTER_LR = 0.1  # the published 0.01 is too slow for 35 steps (CIFAR-100-LT: 105)
 DEMO_HELDOUT_PER_CLASS = 100  # held-out digits per class that train the routers
 DEMO_CALIBRATION_PER_CLASS = 300  # other held-out digits per class that set the threshold (at most; 2,112 in all)
-DEMO_MAX_DROP = 1.0  # points of held-out accuracy the routed model may lose against all experts (with 1.645 SE of margin)
+DEMO_MAX_DROP = 1.0  # points of held-out accuracy the routed model may lose against all experts (with DEMO_CALIBRATION_Z SE of margin)
+# The margin covers the test set's noise too: a test drop scatters around the calibration's by
+# sqrt(SE_cal^2 + SE_test^2), and SE_test ~ SE_cal sqrt(2,112 / 1,000) here, so a one-sided 95 % bound
+# needs 1.645 x sqrt(1 + 2.112) = 2.9 calibration SEs (docs/method.md §5). With 1.645 the test drop of
+# some stage-1 trainings went over 1 point while the calibration drop stayed near 0.5.
+DEMO_CALIBRATION_Z = 3.0
 ROUTED_ROW = "RIDE 3 experts, routed"  # routers on held-out digits, threshold calibrated (the RIDE recipe's router section)
 
 
@@ -82,7 +89,8 @@ def demo_recipes(epochs: int = DEMO_EPOCHS, out_dir: str = "demo_out") -> dict[s
         "model": {"name": "resnet32", "num_experts": 3, "reduce_dimension": True, "use_norm": True},
         "router": {"top_k": 10, "epochs": router_epochs(epochs), "batch_size": DEMO_ROUTER_BATCH, "lr": DEMO_ROUTER_LR,  # 10 classes
                    "router_data": "heldout", "heldout_per_class": DEMO_HELDOUT_PER_CLASS, "calibrate_threshold": True,
-                   "max_accuracy_drop": DEMO_MAX_DROP, "calibration_per_class": DEMO_CALIBRATION_PER_CLASS},
+                   "max_accuracy_drop": DEMO_MAX_DROP, "calibration_per_class": DEMO_CALIBRATION_PER_CLASS,
+                   "calibration_z": DEMO_CALIBRATION_Z},
         "loss": {"name": "ride", "reweight_epoch": reweight, "diversity_factor": -0.45, "reweight_factor": 0.05},
         "train": {**common["train"], "out_dir": f"{out_dir}/ride_3experts"},
     }
