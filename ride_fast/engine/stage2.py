@@ -251,7 +251,11 @@ def fit_stage2(cfg: Config, net: RIDENet, train_set, test_set=None, *, loader=No
 
     `loader` replaces the class-balanced loader of the training set (router.router_data=train only);
     `test_set` keeps test images out of the held-out data; `pool` = the full training data.
+    Every generator is seeded from train.seed first, so the routers depend on `net` and the seed
+    alone, not on what the process drew before (a demo that has just trained, or a script that
+    loaded the network from a checkpoint, get the same stage 2).
     """
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     rc = cfg.router
     heldout = heldout_split(cfg, train_set, test_set, pool=pool) if rc.uses_heldout else None
     if rc.router_data == "heldout":

@@ -4,11 +4,13 @@ only routers train, loss goes down), the cosine schedule, the routed checkpoint 
 
 Shape legend: N images, C classes, E experts, R = E - 1 routers.
 """
+import random
+
 import numpy as np
 import pytest
 import torch
 
-from ride_fast.config import ConfigError, RouterConfig, config_from_dict
+from ride_fast.config import ConfigError, RouterConfig, config_from_dict, update
 from ride_fast.data import ArrayDataset
 from ride_fast.engine.checkpoint import ROUTED_KIND, load_checkpoint, load_routed_checkpoint
 from ride_fast.engine.stage2 import STAGE2_OPTIONS, RouterTrainer, fit_stage2, router_lr
@@ -170,6 +172,22 @@ def test_fit_stage2_default_is_the_published_recipe(lt_pool):
     assert result.threshold == 0.4 and result.calibration is None and result.heldout is None and result.cost is None
     assert result.trainer.class_counts.tolist() == train.class_counts().tolist()
     assert result.info["options"] == {k: getattr(RouterConfig(), k) for k in STAGE2_OPTIONS}
+
+
+def test_fit_stage2_depends_on_the_seed_not_on_earlier_draws(lt_pool):
+    """Two stage 2s of the same network and train.seed give the same routers and threshold, whatever
+    the process drew from the global generators in between; another seed gives other routers."""
+    pool, train, test = lt_pool
+    cfg = heldout_cfg(router_data="heldout", heldout_per_class=6, calibrate_threshold=True, calibration_per_class=4)
+    net = tiny_net().eval()
+    first = fit_stage2(cfg, net, train, test, log=lambda s: None, pool=pool)
+    torch.rand(1000), np.random.rand(1000), random.random()  # what a trainer or a data pipeline would have drawn
+    second = fit_stage2(cfg, net, train, test, log=lambda s: None, pool=pool)
+    other = fit_stage2(update(cfg, train={"seed": cfg.train.seed + 1}), net, train, test, log=lambda s: None, pool=pool)
+    state = lambda r: r.trainer.router.state_dict()  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(state(first).values(), state(second).values()))
+    assert first.threshold == second.threshold
+    assert not all(torch.equal(a, b) for a, b in zip(state(first).values(), state(other).values()))
 
 
 def test_fit_stage2_on_heldout_data_with_a_calibrated_threshold(lt_pool, tmp_path):
