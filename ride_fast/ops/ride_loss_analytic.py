@@ -49,11 +49,11 @@ def _softmax_lse(x: Tensor, out: Tensor, index: Tensor, rebuild: Callable[[], Te
     check would wait for the device, so the lse comes from two reductions instead:
     lse = max x - log max softmax(x) (the largest entry of a softmax is 1 / sum exp(x - max x)).
     """
-    rows = torch.arange(x.shape[-2], device=x.device)
     if not _host_reads_are_free(x):
         x_max = x.amax(-1)
         torch.ops.aten._softmax.out(x, -1, False, out=out)
         return x_max - out.amax(-1).log()
+    rows = torch.arange(x.shape[-2], device=x.device)
     x_i = x[..., rows, index]
     p_i = torch.ops.aten._softmax.out(x, -1, False, out=out)[..., rows, index]
     lse = x_i - p_i.log()
