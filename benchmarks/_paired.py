@@ -7,9 +7,12 @@ goal is checked against.
 
     paired = time_paired(original, ride_fast, pairs=8)
     paired.summary()["speedup_median"]      # median over pairs of t(original) / t(ride_fast)
+
+`use_bench_threads` sets the CPU threads by the rule every benchmark follows.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -47,6 +50,16 @@ class PairedTimes:
             "contender_s_median": statistics.median(self.b),
             "speedups": [round(x, 4) for x in s],
         }
+
+
+def use_bench_threads(timing: bool) -> int:
+    """Set torch's CPU threads for a benchmark and return them: RIDE_FAST_BENCH_THREADS, else every
+    core when timing and one in CI (each case run once; two OpenMP teams on a shared 2-core machine
+    stall)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
+    return torch.get_num_threads()
 
 
 def time_paired(a: Callable[[], object], b: Callable[[], object], pairs: int, warmup: int = 1) -> PairedTimes:

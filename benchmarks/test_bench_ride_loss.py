@@ -30,7 +30,7 @@ import pytest
 import torch
 from _baselines import original_ride_loss_forward
 from _original_structure import OriginalRIDELoss
-from _paired import time_paired
+from _paired import time_paired, use_bench_threads
 
 from ride_fast.config import LossConfig
 from ride_fast.losses import build_loss, loss_path
@@ -193,7 +193,7 @@ def test_default_cpu_loss_against_the_original_code(benchmark):
     The original receives the mean logits ready-made, as its model computes them; ride_fast's loss
     computes them itself, inside the timing."""
     timing = not benchmark.disabled
-    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
+    use_bench_threads(timing)
     B, E, C = GOAL_CASE if timing else (16, 4, 1000)
     z, y, ride, original = goal_case(B, E, C)
     assert loss_path(ride, "cpu", E, C) == "analytic"  # the default path on the CPU

@@ -18,7 +18,7 @@ import statistics
 
 import pytest
 import torch
-from _paired import time_paired
+from _paired import time_paired, use_bench_threads
 
 from ride_fast.models import create_model
 from ride_fast.profiling import model_cost
@@ -72,8 +72,7 @@ def _paired_time_ratio(all_experts, routed) -> tuple[float, float, float]:
 @pytest.mark.parametrize("device_name", DEVICES)
 @pytest.mark.parametrize("mode", ["all_experts", "routed"])
 def test_routed_inference_time_follows_macs(benchmark, mode, device_name):
-    default_threads = 1 if benchmark.disabled else os.cpu_count() or 1  # one pass in CI: no thread contention
-    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", default_threads)))
+    use_bench_threads(not benchmark.disabled)
     device = torch.device(device_name)
     batch = CI_BATCH if benchmark.disabled else BATCH[device.type]
     all_experts, routed, macs_ratio = _setup(device, batch, count_macs=not benchmark.disabled)
@@ -123,16 +122,12 @@ TIME_TOLERANCE_ALL = 0.10  # threshold 0: routed time within 10% of all experts 
 DEMO_ROUTED = os.environ.get("RIDE_FAST_DEMO_ROUTED", "demo_out/ride_3experts/routed.pt")
 
 
-def _threads(benchmark):
-    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", 1 if benchmark.disabled else os.cpu_count() or 1)))
-
-
 def test_threshold_zero_routed_time_matches_all_experts(benchmark):
     """Every image through every expert and router: routed inference must cost what all experts cost."""
     from ride_fast.engine.routed_cost import time_routed
     from ride_fast.router import Router
 
-    _threads(benchmark)
+    use_bench_threads(not benchmark.disabled)
     torch.manual_seed(0)
     net = create_model("resnet32", num_classes=CLASSES, num_experts=EXPERTS).to(memory_format=torch.channels_last).eval()
     router = Router(EXPERTS, net.feature_dim, CLASSES, top_k=30, logit_scale=net.scale).eval()
@@ -158,7 +153,7 @@ def test_demo_batch1_time_ratio_tracks_macs_ratio(benchmark):
     from ride_fast.engine.checkpoint import checkpoint_config, load_checkpoint, load_routed_checkpoint
     from ride_fast.engine.routed_cost import routed_cost, time_routed
 
-    _threads(benchmark)
+    use_bench_threads(not benchmark.disabled)
     cfg = checkpoint_config(load_checkpoint(DEMO_ROUTED))
     net, router, _ = load_routed_checkpoint(DEMO_ROUTED, "cpu")
     test_set = build_datasets(cfg.data)[1]

@@ -56,7 +56,7 @@ import numpy as np
 import pytest
 import torch
 from _original_structure import ORIGINAL_MODELS, OriginalRIDELoss, make_original_step
-from _paired import time_paired
+from _paired import time_paired, use_bench_threads
 
 from ride_fast.config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 from ride_fast.engine.optim import build_optimizer
@@ -414,8 +414,7 @@ def test_train_step(benchmark, where, case, variant):
         torch.cuda.empty_cache()
         torch.backends.cudnn.benchmark = True  # the original's run gets it too (a conservative baseline)
     else:
-        # CI: one thread, as the tests (two OpenMP threads on a shared 2-core machine stall)
-        torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
+        use_bench_threads(timing)
     B, px = CASES[case][6][where] if timing else CASES[case][7]
     rounds = ROUNDS or (3 if device.type == "cuda" else 5)  # of GPU_STEPS steps on the GPU, of one step on the CPU
     warmup = 1
@@ -475,7 +474,7 @@ def test_cpu_defaults_against_the_original_code(benchmark):
     (TOLERANCES), every default switch in effect (`check_switches`)."""
     case, device = "r32_e3", torch.device("cpu")
     timing = not benchmark.disabled
-    torch.set_num_threads(int(os.environ.get("RIDE_FAST_BENCH_THREADS", (os.cpu_count() or 1) if timing else 1)))
+    use_bench_threads(timing)
     s = default_switches(device)
     if not timing:
         benchmark(check_step_against_the_original(case, "defaults", device, *CASES[case][7]))
