@@ -1,6 +1,7 @@
 """What the compiler makes of the fused RIDE loss kernels, without a GPU.
 
-    python -m ride_fast_kernels.report --arch sm_90 [--json] [--classes 8142] [--unpadded]
+    python -m ride_fast_kernels.report --arch sm_90 [--json] [--classes 8142]
+                                       [--layout training|padded|unaligned]
                                        [--experts 1,2,...] [--modes mean,pairwise]
                                        [--dtypes fp32,bf16,fp16]
 
@@ -23,11 +24,14 @@ triton wheel; no driver), one row per kernel variant:
                   instructions (add, mul, fma, max, setp, selp, cvt, shfl ...) per logit: what
                   benchmarks/loss_traffic.py charges against the SM's rates
 
-The main loop is the first loop of the PTX (the unmasked full-block loop); the logits' accesses
-are told apart from the per-class vectors by their cache hints (evict_last in the forward,
-evict_first in the backward). By default the logits' row and expert strides are declared
-multiples of 16 elements (a class stride padded to 16), which is what vector loads need;
---unpadded drops that, as for an unpadded C = 8142 row.
+The main loop is the unmasked full-block loop (the last loop of the PTX with the logits' accesses:
+the masked rest of a row runs before it); the logits' accesses are told apart from the per-class vectors by their cache hints (evict_last in the forward,
+evict_first in the backward). The main loop of a row starts at its first 16-element boundary, so
+its accesses are vector ones when the base pointers are 16-byte aligned and the expert stride
+B C is a multiple of 16 elements, whatever C is. --layout says which strides Triton is told are
+multiples of 16 (LAYOUTS): "training" (the default) the expert strides only, as for the [E, B, C]
+logits of a batch of 16k images and C = 8142; "padded" the row strides too (C a multiple of 16);
+"unaligned" none (B C not a multiple of 16: only expert 0's accesses can be vector ones).
 """
 from __future__ import annotations
 
@@ -62,6 +66,12 @@ _BWD = {
     "stride_ze": "i64", "stride_zb": "i64", "stride_ge": "i64", "stride_gb": "i64", "div_scale": "fp32",
 }
 _CONSTEXPRS = ("HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "R", "V")
+#: integer arguments declared multiples of 16 (besides the pointers) per stride layout
+LAYOUTS = {
+    "training": ("stride_ze", "stride_ge"),
+    "padded": ("stride_ze", "stride_ge", "stride_zb", "stride_gb"),
+    "unaligned": (),
+}
 
 
 def ptxas_path() -> str:
@@ -119,16 +129,30 @@ _MUFU = re.compile(r"^\s*(?:@%p\d+\s+)?((ex2|lg2|rcp|rsqrt|sqrt)\.approx|div\.(f
 _ALU = re.compile(r"^\s*(?:@%p\d+\s+)?(add|sub|mul|fma|max|min|neg|abs|selp|setp|cvt|shfl|mov)\.[\w.]*f(16|32)\b|^\s*(?:@%p\d+\s+)?(shfl|selp)\.")
 
 
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line of each loop of the PTX, in order: from a block marked "Loop Header" to
+    the branch back to it."""
+    spans = []
+    for header, line in enumerate(lines):
+        if "Loop Header" not in line:
+            continue
+        start = next(i for i in range(header, -1, -1) if lines[i].startswith("$L__BB"))
+        label = lines[start].split(":")[0].strip()
+        end = next(i for i in range(header + 1, len(lines)) if re.search(rf"bra(?:\.uni)?\s+{re.escape(label)};", lines[i]))
+        spans.append((start, end))
+    return spans
+
+
 def main_loop_accesses(ptx: str, hint: str) -> dict:
-    """Widths (bytes) of the global loads / stores carrying `hint` in the first loop of the PTX,
-    and its counts of MUFU instructions (ex2, lg2, rcp ...) and other float instructions."""
+    """Widths (bytes) of the global loads / stores carrying `hint` in the main loop of the PTX,
+    and its counts of MUFU instructions (ex2, lg2, rcp ...) and other float instructions. The main
+    loop is the last loop with such accesses: the kernels run the masked rest of a row first and
+    the forward's finishing loop reads without that hint."""
     lines = ptx.splitlines()
-    header = next((i for i, line in enumerate(lines) if "Loop Header" in line), None)
-    if header is None:
+    spans = [(a, b) for a, b in _loops(lines) if any((m := _ACCESS.search(x)) and hint in m.group(2) for x in lines[a:b + 1])]
+    if not spans:
         return {"loads": [], "stores": [], "mufu": 0, "alu": 0}
-    start = next(i for i in range(header, -1, -1) if lines[i].startswith("$L__BB"))
-    label = lines[start].split(":")[0].strip()
-    end = next(i for i in range(header + 1, len(lines)) if re.search(rf"bra(?:\.uni)?\s+{re.escape(label)};", lines[i]))
+    start, end = spans[-1]
     loads, stores, mufu, alu = [], [], 0, 0
     for line in lines[start:end + 1]:
         m = _ACCESS.search(line)
@@ -162,14 +186,16 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
     }
 
 
-def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142, padded: bool = True, kernels=("fwd", "bwd")) -> list[dict]:
-    """Compile the forward and/or backward kernel of one variant as the launcher would launch it."""
+def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142,
+                 layout: str = "training", kernels=("fwd", "bwd")) -> list[dict]:
+    """Compile the forward and/or backward kernel of one variant as the launcher would launch it
+    (the gradient with the logits' strides, as the launcher allocates it for contiguous logits)."""
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     r, v, warps = pick_tile(e_block, classes, itemsize)
     vecs = phase == 1
     cx = dict(zip(_CONSTEXPRS, [True, vecs, vecs, MODES[mode], e_block, r, v]))
-    divisible = _PTR_ARGS + (("stride_ze", "stride_zb", "stride_ge", "stride_gb") if padded else ())
+    divisible = _PTR_ARGS + LAYOUTS[layout]
     variant = f"E{E}-{mode}-{dtype}-phase{phase}"
     rows = []
     if "fwd" in kernels:
@@ -181,7 +207,8 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
         rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
-        c = dict(cx)
+        sig["G_ALIGNED"] = "constexpr"
+        c = dict(cx, G_ALIGNED=True)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
@@ -190,13 +217,13 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
 
 
 def report(arch="sm_90", experts=range(1, 9), modes=("mean", "pairwise"), dtypes=("fp32", "bf16", "fp16"),
-           phases=(0, 1), classes=8142, padded=True) -> list[dict]:
+           phases=(0, 1), classes=8142, layout="training") -> list[dict]:
     rows = []
     for E in experts:
         for mode in modes:
             for dtype in dtypes:
                 for phase in phases:
-                    rows += variant_rows(E, mode, dtype, phase, arch, classes, padded)
+                    rows += variant_rows(E, mode, dtype, phase, arch, classes, layout)
     return rows
 
 
@@ -205,7 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_90", help="target, e.g. sm_90 (H100 / H200)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--classes", type=int, default=8142, help="C: sets the class block as the launcher does")
-    parser.add_argument("--unpadded", action="store_true", help="do not declare the strides multiples of 16")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="training",
+                        help="which strides are declared multiples of 16 (default training: the expert strides)")
     parser.add_argument("--experts", default="1,2,3,4,5,6,7,8")
     parser.add_argument("--modes", default="mean,pairwise")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
@@ -221,7 +249,7 @@ def main(argv=None) -> int:
         if bad:
             print(f"{what}: unknown {bad}; valid: {sorted(valid)}", file=sys.stderr)
             return 2
-    rows = report(args.arch, experts, modes, dtypes, classes=args.classes, padded=not args.unpadded)
+    rows = report(args.arch, experts, modes, dtypes, classes=args.classes, layout=args.layout)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -53,19 +53,21 @@ Instruction shape: one program per row; a tile is [R, V, E_BLOCK] (E_BLOCK = nex
 32 num_warps rows of V consecutive classes, each expert's block one vector load per thread, the
 experts joined along the minor axis inside each thread (`ride_fast_kernels.ride_loss_kernels`).
 Sums over experts and over a thread's V classes are register arithmetic; the forward keeps its
-running maxima and sums per thread and reduces across threads once per row. The class axis runs
-as an unmasked main loop over full blocks (vector loads when the logits' row and expert strides
-are multiples of 16 elements, which Triton sees as divisibility) and one masked tail block.
+running maxima and sums per thread and reduces across threads once per row. A row's classes run
+in three parts: the unmasked main loop over full blocks from the row's first 16-element boundary
+h (h < 16: vector loads and stores whatever C is, when the base pointers are 16-byte aligned and
+the expert stride B C is a multiple of 16 elements, which Triton sees as divisibility; the
+gradient shares the logits' row stride modulo 16), one masked tail block, and the head [0, h) as
+one 16-class tile (the forward folds it into its running state once).
 V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 experts: 16 logits a
 thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
-maxnreg): 64 for float32 (four 8-warp programs share an SM, 64K registers), 72 for 2-byte logits
-(three), 128 for 5 to 8 experts (four 4-warp programs); the compiler report checks every variant
-against it, without spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C =
-4096 elements at 4 and at 8 experts (16 KB in float32), what an H100 / H200 SM needs to
-cover DRAM latency at full
-bandwidth (bandwidth x latency / SMs). Shared memory (the once-a-row reductions, the tail's
-stores) is at most 4 KB per program.
+maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 128 for 5 to 8
+experts (four 4-warp programs); the compiler report checks every variant against it, without
+spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4
+and at 8 experts (16 KB in float32), about what an H100 / H200 SM needs to cover DRAM latency at
+full bandwidth (bandwidth x latency / SMs): three or four programs an SM leave room to spare.
+Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per program.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
@@ -91,27 +93,26 @@ __all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "register_budget", "ride_loss_b
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
 DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 
-#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check the
-#: variants against it): a thread holds E_BLOCK x V logits of a tile and 3 to 5 running values
-#: per expert (see the module docstring). Float32 tiles of up to 4 experts (16 logits a thread)
-#: fit REGISTER_BUDGET (four 8-warp programs an SM); 2-byte logits keep the packed loads beside
-#: their float32 conversions and get REGISTER_BUDGET_HALF (three); 5 to 8 experts hold 32 logits
-#: and twice the running state and get REGISTER_BUDGET_WIDE with 4-warp programs (four an SM,
-#: 16 warps, each program with 4096 logits in flight as at 4 experts); 9 to 16 experts (V = 1,
-#: 8 warps) keep REGISTER_BUDGET_E16.
-REGISTER_BUDGET = 64
-REGISTER_BUDGET_HALF = 72
+#: Registers per thread (passed to ptxas as maxnreg; the compiler report and its test check every
+#: variant against it): a thread holds E_BLOCK x V logits of a tile and 3 to 5 running values per
+#: expert (see the module docstring). Up to 4 experts (16 logits a thread) REGISTER_BUDGET: three
+#: 8-warp programs an SM, 12288 logits in flight; 5 to 8 experts hold 32 logits and twice the
+#: running state and get REGISTER_BUDGET_WIDE with 4-warp programs (four an SM, 16 warps, each
+#: program with 4096 logits in flight as at 4 experts); 9 to 16 experts (V = 1, 8 warps) keep
+#: REGISTER_BUDGET_E16.
+REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
 REGISTER_BUDGET_E16 = 80
 
 
 def register_budget(e_block: int, itemsize: int) -> int:
-    """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits."""
+    """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
+    every logits dtype)."""
     if e_block > 8:
         return REGISTER_BUDGET_E16
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
-    return REGISTER_BUDGET if itemsize == 4 else REGISTER_BUDGET_HALF
+    return REGISTER_BUDGET
 
 #: Rows reduced per step by the forward's finishing program.
 _FINISH_BLOCK = 1024
@@ -206,7 +207,8 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
         temperature if temperature is not None else dummy,
         stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
         HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
+        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
+        num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
     )
     return g
 

@@ -218,6 +218,51 @@ def _inv_temp(temp_ptr, offs, C, SCALE: tl.constexpr, R: tl.constexpr, V: tl.con
 
 
 @triton.jit
+def _row_split(z_row, C, BLOCK_C: tl.constexpr):
+    """(h, n_main) of a row that starts at element z_row. The unmasked main loop runs full blocks
+    over classes [h, h + n_main) from the row's first 16-element boundary (h < 16), so that its
+    loads and stores are vector accesses whatever C is (given a 16-byte aligned base and an expert
+    stride that is a multiple of 16 elements, which Triton sees itself). The head [0, min(h, C))
+    runs as one 16-class masked tile, the tail [h + n_main, C) (fewer than BLOCK_C classes) as
+    one masked block."""
+    h = ((16 - z_row % 16) % 16).to(tl.int32)
+    n_main = tl.maximum(C - h, 0) // BLOCK_C * BLOCK_C
+    return h, n_main
+
+
+@triton.jit
+def _fold(n, s, bn, bs, first):
+    """Running pairs (negated maximum n, sum s) with (bn, bs) folded into the rows where `first`."""
+    m = tl.minimum(n, bn)
+    return tl.where(first, m, n), tl.where(first, s * _exp2i(m - n) + bs * _exp2i(m - bn), s)
+
+
+@triton.jit
+def _merge_head(n_z, s_rest, n_u, s_u, t_k, n_v, s_v, hn_z, hs_rest, hn_u, hs_u, ht_k, hn_v, hs_v,
+                R: tl.constexpr, HAS_TEMP: tl.constexpr):
+    """The forward's per-thread running state ([R, E_BLOCK]; [R] for pbar) with the head tile's
+    ([HR, E_BLOCK]; [HR]) folded into its first row."""
+    first = (tl.arange(0, R) == 0)[:, None]
+    bz, sz = _row_sum(hn_z, hs_rest)
+    if HAS_TEMP:  # t_k is rescaled with n_u
+        bu, su = _row_sum(hn_u, hs_u)
+        bt = bu[None, :]
+        t = tl.sum(ht_k * _exp2i(bt - hn_u), axis=0)[None, :]
+        n_t = n_u
+        n_u, s_u = _fold(n_u, s_u, bt, su[None, :], first)
+        t_k = tl.where(first, t_k * _exp2i(n_u - n_t) + t * _exp2i(n_u - bt), t_k)
+    else:  # t_k follows n_z; n_u and s_u stay unused
+        bt = bz[None, :]
+        t = tl.sum(ht_k * _exp2i(bt - hn_z), axis=0)[None, :]
+        m = tl.minimum(n_z, bt)
+        t_k = tl.where(first, t_k * _exp2i(m - n_z) + t * _exp2i(m - bt), t_k)
+    n_z, s_rest = _fold(n_z, s_rest, bz[None, :], sz[None, :], first)
+    bv, sv = _row_sum(hn_v[:, None], hs_v[:, None])
+    n_v, s_v = _fold(n_v, s_v, bv, sv, tl.arange(0, R) == 0)
+    return n_z, s_rest, n_u, s_u, t_k, n_v, s_v
+
+
+@triton.jit
 def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
               z_ptr, z_row, stride_ze, E, offs, C, y, temp_ptr, inv_e,
               R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr,
@@ -302,6 +347,8 @@ def _ride_loss_fwd_kernel(
     z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
     a_y = z_y - m_y
 
+    inv_e = 1.0 / E
+    h, n_main = _row_split(z_row, C, BLOCK_C)
     n_z = tl.full([R, E_BLOCK], BIG, tl.float32)
     s_rest = tl.zeros([R, E_BLOCK], dtype=tl.float32)
     n_u = tl.full([R, E_BLOCK], BIG, tl.float32)
@@ -309,17 +356,27 @@ def _ride_loss_fwd_kernel(
     t_k = tl.zeros([R, E_BLOCK], dtype=tl.float32)
     n_v = tl.full([R], BIG, tl.float32)
     s_v = tl.zeros([R], dtype=tl.float32)
-    inv_e = 1.0 / E
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]  # [R, V]: V consecutive classes a thread
-    c_main = C - C % BLOCK_C
-    for start in range(0, c_main, BLOCK_C):  # full blocks, no class mask
+    for start in range(h, h + n_main, BLOCK_C):  # full blocks, no class mask, from class h
+        z_al = tl.multiple_of(z_row + start, 16)  # a multiple of 16 by construction
         n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
-            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, start + cls, C, y, temp_ptr, inv_e,
-            R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
-    if c_main < C:  # the partial last block
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_al, stride_ze, E, cls, C - start, y - start,
+            temp_ptr + start, inv_e, R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
+    if h + n_main < C:  # the tail: the partial last block
         n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
-            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, c_main + cls, C, y, temp_ptr, inv_e,
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, h + n_main + cls, C, y, temp_ptr, inv_e,
             R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+
+    # the head [0, min(h, C)): a 16-class tile [HR, V, E_BLOCK], folded into the state's first row
+    HR: tl.constexpr = 16 // V
+    hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]
+    hn_z, hs_rest, hn_u, hs_u, ht_k, hn_v, hs_v = _fwd_tile(
+        tl.full([HR, E_BLOCK], BIG, tl.float32), tl.zeros([HR, E_BLOCK], dtype=tl.float32),
+        tl.full([HR, E_BLOCK], BIG, tl.float32), tl.zeros([HR, E_BLOCK], dtype=tl.float32),
+        tl.zeros([HR, E_BLOCK], dtype=tl.float32), tl.full([HR], BIG, tl.float32), tl.zeros([HR], dtype=tl.float32),
+        z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, temp_ptr, inv_e, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+    n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _merge_head(n_z, s_rest, n_u, s_u, t_k, n_v, s_v, hn_z, hs_rest, hn_u, hs_u,
+                                                       ht_k, hn_v, hs_v, R, HAS_TEMP)
 
     # across threads, once per row (bottom = -max)
     bottom_z, s_rest = _row_sum(n_z, s_rest)
@@ -432,6 +489,7 @@ def _ride_loss_bwd_kernel(
     div_scale,
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
     DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
+    G_ALIGNED: tl.constexpr,  # (stride_gb - stride_zb) % 16 == 0
 ):
     BLOCK_C: tl.constexpr = R * V
     # rows in reverse order: the rows the forward read last are the likeliest still in L2
@@ -470,11 +528,23 @@ def _ride_loss_bwd_kernel(
         slot2 = E - tl.load(st + 2 * E, mask=e_mask, other=0.0)  # E - K_k
     inv_e = 1.0 / E
     pad = (E_BLOCK - E) * 1.0
+    h, n_main = _row_split(z_row, C, BLOCK_C)
+    HR: tl.constexpr = 16 // V
+    hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]  # the head [0, min(h, C)), as in the forward
+    _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row,
+              stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP,
+              DIV_MODE)
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
-    c_main = C - C % BLOCK_C
-    for start in range(0, c_main, BLOCK_C):
-        _bwd_tile(z_ptr, z_row, stride_ze, E, start + cls, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
-                  lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
-    if c_main < C:
-        _bwd_tile(z_ptr, z_row, stride_ze, E, c_main + cls, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
-                  lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+    for start in range(h, h + n_main, BLOCK_C):
+        z_al = tl.multiple_of(z_row + start, 16)
+        if G_ALIGNED:  # the gradient's row stride equals the logits' modulo 16: aligned there too
+            g_al = tl.multiple_of(g_row + start, 16)
+        else:
+            g_al = g_row + start
+        _bwd_tile(z_ptr, z_al, stride_ze, E, cls, C - start, y - start, m_y * LOG2E, temp_ptr + start, inv_e, g_ptr,
+                  g_al, stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False,
+                  HAS_TEMP, DIV_MODE)
+    if h + n_main < C:
+        _bwd_tile(z_ptr, z_row, stride_ze, E, h + n_main + cls, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row,
+                  stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP,
+                  DIV_MODE)

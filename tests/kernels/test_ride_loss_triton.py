@@ -142,6 +142,19 @@ def test_non_contiguous_logits():
         assert_matches(*fused(view, yv, mv, wv, tv, "pairwise"), *reference(view, yv, mv, wv, tv, "pairwise"))
 
 
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("phase2", [False, True], ids=["before_drw", "after_drw"])
+def test_row_split_head_main_and_tail(diversity, phase2):
+    """A row's classes run as a head [0, h) up to its first 16-element boundary, full blocks from
+    there and a masked tail. With C = 50 and 16-class blocks the rows start at elements 0, 50, 100,
+    150 (h = 0, 14, 12, 10) and the targets fall in the head, the main loop and the tail; with
+    C = 5 and C = 20 some rows have a head and no full block (h > C, h + 16 > C)."""
+    for E, C, targets in ((3, 50, [3, 5, 20, 48]), (4, 5, [0, 4, 2]), (2, 20, [1, 19, 7, 12])):
+        z, y, m, w, t = make_inputs(E, len(targets), C, phase2=phase2, seed=C)
+        y = torch.tensor(targets, device=z.device)
+        assert_matches(*fused(z, y, m, w, t, diversity, block_c=16), *reference(z, y, m, w, t, diversity))
+
+
 def test_int32_target():
     z, y, m, w, t = make_inputs(2, 3, 20, seed=5)
     assert_matches(*fused(z, y.int(), m, w, t, "mean"), *reference(z, y, m, w, t, "mean"))
