@@ -26,7 +26,9 @@ tail) plus the largest of: DRAM bytes / DRAM bandwidth, L2 bytes / L2 bandwidth,
 MUFU rate, other float instructions / FP32 rate (one per lane per clock, optimistic for
 shuffles). The instruction counts per element are the compiler's (OPS_E4, from the kernels'
 sm_90 PTX; the cases here all have E = 4); the bandwidths and rates are assumptions, not
-measurements: a GPU run of benchmarks/test_bench_ride_loss.py checks them.
+measurements: a GPU run of benchmarks/test_bench_ride_loss.py checks them. The main loop's logit
+loads and gradient stores are vector accesses whenever B C is a multiple of 16 elements (every case
+here), whatever C is: each row's main loop starts at its first 16-element boundary.
 """
 from __future__ import annotations
 

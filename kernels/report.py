@@ -30,7 +30,7 @@ evict_first in the backward). The main loop of a row starts at its first 16-elem
 its accesses are vector ones when the base pointers are 16-byte aligned and the expert stride
 B C is a multiple of 16 elements, whatever C is. --layout says which strides Triton is told are
 multiples of 16 (LAYOUTS): "training" (the default) the expert strides only, as for the [E, B, C]
-logits of a batch of 16k images and C = 8142; "padded" the row strides too (C a multiple of 16);
+logits of a batch of a multiple of 16 images and C = 8142; "padded" the row strides too (C a multiple of 16);
 "unaligned" none (B C not a multiple of 16: only expert 0's accesses can be vector ones).
 """
 from __future__ import annotations
