@@ -47,7 +47,7 @@ def test_model_and_loss_have_no_graph_break():
         assert explanation.graph_count == 1, (phase, diversity)
 
 
-@pytest.mark.parametrize("phase,diversity", [(0, "mean"), (1, "pairwise")])
+@pytest.mark.parametrize("phase,diversity", VARIANTS)
 def test_fullgraph_compile_forward_and_backward(phase, diversity):
     """torch.compile(fullgraph=True) runs forward and backward (AOT autograd through the op's
     registered formula) and matches eager."""
