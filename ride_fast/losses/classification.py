@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ride_fast.losses.weights import ClassCounts, class_balanced_weights, ldam_margins, validate_class_counts
-from ride_fast.ops.ride_loss import _ride_loss_checked
+from ride_fast.ops.ride_loss import _ride_loss_checked, call_path
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -148,6 +148,16 @@ class ExpertLoss(nn.Module):
     def _buffer(self, name: str, value: Tensor | None) -> None:
         """Register a float32 class-count buffer (non-persistent: rebuilt from the counts)."""
         self.register_buffer(name, None if value is None else value.to(torch.float32), persistent=False)
+
+    def path(self, device: torch.device | str, dtype: torch.dtype = torch.float32, num_experts: int | None = None,
+             num_classes: int | None = None) -> str:
+        """Which implementation `forward` runs for [num_experts, B, C] logits of `dtype` on `device`:
+        "triton", "analytic" or "reference" (`ride_fast.ops.call_path`: the decision the RIDE loss
+        operator takes). Losses without `impl` are plain PyTorch: "reference"."""
+        impl = getattr(self, "impl", None)
+        if impl is None:
+            return "reference"
+        return call_path(impl, device, dtype, num_experts, self.num_classes or num_classes)
 
 
 class CrossEntropyLoss(ExpertLoss):

@@ -56,6 +56,11 @@ class RIDEDistillLoss(ExpertLoss):
         super().set_epoch(epoch)
         self.base.set_epoch(epoch)
 
+    def path(self, device, dtype=None, num_experts=None, num_classes=None) -> str:
+        """The base loss's implementation (`ExpertLoss.path`); the distillation term is plain PyTorch
+        on the [B, C] mean logits."""
+        return self.base.path(device, dtype if dtype is not None else torch.float32, num_experts, num_classes)
+
     def forward(self, expert_logits: Tensor, target: Tensor, teacher_logits: Tensor) -> Tensor:  # type: ignore[override]
         check_logits_and_target(expert_logits, target, self.num_classes)
         if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():

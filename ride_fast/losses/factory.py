@@ -23,7 +23,6 @@ from ride_fast.losses.classification import ClassBalancedCELoss, CrossEntropyLos
 from ride_fast.losses.distill import RIDEDistillLoss
 from ride_fast.losses.ride import RIDELoss
 from ride_fast.losses.weights import ClassCounts
-from ride_fast.ops import ride_loss_path
 
 
 def build_loss(cfg: LossConfig, class_counts: ClassCounts, distill: DistillConfig | None = None) -> ExpertLoss:
@@ -77,17 +76,8 @@ def build_loss(cfg: LossConfig, class_counts: ClassCounts, distill: DistillConfi
 __all__ = ["LOSS_NAMES", "build_loss"]
 
 
-def loss_path(loss: ExpertLoss, device, num_experts: int, num_classes: int) -> str:
-    """Which implementation computes `loss` on `device`: "triton", "analytic" or "reference".
-
-    Losses that go through the RIDE loss operator ask its dispatch (`ride_fast.ops.ride_loss_path`;
-    the cosine heads emit float32 logits under autocast too); the plain-PyTorch losses (CE, CB-CE,
-    focal) are "reference".
-    """
-    inner = loss.base if isinstance(loss, RIDEDistillLoss) else loss
-    impl = getattr(inner, "impl", None)
-    if impl is None:
-        return "reference"
-    if impl != "auto":
-        return impl
-    return ride_loss_path(device, torch.float32, num_experts, num_classes, individual=getattr(inner, "per_expert_terms", True))
+def loss_path(loss: ExpertLoss, device, num_experts: int, num_classes: int, dtype: torch.dtype = torch.float32) -> str:
+    """Which implementation computes `loss` on `device`: "triton", "analytic" or "reference", as
+    the loss itself decides it (`ExpertLoss.path`; a distillation wrapper reports its base loss).
+    The cosine heads emit float32 logits under autocast too, hence the default dtype."""
+    return loss.path(device, dtype, num_experts, num_classes)

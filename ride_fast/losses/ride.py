@@ -37,7 +37,7 @@ from ride_fast.losses.classification import (
     focal_term,
 )
 from ride_fast.losses.weights import ClassCounts, class_balanced_weights, diversity_temperatures, ldam_margins
-from ride_fast.ops.ride_loss import _ride_loss_checked, ride_diversity_reference
+from ride_fast.ops.ride_loss import _ride_loss_checked, call_path, ride_diversity_reference
 
 CLASSIFICATIONS = ("ldam", "ce", "focal")
 DIVERSITIES = ("mean", "pairwise")
@@ -168,6 +168,14 @@ class RIDELoss(ExpertLoss):
         """Whether the classification term is computed per expert (False: on the mean logits, the
         path the fused kernel and the analytic gradient do not cover)."""
         return self.individual and not self._mean_copies
+
+    def path(self, device: torch.device | str, dtype: torch.dtype = torch.float32, num_experts: int | None = None,
+             num_classes: int | None = None) -> str:
+        """Which implementation `forward` runs now (see `ExpertLoss.path`): the focal
+        classification term and the mean-logit (collaborative) term are plain PyTorch."""
+        if self.classification == "focal":
+            return "reference"
+        return call_path(self.impl, device, dtype, num_experts, self.num_classes or num_classes, self.per_expert_terms)
 
     # ---- loss
 

@@ -1,6 +1,7 @@
 """Differentiable functions; the one place that picks the reference or the Triton implementation."""
 from ride_fast.ops.distill import kd_loss, kd_loss_reference
 from ride_fast.ops.ride_loss import (
+    call_path,
     check_ride_loss_inputs,
     ride_diversity_reference,
     ride_loss,
@@ -11,6 +12,7 @@ from ride_fast.ops.ride_loss import (
 )
 
 __all__ = [
+    "call_path",
     "check_ride_loss_inputs",
     "kd_loss",
     "kd_loss_reference",

@@ -173,6 +173,26 @@ def ride_loss_path(
     return "analytic"
 
 
+def call_path(
+    impl: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    num_experts: int | None = None,
+    num_classes: int | None = None,
+    individual: bool = True,
+    constants: bool = True,
+) -> Path:
+    """The implementation a call of `ride_loss(..., impl=impl)` runs: the reference for
+    impl="reference", for the collaborative loss (individual=False) and for per-class vectors that
+    need a gradient (constants=False); the kernels for impl="triton"; `ride_loss_path` for "auto".
+    The one decision `ride_loss` takes and loss modules report (`ExpertLoss.path`)."""
+    if impl == "reference" or not individual or not constants:
+        return "reference"
+    if impl == "triton":
+        return "triton"
+    return ride_loss_path(device, dtype, num_experts, num_classes)
+
+
 # --------------------------------------------------------------------------- the registered operator
 #
 # torch.ops.ride_fast.ride_loss returns (loss, saved, aux): `saved` and `aux` are what the
@@ -360,19 +380,18 @@ def _ride_loss_checked(
 ) -> Tensor:
     """`ride_loss` on inputs already validated (loss modules validate once, then call this)."""
     args = (expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
-    if impl == "reference" or not individual or not _constants_only(margins, class_weights, temperature):
+    E, _, C = expert_logits.shape
+    path = call_path(impl, expert_logits.device, expert_logits.dtype, E, C, individual,
+                     _constants_only(margins, class_weights, temperature))
+    if path == "reference":
         return ride_loss_reference(*args, individual)
     if impl == "triton":
         if not _TRITON_INSTALLED:
             raise RuntimeError("impl='triton' needs the triton package and ride_fast_kernels; use impl='auto'")
         check_logits("expert_logits", expert_logits, 3, "[E, B, C]")
-        if expert_logits.shape[0] > MAX_EXPERTS:
-            raise ValueError(f"expert_logits has E = {expert_logits.shape[0]} experts; the fused kernel supports at most {MAX_EXPERTS}")
-        use_triton = True
-    else:
-        E, _, C = expert_logits.shape
-        use_triton = ride_loss_path(expert_logits.device, expert_logits.dtype, E, C) == "triton"
-    return _run_op(*args, use_triton)
+        if E > MAX_EXPERTS:
+            raise ValueError(f"expert_logits has E = {E} experts; the fused kernel supports at most {MAX_EXPERTS}")
+    return _run_op(*args, path == "triton")
 
 
 def _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,

@@ -71,14 +71,16 @@ def test_zero_count_class_is_named():
 
 
 def test_loss_path_asks_the_dispatch(monkeypatch):
-    import ride_fast.losses.factory as factory
+    import importlib
+
+    ops_ride_loss = importlib.import_module("ride_fast.ops.ride_loss")  # the module, not the function ride_fast.ops.ride_loss
 
     ride = build_loss(LossConfig(name="ride"), COUNTS)
     assert loss_path(ride, torch.device("cpu"), 3, len(COUNTS)) == "analytic"
     seen = []
-    monkeypatch.setattr(factory, "ride_loss_path", lambda device, dtype, E, C, individual: seen.append((device.type, E, C, individual)) or "triton")
+    monkeypatch.setattr(ops_ride_loss, "ride_loss_path", lambda device, dtype, E, C: seen.append((torch.device(device).type, E, C)) or "triton")
     assert loss_path(ride, torch.device("cuda"), 3, len(COUNTS)) == "triton"
-    assert seen == [("cuda", 3, len(COUNTS), True)]
+    assert seen == [("cuda", 3, len(COUNTS))]
     distilled = build_loss(LossConfig(name="ride"), COUNTS, DistillConfig(teacher_checkpoint="teacher.pt"))
     assert loss_path(distilled, torch.device("cuda"), 3, len(COUNTS)) == "triton"
     assert loss_path(build_loss(LossConfig(name="ride", impl="reference"), COUNTS), torch.device("cuda"), 3, 5) == "reference"
