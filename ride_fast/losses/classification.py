@@ -43,10 +43,12 @@ def range_check_reads_host(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type != "meta" and debug_checks_enabled())
 
 
-def check_logits_and_target(expert_logits: Tensor, target: Tensor, num_classes: int | None = None) -> None:
+def check_logits_and_target(expert_logits: Tensor, target: Tensor, num_classes: int | None = None,
+                            check_range: bool = True) -> None:
     """Raise a clear error for logits/targets a user can get wrong.
 
-    Shapes, dtypes and devices are always checked (host metadata, free). The range 0 <= y < C is
+    Shapes, dtypes and devices are always checked (host metadata, free). The range 0 <= y < C
+    (`check_target_range`, unless check_range=False: a caller whose next step checks it) is
     checked when the target lives on the CPU (cheap) or when RIDE_FAST_DEBUG=1; on an accelerator
     without debug it is skipped, because reading the result would force a host sync.
     """
@@ -79,6 +81,12 @@ def check_logits_and_target(expert_logits: Tensor, target: Tensor, num_classes: 
         )
     if target.device != expert_logits.device:
         raise ValueError(f"target is on {target.device} but expert_logits are on {expert_logits.device}")
+    if check_range:
+        check_target_range(target, C)
+
+
+def check_target_range(target: Tensor, C: int) -> None:
+    """0 <= target < C, where reading the answer costs nothing (see `check_logits_and_target`)."""
     if torch.compiler.is_compiling():
         return  # no host read inside a compiled graph; the CPU op checks the range itself
     if range_check_reads_host(target.device):
@@ -149,6 +157,14 @@ class ExpertLoss(nn.Module):
         """Register a float32 class-count buffer (non-persistent: rebuilt from the counts)."""
         self.register_buffer(name, None if value is None else value.to(torch.float32), persistent=False)
 
+    def _check(self, expert_logits: Tensor, target: Tensor) -> None:
+        """`check_logits_and_target` with one scan of the target range a call: left to the RIDE loss
+        operator where it checks the range itself (its closed-form path, on the CPU)."""
+        check_logits_and_target(expert_logits, target, self.num_classes, check_range=False)
+        E, _, C = expert_logits.shape
+        if not (expert_logits.device.type == "cpu" and self.path(expert_logits.device, expert_logits.dtype, E, C) == "analytic"):
+            check_target_range(target, C)
+
     def path(self, device: torch.device | str, dtype: torch.dtype = torch.float32, num_experts: int | None = None,
              num_classes: int | None = None) -> str:
         """Which implementation `forward` runs for [num_experts, B, C] logits of `dtype` on `device`:
@@ -171,7 +187,7 @@ class CrossEntropyLoss(ExpertLoss):
         self.impl = check_impl(impl)
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_and_target(expert_logits, target, self.num_classes)
+        self._check(expert_logits, target)
         return _ride_loss_checked(expert_logits, target, impl=self.impl)
 
 
@@ -190,7 +206,7 @@ class ClassBalancedCELoss(ExpertLoss):
         self._buffer("class_weights", class_balanced_weights(self.class_counts, beta))
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_and_target(expert_logits, target, self.num_classes)
+        self._check(expert_logits, target)
         return _ride_loss_checked(expert_logits, target, class_weights=self.class_weights, impl=self.impl)
 
     def extra_repr(self) -> str:
@@ -238,7 +254,7 @@ class LDAMLoss(ExpertLoss):
         return self.drw_weights if self.phase == 1 else None
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_and_target(expert_logits, target, self.num_classes)
+        self._check(expert_logits, target)
         return _ride_loss_checked(expert_logits, target, margins=self.margins, class_weights=self.class_weights, impl=self.impl)
 
     def extra_repr(self) -> str:

@@ -62,7 +62,7 @@ class RIDEDistillLoss(ExpertLoss):
         return self.base.path(device, dtype if dtype is not None else torch.float32, num_experts, num_classes)
 
     def forward(self, expert_logits: Tensor, target: Tensor, teacher_logits: Tensor) -> Tensor:  # type: ignore[override]
-        check_logits_and_target(expert_logits, target, self.num_classes)
+        check_logits_and_target(expert_logits, target, self.num_classes, check_range=False)  # the base loss checks it
         if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
             raise TypeError("teacher_logits must be a floating-point Tensor [B, C] (the teacher's mean logits)")
         E, B, C = expert_logits.shape

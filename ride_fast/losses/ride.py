@@ -32,7 +32,6 @@ from torch import Tensor
 from ride_fast.losses.classification import (
     ExpertLoss,
     check_impl,
-    check_logits_and_target,
     check_reweight_epoch,
     focal_term,
 )
@@ -180,7 +179,7 @@ class RIDELoss(ExpertLoss):
     # ---- loss
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
-        check_logits_and_target(expert_logits, target, self.num_classes)
+        self._check(expert_logits, target)
         copies = expert_logits.shape[0] if self._mean_copies else 1  # lambda == 0: the diversity term is zero
         if self.classification == "focal":
             cls_logits = expert_logits if self.per_expert_terms else expert_logits.mean(0, keepdim=True)

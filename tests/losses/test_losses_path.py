@@ -96,3 +96,28 @@ def test_call_path_on_cuda_follows_impl_and_the_kernels_limits():
     assert call_path("auto", "cuda", torch.float32, E, C, constants=False) == "reference"
     assert call_path("auto", "cpu", torch.bfloat16, E, C) == "analytic"
     assert call_path("auto", "cuda", torch.float64, E, C) == "analytic"
+
+
+def test_one_target_range_scan_a_call(monkeypatch):
+    """The range 0 <= y < C is read back once a call on the CPU: by the operator on its closed-form
+    path, by the loss module on every other path; a target out of range is still refused."""
+    import importlib
+
+    classification = importlib.import_module("ride_fast.losses.classification")
+    ops_ride_loss = importlib.import_module("ride_fast.ops.ride_loss")
+    scans = []
+    module_scan, op_scan = classification.check_target_range, ops_ride_loss._check_target_range
+    monkeypatch.setattr(classification, "check_target_range", lambda *a: scans.append("module") or module_scan(*a))
+    monkeypatch.setattr(ops_ride_loss, "_check_target_range", lambda *a: scans.append("op") or op_scan(*a))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(E, B, C, generator=g).requires_grad_()
+    y = torch.randint(0, C, (B,), generator=g)
+    for name, loss in [*losses(), ("distill", RIDEDistillLoss(RIDELoss(COUNTS)))]:
+        scans.clear()
+        out = loss(z, y, torch.randn(B, C)) if name == "distill" else loss(z, y)
+        assert len(scans) == 1, (name, scans)
+        assert scans == (["op"] if ran_the_operator(out) else ["module"]), (name, scans)
+        bad = y.clone()
+        bad[1] = C
+        with pytest.raises(ValueError, match=rf"outside \[0, C\) with C = {C}"):
+            loss(z, bad, torch.randn(B, C)) if name == "distill" else loss(z, bad)
