@@ -2,6 +2,7 @@
 
     python -m ride_fast_kernels.report --arch sm_90 [--json] [--classes 8142]
                                        [--layout training|padded|unaligned]
+                                       [--terms phase0,phase1 | --terms all]
                                        [--experts 1,2,...] [--modes mean,pairwise]
                                        [--dtypes fp32,bf16,fp16]
 
@@ -10,8 +11,12 @@ triton wheel; no driver), one row per kernel variant:
 
     kernel        fwd (loss and row statistics, its last program reduces the rows: all a
                   forward without gradient runs), bwd (the gradient)
-    variant       E<experts>-<mode>-<dtype>-phase<0|1> (phase 0: margins only and T = 1, the
-                  shared-exponential path; phase 1: margins, DRW weights, temperatures)
+    variant       E<experts>-<mode>-<dtype>-<terms>: mode mean, pairwise or none (no diversity
+                  term: lambda = 0, the CE / LDAM losses, and one expert with "pairwise", which
+                  the launcher runs without it); terms, the per-class vectors passed (TERMS):
+                  phase0 (margins only, T = 1: the shared-exponential path) and phase1 (margins,
+                  DRW weights, temperatures) by default, every combination a loss launches with
+                  --terms all
     gradient      whether the kernel runs for the gradient (bwd) or for every call (fwd)
     registers     per thread (ptxas -v), under the launchers' maxnreg (register_budget);
                   spills: spill store + load bytes; shared_bytes: static + Triton's scratch
@@ -53,7 +58,18 @@ from ride_fast_kernels import ride_loss  # noqa: E402
 from ride_fast_kernels._utils import next_power_of_2, pick_tile  # noqa: E402
 
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-MODES = {"mean": ride_loss._DIV_MEAN, "pairwise": ride_loss._DIV_PAIRWISE}
+MODES = {"mean": ride_loss._DIV_MEAN, "pairwise": ride_loss._DIV_PAIRWISE, "none": ride_loss._DIV_NONE}
+#: (margins, DRW weights, temperatures) passed to the kernels, by what launches them
+TERMS = {
+    "phase0": (True, False, False),  # LDAM before the DRW switch, T = 1
+    "phase1": (True, True, True),  # LDAM-DRW, temperatures (RIDE's default after the switch)
+    "phase0-temps": (True, False, True),  # before the switch with T_base != 1
+    "phase1-uniform": (True, True, False),  # LDAM-DRW, T = 1 (also LDAM-DRW without diversity)
+    "ce": (False, False, False),  # cross-entropy
+    "cb-ce": (False, True, False),  # class-balanced cross-entropy
+    "ce-temps": (False, False, True),  # RIDE with a CE classification term, T != 1
+    "ce-drw": (False, True, True),  # the same after the DRW switch
+}
 _PTR_ARGS = ("z_ptr", "target_ptr", "margin_ptr", "weight_ptr", "temp_ptr", "stats_ptr", "part_ptr", "loss_ptr", "aux_ptr", "counter_ptr", "go_ptr", "g_ptr")
 _FWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
@@ -193,10 +209,12 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     r, v, warps = pick_tile(e_block, classes, itemsize)
-    vecs = phase == 1
-    cx = dict(zip(_CONSTEXPRS, [True, vecs, vecs, MODES[mode], e_block, r, v]))
+    terms = f"phase{phase}" if isinstance(phase, int) else phase
+    margins, weights, temps = TERMS[terms]
+    div = MODES[mode] if not (mode == "pairwise" and E == 1) else ride_loss._DIV_NONE  # as the launcher
+    cx = dict(zip(_CONSTEXPRS, [margins, weights, temps and div != ride_loss._DIV_NONE, div, e_block, r, v]))
     divisible = _PTR_ARGS + LAYOUTS[layout]
-    variant = f"E{E}-{mode}-{dtype}-phase{phase}"
+    variant = f"E{E}-{mode}-{dtype}-{terms}"
     rows = []
     if "fwd" in kernels:
         sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr", **{n: "constexpr" for n in _CONSTEXPRS})
@@ -216,14 +234,23 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     return rows
 
 
+def launched_terms(E: int, mode: str, terms=tuple(TERMS)) -> list[str]:
+    """The terms of `terms` that compile to distinct kernels for (E, mode): without a diversity
+    term the launcher passes no temperatures, so those variants are the ones without them."""
+    no_div = mode == "none" or (mode == "pairwise" and E == 1)
+    return [t for t in terms if not (no_div and TERMS[t][2])]
+
+
 def report(arch="sm_90", experts=range(1, 9), modes=("mean", "pairwise"), dtypes=("fp32", "bf16", "fp16"),
            phases=(0, 1), classes=8142, layout="training") -> list[dict]:
+    """Rows of every (E, mode, dtype, terms) variant; `phases` lists terms (0, 1 or TERMS keys)."""
+    terms = [f"phase{p}" if isinstance(p, int) else p for p in phases]
     rows = []
     for E in experts:
         for mode in modes:
             for dtype in dtypes:
-                for phase in phases:
-                    rows += variant_rows(E, mode, dtype, phase, arch, classes, layout)
+                for t in (terms if mode != "none" else launched_terms(E, mode, terms)):
+                    rows += variant_rows(E, mode, dtype, t, arch, classes, layout)
     return rows
 
 
@@ -237,6 +264,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", default="1,2,3,4,5,6,7,8")
     parser.add_argument("--modes", default="mean,pairwise")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
+    parser.add_argument("--terms", default="phase0,phase1", help=f"per-class vectors passed: all or some of {list(TERMS)}")
     args = parser.parse_args(argv)
     if not os.path.exists(ptxas_path()):
         print(f"no ptxas at {ptxas_path()} (the triton wheel bundles one)", file=sys.stderr)
@@ -244,19 +272,20 @@ def main(argv=None) -> int:
     experts = [int(e) for e in args.experts.split(",")]
     modes = args.modes.split(",")
     dtypes = args.dtypes.split(",")
-    for what, values, valid in (("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES)):
+    terms = list(TERMS) if args.terms == "all" else args.terms.split(",")
+    for what, values, valid in (("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES), ("--terms", terms, TERMS)):
         bad = [v for v in values if v not in valid]
         if bad:
             print(f"{what}: unknown {bad}; valid: {sorted(valid)}", file=sys.stderr)
             return 2
-    rows = report(args.arch, experts, modes, dtypes, classes=args.classes, layout=args.layout)
+    rows = report(args.arch, experts, modes, dtypes, terms, classes=args.classes, layout=args.layout)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     cols = ["kernel", "variant", "gradient", "registers", "spills", "shared_bytes", "num_warps", "logit_loads", "grad_stores", "vectorised", "mufu_per_element", "alu_per_element"]
-    print("  ".join(f"{c:>12}" if c != "variant" else f"{c:<24}" for c in cols))
+    print("  ".join(f"{c:>12}" if c != "variant" else f"{c:<30}" for c in cols))
     for r in rows:
-        print("  ".join(f"{str(r[c]):>12}" if c != "variant" else f"{r[c]:<24}" for c in cols))
+        print("  ".join(f"{str(r[c]):>12}" if c != "variant" else f"{r[c]:<30}" for c in cols))
     return 0
 
 

@@ -20,17 +20,31 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from ride_fast_kernels._utils import interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 BIG = tl.constexpr(1e30)  # the negated running maxima's start: finite, so no inf - inf
+_INTERPRETED = tl.constexpr(interpreting())  # TRITON_INTERPRET=1 when this module was imported
+
+
+@triton.jit
+def _to_int_saturating(d):
+    """float32 -> int32, rounding toward zero and clamping to the int32 range. A plain cast of a
+    value out of range (-1e30) is undefined in LLVM IR; PTX's cvt.rzi.s32.f32 defines it as the
+    clamp, so the compiled kernels say so explicitly (the same one instruction). The interpreter,
+    which runs no PTX, clamps first in float."""
+    if _INTERPRETED:
+        return tl.maximum(d, -2147483648.0).to(tl.int32)
+    else:
+        return tl.inline_asm_elementwise("cvt.rzi.s32.f32 $0, $1;", "=r,r", [d], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _exp2i(d):
     """2^d for an integer-valued d <= 0, 0 below 2^-126: built in the exponent field with integer
     instructions (the conversion saturates: a d of -1e30 gives the most negative integer)."""
-    k = tl.maximum(d.to(tl.int32), -127)
+    k = tl.maximum(_to_int_saturating(d), -127)
     return ((k + 127) << 23).to(tl.float32, bitcast=True)
 
 

@@ -4,10 +4,11 @@ design's register budget, without spills, with vector loads and stores in the ma
 The CPU tests run the kernels through the interpreter, which accepts code the real compiler would
 reject. These tests compile them ahead of time (Triton front end, LLVM, and the ptxas bundled with
 the triton wheel; no driver needed) in a subprocess without TRITON_INTERPRET, through
-`ride_fast_kernels.report`: every variant it lists (E = 1..8, both modes, every dtype, both DRW
-phases), with the strides training gives at C = 8142 (row stride C, expert stride B C a multiple
-of 16: the "training" layout). `python -m ride_fast_kernels.report --arch sm_90` prints the same
-matrix.
+`ride_fast_kernels.report`: every variant of its default matrix (E = 1..8, both modes, every
+dtype, both DRW phases) and, for each expert tile, the other launched kernels (no diversity term,
+other combinations of margins, weights and temperatures: `--terms all`), with the strides training
+gives at C = 8142 (row stride C, expert stride B C a multiple of 16: the "training" layout).
+`python -m ride_fast_kernels.report --arch sm_90` prints the default matrix.
 """
 from __future__ import annotations
 
@@ -19,8 +20,16 @@ import textwrap
 
 import pytest
 
-MATRIX = [(E, mode, dtype, phase) for E in range(1, 9) for mode in ("mean", "pairwise")
-          for dtype in ("fp32", "bf16", "fp16") for phase in (0, 1)]
+DTYPES = ("fp32", "bf16", "fp16")
+MATRIX = [(E, mode, dtype, phase) for E in range(1, 9) for mode in ("mean", "pairwise") for dtype in DTYPES
+          for phase in ("phase0", "phase1")]
+#: the other launched combinations of per-class vectors and the no-diversity kernels, for every
+#: expert tile (E_BLOCK 1, 4, 8)
+EXTRA_TERMS = {"mean": ["phase0-temps", "phase1-uniform", "ce", "cb-ce", "ce-temps", "ce-drw"],
+               "none": ["phase0", "phase1-uniform", "ce", "cb-ce"]}
+EXTRA_TERMS["pairwise"] = EXTRA_TERMS["mean"]
+MATRIX += [(E, mode, dtype, terms) for E in (1, 4, 8) for mode, all_terms in EXTRA_TERMS.items() for dtype in DTYPES
+           for terms in all_terms]
 
 #: The design's register budget (maxnreg) and warps per program: up to 4 experts three 8-warp
 #: programs an SM (72 registers), 5 to 8 experts four 4-warp programs (128).
@@ -64,7 +73,7 @@ def test_kernels_compile_for_sm90_within_budget():
     assert len(rows) == 2 * len(MATRIX)
     for row in rows:
         where = f"{row['kernel']} {row['variant']}"
-        E, _, dtype, _ = row["variant"].split("-")
+        E, _, dtype = row["variant"].split("-")[:3]
         budget, warps = BUDGET[int(E[1:]) > 4]
         assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
         assert row["register_budget"] == budget and row["num_warps"] == warps, where
