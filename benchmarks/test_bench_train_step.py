@@ -64,6 +64,7 @@ from ride_fast.engine.runtime import resolve_amp
 from ride_fast.engine.step import TrainStep
 from ride_fast.losses import build_loss
 from ride_fast.models import create_model
+from ride_fast.ops import ran_ride_loss_op
 
 H100_BF16_DENSE = 989e12
 GPU_STEPS = int(os.environ.get("RIDE_FAST_BENCH_GPU_STEPS", "10"))  # steps per timed round on the GPU
@@ -218,21 +219,6 @@ TOLERANCES = {
     ("resnet50", "bf16", True): (5e-2, None),
 }
 GPU_LOSS_RTOL = {"none": 1e-2, "bf16": 5e-2}
-# the backward node of the registered RIDE loss operator (Triton on CUDA, the closed form on the CPU)
-FUSED_LOSS_BACKWARD = "GeneratedBackwardFor_ride_fast_ride_loss_defaultBackward"
-
-
-def backward_node_names(loss: torch.Tensor) -> set[str]:
-    """Type names of every node of the loss's autograd graph."""
-    names, stack, seen = set(), [loss.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
 _REFERENCE: dict[tuple[str, str, int, int], tuple[float, dict]] = {}
 
 
@@ -284,7 +270,7 @@ class Probe(torch.utils._python_dispatch.TorchDispatchMode):
 
         def spy(*args):
             loss = loss_fn(*args)
-            self.loss_backward.append(FUSED_LOSS_BACKWARD in backward_node_names(loss))
+            self.loss_backward.append(ran_ride_loss_op(loss))
             return loss
 
         self.step._loss = spy

@@ -2,6 +2,7 @@
 from ride_fast.ops.distill import kd_loss, kd_loss_reference
 from ride_fast.ops.ride_loss import (
     call_path,
+    ran_ride_loss_op,
     check_ride_loss_inputs,
     ride_diversity_reference,
     ride_loss,
@@ -13,6 +14,7 @@ from ride_fast.ops.ride_loss import (
 
 __all__ = [
     "call_path",
+    "ran_ride_loss_op",
     "check_ride_loss_inputs",
     "kd_loss",
     "kd_loss_reference",

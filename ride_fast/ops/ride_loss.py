@@ -332,6 +332,24 @@ def _check_target_range(target: Tensor, n_classes: int) -> None:
         raise ValueError(f"target holds class index(es) {values} outside [0, C) with C = {n_classes}")
 
 
+def ran_ride_loss_op(loss: Tensor) -> bool:
+    """Whether `loss`'s autograd graph holds the backward of the registered RIDE loss operator
+    (`torch.ops.ride_fast.ride_loss`: the Triton or the closed-form path) rather than autograd of
+    the reference: what a call actually ran, for tests and diagnostics."""
+    names, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return _OP_BACKWARD in names
+
+
+_OP_BACKWARD = "GeneratedBackwardFor_ride_fast_ride_loss_defaultBackward"
+
+
 def _constants_only(*vectors: Tensor | None) -> bool:
     """The fused paths treat margins / weights / temperatures as constants (no gradient)."""
     return not any(v is not None and v.requires_grad for v in vectors)

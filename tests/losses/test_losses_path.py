@@ -19,25 +19,10 @@ from ride_fast.losses.classification import (
 )
 from ride_fast.losses.distill import RIDEDistillLoss
 from ride_fast.losses.ride import RIDELoss
-from ride_fast.ops import call_path
+from ride_fast.ops import call_path, ran_ride_loss_op
 
 COUNTS = [40, 20, 10, 6, 3, 2]
 E, B, C = 3, 5, len(COUNTS)
-OP_BACKWARD = "GeneratedBackwardFor_ride_fast_ride_loss_defaultBackward"
-
-
-def ran_the_operator(loss: torch.Tensor) -> bool:
-    names, stack, seen = set(), [loss.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return OP_BACKWARD in names
-
-
 def losses():
     yield "ce", CrossEntropyLoss(COUNTS)
     yield "ce reference", CrossEntropyLoss(COUNTS, impl="reference")
@@ -63,7 +48,7 @@ def test_path_is_what_forward_runs(epoch):
         loss.set_epoch(epoch)
         path = loss.path("cpu", torch.float32, E, C)
         assert path in ("analytic", "reference"), (name, path)  # "triton" needs CUDA for "auto"
-        assert ran_the_operator(loss(z, y)) == (path == "analytic"), (name, path)
+        assert ran_ride_loss_op(loss(z, y)) == (path == "analytic"), (name, path)
         assert loss_path(loss, "cpu", E, C) == path, name
         seen.add(path)
     assert seen == {"analytic", "reference"}
@@ -77,7 +62,7 @@ def test_distillation_reports_its_base_loss():
         z = torch.randn(E, B, C, generator=g).requires_grad_()
         y = torch.randint(0, C, (B,), generator=g)
         out = wrapped(z, y, torch.randn(B, C, generator=g))
-        assert ran_the_operator(out) == (base.path("cpu") == "analytic")
+        assert ran_ride_loss_op(out) == (base.path("cpu") == "analytic")
 
 
 def test_built_losses_report_their_path():
@@ -116,7 +101,7 @@ def test_one_target_range_scan_a_call(monkeypatch):
         scans.clear()
         out = loss(z, y, torch.randn(B, C)) if name == "distill" else loss(z, y)
         assert len(scans) == 1, (name, scans)
-        assert scans == (["op"] if ran_the_operator(out) else ["module"]), (name, scans)
+        assert scans == (["op"] if ran_ride_loss_op(out) else ["module"]), (name, scans)
         bad = y.clone()
         bad[1] = C
         with pytest.raises(ValueError, match=rf"outside \[0, C\) with C = {C}"):
