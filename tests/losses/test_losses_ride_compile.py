@@ -16,17 +16,17 @@ COUNTS = [50, 30, 20, 12, 8, 5, 3, 2, 2, 1]  # C = 10
 VARIANTS = [(phase, diversity) for phase in (0, 1) for diversity in ("mean", "pairwise")]
 
 
-def _model_and_data(seed=0):
+def _model_and_data(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = create_model("resnet32", num_classes=len(COUNTS), num_experts=3, batched=True)
+    model = create_model("resnet32", num_classes=len(COUNTS), num_experts=3, batched=True).to(device)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4, 3, 8, 8, generator=g)
     y = torch.randint(0, len(COUNTS), (4,), generator=g)
-    return model, x, y
+    return model, x.to(device), y.to(device)
 
 
-def _loss_module(phase, diversity):
-    loss = RIDELoss(COUNTS, diversity=diversity, reweight_epoch=1)
+def _loss_module(phase, diversity, device="cpu"):
+    loss = RIDELoss(COUNTS, diversity=diversity, reweight_epoch=1).to(device)
     loss.set_epoch(1 + phase)  # epoch 1: before the switch; epoch 2: after
     assert loss.phase == phase
     return loss
@@ -68,3 +68,30 @@ def test_fullgraph_compile_forward_and_backward(phase, diversity):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phase,diversity", VARIANTS)
+def test_gpu_fullgraph_compile_with_the_triton_kernels(phase, diversity):
+    """On CUDA the operator runs the Triton kernels: the same single graph (fullgraph=True, AOT
+    autograd through the op's formula) in every phase and mode, matching eager."""
+    model, x, y = _model_and_data(seed=2, device="cuda")
+    loss_mod = _loss_module(phase, diversity, device="cuda")
+    assert loss_mod.path("cuda", torch.float32, 3) == "triton"
+
+    def step(x, y):
+        return loss_mod(model(x).expert_logits, y)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager = step(x, y)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    out = compiled(x, y)
+    out.backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):  # cuDNN may pick other algorithms (TF32) per call
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-7)
