@@ -258,19 +258,17 @@ def _merge_head(n_z, s_rest, n_u, s_u, t_k, n_v, s_v, hn_z, hs_rest, hn_u, hs_u,
     ([HR, E_BLOCK]; [HR]) folded into its first row."""
     first = (tl.arange(0, R) == 0)[:, None]
     bz, sz = _row_sum(hn_z, hs_rest)
+    n_z0 = n_z
+    n_z, s_rest = _fold(n_z, s_rest, bz[None, :], sz[None, :], first)
     if HAS_TEMP:  # t_k is rescaled with n_u
         bu, su = _row_sum(hn_u, hs_u)
-        bt = bu[None, :]
-        t = tl.sum(ht_k * _exp2i(bt - hn_u), axis=0)[None, :]
-        n_t = n_u
+        n_t0, bt, hn_t = n_u, bu[None, :], hn_u
         n_u, s_u = _fold(n_u, s_u, bt, su[None, :], first)
-        t_k = tl.where(first, t_k * _exp2i(n_u - n_t) + t * _exp2i(n_u - bt), t_k)
+        n_t = n_u
     else:  # t_k follows n_z; n_u and s_u stay unused
-        bt = bz[None, :]
-        t = tl.sum(ht_k * _exp2i(bt - hn_z), axis=0)[None, :]
-        m = tl.minimum(n_z, bt)
-        t_k = tl.where(first, t_k * _exp2i(m - n_z) + t * _exp2i(m - bt), t_k)
-    n_z, s_rest = _fold(n_z, s_rest, bz[None, :], sz[None, :], first)
+        n_t0, bt, hn_t, n_t = n_z0, bz[None, :], hn_z, n_z
+    t = tl.sum(ht_k * _exp2i(bt - hn_t), axis=0)[None, :]
+    t_k = tl.where(first, t_k * _exp2i(n_t - n_t0) + t * _exp2i(n_t - bt), t_k)
     bv, sv = _row_sum(hn_v[:, None], hs_v[:, None])
     n_v, s_v = _fold(n_v, s_v, bv, sv, tl.arange(0, R) == 0)
     return n_z, s_rest, n_u, s_u, t_k, n_v, s_v
