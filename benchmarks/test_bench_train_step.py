@@ -33,7 +33,7 @@ Variants, cumulative (each adds one switch to the one before):
     compile         train.compile: torch.compile of forward + loss (the fused Triton loss stays
                     eager: one kernel already); GPU; on the CPU only with
                     RIDE_FAST_BENCH_CPU_COMPILE=1 (minutes of compile time; not collected otherwise)
-    cuda_graphs     train.cuda_graphs: compile mode "reduce-overhead" (GPU only)
+    cuda_graphs     train.cuda_graphs: the whole step (forward to SGD update) replayed as one CUDA graph (GPU only)
 
 extra_info: images_per_s (median round), images_per_s_best (fastest round), speedup_vs_original and
 speedup_best (against the original measured in the same pytest run and process), train_flops_per_image

@@ -165,7 +165,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (warn only) and no cuDNN autotuning; slower
     max_steps_per_epoch: int = 0  # 0: whole epoch; >0 truncates (smoke tests)
     compile: bool = False  # torch.compile the forward + loss (minutes of compile time: for long runs)
-    cuda_graphs: bool = False  # CUDA only: compile with mode="reduce-overhead" (CUDA graphs; static shapes)
+    cuda_graphs: bool = False  # CUDA only: the whole step (forward to SGD update) captured as one CUDA graph per batch shape
     prefetch: bool = True  # host batches go to the device one step ahead (pinned, non_blocking, side stream)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
     sync_bn: bool = False  # torchrun with N > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
@@ -174,7 +174,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard events when the tensorboard package is installed
     # Gradient accumulation: each rank's share of data.batch_size (still the global batch of one optimizer step) runs
     # as this many micro-batches, gradients summed before the one step; activation memory shrinks by this factor.
-    # BatchNorm normalises with each micro-batch's statistics (docs/method.md §8). Not with train.cuda_graphs.
+    # BatchNorm normalises with each micro-batch's statistics (docs/method.md §8).
     accumulate_steps: int = 1
 
     def __post_init__(self) -> None:

@@ -91,8 +91,12 @@ def _convert_optimizer_state(state: dict, src_names: list[str], dst_names: list[
 
 
 def canonical_optimizer_state(optimizer: torch.optim.Optimizer, model: RIDENet) -> dict:
-    """optimizer.state_dict() in the parameter order and shapes of the per-expert layout."""
+    """optimizer.state_dict() in the parameter order and shapes of the per-expert layout, with the
+    lr a Python float (a captured step keeps it in a device tensor: engine/step.py)."""
     state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()
     if not getattr(model, "batched", False):
         return state
     E = model.num_experts

@@ -7,6 +7,7 @@ back when a step is skipped. `prefetch_to_device`: host batches copied one step 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch.distributed import ReduceOp
 from ride_fast.data.dataset import Batch
 from ride_fast.engine.distributed import DistContext, all_reduce_
 from ride_fast.engine.runtime import autocast_context, resolve_amp
+from ride_fast.engine.step_graph import WARMUP_CALLS, WARMUP_CALLS_DDP, CudaGraphBackend, StepGraphs
 
 
 class TrainStep:
@@ -34,10 +36,15 @@ class TrainStep:
     `nonfinite` counts the skipped steps, `max_run` the longest run of them in a row, which the
     trainer compares with train.max_nonfinite_steps.
 
-    compile: torch.compile of forward + loss (+ teacher); cuda_graphs: the same with mode
-    "reduce-overhead", i.e. CUDA graphs replayed per step (static shapes; CUDA only).
-    compile_loss: whether the loss goes into the compiled graph (default yes: the RIDE loss is one
-    registered operator on every path, so the compiler sees one node and CUDA graphs capture it).
+    compile: torch.compile of forward + loss (+ teacher). compile_loss: whether the loss goes into
+    the compiled graph (default yes: the RIDE loss is one registered operator on every path, so the
+    compiler sees one node).
+    cuda_graphs: the whole step (forward, loss, backward, skip flag, BatchNorm guard, fused SGD
+    step, GradScaler update, metric sums) captured as one CUDA graph per signature and replayed per
+    batch (`StepGraphs`, engine/step_graph.py; with compile, the compiled forward is captured).
+    The lr then lives in a device tensor (`set_lr`), the optimizer must be fused SGD, and the
+    first few batches of each signature run eagerly. graph_backend: the capture machinery
+    (default `CudaGraphBackend`; the CPU tests pass a stand-in).
     dist: the DistContext of a torchrun job (the model is then DDP-wrapped by the caller).
 
     accumulate_steps (train.accumulate_steps): the batch is split into this many micro-batches (equal
@@ -64,38 +71,54 @@ class TrainStep:
         compile_loss: bool = True,
         dist: DistContext | None = None,
         accumulate_steps: int = 1,
+        graph_backend=None,
     ) -> None:
         self.model, self.criterion, self.optimizer, self.teacher = model, criterion, optimizer, teacher
         self.device = torch.device(device)
         self.dist = dist or DistContext()
         self.amp = resolve_amp(amp, self.device)
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"train.cuda_graphs=true needs a CUDA device, the run is on {self.device}; set train.cuda_graphs=false")
-        if cuda_graphs and accumulate_steps > 1:  # a replay would overwrite the previous micro-batch's graph outputs
-            raise ValueError(f"train.cuda_graphs=true replays one captured step per batch and cannot accumulate gradients "
-                             f"(train.accumulate_steps={accumulate_steps}); set train.cuda_graphs=false or train.accumulate_steps=1")
+        self.fused = bool(optimizer.defaults.get("fused"))
+        if cuda_graphs and graph_backend is None:
+            graph_backend = CudaGraphBackend(self.device)  # refuses a device without CUDA graphs
+        if cuda_graphs and not self.fused:  # another optimizer decides the skip on the host, which a graph cannot
+            raise ValueError("train.cuda_graphs=true captures the optimizer step, which needs the fused SGD: "
+                             "set optim.implementation=fused (or auto), or train.cuda_graphs=false")
         self.accumulate_steps = int(accumulate_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        self.fused = bool(optimizer.defaults.get("fused"))
         self.buffers = BufferGuard([model] + ([teacher] if teacher is not None else []))
         self.cuda_graphs = cuda_graphs
         self.forward_loss = self._forward_loss
         self._loss = self._criterion
-        if compile or cuda_graphs:
+        if compile:
             if not compile_loss:
                 self._loss = torch.compiler.disable(self._criterion)
-            self.forward_loss = torch.compile(self._forward_loss, mode="reduce-overhead" if cuda_graphs else None)
-        self.reset_metrics()
+            self.forward_loss = torch.compile(self._forward_loss)
+        self.graphs: StepGraphs | None = None
+        self._lr: torch.Tensor | None = None  # with cuda_graphs: the lr every param group reads, on the device
+        if cuda_graphs:
+            self.graphs = StepGraphs(self._step, graph_backend, warmup=WARMUP_CALLS_DDP if self.dist.enabled else WARMUP_CALLS)
+            self._lr = torch.zeros((), dtype=torch.float32, device=self.device)  # fused SGD reads a float32 lr tensor
+            self.set_lr(optimizer.param_groups[0]["lr"])
+        zero = functools.partial(torch.zeros, (), device=self.device)
+        self.loss_sum, self.counted = zero(), zero()  # loss x images and images over the finite steps
+        self.correct, self.nonfinite, self.run, self.max_run = (zero(dtype=torch.long) for _ in range(4))
+        self.seen = 0  # images of all steps (host count)
 
     METRICS = ("loss_sum", "counted", "correct", "nonfinite", "max_run")
 
     def reset_metrics(self) -> None:
-        def zero(dtype=torch.float32):
-            return torch.zeros((), device=self.device, dtype=dtype)
+        """Zero the sums, in place (a captured step adds into these tensors)."""
+        for k in (*self.METRICS, "run"):
+            getattr(self, k).zero_()
+        self.seen = 0
 
-        self.loss_sum, self.counted = zero(), zero()  # loss x images and images over the finite steps
-        self.correct, self.nonfinite, self.run, self.max_run = (zero(torch.long) for _ in range(4))
-        self.seen = 0  # images of all steps (host count)
+    def set_lr(self, lr: float) -> None:
+        """The lr of every param group; with cuda_graphs written into the device tensor they read."""
+        if self._lr is not None:
+            self._lr.fill_(float(lr))
+            lr = self._lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def read_metrics(self) -> dict:
         """The sums so far as Python numbers (one host read; summed over ranks in a torchrun job)."""
@@ -152,8 +175,22 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run one step (one optimizer step, over accumulate_steps micro-batches); returns the (detached) loss, a device tensor."""
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # outputs of the last replay may be overwritten now
+        if self.graphs is not None:
+            loss = self.graphs(self._graph_key(images, labels), images, labels, owner=self.optimizer.state)
+        else:
+            loss = self._step(images, labels)
+        self.seen += labels.shape[0]
+        return loss
+
+    def _graph_key(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """Every Python value the step branches on: a captured graph replays only under the same key."""
+        criterion = getattr(self.criterion, "graph_key", None)
+        return (tuple(images.shape), images.stride(), images.dtype, tuple(labels.shape), labels.dtype,
+                criterion() if criterion is not None else getattr(self.criterion, "epoch", None),
+                self.model.training, None if self.teacher is None else self.teacher.training)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The step's device work (what a CUDA graph captures): no host reads with the fused SGD or fp16."""
         self.buffers.snapshot()
         loss, logits = self._forward_backward(images, labels)
         bad = (~torch.isfinite(loss)).to(torch.int32)
@@ -178,7 +215,6 @@ class TrainStep:
         self.nonfinite += bad
         self.run.add_(1).mul_(bad)  # length of the current run of skipped steps
         torch.maximum(self.max_run, self.run, out=self.max_run)
-        self.seen += n
         return loss
 
 

@@ -198,8 +198,7 @@ class Trainer:
     def set_epoch_lr(self, epoch: int) -> float:
         o = self.cfg.optim
         lr = o.lr * lr_multiplier(epoch, o.warmup_epochs, o.milestones, o.gamma)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.step.set_lr(lr)
         return lr
 
     def _stop_requested(self, agree: bool) -> bool:

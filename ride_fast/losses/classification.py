@@ -21,6 +21,7 @@ counts).
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +153,12 @@ class ExpertLoss(nn.Module):
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise TypeError(f"epoch must be an int, got {epoch!r}")
         self.epoch = epoch
+
+    def graph_key(self) -> Hashable:
+        """The Python state that `set_epoch` hands to forward: a captured training step replays
+        only while it is unchanged (engine/step_graph.py). A loss with deferred re-weighting
+        branches on its `phase`; one without a schedule on nothing (None)."""
+        return getattr(self, "phase", None)
 
     def _buffer(self, name: str, value: Tensor | None) -> None:
         """Register a float32 class-count buffer (non-persistent: rebuilt from the counts)."""

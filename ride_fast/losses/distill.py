@@ -56,6 +56,9 @@ class RIDEDistillLoss(ExpertLoss):
         super().set_epoch(epoch)
         self.base.set_epoch(epoch)
 
+    def graph_key(self):
+        return self.base.graph_key()
+
     def path(self, device, dtype=None, num_experts=None, num_classes=None) -> str:
         """The base loss's implementation (`ExpertLoss.path`); the distillation term is plain PyTorch
         on the [B, C] mean logits."""

@@ -137,7 +137,7 @@ class TinyRIDE(nn.Module):
         return RIDEOutput(z.mean(0), z, h.expand(len(self.heads), -1, -1))
 
 
-def _compiled_vs_eager(device, **step_kwargs):
+def _compiled_vs_eager(device, steps=3, **step_kwargs):
     counts = np.array([9, 5, 4, 3, 2])
     results = []
     for kwargs in ({}, step_kwargs):
@@ -149,7 +149,7 @@ def _compiled_vs_eager(device, **step_kwargs):
         step = TrainStep(model, crit, opt, device=device, amp="none", **kwargs)
         g = torch.Generator().manual_seed(1)
         losses = []
-        for _ in range(3):
+        for _ in range(steps):
             x = torch.randn(8, 3, 8, 8, generator=g).to(device)
             y = torch.randint(0, 5, (8,), generator=g).to(device)
             losses.append(step(x, y).clone())
@@ -217,7 +217,8 @@ def test_gpu_fast_path_matches_the_plain_step(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graphs_match_eager():
-    _compiled_vs_eager(torch.device("cuda"), cuda_graphs=True)
+    """The compiled forward inside the captured step: three eager warm-up steps, then replays."""
+    _compiled_vs_eager(torch.device("cuda"), steps=6, compile=True, cuda_graphs=True)
 
 
 @pytest.mark.gpu
