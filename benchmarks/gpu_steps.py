@@ -98,7 +98,7 @@ SIZES = {
     "full": Sizes("cuda", ((512, 4, 8142), (256, 4, 1000)), ((512, 4, 8142), (256, 4, 1000)), 50, 32, 100, 500, 128, 3, 80,
                   200, 224, 128, 20, 8192, 20, 30),
     "quick": Sizes("cuda", ((512, 4, 8142), (256, 4, 1000)), ((512, 4, 8142),), 20, 32, 100, 500, 128, 2, 50,
-                   100, 224, 128, 8, 8192, 10, 10),
+                   100, 224, 128, 8, 8192, 14, 10),
     "dry": Sizes("cpu", ((4, 4, 24),), ((4, 4, 24),), 2, 16, 10, 30, 8, 2, 2, 3, 32, 2, 1, 8, 2, 1),
 }
 
@@ -345,7 +345,8 @@ def run_pytest(rows: Rows, args: list[str]) -> None:
         rows.write("failed", kind="test", test="(pytest)", reason=f"pytest exit code {int(rc)} (a collection or usage error)")
 
 
-GPU_TEST_FILES = ["tests/kernels/test_ride_loss_triton.py", "tests/engine/test_engine_step.py", "tests/data/test_data_loaders.py"]
+GPU_TEST_FILES = ["tests/kernels/test_ride_loss_triton.py", "tests/engine/test_engine_step.py", "tests/engine/test_engine_step_graph.py",
+                  "tests/data/test_data_loaders.py"]
 DALI_TEST = "tests/data/test_data_loaders.py::test_dali_mixed_decoding_on_the_gpu"
 
 
@@ -577,7 +578,16 @@ def step_routed(rows: Rows, sizes: Sizes, mode: str) -> None:
 
 def step_ddp_nccl(rows: Rows, sizes: Sizes, mode: str) -> None:
     """`torchrun --nproc_per_node=1 -m ride_fast train` (NCCL on CUDA, gloo on the CPU) for a few
-    steps on CIFAR-100-format files: exit status, one epoch of finite loss, the backend."""
+    steps on CIFAR-100-format files: exit status, one epoch of finite loss, the backend. On CUDA
+    with train.cuda_graphs (the whole step captured under DDP after its warm-up steps); if that
+    run fails, once more without, to tell a capture fault from a DDP one."""
+    graphs = sizes.device == "cuda"
+    ok = _torchrun_train(rows, sizes, "torchrun-1-process-cli" + ("-cuda_graphs" if graphs else ""), cuda_graphs=graphs)
+    if graphs and not ok:
+        _torchrun_train(rows, sizes, "torchrun-1-process-cli", cuda_graphs=False)
+
+
+def _torchrun_train(rows: Rows, sizes: Sizes, case: str, cuda_graphs: bool) -> bool:
     train, test = synthetic_cifar(100, sizes.per_class_max, 32, test_per_class=2 if sizes.device == "cpu" else 10)
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar100_pickles(Path(tmp) / "data", train, test)
@@ -585,7 +595,8 @@ def step_ddp_nccl(rows: Rows, sizes: Sizes, mode: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ride_fast", "train",
                "data.name=cifar100_lt", f"data.root={Path(tmp) / 'data'}", "data.imbalance_factor=1", f"data.batch_size={sizes.batch}",
                "data.eval_batch_size=1024", f"train.device={sizes.device}", "train.epochs=1", f"train.max_steps_per_epoch={sizes.ddp_steps}",
-               "train.progress=false", "train.tensorboard=false", f"train.out_dir={out}", "optim.warmup_epochs=0"]
+               "train.progress=false", "train.tensorboard=false", f"train.out_dir={out}", "optim.warmup_epochs=0",
+               f"train.cuda_graphs={str(cuda_graphs).lower()}"]
         # DDP logs its backend ("backend_name: nccl") at this level
         env = dict(os.environ, TORCH_DISTRIBUTED_DEBUG="INFO", TORCH_CPP_LOG_LEVEL="INFO", NCCL_DEBUG="VERSION",
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
@@ -598,10 +609,11 @@ def step_ddp_nccl(rows: Rows, sizes: Sizes, mode: str) -> None:
     found = re.search(r"backend_name: (\w+)", log)
     backend = found.group(1) if found else None
     ok = proc.returncode == 0 and len(records) == 1 and math.isfinite(records[0]["loss"]) and backend == ("nccl" if sizes.device == "cuda" else "gloo")
-    rows.measure("passed" if ok else "failed", case="torchrun-1-process-cli", rc=proc.returncode, backend=backend, seconds=seconds,
-                 epochs=len(records), loss=records[0]["loss"] if records else None,
+    rows.measure("passed" if ok else "failed", case=case, cuda_graphs=cuda_graphs, steps=sizes.ddp_steps, rc=proc.returncode,
+                 backend=backend, seconds=seconds, epochs=len(records), loss=records[0]["loss"] if records else None,
                  images_per_s=records[0]["images_per_s"] if records else None, command=" ".join(cmd[1:6]) + " train ...",
                  **({} if ok else {"reason": f"exit code {proc.returncode}, DDP backend {backend}: " + log.strip()[-800:]}))
+    return ok
 
 
 def step_e8(rows: Rows, sizes: Sizes, mode: str) -> None:
