@@ -38,17 +38,21 @@ class CudaGraphBackend:
 
     @contextlib.contextmanager
     def warmup(self):
+        """Run on the capture stream, ordered after and before the current stream's work."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            yield
-        current.wait_stream(self.stream)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record fn (nothing runs; torch.cuda.graph synchronises first) and return (graph, fn's
-        output: a tensor in the graph's memory, rewritten by every replay)."""
+        output: a tensor in the graph's memory, rewritten by every replay). Thread-local capture:
+        loader threads (pinning, DALI) may call CUDA meanwhile."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             out = fn()
         return graph, out
 

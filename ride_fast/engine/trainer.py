@@ -81,6 +81,7 @@ from ride_fast.engine.run_folder import UNSAVED_RUN_FILES, claim_run_folder, run
 from ride_fast.engine.runtime import resolve_amp, resolve_device, seed_everything, synchronize
 from ride_fast.engine.schedule import lr_multiplier
 from ride_fast.engine.step import TrainStep, prefetch_to_device
+from ride_fast.engine.step_graph import CudaGraphBackend
 from ride_fast.io import json_text, plural
 from ride_fast.losses import build_loss, loss_path
 from ride_fast.models import create_model
@@ -153,7 +154,10 @@ class Trainer:
         ).to(self.device, memory_format=self.memory_format)
         if cfg.train.sync_bn and self.dist.enabled:
             self.model = convert_sync_batchnorm(self.model, self.device)
-        self.train_model = wrap_ddp(self.model, self.dist, self.device)  # self.model: the module that is saved
+        # train.cuda_graphs under torchrun: DDP is built on the stream its step is captured on (PyTorch's CUDA-graph notes)
+        graph_backend = CudaGraphBackend(self.device) if cfg.train.cuda_graphs else None
+        with graph_backend.warmup() if graph_backend is not None else contextlib.nullcontext():
+            self.train_model = wrap_ddp(self.model, self.dist, self.device)  # self.model: the module that is saved
         self.criterion = build_loss(cfg.loss, self.class_counts, cfg.distill).to(self.device)
         # which loss implementation runs ("triton", "analytic", "reference"), asked of the ops dispatch
         self.loss_path = loss_path(self.criterion, self.device, cfg.model.num_experts, num_classes)
@@ -161,7 +165,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.step = TrainStep(self.train_model, self.criterion, self.optimizer, device=self.device, amp=self.amp,
                               teacher=self.teacher, compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs, dist=self.dist,
-                              accumulate_steps=cfg.train.accumulate_steps)
+                              accumulate_steps=cfg.train.accumulate_steps, graph_backend=graph_backend)
         self.scaler = self.step.scaler
 
         # in-memory sets (MNIST/CIFAR) stay on the device; file lists go through DALI or the torch loader

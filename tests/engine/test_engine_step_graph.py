@@ -175,11 +175,11 @@ def test_trainer_with_captured_steps_matches_the_eager_trainer(tmp_path, monkeyp
     every step replayed from a graph after its warm-up, against train.cuda_graphs=false."""
     from test_engine_trainer import tiny_cfg
 
-    import ride_fast.engine.step as step_module
+    import ride_fast.engine.trainer as trainer_module
 
     backends = []
     # the stand-in backend takes CUDA's place (and so lifts the CUDA-only refusal)
-    monkeypatch.setattr(step_module, "CudaGraphBackend", lambda device: backends.append(RecordingBackend()) or backends[-1])
+    monkeypatch.setattr(trainer_module, "CudaGraphBackend", lambda device: backends.append(RecordingBackend()) or backends[-1])
     overrides = ["train.epochs=3", "train.max_steps_per_epoch=6", "optim.lr=0.125", "optim.warmup_epochs=0", "optim.gamma=0.5"]
     runs = {}
     for graphs in (False, True):
