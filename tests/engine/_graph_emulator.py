@@ -62,7 +62,7 @@ class _Recorder(TorchDispatchMode):
             if id(t) not in self.created and id(t) not in self.saved:
                 self.saved[id(t)] = (t, t.detach().clone())
         out = func(*args, **kwargs)
-        if not func.is_view:
+        if not func.is_view and func.namespace != "profiler":  # record_function markers are not kernels
             self.calls.append((func, args, kwargs, out))
             for t in _tensors(out):
                 self.created.add(id(t))
