@@ -19,7 +19,7 @@ The fast path, one config key per switch; the defaults are the fastest correct s
     train.prefetch        host batches copied one step ahead (pinned, non_blocking, side stream)
     train.cudnn_benchmark cuDNN autotuning (CUDA, not with train.deterministic)
     train.compile         torch.compile of forward + loss (off: minutes of compile time)
-    train.cuda_graphs     torch.compile mode "reduce-overhead" (CUDA graphs; CUDA only, off)
+    train.cuda_graphs     the whole step, forward to SGD update, replayed as one CUDA graph (CUDA only, off)
 
 Checkpoints hold the network in the per-expert layout with model_args that rebuild it, whatever
 model.batched was, and the optimizer state in the same canonical parameter order, so a checkpoint
