@@ -452,10 +452,12 @@ def step_trainer_compile(rows: Rows, sizes: Sizes, mode: str) -> None:
 
 
 def step_trainer_cuda_graphs(rows: Rows, sizes: Sizes, mode: str) -> None:
+    """Trainer, bf16, train.compile and train.cuda_graphs: against trainer_compile's row, what
+    capturing the whole step adds (inductor's caches are warm from that step)."""
     if sizes.device != "cuda":
-        rows.write("skipped", kind="measure", case="resnet32-e3-bf16-cuda_graphs", reason="needs CUDA (train.cuda_graphs)")
+        rows.write("skipped", kind="measure", case="resnet32-e3-bf16-compile-cuda_graphs", reason="needs CUDA (train.cuda_graphs)")
         return
-    _trainer_run(rows, sizes, "resnet32-e3-bf16-cuda_graphs", "train.cuda_graphs=true", goal=30000)
+    _trainer_run(rows, sizes, "resnet32-e3-bf16-compile-cuda_graphs", "train.compile=true", "train.cuda_graphs=true", goal=30000)
 
 
 FP16_SETTLE_STEPS = 10  # GradScaler may lower its scale (skip a step) this many steps at the start

@@ -86,7 +86,6 @@ class TrainStep:
         self.accumulate_steps = int(accumulate_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.buffers = BufferGuard([model] + ([teacher] if teacher is not None else []))
-        self.cuda_graphs = cuda_graphs
         self.forward_loss = self._forward_loss
         self._loss = self._criterion
         if compile:
