@@ -108,14 +108,14 @@ class StepGraphs:
                 self.calls[key] = done + 1
                 with self.backend.warmup():
                     return self.step(images, labels)
-            captured = self._capture(key, images, labels)
+            captured = self._capture(images, labels)
         self.graphs[key] = captured  # now the most recent
         captured.images.copy_(images)
         captured.labels.copy_(labels)
         self.backend.replay(captured.graph)
         return captured.loss.clone()
 
-    def _capture(self, key: Hashable, images: torch.Tensor, labels: torch.Tensor) -> _Captured:
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> _Captured:
         static_images, static_labels = torch.empty_like(images), torch.empty_like(labels)  # same strides (channels-last)
         static_images.copy_(images)
         static_labels.copy_(labels)
