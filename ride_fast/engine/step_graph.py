@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ride_fast.engine.monitor import LOGGER
+
 WARMUP_CALLS = 3  # eager calls of a signature before its capture (cuDNN autotuning, lazy state, allocator)
 WARMUP_CALLS_DDP = 11  # DDP builds its gradient buckets over its first iterations (PyTorch's CUDA-graph notes)
 MAX_GRAPHS = 2  # graphs kept (each holds its activations' memory): the full batch and an epoch's short last batch
@@ -121,4 +123,6 @@ class StepGraphs:
         static_labels.copy_(labels)
         graph, loss = self.backend.capture(lambda: self.step(static_images, static_labels))
         self.captures += 1
+        LOGGER.debug(f"train.cuda_graphs: step captured for a batch of {images.shape[0]} after {self.warmup} eager steps "
+                     f"({self.captures} captured so far, {len(self.graphs) + 1} kept)")
         return _Captured(graph, static_images, static_labels, loss)

@@ -92,10 +92,13 @@ def _assert_same_training(a, b, tol=0.0):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_replayed_step_trains_exactly_as_the_eager_step(accumulate):
+def test_replayed_step_trains_exactly_as_the_eager_step(accumulate, caplog):
     """lr changes, the DRW switch, a skipped step, a short last batch, metric resets, micro-batches."""
     backend = RecordingBackend()
-    graphed = _train(backend, accumulate)
+    with caplog.at_level("DEBUG", logger="ride_fast"):
+        graphed = _train(backend, accumulate)
+    captured = [r.getMessage() for r in caplog.records if "step captured" in r.getMessage()]
+    assert [m.split(" after")[0].rsplit(" ", 1)[1] for m in captured] == ["8", "5", "8", "5"]  # full, short; per phase
     _assert_same_training(_train(None, accumulate), graphed)
     step = graphed[0]
     # two shapes x two DRW phases were captured, and most steps were replays, not eager warm-ups
