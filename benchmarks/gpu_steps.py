@@ -357,8 +357,8 @@ def step_gpu_tests(rows: Rows, sizes: Sizes, mode: str) -> None:
     and no compiled or captured-step test (trainer_cuda_graphs covers that path)."""
     args = ["-m", "gpu", *GPU_TEST_FILES, "--deselect", DALI_TEST]
     if mode == "quick":
-        args += ["-k", "(not test_gpu_full_size or ((B512-E4-C8142 or B512-E8-C1000) and not fp16)) and not cuda_graphs_match_eager "
-                       "and not captured_step_trains"]
+        args += ["-k", ("(not test_gpu_full_size or ((B512-E4-C8142 or B512-E8-C1000) and not fp16)) and not cuda_graphs_match_eager "
+                        "and not captured_step_trains")]
     else:
         args += ["-k", "not captured_step_trains or fp16"]
     run_pytest(rows, args)
