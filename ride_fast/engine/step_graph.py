@@ -110,17 +110,16 @@ class StepGraphs:
                 self.calls[key] = done + 1
                 with self.backend.warmup():
                     return self.step(images, labels)
-            captured = self._capture(images, labels)
+            captured = self._capture(images, labels)  # its static inputs hold this batch already
+        else:
+            captured.images.copy_(images)
+            captured.labels.copy_(labels)
         self.graphs[key] = captured  # now the most recent
-        captured.images.copy_(images)
-        captured.labels.copy_(labels)
         self.backend.replay(captured.graph)
         return captured.loss.clone()
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> _Captured:
-        static_images, static_labels = torch.empty_like(images), torch.empty_like(labels)  # same strides (channels-last)
-        static_images.copy_(images)
-        static_labels.copy_(labels)
+        static_images, static_labels = images.clone(), labels.clone()  # same strides (channels-last)
         graph, loss = self.backend.capture(lambda: self.step(static_images, static_labels))
         self.captures += 1
         LOGGER.debug(f"train.cuda_graphs: step captured for a batch of {images.shape[0]} after {self.warmup} eager steps "
