@@ -17,8 +17,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (iNaturalist 2018 has 8,142 classes, ImageNet-21k 21,841). Raise it together with a test.
 MAX_CLASSES = 1 << 16
 
-#: Largest expert count: all E experts of a row are held in one [R, V, next_pow2(E)] tile.
-MAX_EXPERTS = 16
+#: Largest expert count: all E experts of a row are held in one [R, V, next_pow2(E)] tile, which
+#: fits the register budget without spills up to 8 (the model's own limit, `model.num_experts`).
+#: More experts take the closed-form path (`ride_fast.ops.ride_loss_path`).
+MAX_EXPERTS = 8
 
 
 def interpreting() -> bool:
@@ -37,14 +39,16 @@ def next_power_of_2(n: int) -> int:
 
 def pick_tile(e_block: int, n_cols: int, itemsize: int, block_c: int | None = None) -> tuple[int, int, int]:
     """(R, V, num_warps) of a [R, V, e_block] tile: R rows of V consecutive classes, one row a
-    thread. V = 4 up to 8 experts (16-byte float32 loads, 8-byte 2-byte ones; a thread holds 16
-    logits up to 4 experts, 32 with 5 to 8), 1 for 16; R = 32 num_warps with 8 warps, 4 for 5 to 8
-    experts (so that a program keeps 4096 logits in flight at 4 and at 8 experts); R * V = block_c
-    classes (the whole row when shorter).
+    thread. V = 4 (16-byte float32 loads, 8-byte 2-byte ones; a thread holds 16 logits up to 4
+    experts, 32 with 5 to 8); R = 32 num_warps with 8 warps, 4 for 5 to 8 experts (so that a
+    program keeps 4096 logits in flight at 4 and at 8 experts); R * V = block_c classes (the whole
+    row when shorter).
 
     `block_c` overrides the class-block width (tests use a small one to exercise the blocked path).
     """
-    v = 4 if e_block <= 8 else 1
+    if e_block > next_power_of_2(MAX_EXPERTS):
+        raise ValueError(f"a tile holds at most {MAX_EXPERTS} experts, got an expert block of {e_block}")
+    v = 4
     max_warps = 4 if e_block == 8 else 8
     if block_c is not None:
         if block_c < 16 or block_c & (block_c - 1):

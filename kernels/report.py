@@ -71,15 +71,17 @@ TERMS = {
     "ce-drw": (False, True, True),  # the same after the DRW switch
 }
 _PTR_ARGS = ("z_ptr", "target_ptr", "margin_ptr", "weight_ptr", "temp_ptr", "stats_ptr", "part_ptr", "loss_ptr", "aux_ptr", "counter_ptr", "go_ptr", "g_ptr")
+#: argument types as a launch specialises them (an integer below 2^31 arrives as i32; the kernels
+#: widen the expert strides to 64 bits themselves)
 _FWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
     "stats_ptr": "*fp32", "part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "counter_ptr": "*i32",
-    "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i64", "stride_zb": "i64", "div_scale": "fp32",
+    "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i32", "stride_zb": "i32", "div_scale": "fp32",
 }
 _BWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
     "stats_ptr": "*fp32", "aux_ptr": "*fp32", "go_ptr": "*fp32", "g_ptr": None, "E": "i32", "B": "i32", "C": "i32",
-    "stride_ze": "i64", "stride_zb": "i64", "stride_ge": "i64", "stride_gb": "i64", "div_scale": "fp32",
+    "stride_ze": "i32", "stride_zb": "i32", "stride_ge": "i32", "stride_gb": "i32", "div_scale": "fp32",
 }
 _CONSTEXPRS = ("HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "R", "V")
 #: integer arguments declared multiples of 16 (besides the pointers) per stride layout
@@ -218,7 +220,7 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     rows = []
     if "fwd" in kernels:
         sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr", **{n: "constexpr" for n in _CONSTEXPRS})
-        c = dict(cx, FINISH_BLOCK=ride_loss._FINISH_BLOCK)
+        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps))
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))

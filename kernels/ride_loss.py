@@ -67,13 +67,18 @@ experts (four 4-warp programs); the compiler report checks every variant against
 spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4
 and at 8 experts (16 KB in float32), about what an H100 / H200 SM needs to cover DRAM latency at
 full bandwidth (bandwidth x latency / SMs): three or four programs an SM leave room to spare.
-Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per program.
+Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per program. At most
+8 experts (the model's own limit; more take the closed-form path). Expert offsets are 64-bit in
+the kernels (a launch passes strides below 2^31 as 32-bit integers, and (E - 1) B C may not fit).
+Launches run on the logits' device, on its current stream.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
 logits' dtype.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from ride_fast_kernels._utils import (
@@ -98,24 +103,25 @@ DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 #: expert (see the module docstring). Up to 4 experts (16 logits a thread) REGISTER_BUDGET: three
 #: 8-warp programs an SM, 12288 logits in flight; 5 to 8 experts hold 32 logits and twice the
 #: running state and get REGISTER_BUDGET_WIDE with 4-warp programs (four an SM, 16 warps, each
-#: program with 4096 logits in flight as at 4 experts); 9 to 16 experts (V = 1, 8 warps) keep
-#: REGISTER_BUDGET_E16.
+#: program with 4096 logits in flight as at 4 experts).
 REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
-REGISTER_BUDGET_E16 = 80
 
 
 def register_budget(e_block: int, itemsize: int) -> int:
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
     every logits dtype)."""
-    if e_block > 8:
-        return REGISTER_BUDGET_E16
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
     return REGISTER_BUDGET
 
-#: Rows reduced per step by the forward's finishing program.
-_FINISH_BLOCK = 1024
+
+
+def finish_block(num_warps: int) -> int:
+    """Rows reduced per step by the forward's finishing program: four a thread (three running sums
+    each), so that the 1-warp programs of short rows hold no more than the 8-warp ones."""
+    return 4 * 32 * num_warps
+
 
 _COUNTERS: dict[torch.device, Tensor] = {}
 
@@ -126,8 +132,19 @@ def _ticket_counter(device: torch.device) -> Tensor:
     must not overlap: one stream per device, as a training loop runs the loss."""
     counter = _COUNTERS.get(device)
     if counter is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # zeros made inside a capture are only recorded: eager calls before the first replay would read garbage
+            raise RuntimeError(f"the fused RIDE loss is being captured into a CUDA graph before its first eager call on "
+                               f"{device}; run it once outside the capture (a warm-up step) so that its ticket counter "
+                               f"is allocated and zeroed there")
         counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
+
+
+def _on_device(device: torch.device):
+    """Launch on the logits' GPU: Triton launches on the current device, which a single process
+    on cuda:1 (no torch.cuda.set_device) would leave at cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- launchers
@@ -177,16 +194,17 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     e_block = next_power_of_2(E)
     r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
-    _ride_loss_fwd_kernel[(B,)](
-        z, target,
-        margins if margins is not None else dummy,
-        class_weights if class_weights is not None else dummy,
-        temperature if temperature is not None else dummy,
-        stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
-        HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=_FINISH_BLOCK,
-        num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
-    )
+    with _on_device(device):
+        _ride_loss_fwd_kernel[(B,)](
+            z, target,
+            margins if margins is not None else dummy,
+            class_weights if class_weights is not None else dummy,
+            temperature if temperature is not None else dummy,
+            stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
+            HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
+            DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
+            num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
+        )
     return loss, stats, aux
 
 
@@ -200,16 +218,17 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
     e_block = next_power_of_2(E)
     r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     dummy = aux
-    _ride_loss_bwd_kernel[(B,)](
-        z, target,
-        margins if margins is not None else dummy,
-        class_weights if class_weights is not None else dummy,
-        temperature if temperature is not None else dummy,
-        stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
-        HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-        DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
-        num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
-    )
+    with _on_device(z.device):
+        _ride_loss_bwd_kernel[(B,)](
+            z, target,
+            margins if margins is not None else dummy,
+            class_weights if class_weights is not None else dummy,
+            temperature if temperature is not None else dummy,
+            stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
+            HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
+            DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
+            num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
+        )
     return g
 
 

@@ -131,13 +131,9 @@ def _load_tile(z_ptr, base, stride_ze, E, offs, C, R: tl.constexpr, V: tl.conste
         x = _ld2(z_ptr, base, 0, 1, stride_ze, E, offs, C, MASKED, EVICT)
     elif E_BLOCK == 4:
         x = _ld4(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
-    elif E_BLOCK == 8:
-        x = _ld8(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
     else:
-        tl.static_assert(E_BLOCK == 16, "E_BLOCK must be a power of two <= 16")
-        even = _ld8(z_ptr, base, 0, 2, stride_ze, E, offs, C, R, V, MASKED, EVICT)
-        odd = _ld8(z_ptr, base, 1, 2, stride_ze, E, offs, C, R, V, MASKED, EVICT)
-        x = tl.reshape(tl.join(even, odd), [R, V, 16])
+        tl.static_assert(E_BLOCK == 8, "E_BLOCK must be a power of two <= 8")
+        x = _ld8(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
     if MASKED:
         x = tl.where((offs < C)[:, :, None], x, float("-inf"))
     return x
@@ -195,12 +191,8 @@ def _store_tile(g_ptr, base, stride_ge, E, offs, C, g, R: tl.constexpr, V: tl.co
         _st2(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, MASKED)
     elif E_BLOCK == 4:
         _st4(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
-    elif E_BLOCK == 8:
-        _st8(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
     else:
-        even, odd = tl.split(tl.reshape(g, [R, V, 8, 2]))
-        _st8(g_ptr, base, 0, 2, stride_ge, E, offs, C, even, R, V, MASKED)
-        _st8(g_ptr, base, 1, 2, stride_ge, E, offs, C, odd, R, V, MASKED)
+        _st8(g_ptr, base, 0, 1, stride_ge, E, offs, C, g, R, V, MASKED)
 
 
 @triton.jit
@@ -340,6 +332,7 @@ def _ride_loss_fwd_kernel(
     E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr, FINISH_BLOCK: tl.constexpr,
 ):
     BLOCK_C: tl.constexpr = R * V
+    stride_ze = stride_ze.to(tl.int64)  # expert offsets (E - 1) B C may pass 2^31 elements
     row = tl.program_id(0).to(tl.int64)
     z_row = row * stride_zb
     offs_e = tl.arange(0, E_BLOCK)
@@ -505,6 +498,8 @@ def _ride_loss_bwd_kernel(
 ):
     BLOCK_C: tl.constexpr = R * V
     # rows in reverse order: the rows the forward read last are the likeliest still in L2
+    stride_ze = stride_ze.to(tl.int64)  # expert offsets (E - 1) B C may pass 2^31 elements
+    stride_ge = stride_ge.to(tl.int64)
     row = (B - 1 - tl.program_id(0)).to(tl.int64)
     z_row = row * stride_zb
     g_row = row * stride_gb

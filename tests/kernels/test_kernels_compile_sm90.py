@@ -7,7 +7,8 @@ the triton wheel; no driver needed) in a subprocess without TRITON_INTERPRET, th
 `ride_fast_kernels.report`: every variant of its default matrix (E = 1..8, both modes, every
 dtype, both DRW phases) and, for each expert tile, the other launched kernels (no diversity term,
 other combinations of margins, weights and temperatures: `--terms all`), with the strides training
-gives at C = 8142 (row stride C, expert stride B C a multiple of 16: the "training" layout).
+gives at C = 8142 (row stride C, expert stride B C a multiple of 16: the "training" layout), and
+short rows (C = 100: 1-warp programs). Integer arguments are declared 32-bit, as a launch passes them.
 `python -m ride_fast_kernels.report --arch sm_90` prints the default matrix.
 """
 from __future__ import annotations
@@ -44,12 +45,15 @@ SCRIPT = textwrap.dedent(
         rows += report.variant_rows(E, mode, dtype, phase, "sm_90", classes=8142, layout="training")
     # when B C is not a multiple of 16, experts past the first cannot be proven aligned
     unaligned = report.variant_rows(4, "mean", "bf16", 1, "sm_90", classes=8142, layout="unaligned")
+    # short rows (CIFAR-100): 1- to 2-warp programs, whose finishing step holds its block in registers too
+    short = [r for E, mode, dtype in ((3, "pairwise", "bf16"), (4, "mean", "fp32"), (8, "pairwise", "fp32"))
+             for r in report.variant_rows(E, mode, dtype, 1, "sm_90", classes=100)]
     # B == 1 and E == 1 arrive as constexpr 1 (Triton specialises integer arguments equal to 1)
     sig = dict(report._BWD, z_ptr="*bf16", g_ptr="*bf16", E="constexpr", B="constexpr", G_ALIGNED="constexpr",
                **{n: "constexpr" for n in report._CONSTEXPRS})
     cx = dict(zip(report._CONSTEXPRS, [True, True, True, 1, 1, 256, 4]), E=1, B=1, G_ALIGNED=True)
     report._compile(ride_loss._ride_loss_bwd_kernel, sig, cx, 8, "sm_90", report._PTR_ARGS, ride_loss.register_budget(1, 2))
-    print(json.dumps({"rows": rows, "unaligned": unaligned}))
+    print(json.dumps({"rows": rows, "unaligned": unaligned, "short": short}))
     """
 )
 
@@ -89,6 +93,10 @@ def test_kernels_compile_for_sm90_within_budget():
             assert row["grad_stores"] == width, f"{where}: main-loop gradient stores {row['grad_stores']} bytes"
     # the report tells the layouts apart: without an aligned expert stride the accesses are scalar
     assert [r["vectorised"] for r in out["unaligned"]] == [False, False]
+    assert len(out["short"]) == 6
+    for row in out["short"]:
+        budget, _ = BUDGET[int(row["variant"].split("-")[0][1:]) > 4]
+        assert row["spills"] == 0 and row["registers"] <= budget, f"{row['kernel']} {row['variant']} at C = 100: {row}"
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")

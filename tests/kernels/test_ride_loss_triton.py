@@ -8,6 +8,8 @@ The `gpu` tests at the bottom repeat the comparison at full size in every dtype.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,6 +143,43 @@ def test_non_contiguous_logits():
         assert not view.is_contiguous()
         assert_matches(*fused(view, yv, mv, wv, tv, "pairwise"), *reference(view, yv, mv, wv, tv, "pairwise"))
 
+
+FAR_EXPERTS = """
+import sys, torch
+from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward
+from ride_fast.ops.ride_loss import ride_loss_reference
+device, diversity = sys.argv[1], sys.argv[2]
+E, B, C, stride_e = 3, 2, 64, 1 << 30  # the last expert starts 2^31 elements in
+
+def far_apart():  # only the pages the rows touch are ever written
+    return torch.empty(stride_e * (E - 1) + B * C, dtype=torch.float16, device=device).as_strided((E, B, C), (stride_e, C, 1))
+
+small = (torch.randn(E, B, C, generator=torch.Generator().manual_seed(0)) * 3).half()
+z, grad = far_apart(), far_apart()
+z.copy_(small)
+grad.fill_(float("nan"))
+y = torch.tensor([5, 60], device=device)
+loss, stats, aux = ride_loss_forward(z, y, None, None, None, -0.45, 1.0, diversity)
+ride_loss_backward(torch.ones((), device=device), z, y, None, None, None, stats, aux, -0.45, 1.0, diversity, grad_out=grad)
+ref_z = small.double().requires_grad_()
+ref = ride_loss_reference(ref_z, y.cpu(), None, None, None, -0.45, 1.0, diversity)
+ref.backward()
+assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+err = (grad.cpu().double() - ref_z.grad).abs().max().item()
+assert err <= 1e-3 * ref_z.grad.abs().max().item(), err
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_expert_offsets_past_2_31_elements(diversity):
+    """Experts 2^30 elements apart: the last one's offset does not fit 32 bits (a 32-bit product
+    would read and write far outside the tensors). Only the rows' pages are touched; run in a
+    child process, so that an out-of-bounds access fails this test alone."""
+    result = subprocess.run([sys.executable, "-c", FAR_EXPERTS, DEVICE, diversity], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+        f"exit status {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
 
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
 @pytest.mark.parametrize("phase2", [False, True], ids=["before_drw", "after_drw"])
@@ -400,3 +439,34 @@ def test_forward_reduces_in_its_last_program_and_resets_the_ticket():
     assert losses[0].item() == losses[1].item() == losses[2].item()  # deterministic
     _, _, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM)
     torch.testing.assert_close(aux, w[y].sum().reshape(1))
+
+
+def test_ticket_counter_is_not_made_inside_a_capture(monkeypatch):
+    """A counter zeroed inside a CUDA-graph capture is only recorded: eager calls before the first
+    replay would read garbage. The first call on a device must be eager, and says so."""
+    from ride_fast_kernels import ride_loss as launcher
+
+    device = torch.device("cuda", 7)  # never allocated: the check comes first
+    monkeypatch.setattr(launcher, "_COUNTERS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="before its first eager call on cuda:7"):
+        launcher._ticket_counter(device)
+    assert launcher._COUNTERS == {}
+
+
+def test_launches_run_on_the_logits_device(monkeypatch):
+    """Triton launches on the current CUDA device: both launchers switch to the logits' device
+    first (a process on cuda:1 that never called torch.cuda.set_device)."""
+    from ride_fast_kernels import ride_loss as launcher
+
+    entered = []
+    guard = launcher._on_device
+
+    def recording(device):
+        entered.append(device)
+        return guard(device)
+
+    monkeypatch.setattr(launcher, "_on_device", recording)
+    z, y, m, w, t = make_inputs(2, 3, 20, seed=83)
+    fused(z, y, m, w, t, "mean")
+    assert entered == [z.device, z.device]

@@ -23,7 +23,8 @@ def test_path_per_device_and_dtype():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert ride_loss_path("cuda", dtype, 4, 8142) == "triton"
         assert ride_loss_path("cuda", torch.float64) == "analytic"  # not a kernel dtype
-        assert ride_loss_path("cuda", torch.float32, 17, 100) == "analytic"  # more experts than the tile holds
+        assert ride_loss_path("cuda", torch.float32, 8, 100) == "triton"
+        assert ride_loss_path("cuda", torch.float32, 9, 100) == "analytic"  # more experts than the tile holds
         assert ride_loss_path("cuda", torch.float32, 4, 1 << 17) == "analytic"
     assert ride_loss_path("meta", torch.float32) == "analytic"
 
