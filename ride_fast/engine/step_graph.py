@@ -54,8 +54,15 @@ class CudaGraphBackend:
         output: a tensor in the graph's memory, rewritten by every replay). Thread-local capture:
         loader threads (pinning, DALI) may call CUDA meanwhile."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            out = fn()
+        current = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                out = fn()
+        except BaseException:
+            # a capture that fails to end leaves the capture stream current (the graph context
+            # restores the stream only after capture_end): later work would queue on it
+            torch.cuda.set_stream(current)
+            raise
         return graph, out
 
     def replay(self, graph: torch.cuda.CUDAGraph) -> None:
@@ -78,8 +85,9 @@ class StepGraphs:
     (compared by identity; the optimizer's state dict). The first `warmup` calls of a key run
     eagerly (inside the backend's warm-up context); the next one captures and replays; later ones
     only copy the batch in and replay. The returned loss is a copy, safe past the next replay.
-    At most `max_graphs` graphs are kept: a new key drops the least recently replayed one before
-    its warm-up (after the DRW switch, the first phase's graphs go).
+    At most `max_graphs` graphs are kept: a key without a graph drops the least recently replayed
+    one before its warm-up, or before its recapture when its own graph was dropped (after the DRW
+    switch, the first phase's graphs go).
     """
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], backend, warmup: int = WARMUP_CALLS,
@@ -103,9 +111,9 @@ class StepGraphs:
             self.owner = owner
         captured = self.graphs.pop(key, None)
         if captured is None:
-            done = self.calls.get(key, 0)
-            if done == 0 and len(self.graphs) >= self.max_graphs:  # a new signature: free the oldest graph's memory first
+            if len(self.graphs) >= self.max_graphs:  # no graph for this signature yet: free the oldest one's memory first
                 del self.graphs[next(iter(self.graphs))]
+            done = self.calls.get(key, 0)
             if done < self.warmup:
                 self.calls[key] = done + 1
                 with self.backend.warmup():

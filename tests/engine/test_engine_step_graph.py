@@ -160,6 +160,9 @@ def test_a_new_signature_frees_the_least_recently_replayed_graph():
     assert list(graphs.graphs) == ["a"]
     assert torch.equal(graphs("c", x + 1, y, owner=None), 2 * (x + 1)) and list(graphs.graphs) == ["a", "c"]
     assert torch.equal(graphs("a", x + 2, y, owner=None), 2 * (x + 2)) and graphs.captures == 3
+    # b was dropped after its warm-up: its recapture frees the least recent graph (c) first
+    assert torch.equal(graphs("b", x + 3, y, owner=None), 2 * (x + 3)) and graphs.captures == 4
+    assert list(graphs.graphs) == ["a", "b"]
 
 
 def test_cuda_graphs_needs_cuda_and_the_fused_sgd():
@@ -199,6 +202,34 @@ def test_trainer_with_captured_steps_matches_the_eager_trainer(tmp_path, monkeyp
     assert backends and sum(g.replays for g in backends[0].graphs) >= 6
 
 
+def test_a_failed_capture_makes_the_earlier_stream_current_again(monkeypatch):
+    """torch.cuda.graph restores the current stream only after capture_end; when capture_end fails
+    (a capture invalidated by a host read, say) the capture stream would stay current. Stood in for
+    on the CPU: a graph context whose exit fails the way capture_end does."""
+    from ride_fast.engine import step_graph
+
+    class FailingGraph:
+        def __init__(self, graph, stream, capture_error_mode):
+            self.stream = stream
+
+        def __enter__(self):
+            current[0] = self.stream
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    current = ["default stream"]
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FailingGraph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    backend = object.__new__(step_graph.CudaGraphBackend)  # no CUDA device to build it on
+    backend.device, backend.stream = torch.device("cuda"), "capture stream"
+    with pytest.raises(RuntimeError, match="during capture"):
+        backend.capture(lambda: torch.zeros(()))
+    assert current == ["default stream"]
+
+
 # ---------------------------------------------------------------------------------------- GPU
 
 
@@ -215,3 +246,4 @@ def test_gpu_captured_step_trains_as_the_eager_step(amp, monkeypatch):
     eager = _train(None, device=device, amp=amp)
     _assert_same_training(eager, graphed, tol={"none": 1e-4, "bf16": 2e-2, "fp16": 1e-2}[amp])
     assert graphed[0].graphs.captures == 4
+
