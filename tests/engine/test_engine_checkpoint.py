@@ -10,7 +10,8 @@ import torch
 
 from ride_fast.data import ArrayDataset
 from ride_fast.engine import CheckpointError, atomic_save, load_checkpoint
-from ride_fast.engine.checkpoint import checkpoint_config, load_model_from_checkpoint, load_routed_checkpoint, network_from_checkpoint
+from ride_fast.engine.checkpoint import (checkpoint_config, load_model_from_checkpoint, load_routed_checkpoint, network_from_checkpoint,
+                                         rng_state, set_rng_state)
 from ride_fast.engine.routed_eval import evaluate_routed_checkpoint
 from ride_fast.models import create_model
 from ride_fast.router import Router
@@ -86,3 +87,23 @@ def test_a_routed_checkpoint_that_stored_router_calibrate_still_loads(tmp_path):
     assert checkpoint_config(load_checkpoint(path), {"router": {"threshold": 0.7}}).router.threshold == 0.7
     report = evaluate_routed_checkpoint(path, datasets=(tiny_data(0), tiny_data(1)), log=lambda s: None)
     assert report.threshold == 0.3 and report.num_images == 4 * C
+
+
+def test_rng_state_resumes_on_fewer_gpus_than_it_was_saved_on(monkeypatch):
+    """A checkpoint holds one CUDA generator state per GPU its process saw; resuming where fewer
+    are visible (an elastic restart on a smaller node, a narrower CUDA_VISIBLE_DEVICES) sets the
+    ones that exist. Stood in for on the CPU: two saved states, one visible GPU."""
+    restored = {}
+
+    def set_cuda_rng_state(state, device):
+        if device >= 1:
+            raise IndexError(f"no CUDA device {device}")
+        restored[device] = state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_cuda_rng_state)
+    set_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
