@@ -176,7 +176,7 @@ class RouterTrainer:
                 n = batch.labels.shape[0]
                 logits = result.router_logits.detach().float()
                 calls = torch.sigmoid(logits) > rc.threshold
-                loss_sum += F.binary_cross_entropy_with_logits(logits, result.labels.float(), pos_weight=logits.new_tensor(rc.w_on),
+                loss_sum += F.binary_cross_entropy_with_logits(logits, result.labels.float(), pos_weight=logits.new_full((), rc.w_on),
                                                                reduction="none").sum(1)
                 true_pos += (calls & result.labels).sum(1)
                 label_pos += result.labels.sum(1)

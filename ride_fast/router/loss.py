@@ -54,7 +54,7 @@ def router_loss(router_logits: Tensor, labels: Tensor, w_on: float) -> Tensor:
     if router_logits.shape != labels.shape:
         raise ValueError(f"router logits {tuple(router_logits.shape)} and labels {tuple(labels.shape)} differ in shape")
     logits = router_logits.float()
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=logits.new_tensor(w_on))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=logits.new_full((), w_on))  # a fill, not a host copy
 
 
 @dataclass(frozen=True)
