@@ -25,7 +25,8 @@
 #                                       bound a broken run: it takes well under a minute on two idle cores
 #
 # On a GPU machine the packages that its image may lack (pytest, pytest-benchmark, fvcore, PyYAML
-# and their dependencies, at the pins of requirements.txt) come from .whl/ (`make gpu-wheels`),
+# and their dependencies, at the pins of requirements.txt) come from .whl/ (`make gpu-wheels`; git
+# ignores it, so copy it along with the checkout),
 # installed with --no-index into a private folder. --cpu-dry-run runs the same steps with tiny
 # sizes on the CPU (Triton through its interpreter) in the current environment.
 set -euo pipefail

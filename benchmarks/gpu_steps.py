@@ -162,6 +162,8 @@ def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3, gr
     `s` is graph_s when there is one, else stream_s."""
     import torch
 
+    from ride_fast.engine.step_graph import CudaGraphBackend
+
     cuda = torch.device(device).type == "cuda"
     if not cuda:
         for _ in range(warmup):
@@ -196,11 +198,8 @@ def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3, gr
         return out
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    try:
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            for _ in range(GRAPH_CALLS):
-                fn()
+    try:  # the engine's capture: a failed one leaves the current stream as it was
+        captured, _ = CudaGraphBackend(device).capture(lambda: [fn() for _ in range(GRAPH_CALLS)])
         captured.replay()
         torch.cuda.synchronize()
         replays = max(1, iters // GRAPH_CALLS)
@@ -428,8 +427,14 @@ def _trainer_run(rows: Rows, sizes: Sizes, case: str, *overrides: str, goal: flo
     from ride_fast.engine.trainer import Trainer
 
     train, test = synthetic_cifar(sizes.classes, sizes.per_class_max, sizes.px)
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:  # one row an epoch: a step killed at its deadline still shows how far it got
+        if line.startswith("epoch"):
+            rows.write("passed", kind="progress", case=case, line=line, elapsed_s=round(time.perf_counter() - start, 1))
+
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(trainer_config(sizes, Path(tmp), *overrides), train_set=train, test_set=test, log=lambda s: None)
+        trainer = Trainer(trainer_config(sizes, Path(tmp), *overrides), train_set=train, test_set=test, log=progress)
         t0 = time.perf_counter()
         summary = trainer.fit()
         seconds = time.perf_counter() - t0

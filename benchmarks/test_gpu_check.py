@@ -68,6 +68,10 @@ def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
     assert ddp["backend"] == "gloo" and ddp["rc"] == 0 and ddp["epochs"] == 1
     fp16 = next(r for r in rows if r["step"] == "amp_fp16" and r.get("kind") == "measure")
     assert fp16["loss_path"] == "triton" and fp16["amp"] == "fp16" and fp16["first_loss_rel_diff"] <= 0.02
+    # one progress row an epoch, written as training goes (a step killed at its deadline keeps them)
+    progress = [r for r in rows if r["step"] == "trainer_compile" and r.get("kind") == "progress"]
+    trainer = next(r for r in rows if r["step"] == "trainer_compile" and r.get("kind") == "measure")
+    assert len(progress) == len(trainer["epoch_losses"]) and all(r["line"].startswith("epoch") for r in progress)
     r50 = [r for r in rows if r["step"] == "r50" and r.get("kind") == "measure"]
     assert [r["case"] for r in r50] == ["resnet50-e3-bf16-cl", "resnet50-e4-bf16-cl"] and all(r["mfu"] > 0 for r in r50)
     report = (out / "report.md").read_text()
