@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from gpu_report import build, step_table
-from gpu_steps import BUDGET_S, DEADLINES, STARTUP_S, STEPS, read_rows
+from gpu_steps import BUDGET_S, DEADLINES, GPU_TEST_FILES, STARTUP_S, STEPS, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_STEPS = ["env", "loss_bench", "trainer_compile", "amp_fp16", "r50", "routed", "ddp_nccl", "e8"]
@@ -160,3 +160,10 @@ def test_report_counts_a_step_without_rows_as_failed_and_needs_a_plan(tmp_path):
     assert build(rows[1:])[1] == 1  # no plan row: the run never began properly
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert _report(tmp_path).returncode == 0
+
+
+def test_every_gpu_test_file_is_in_the_check():
+    """A `gpu`-marked test that the check does not run would never run at all."""
+    root = Path(__file__).resolve().parents[1]
+    marked = sorted(str(f.relative_to(root)) for f in (root / "tests").rglob("test_*.py") if "mark.gpu" in f.read_text())
+    assert sorted(GPU_TEST_FILES) == marked
