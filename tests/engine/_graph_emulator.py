@@ -8,15 +8,17 @@ CUDA graph:
 - a Python value read at capture (a float lr, a DRW phase, a flag) is frozen into the replay;
 - state that the step's Python replaces by a new tensor (instead of writing in place) is not
   seen by later replays;
-- a host read inside the step (`.item()`, `bool(t)`) fails the capture;
+- a host read inside the step (`.item()`, `bool(t)`) fails the capture, and so does a tensor made
+  from Python data (`torch.tensor`, `new_tensor`: on a GPU, a copy from host memory);
 - the capture itself leaves no trace: every tensor it wrote that existed before is put back (a
   CUDA capture records and does not run).
 Each replayed call that returns new tensors writes its results into the tensors the capture
 returned (a graph's outputs live at fixed addresses); view calls are not re-run (their outputs
 alias tensors that are).
 
-What it cannot model: stream and allocator rules, pinned-memory or host-to-device copies inside
-the capture, and anything below ATen (a custom operator is one call, like a kernel launch).
+What it cannot model: stream and allocator rules, pinned memory, copies of CPU tensors to the
+device inside the capture (on the CPU they are no copies), and anything below ATen (a custom
+operator is one call, like a kernel launch).
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from torch.utils._pytree import tree_leaves
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
               torch.ops.aten.equal.default, torch.ops.aten.nonzero.default}
+#: a tensor made from Python data (`torch.tensor`, `new_tensor`, `as_tensor`): on a GPU a copy from
+#: host memory, which a graph would replay from an address that no longer holds the data
+FROM_HOST = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
 
 
 UNINITIALISED = {torch.ops.aten.empty.memory_format, torch.ops.aten.new_empty.default, torch.ops.aten.empty_like.default,
@@ -56,6 +61,8 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in HOST_READS:
             raise HostReadInCapture(f"{func} reads a device value on the host inside the captured step")
+        if func in FROM_HOST:
+            raise HostReadInCapture(f"{func}: a tensor made from Python data inside the captured step (a copy from the host on a GPU)")
         for t in _tensors((args, kwargs)):
             if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
                 continue  # an expanded view: never written (and not writable)

@@ -150,6 +150,19 @@ def test_a_host_read_fails_the_capture():
         graphs("k", x, y, owner=None)
 
 
+def test_a_tensor_from_python_data_fails_the_capture():
+    """torch.tensor(...) on a GPU copies from host memory; a replay would copy from wherever that
+    memory went. new_full / scalar_tensor are fills and capture fine."""
+    graphs = StepGraphs(lambda x, y: x * x.new_tensor(2.0), RecordingBackend(), warmup=1)
+    x, y = torch.ones(2, 3), torch.zeros(2, dtype=torch.long)
+    graphs("k", x, y, owner=None)
+    with pytest.raises(HostReadInCapture, match="Python data"):
+        graphs("k", x, y, owner=None)
+    filled = StepGraphs(lambda x, y: x * x.new_full((), 2.0), RecordingBackend(), warmup=1)
+    for _ in range(3):
+        assert torch.equal(filled("k", x, y, owner=None), 2 * x)
+
+
 def test_a_new_signature_frees_the_least_recently_replayed_graph():
     graphs = StepGraphs(lambda x, y: x * 2, RecordingBackend(), warmup=1, max_graphs=2)
     x, y = torch.ones(3), torch.zeros(3, dtype=torch.long)
