@@ -116,7 +116,6 @@ def register_budget(e_block: int, itemsize: int) -> int:
     return REGISTER_BUDGET
 
 
-
 def finish_block(num_warps: int) -> int:
     """Rows reduced per step by the forward's finishing program: four a thread (three running sums
     each), so that the 1-warp programs of short rows hold no more than the 8-warp ones."""
