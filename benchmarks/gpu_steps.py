@@ -173,12 +173,10 @@ def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3, gr
             fn()
         s = (time.perf_counter() - t) / iters
         return {"s": s, "stream_s": s, "graph_s": None, "iters": iters}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture wants
+    backend = CudaGraphBackend(device)  # the engine's capture: a failed one leaves the current stream as it was
+    with backend.warmup():  # on the capture stream, as graph capture wants
         for _ in range(warmup):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -198,8 +196,8 @@ def time_per_iter(fn: Callable[[], Any], iters: int, device, warmup: int = 3, gr
         return out
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    try:  # the engine's capture: a failed one leaves the current stream as it was
-        captured, _ = CudaGraphBackend(device).capture(lambda: [fn() for _ in range(GRAPH_CALLS)])
+    try:
+        captured, _ = backend.capture(lambda: [fn() for _ in range(GRAPH_CALLS)])
         captured.replay()
         torch.cuda.synchronize()
         replays = max(1, iters // GRAPH_CALLS)
