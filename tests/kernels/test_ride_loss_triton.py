@@ -176,6 +176,8 @@ def test_expert_offsets_past_2_31_elements(diversity):
     """Experts 2^30 elements apart: the last one's offset does not fit 32 bits (a 32-bit product
     would read and write far outside the tensors). Only the rows' pages are touched; run in a
     child process, so that an out-of-bounds access fails this test alone."""
+    if DEVICE == "cuda" and torch.cuda.mem_get_info()[0] < 9 * 2**30:
+        pytest.skip("two 4.3 GB fp16 tensors do not fit in this GPU's free memory")
     result = subprocess.run([sys.executable, "-c", FAR_EXPERTS, DEVICE, diversity], capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
