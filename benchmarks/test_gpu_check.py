@@ -164,6 +164,5 @@ def test_report_counts_a_step_without_rows_as_failed_and_needs_a_plan(tmp_path):
 
 def test_every_gpu_test_file_is_in_the_check():
     """A `gpu`-marked test that the check does not run would never run at all."""
-    root = Path(__file__).resolve().parents[1]
-    marked = sorted(str(f.relative_to(root)) for f in (root / "tests").rglob("test_*.py") if "mark.gpu" in f.read_text())
+    marked = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").rglob("test_*.py") if "mark.gpu" in f.read_text())
     assert sorted(GPU_TEST_FILES) == marked
