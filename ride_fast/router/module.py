@@ -12,6 +12,11 @@ Router i (0-based `step`, deciding on expert step + 2):
     v = top-k of mean_logits / logit_scale, descending  [B, k]
     r = Linear([v, h])                                  k + H -> 1, shared by all routers
 
+The routers compute in their own dtype (float32) with autocast off, whatever precision the
+network runs in: calibration places a threshold between two images' probabilities from a float32
+replay (`ride_fast.engine.threshold_curve`), and routed inference must take the same decisions,
+which bf16's 8 significant bits would not.
+
 `logit_scale` is the classifier scale s of the network (30 for cosine classifiers; stage 2 builds
 the router with it). The original feeds the s-scaled logits themselves: the same functions (the
 top-k weights times s), but the top-k inputs are then about s times larger than the unit-norm
@@ -27,6 +32,7 @@ Parameter names and their originals (frank-xwang/RIDE-LongTailRecognition):
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -101,12 +107,14 @@ class Router(nn.Module):
         self._check_step(step)
         if feature.dim() != 2 or mean_logits.dim() != 2 or feature.shape[0] != mean_logits.shape[0]:
             raise ValueError(f"router expects feature [B, D] and mean_logits [B, C]; got {tuple(feature.shape)} and {tuple(mean_logits.shape)}")
-        # plain division by the norm, as the original (a zero feature gives NaN -> stop)
-        h = F.relu(self.hidden[step](feature / feature.norm(dim=1, keepdim=True)))
-        v = mean_logits.topk(self.top_k, dim=1).values / self.logit_scale  # sorted, descending; cosines when s-scaled
-        x = torch.cat((v.to(h.dtype), h), dim=1)
-        fc = self.fc if self.share_fc else self.fcs[step]
-        return fc(x).squeeze(1)
+        with self._own_precision(feature.device):
+            feature, mean_logits = self._cast(feature), self._cast(mean_logits)
+            # plain division by the norm, as the original (a zero feature gives NaN -> stop)
+            h = F.relu(self.hidden[step](feature / feature.norm(dim=1, keepdim=True)))
+            v = mean_logits.topk(self.top_k, dim=1).values / self.logit_scale  # sorted, descending; cosines when s-scaled
+            x = torch.cat((v, h), dim=1)
+            fc = self.fc if self.share_fc else self.fcs[step]
+            return fc(x).squeeze(1)
 
     def forward_all(self, features: Tensor, mean_logits: Tensor) -> Tensor:
         """Every router on every image at once (training): features [R, B, D] of experts 1..E-1
@@ -117,17 +125,30 @@ class Router(nn.Module):
                 f"forward_all expects features [R={R}, B, D] and mean_logits [R, B, C]; "
                 f"got {tuple(features.shape)} and {tuple(mean_logits.shape)}"
             )
-        w = torch.stack([lin.weight for lin in self.hidden])  # [R, H, D]
-        b = torch.stack([lin.bias for lin in self.hidden])  # [R, H]
-        f = features / features.norm(dim=2, keepdim=True)
-        h = F.relu(torch.baddbmm(b.unsqueeze(1), f, w.transpose(1, 2)))  # [R, B, H]
-        v = mean_logits.topk(self.top_k, dim=2).values / self.logit_scale  # [R, B, k]
-        x = torch.cat((v.to(h.dtype), h), dim=2)  # [R, B, k + H]
-        if self.share_fc:
-            return self.fc(x).squeeze(2)
-        fw = torch.stack([lin.weight for lin in self.fcs])  # [R, 1, k + H]
-        fb = torch.stack([lin.bias for lin in self.fcs])  # [R, 1]
-        return torch.baddbmm(fb.unsqueeze(1), x, fw.transpose(1, 2)).squeeze(2)
+        with self._own_precision(features.device):
+            features, mean_logits = self._cast(features), self._cast(mean_logits)
+            w = torch.stack([lin.weight for lin in self.hidden])  # [R, H, D]
+            b = torch.stack([lin.bias for lin in self.hidden])  # [R, H]
+            f = features / features.norm(dim=2, keepdim=True)
+            h = F.relu(torch.baddbmm(b.unsqueeze(1), f, w.transpose(1, 2)))  # [R, B, H]
+            v = mean_logits.topk(self.top_k, dim=2).values / self.logit_scale  # [R, B, k]
+            x = torch.cat((v, h), dim=2)  # [R, B, k + H]
+            if self.share_fc:
+                return self.fc(x).squeeze(2)
+            fw = torch.stack([lin.weight for lin in self.fcs])  # [R, 1, k + H]
+            fb = torch.stack([lin.bias for lin in self.fcs])  # [R, 1]
+            return torch.baddbmm(fb.unsqueeze(1), x, fw.transpose(1, 2)).squeeze(2)
+
+    @staticmethod
+    def _own_precision(device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast off on `device` (see the module docstring: the routers decide in float32)."""
+        if torch.amp.is_autocast_available(device.type):
+            return torch.autocast(device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    def _cast(self, x: Tensor) -> Tensor:
+        """x in the routers' dtype (no copy when it already is)."""
+        return x.to(self.hidden[0].weight.dtype)
 
     def extra_repr(self) -> str:
         return f"num_routers={self.num_routers}, top_k={self.top_k}, hidden={self.hidden_dim}, share_fc={self.share_fc}"

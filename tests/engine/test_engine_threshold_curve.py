@@ -59,6 +59,19 @@ def test_every_point_of_the_whole_curve_is_routed_inference(routed_setup, val_lo
     assert curve.all_experts_accuracy == pytest.approx(_class_mean(all_right, y))
 
 
+def test_under_bf16_autocast_routed_inference_decides_as_the_replay(routed_setup, val_loader):
+    """The network in bf16 (the default precision on a GPU): routed inference must still take, at
+    every threshold of the curve, the decisions of the replay that calibration reads."""
+    net, router, cost = routed_setup
+    scores = score_routers(net, router, val_loader, amp="bf16")
+    curve = threshold_curve(scores, cost)
+    x = torch.cat([b.images for b in val_loader])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        used = [routed_forward(net, router, x, threshold=float(t)).num_experts.numpy() for t in curve.thresholds]
+    for t, u in zip(curve.thresholds, used):
+        np.testing.assert_array_equal(scores.experts_used(float(t)), u)
+
+
 def test_the_rule_takes_the_cheapest_point_whose_drop_plus_z_se_is_allowed(routed_setup, val_loader):
     net, router, cost = routed_setup
     curve = threshold_curve(score_routers(net, router, val_loader), cost)

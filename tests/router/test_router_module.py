@@ -80,6 +80,25 @@ def test_forward_all_equals_each_router_on_its_own(shared):
         torch.testing.assert_close(batched[i], router(i, features[i], means[i]))
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_routers_decide_in_float32_under_bf16_autocast(shared):
+    """Routed inference runs the network under autocast; calibration replays the routers in
+    float32. Both must see the same router logits, bit for bit, from the same bf16 inputs."""
+    torch.manual_seed(0)
+    E = 3
+    router = Router(E, D, C, top_k=K, hidden=H, share_fc=shared)
+    features, means = torch.randn(E - 1, 64, D).bfloat16(), (torch.randn(E - 1, 64, C) * 30).bfloat16()
+    expected_all = router.forward_all(features.float(), means.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_all = router.forward_all(features, means)
+        got = [router(i, features[i], means[i]) for i in range(E - 1)]
+    assert got_all.dtype == torch.float32
+    torch.testing.assert_close(got_all, expected_all, rtol=0, atol=0)
+    for i in range(E - 1):
+        assert got[i].dtype == torch.float32
+        torch.testing.assert_close(got[i], router(i, features[i].float(), means[i].float()), rtol=0, atol=0)
+
+
 def test_the_computation_follows_the_spec():
     torch.manual_seed(0)
     router = Router(3, D, C, top_k=K, hidden=H)
