@@ -8,7 +8,7 @@ OUT    ?= demo_out
 # the GPU machine's CPython, and what its image may lack (versions: the pins of requirements.txt)
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := pytest iniconfig pluggy packaging Pygments pytest-benchmark py-cpuinfo2 \
-              fvcore iopath yacs tabulate termcolor portalocker PyYAML tqdm
+              fvcore iopath yacs tabulate termcolor portalocker PyYAML tqdm pillow
 
 .PHONY: setup demo test bench gpu-wheels clean
 

@@ -24,7 +24,7 @@
 #                                       start and the report add < 10 s); the dry run's deadlines only
 #                                       bound a broken run: it takes well under a minute on two idle cores
 #
-# On a GPU machine the packages that its image may lack (pytest, pytest-benchmark, fvcore, PyYAML
+# On a GPU machine the packages that its image may lack (pytest, pytest-benchmark, fvcore, PyYAML, Pillow
 # and their dependencies, at the pins of requirements.txt) come from .whl/ (`make gpu-wheels`; git
 # ignores it, so copy it along with the checkout),
 # installed with --no-index into a private folder. --cpu-dry-run runs the same steps with tiny

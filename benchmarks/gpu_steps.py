@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STATUSES = ("passed", "failed", "timed_out", "skipped")
 #: imported before the first step; a failure names the module and stops the check
-REQUIRED = ("numpy", "yaml", "torch", "triton", "pytest", "pytest_benchmark", "fvcore.nn", "iopath", "ride_fast",
+REQUIRED = ("numpy", "yaml", "PIL", "torch", "triton", "pytest", "pytest_benchmark", "fvcore.nn", "iopath", "ride_fast",
             "ride_fast.engine", "ride_fast_kernels")
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 / H200 SXM bf16 dense peak (the same SMs and clocks)
 

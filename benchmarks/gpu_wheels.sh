@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build .whl/: the wheels benchmarks/gpu_check.sh installs on a GPU machine whose image may lack
-# them (pytest, pytest-benchmark, fvcore, PyYAML and their dependencies), at the exact versions
+# them (pytest, pytest-benchmark, fvcore, PyYAML, Pillow and their dependencies), at the exact versions
 # pinned in requirements.txt, for that machine's CPython (x86-64 Linux). Run through
 # `make gpu-wheels [GPU_PYTHON=3.12]`; the folder must stay within 64 MiB.
 #

@@ -3,8 +3,10 @@ writes its rows as it goes, reports from the rows alone, and says failed / timed
 honestly (a failed step, a step past its deadline, a killed runner, a missing module)."""
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,3 +168,57 @@ def test_every_gpu_test_file_is_in_the_check():
     """A `gpu`-marked test that the check does not run would never run at all."""
     marked = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").rglob("test_*.py") if "mark.gpu" in f.read_text())
     assert sorted(GPU_TEST_FILES) == marked
+
+
+# what a GPU machine's image brings (torch's own CUDA build with triton and numpy); everything else
+# the GPU tests import must come from the wheels of `make gpu-wheels` (GPU_WHEELS in the Makefile)
+GPU_IMAGE_DISTRIBUTIONS = {"torch", "triton", "numpy"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _gpu_test_sources() -> list[Path]:
+    """The GPU test files, the conftest.py files pytest loads for them, and the test modules and
+    helpers they import (recursively)."""
+    tests = ROOT / "tests"
+    helpers = {p.stem: p for p in tests.rglob("*.py") if p.stem != "conftest"}
+    todo = [ROOT / f for f in GPU_TEST_FILES]
+    for f in list(todo):
+        todo += [d / "conftest.py" for d in f.parents if d.is_relative_to(tests) and (d / "conftest.py").exists()]
+    seen: list[Path] = []
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.append(f)
+            todo += [helpers[m] for m in _imported_modules(f) if m in helpers]
+    return seen
+
+
+def test_every_package_the_gpu_tests_import_is_in_the_image_or_the_wheels():
+    """A module a GPU test file, its conftest or a helper imports that the GPU machine lacks stops
+    pytest before any test runs: the gpu_tests step would then run nothing."""
+    from importlib.metadata import packages_distributions
+
+    makefile = (ROOT / "Makefile").read_text()
+    wheels = re.search(r"^GPU_WHEELS\s*:=\s*((?:.*\\\n)*.*)$", makefile, re.M).group(1)
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    available = {norm(w) for w in wheels.replace("\\\n", " ").split()} | GPU_IMAGE_DISTRIBUTIONS
+    local = {"ride_fast", "ride_fast_kernels", "kernels", *(p.stem for p in (ROOT / "tests").rglob("*.py")),
+             *(p.stem for p in (ROOT / "benchmarks").glob("*.py"))}
+    distributions = packages_distributions()
+    lacking = {}
+    for source in _gpu_test_sources():
+        for module in sorted(_imported_modules(source) - set(sys.stdlib_module_names) - local - {"__future__"}):
+            dists = {norm(d) for d in distributions.get(module, [module])}
+            if not dists & available:
+                lacking.setdefault(module, []).append(str(source.relative_to(ROOT)))
+    assert not lacking, f"imported by the GPU tests but neither in the GPU image nor in GPU_WHEELS: {lacking}"
