@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gpu_steps import STATUSES, read_rows
 
-LOSS_COLUMNS = ("case", "provider", "ms", "ms_stream", "gbps", "pct_copy_bw", "pct_floor_time", "predicted_pct_floor", "x_eager",
+LOSS_COLUMNS = ("case", "provider", "ms", "timed_by", "ms_stream", "gbps", "pct_copy_bw", "pct_floor_time", "predicted_pct_floor", "x_eager",
                 "x_compile")
 HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}
 
@@ -91,7 +91,9 @@ def build(rows: list[dict]) -> tuple[str, int]:
         md += ["## RIDE loss, forward + backward", ""]
         if copy:
             md.append(f"Copy bandwidth (read + written): {copy['gbps']:,.0f} GB/s over {copy['bytes'] / 1e9:.2f} GB. "
-                      "ms is the CUDA-graph replay time (ms_stream: back-to-back launches); GB/s and % of the floor count "
+                      "ms is the CUDA-graph replay time where timed_by says graph, else back-to-back launches (ms_stream; "
+                      "graph_error in the rows says why a call was not captured), and the x columns compare times on the "
+                      "same clock; GB/s and % of the floor count "
                       "the floor bytes, reading the logits once and writing their gradient once.")
             md.append("")
         md += _table(list(LOSS_COLUMNS) + ["status"], [[r.get(c) for c in LOSS_COLUMNS] + [r["status"]] for r in loss])

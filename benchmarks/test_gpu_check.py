@@ -66,6 +66,9 @@ def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
     fused = [r for r in loss if r["provider"] == "fused"]
     assert copy["gbps"] > 0 and all(r["pct_floor_time"] > 0 and 0 < r["predicted_pct_floor"] <= 100 for r in fused)
     assert all(r["x_eager"] > 0 and r["x_compile"] > 0 and isinstance(r["target_met"], bool) for r in fused)
+    assert {r["timed_by"] for r in loss} == {"stream"}  # the CPU's wall clock: no graph to replay
+    env = next(r for r in rows if r.get("kind") == "env")
+    assert {"c_compiler", "python_h"} <= set(env)  # what Triton needs to build its launchers on a GPU machine
     ddp = next(r for r in rows if r["step"] == "ddp_nccl" and r.get("kind") == "measure")
     assert ddp["backend"] == "gloo" and ddp["rc"] == 0 and ddp["epochs"] == 1
     fp16 = next(r for r in rows if r["step"] == "amp_fp16" and r.get("kind") == "measure")
@@ -104,6 +107,28 @@ def test_a_step_past_its_deadline_is_timed_out_and_keeps_its_rows(tmp_path):
     assert ends["env"]["status"] == "timed_out" and ends["env"]["deadline_s"] == 4
     assert ends["trainer_cuda_graphs"]["status"] == "skipped"  # the check went on
     assert "| env | timed out |" in (tmp_path / "report.md").read_text()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_step_past_its_deadline_lets_its_launcher_stop_the_workers_it_started(tmp_path):
+    """torchrun starts its workers in sessions of their own: killing the step's process group would
+    leave them running on the device through the next steps. SIGTERM first lets torchrun stop them."""
+    proc = _check(tmp_path, RIDE_FAST_GPU_CHECK_STEPS="env", RIDE_FAST_GPU_CHECK_FAULT="env:hang_in_launcher",
+                  RIDE_FAST_GPU_CHECK_DEADLINES="env=4")
+    pid = int((tmp_path / "worker.pid").read_text())
+    try:
+        assert _ends(tmp_path)["env"]["status"] == "timed_out", proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert not _running(pid), "the launcher's worker outlived its step"
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_runner_leaves_its_rows_and_a_report_that_says_timed_out(tmp_path):
@@ -222,3 +247,28 @@ def test_every_package_the_gpu_tests_import_is_in_the_image_or_the_wheels():
             if not dists & available:
                 lacking.setdefault(module, []).append(str(source.relative_to(ROOT)))
     assert not lacking, f"imported by the GPU tests but neither in the GPU image nor in GPU_WHEELS: {lacking}"
+
+
+def test_the_fused_loss_floor_goal_is_70_percent_only_where_the_model_predicts_it():
+    """At (256, 4, 1000) one kernel's fixed cost is most of the floor time (BENCHMARKS.md): there
+    the goal is the prediction, not a 70 % that no design reaches."""
+    from gpu_steps import _floor_goal
+    from loss_traffic import GPUS, model
+
+    for (B, E, C), expect_70 in (((512, 4, 8142), True), ((256, 4, 1000), False)):
+        for dtype in ("float32", "bfloat16"):
+            predicted = 100 * model(B, E, C, dtype, "mean", GPUS["h200"], phase=1)["fraction_of_floor"]
+            goal, words = _floor_goal(predicted)
+            assert (goal == 70.0) is expect_70, (B, E, C, dtype, predicted)
+            assert goal == (70.0 if expect_70 else pytest.approx(0.85 * predicted)) and "floor" in words
+
+
+def test_speedups_compare_times_on_one_clock():
+    """A provider whose calls could not be captured is compared on back-to-back launches, never
+    its stream time against another's graph time."""
+    from gpu_steps import _speedup, _timed_by
+
+    graphed = {"s": 1.0, "stream_s": 2.0, "graph_s": 1.0}
+    not_graphed = {"s": 8.0, "stream_s": 8.0, "graph_s": None}
+    assert _speedup(not_graphed, graphed) == 4.0 and _speedup({**not_graphed, "graph_s": 4.0}, graphed) == 4.0
+    assert _timed_by(graphed) == "graph" and _timed_by(not_graphed) == "stream"
