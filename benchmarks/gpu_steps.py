@@ -655,7 +655,9 @@ def _torchrun_train(rows: Rows, sizes: Sizes, case: str, cuda_graphs: bool) -> b
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar100_pickles(Path(tmp) / "data", train, test)
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ride_fast", "train",
+        # --local-addr: the worker reaches the agent's store at 127.0.0.1, whatever the machine's host name resolves to
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", "--nproc_per_node=1",
+               "-m", "ride_fast", "train",
                "data.name=cifar100_lt", f"data.root={Path(tmp) / 'data'}", "data.imbalance_factor=1", f"data.batch_size={sizes.batch}",
                "data.eval_batch_size=1024", f"train.device={sizes.device}", "train.epochs=1", f"train.max_steps_per_epoch={sizes.ddp_steps}",
                "train.progress=false", "train.tensorboard=false", f"train.out_dir={out}", "optim.warmup_epochs=0",
@@ -674,7 +676,7 @@ def _torchrun_train(rows: Rows, sizes: Sizes, case: str, cuda_graphs: bool) -> b
     ok = proc.returncode == 0 and len(records) == 1 and math.isfinite(records[0]["loss"]) and backend == ("nccl" if sizes.device == "cuda" else "gloo")
     rows.measure("passed" if ok else "failed", case=case, cuda_graphs=cuda_graphs, steps=sizes.ddp_steps, rc=proc.returncode,
                  backend=backend, seconds=seconds, epochs=len(records), loss=records[0]["loss"] if records else None,
-                 images_per_s=records[0]["images_per_s"] if records else None, command=" ".join(cmd[1:6]) + " train ...",
+                 images_per_s=records[0]["images_per_s"] if records else None, command=" ".join(cmd[1:8]) + " train ...",
                  **({} if ok else {"reason": f"exit code {proc.returncode}, DDP backend {backend}: " + log.strip()[-800:]}))
     return ok
 
