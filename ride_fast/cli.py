@@ -244,6 +244,7 @@ def _cmd_train(args) -> int:
     from ride_fast.engine.distributed import shutdown_distributed
 
     cfg = load_config(args.config, args.overrides)
+    trainer = None
     try:
         trainer = Trainer(cfg, overwrite=args.overwrite)
         resume = args.resume
@@ -256,7 +257,11 @@ def _cmd_train(args) -> int:
             trainer.resume(resume)
         trainer.fit()  # its last line names the best epoch and the checkpoints (console and train.log)
     finally:
-        shutdown_distributed()
+        try:
+            if trainer is not None:
+                trainer.close()  # captured graphs first: the process group cannot go while they hold NCCL work
+        finally:
+            shutdown_distributed()
     return 0
 
 

@@ -28,6 +28,7 @@ resumes, evaluates or routes with either layout (engine/optim.py, engine/checkpo
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -296,6 +297,15 @@ class Trainer:
         """Every rank evaluates, and rank 0 saves, the same network (with sync_bn the statistics are equal already)."""
         if not self.cfg.train.sync_bn:
             average_bn_statistics(self.model, self.dist)
+
+    def close(self) -> None:
+        """Free the captured step graphs (train.cuda_graphs), before the process group goes: NCCL
+        does not destroy a communicator while a graph that launches its collectives is alive, so
+        `destroy_process_group` would hang at the end of a multi-GPU run."""
+        if self.step.graphs is not None:
+            self.step.graphs.drop()
+            gc.collect()  # a graph held by a reference cycle goes now, not at some later collection
+            synchronize(self.device)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

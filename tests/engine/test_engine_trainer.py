@@ -109,6 +109,33 @@ def test_bad_inputs_are_clear(tmp_path):
         Trainer(tiny_cfg(tmp_path, "model.name=resnet33"), log=lambda s: None)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_cli_train_frees_the_trainer_before_the_process_group(monkeypatch, tmp_path, fails):
+    """`ride-fast train` closes the trainer (its captured graphs) before destroying the process
+    group, also when training fails: a live graph holding NCCL work hangs destroy_process_group."""
+    import ride_fast.engine
+    import ride_fast.engine.distributed
+
+    calls = []
+
+    class Recording(Trainer):
+        def fit(self):
+            calls.append("fit")
+            if fails:
+                raise RuntimeError("out of memory")
+            return super().fit()
+
+        def close(self):
+            calls.append("close")
+            super().close()
+
+    monkeypatch.setattr(ride_fast.engine, "Trainer", Recording)
+    monkeypatch.setattr(ride_fast.engine.distributed, "shutdown_distributed", lambda: calls.append("shutdown"))
+    args = ["train", *TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
+    assert main(args) == (2 if fails else 0)  # a failure is reported as "ride-fast train: error: ..."
+    assert calls == ["fit", "close", "shutdown"]
+
+
 def test_cli_train_resume_and_eval(tmp_path, capsys):
     args = [*TINY, f"train.out_dir={tmp_path}", "train.epochs=1"]
     assert main(["train", *args]) == 0
