@@ -1,9 +1,10 @@
-"""Accuracy overall and per many/medium/few split, computed with bincount (no per-image loops).
+"""Accuracy overall and per many/medium/few split, computed with per-class counts on the device (no per-image loops, no host reads).
 
 Shape legend: N test images, C classes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,11 +42,19 @@ def pct(value: float, spec: str = ".2f") -> str:
     return format("n/a", f">{width}") if width else "n/a"
 
 
+def count_into(counts: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
+    """counts[index[i]] += weights[i] (1 without weights), in place; returns `counts` (int64).
+
+    `index_add_` instead of `bincount`: on a GPU, bincount reads the index's min and max back to the
+    host and boolean indexing its count, so a loop of them would wait for the device every batch."""
+    ones = torch.ones_like(index, dtype=counts.dtype) if weights is None else weights.to(counts.dtype)
+    return counts.index_add_(0, index, ones)
+
+
 def per_class_accuracy(preds: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """(correct [C], total [C]) counts, on the device of the inputs."""
-    correct = torch.bincount(labels[preds == labels], minlength=num_classes)
-    total = torch.bincount(labels, minlength=num_classes)
-    return correct, total
+    """(correct [C], total [C]) int64 counts, on the device of the inputs, without a host read."""
+    zeros = functools.partial(torch.zeros, num_classes, dtype=torch.long, device=labels.device)
+    return count_into(zeros(), labels, preds == labels), count_into(zeros(), labels)
 
 
 def split_accuracy(correct, total, class_counts) -> SplitAccuracy:

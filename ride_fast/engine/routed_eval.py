@@ -21,14 +21,14 @@ import torch
 from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
 from ride_fast.engine.checkpoint import atomic_write_text, check_data_classes, load_checkpoint, load_routed_checkpoint
 from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data
-from ride_fast.engine.metrics import SplitAccuracy, pct, per_class_accuracy, split_accuracy
+from ride_fast.engine.metrics import SplitAccuracy, count_into, pct, per_class_accuracy, split_accuracy
 from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
 from ride_fast.engine.runtime import autocast_context, resolve_device
 from ride_fast.engine.threshold_curve import plot_sweep, score_routers, sweep_table, threshold_curve, threshold_curve_rows
 from ride_fast.io import json_text, plural, pyplot, save_figure
 from ride_fast.models import RIDENet
-from ride_fast.router import Router, routed_forward
+from ride_fast.router import Router, gather_rows, routed_forward
 
 
 @dataclass
@@ -150,7 +150,7 @@ def evaluate_routed(
         batch_size = max(batch_size, x.shape[0])
         if kept_n < timing_images and per_batch:  # the timing phase reuses test images spread over the whole set
             take = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0], timing_images - kept_n), device=x.device).round().long()
-            kept.append(x.index_select(0, take.unique()))
+            kept.append(gather_rows(x, take.unique()))  # keeps the layout (channels-last) that the timing runs on
             kept_n += kept[-1].shape[0]
         with autocast_context(device, amp):
             logits_all = net(x).logits
@@ -159,7 +159,7 @@ def evaluate_routed(
         correct_all += c
         total += t
         correct_routed += per_class_accuracy(out.logits.argmax(1), y, C)[0]
-        usage += torch.bincount(y * E + out.num_experts - 1, minlength=C * E)
+        count_into(usage, y * E + out.num_experts - 1)
     hist = usage.view(C, E).cpu().numpy().astype(np.float64)
     n_images = int(hist.sum())
     if n_images == 0:

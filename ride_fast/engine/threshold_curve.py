@@ -60,12 +60,13 @@ def score_routers(net: RIDENet, router: Router, loader, amp: str = "none") -> Ro
         with autocast_context(device, amp):
             out = net(batch.images)
         means = prefix_mean_logits(out.expert_logits)  # [E, B, C] float32
-        right.append((means.argmax(-1) == batch.labels).cpu())
-        probs.append(torch.sigmoid(router.forward_all(out.features[:-1].float(), means[:-1]).float()).cpu())
-        labels.append(batch.labels.cpu())
+        right.append(means.argmax(-1) == batch.labels)  # kept on the device: one copy to the host after the loop
+        probs.append(torch.sigmoid(router.forward_all(out.features[:-1].float(), means[:-1]).float()))
+        labels.append(batch.labels)
     if not labels:
         raise ValueError("score_routers: the loader yielded no images")
-    return RouterScores(torch.cat(probs, 1).numpy(), torch.cat(right, 1).numpy(), torch.cat(labels).numpy(), net.num_classes)
+    return RouterScores(torch.cat(probs, 1).cpu().numpy(), torch.cat(right, 1).cpu().numpy(), torch.cat(labels).cpu().numpy(),
+                        net.num_classes)
 
 
 @dataclass
