@@ -67,6 +67,7 @@ def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
     assert copy["gbps"] > 0 and all(r["pct_floor_time"] > 0 and 0 < r["predicted_pct_floor"] <= 100 for r in fused)
     assert all(r["x_eager"] > 0 and r["x_compile"] > 0 and isinstance(r["target_met"], bool) for r in fused)
     assert {r["timed_by"] for r in loss} == {"stream"}  # the CPU's wall clock: no graph to replay
+    assert {r["rotated_copies"] for r in loss} == {2}  # the calls cycle through copies of the logits
     env = next(r for r in rows if r.get("kind") == "env")
     assert {"c_compiler", "python_h"} <= set(env)  # what Triton needs to build its launchers on a GPU machine
     ddp = next(r for r in rows if r["step"] == "ddp_nccl" and r.get("kind") == "measure")
@@ -272,3 +273,20 @@ def test_speedups_compare_times_on_one_clock():
     not_graphed = {"s": 8.0, "stream_s": 8.0, "graph_s": None}
     assert _speedup(not_graphed, graphed) == 4.0 and _speedup({**not_graphed, "graph_s": 4.0}, graphed) == 4.0
     assert _timed_by(graphed) == "graph" and _timed_by(not_graphed) == "stream"
+
+
+def test_loss_calls_rotate_through_enough_copies_to_miss_the_l2(monkeypatch):
+    """Between two calls on one copy of the logits the others move at least twice the L2, at both
+    loss shapes, so no call is timed on rows its predecessor left in the L2."""
+    import types
+
+    import torch
+    from gpu_steps import rotation
+
+    l2 = 50 * 2**20  # H100 / H200
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(L2_cache_size=l2))
+    for B, E, C in ((512, 4, 8142), (256, 4, 1000)):
+        for itemsize in (4, 2):
+            call_bytes = 2 * B * E * C * itemsize
+            n = rotation(call_bytes, "cuda")
+            assert (n - 1) * call_bytes >= 2 * l2 and (n - 2) * call_bytes < 2 * l2, (B, E, C, itemsize, n)
