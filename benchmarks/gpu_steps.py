@@ -147,7 +147,7 @@ class Rows:
             if fault == "hang":
                 time.sleep(3600)
             if fault == "hang_in_launcher":
-                subprocess.run([sys.executable, "-c", _HANGING_LAUNCHER, str(self.path.parent / "worker.pid")])
+                subprocess.run([sys.executable, "-c", _HANGING_LAUNCHER, str(self.path.parent / "worker.pid")], check=False)
             raise RuntimeError(f"fault injected by RIDE_FAST_GPU_CHECK_FAULT={self.step}:{fault}")
         return row
 
@@ -436,7 +436,7 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                     if provider == "compile" and (B, E, C) not in sizes.compile_shapes:
                         continue
 
-                    def step(fn=fn):
+                    def step(fn=fn, copies=copies, turn=turn):
                         zc = copies[next(turn) % len(copies)]
                         zc.grad = None
                         fn(zc, y, m, w, t, LAMBDA, TM, div).backward()

@@ -235,8 +235,11 @@ def test_every_package_the_gpu_tests_import_is_in_the_image_or_the_wheels():
     from importlib.metadata import packages_distributions
 
     makefile = (ROOT / "Makefile").read_text()
-    wheels = re.search(r"^GPU_WHEELS\s*:=\s*((?:.*\\\n)*.*)$", makefile, re.M).group(1)
-    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    wheels = re.search(r"^GPU_WHEELS\s*:=\s*((?:.*\\\n)*.*)$", makefile, re.MULTILINE).group(1)
+
+    def norm(name: str) -> str:  # a distribution's normalised name
+        return re.sub(r"[-_.]+", "-", name).lower()
+
     available = {norm(w) for w in wheels.replace("\\\n", " ").split()} | GPU_IMAGE_DISTRIBUTIONS
     local = {"ride_fast", "ride_fast_kernels", "kernels", *(p.stem for p in (ROOT / "tests").rglob("*.py")),
              *(p.stem for p in (ROOT / "benchmarks").glob("*.py"))}

@@ -84,7 +84,7 @@ class DataConfig:
     eval_batch_size: int = 512  # global evaluation batch (split over the ranks); no effect on results
     loader: Literal["auto", "memory", "dali", "torch"] = "auto"  # auto: memory for arrays, DALI for files if installed, else torch
     decode_device: Literal["auto", "cpu", "gpu"] = "auto"  # DALI: auto decodes on the GPU when training on one
-    num_workers: int = -1  # file loaders: DataLoader workers / DALI threads; -1 = one per CPU core, 0 = in the main process
+    num_workers: int = -1  # file loaders: DataLoader workers / DALI threads; -1 = one per CPU core this rank may use (the cores shared among a machine's ranks), 0 = in the main process
     verify_images: Literal["none", "header", "decode"] = "header"  # file data sets: image checks before training
     skip_bad_images: bool = False  # leave out missing / unreadable images (and say how many) instead of stopping
     seed: int = 0  # selection of the long-tailed subset (the original uses numpy seed 0)

@@ -39,7 +39,6 @@ pipeline is built per epoch with a seed from (seed, epoch, rank), so a resumed r
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections import deque
 
 import numpy as np
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 
 from ride_fast.data.dataset import ArrayDataset, Batch
 from ride_fast.data.image_list import ImageListDataset, ImageRecipe
-from ride_fast.data.loader import EpochLoader
+from ride_fast.data.loader import EpochLoader, cpus_per_rank
 from ride_fast.data.samplers import batch_indices, epoch_rng
 from ride_fast.data.transforms import ColourMaps, center_crop_offset, channels_first, finish_batch, resize_shorter_size
 from ride_fast.data.verify import decode_problem
@@ -77,7 +76,7 @@ def _dali():
 
 
 def _threads(num_workers: int) -> int:
-    return (os.cpu_count() or 1) if num_workers < 0 else max(1, num_workers)
+    return cpus_per_rank() if num_workers < 0 else max(1, num_workers)
 
 
 def _pipeline_seed(seed: int, epoch: int, rank: int) -> int:

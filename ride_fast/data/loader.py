@@ -4,11 +4,25 @@ busy without worker processes; on the CPU it avoids per-image Python work.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ride_fast.data.dataset import ArrayDataset, Batch
 from ride_fast.data.samplers import ShuffleSampler, epoch_rng, num_batches
 from ride_fast.data.transforms import normalize, random_crop, random_hflip, random_rotate
+
+
+def cpus_per_rank() -> int:
+    """The CPU cores a loader of this process may take (data.num_workers=-1): those the process may
+    run on, shared among the ranks a torchrun job starts on this machine (LOCAL_WORLD_SIZE), so that
+    eight ranks of an eight-GPU node do not each start a worker per core."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        cpus = os.cpu_count() or 1
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, cpus // ranks_here)
 
 
 class EpochLoader:

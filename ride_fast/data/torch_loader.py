@@ -19,7 +19,6 @@ is left out of its batch and counted when `skip_bad_images=True`.
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 
 from ride_fast.data.dataset import Batch
 from ride_fast.data.image_list import ImageListDataset, ImageRecipe
-from ride_fast.data.loader import EpochLoader
+from ride_fast.data.loader import EpochLoader, cpus_per_rank
 from ride_fast.data.samplers import batch_indices, epoch_rng
 from ride_fast.data.transforms import center_crop_offset, finish_batch, random_resized_crop_box, resize_shorter_size
 from ride_fast.data.verify import decode_reason
@@ -134,7 +133,7 @@ class TorchImageLoader(EpochLoader):
                  prefetch_factor: int = 4):
         super().__init__(dataset, batch_size, train=train, device=device, augment=augment, channels_last=channels_last,
                          seed=seed, sampler=sampler)
-        self.num_workers = (os.cpu_count() or 1) if num_workers < 0 else num_workers
+        self.num_workers = cpus_per_rank() if num_workers < 0 else num_workers
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.skip_bad_images = skip_bad_images
         self.prefetch_factor = prefetch_factor

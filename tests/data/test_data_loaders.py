@@ -316,3 +316,20 @@ def test_training_loader_never_yields_a_single_image_batch():
     ds = ArrayDataset(torch.zeros(9, 1, 8, 8, dtype=torch.uint8), torch.zeros(9, dtype=torch.long), 2, (0.5,), (0.5,))
     sizes = [b.labels.numel() for b in InMemoryLoader(ds, 4, train=True)]
     assert sizes == [4, 4]
+
+
+def test_all_cores_means_this_ranks_share_of_the_cores_it_may_use(monkeypatch, photo_sets):
+    """data.num_workers=-1 on an 8-GPU node: each of the 8 ranks takes its share of the cores the
+    process may run on, not a worker per core of the machine each."""
+    from ride_fast.data.dali import _threads
+    from ride_fast.data.loader import cpus_per_rank
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpus_per_rank() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cpus_per_rank() == 2 and _threads(-1) == 2 and _threads(3) == 3
+    _, test = photo_sets
+    assert TorchImageLoader(test, 4, train=False, num_workers=-1).num_workers == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more ranks than cores: one each
+    assert cpus_per_rank() == 1
