@@ -9,9 +9,9 @@
 #
 # Steps and deadlines in seconds (benchmarks/gpu_steps.py, DEADLINES), full / --quick / --cpu-dry-run:
 #
-#   env                  20 /  5 / 30   device, versions
-#   gpu_tests            80 / 20 / 60   pytest -m gpu: fused-loss kernels at full size, the loss compiled, engine and loader GPU tests
-#   loss_bench           70 / 25 / 60   1.25 GiB copy bandwidth; RIDE loss fp32/bf16 x mean/pairwise x eager/compile/fused
+#   env                  10 /  5 / 30   device, versions
+#   gpu_tests            90 / 20 / 60   pytest -m gpu: fused-loss kernels at full size, the loss compiled, engine and loader GPU tests
+#   loss_bench           74 / 25 / 60   1.25 GiB copy bandwidth; RIDE loss fp32/bf16 x mean/pairwise x eager/compile/fused
 #   trainer_compile      60 / 28 / 60   the Trainer, bf16, train.compile, CIFAR-size in-memory data, a few hundred steps
 #   trainer_cuda_graphs  40 / 13 / 30   the same with train.cuda_graphs (CUDA only)
 #   amp_fp16             25 /  8 / 60   fp16 + GradScaler through the fused loss against bf16
@@ -19,7 +19,7 @@
 #   routed               20 /  8 / 60   routed inference: time ratio against the MACs ratio
 #   ddp_nccl             35 / 12 / 90   torchrun --nproc_per_node=1 -m ride_fast train (NCCL; gloo on the CPU)
 #   e8                   15 /  4 / 60   E = 8 experts through the fused loss
-#   dali                 10 /  3 / 30   the DALI mixed (nvJPEG) pipeline, or "not installed"
+#   dali                  6 /  3 / 30   the DALI mixed (nvJPEG) pipeline, or "not installed"
 #   sum                 410 /138        budget: full <= 420 s, --quick <= 150 s on an H100/H200 (the runner's
 #                                       start and the report add < 10 s); the dry run's deadlines only
 #                                       bound a broken run: it takes well under a minute on two idle cores

@@ -58,9 +58,9 @@ H100_BF16_DENSE_TFLOPS = 989.0  # H100 / H200 SXM bf16 dense peak (the same SMs 
 #: per-step deadlines in seconds: (full, quick, dry). full sums to <= 420 s and quick to <= 150 s,
 #: the check's budget on an H100/H200 (compiles included); dry only bounds a broken CPU run (it takes < 60 s).
 DEADLINES: dict[str, tuple[float, float, float]] = {
-    "env": (20, 5, 30),
-    "gpu_tests": (80, 20, 60),
-    "loss_bench": (70, 25, 60),
+    "env": (10, 5, 30),
+    "gpu_tests": (90, 20, 60),
+    "loss_bench": (74, 25, 60),
     "trainer_compile": (60, 28, 60),
     "trainer_cuda_graphs": (40, 13, 30),
     "amp_fp16": (25, 8, 60),
@@ -68,7 +68,7 @@ DEADLINES: dict[str, tuple[float, float, float]] = {
     "routed": (20, 8, 60),
     "ddp_nccl": (35, 12, 90),
     "e8": (15, 4, 60),
-    "dali": (10, 3, 30),
+    "dali": (6, 3, 30),
 }
 BUDGET_S = {"full": 420, "quick": 150, "dry": 60}
 STARTUP_S = 10  # the runner's imports and the report, on top of the steps' deadlines
