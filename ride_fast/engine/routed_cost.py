@@ -202,8 +202,11 @@ def time_routed(net: RIDENet, router: Router | None, images: Tensor, *, threshol
     ratio = [b / a for a, b in zip(seconds["all_experts"], seconds["routed"])]
 
     picks = np.unique(np.linspace(0, N - 1, min(latency_images, N)).round().astype(int))  # spread over the images
-    for j in picks[:5]:  # batch-1 warm-up
+    every_expert = torch.ones(net.num_experts - 1, 1, dtype=torch.bool, device=device)
+    for j in picks[:5]:  # batch-1 warm-up, every expert included (the images' own routes may skip some)
         run("all_experts", j, j + 1), run("routed", j, j + 1)
+        with autocast_context(device, amp):
+            routed_forward(net, router, images[j:j + 1], threshold=threshold, decisions=every_expert)
     lat = {"all_experts": [], "routed": []}
     used = []
     for n_done, j in enumerate(picks):

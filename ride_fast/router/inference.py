@@ -17,9 +17,15 @@ Expert i + 1 then runs on those images alone. No per-image Python loop anywhere.
 
 The prediction is the mean of the logits of the experts used; an image that used n experts also
 evaluated min(n, E - 1) routers (the cost model of docs/method.md §6).
+
+cuDNN's autotuner (`torch.backends.cudnn.benchmark`, on during training) is off inside: A_i changes
+from batch to batch, and each new size would be tuned anew, in the middle of an evaluation or of a
+timed image.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +91,24 @@ def routed_forward(
     elif decisions.shape != (E - 1, B) or decisions.dtype != torch.bool:
         raise ValueError(f"decisions must be a bool tensor [E - 1 = {E - 1}, B = {B}], got {decisions.dtype} {tuple(decisions.shape)}")
 
+    with _cudnn_autotuner_off():
+        return _routed(model, router, images, threshold, decisions)
+
+
+@contextlib.contextmanager
+def _cudnn_autotuner_off() -> Iterator[None]:
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _routed(model: RIDENet, router: Router | None, images: Tensor, threshold: float, decisions: Tensor | None) -> RoutedOutput:
+    """routed_forward's body, its arguments checked."""
+    E = model.num_experts
+    B = images.shape[0]
     trunk_out = model.forward_trunk(images)
     z, feature = model.forward_expert(0, trunk_out)
     logit_sum = z.to(torch.float32, copy=True)  # [B, C], owned: index_add_ writes into it

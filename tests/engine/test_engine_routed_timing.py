@@ -54,3 +54,18 @@ def test_threshold_zero_routes_every_image_through_every_expert(net):
     assert set(timing.latency_by_experts) == {"3"}
     with pytest.raises(ValueError, match="repeats"):
         time_routed(net, router, torch.randn(2, 3, PX, PX), repeats=0)
+
+
+def test_batch_1_warm_up_runs_every_expert_before_the_first_timed_image(monkeypatch):
+    """On a GPU the first batch-1 call of an expert pays for its kernels' selection: the warm-up
+    must run each expert at batch 1, even when the images' own routes never reach it (and the
+    batched network's all-experts forward runs them as one grouped layer, not one by one)."""
+    torch.manual_seed(0)
+    net = create_model("resnet32", num_classes=C, num_experts=E, batched=True).eval()
+    ran = set()
+    real = net.forward_expert
+    monkeypatch.setattr(net, "forward_expert", lambda i, x: ran.add((i, x.shape[0])) or real(i, x))
+    stop_after_one = torch.zeros(E - 1, N, dtype=torch.bool)  # every image uses expert 1 alone
+    timing = time_routed(net, None, torch.randn(N, 3, PX, PX), batch=4, repeats=1, latency_images=6, decisions=stop_after_one)
+    assert set(timing.latency_by_experts) == {"1"}
+    assert {(i, 1) for i in range(E)} <= ran

@@ -209,3 +209,20 @@ def test_the_grouped_convolution_network_routes_the_same():
     b = routed_forward(batched, None, images(9), decisions=keep)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.num_experts, b.num_experts)
+
+
+def test_routed_inference_turns_the_cudnn_autotuner_off_and_back():
+    """Its subsets change size every batch: with the autotuner on (as training leaves it) each new
+    size would be tuned anew on a GPU."""
+    E = 3
+    net, x = tiny_net(E), images(6)
+    seen = []
+    real = net.forward_expert
+    net.forward_expert = lambda i, h: seen.append(torch.backends.cudnn.benchmark) or real(i, h)
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        routed_forward(net, None, x, decisions=torch.ones(E - 1, 6, dtype=torch.bool))
+        assert seen == [False] * E and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
