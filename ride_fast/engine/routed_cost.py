@@ -120,7 +120,7 @@ class RoutedTiming:
     """
 
     device: str
-    threads: int
+    threads: int  # CPU threads; 0 on a GPU
     batch: int
     images: int  # images per throughput pass
     repeats: int
@@ -147,7 +147,8 @@ class RoutedTiming:
         by = ", ".join(f"{plural(int(n), 'expert')} {v['p50']:.2f}/{v['p95']:.2f} ({v['images']})"
                        for n, v in sorted(self.latency_by_experts.items()))
         return "\n".join([
-            f"time on {self.device}, {self.threads} threads (A B B A x {self.repeats} after a warm-up, median [min, max]): "
+            f"time on {self.device}{f', {self.threads} threads' if self.threads else ''} "
+            f"(A B B A x {self.repeats} after a warm-up, median [min, max]): "
             f"batch {self.batch}: all experts {ips['all_experts']['median']:,.0f} img/s "
             f"[{ips['all_experts']['min']:,.0f}, {ips['all_experts']['max']:,.0f}], routed {ips['routed']['median']:,.0f} img/s "
             f"[{ips['routed']['min']:,.0f}, {ips['routed']['max']:,.0f}]; routed / all-experts time {r['median']:.3f} "
@@ -219,7 +220,8 @@ def time_routed(net: RIDENet, router: Router | None, images: Tensor, *, threshol
             if n is not None:
                 used.append(int(n[0]))
     by = {str(k): _percentiles([ms for ms, u in zip(lat["routed"], used) if u == k]) for k in sorted(set(used))}
-    threads = torch.get_num_threads() if device.type == "cpu" else 0
-    return RoutedTiming(str(device), threads, batch, N, repeats,
+    threads = torch.get_num_threads() if device.type == "cpu" else 0  # 0: not a CPU
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return RoutedTiming(where, threads, batch, N, repeats,
                         {m: _spread([N / s for s in v]) for m, v in seconds.items()}, _spread(ratio),
                         {m: _percentiles(v) for m, v in lat.items()}, by)

@@ -3,6 +3,8 @@ A B B A repeats with median and spread, batch-1 latency overall and per number o
 
 Shape legend: N images, C classes, E experts, R = E - 1 routers.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -69,3 +71,11 @@ def test_batch_1_warm_up_runs_every_expert_before_the_first_timed_image(monkeypa
     timing = time_routed(net, None, torch.randn(N, 3, PX, PX), batch=4, repeats=1, latency_images=6, decisions=stop_after_one)
     assert set(timing.latency_by_experts) == {"1"}
     assert {(i, 1) for i in range(E)} <= ran
+
+
+def test_the_summary_names_threads_only_on_a_cpu(net):
+    timing = time_routed(net, None, torch.randn(4, 3, PX, PX), batch=4, repeats=1, latency_images=2,
+                         decisions=torch.zeros(E - 1, 4, dtype=torch.bool))
+    assert f"time on cpu, {torch.get_num_threads()} threads (" in timing.summary()
+    on_gpu = dataclasses.replace(timing, device="cuda:0 (NVIDIA H200)", threads=0)
+    assert "time on cuda:0 (NVIDIA H200) (A B B A" in on_gpu.summary() and "threads" not in on_gpu.summary()
