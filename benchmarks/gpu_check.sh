@@ -23,6 +23,7 @@
 #   sum                 410 /138        budget: full <= 420 s, --quick <= 150 s on an H100/H200 (the runner's
 #                                       start and the report add < 10 s); the dry run's deadlines only
 #                                       bound a broken run: it takes well under a minute on two idle cores
+#   A step may also take the seconds the steps before it left unused (the total stays within the sum).
 #
 # On a GPU machine the packages that its image may lack (pytest, pytest-benchmark, fvcore, PyYAML, Pillow
 # and their dependencies, at the pins of requirements.txt) come from .whl/ (`make gpu-wheels`; git

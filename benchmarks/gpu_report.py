@@ -35,6 +35,8 @@ def step_table(rows: list[dict]) -> list[dict]:
                  "targets_met": sum(bool(r["target_met"]) for r in targets)}
         if end is not None:
             entry.update(status=end["status"], elapsed_s=end.get("elapsed_s"), reason=end.get("reason", ""))
+            if end.get("deadline_s") is not None:  # the plan's deadline plus what earlier steps left unused
+                entry["deadline_s"] = end["deadline_s"]
         elif any(r.get("kind") == "start" for r in mine):
             entry.update(status="timed_out", reason="the run ended during this step (no end row)")
         elif step == "imports" and not mine:

@@ -755,7 +755,8 @@ def _env_map(name: str) -> dict[str, str]:
 
 
 def plan(mode: str) -> list[tuple[str, float]]:
-    """(step, deadline) in order, after the RIDE_FAST_GPU_CHECK_STEPS / _DEADLINES hooks."""
+    """(step, deadline) in order, after the RIDE_FAST_GPU_CHECK_STEPS / _DEADLINES hooks. A step
+    runs under its deadline plus whatever the steps before it left unused (the runner's `carry`)."""
     col = ("full", "quick", "dry").index(mode)
     only = [s for s in os.environ.get("RIDE_FAST_GPU_CHECK_STEPS", "").split(",") if s]
     unknown = [s for s in only if s not in STEPS]
@@ -849,9 +850,11 @@ def run(mode: str, out: Path) -> int:
     faults = _env_map("RIDE_FAST_GPU_CHECK_FAULT")
     ctx = mp.get_context("fork")
     worst = 0
-    for name, deadline in steps:
+    carry = 0.0  # seconds the steps so far left unused: the next step may take them, the total stays within the plan's
+    for name, planned in steps:
+        deadline = round(planned + carry, 2)
         rows = Rows(out, name)
-        rows.write(kind="start", deadline_s=deadline)
+        rows.write(kind="start", deadline_s=deadline, planned_deadline_s=planned)
         print(f"[gpu check] {name} (deadline {deadline:g} s)", flush=True)
         t0 = time.perf_counter()
         proc = ctx.Process(target=_child, args=(name, out, mode, faults.get(name, "")), name=f"gpu-check-{name}")
@@ -863,7 +866,9 @@ def run(mode: str, out: Path) -> int:
             rows.write("timed_out", kind="end", elapsed_s=elapsed, deadline_s=deadline,
                        reason=f"killed at its deadline of {deadline:g} s; the rows it wrote are kept")
             worst = 1
+            carry = 0.0
             continue
+        carry = max(0.0, deadline - elapsed)
         mine = [r for r in read_rows(out) if r["step"] == name and r.get("kind") not in ("start", "end")]
         status, reason = step_status(mine, proc.exitcode)
         targets = [r for r in mine if "target_met" in r]

@@ -110,6 +110,22 @@ def test_a_step_past_its_deadline_is_timed_out_and_keeps_its_rows(tmp_path):
     assert "| env | timed out |" in (tmp_path / "report.md").read_text()
 
 
+def test_a_step_may_take_the_time_earlier_steps_left_unused(tmp_path):
+    """A cold compile that runs long is not cut off while time the plan gave earlier steps is left;
+    the whole check still ends within the sum of the planned deadlines."""
+    proc = _check(tmp_path, RIDE_FAST_GPU_CHECK_STEPS="env,e8", RIDE_FAST_GPU_CHECK_FAULT="e8:hang",
+                  RIDE_FAST_GPU_CHECK_DEADLINES="env=8,e8=1")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ends = _ends(tmp_path)
+    left = 8 - ends["env"]["elapsed_s"]
+    assert ends["env"]["status"] == "passed" and left > 1
+    assert ends["e8"]["status"] == "timed_out" and ends["e8"]["deadline_s"] == pytest.approx(1 + left, abs=0.02)
+    assert ends["e8"]["elapsed_s"] >= ends["e8"]["deadline_s"]
+    start = next(r for r in read_rows(tmp_path) if r["step"] == "e8" and r.get("kind") == "start")
+    assert start["planned_deadline_s"] == 1
+    assert {e["step"]: e["deadline_s"] for e in step_table(read_rows(tmp_path))}["e8"] == ends["e8"]["deadline_s"]
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie has stopped)."""
     try:
