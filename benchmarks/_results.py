@@ -88,6 +88,16 @@ def gpu_info() -> dict[str, Any] | None:
         return {"error": f"{type(err).__name__}: {err}"}
 
 
+# bf16 dense tensor-core peaks (TFLOP/s, NVIDIA's data sheets: the sparse figure halved), by a part
+# of the device name; the SXM parts are the default. The PCIe and NVL boards run lower clocks and power.
+BF16_DENSE_TFLOPS = (("H100 PCIe", 756.0), ("NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
+
+
+def bf16_dense_tflops(device_name: str) -> float:
+    """The bf16 dense peak that MFU divides by, for an H100 / H200 of this name (989: the SXM parts)."""
+    return next((tflops for part, tflops in BF16_DENSE_TFLOPS if part in device_name), 989.0)
+
+
 def machine_info() -> dict[str, Any]:
     return {"hostname": platform.node(), "os": platform.platform(), "cpu": cpu_info(), "memory_gib": memory_gib(),
             "gpu": gpu_info()}

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from _results import _jsonable  # benchmarks/ is on the path: this file runs from there
+from _results import _jsonable, bf16_dense_tflops  # benchmarks/ is on the path: this file runs from there
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,6 @@ STATUSES = ("passed", "failed", "timed_out", "skipped")
 #: imported before the first step; a failure names the module and stops the check
 REQUIRED = ("numpy", "yaml", "PIL", "torch", "triton", "pytest", "pytest_benchmark", "fvcore.nn", "iopath", "ride_fast",
             "ride_fast.engine", "ride_fast_kernels")
-H100_BF16_DENSE_TFLOPS = 989.0  # H100 / H200 SXM bf16 dense peak (the same SMs and clocks)
 
 #: per-step deadlines in seconds: (full, quick, dry). full sums to <= 420 s and quick to <= 150 s,
 #: the check's budget on an H100/H200 (compiles included); dry only bounds a broken CPU run (it takes < 60 s).
@@ -627,15 +626,18 @@ def _engine_step_throughput(sizes: Sizes, name: str, experts: int, classes: int,
 
 def step_r50(rows: Rows, sizes: Sizes, mode: str) -> None:
     """RIDE-ResNet-50 E=3 and E=4 training steps, 224 px, bf16, channels-last: images/s and MFU."""
+    import torch
+
     from ride_fast.profiling import model_cost
 
     for E in (3, 4):
         r = _engine_step_throughput(sizes, "resnet50", E, 1000, sizes.r50_batch, sizes.r50_px, sizes.r50_iters)
         macs = model_cost(r.pop("model"), sizes.r50_px).total_macs
         flops = 6 * macs  # forward 2 MACs, backward about twice the forward
-        mfu = flops * r["images_per_s"] / (H100_BF16_DENSE_TFLOPS * 1e12)
+        peak = bf16_dense_tflops(torch.cuda.get_device_name() if sizes.device == "cuda" else "")
+        mfu = flops * r["images_per_s"] / (peak * 1e12)
         finite = math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
-        fields = dict(r, case=f"resnet50-e{E}-bf16-cl", train_gflops_per_image=flops / 1e9, mfu=mfu, finite=finite)
+        fields = dict(r, case=f"resnet50-e{E}-bf16-cl", train_gflops_per_image=flops / 1e9, mfu=mfu, peak_tflops=peak, finite=finite)
         if E == 3:
             fields.update(target="RIDE-R50 E=3 >= 3,500 images/s", target_met=bool(r["images_per_s"] >= 3500))
         rows.measure("passed" if finite else "failed", **fields)

@@ -38,8 +38,8 @@ Variants, cumulative (each adds one switch to the one before):
 extra_info: images_per_s (median round), images_per_s_best (fastest round), speedup_vs_original and
 speedup_best (against the original measured in the same pytest run and process), train_flops_per_image
 (6 x MACs of ride_fast.profiling.model_cost at the case's px, i.e. 3 x the forward FLOPs; needs
-fvcore), and on the GPU mfu = train_flops_per_image x images_per_s / peak_flops (peak_flops =
-989e12, H100 SXM bf16 dense). On the GPU a round is GPU_STEPS steps closed by
+fvcore), and on the GPU mfu = train_flops_per_image x images_per_s / peak_flops (the bf16 dense
+peak of the device: 989e12 for H100 / H200 SXM, _results.bf16_dense_tflops). On the GPU a round is GPU_STEPS steps closed by
 torch.cuda.synchronize, after one warm-up round (cuDNN autotuning, compilation).
 Environment: RIDE_FAST_BENCH_THREADS (CPU threads, default all cores when timing, 1 in CI), RIDE_FAST_BENCH_GPU_BATCH
 (B of the ResNet-50 cases on the GPU, default 128), RIDE_FAST_BENCH_GPU_STEPS (steps per GPU round,
@@ -57,6 +57,7 @@ import pytest
 import torch
 from _original_structure import ORIGINAL_MODELS, OriginalRIDELoss, make_original_step
 from _paired import time_paired, use_bench_threads
+from _results import bf16_dense_tflops
 
 from ride_fast.config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 from ride_fast.engine.optim import build_optimizer
@@ -66,7 +67,6 @@ from ride_fast.losses import build_loss
 from ride_fast.models import create_model
 from ride_fast.ops import ran_ride_loss_op
 
-H100_BF16_DENSE = 989e12
 GPU_STEPS = int(os.environ.get("RIDE_FAST_BENCH_GPU_STEPS", "10"))  # steps per timed round on the GPU
 ROUNDS = int(os.environ.get("RIDE_FAST_BENCH_ROUNDS", "0"))  # timed rounds; 0: 3 on the GPU, 5 on the CPU
 GPU_R50_BATCH = int(os.environ.get("RIDE_FAST_BENCH_GPU_BATCH", "128"))
@@ -440,7 +440,8 @@ def test_train_step(benchmark, where, case, variant):
         flops = train_flops_per_image(case, px)
         info["train_flops_per_image"] = flops
         if device.type == "cuda" and flops:
-            info.update(peak_flops=H100_BF16_DENSE, mfu=flops * ips / H100_BF16_DENSE)
+            peak = bf16_dense_tflops(torch.cuda.get_device_name(device)) * 1e12
+            info.update(peak_flops=peak, mfu=flops * ips / peak)
     benchmark.extra_info.update(info)
     if timing and variant == LAST_VARIANT[device.type]:  # every switch on: faster than the original structure
         assert info["speedup_best"] > 1.0, f"{case} {variant} on {info['device']}: {info['speedup_best']:.2f} x the original"

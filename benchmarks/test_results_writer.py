@@ -95,3 +95,11 @@ def test_machine_description_and_names():
         "cpu-intel-xeon-processor-2c"
     assert machine_slug({"cpu": {}, "gpu": {"name": "NVIDIA H100 80GB HBM3"}}) == "gpu-nvidia-h100-80gb-hbm3"
     assert module_of("benchmarks/test_bench_ride_loss.py::test_ride_loss[eager]") == "ride_loss"
+
+
+def test_mfu_divides_by_the_peak_of_the_board_that_ran():
+    from _results import bf16_dense_tflops
+
+    assert bf16_dense_tflops("NVIDIA H100 80GB HBM3") == bf16_dense_tflops("NVIDIA H200") == 989.0  # SXM
+    assert bf16_dense_tflops("NVIDIA H200 NVL") == bf16_dense_tflops("NVIDIA H100 NVL") == 835.0
+    assert bf16_dense_tflops("NVIDIA H100 PCIe") == 756.0
