@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _dispatch import CountOps, host_reads
 
 from ride_fast.engine.metrics import per_class_accuracy, split_accuracy
 
@@ -42,33 +43,16 @@ def test_an_empty_split_prints_as_n_a_at_the_same_width():
     assert pct(acc.few, "5.1f") == "  n/a" and pct(acc.few) == "n/a" and pct(12.345) == "12.35"
 
 
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """The names of the ops a block dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-# ops that read a device value back to the host on a GPU (bincount: its input's min and max;
-# boolean indexing and unique: their result's size)
-HOST_READS = ("bincount", "nonzero", "_local_scalar_dense", "item", "is_nonzero", "unique", "_unique")
-
-
 def test_per_class_counts_match_bincount_and_read_nothing_back():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 7, (200,), generator=g)
     preds = torch.where(torch.rand(200, generator=g) < 0.6, labels, torch.randint(0, 7, (200,), generator=g))
-    with _Ops() as ops:
+    with CountOps() as ops:
         correct, total = per_class_accuracy(preds, labels, 9)  # classes 7 and 8 absent: zero counts
     assert correct.dtype == total.dtype == torch.long
     assert torch.equal(total, torch.bincount(labels, minlength=9))
     assert torch.equal(correct, torch.bincount(labels[preds == labels], minlength=9))
-    assert not [n for n in ops.names if n.startswith(HOST_READS)], ops.names
+    assert not host_reads(ops.names), ops.names
 
 
 def test_evaluation_loop_reads_nothing_back_per_batch():
@@ -82,7 +66,7 @@ def test_evaluation_loop_reads_nothing_back_per_batch():
     loader = [Batch(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 4])) for _ in range(3)]
     counts = [10, 8, 6, 4, 2]
     reference = evaluate_model(model, loader, counts, device=torch.device("cpu"), prefetch=False)
-    with _Ops() as ops:
+    with CountOps() as ops:
         acc = evaluate_model(model, loader, counts, device=torch.device("cpu"), prefetch=False)
     np.testing.assert_equal(vars(acc), vars(reference))  # NaN for a split without a test class
-    assert not [n for n in ops.names if n.startswith(HOST_READS)], sorted(set(ops.names))
+    assert not host_reads(ops.names), sorted(set(ops.names))

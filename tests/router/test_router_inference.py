@@ -6,10 +6,10 @@ BatchNorm in eval mode every image's logits do not depend on the batch it runs i
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from _dispatch import CountOps
 
 from ride_fast.models import create_model
-from ride_fast.router import Router, RoutedRIDE, gather_rows, routed_forward
+from ride_fast.router import RoutedRIDE, Router, gather_rows, routed_forward
 
 C, PX = 10, 8
 
@@ -154,16 +154,6 @@ def test_gather_rows_keeps_channels_last():
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, x[idx])
     assert gather_rows(x, torch.empty(0, dtype=torch.long)).shape == (0, 4, 3, 3)
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_at_most_one_host_sync_per_expert_step():
