@@ -340,13 +340,16 @@ def step_env(rows: Rows, sizes: Sizes, mode: str) -> None:
         info["dali"] = dali.__version__
     except Exception:  # optional: the dali step says "not installed"
         info["dali"] = None
-    # Triton builds each kernel's launcher on the machine, with a C compiler and CPython's headers
-    info["c_compiler"] = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    info["python_h"] = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    # Triton builds each kernel's launcher on the machine (triton/runtime/build.py): with $CC, else gcc,
+    # else clang, and CPython's headers from the default install scheme (Debian's posix_local read as posix_prefix)
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    info["c_compiler"] = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    info["python_h"] = Path(include, "Python.h").exists()
     rows.write(kind="env", **info)
     if sizes.device == "cuda" and not (info["c_compiler"] and info["python_h"]):
-        lacking = " and ".join(x for x, ok in (("a C compiler (cc, gcc or clang; or CC)", info["c_compiler"]),
-                                               (f"Python.h in {sysconfig.get_paths()['include']}", info["python_h"])) if not ok)
+        lacking = " and ".join(x for x, ok in (("a C compiler ($CC, gcc or clang)", info["c_compiler"]),
+                                               (f"Python.h in {include}", info["python_h"])) if not ok)
         raise RuntimeError(f"Triton cannot build its kernel launchers here: this machine lacks {lacking}")
 
 
