@@ -103,9 +103,19 @@ def canonical_optimizer_state(optimizer: torch.optim.Optimizer, model: RIDENet) 
     return _convert_optimizer_state(state, _param_names(model), _per_expert_param_names(model), lambda d: per_expert_state_dict(d, E))
 
 
+#: param-group settings that say how the optimizer runs, not where training is: a resumed run keeps its own
+IMPLEMENTATION_KEYS = ("fused", "foreach", "differentiable")
+
+
 def load_canonical_optimizer_state(optimizer: torch.optim.Optimizer, model: RIDENet, state: dict) -> None:
-    """The inverse of canonical_optimizer_state: load a per-expert-layout optimizer state."""
+    """The inverse of canonical_optimizer_state: load a per-expert-layout optimizer state.
+
+    The optimizer keeps its implementation (IMPLEMENTATION_KEYS): `load_state_dict` would copy the
+    saved run's, and a run resumed with another one (fused SGD on a GPU after a CPU run, say) would
+    then step with the saved implementation while its TrainStep drives the built one."""
     if getattr(model, "batched", False):
         E = model.num_experts
         state = _convert_optimizer_state(state, _per_expert_param_names(model), _param_names(model), lambda d: batched_state_dict(d, E))
+    own = {k: optimizer.param_groups[0][k] for k in IMPLEMENTATION_KEYS if k in optimizer.param_groups[0]}
+    state = dict(state, param_groups=[{**group, **own} for group in state["param_groups"]])
     optimizer.load_state_dict(state)

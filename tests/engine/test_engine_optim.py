@@ -63,3 +63,31 @@ def test_one_step_is_the_nesterov_formula():
         d = g + 1e-3 * p
         torch.testing.assert_close(a, p - 0.1 * (d + 0.9 * d), rtol=RTOL, atol=ATOL)
 
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("foreach", "fused"), ("fused", "foreach"), ("loop", "fused")])
+def test_a_resumed_run_keeps_its_own_optimizer_implementation(saved, resumed):
+    """A checkpoint of one implementation loaded into an optimizer of another (a CPU run resumed on
+    a GPU, or optim.implementation changed): the state is the saved one, the implementation the
+    resumed run's, and the step that TrainStep drives (found_inf for the fused SGD) runs."""
+    from ride_fast.engine.optim import canonical_optimizer_state, load_canonical_optimizer_state
+
+    def build(impl):
+        net = _net()
+        return net, build_optimizer(net, load_config(overrides=[f"optim.implementation={impl}"]).optim, torch.device("cpu"))
+
+    net, opt = build(saved)
+    _three_steps(net, opt)
+    state = canonical_optimizer_state(opt, net)
+    net2, opt2 = build(resumed)
+    net2.load_state_dict(net.state_dict())
+    load_canonical_optimizer_state(opt2, net2, state)
+    group = opt2.param_groups[0]
+    assert bool(group.get("fused")) == (resumed == "fused") and bool(group.get("foreach")) == (resumed == "foreach")
+    assert group["lr"] == 0.05 and all(torch.equal(opt2.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
+                                       for p, q in zip(net2.parameters(), net.parameters()))
+    for p, g in zip(net2.parameters(), _grads(3, net2)):
+        p.grad = g
+    if resumed == "fused":
+        opt2.found_inf = torch.zeros(())  # as TrainStep drives the fused SGD
+    opt2.step()
