@@ -101,8 +101,9 @@ class ExpertOptionAShortcut(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         E, c, p = self.num_experts, self.in_planes, self.pad
+        channels_last = _channels_last(x)  # of the input: its strided subsample is contiguous in neither format
         x = x[:, :, :: self.stride, :: self.stride]
-        if _channels_last(x):  # pad the innermost (channel) axis of [B, h, w, E, c]: stays channels_last
+        if channels_last:  # pad the innermost (channel) axis of [B, h, w, E, c]: stays channels_last
             y = x.permute(0, 2, 3, 1)
             y = y.unsqueeze(3).expand(*y.shape[:3], E, c) if self.shared_input else y.unflatten(3, (E, c))
             return F.pad(y, (p, p)).flatten(3).permute(0, 3, 1, 2)

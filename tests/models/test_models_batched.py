@@ -213,3 +213,16 @@ def test_cosine_heads_compute_in_full_precision_under_autocast():
     assert got_b.dtype == got_p.dtype == out.expert_logits.dtype == torch.float32
     torch.testing.assert_close(got_b, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_p, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_the_option_a_shortcut_keeps_a_channels_last_input_channels_last(shared_input):
+    """Its stride-2 subsample is contiguous in neither format, so the layout is read off the input:
+    the residual add then meets two channels-last tensors, and the values are those of NCHW."""
+    from ride_fast.models.batched_blocks import ExpertOptionAShortcut
+
+    shortcut = ExpertOptionAShortcut(16, 32, 2, num_experts=3, shared_input=shared_input)
+    x = torch.randn(4, 16 if shared_input else 48, 8, 8)
+    out = shortcut(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (4, 96, 4, 4) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, shortcut(x)) and shortcut(x).is_contiguous()
