@@ -220,7 +220,7 @@ def time_routed(net: RIDENet, router: Router | None, images: Tensor, *, threshol
             if n is not None:
                 used.append(int(n[0]))
     by = {str(k): _percentiles([ms for ms, u in zip(lat["routed"], used) if u == k]) for k in sorted(set(used))}
-    threads = torch.get_num_threads() if device.type == "cpu" else 0  # 0: not a CPU
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
     where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     return RoutedTiming(where, threads, batch, N, repeats,
                         {m: _spread([N / s for s in v]) for m, v in seconds.items()}, _spread(ratio),

@@ -32,7 +32,6 @@ Parameter names and their originals (frank-xwang/RIDE-LongTailRecognition):
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from ride_fast.models.heads import full_precision
 
 ORIGINAL_PREFIX = "expert_help_pred"
 _ORIGINAL_NAMES = (
@@ -107,8 +108,9 @@ class Router(nn.Module):
         self._check_step(step)
         if feature.dim() != 2 or mean_logits.dim() != 2 or feature.shape[0] != mean_logits.shape[0]:
             raise ValueError(f"router expects feature [B, D] and mean_logits [B, C]; got {tuple(feature.shape)} and {tuple(mean_logits.shape)}")
-        with self._own_precision(feature.device):
-            feature, mean_logits = self._cast(feature), self._cast(mean_logits)
+        ctx, dtype = full_precision(self.hidden[0].weight)  # float32 with autocast off: see the module docstring
+        with ctx:
+            feature, mean_logits = feature.to(dtype), mean_logits.to(dtype)
             # plain division by the norm, as the original (a zero feature gives NaN -> stop)
             h = F.relu(self.hidden[step](feature / feature.norm(dim=1, keepdim=True)))
             v = mean_logits.topk(self.top_k, dim=1).values / self.logit_scale  # sorted, descending; cosines when s-scaled
@@ -125,8 +127,9 @@ class Router(nn.Module):
                 f"forward_all expects features [R={R}, B, D] and mean_logits [R, B, C]; "
                 f"got {tuple(features.shape)} and {tuple(mean_logits.shape)}"
             )
-        with self._own_precision(features.device):
-            features, mean_logits = self._cast(features), self._cast(mean_logits)
+        ctx, dtype = full_precision(self.hidden[0].weight)  # float32 with autocast off: see the module docstring
+        with ctx:
+            features, mean_logits = features.to(dtype), mean_logits.to(dtype)
             w = torch.stack([lin.weight for lin in self.hidden])  # [R, H, D]
             b = torch.stack([lin.bias for lin in self.hidden])  # [R, H]
             f = features / features.norm(dim=2, keepdim=True)
@@ -138,17 +141,6 @@ class Router(nn.Module):
             fw = torch.stack([lin.weight for lin in self.fcs])  # [R, 1, k + H]
             fb = torch.stack([lin.bias for lin in self.fcs])  # [R, 1]
             return torch.baddbmm(fb.unsqueeze(1), x, fw.transpose(1, 2)).squeeze(2)
-
-    @staticmethod
-    def _own_precision(device: torch.device) -> contextlib.AbstractContextManager:
-        """Autocast off on `device` (see the module docstring: the routers decide in float32)."""
-        if torch.amp.is_autocast_available(device.type):
-            return torch.autocast(device.type, enabled=False)
-        return contextlib.nullcontext()
-
-    def _cast(self, x: Tensor) -> Tensor:
-        """x in the routers' dtype (no copy when it already is)."""
-        return x.to(self.hidden[0].weight.dtype)
 
     def extra_repr(self) -> str:
         return f"num_routers={self.num_routers}, top_k={self.top_k}, hidden={self.hidden_dim}, share_fc={self.share_fc}"
