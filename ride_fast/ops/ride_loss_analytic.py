@@ -82,7 +82,9 @@ def _ride_loss_and_grad(
     z = expert_logits.detach()
     E, B, _ = z.shape
     dtype = torch.promote_types(z.dtype, torch.float32)
-    z = z.to(dtype)  # no copy for float32 / float64
+    # contiguous: the buffers below take z's layout, and ATen's softmax writes an out= buffer in
+    # contiguous order whatever its strides. No copy for contiguous float32 / float64.
+    z = z.to(dtype).contiguous()
     y = target.long()
     rows = torch.arange(B, device=z.device)
     if class_weights is not None:

@@ -86,6 +86,27 @@ def test_half_inputs(dtype, seed, diversity):
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=torch.finfo(dtype).eps, atol=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("vectors", [(), ("margins", "class_weights", "temperature")], ids=["plain", "ldam_drw_temp"])
+def test_logits_with_any_strides(vectors, diversity, dtype):
+    """Logits that are a view in another order ([B, E, C] transposed, every class second): the same
+    loss and gradient as from their contiguous copy (ATen's softmax writes its out= buffer in
+    contiguous order whatever that buffer's strides, so a buffer shaped like the input would be
+    filled out of order)."""
+    z, y, vecs = make_inputs(3, 5, 40, dtype, seed=12, vectors=vectors)
+    views = {"transposed": z.transpose(0, 1).contiguous().transpose(0, 1),
+             "class_stride_2": torch.stack([z, z], -1).select(-1, 0)}
+    ref_loss, ref_grad = loss_and_grad(ride_loss_analytic, z, y, vecs, diversity)
+    for name, view in views.items():
+        assert not view.is_contiguous() and torch.equal(view, z), name
+        x = view.detach().requires_grad_()
+        loss = ride_loss_analytic(x, y, vecs["margins"], vecs["class_weights"], vecs["temperature"], -0.45, 0.83, diversity)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
 def test_gradcheck(diversity):
     z, y, vecs = make_inputs(3, 2, 5, torch.float64, seed=9)
