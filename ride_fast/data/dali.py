@@ -83,6 +83,13 @@ def _pipeline_seed(seed: int, epoch: int, rank: int) -> int:
     return int(epoch_rng(seed, epoch, 4, rank).integers(2**31 - 1))
 
 
+def stored_shape(encoded):
+    """[H, W, C] of encoded images as stored, read from their headers: without the EXIF rotation
+    (DALI's default here), so that it is the shape the decoders below give (adjust_orientation=False)."""
+    _, fn, types, _ = _dali()
+    return fn.peek_image_shape(encoded, dtype=types.INT32, adjust_orientation=False)
+
+
 def image_pipeline(source, recipe: ImageRecipe, *, train: bool, batch_size: int, num_threads: int,
                    device_id: int | None, seed: int, prefetch: int = 2):
     """The DALI pipeline for encoded photos fed by `source()` (a list of uint8 byte arrays per call).
@@ -115,7 +122,7 @@ def image_pipeline(source, recipe: ImageRecipe, *, train: bool, batch_size: int,
                                        adjust_orientation=False)
             if device_id is None:
                 return images  # whole images: `resize_crops` resizes and center-crops them
-            shape = fn.peek_image_shape(encoded, dtype=types.INT32)  # [H, W, C] from the header
+            shape = stored_shape(encoded)
             h, w = shape[0], shape[1]
             short = dmath.min(h, w)
             nh, nw = (h * R) // short, (w * R) // short  # torchvision: int(R * long / short)

@@ -191,6 +191,37 @@ def test_dali_and_torch_give_the_same_evaluation_tensors(photo_sets):
 
 
 @needs_dali
+def test_dali_header_shape_is_the_decoded_shape_of_an_exif_rotated_photo():
+    """The GPU evaluation pipeline sizes its resize from the headers (`stored_shape`) and decodes
+    without EXIF rotation, as torchvision: a photo tagged "rotate 90" must give the same [H, W]
+    both ways, or it would be stretched to the transposed size before the center crop."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ride_fast.data.dali import _dali, stored_shape
+
+    dali, fn, types, _ = _dali()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 30), (200, 40, 40)).save(buf, "JPEG", exif=exif)  # W 50, H 30
+    data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None, seed=0)
+    def shapes():
+        encoded = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8)
+        decoded = fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+        return stored_shape(encoded), decoded
+
+    pipe = shapes()
+    pipe.build()
+    header, decoded = pipe.run()
+    assert list(np.asarray(header.as_tensor())[0]) == [30, 50, 3] == list(decoded.as_tensor().shape()[1:])
+
+
+@needs_dali
 def test_dali_training_is_seeded_reshuffled_and_matches_torch_labels(photo_sets):
     from ride_fast.data.dali import DaliImageLoader
 
