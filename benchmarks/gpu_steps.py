@@ -664,7 +664,8 @@ def step_routed(rows: Rows, sizes: Sizes, mode: str) -> None:
 
 def step_ddp_nccl(rows: Rows, sizes: Sizes, mode: str) -> None:
     """`torchrun --nproc_per_node=1 -m ride_fast train` (NCCL on CUDA, gloo on the CPU) for a few
-    steps on CIFAR-100-format files: exit status, one epoch of finite loss, the backend. On CUDA
+    steps on CIFAR-100-format files: exit status, one epoch of finite loss, the backend. In the DRW
+    phase (loss.reweight_epoch=0), so that the step all-reduces its class-weight sum too. On CUDA
     with train.cuda_graphs (the whole step captured under DDP after its warm-up steps); if that
     run fails, once more without, to tell a capture fault from a DDP one."""
     graphs = sizes.device == "cuda"
@@ -683,7 +684,7 @@ def _torchrun_train(rows: Rows, sizes: Sizes, case: str, cuda_graphs: bool) -> b
                "-m", "ride_fast", "train",
                "data.name=cifar100_lt", f"data.root={Path(tmp) / 'data'}", "data.imbalance_factor=1", f"data.batch_size={sizes.batch}",
                "data.eval_batch_size=1024", f"train.device={sizes.device}", "train.epochs=1", f"train.max_steps_per_epoch={sizes.ddp_steps}",
-               "train.progress=false", "train.tensorboard=false", f"train.out_dir={out}", "optim.warmup_epochs=0",
+               "train.progress=false", "train.tensorboard=false", f"train.out_dir={out}", "optim.warmup_epochs=0", "loss.reweight_epoch=0",
                f"train.cuda_graphs={str(cuda_graphs).lower()}"]
         # DDP logs its backend ("backend_name: nccl") at this level
         env = dict(os.environ, TORCH_DISTRIBUTED_DEBUG="INFO", TORCH_CPP_LOG_LEVEL="INFO", NCCL_DEBUG="VERSION",

@@ -70,13 +70,13 @@ TERMS = {
     "ce-temps": (False, False, True),  # RIDE with a CE classification term, T != 1
     "ce-drw": (False, True, True),  # the same after the DRW switch
 }
-_PTR_ARGS = ("z_ptr", "target_ptr", "margin_ptr", "weight_ptr", "temp_ptr", "stats_ptr", "part_ptr", "loss_ptr", "aux_ptr", "counter_ptr", "go_ptr", "g_ptr")
+_PTR_ARGS = ("z_ptr", "target_ptr", "margin_ptr", "weight_ptr", "temp_ptr", "stats_ptr", "part_ptr", "loss_ptr", "aux_ptr", "wsum_ptr", "counter_ptr", "go_ptr", "g_ptr")
 #: argument types as a launch specialises them (an integer below 2^31 arrives as i32; the kernels
 #: widen the expert strides to 64 bits themselves)
 _FWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
-    "stats_ptr": "*fp32", "part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "counter_ptr": "*i32",
-    "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i32", "stride_zb": "i32", "div_scale": "fp32",
+    "stats_ptr": "*fp32", "part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "wsum_ptr": "*fp32",
+    "counter_ptr": "*i32", "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i32", "stride_zb": "i32", "div_scale": "fp32",
 }
 _BWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
@@ -205,9 +205,10 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
 
 
 def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142,
-                 layout: str = "training", kernels=("fwd", "bwd")) -> list[dict]:
+                 layout: str = "training", kernels=("fwd", "bwd"), weight_sum: bool = False) -> list[dict]:
     """Compile the forward and/or backward kernel of one variant as the launcher would launch it
-    (the gradient with the logits' strides, as the launcher allocates it for contiguous logits)."""
+    (the gradient with the logits' strides, as the launcher allocates it for contiguous logits).
+    weight_sum: the forward with the divisor passed in (a step split over ranks or micro-batches)."""
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     r, v, warps = pick_tile(e_block, classes, itemsize)
@@ -220,7 +221,8 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     rows = []
     if "fwd" in kernels:
         sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr", **{n: "constexpr" for n in _CONSTEXPRS})
-        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps))
+        sig["HAS_WSUM"] = "constexpr"
+        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))

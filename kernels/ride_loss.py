@@ -14,13 +14,18 @@ Shape legend: E experts, B images (rows), C classes.
                               lse(a_k), lse(z_k / T), and K_k ("pairwise") or lse(zbar / T) ("mean")
     part           [B, 3]     float32 per-row partial sums: w_y sum_k nll_k, the row's diversity
                               term, w_y (1 without weights)
-    aux            [1]        float32 sum_i w_{y_i} (B without weights), kept for the backward
+    weight_sum     [1]        optional float32 divisor of the classification term (None: its own
+                              sum_i w_{y_i}); a step split over ranks or micro-batches passes its share
+                              of the whole batch's sum, so that the parts add up to one weighted mean
+    aux            [1]        float32 the divisor used, sum_i w_{y_i} (B without weights) or
+                              weight_sum, kept for the backward
     counter        [1]        int32 ticket counter (one per device, zero between launches)
     grad           [E, B, C]  grad_output * d loss / d expert_logits, logits' dtype, contiguous
 
 Math (all in float32), with a_k = z_k - margins[y] * onehot(y), u_k = z_k / T, q_k = softmax(u_k),
 pbar = softmax(zbar / T) where zbar = mean_k z_k (pbar carries no gradient), Tm = temperature_mean,
-lam = diversity_factor, c_i = w_{y_i} / sum_j w_{y_j} (or 1/B without weights):
+lam = diversity_factor, c_i = w_{y_i} / sum_j w_{y_j} (or 1/B without weights; weight_sum replaces
+the divisor when given):
 
     loss = sum_i c_i sum_k [lse(a_ki) - a_ki[y_i]]                                  LDAM / CE
          + lam Tm^2 / B       sum_i sum_k KL(pbar_i || q_ki)                         "mean"
@@ -180,7 +185,7 @@ def _prepare(expert_logits, target, margins, class_weights, temperature):
 
 
 def _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-             block_c=None, stats_out=None, part_out=None):
+             block_c=None, stats_out=None, part_out=None, weight_sum=None):
     """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1])."""
     E, B, C = z.shape
     device = z.device
@@ -199,9 +204,11 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             margins if margins is not None else dummy,
             class_weights if class_weights is not None else dummy,
             temperature if temperature is not None else dummy,
-            stats, part, loss, aux, counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
+            stats, part, loss, aux,
+            weight_sum.detach().reshape(1).to(torch.float32) if weight_sum is not None else dummy,
+            counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
-            DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
+            HAS_WSUM=weight_sum is not None, DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
             num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
         )
     return loss, stats, aux
@@ -243,11 +250,13 @@ def ride_loss_forward(
     block_c: int | None = None,
     stats_out: Tensor | None = None,
     part_out: Tensor | None = None,
+    weight_sum: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validate and launch the forward: (loss float32 scalar, stats [B, 3, E], aux [1]).
 
     `block_c` overrides the class-block width (a power of two >= 16); `stats_out` ([B, 3, E]) and
-    `part_out` ([B, 3]) are optional float32 buffers (tests pass poisoned ones). Under
+    `part_out` ([B, 3]) are optional float32 buffers (tests pass poisoned ones); `weight_sum` (one
+    element) replaces the classification term's divisor (see the module docstring). Under
     RIDE_FAST_DEBUG=1 the target range is checked too (a host sync); otherwise a target out of
     range yields a NaN loss.
     """
@@ -257,8 +266,11 @@ def ride_loss_forward(
         if buf is not None and (tuple(buf.shape) != shape or buf.dtype != torch.float32 or not buf.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 {list(shape)} tensor, got {tuple(buf.shape)} {buf.dtype}")
     z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)
+    if weight_sum is not None and (weight_sum.numel() != 1 or not weight_sum.is_floating_point() or weight_sum.device != z.device):
+        raise ValueError(f"weight_sum must be a one-element floating-point tensor on {z.device}, got shape "
+                         f"{tuple(weight_sum.shape)} {weight_sum.dtype} on {weight_sum.device}")
     return _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-                    block_c, stats_out, part_out)
+                    block_c, stats_out, part_out, weight_sum)
 
 
 def ride_loss_backward(

@@ -323,11 +323,12 @@ def _row_sum(n, s):
 def _ride_loss_fwd_kernel(
     z_ptr, target_ptr, margin_ptr, weight_ptr, temp_ptr,  # inputs
     stats_ptr, part_ptr, loss_ptr, aux_ptr,  # outputs: [B, 3, E], [B, 3], [], [1] float32
+    wsum_ptr,  # [1] float32: the classification term's divisor when HAS_WSUM (else its own sum_i w_{y_i})
     counter_ptr,  # int32 ticket counter, 0 between calls (the last program resets it)
     E, B, C,
     stride_ze, stride_zb,  # logits strides (class stride is 1)
     div_scale,  # lam * Tm^2 / B ("mean") or lam * Tm^2 / (B (E-1)) ("pairwise")
-    HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
+    HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_WSUM: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
     E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr, FINISH_BLOCK: tl.constexpr,
 ):
@@ -422,14 +423,15 @@ def _ride_loss_fwd_kernel(
     # above before it: release; and the other programs' stores before the loads below: acquire)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == B - 1:
-        _finish(part_ptr, loss_ptr, aux_ptr, B, FINISH_BLOCK)
+        _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, FINISH_BLOCK, HAS_WSUM)
         tl.store(counter_ptr, 0)  # ready for the next call
 
 
 @triton.jit
-def _finish(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
-    """loss = sum_i part[i, 0] / sum_i part[i, 2] + sum_i part[i, 1]; aux[0] = sum_i part[i, 2].
-    One program, fixed order: deterministic whichever program runs it."""
+def _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, BLOCK: tl.constexpr, HAS_WSUM: tl.constexpr):
+    """loss = sum_i part[i, 0] / W + sum_i part[i, 1]; aux[0] = W, the divisor the backward reads:
+    W = sum_i part[i, 2], or wsum[0] when HAS_WSUM. One program, fixed order: deterministic
+    whichever program runs it."""
     cls = tl.zeros([BLOCK], dtype=tl.float32)
     div = tl.zeros([BLOCK], dtype=tl.float32)
     wsum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -440,6 +442,8 @@ def _finish(part_ptr, loss_ptr, aux_ptr, B, BLOCK: tl.constexpr):
         div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0, cache_modifier=".cg")
         wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg")
     w = tl.sum(wsum, axis=0)
+    if HAS_WSUM:
+        w = tl.load(wsum_ptr)
     tl.store(loss_ptr, tl.sum(cls, axis=0) / w + tl.sum(div, axis=0))
     tl.store(aux_ptr, w)
 

@@ -15,7 +15,8 @@ process, cuda:LOCAL_RANK), gloo on the CPU.
 
 The batch sizes of a recipe are global: each of N ranks loads data.batch_size / N images per step,
 DDP averages the ranks' gradients, so a step sees the same images and the same learning rate
-whatever N is. With BatchNorm statistics per rank (the default, like the original) the result still
+whatever N is; a class-weighted loss divides by the global batch's weight sum (`TrainStep`,
+docs/method.md §8). With BatchNorm statistics per rank (the default, like the original) the result still
 depends slightly on N; `train.sync_bn=true` computes them over the global batch (torch's
 SyncBatchNorm on CUDA, `GlobalBatchNorm2d` below on the CPU, where torch's version does not run),
 and then N processes follow one process's trajectory up to float rounding.

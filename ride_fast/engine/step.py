@@ -51,7 +51,8 @@ class TrainStep:
     but for a short last batch), each run forward and backward with its loss scaled by its share of
     the images (1 / accumulate_steps when they are equal), so the summed gradient
     is the mean over the whole batch and the one optimizer step equals the unaccumulated one (the
-    losses are means over images). DDP synchronises gradients on the last micro-batch only
+    losses are means over images; a class-weighted mean divides by the whole batch's weight sum,
+    `_weight_sum`). DDP synchronises gradients on the last micro-batch only
     (`no_sync` before). A non-finite loss in any micro-batch skips the whole step. BatchNorm
     normalises each micro-batch with its own statistics (and updates its running statistics once per
     micro-batch): that is the one difference to a step on the whole batch.
@@ -135,26 +136,46 @@ class TrainStep:
         self.run.zero_()
         self.seen = int(values["seen"]) // self.dist.world_size
 
-    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, mean logits [B, C]) under autocast."""
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor,
+                      weight_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, mean logits [B, C]) under autocast; weight_sum: see `_weight_sum`."""
+        share = {} if weight_sum is None else {"weight_sum": weight_sum}
         with autocast_context(self.device, self.amp):
             out = self.model(images)
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images).logits
-                loss = self._loss(out.expert_logits, labels, teacher_logits)
+                loss = self._loss(out.expert_logits, labels, teacher_logits, **share)
             else:
-                loss = self._loss(out.expert_logits, labels)
+                loss = self._loss(out.expert_logits, labels, **share)
         return loss, out.logits
 
-    def _criterion(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.criterion(*args)
+    def _criterion(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return self.criterion(*args, **kwargs)
+
+    def _weight_sum(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The divisor of the loss's class-weighted mean when one call sees part of the batch:
+        sum_i w_{y_i} over the step's images on every rank, divided by the number of ranks (DDP
+        averages the ranks' gradients). Each micro-batch divides by its images' share of it, so the
+        parts add up to the weighted mean over the whole batch (docs/method.md §8). None when one
+        call sees the whole batch, or when the loss weighs no class now (a plain mean splits exactly)."""
+        if self.accumulate_steps == 1 and not self.dist.enabled:
+            return None
+        class_weight_sum = getattr(self.criterion, "class_weight_sum", None)
+        total = class_weight_sum(labels) if class_weight_sum is not None else None
+        if total is None:
+            return None
+        if self.dist.enabled:  # a fresh tensor: reduced in place
+            all_reduce_(total, self.dist)
+            total = total / self.dist.world_size
+        return total
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the batch, as accumulate_steps micro-batches; (loss, mean logits), detached."""
         A = self.accumulate_steps
+        weight_sum = self._weight_sum(labels)
         if A == 1:
-            loss, logits = self.forward_loss(images, labels)
+            loss, logits = self.forward_loss(images, labels, weight_sum)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             return loss.detach().float(), logits.detach()
@@ -166,7 +187,7 @@ class TrainStep:
         for i, (x, y) in enumerate(parts):
             weight = y.shape[0] / n  # 1 / accumulate_steps for equal micro-batches: the gradient of the batch mean
             with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
-                loss, logits = self.forward_loss(x, y)
+                loss, logits = self.forward_loss(x, y, None if weight_sum is None else weight_sum * weight)
                 self.scaler.scale(loss * weight).backward()
             loss_sum = loss_sum + loss.detach().float() * weight
             all_logits.append(logits.detach())

@@ -114,14 +114,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def focal_term(logits: Tensor, target: Tensor, gamma: float, class_weights: Tensor | None = None) -> Tensor:
+def focal_term(logits: Tensor, target: Tensor, gamma: float, class_weights: Tensor | None = None,
+               weight_sum: Tensor | None = None) -> Tensor:
     """Sum over the leading (expert) axis of the per-expert focal loss; logits [E', B, C] -> scalar.
 
         FL_ki = (1 - p_ki)^gamma * (-log p_ki),  p_ki = softmax(z_k[i])_{y_i}
-        loss  = sum_k sum_i w_{y_i} FL_ki / sum_i w_{y_i}     (w = 1: the plain batch mean)
+        loss  = sum_k sum_i w_{y_i} FL_ki / W,  W = sum_i w_{y_i}  (w = 1: the plain batch mean)
 
     gamma = 0 is cross-entropy exactly. The class weight multiplies the whole focal term (Cui et
-    al. 2019) and the batch mean is normalised by sum w, like `F.cross_entropy(weight=...)`.
+    al. 2019) and the batch mean is normalised by sum w, like `F.cross_entropy(weight=...)`;
+    weight_sum replaces W (the whole batch's sum, when this call sees part of it).
     """
     z = logits.to(compute_dtype(logits))
     Ep, B, _ = z.shape
@@ -131,14 +133,21 @@ def focal_term(logits: Tensor, target: Tensor, gamma: float, class_weights: Tens
     if gamma != 0:
         # 1 - p = -expm1(log p): accurate when p is close to 1; clamp guards log p rounding above 0
         loss = (-torch.expm1(log_py)).clamp_min(0).pow(gamma) * loss
+    divisor = None if weight_sum is None else weight_sum.to(z.dtype).reshape(())
     if class_weights is None:
-        return loss.mean(dim=1).sum()
+        return loss.mean(dim=1).sum() if divisor is None else loss.sum() / divisor
     w = class_weights.to(z.dtype)[target.long()]  # [B]
-    return (loss * w).sum() / w.sum()
+    return (loss * w).sum() / (w.sum() if divisor is None else divisor)
 
 
 class ExpertLoss(nn.Module):
-    """Base of the losses: forward(expert_logits [E, B, C], target [B]) -> scalar; set_epoch(epoch)."""
+    """Base of the losses: forward(expert_logits [E, B, C], target [B], weight_sum=None) -> scalar;
+    set_epoch(epoch).
+
+    weight_sum: the divisor of the classification term's (weighted) batch mean, for a call that
+    sees part of a batch: `class_weight_sum` of the whole batch's targets, which the training step
+    sums over its micro-batches and ranks (docs/method.md §8). None: this call's own targets.
+    """
 
     num_classes: int | None
 
@@ -159,6 +168,13 @@ class ExpertLoss(nn.Module):
         only while it is unchanged (engine/step_graph.py). A loss with deferred re-weighting
         branches on its `phase`; one without a schedule on nothing (None)."""
         return getattr(self, "phase", None)
+
+    def class_weight_sum(self, target: Tensor) -> Tensor | None:
+        """sum_i w_{y_i} of the classification term's current class weights over `target` (a float64
+        scalar on its device: the loss divides by it in its own precision), or None for a plain
+        batch mean (no weights now)."""
+        weights = getattr(self, "class_weights", None)
+        return None if weights is None else weights[target.long()].double().sum()
 
     def _buffer(self, name: str, value: Tensor | None) -> None:
         """Register a float32 class-count buffer (non-persistent: rebuilt from the counts)."""
@@ -193,9 +209,9 @@ class CrossEntropyLoss(ExpertLoss):
         super().__init__(class_counts)
         self.impl = check_impl(impl)
 
-    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, expert_logits: Tensor, target: Tensor, weight_sum: Tensor | None = None) -> Tensor:
         self._check(expert_logits, target)
-        return _ride_loss_checked(expert_logits, target, impl=self.impl)
+        return _ride_loss_checked(expert_logits, target, impl=self.impl, weight_sum=weight_sum)
 
 
 class ClassBalancedCELoss(ExpertLoss):
@@ -212,9 +228,9 @@ class ClassBalancedCELoss(ExpertLoss):
         self.impl = check_impl(impl)
         self._buffer("class_weights", class_balanced_weights(self.class_counts, beta))
 
-    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, expert_logits: Tensor, target: Tensor, weight_sum: Tensor | None = None) -> Tensor:
         self._check(expert_logits, target)
-        return _ride_loss_checked(expert_logits, target, class_weights=self.class_weights, impl=self.impl)
+        return _ride_loss_checked(expert_logits, target, class_weights=self.class_weights, impl=self.impl, weight_sum=weight_sum)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, beta={self.beta}"
@@ -260,9 +276,10 @@ class LDAMLoss(ExpertLoss):
     def class_weights(self) -> Tensor | None:
         return self.drw_weights if self.phase == 1 else None
 
-    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, expert_logits: Tensor, target: Tensor, weight_sum: Tensor | None = None) -> Tensor:
         self._check(expert_logits, target)
-        return _ride_loss_checked(expert_logits, target, margins=self.margins, class_weights=self.class_weights, impl=self.impl)
+        return _ride_loss_checked(expert_logits, target, margins=self.margins, class_weights=self.class_weights, impl=self.impl,
+                                  weight_sum=weight_sum)
 
     def extra_repr(self) -> str:
         return (
@@ -295,9 +312,9 @@ class FocalLoss(ExpertLoss):
         self.gamma, self.class_balanced, self.beta = float(gamma), bool(class_balanced), float(beta)
         self._buffer("class_weights", class_balanced_weights(self.class_counts, beta) if class_balanced else None)
 
-    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, expert_logits: Tensor, target: Tensor, weight_sum: Tensor | None = None) -> Tensor:
         check_logits_and_target(expert_logits, target, self.num_classes)
-        return focal_term(expert_logits, target, self.gamma, self.class_weights)
+        return focal_term(expert_logits, target, self.gamma, self.class_weights, weight_sum)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, gamma={self.gamma}, class_balanced={self.class_balanced}"

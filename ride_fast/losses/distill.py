@@ -59,12 +59,16 @@ class RIDEDistillLoss(ExpertLoss):
     def graph_key(self):
         return self.base.graph_key()
 
+    def class_weight_sum(self, target: Tensor) -> Tensor | None:
+        return self.base.class_weight_sum(target)
+
     def path(self, device, dtype=None, num_experts=None, num_classes=None) -> str:
         """The base loss's implementation (`ExpertLoss.path`); the distillation term is plain PyTorch
         on the [B, C] mean logits."""
         return self.base.path(device, dtype if dtype is not None else torch.float32, num_experts, num_classes)
 
-    def forward(self, expert_logits: Tensor, target: Tensor, teacher_logits: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, expert_logits: Tensor, target: Tensor, teacher_logits: Tensor,  # type: ignore[override]
+                weight_sum: Tensor | None = None) -> Tensor:
         check_logits_and_target(expert_logits, target, self.num_classes, check_range=False)  # the base loss checks it
         if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
             raise TypeError("teacher_logits must be a floating-point Tensor [B, C] (the teacher's mean logits)")
@@ -77,7 +81,7 @@ class RIDEDistillLoss(ExpertLoss):
         if teacher_logits.device != expert_logits.device:
             raise ValueError(f"teacher_logits are on {teacher_logits.device} but expert_logits on {expert_logits.device}")
         student_mean = expert_logits.to(compute_dtype(expert_logits)).mean(0)  # [B, C], mean in float32
-        loss = self.base(expert_logits, target) + distill_kl(student_mean, teacher_logits, self.temperature)
+        loss = self.base(expert_logits, target, weight_sum) + distill_kl(student_mean, teacher_logits, self.temperature)
         return loss * E if self.scale_by_experts else loss
 
     def extra_repr(self) -> str:

@@ -178,12 +178,12 @@ class RIDELoss(ExpertLoss):
 
     # ---- loss
 
-    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, expert_logits: Tensor, target: Tensor, weight_sum: Tensor | None = None) -> Tensor:
         self._check(expert_logits, target)
         copies = expert_logits.shape[0] if self._mean_copies else 1  # lambda == 0: the diversity term is zero
         if self.classification == "focal":
             cls_logits = expert_logits if self.per_expert_terms else expert_logits.mean(0, keepdim=True)
-            cls = focal_term(cls_logits, target, self.focal_gamma, self.class_weights)
+            cls = focal_term(cls_logits, target, self.focal_gamma, self.class_weights, weight_sum)
             div = diversity_term(
                 expert_logits, self.temperature, self.diversity_factor, self.temperature_mean, self.diversity
             )
@@ -200,6 +200,7 @@ class RIDELoss(ExpertLoss):
             diversity=self.diversity,
             individual=self.per_expert_terms,
             impl=self.impl,
+            weight_sum=weight_sum,
         )
         return loss * copies if copies != 1 else loss
 

@@ -7,16 +7,20 @@ Shape legend: E experts, B images, C classes.
     margins        [C]        s * m_c, subtracted from the target logit only (LDAM); None: plain CE
     class_weights  [C]        DRW class-balanced weights w_c; None: unweighted batch mean
     temperature    [C]        per-class diversity temperatures T_c (all T_base before the switch)
+    weight_sum     []         optional divisor of the classification term: sum_i w_{y_i} over the whole
+                              batch when this call sees only part of it (one rank, one micro-batch)
 
 With z_k = expert_logits[k], zbar = mean_k z_k, q_k = softmax(z_k / T), pbar = softmax(zbar / T)
 (pbar without gradient), Tm = mean_c T_c, lambda = diversity_factor:
 
-    cls_k  = sum_i w_{y_i} * CE(z_k[i] - margins[y_i] * onehot(y_i), y_i) / sum_i w_{y_i}
+    cls_k  = sum_i w_{y_i} * CE(z_k[i] - margins[y_i] * onehot(y_i), y_i) / W,   W = sum_i w_{y_i}
     div_k  = lambda * Tm^2 * sum_i KL(pbar_i || q_k,i) / B                           ("mean")
            = lambda * Tm^2 / (E-1) * sum_i sum_{j!=k} KL(q_k,i || q_j,i) / B          ("pairwise")
     loss   = sum_k (cls_k + div_k)                     a sum over experts, not a mean
 
 `individual=False` ("collaborative") replaces sum_k cls_k by the classification term of zbar.
+W is `weight_sum` when given (w = 1 without class weights: W = B), so that the parts of a batch
+split over ranks or micro-batches add up to the weighted mean of the whole batch (docs/method.md §8).
 Half-precision inputs (bfloat16, float16) are computed in float32; float32 stays float32 and
 float64 stays float64 (so `torch.autograd.gradcheck` can check the reference).
 
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ride_fast.ops.ride_loss_analytic import _ride_loss_and_grad
+from ride_fast.ops.ride_loss_analytic import _host_reads_are_free, _ride_loss_and_grad
 
 Impl = Literal["auto", "reference", "triton"]
 
@@ -44,6 +48,7 @@ def check_ride_loss_inputs(
     class_weights: Tensor | None,
     temperature: Tensor | None,
     diversity: str,
+    weight_sum: Tensor | None = None,
 ) -> None:
     """Raise a clear error for inputs a user can get wrong (shapes, dtypes, modes)."""
     if expert_logits.dim() != 3:
@@ -66,6 +71,11 @@ def check_ride_loss_inputs(
             raise ValueError(f"{name} is on {vec.device} but expert_logits are on {expert_logits.device}; move it with .to(logits.device)")
     if diversity not in ("mean", "pairwise"):
         raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
+    if weight_sum is not None:
+        if weight_sum.numel() != 1 or not weight_sum.is_floating_point():
+            raise ValueError(f"weight_sum must be a one-element floating-point tensor, got shape {tuple(weight_sum.shape)} {weight_sum.dtype}")
+        if weight_sum.device != expert_logits.device:
+            raise ValueError(f"weight_sum is on {weight_sum.device} but expert_logits are on {expert_logits.device}")
 
 
 def ride_loss_reference(
@@ -78,6 +88,7 @@ def ride_loss_reference(
     temperature_mean: float = 1.0,
     diversity: str = "mean",
     individual: bool = True,
+    weight_sum: Tensor | None = None,
 ) -> Tensor:
     """Plain PyTorch RIDE loss (the specification). Returns a float32 scalar (float64 for float64
     logits); see module docstring.
@@ -86,7 +97,7 @@ def ride_loss_reference(
     gather 1, tempered log-softmax 2, mean + tempered softmax 3, KL 3; the backward roughly doubles
     it. The fused kernel reads the logits once and writes their gradient once.
     """
-    check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity)
+    check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity, weight_sum)
     # bf16/fp16 -> float32; float32/float64 unchanged (a float64 input must not be rounded to
     # float32, or gradcheck of the reference measures rounding noise instead of the gradient).
     z = expert_logits.to(torch.promote_types(expert_logits.dtype, torch.float32))
@@ -102,9 +113,9 @@ def ride_loss_reference(
     nll = -log_p.gather(-1, target.view(1, B, 1).expand(log_p.shape[0], B, 1)).squeeze(-1)  # [E', B]
     if class_weights is not None:
         w = class_weights.to(z.dtype)[target]  # [B]
-        cls = (nll * w).sum() / w.sum()
+        cls = (nll * w).sum() / (w.sum() if weight_sum is None else weight_sum.to(z.dtype).reshape(()))
     else:
-        cls = nll.mean(dim=1).sum()
+        cls = nll.mean(dim=1).sum() if weight_sum is None else nll.sum() / weight_sum.to(z.dtype).reshape(())
 
     return cls + ride_diversity_reference(z, temperature, diversity_factor, temperature_mean, diversity)
 
@@ -224,25 +235,38 @@ def _ride_loss_op(
     diversity: str,
     use_triton: bool,
     need_grad: bool,
+    weight_sum: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton:
         from ride_fast_kernels.ride_loss import _forward, _prepare  # imports triton; only on this path
 
         args = _prepare(expert_logits, target, margins, class_weights, temperature)
-        return _forward(*args, diversity_factor, temperature_mean, diversity)
-    if target.device.type == "cpu":  # free on the CPU; inside the op, so it holds under torch.compile too
-        _check_target_range(target, expert_logits.shape[2])
+        return _forward(*args, diversity_factor, temperature_mean, diversity, weight_sum=weight_sum)
+    C = expert_logits.shape[2]
+    bad = None
+    if _host_reads_are_free(target):  # the CPU; inside the op, so it holds under torch.compile too
+        _check_target_range(target, C)
+    else:  # no host read: a target out of range poisons the loss with NaN, as the kernels do
+        bad = ((target < 0) | (target >= C)).any()
+        target = target.clamp(0, C - 1)
     empty = expert_logits.new_empty(0)
     if not need_grad:
         with torch.no_grad():
-            loss = ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
-        return loss, empty, empty.clone()
-    loss, grad = _ride_loss_and_grad(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
-    return loss, grad.to(_saved_dtype(expert_logits.dtype)), empty
+            loss = ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor,
+                                       temperature_mean, diversity, weight_sum=weight_sum)
+        return _poisoned(loss, bad), empty, empty.clone()
+    loss, grad = _ride_loss_and_grad(expert_logits, target, margins, class_weights, temperature, diversity_factor,
+                                     temperature_mean, diversity, weight_sum)
+    return _poisoned(loss, bad), grad.to(_saved_dtype(expert_logits.dtype)), empty
+
+
+def _poisoned(loss: Tensor, bad: Tensor | None) -> Tensor:
+    return loss if bad is None else torch.where(bad, float("nan"), loss)
 
 
 @_ride_loss_op.register_fake
-def _(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, use_triton, need_grad):
+def _(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, use_triton, need_grad,
+      weight_sum=None):
     E, B, C = expert_logits.shape
     dtype = expert_logits.dtype
     loss = expert_logits.new_empty((), dtype=_compute_dtype(dtype))
@@ -289,7 +313,7 @@ def _eager(t: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _ = inputs
+    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _, _ = inputs  # aux holds weight_sum
     _, saved, aux = output
     ctx.mark_non_differentiable(saved, aux)
     ctx.set_materialize_grads(False)  # no [E, B, C] of zeros for the outputs that carry no gradient
@@ -307,6 +331,10 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
     lam, tm, diversity, use_triton = ctx.args
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
+        if torch.is_grad_enabled() and _eager(grad_loss):  # backward(create_graph=True)
+            raise RuntimeError("the RIDE loss operator has no second derivative: its gradient would enter the "
+                               "higher-order graph as a constant; use impl='reference' (loss.impl=reference) for "
+                               "higher-order gradients")
         if (
             not use_triton
             and _eager(grad_loss)
@@ -319,7 +347,7 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
             grad = saved
         else:
             grad = _ride_loss_backward_op(grad_loss, z, target, margins, class_weights, temperature, saved, aux, lam, tm, diversity, use_triton)
-    return grad, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 _ride_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -366,6 +394,7 @@ def ride_loss(
     diversity: str = "mean",
     individual: bool = True,
     impl: Impl = "auto",
+    weight_sum: Tensor | None = None,
 ) -> Tensor:
     """The RIDE loss through the chosen implementation; validates its inputs once.
 
@@ -378,10 +407,11 @@ def ride_loss(
     """
     if impl not in ("auto", "reference", "triton"):
         raise ValueError(f"impl must be 'auto', 'reference' or 'triton', got {impl!r}")
-    check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity)
+    check_ride_loss_inputs(expert_logits, target, margins, class_weights, temperature, diversity, weight_sum)
     if impl == "triton" and not individual:
         raise ValueError("the fused Triton RIDE loss covers individual=True; use impl='reference' for the collaborative loss")
-    return _ride_loss_checked(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, individual, impl)
+    return _ride_loss_checked(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
+                              individual, impl, weight_sum)
 
 
 def _ride_loss_checked(
@@ -395,6 +425,7 @@ def _ride_loss_checked(
     diversity: str = "mean",
     individual: bool = True,
     impl: Impl = "auto",
+    weight_sum: Tensor | None = None,
 ) -> Tensor:
     """`ride_loss` on inputs already validated (loss modules validate once, then call this)."""
     args = (expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity)
@@ -402,22 +433,22 @@ def _ride_loss_checked(
     path = call_path(impl, expert_logits.device, expert_logits.dtype, E, C, individual,
                      _constants_only(margins, class_weights, temperature))
     if path == "reference":
-        return ride_loss_reference(*args, individual)
+        return ride_loss_reference(*args, individual, weight_sum)
     if impl == "triton":
         if not _TRITON_INSTALLED:
             raise RuntimeError("impl='triton' needs the triton package and ride_fast_kernels; use impl='auto'")
         check_logits("expert_logits", expert_logits, 3, "[E, B, C]")
         if E > MAX_EXPERTS:
             raise ValueError(f"expert_logits has E = {E} experts; the fused kernel supports at most {MAX_EXPERTS}")
-    return _run_op(*args, path == "triton")
+    return _run_op(*args, path == "triton", weight_sum)
 
 
 def _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-            use_triton: bool) -> Tensor:
+            use_triton: bool, weight_sum: Tensor | None = None) -> Tensor:
     """The registered operator's loss, asking for the gradient only where autograd will want it."""
     need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
     loss, _, _ = _ride_loss_op(expert_logits, target, margins, class_weights, temperature, float(diversity_factor),
-                               float(temperature_mean), diversity, use_triton, need_grad)
+                               float(temperature_mean), diversity, use_triton, need_grad, weight_sum)
     return loss
 
 
@@ -430,6 +461,7 @@ def ride_loss_analytic(
     diversity_factor: float = 0.0,
     temperature_mean: float = 1.0,
     diversity: str = "mean",
+    weight_sum: Tensor | None = None,
 ) -> Tensor:
     """`ride_loss_reference(..., individual=True)` with an analytic backward; float32 scalar
     (float64 for float64 logits).
@@ -440,7 +472,7 @@ def ride_loss_analytic(
     if diversity not in ("mean", "pairwise"):
         raise ValueError(f"diversity must be 'mean' or 'pairwise', got {diversity!r}")
     return _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean,
-                   diversity, False)
+                   diversity, False, weight_sum)
 
 
 def ride_loss_fused(
@@ -452,6 +484,7 @@ def ride_loss_fused(
     diversity_factor: float = 0.0,
     temperature_mean: float = 1.0,
     diversity: str = "mean",
+    weight_sum: Tensor | None = None,
 ) -> Tensor:
     """The RIDE loss through the fused kernels, differentiable with respect to `expert_logits`.
 
@@ -460,4 +493,4 @@ def ride_loss_fused(
     comes back in the logits' dtype.
     """
     return ride_loss(expert_logits, target, margins, class_weights, temperature, diversity_factor,
-                     temperature_mean, diversity, impl="triton")
+                     temperature_mean, diversity, impl="triton", weight_sum=weight_sum)

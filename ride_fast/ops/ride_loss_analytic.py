@@ -72,6 +72,7 @@ def _ride_loss_and_grad(
     diversity_factor: float,
     temperature_mean: float,
     diversity: str,
+    weight_sum: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(loss scalar, grad [E, B, C]) of the individual RIDE loss, in the compute dtype
     (float32; float64 for float64 logits, like the reference).
@@ -87,11 +88,14 @@ def _ride_loss_and_grad(
     z = z.to(dtype).contiguous()
     y = target.long()
     rows = torch.arange(B, device=z.device)
+    divisor = None if weight_sum is None else weight_sum.detach().to(dtype).reshape(())  # the whole batch's sum w
     if class_weights is not None:
         w = class_weights.detach().to(dtype)[y]  # [B]
-        coef = w / w.sum()
-    else:
+        coef = w / (w.sum() if divisor is None else divisor)
+    elif divisor is None:
         coef = torch.full((B,), 1.0 / B, dtype=dtype, device=z.device)
+    else:
+        coef = torch.ones(B, dtype=dtype, device=z.device) / divisor
     mode = "none" if diversity_factor == 0.0 or (diversity == "pairwise" and E == 1) else diversity
 
     # ---- LDAM / CE: loss = sum_i c_i (lse(a) - a_y), grad = c (softmax(a) - onehot)

@@ -22,10 +22,11 @@ C, E = 5, 2
 COUNTS = np.array([9, 6, 4, 3, 2])
 
 
-def _step_result(accumulate_steps: int, x, y, *, steps: int = 2):
+def _step_result(accumulate_steps: int, x, y, *, steps: int = 2, epoch: int = 1, loss: str = "ride"):
     torch.manual_seed(0)
     model = create_model("resnet32", num_classes=C, num_experts=E, batched=True).double().eval()  # BatchNorm frozen
-    crit = build_loss(LossConfig(name="ride", reweight_epoch=1), COUNTS).double()
+    crit = build_loss(LossConfig(name=loss, reweight_epoch=1), COUNTS).double()
+    crit.set_epoch(epoch)  # epoch 2: after the DRW switch, a class-weighted batch mean
     opt = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
     step = TrainStep(model, crit, opt, device=torch.device("cpu"), amp="none", accumulate_steps=accumulate_steps)
     losses = torch.stack([step(x, y) for _ in range(steps)])
@@ -33,13 +34,17 @@ def _step_result(accumulate_steps: int, x, y, *, steps: int = 2):
     return losses, params, step.read_metrics()
 
 
+@pytest.mark.parametrize("loss,epoch", [("ride", 1), ("ride", 2), ("ldam", 2), ("cb_ce", 1)],
+                         ids=["ride_before_drw", "ride_drw", "ldam_drw", "cb_ce"])
 @pytest.mark.parametrize("accumulate_steps,B", [(2, 8), (3, 8)], ids=["2_equal", "3_short_last"])
-def test_accumulated_step_equals_the_whole_batch_step_in_float64(accumulate_steps, B):
+def test_accumulated_step_equals_the_whole_batch_step_in_float64(accumulate_steps, B, loss, epoch):
+    """Class-weighted means too: each micro-batch divides by its share of the whole batch's weight
+    sum, not by its own (the batch below puts the rare classes 3 and 4 in the first half)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(B, 3, 16, 16, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2][:B])
-    l_one, p_one, m_one = _step_result(1, x, y)
-    l_acc, p_acc, m_acc = _step_result(accumulate_steps, x, y)
+    l_one, p_one, m_one = _step_result(1, x, y, epoch=epoch, loss=loss)
+    l_acc, p_acc, m_acc = _step_result(accumulate_steps, x, y, epoch=epoch, loss=loss)
     torch.testing.assert_close(l_acc.double(), l_one.double(), rtol=1e-6, atol=1e-6)  # the loss is recorded in float32
     moved = [n for n in p_one if not torch.equal(p_one[n], p_acc[n])]
     for n in p_one:

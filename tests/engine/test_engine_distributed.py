@@ -4,8 +4,9 @@ The equivalence test: 2 ranks with the same global batch follow 1 process's traj
 with this configuration, and the test says so:
   - train.sync_bn=true: BatchNorm statistics over the global batch (GlobalBatchNorm2d on gloo);
   - data.augment=false: augmentation draws are per rank (the images per step are the same);
-  - loss.reweight_epoch after the run: before DRW every loss term is a plain mean over images, so the
-    mean of the ranks' means is the global mean (a class-weighted mean is not);
+  - loss.reweight_epoch=1: the second epoch is in the DRW phase, where the classification term is a
+    class-weighted mean; each rank divides by its share of the global batch's weight sum (not by its
+    own), so the ranks' terms add up to the global weighted mean;
   - float64 (tests/_ride_fast_f64.py): in float32 merely permuting a batch of these MNIST digits moves
     the first gradient by a few percent at initialisation, which would drown the comparison.
 """
@@ -27,7 +28,7 @@ from ride_fast.models import create_model
 HERE = Path(__file__).resolve().parents[1]  # tests/
 F64 = str(HERE / "_ride_fast_f64.py")
 RUN = ["data.test_per_class=10", "data.batch_size=32", "data.eval_batch_size=64", "train.max_steps_per_epoch=4", "train.epochs=2",
-       "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=100", "optim.warmup_epochs=0", "data.augment=false",
+       "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=1", "optim.warmup_epochs=0", "data.augment=false",
        "train.amp=none"]
 
 

@@ -5,7 +5,8 @@ The CPU tests run the kernels through the interpreter, which accepts code the re
 reject. These tests compile them ahead of time (Triton front end, LLVM, and the ptxas bundled with
 the triton wheel; no driver needed) in a subprocess without TRITON_INTERPRET, through
 `ride_fast_kernels.report`: every variant of its default matrix (E = 1..8, both modes, every
-dtype, both DRW phases) and, for each expert tile, the other launched kernels (no diversity term,
+dtype, both DRW phases; the forward also with its divisor passed in, as a DRW step split over ranks
+or micro-batches launches it) and, for each expert tile, the other launched kernels (no diversity term,
 other combinations of margins, weights and temperatures: `--terms all`), with the strides training
 gives at C = 8142 (row stride C, expert stride B C a multiple of 16: the "training" layout), and
 short rows (C = 100: 1-warp programs). Integer arguments are declared 32-bit, as a launch passes them.
@@ -45,6 +46,9 @@ SCRIPT = textwrap.dedent(
         rows += report.variant_rows(E, mode, dtype, phase, "sm_90", classes=8142, layout="training")
     # when B C is not a multiple of 16, experts past the first cannot be proven aligned
     unaligned = report.variant_rows(4, "mean", "bf16", 1, "sm_90", classes=8142, layout="unaligned")
+    # the forward that divides by a weight sum passed in (a DRW step split over ranks or micro-batches)
+    split = [r for E in (1, 4, 8) for mode in ("mean", "pairwise") for dtype in ("fp32", "bf16", "fp16")
+             for r in report.variant_rows(E, mode, dtype, 1, "sm_90", classes=8142, kernels=("fwd",), weight_sum=True)]
     # short rows (CIFAR-100): 1- to 2-warp programs, whose finishing step holds its block in registers too
     short = [r for E, mode, dtype in ((3, "pairwise", "bf16"), (4, "mean", "fp32"), (8, "pairwise", "fp32"))
              for r in report.variant_rows(E, mode, dtype, 1, "sm_90", classes=100)]
@@ -53,7 +57,7 @@ SCRIPT = textwrap.dedent(
                **{n: "constexpr" for n in report._CONSTEXPRS})
     cx = dict(zip(report._CONSTEXPRS, [True, True, True, 1, 1, 256, 4]), E=1, B=1, G_ALIGNED=True)
     report._compile(ride_loss._ride_loss_bwd_kernel, sig, cx, 8, "sm_90", report._PTR_ARGS, ride_loss.register_budget(1, 2))
-    print(json.dumps({"rows": rows, "unaligned": unaligned, "short": short}))
+    print(json.dumps({"rows": rows, "unaligned": unaligned, "short": short, "split": split}))
     """
 )
 
@@ -74,8 +78,8 @@ def test_kernels_compile_for_sm90_within_budget():
     assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
     out = json.loads(result.stdout.strip().splitlines()[-1])
     rows = out["rows"]
-    assert len(rows) == 2 * len(MATRIX)
-    for row in rows:
+    assert len(rows) == 2 * len(MATRIX) and len(out["split"]) == 18
+    for row in rows + out["split"]:
         where = f"{row['kernel']} {row['variant']}"
         E, _, dtype = row["variant"].split("-")[:3]
         budget, warps = BUDGET[int(E[1:]) > 4]

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from _loss_parts import loss_and_grad_in_parts
 from ride_fast_kernels import _utils
 from ride_fast.ops import ride_loss_fused
 from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward
@@ -282,6 +283,20 @@ def test_autograd_function_and_grad_output_scaling():
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("phase2", [False, True], ids=["before_drw", "after_drw"])
+def test_parts_with_the_batch_weight_sum_add_up_to_the_whole_batch(phase2, diversity):
+    """`weight_sum` replaces the kernel's own divisor, in the loss and in the backward (which
+    reads it from `aux`): the parts of a batch split as over ranks add up to the whole batch."""
+    z, y, m, w, t = make_inputs(3, 5, 40, phase2=phase2, seed=33)
+    ref_loss, ref_grad = reference(z, y, m, w, t, diversity)
+    call = lambda x, yy, mm, ww, tt, weight_sum: ride_loss_fused(x, yy, mm, ww, tt, LAMBDA, TM, diversity, weight_sum=weight_sum)  # noqa: E731
+    loss, grad = loss_and_grad_in_parts(call, z, y, m, w, t, cuts=[0, 1, 5])
+    assert_matches(loss.float(), grad, ref_loss, ref_grad)
+    _, _, aux = ride_loss_forward(z[:, 1:], y[1:], m, w, t, LAMBDA, TM, diversity, weight_sum=torch.tensor([7.5], device=z.device))
+    assert aux.item() == 7.5
+
+
 def test_forward_without_grad():
     z, y, m, w, t = make_inputs(3, 4, 30, seed=32)
     for diversity in ("mean", "pairwise"):
@@ -425,6 +440,7 @@ def test_opcheck_triton_path(diversity):
     z, y, m, w, t = make_inputs(3, 4, 20, seed=71)
     args = (z.requires_grad_(), y, m, w, t, LAMBDA, TM, diversity, True, True)
     torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, args)
+    torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, (*args, torch.tensor(3.5, device=z.device)))
 
 
 def test_forward_reduces_in_its_last_program_and_resets_the_ticket():
