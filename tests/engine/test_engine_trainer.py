@@ -64,10 +64,11 @@ def test_corrupt_checkpoint_falls_back_to_previous_good_one(tmp_path):
 
 
 # Relative gap between the loss of one autocast forward and the float32 loss of the same weights and
-# batch. bf16 keeps 8 mantissa bits, fp16 11; each bound is about five times the gap measured on
-# this test's batch, so a change of precision (or autocast switched off: a gap of 0 and float32
-# features) shows.
-AMP_RTOL = {"bf16": 5e-3, "fp16": 5e-5}
+# batch. bf16 keeps 8 mantissa bits, fp16 11. Measured on this test's batch: bf16 about 1e-3; fp16
+# about 1e-5 on a Xeon with AMX and 5e-5 to 6e-5 on one without (oneDNN's fp16 kernels differ).
+# The fp16 bound stays below the bf16 gap, so a change of precision shows (and autocast switched
+# off: float32 features).
+AMP_RTOL = {"bf16": 5e-3, "fp16": 2e-4}
 AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
