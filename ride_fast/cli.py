@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a CE baseline and RIDE on MNIST-LT and compare them")
     p.add_argument("--out-dir", default="demo_out", help="results; its run folders are trained anew on every call (default demo_out)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=_whole_number_from(1), default=None,
                    help="stage-1 epochs per model (default 30); the router trains 5 x EPOCHS / 30 epochs (at least 1)")
 
     p = sub.add_parser("train", help="stage-1 training")
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint to continue from ('auto': OUT_DIR/last.pt if present)")
     p.add_argument("--overwrite", action="store_true",
                    help="a new run into a train.out_dir that holds another run: delete that run's files first "
-                        "(config.yaml, metrics.jsonl, train.log, *.pt, tensorboard/, per_class_accuracy.*, routed_config.yaml); "
+                        "(config.yaml, config_resume_*.yaml, metrics.jsonl, train.log, *.pt, tensorboard/, per_class_accuracy.*, and the "
+                        "reports written beside its checkpoints: routed_config.yaml, routed_eval.json, routed_usage.png, "
+                        "*_test_eval.json, *_test_usage.png, *_test_sweep.*, confusion.*, *_crt.*, *_tau_norm.*, *_cosine.*); "
                         "without it the run stops")
 
     p = sub.add_parser("route", help="stage 2: train the router of a frozen stage-1 checkpoint",
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classes, experts, expert width and classifier type are read from SRC; "
                                    "the flags below only check them (a flag that disagrees with the file is an error).")
     p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("dst", help="the converted checkpoint (not SRC; an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
     p.add_argument("--model", required=True, choices=list_models(), help="the architecture SRC holds")
     p.add_argument("--num-classes", type=int, help="default: from SRC's classifier")
     p.add_argument("--num-experts", type=int, help="default: from SRC's per-expert stages")
@@ -169,9 +172,11 @@ def _add_analyze_parser(sub) -> None:
     q.add_argument("--config", help="baseline recipe to train --members copies of (seeds train.seed + i)")
     q.add_argument("--members", type=int, default=0, help="baselines to train from --config (finished ones are skipped)")
     q.add_argument("--ride-config", help="RIDE recipe to train with each --ride-experts count")
-    q.add_argument("--ride-experts", default="", help="comma-separated expert counts, e.g. 2,3,4")
+    q.add_argument("--ride-experts", type=_csv_of(_whole_number_from(1)), default=[],
+                   help="comma-separated expert counts, e.g. 2,3,4")
     q.add_argument("--route", action="store_true", help="also train the routers of the --ride-experts models and add them")
-    q.add_argument("--thresholds", default="", help="comma-separated router thresholds (default: each checkpoint's own)")
+    q.add_argument("--thresholds", type=_csv_of(_number), default=[],
+                   help="comma-separated router thresholds (default: each checkpoint's own)")
     q.add_argument("--no-prefixes", action="store_true", help="leave out the first-k-experts points of RIDE networks")
     q.add_argument("--workers", type=int, default=1, help="parallel training processes")
     q.add_argument("--out-dir", default="runs/analysis/ensemble")
@@ -180,6 +185,39 @@ def _add_analyze_parser(sub) -> None:
 
 def _csv(text: str | None, cast=str) -> list:
     return [cast(v) for v in (text or "").replace(" ", "").split(",") if v]
+
+
+def _whole_number_from(low: int):
+    """An argparse type: a whole number >= `low` (argparse names the flag in its message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _csv_of(parse):
+    """An argparse type: a comma-separated list, each item read by `parse` (the message names the item)."""
+    def parse_list(text: str) -> list:
+        out = []
+        for i, item in enumerate(_csv(text)):
+            try:
+                out.append(parse(item))
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentTypeError(f"item {i + 1} of {text!r}: {err}") from None
+        return out
+    return parse_list
 
 
 def _cmd_analyze(args) -> int:
@@ -210,8 +248,8 @@ def _cmd_analyze(args) -> int:
             args.out_dir, baselines=args.baseline, rides=args.ride, routed=args.routed,
             baseline_cfg=load_config(args.config, args.overrides) if args.config else None, members=args.members,
             ride_cfg=load_config(args.ride_config, args.overrides) if args.ride_config else None,
-            ride_experts=_csv(args.ride_experts, int), route=args.route, workers=args.workers,
-            overrides=parse_overrides(args.overrides), thresholds=_csv(args.thresholds, float) or None,
+            ride_experts=args.ride_experts, route=args.route, workers=args.workers,
+            overrides=parse_overrides(args.overrides), thresholds=args.thresholds or None,
             prefixes=not args.no_prefixes,
         )
     return 0
@@ -223,16 +261,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_progress:
         os.environ[PROGRESS_ENV] = "0"  # child processes (analysis workers) inherit it
     try:
-        return _COMMANDS[args.command](args)
-    except (ConfigError, ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
-        print(f"ride-fast {args.command}: error: {err}", file=sys.stderr)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
+    except (ConfigError, ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as err:
+        print(f"ride-fast {args.command}: error: {_error_text(err)}", file=sys.stderr)
         return 2
+
+
+def _error_text(err: Exception) -> str:
+    """The message of `err`; an operating-system error names the path and the reason."""
+    if isinstance(err, OSError) and err.filename is not None:
+        path = err.filename2 or err.filename
+        why = "it is a folder, not a file" if isinstance(err, IsADirectoryError) else err.strerror or str(err)
+        return f"cannot open {path}: {why}"
+    return str(err)
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout closed the pipe: send what is left to /dev/null so that the
+    interpreter's final flush does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (e.g. captured)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _cmd_demo(args) -> int:
     from ride_fast.demo import DEMO_EPOCHS, run_demo
 
-    run_demo(args.out_dir, epochs=args.epochs or DEMO_EPOCHS)
+    run_demo(args.out_dir, epochs=DEMO_EPOCHS if args.epochs is None else args.epochs)
     return 0
 
 
@@ -283,6 +347,8 @@ def _cmd_eval(args) -> int:
     from ride_fast.engine.routed_eval import evaluate_routed_checkpoint
 
     overrides = parse_overrides(args.overrides)
+    if args.json and os.path.realpath(args.json) == os.path.realpath(args.checkpoint):
+        raise ConfigError(f"--json {args.json} is the checkpoint itself; give another file for the report")
     if is_routed_checkpoint(load_checkpoint(args.checkpoint)):  # routed vs all experts, expert usage, MACs and ms per image
         evaluate_routed_checkpoint(args.checkpoint, overrides, args.json, sweep=args.sweep)
         return 0
@@ -374,7 +440,7 @@ def _cmd_convert(args) -> int:
 
     info = convert_original_checkpoint(
         args.src, args.dst, args.model, num_classes=args.num_classes, num_experts=args.num_experts,
-        reduce_dimension=args.reduce_dimension, use_norm=args.use_norm,
+        reduce_dimension=args.reduce_dimension, use_norm=args.use_norm, overwrite=args.overwrite,
     )
     print(f"wrote {args.dst}: " + ", ".join(f"{k}={v}" for k, v in info["model_args"].items()))
     return 0

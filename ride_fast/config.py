@@ -278,6 +278,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _scalar(text: str, tp: Any) -> Any:
+    """One item of a comma-separated list ("10,20"), read as YAML reads it unless the items are strings."""
+    if tp is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `path`."""
     origin = typing.get_origin(tp)
@@ -293,11 +303,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path)
     if origin in (tuple, Tuple):
+        item_tp = args[0] if args else Any
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value] if not isinstance(value, str) else [v for v in value.replace(",", " ").split() if v]
+            value = [value] if not isinstance(value, str) else [_scalar(v, item_tp) for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}", path)
-        item_tp = args[0] if args else Any
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):

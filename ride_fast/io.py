@@ -17,10 +17,30 @@ from typing import Any
 import numpy as np
 
 
+class WriteError(OSError):
+    """A file that cannot be written; the message names it, the reason and, where it can, the fix."""
+
+
+def _write_error(path: Path, err: OSError) -> WriteError:
+    if isinstance(err, IsADirectoryError) or path.is_dir():
+        why = "it is a folder; give a file path"
+    elif isinstance(err, (FileExistsError, NotADirectoryError)):
+        blocker = next((p for p in path.parents if os.path.lexists(p) and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else err.strerror or str(err)
+    elif isinstance(err, PermissionError):
+        why = "permission denied; choose a folder you can write to"
+    else:
+        why = err.strerror or str(err)
+    return WriteError(f"cannot write {path}: {why}")
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
@@ -28,9 +48,11 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(path, err) from err
         raise
     with contextlib.suppress(OSError):  # make the rename durable where folders can be fsynced
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -26,6 +26,16 @@ def test_overrides_are_typed_with_yaml_rules():
     assert cfg.train.amp == "bf16" and cfg.model.channels_last is True
 
 
+def test_comma_separated_lists_read_like_yaml_lists():
+    for written in ("10,20", "10, 20", "[10, 20]"):
+        assert load_config(overrides=[f"optim.milestones={written}"]).optim.milestones == (10, 20)
+    assert load_config(overrides=["data.mean=0.5,0.4,0.3"]).data.mean == (0.5, 0.4, 0.3)
+    assert load_config(overrides=["analysis.methods=ce,ldam"]).analysis.methods == ("ce", "ldam")
+    with pytest.raises(ConfigError, match=r"^override 'optim\.milestones=10,abc': optim\.milestones\[1\]: expected an integer, "
+                                          r"got 'abc'$"):
+        load_config(overrides=["optim.milestones=10,abc"])
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(overrides=["optim.lr=1"]).optim.lr == 1.0
     with pytest.raises(ConfigError, match=r"model\.num_experts: expected an integer"):

@@ -24,7 +24,7 @@ from ride_fast.engine import (
     resolve_device,
     split_accuracy,
 )
-from ride_fast.engine.checkpoint import check_data_classes, checkpoint_config, network_from_checkpoint
+from ride_fast.engine.checkpoint import check_data_classes, checkpoint_config, network_from_checkpoint, require_data
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context
 from ride_fast.io import atomic_write_text, json_text
@@ -65,10 +65,14 @@ class Loaded:
         return bool(np.array_equal(np.asarray(self.train_set.class_counts()), self.class_counts))
 
 
-def load_analysis_checkpoint(path: str | Path, overrides: dict | None = None, *, datasets=None) -> Loaded:
-    """Rebuild a checkpoint's network and its data (`datasets`=(train, test) skips building them)."""
+def load_analysis_checkpoint(path: str | Path, overrides: dict | None = None, *, datasets=None,
+                             command: str = "analyze") -> Loaded:
+    """Rebuild a checkpoint's network and its data (`datasets`=(train, test) skips building them). A
+    checkpoint without a data config needs data options in `overrides` (`command` names the refused command)."""
     ckpt = load_checkpoint(path)
     model = network_from_checkpoint(ckpt, path)  # a clear error without model_args, before the config is read
+    if datasets is None:
+        require_data(ckpt, path, overrides, command)
     cfg = checkpoint_config(ckpt, overrides)
     device = resolve_device(cfg.train.device)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format

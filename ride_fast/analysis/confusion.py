@@ -107,7 +107,7 @@ def checkpoint_logits(path: str | Path, overrides: dict | None = None, *, routed
 
     routed=True on a routed checkpoint: the routed prediction (mean of the experts each image used).
     `datasets` = (train, test) replaces building the checkpoint's data."""
-    loaded = load_analysis_checkpoint(path, overrides, datasets=datasets)
+    loaded = load_analysis_checkpoint(path, overrides, datasets=datasets, command="analyze confusion")
     loader = eval_loader(loaded.cfg, loaded.test_set, loaded.device)
     if routed:
         from ride_fast.engine.checkpoint import is_routed_checkpoint, router_from_checkpoint
@@ -144,15 +144,17 @@ def run_confusion(
     names = list(names) if names else _names(checkpoints)
     if len(names) != len(checkpoints):
         raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
-    reports = {}
+    reports, data = {}, {}
     for name, path in zip(names, checkpoints):
         logits, labels, counts, cfg = checkpoint_logits(path, overrides, routed=routed, datasets=datasets)
-        reports[name] = confusion_report(hardest_negatives(logits, labels), counts, bins or cfg.analysis.confusion_bins, name)
+        data[name] = cfg.data.name
+        reports[name] = confusion_report(hardest_negatives(logits, labels), counts,
+                                         cfg.analysis.confusion_bins if bins is None else bins, name)
         s = reports[name].stats
         log(f"{name}: mean hardest-negative score  many {s['many']['mean']:.3f}  medium {s['medium']['mean']:.3f}  "
             f"few {s['few']['mean']:.3f}  overall {s['overall']['mean']:.3f}")
     out_dir = Path(out_dir)
-    write_json({"routed": routed, "checkpoints": dict(zip(names, checkpoints)),
+    write_json({"routed": routed, "checkpoints": dict(zip(names, checkpoints)), "data": data,
                 "models": {n: r.as_dict() for n, r in reports.items()}}, out_dir / "confusion.json")
     plot_confusion(reports, out_dir / "confusion.png")
     log(f"wrote {out_dir / 'confusion.json'} and {out_dir / 'confusion.png'}")

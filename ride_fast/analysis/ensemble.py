@@ -107,7 +107,7 @@ def ensemble_report(
     if not paths:
         raise ValueError("nothing to compare: pass baseline checkpoints (--baseline), RIDE ones (--ride) or routed ones (--routed)")
     start = time.perf_counter()
-    first = load_analysis_checkpoint(paths[0], overrides, datasets=datasets)
+    first = load_analysis_checkpoint(paths[0], overrides, datasets=datasets, command="analyze ensemble")
     datasets = (first.train_set, first.test_set)
     cfg0 = first.cfg
     counts = first.class_counts
@@ -118,7 +118,10 @@ def ensemble_report(
     notes: list[str] = []
 
     def outputs(path):
-        loaded = first if path == paths[0] else load_analysis_checkpoint(path, overrides, datasets=datasets)
+        if path == paths[0]:
+            loaded = first
+        else:
+            loaded = load_analysis_checkpoint(path, overrides, datasets=datasets, command="analyze ensemble")
         out = collect_outputs(loaded.model, eval_loader(loaded.cfg, loaded.test_set, loaded.device), amp=loaded.cfg.train.amp)
         return loaded, out
 
@@ -155,7 +158,7 @@ def _routed_points(path, overrides, datasets, counts, thresholds, log) -> list[E
     from ride_fast.engine.routed_cost import baseline_macs, routed_cost
     from ride_fast.engine.routed_eval import evaluate_routed
 
-    loaded = load_analysis_checkpoint(path, overrides, datasets=datasets)
+    loaded = load_analysis_checkpoint(path, overrides, datasets=datasets, command="analyze ensemble")
     if not is_routed_checkpoint(loaded.ckpt):
         raise ValueError(f"{path} is not a routed checkpoint (train its router with `ride-fast route`, or pass it with --ride)")
     router = router_from_checkpoint(loaded.ckpt, loaded.model.num_classes).to(loaded.device).eval()
@@ -165,7 +168,8 @@ def _routed_points(path, overrides, datasets, counts, thresholds, log) -> list[E
     points = []
     for t in thresholds or [loaded.cfg.router.threshold]:
         report = evaluate_routed(loaded.model, router, eval_loader(loaded.cfg, loaded.test_set, loaded.device), counts,
-                                 image_size=size, threshold=float(t), amp=loaded.cfg.train.amp, cost=cost, baseline=base)
+                                 image_size=size, threshold=float(t), amp=loaded.cfg.train.amp, cost=cost, baseline=base,
+                                 timing=False)
         E = loaded.model.num_experts
         points.append(EnsemblePoint(FAMILIES[3], f"RIDE-{E}, routed (t={float(t):g})", report.mean_experts["overall"], report.mean_macs,
                                     report.routed, {"checkpoint": str(path), "threshold": float(t), "experts_in_network": E,

@@ -123,7 +123,7 @@ def run_two_stage(
     if method not in METHODS:
         raise ValueError(f"two-stage method must be one of {', '.join(METHODS)}, got {method!r}")
     start = time.perf_counter()
-    loaded: Loaded = load_analysis_checkpoint(checkpoint, overrides, datasets=datasets)
+    loaded: Loaded = load_analysis_checkpoint(checkpoint, overrides, datasets=datasets, command="analyze two-stage")
     cfg, model = loaded.cfg, loaded.model
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent
     stem = f"{Path(checkpoint).stem}_{method}"
@@ -153,7 +153,7 @@ def run_two_stage(
             result.after = split_summary(heads_logits(heads, test.features).mean(0).argmax(1), test.labels, loaded.class_counts, C)
         result.checkpoint = str(_save_rebalanced(loaded, heads, result, checkpoint, out_dir / f"{stem}.pt"))
     result.seconds = time.perf_counter() - start
-    write_json({**result.as_dict(), "source_checkpoint": str(checkpoint)}, out_dir / f"{stem}.json")
+    write_json({**result.as_dict(), "source_checkpoint": str(checkpoint), "data": cfg.data.name}, out_dir / f"{stem}.json")
     plot_two_stage(result, out_dir / f"{stem}.png")
     log(result.summary())
     log(f"wrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.png')}" + (f" and {result.checkpoint}" if result.checkpoint else ""))

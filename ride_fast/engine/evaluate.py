@@ -30,7 +30,7 @@ from ride_fast.engine.metrics import SplitAccuracy, pct, per_class_accuracy, spl
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
 from ride_fast.engine.step import prefetch_to_device
-from ride_fast.io import json_text, pyplot, save_figure
+from ride_fast.io import json_text, plural, pyplot, save_figure
 
 
 @torch.no_grad()
@@ -89,6 +89,22 @@ def scored_data(cfg, test_set, checkpoint: str | Path) -> dict:
                                                     "num_images": len(test_set)}}
 
 
+def split_counts(ckpt: dict, train_set, checkpoint: str | Path, log: Callable[[str], None] = print) -> np.ndarray:
+    """The training images per class [C] that define the many / medium / few splits: the checkpoint's
+    own record (the training set the network learned from) when it has one, else the rebuilt training
+    set's. Warns when the rebuilt training set has other counts (e.g. another data.imbalance_factor)."""
+    built = np.asarray(train_set.class_counts(), dtype=np.int64)
+    stored = np.asarray(ckpt.get("class_counts") or [], dtype=np.int64)
+    if stored.shape != built.shape:
+        return built
+    if not np.array_equal(stored, built):
+        c = int(np.flatnonzero(stored != built)[0])
+        log(f"warning: the training set built from the data options has other class counts than {checkpoint} was trained "
+            f"with (class {c}: {plural(int(built[c]), 'image')}, trained with {int(stored[c]):,}); the many / medium / few "
+            "splits use the checkpoint's counts")
+    return stored
+
+
 def describe_scored(scored: dict) -> str:
     """'CKPT on cifar100_lt (root R), test split, 10,000 images'."""
     d = scored["data"]
@@ -113,7 +129,7 @@ def _evaluate_checkpoint(checkpoint, overrides, *, datasets, log) -> tuple[Split
     model = network_from_checkpoint(ckpt, checkpoint, device=device, batched=cfg.model.batched, channels_last=cfg.model.channels_last)
     check_data_classes(checkpoint, model.num_classes, cfg.data.name, train_set.num_classes)
     _, test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)
-    acc = evaluate_model(model, test_loader, train_set.class_counts(), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch,
+    acc = evaluate_model(model, test_loader, split_counts(ckpt, train_set, checkpoint, log), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch,
                          show_progress=True)
     return acc, scored_data(cfg, test_set, checkpoint)
 

@@ -20,7 +20,7 @@ import torch
 
 from ride_fast.data import SPLITS, build_datasets, build_loaders, split_of_classes
 from ride_fast.engine.checkpoint import atomic_write_text, check_data_classes, load_checkpoint, load_routed_checkpoint
-from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data
+from ride_fast.engine.evaluate import describe_scored, eval_config, scored_data, split_counts
 from ride_fast.engine.metrics import SplitAccuracy, count_into, pct, per_class_accuracy, split_accuracy
 from ride_fast.engine.monitor import info, progress
 from ride_fast.engine.routed_cost import RoutedCost, RoutedTiming, baseline_macs, routed_cost, time_routed
@@ -258,21 +258,24 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
     `datasets` = (train, test) replaces building cfg.data. `sweep`: also the test set's accuracy and
     MACs at every threshold (one all-experts pass, replayed): printed as a table, written as
     <stem>_test_sweep.json and <stem>_test_sweep.png (beside --json: <name>_sweep.json)."""
-    cfg = eval_config(load_checkpoint(checkpoint), checkpoint, overrides, routed=True, datasets=datasets, log=log)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = eval_config(ckpt, checkpoint, overrides, routed=True, datasets=datasets, log=log)
     device = resolve_device(cfg.train.device)
     net, router, _ = load_routed_checkpoint(checkpoint, device, channels_last=cfg.model.channels_last)
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
     check_data_classes(checkpoint, net.num_classes, cfg.data.name, train_set.num_classes)
     test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)[1]
-    report = evaluate_routed(net, router, test_loader, train_set.class_counts(),
+    report = evaluate_routed(net, router, test_loader, split_counts(ckpt, train_set, checkpoint, log),
                              image_size=cfg.data.image_size, threshold=cfg.router.threshold, amp=cfg.train.amp)
     json_path, png_path = report_paths(checkpoint, json_path, "test_eval")
     extra = scored_data(cfg, test_set, checkpoint)
-    lines = [f"{describe_scored(extra)}:", report.summary()]
+    log("\n".join([f"{describe_scored(extra)}:", report.summary()]))  # the numbers first: a failed write loses none of them
     written = [json_path, png_path]
     if sweep:
         test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)[1]
         curve = threshold_curve(score_routers(net, router, test_loader, cfg.train.amp), report.cost)
+        log(f"accuracy and cost on the {curve.num_images} test images at every threshold ({len(curve.thresholds)} points; "
+            f"drop = all experts - routed, +-SE its standard error):\n" + sweep_table(curve, report.threshold))
         sweep_json = json_path.with_name(f"{json_path.stem.removesuffix('_eval')}_sweep.json")
         sweep_png = plot_sweep(curve, report.threshold, sweep_json.with_suffix(".png"),
                                title=f"{Path(checkpoint).name}: accuracy against cost on the test set")
@@ -281,9 +284,7 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
                                       "all_experts_accuracy": curve.all_experts_accuracy, "num_images": curve.num_images,
                                       "curve": curve.points()}, indent=2), sweep_json)
         extra["sweep"] = {"json": str(sweep_json), "png": str(sweep_png)}
-        lines += [f"accuracy and cost on the {curve.num_images} test images at every threshold ({len(curve.thresholds)} points; "
-                  f"drop = all experts - routed, +-SE its standard error):", sweep_table(curve, report.threshold)]
         written += [sweep_json, sweep_png]
     write_report(report, json_path, png_path, extra=extra)
-    log("\n".join(lines) + "\nwrote " + ", ".join(str(p) for p in written))
+    log("wrote " + ", ".join(str(p) for p in written))
     return report

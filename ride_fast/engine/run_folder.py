@@ -12,8 +12,15 @@ from pathlib import Path
 
 from ride_fast.engine.monitor import info
 
-RUN_FILES = ("config.yaml", "config_resume_*.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard",
-             "per_class_accuracy.json", "per_class_accuracy.png", "routed_config.yaml")  # what a run writes into train.out_dir (with stage 2's routed.pt)
+# what a run writes into train.out_dir, and what the later commands write beside its checkpoints there
+RUN_FILES = (
+    "config.yaml", "config_resume_*.yaml", "metrics.jsonl", "train.log", "*.pt", "tensorboard",
+    "per_class_accuracy.json", "per_class_accuracy.png",
+    "routed_config.yaml", "routed_eval.json", "routed_usage.png",  # ride-fast route (routed.pt: *.pt)
+    "*_test_eval.json", "*_test_usage.png", "*_test_sweep.json", "*_test_sweep.png",  # ride-fast eval of a routed checkpoint
+    "confusion.json", "confusion.png",  # ride-fast analyze confusion
+    *(f"*_{method}.{ext}" for method in ("crt", "tau_norm", "cosine") for ext in ("json", "png")),  # analyze two-stage
+)
 
 
 UNSAVED_RUN_FILES = ("config.yaml", "train.log", "tensorboard")  # all a run writes before its first checkpoint

@@ -345,6 +345,7 @@ def convert_original_checkpoint(
     num_experts: int | None = None,
     reduce_dimension: bool | None = None,
     use_norm: bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Convert an original RIDE checkpoint file into a ride_fast one.
 
@@ -352,8 +353,13 @@ def convert_original_checkpoint(
     that is not None must agree with it (CheckpointMismatchError naming both otherwise). Writes
     {"model": state_dict, "model_args": {...}, "router": {original router key: tensor}}
     atomically to dst_path; `create_model(**model_args)` rebuilds the network. Returns
-    {"path", "loaded", "router_keys", "model_args"}.
+    {"path", "loaded", "router_keys", "model_args"}. dst_path must not be src_path, and must not
+    exist unless `overwrite`.
     """
+    if os.path.realpath(dst_path) == os.path.realpath(src_path):
+        raise ValueError(f"{dst_path} is the file to convert; give another destination (the original stays as it is)")
+    if os.path.lexists(dst_path) and not overwrite:
+        raise FileExistsError(f"{dst_path} exists already; choose another destination, or pass --overwrite to replace it")
     model_entrypoint(model_name)  # an unknown name is an error before the file is read
     checkpoint = load_checkpoint_file(src_path)
     try:

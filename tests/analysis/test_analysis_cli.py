@@ -3,9 +3,11 @@ import functools
 import json
 
 import pytest
+import torch
 
 from ride_fast.cli import main
 from ride_fast.data import mnist_lt
+from ride_fast.models import create_model
 
 TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=200", "train.max_steps_per_epoch=2",
         "train.epochs=1", "train.progress=false", "optim.warmup_epochs=0", "optim.milestones=[1]", "loss.reweight_epoch=1",
@@ -68,3 +70,23 @@ def test_command_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["analyze", "bias-variance", "--config", "configs/analysis_mnist_lt.yaml", "--methods", "cee",
                  "--out-dir", str(tmp_path), *TINY]) == 2
     assert "did you mean 'ce'" in capsys.readouterr().err
+
+
+def test_analyses_refuse_a_checkpoint_without_data_config(tmp_path, capsys):
+    """A converted original checkpoint stores no data config: each analysis names the reason and the
+    options to pass instead of scoring the default data set; with them it records the data set it scored."""
+    net = create_model("resnet32", num_classes=10, num_experts=2)
+    ckpt = tmp_path / "converted.pt"
+    torch.save({"model": net.state_dict(), "model_args": net.model_args, "router": {}}, ckpt)
+    for command in (["confusion", "--checkpoint", str(ckpt)], ["two-stage", "--checkpoint", str(ckpt), "--method", "crt"],
+                    ["ensemble", "--ride", str(ckpt), "--out-dir", str(tmp_path / "ens")]):
+        assert main(["analyze", *command]) == 2
+        err = capsys.readouterr().err
+        assert f"{ckpt} stores no data config" in err and f"`ride-fast analyze {command[0]}` cannot tell" in err
+        assert "pass the data options, e.g. data.name=" in err
+    assert not (tmp_path / "confusion.json").exists() and not (tmp_path / "ens" / "ensemble.json").exists()
+    data = ["data.name=mnist_lt", "data.test_per_class=10"]
+    assert main(["analyze", "confusion", "--checkpoint", str(ckpt), "--name", "conv", "--bins", "4", *data]) == 0
+    assert json.loads((tmp_path / "confusion.json").read_text())["data"] == {"conv": "mnist_lt"}
+    assert main(["analyze", "confusion", "--checkpoint", str(ckpt), "--bins", "0", *data]) == 2
+    assert "bins must be >= 1, got 0" in capsys.readouterr().err

@@ -61,3 +61,15 @@ def test_nothing_to_compare_is_an_error(tmp_path):
         ensemble_report()
     with pytest.raises(ValueError, match="--config"):
         run_ensemble(tmp_path, members=2)
+
+
+def test_routed_points_are_not_timed(trained, pool, lt_train, monkeypatch):
+    """An ensemble point holds accuracy and MACs; the routed evaluation's timing phase is skipped."""
+    from ride_fast.engine import routed_eval
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ensemble analysis does not time the routed model")
+
+    monkeypatch.setattr(routed_eval, "time_routed", refuse)
+    report = ensemble_report(routed=[trained["routed"]], thresholds=[0.5], datasets=(lt_train, pool[1]), log=lambda s: None)
+    assert [p.family for p in report.points] == ["RIDE, routed"]

@@ -10,6 +10,7 @@ from ride_fast.config import load_config
 from ride_fast.engine import Trainer
 from ride_fast.engine import trainer as trainer_module
 from ride_fast.engine.evaluate import evaluate_checkpoint
+from ride_fast.engine.metrics import pct
 
 TINY = ["data.test_per_class=10", "data.batch_size=16", "data.eval_batch_size=64", "train.max_steps_per_epoch=2",
         "train.progress=false", "model.num_experts=2", "loss.reweight_epoch=1", "optim.warmup_epochs=1",
@@ -78,3 +79,36 @@ def test_cli_eval_warns_about_options_that_do_not_apply(trained, capsys):
     out = capsys.readouterr().out
     assert "warning: router.threshold does not apply to" in out and "it has no router" in out
     assert "warning: optim.lr does not apply to `ride-fast eval`" in out and "train.device" not in out
+
+
+def test_cli_eval_splits_by_the_checkpoints_class_counts(trained, capsys):
+    """Another data.imbalance_factor rebuilds another training set: the many / medium / few splits stay
+    those of the training set the checkpoint learned from, and a warning says the two differ."""
+    trainer, path = trained
+    expected = trainer.evaluate()
+    assert main(["eval", "--checkpoint", str(path), "data.imbalance_factor=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: the training set built from the data options has other class counts than {path} was trained with" in out
+    assert f"many {pct(expected.many)}  medium {pct(expected.medium)}  few {pct(expected.few)}" in out
+    assert main(["eval", "--checkpoint", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_cli_eval_refuses_to_write_the_report_over_the_checkpoint(trained, capsys):
+    _, path = trained
+    before = path.read_bytes()
+    assert main(["eval", "--checkpoint", str(path), "--json", str(path)]) == 2
+    assert f"--json {path} is the checkpoint itself; give another file" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_cli_eval_names_a_report_path_it_cannot_write(trained, tmp_path, capsys):
+    _, path = trained
+    (tmp_path / "a_file").write_text("")
+    assert main(["eval", "--checkpoint", str(path), "--json", str(tmp_path / "a_file" / "eval.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "overall" in out  # the numbers, before the failed write
+    assert err.strip() == (f"ride-fast eval: error: cannot write {tmp_path / 'a_file' / 'eval.json'}: "
+                           f"{tmp_path / 'a_file'} is a file, not a folder")
+    assert main(["eval", "--checkpoint", str(path), "--json", str(tmp_path)]) == 2
+    assert f"cannot write {tmp_path}: it is a folder; give a file path" in capsys.readouterr().err

@@ -154,6 +154,38 @@ def test_eval_keeps_routes_report_and_names_its_data(tmp_path, monkeypatch, caps
     assert (tmp_path / "routed_test_usage.png").is_file()
 
 
+def test_eval_prints_before_it_writes_and_splits_by_the_checkpoints_counts(tmp_path, monkeypatch, capsys):
+    """The numbers come first, so a report that cannot be written loses none of them; the many / medium /
+    few splits are those of the training set the checkpoint learned from, with a warning when the
+    training set rebuilt from the data options has other class counts."""
+    from ride_fast.cli import main
+
+    for module in (stage2, routed_eval):
+        monkeypatch.setattr(module, "build_datasets", lambda cfg: (tiny_split_data(0), tiny_test_data()))
+    net = tiny_net(2)
+    stage1 = atomic_save({"model": net.state_dict(), "model_args": net.model_args}, tmp_path / "stage1.pt")
+    assert main(["route", "--no-eval", "--checkpoint", str(stage1), f"data.image_size={PX}", "router.top_k=5", "router.epochs=1",
+                 "router.batch_size=64", "train.device=cpu", f"train.out_dir={tmp_path}", "train.max_steps_per_epoch=2"]) == 0
+    routed = str(tmp_path / "routed.pt")
+    flat = tiny_split_data(0)
+    flat = ArrayDataset(flat.images, torch.arange(len(flat.labels)) % C, C, mean=flat.mean, std=flat.std, name="tiny")  # 44 per class: all medium
+    monkeypatch.setattr(routed_eval, "build_datasets", lambda cfg: (flat, tiny_test_data()))
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", routed, "--json", str(tmp_path / "a_file" / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "warning: the training set built from the data options has other class counts than" in out
+    assert "(class 0: 45 images, trained with 150)" in out
+    assert "routed" in out and "all experts" in out and "experts used" in out  # the summary, before the failed write
+    assert f"cannot write {tmp_path / 'a_file'}" in err and f": {tmp_path / 'a_file'} is a file, not a folder" in err
+    assert "Error" not in err and "Traceback" not in err
+    assert main(["eval", "--checkpoint", routed, "--json", str(tmp_path)]) == 2
+    assert f"cannot write {tmp_path}: it is a folder; give a file path" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", routed, "--json", str(tmp_path / "r.json")]) == 0
+    accuracy = json.loads((tmp_path / "r.json").read_text())["accuracy"]["routed"]
+    assert all(accuracy[split] is not None for split in ("many", "medium", "few"))  # the checkpoint's 150/60/30/12/8/5
+
+
 def test_route_takes_architecture_data_and_router_section_from_the_checkpoint(tmp_path, monkeypatch):
     """No --config: the stage-1 checkpoint's data and router sections are used; a recipe changes only the keys it sets."""
     from ride_fast.cli import main

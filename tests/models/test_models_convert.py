@@ -440,7 +440,8 @@ def test_convert_flags_that_disagree_with_the_file_are_named(tmp_path, capsys):
     for flags, message in cases.items():
         assert main(["convert", str(src), dst, "--model", "resnet32", *flags]) == 2
         assert f"ride-fast convert: error: {src}: {message}" in capsys.readouterr().err
-    assert main(["convert", str(src), dst, "--model", "resnet32", "--num-classes", "10", "--num-experts", "2"]) == 0  # agreeing
+    agreeing = str(tmp_path / "agreeing.pt")
+    assert main(["convert", str(src), agreeing, "--model", "resnet32", "--num-classes", "10", "--num-experts", "2"]) == 0
     with pytest.raises(SystemExit):
         main(["convert", str(src), dst, "--model", "resnet-32"])
     err = capsys.readouterr().err
@@ -486,3 +487,25 @@ def test_convert_of_a_ride_fast_checkpoint_says_it_needs_no_conversion(tmp_path,
                                        "and 'model_args'), not the original code's: `ride-fast eval --checkpoint` and "
                                        "`ride-fast route --checkpoint` read it as it is\n")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_convert_never_writes_over_its_source_nor_an_existing_file_unless_asked(tmp_path, capsys):
+    from ride_fast.cli import main
+
+    src = tmp_path / "orig.pth"
+    torch.save({"state_dict": wrapped_state_dict(randomise(OrigCifarRIDE(2), seed=8), "backbone.")}, src)
+    original = src.read_bytes()
+    for dst in (str(src), f"{tmp_path}/./orig.pth"):
+        for extra in ([], ["--overwrite"]):
+            assert main(["convert", str(src), dst, "--model", "resnet32", *extra]) == 2
+            assert capsys.readouterr().err == (f"ride-fast convert: error: {dst} is the file to convert; give another "
+                                               "destination (the original stays as it is)\n")
+    assert src.read_bytes() == original
+    trained = tmp_path / "best.pt"
+    trained.write_bytes(b"a training checkpoint")
+    assert main(["convert", str(src), str(trained), "--model", "resnet32"]) == 2
+    assert capsys.readouterr().err == (f"ride-fast convert: error: {trained} exists already; choose another destination, "
+                                       "or pass --overwrite to replace it\n")
+    assert trained.read_bytes() == b"a training checkpoint"
+    assert main(["convert", str(src), str(trained), "--model", "resnet32", "--overwrite"]) == 0
+    assert torch.load(trained, weights_only=True)["model_args"]["num_experts"] == 2
