@@ -3,6 +3,8 @@ computes it: each part divides its classification term by its share of the whole
 sum (`weight_sum`) and is scaled by its share of the images."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 
@@ -12,7 +14,7 @@ def loss_and_grad_in_parts(call, z, y, margins, weights, temperature, cuts):
     B = y.shape[0]
     total = weights.double()[y].sum() if weights is not None else torch.tensor(float(B), dtype=torch.float64)
     loss, grads = 0.0, []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in pairwise(cuts):
         share = (hi - lo) / B
         x = z[:, lo:hi].detach().clone().requires_grad_()
         part = call(x, y[lo:hi], margins, weights, temperature, weight_sum=(total * share).to(z.device)) * share

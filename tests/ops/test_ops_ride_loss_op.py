@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _loss_parts import loss_and_grad_in_parts
 
 from ride_fast.losses.synthetic import ride_loss_inputs
