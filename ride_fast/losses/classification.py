@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ride_fast.losses.weights import ClassCounts, class_balanced_weights, ldam_margins, validate_class_counts
-from ride_fast.ops.ride_loss import _ride_loss_checked, call_path
+from ride_fast.ops.ride_loss import _ride_loss_checked, call_path, weighted_batch_mean
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -133,11 +133,7 @@ def focal_term(logits: Tensor, target: Tensor, gamma: float, class_weights: Tens
     if gamma != 0:
         # 1 - p = -expm1(log p): accurate when p is close to 1; clamp guards log p rounding above 0
         loss = (-torch.expm1(log_py)).clamp_min(0).pow(gamma) * loss
-    divisor = None if weight_sum is None else weight_sum.to(z.dtype).reshape(())
-    if class_weights is None:
-        return loss.mean(dim=1).sum() if divisor is None else loss.sum() / divisor
-    w = class_weights.to(z.dtype)[target.long()]  # [B]
-    return (loss * w).sum() / (w.sum() if divisor is None else divisor)
+    return weighted_batch_mean(loss, target, class_weights, weight_sum)
 
 
 class ExpertLoss(nn.Module):

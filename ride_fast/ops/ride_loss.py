@@ -111,13 +111,20 @@ def ride_loss_reference(
         cls_logits = cls_logits - (margins.to(z.dtype)[target].unsqueeze(-1) * onehot)
     log_p = torch.log_softmax(cls_logits, dim=-1)  # [E', B, C]
     nll = -log_p.gather(-1, target.view(1, B, 1).expand(log_p.shape[0], B, 1)).squeeze(-1)  # [E', B]
-    if class_weights is not None:
-        w = class_weights.to(z.dtype)[target]  # [B]
-        cls = (nll * w).sum() / (w.sum() if weight_sum is None else weight_sum.to(z.dtype).reshape(()))
-    else:
-        cls = nll.mean(dim=1).sum() if weight_sum is None else nll.sum() / weight_sum.to(z.dtype).reshape(())
+    cls = weighted_batch_mean(nll, target, class_weights, weight_sum)
 
     return cls + ride_diversity_reference(z, temperature, diversity_factor, temperature_mean, diversity)
+
+
+def weighted_batch_mean(values: Tensor, target: Tensor, class_weights: Tensor | None,
+                        weight_sum: Tensor | None = None) -> Tensor:
+    """sum_k sum_i w_{y_i} values[k, i] / W for values [E', B]: the classification terms' batch mean,
+    W = sum_i w_{y_i} (w = 1 without class weights: the plain mean) or `weight_sum` when given."""
+    divisor = None if weight_sum is None else weight_sum.to(values.dtype).reshape(())
+    if class_weights is None:
+        return values.mean(dim=1).sum() if divisor is None else values.sum() / divisor
+    w = class_weights.to(values.dtype)[target.long()]  # [B]
+    return (values * w).sum() / (w.sum() if divisor is None else divisor)
 
 
 def ride_diversity_reference(
