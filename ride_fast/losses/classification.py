@@ -26,7 +26,12 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor, nn
 
-from ride_fast.losses.weights import ClassCounts, class_balanced_weights, ldam_margins, validate_class_counts
+from ride_fast.losses.weights import (
+    ClassCounts,
+    class_balanced_weights,
+    ldam_margins,
+    validate_class_counts,
+)
 from ride_fast.ops.ride_loss import _ride_loss_checked, call_path, weighted_batch_mean
 
 IMPLS = ("auto", "reference", "triton")
