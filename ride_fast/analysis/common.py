@@ -25,6 +25,7 @@ from ride_fast.engine import (
     split_accuracy,
 )
 from ride_fast.engine.checkpoint import check_data_classes, checkpoint_config, network_from_checkpoint, require_data
+from ride_fast.engine.evaluate import split_counts
 from ride_fast.engine.monitor import progress
 from ride_fast.engine.runtime import autocast_context
 from ride_fast.io import atomic_write_text, json_text
@@ -79,9 +80,7 @@ def load_analysis_checkpoint(path: str | Path, overrides: dict | None = None, *,
     model = model.to(device, memory_format=fmt).eval()
     train_set, test_set = datasets if datasets is not None else build_datasets(cfg.data)
     check_data_classes(path, model.num_classes, cfg.data.name, train_set.num_classes)
-    counts = np.asarray(ckpt.get("class_counts") or train_set.class_counts(), dtype=np.int64)
-    if counts.shape != (model.num_classes,):
-        counts = np.asarray(train_set.class_counts(), dtype=np.int64)
+    counts = split_counts(ckpt, train_set, path, log=lambda _: None)  # a mismatch: the caller decides (`train_matches`)
     return Loaded(model, ckpt, cfg, train_set, test_set, counts, device)
 
 

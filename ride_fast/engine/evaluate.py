@@ -129,8 +129,8 @@ def _evaluate_checkpoint(checkpoint, overrides, *, datasets, log) -> tuple[Split
     model = network_from_checkpoint(ckpt, checkpoint, device=device, batched=cfg.model.batched, channels_last=cfg.model.channels_last)
     check_data_classes(checkpoint, model.num_classes, cfg.data.name, train_set.num_classes)
     _, test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)
-    acc = evaluate_model(model, test_loader, split_counts(ckpt, train_set, checkpoint, log), device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch,
-                         show_progress=True)
+    counts = split_counts(ckpt, train_set, checkpoint, log)
+    acc = evaluate_model(model, test_loader, counts, device=device, amp=cfg.train.amp, prefetch=cfg.train.prefetch, show_progress=True)
     return acc, scored_data(cfg, test_set, checkpoint)
 
 
