@@ -15,7 +15,7 @@ from torch.distributed import ReduceOp
 
 from ride_fast.data.dataset import Batch
 from ride_fast.engine.distributed import DistContext, all_reduce_
-from ride_fast.engine.runtime import autocast_context, resolve_amp
+from ride_fast.engine.runtime import autocast_context, keep_host_memory, resolve_amp
 from ride_fast.engine.step_graph import WARMUP_CALLS, WARMUP_CALLS_DDP, CudaGraphBackend, StepGraphs
 
 
@@ -46,6 +46,7 @@ class TrainStep:
     first few batches of each signature run eagerly. graph_backend: the capture machinery
     (default `CudaGraphBackend`; the CPU tests pass a stand-in).
     dist: the DistContext of a torchrun job (the model is then DDP-wrapped by the caller).
+    On the CPU the process keeps freed heap memory for the next step (`keep_host_memory`).
 
     accumulate_steps (train.accumulate_steps): the batch is split into this many micro-batches (equal
     but for a short last batch), each run forward and backward with its loss scaled by its share of
@@ -77,6 +78,8 @@ class TrainStep:
         self.model, self.criterion, self.optimizer, self.teacher = model, criterion, optimizer, teacher
         self.device = torch.device(device)
         self.dist = dist or DistContext()
+        if self.device.type == "cpu":
+            keep_host_memory()  # each step reuses the last one's freed activations instead of faulting them in
         self.amp = resolve_amp(amp, self.device)
         self.fused = bool(optimizer.defaults.get("fused"))
         if cuda_graphs and graph_backend is None:

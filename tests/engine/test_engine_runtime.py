@@ -1,4 +1,9 @@
 """Where a run computes: "auto" precision per device (ride_fast.engine.runtime)."""
+import os
+import platform
+import sys
+
+import pytest
 import torch
 
 from ride_fast.engine import resolve_amp
@@ -28,3 +33,64 @@ def test_auto_amp_is_bf16_on_cpus_with_avx512_bf16_and_no_amx(monkeypatch):
     assert resolve_amp("auto", torch.device("cpu")) == "none"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_amp("auto", torch.device("cpu")) == expected
+
+
+# A training step's pattern on the host: ~70 MB of activations in blocks of a few MB, all freed at its end.
+_STEPS_OF_ALLOCATIONS = """
+import resource, sys
+import torch
+from ride_fast.engine import runtime
+kept = runtime.keep_host_memory() if sys.argv[1] == "keep" else False
+
+def step():
+    blocks = [torch.empty(6 << 20, dtype=torch.uint8).fill_(1) for _ in range(12)]
+    del blocks
+
+for _ in range(2):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+def _faults_per_step(mode: str) -> tuple[str, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _STEPS_OF_ALLOCATIONS, mode], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))})
+    kept, faults = out.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's heap settings")
+def test_keep_host_memory_stops_the_page_faults_of_each_step():
+    kept, faults = _faults_per_step("keep")
+    assert kept == "True"
+    assert faults < 300, f"{faults} page faults per step with the heap kept (72 MB would be about 18,000)"
+    _, default_faults = _faults_per_step("default")
+    assert default_faults > 10 * max(faults, 100), f"glibc's default trimming faulted {default_faults} pages per step"
+
+
+def test_keep_host_memory_leaves_a_tuned_allocator_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime_module.ctypes, "CDLL", lambda *a, **k: calls.append(a))
+    for key, value in (("MALLOC_TRIM_THRESHOLD_", "0"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")):
+        with monkeypatch.context() as m:
+            m.setenv(key, value)
+            assert runtime_module._set_glibc_heap_thresholds() is False
+    assert calls == []
+
+
+def test_a_cpu_train_step_keeps_host_memory(monkeypatch):
+    from torch import nn
+
+    from ride_fast.engine.step import TrainStep
+
+    calls = []
+    monkeypatch.setattr("ride_fast.engine.step.keep_host_memory", lambda: calls.append(1) or True)
+    net = nn.Linear(2, 2)
+    TrainStep(net, nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1), device=torch.device("cpu"))
+    assert calls == [1]
