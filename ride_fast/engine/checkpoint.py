@@ -4,7 +4,8 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
     model, optimizer, scaler (state dicts), scheduler (lr and epoch), epoch (last finished), step
     (> 0: written inside the next epoch, with its metric sums in epoch_sums), best_metric,
     best_epoch, config (the resolved config as a dict), model_args (for `create_model(**model_args)`),
-    class_counts, rng (torch/numpy/python), loader (the training loader's seed, epoch and batch).
+    class_counts, rng (the random generators: torch, CUDA, numpy, python; see `rng_state`), loader (the
+    training loader's seed, epoch and batch).
 
 A routed checkpoint (stage 2, kind ROUTED_KIND) holds the whole routed model: model + model_args
 (the stage-1 network, per-expert layout), router_state + router_args, config (its router.threshold
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ride_fast.config import Config, ModelConfig, config_diff, config_from_dict, config_to_dict, dump_config, update
 from ride_fast.io import atomic_save, atomic_write_text, file_kind  # noqa: F401  (atomic_* re-exported)
@@ -101,6 +103,41 @@ def _what_the_object_is(obj) -> str:
 
 
 def rng_state() -> dict:
+    """The random generators' states (torch, CUDA, numpy, python) for a checkpoint.
+
+    In a process group of several ranks every rank must call it (it gathers with all_gather_object):
+    the flat keys hold rank 0's state, and "ranks" every rank's, in rank order, so each rank resumes
+    its own streams. A single process stores its state under the flat keys alone.
+    """
+    local = _local_rng_state()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, local)
+    return {**states[0], "ranks": states}
+
+
+def set_rng_state(state: dict, rank: int | None = None) -> bool:
+    """Restore this process's generators from a checkpoint's `rng_state`; rank: this process's rank
+    (None: its rank in the process group, 0 without one). Returns whether the state is this rank's own.
+
+    A checkpoint written by one process (or by an older version, which stored one state) gives that
+    state to every rank, as the ranks start from one seed (train.seed). A checkpoint of N ranks
+    resumed by another number of ranks: rank r < N restores rank r's state; a rank r >= N, for
+    which no state was saved, keeps its generators as seeded at start-up (and False is returned).
+    """
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    ranks = state.get("ranks")
+    if ranks:
+        if rank >= len(ranks):
+            return False
+        state = ranks[rank]
+    _set_local_rng_state(state)
+    return True
+
+
+def _local_rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -111,7 +148,7 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def _set_local_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         # one state per GPU the saving process saw; a run may resume on fewer (or more) of them

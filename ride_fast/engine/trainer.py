@@ -396,7 +396,7 @@ class Trainer:
                 with open(self.out_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json_text(record) + "\n")
                 tensorboard_log(self._tb, record)
-                self.save(is_best)
+            self.save(is_best)  # every rank: the checkpoint gathers each rank's RNG state
             if epoch < cfg.train.epochs and self._stop_requested(agree=True):  # a signal during evaluation / saving
                 self.log(f"stopped by {self._stop.requested} after epoch {epoch}; `ride-fast train ... --resume auto` continues")
                 return True
@@ -415,13 +415,14 @@ class Trainer:
             atomic_write_text("\n".join(header) + "\n" + dump_config(self.cfg), self.out_dir / f"config_resume_{n}.yaml")
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, rng: dict | None = None) -> dict:
         """The checkpoint: model and optimizer state in the per-expert layout (see module docstring).
 
         "step" > 0 marks a checkpoint written inside epoch epoch + 1 after that many steps, with the
         epoch's metric sums so far ("epoch_sums"). "loader" is the training loader's position: every
         random draw of the loaders derives from (seed, epoch, rank, position), so the position is
-        all of a loader's RNG state.
+        all of a loader's RNG state. "rng" holds every rank's generators (`rng_state`): pass the
+        gathered `rng`, or call this on every rank of a torchrun job (the gather is a collective).
         """
         model_state = self.model.state_dict()
         if self.model.batched:
@@ -440,16 +441,18 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "model_args": {k: v for k, v in self.model.model_args.items() if k != "batched"},  # per-expert layout
             "class_counts": [int(c) for c in self.class_counts],
-            "rng": rng_state(),
+            "rng": rng if rng is not None else rng_state(),
             "loader": {"seed": self.cfg.train.seed, "epoch": self.epoch + 1, "batch": 0, "world_size": self.dist.world_size},
         }
 
     def save(self, is_best: bool) -> None:
         """At the end of an epoch: epoch_NNNN.pt (the last train.keep_last kept), last.pt, and best.pt
-        when the epoch is the best so far. Every file is written atomically; rank 0 only."""
+        when the epoch is the best so far. Every file is written atomically by rank 0; every rank
+        calls it, to gather its RNG state into the checkpoint."""
+        rng = rng_state()
         if not self.dist.is_main:
             return
-        state = self.state_dict()
+        state = self.state_dict(rng)
         path = atomic_save(state, self.out_dir / f"epoch_{self.epoch:04d}.pt")
         atomic_save(state, self.out_dir / "last.pt")
         if is_best:
@@ -464,9 +467,10 @@ class Trainer:
         """last.pt inside `epoch`, after result.steps steps (on a signal). epoch_NNNN.pt and best.pt
         stay as they were: a resume falls back to them if this file is damaged."""
         self._average_bn_statistics()
+        rng = rng_state()  # every rank's, gathered
         if not self.dist.is_main:
             return
-        state = self.state_dict()
+        state = self.state_dict(rng)
         state.update(step=result.steps, epoch_sums=result.sums, loader=dict(state["loader"], batch=result.steps))
         atomic_save(state, self.out_dir / "last.pt")
 
@@ -521,7 +525,13 @@ class Trainer:
         self.best_eval = SplitAccuracy(**ckpt["best_eval"]) if ckpt.get("best_eval") else None
         self._resume_step = int(ckpt.get("step", 0))
         self._resume_sums = dict(ckpt.get("epoch_sums", {}))
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])  # this rank's own state (see set_rng_state for another number of ranks)
+        saved_ranks = len(ckpt["rng"].get("ranks") or [None])
+        if saved_ranks > 1 and saved_ranks != self.dist.world_size:
+            rest = (f"ranks {saved_ranks} and up keep their generators as seeded by train.seed"
+                    if self.dist.world_size > saved_ranks else "each rank restores the state of the rank with its number")
+            self.log(f"the checkpoint holds the random generator states of {saved_ranks} ranks and this run has "
+                     f"{self.dist.world_size}: {rest}")
         self._owns_out_dir = True
         where = f"epoch {self.epoch + 1} step {self._resume_step}" if self._resume_step else f"the end of epoch {self.epoch}"
         self.log(f"resumed from {path} at {where}")

@@ -4,7 +4,9 @@ checkpoint -> network, and the configs of older checkpoints.
 Shape legend: C classes, E experts.
 """
 import pickle
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +109,51 @@ def test_rng_state_resumes_on_fewer_gpus_than_it_was_saved_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_cuda_rng_state)
     set_rng_state(state)
     assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+
+
+def _draws():
+    return torch.rand(3), np.random.rand(2), random.random()
+
+
+def _assert_same_draws(a, b):
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_a_single_process_rng_state_and_an_older_one_state_checkpoint_still_load():
+    """One process stores one state (no "ranks"): every rank of a resumed run restores it."""
+    torch.manual_seed(3)
+    state = rng_state()
+    assert "ranks" not in state
+    want = _draws()
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        assert set_rng_state(state, rank=rank)
+        _assert_same_draws(_draws(), want)
+
+
+def test_a_checkpoint_of_two_ranks_resumed_by_another_number_of_ranks():
+    """Rank r restores rank r's state while there is one; a rank beyond keeps its own generators."""
+    states, want = [], []
+    for rank in (0, 1):
+        _seed_all(10 + rank)
+        states.append(rng_state())
+        want.append(_draws())
+    saved = {**states[0], "ranks": states}  # as rng_state writes it in a process group of 2
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        assert set_rng_state(saved, rank=rank)
+        _assert_same_draws(_draws(), want[rank])
+    _seed_all(99)
+    assert not set_rng_state(saved, rank=2)  # a third rank: nothing saved for it, its generators stay as seeded
+    after = _draws()
+    _seed_all(99)
+    _assert_same_draws(_draws(), after)
+    _seed_all(99)
+    assert set_rng_state(saved)  # no process group: this process is rank 0
+    _assert_same_draws(_draws(), want[0])
+
+
+def _seed_all(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,64 @@ def _global_bn_worker(rank: int, world: int, init: str) -> None:
 
 def test_global_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
     mp.spawn(_global_bn_worker, args=(2, f"file://{tmp_path / 'rdzv'}"), nprocs=2)
+
+
+def _rng_resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A Trainer on each of `world` gloo ranks: train an epoch with per-rank streams, then resume.
+    The draws are gathered before any check, so a failed check cannot leave the other rank waiting."""
+    import numpy as np
+
+    from ride_fast.config import load_config
+    from ride_fast.engine import Trainer
+
+    os.environ.update(TORCHELASTIC_RUN_ID="rng", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    overrides = ["data.test_per_class=2", "data.batch_size=8", "data.eval_batch_size=32", "train.max_steps_per_epoch=1",
+                 "train.progress=false", "model.num_experts=2", "train.amp=none", "train.handle_signals=false",
+                 f"train.out_dir={out}"]
+    try:
+        first = Trainer(load_config(overrides=[*overrides, "train.epochs=1"]), log=lambda s: None)
+        torch.manual_seed(1000 + rank)  # the ranks' streams differ, as they may after a run's own draws
+        np.random.seed(1000 + rank)
+        first.fit()
+        expected = torch.rand(4), np.random.rand(2)  # what each rank draws next, had the run gone on
+        resumed = Trainer(load_config(overrides=[*overrides, "train.epochs=2"]), log=lambda s: None)
+        resumed.resume(Path(out) / "last.pt")
+        drawn = torch.rand(4), np.random.rand(2)
+        draws = [None] * world
+        dist.all_gather_object(draws, (expected, drawn))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    for r, (want, got) in enumerate(draws):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, msg=f"rank {r}: torch stream after the resume")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"rank {r}: numpy stream after the resume")
+    assert not torch.equal(draws[0][0][0], draws[1][0][0])  # the ranks' streams are distinct
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as in _global_bn_worker: no interpreter teardown after the checks passed
+
+
+def test_each_rank_resumes_its_own_random_streams(tmp_path):
+    """Rank 0 writes the checkpoint, and it holds every rank's generators: after a resume each rank
+    draws what it would have drawn without the interruption, not rank 0's numbers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_rng_resume_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=5):
+            assert time.monotonic() < deadline, "the 2 ranks did not finish in 300 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    rng = torch.load(tmp_path / "last.pt", weights_only=True)["rng"]
+    assert len(rng["ranks"]) == 2 and torch.equal(rng["torch"], rng["ranks"][0]["torch"])
 
 
 def test_convert_sync_batchnorm_keeps_the_state_dict():
