@@ -437,10 +437,14 @@ def _cmd_data(args) -> int:
 
 def _cmd_convert(args) -> int:
     from ride_fast.models.convert import convert_original_checkpoint
+    from ride_fast.router import Router
+
+    def check_router(state, net):  # router weights must rebuild a router for this network, as `ride-fast eval` will
+        Router.from_original(state, net.num_classes, num_experts=net.num_experts, feature_dim=net.feature_dim)
 
     info = convert_original_checkpoint(
         args.src, args.dst, args.model, num_classes=args.num_classes, num_experts=args.num_experts,
-        reduce_dimension=args.reduce_dimension, use_norm=args.use_norm, overwrite=args.overwrite,
+        reduce_dimension=args.reduce_dimension, use_norm=args.use_norm, overwrite=args.overwrite, check_router=check_router,
     )
     print(f"wrote {args.dst}: " + ", ".join(f"{k}={v}" for k, v in info["model_args"].items()))
     return 0

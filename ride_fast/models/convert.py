@@ -22,7 +22,7 @@ import pickle
 import re
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,7 @@ def convert_original_checkpoint(
     reduce_dimension: bool | None = None,
     use_norm: bool | None = None,
     overwrite: bool = False,
+    check_router: Callable[[Mapping[str, Tensor], RIDENet], Any] | None = None,
 ) -> dict[str, Any]:
     """Convert an original RIDE checkpoint file into a ride_fast one.
 
@@ -355,6 +356,11 @@ def convert_original_checkpoint(
     atomically to dst_path; `create_model(**model_args)` rebuilds the network. Returns
     {"path", "loaded", "router_keys", "model_args"}. dst_path must not be src_path, and must not
     exist unless `overwrite`.
+
+    check_router(router weights, network), when the file holds router weights (stage 2): raises
+    ValueError or KeyError if they do not fit the network (`ride-fast convert` passes
+    `Router.from_original` with the network's sizes; this layer does not know the router). Every
+    check runs before dst_path is written, so a refused file leaves dst_path as it was.
     """
     if os.path.realpath(dst_path) == os.path.realpath(src_path):
         raise ValueError(f"{dst_path} is the file to convert; give another destination (the original stays as it is)")
@@ -372,6 +378,14 @@ def convert_original_checkpoint(
                     f"({found[key + '_source']}); leave {_FLAGS[key]} out to take it from the file")
         model = create_model(model_name, **{key: found[key] for key in asked})
         info = load_original_state_dict(model, checkpoint)
+        if info["router"] and check_router is not None:
+            try:
+                check_router(info["router"], model)
+            except (ValueError, KeyError) as exc:
+                why = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise CheckpointMismatchError(
+                    f"its router weights (stage 2) do not fit the network ({model.num_experts} experts, feature width "
+                    f"{model.feature_dim}, {model.num_classes} classes): {why}") from None
     except (CheckpointMismatchError, TypeError) as exc:
         raise type(exc)(f"{src_path}: {exc}") from exc
     dst = atomic_save({"model": model.state_dict(), "model_args": model.model_args, "router": info["router"]}, dst_path)

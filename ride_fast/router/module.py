@@ -51,6 +51,30 @@ _ORIGINAL_NAMES = (
 )
 
 
+_RIDE_FAST_NAMES = (
+    (re.compile(r"^hidden\.(\d+)\.(weight|bias)$"), r"expert_help_pred_hidden_fcs.\1.\2"),
+    (re.compile(r"^fc\.(weight|bias)$"), r"expert_help_pred_fc.\1"),
+    (re.compile(r"^fcs\.(\d+)\.(weight|bias)$"), r"expert_help_pred_fcs.\1.\2"),
+)
+
+
+def _ride_fast_name(key: str) -> str:
+    """A Router parameter's name for an original router key; KeyError for any other key."""
+    short = key[key.index(ORIGINAL_PREFIX):] if ORIGINAL_PREFIX in key else key
+    for pattern, repl in _ORIGINAL_NAMES:
+        if pattern.match(short):
+            return pattern.sub(repl, short)
+    raise KeyError(f"{key!r} is not a router weight of the original RIDE code (expected {ORIGINAL_PREFIX}_hidden_fcs.i.*, _fc.* or _fcs.i.*)")
+
+
+def _original_name(key: str) -> str:
+    """The original code's name of a Router parameter (the inverse of `Router.original_to_ride_fast`)."""
+    for pattern, repl in _RIDE_FAST_NAMES:
+        if pattern.match(key):
+            return pattern.sub(repl, key)
+    return key
+
+
 class Router(nn.Module):
     """E - 1 routers after experts 1..E-1; see the module docstring for the computation.
 
@@ -150,49 +174,57 @@ class Router(nn.Module):
     def original_to_ride_fast(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Rename original router keys (`expert_help_pred_*`, with or without `module.` /
         `backbone.` prefixes) to this module's names; other keys are an error."""
-        out: dict[str, Tensor] = {}
-        for key, value in state.items():
-            short = key[key.index(ORIGINAL_PREFIX):] if ORIGINAL_PREFIX in key else key
-            for pattern, repl in _ORIGINAL_NAMES:
-                if pattern.match(short):
-                    out[pattern.sub(repl, short)] = value
-                    break
-            else:
-                raise KeyError(f"{key!r} is not a router weight of the original RIDE code (expected {ORIGINAL_PREFIX}_hidden_fcs.i.*, _fc.* or _fcs.i.*)")
-        return out
+        return {_ride_fast_name(key): value for key, value in state.items()}
 
     @classmethod
-    def from_original(cls, state: Mapping[str, Tensor], num_classes: int) -> "Router":
+    def from_original(cls, state: Mapping[str, Tensor], num_classes: int, num_experts: int | None = None,
+                      feature_dim: int | None = None) -> "Router":
         """A Router holding original router weights (e.g. the "router" entry that `ride-fast
-        convert` writes); its sizes (E, D, H, k, shared or not) are read from the tensors."""
+        convert` writes); its sizes (E, D, H, k, shared or not) are read from the tensors.
+        num_experts, feature_dim: the network's E and D, where known (`ride-fast convert` passes
+        them): weights for another number of experts or another feature width are refused then.
+        A ValueError names every original key that is missing, unexpected or of the wrong shape."""
         renamed = cls.original_to_ride_fast(state)
+        given = {_ride_fast_name(key): key for key in state}  # ride_fast name -> the key as the checkpoint has it
         hidden_ix = sorted({int(k.split(".")[1]) for k in renamed if k.startswith("hidden.")})
-        if not hidden_ix or hidden_ix != list(range(len(hidden_ix))):
+        if num_experts is None and (not hidden_ix or hidden_ix != list(range(len(hidden_ix)))):
             raise ValueError(f"original router weights need expert_help_pred_hidden_fcs.0..R-1; found indices {hidden_ix}")
-        share_fc = "fc.weight" in renamed
-        fc_weight = renamed["fc.weight"] if share_fc else renamed.get("fcs.0.weight")
-        if fc_weight is None:
+        hidden_key = next((f"hidden.{i}.weight" for i in hidden_ix if f"hidden.{i}.weight" in renamed), None)
+        if hidden_key is None:
+            raise ValueError("original router weights hold no expert_help_pred_hidden_fcs.i.weight (the hidden layer [H, D])")
+        share_fc = any(k.startswith("fc.") for k in renamed)
+        fc_key = "fc.weight" if share_fc else next((k for k in sorted(renamed) if k.startswith("fcs.") and k.endswith(".weight")), None)
+        if fc_key is None or fc_key not in renamed:
             raise ValueError("original router weights hold no expert_help_pred_fc(s) weight")
-        hidden_w = renamed["hidden.0.weight"]
-        hidden, feature_dim = int(hidden_w.shape[0]), int(hidden_w.shape[1])
-        router = cls(len(hidden_ix) + 1, feature_dim, num_classes, top_k=int(fc_weight.shape[1]) - hidden, hidden=hidden, share_fc=share_fc)
+        hidden_w, fc_weight = renamed[hidden_key], renamed[fc_key]
+        if hidden_w.dim() != 2:
+            raise ValueError(f"{given[hidden_key]} has shape {list(hidden_w.shape)}; a router's hidden layer is [H, D]")
+        hidden = int(hidden_w.shape[0])
+        top_k = int(fc_weight.shape[-1]) - hidden if fc_weight.dim() == 2 else 0
+        if fc_weight.dim() != 2 or not 1 <= top_k <= num_classes:
+            raise ValueError(f"{given[fc_key]} has shape {list(fc_weight.shape)}; expected [1, k + H] with H = {hidden} (from "
+                             f"{given[hidden_key]} {list(hidden_w.shape)}) and k, the top-k logits it reads, in 1..{num_classes}")
+        router = cls(num_experts if num_experts is not None else len(hidden_ix) + 1,
+                     feature_dim if feature_dim is not None else int(hidden_w.shape[1]),
+                     num_classes, top_k=top_k, hidden=hidden, share_fc=share_fc)
         router.load_original_state_dict(state)
         return router
 
     def load_original_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load original router weights; names, counts and shapes must all fit (strict). The top-k
-        weights are multiplied by `logit_scale`, so the router computes the original's function."""
+        """Load original router weights; names, counts and shapes must all fit (strict), else a
+        ValueError names each original key at fault with its shapes. The top-k weights are
+        multiplied by `logit_scale`, so the router computes the original's function."""
         renamed = self.original_to_ride_fast(state)
+        given = {_ride_fast_name(key): key for key in state}
         own = self.state_dict()
-        missing = sorted(set(own) - set(renamed))
-        unexpected = sorted(set(renamed) - set(own))
-        shapes = [f"{k}: checkpoint {list(renamed[k].shape)} vs router {list(own[k].shape)}"
+        missing = [f"{_original_name(k)} {list(own[k].shape)}" for k in sorted(set(own) - set(renamed))]
+        unexpected = [f"{given[k]} {list(renamed[k].shape)}" for k in sorted(set(renamed) - set(own))]
+        shapes = [f"{given[k]}: checkpoint {list(renamed[k].shape)} vs router {list(own[k].shape)}"
                   for k in sorted(set(own) & set(renamed)) if renamed[k].shape != own[k].shape]
         if missing or unexpected or shapes:
-            raise ValueError(
-                f"original router weights do not fit Router({self.router_args}): "
-                f"missing {missing}, unexpected {unexpected}, shape mismatches {shapes}"
-            )
+            found = [f"{title} {', '.join(items)}" for title, items in
+                     (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if items]
+            raise ValueError(f"original router weights do not fit Router({self.router_args}): {'; '.join(found)}")
         if self.logit_scale != 1.0:
             for key in [k for k in renamed if k.endswith("weight") and (k == "fc.weight" or k.startswith("fcs."))]:
                 w = renamed[key].clone()

@@ -63,7 +63,7 @@ def _cifar_layer(cin, cout, stride, n=5):
 class OrigCifarRIDE(nn.Module):
     """ride_resnet_cifar.ResNet_s (E > 1) or, with single=True, resnet_cifar.ResNet_s (E = 1)."""
 
-    def __init__(self, num_experts, reduce=True, use_norm=True, single=False, top_k=30):
+    def __init__(self, num_experts, reduce=True, use_norm=True, single=False, top_k=5):  # k <= C: the top k of C logits
         super().__init__()
         w2, w3 = (24, 48) if reduce else (32, 64)
         self.single, self.s = single, (30 if use_norm else 1)
@@ -453,6 +453,49 @@ def test_convert_flags_that_disagree_with_the_file_are_named(tmp_path, capsys):
     assert main(["convert", str(src), dst, "--model", "resnet32"]) == 2  # no expert stages at all
     assert ("no resnet32 weights: expected per-expert stages (layer2s.0, layer3s.0) and classifiers (linears.0.weight), "
             "or one expert's (linear.weight / fc.weight)") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["hidden_width", "all_widths", "missing_bias", "foreign_key"])
+def test_convert_refuses_router_weights_that_do_not_fit_the_network(tmp_path, capsys, case):
+    """Router (stage 2) weights are checked at convert time, not when the converted file is first
+    routed with; the error names the key and the shapes, and an existing DST stays as it was."""
+    from ride_fast.cli import main
+
+    sd = {k.removeprefix("module.backbone."): v for k, v in wrapped_state_dict(randomise(OrigCifarRIDE(3), seed=9), "module.backbone.").items()}
+    if case == "hidden_width":
+        sd["expert_help_pred_hidden_fcs.1.weight"] = torch.zeros(16, 32)
+        message = "shape mismatches expert_help_pred_hidden_fcs.1.weight: checkpoint [16, 32] vs router [16, 48]"
+    elif case == "all_widths":  # a router for other experts: it would rebuild, but not run on this network's features
+        sd["expert_help_pred_hidden_fcs.0.weight"] = sd["expert_help_pred_hidden_fcs.1.weight"] = torch.zeros(16, 64)
+        message = ("shape mismatches expert_help_pred_hidden_fcs.0.weight: checkpoint [16, 64] vs router [16, 48], "
+                   "expert_help_pred_hidden_fcs.1.weight: checkpoint [16, 64] vs router [16, 48]")
+    elif case == "missing_bias":
+        del sd["expert_help_pred_fc.bias"]
+        message = "missing expert_help_pred_fc.bias [1]"
+    else:
+        sd["expert_help_pred_gate.weight"] = torch.zeros(1, 16)
+        message = "'expert_help_pred_gate.weight' is not a router weight of the original RIDE code"
+    src, dst = tmp_path / "orig.pth", tmp_path / "out.pt"
+    torch.save({"state_dict": sd}, src)
+    dst.write_bytes(b"an earlier conversion")
+    assert main(["convert", str(src), str(dst), "--model", "resnet32", "--overwrite"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"ride-fast convert: error: {src}: its router weights (stage 2) do not fit the network (3 experts, "
+                          "feature width 48, 10 classes): ")
+    assert message in err and "Traceback" not in err and "KeyError" not in err and out == ""
+    assert dst.read_bytes() == b"an earlier conversion" and sorted(p.name for p in tmp_path.iterdir()) == ["orig.pth", "out.pt"]
+
+
+def test_convert_keeps_router_weights_that_fit(tmp_path, capsys):
+    from ride_fast.cli import main
+    from ride_fast.engine.checkpoint import load_routed_checkpoint
+
+    orig = randomise(OrigCifarRIDE(3), seed=9)
+    src, dst = tmp_path / "orig.pth", tmp_path / "out.pt"
+    torch.save({"state_dict": wrapped_state_dict(orig, "backbone.")}, src)
+    assert main(["convert", str(src), str(dst), "--model", "resnet32"]) == 0
+    net, router, _ = load_routed_checkpoint(dst)
+    assert (router.num_experts, router.feature_dim, router.top_k) == (3, net.feature_dim, 5)
 
 
 class _Evil:

@@ -60,12 +60,30 @@ def test_converted_router_entry_without_prefixes_loads_into_a_built_router():
 
 def test_original_weights_that_do_not_fit_are_named():
     state = original_router_state(3, prefix="")
-    with pytest.raises(ValueError, match=r"missing \['hidden\.2\.bias', 'hidden\.2\.weight'\]"):
+    with pytest.raises(ValueError, match=rf"missing expert_help_pred_hidden_fcs\.2\.bias \[{H}\], expert_help_pred_hidden_fcs\.2\.weight \[{H}, {D}\]"):
         Router(4, D, C, top_k=K, hidden=H).load_original_state_dict(state)
-    with pytest.raises(ValueError, match=r"shape mismatches \['fc\.weight"):
+    with pytest.raises(ValueError, match=rf"shape mismatches expert_help_pred_fc\.weight: checkpoint \[1, {K + H}\] vs router \[1, {K + 1 + H}\]"):
         Router(3, D, C, top_k=K + 1, hidden=H).load_original_state_dict(state)
     with pytest.raises(KeyError, match="linears.0.weight"):
         Router.original_to_ride_fast({"linears.0.weight": torch.zeros(1)})
+
+
+def test_original_weights_are_checked_against_the_network_s_experts_and_feature_width():
+    """With the network's E and D given, weights for another E or D are refused by their original names."""
+    state = original_router_state(3, prefix="backbone.")
+    assert Router.from_original(state, C, num_experts=3, feature_dim=D).router_args == Router(3, D, C, top_k=K, hidden=H).router_args
+    with pytest.raises(ValueError, match=rf"shape mismatches backbone\.expert_help_pred_hidden_fcs\.0\.weight: checkpoint \[{H}, {D}\] "
+                                         rf"vs router \[{H}, {D + 4}\], backbone\.expert_help_pred_hidden_fcs\.1\.weight"):
+        Router.from_original(state, C, num_experts=3, feature_dim=D + 4)
+    with pytest.raises(ValueError, match=r"unexpected backbone\.expert_help_pred_hidden_fcs\.1\.bias"):
+        Router.from_original(state, C, num_experts=2, feature_dim=D)
+    del state["backbone.expert_help_pred_fc.bias"]
+    with pytest.raises(ValueError, match=r"missing expert_help_pred_fc\.bias \[1\]"):
+        Router.from_original(state, C, num_experts=3, feature_dim=D)
+    state = original_router_state(3, prefix="")
+    state["expert_help_pred_fc.weight"] = torch.zeros(1, H)  # no room for the top-k logits
+    with pytest.raises(ValueError, match=rf"expert_help_pred_fc\.weight has shape \[1, {H}\]; expected \[1, k \+ H\] with H = {H}"):
+        Router.from_original(state, C)
 
 
 @pytest.mark.parametrize("shared", [True, False])
