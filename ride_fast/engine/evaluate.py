@@ -3,8 +3,9 @@ overall and per many / medium / few split.
 
 `evaluate_model` is the one evaluation pass (the Trainer's after each epoch, too);
 `evaluate_checkpoint` is `ride-fast eval` on a stage-1 checkpoint: the network and the test data
-only, no optimizer or loss (`eval_report` prints and writes what it scored). `write_per_class_report`
-writes the long-tail picture of a run.
+only, no optimizer or loss (`eval_report` reports what it scored through `log`, by default the
+`ride_fast` logger like the rest of the engine, and writes it). `write_per_class_report` writes the
+long-tail picture of a run.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ride_fast.engine.checkpoint import (
 )
 from ride_fast.engine.distributed import DistContext, all_reduce_
 from ride_fast.engine.metrics import SplitAccuracy, pct, per_class_accuracy, split_accuracy
-from ride_fast.engine.monitor import progress
+from ride_fast.engine.monitor import info, progress, warn
 from ride_fast.engine.runtime import autocast_context, resolve_device, seed_everything
 from ride_fast.engine.step import prefetch_to_device
 from ride_fast.io import json_text, plural, pyplot, save_figure
@@ -62,7 +63,7 @@ EVAL_OPTIONS = {"data", "train.device", "train.amp", "train.seed", "train.determ
 
 
 def eval_config(ckpt: dict, checkpoint: str | Path, overrides: dict | None, *, routed: bool, datasets=None,
-                log: Callable[[str], None] = print):
+                log: Callable[[str], None] = info):
     """The config `ride-fast eval` scores a checkpoint with: the run's own, then `overrides`. Refuses a
     checkpoint without a data config unless data options (or `datasets`) are given; warns about
     options that do not apply to the checkpoint (they are ignored)."""
@@ -73,13 +74,13 @@ def eval_config(ckpt: dict, checkpoint: str | Path, overrides: dict | None, *, r
         if key.startswith("router.") and not routed:
             experts = int((ckpt.get("model_args") or {}).get("num_experts", 0))
             why = "it has one expert, nothing to route" if experts == 1 else "it has no router (`ride-fast route` trains one)"
-            log(f"warning: {key} does not apply to {checkpoint}: {why}; ignored")
+            warn(log, f"{key} does not apply to {checkpoint}: {why}; ignored")
         elif key.startswith("router."):
-            log(f"warning: {key} does not apply: the checkpoint's router is used as trained (only router.threshold applies); "
-                "ignored")
+            warn(log, f"{key} does not apply: the checkpoint's router is used as trained (only router.threshold applies); "
+                 "ignored")
         else:
-            log(f"warning: {key} does not apply to `ride-fast eval` (the architecture and training options come from the "
-                "checkpoint); ignored")
+            warn(log, f"{key} does not apply to `ride-fast eval` (the architecture and training options come from the "
+                 "checkpoint); ignored")
     return checkpoint_config(ckpt, overrides)
 
 
@@ -89,7 +90,7 @@ def scored_data(cfg, test_set, checkpoint: str | Path) -> dict:
                                                     "num_images": len(test_set)}}
 
 
-def split_counts(ckpt: dict, train_set, checkpoint: str | Path, log: Callable[[str], None] = print) -> np.ndarray:
+def split_counts(ckpt: dict, train_set, checkpoint: str | Path, log: Callable[[str], None] = info) -> np.ndarray:
     """The training images per class [C] that define the many / medium / few splits: the checkpoint's
     own record (the training set the network learned from) when it has one, else the rebuilt training
     set's. Warns when the rebuilt training set has other counts (e.g. another data.imbalance_factor)."""
@@ -99,9 +100,9 @@ def split_counts(ckpt: dict, train_set, checkpoint: str | Path, log: Callable[[s
         return built
     if not np.array_equal(stored, built):
         c = int(np.flatnonzero(stored != built)[0])
-        log(f"warning: the training set built from the data options has other class counts than {checkpoint} was trained "
-            f"with (class {c}: {plural(int(built[c]), 'image')}, trained with {int(stored[c]):,}); the many / medium / few "
-            "splits use the checkpoint's counts")
+        warn(log, f"the training set built from the data options has other class counts than {checkpoint} was trained "
+                  f"with (class {c}: {plural(int(built[c]), 'image')}, trained with {int(stored[c]):,}); the many / medium / few "
+                  "splits use the checkpoint's counts")
     return stored
 
 
@@ -113,7 +114,7 @@ def describe_scored(scored: dict) -> str:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, overrides: dict | None = None, *, datasets=None,
-                        log: Callable[[str], None] = print) -> SplitAccuracy:
+                        log: Callable[[str], None] = info) -> SplitAccuracy:
     """`ride-fast eval` on a stage-1 checkpoint. The run's own config (a checkpoint without a data
     config needs data options), then `overrides` (e.g. {"data": {"root": ...}, "train": {"device": "cpu"}});
     the architecture comes from the checkpoint. `datasets` = (train, test) replaces building cfg.data."""
@@ -135,9 +136,10 @@ def _evaluate_checkpoint(checkpoint, overrides, *, datasets, log) -> tuple[Split
 
 
 def eval_report(checkpoint: str | Path, overrides: dict | None = None, json_path: str | Path | None = None, *, datasets=None,
-                log: Callable[[str], None] = print) -> dict:
-    """`ride-fast eval` on a stage-1 checkpoint: prints what it scored (checkpoint, data set, split,
-    images) and the accuracies; `json_path` also gets them (with per-class accuracy). Returns the dict."""
+                log: Callable[[str], None] = info) -> dict:
+    """`ride-fast eval` on a stage-1 checkpoint: reports what it scored (checkpoint, data set, split,
+    images) and the accuracies through `log` (warnings as WARNING records when `log` is the logger's
+    `info`); `json_path` also gets them (with per-class accuracy). Returns the dict."""
     acc, scored = _evaluate_checkpoint(checkpoint, overrides, datasets=datasets, log=log)
     log(f"{describe_scored(scored)}: overall {acc.overall:.2f}  many {pct(acc.many)}  medium {pct(acc.medium)}  few {pct(acc.few)}")
     result = {**scored, **acc.as_dict(with_per_class=True)}

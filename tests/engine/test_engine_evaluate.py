@@ -1,6 +1,7 @@
 """Evaluation (ride_fast.engine.evaluate): `ride-fast eval` on a stage-1 checkpoint builds the network
 and the test data only, and gives the Trainer's own evaluation."""
 import json
+import logging
 
 import pytest
 import torch
@@ -112,3 +113,30 @@ def test_cli_eval_names_a_report_path_it_cannot_write(trained, tmp_path, capsys)
                            f"{tmp_path / 'a_file'} is a file, not a folder")
     assert main(["eval", "--checkpoint", str(path), "--json", str(tmp_path)]) == 2
     assert f"cannot write {tmp_path}: it is a folder; give a file path" in capsys.readouterr().err
+
+
+def test_stage1_eval_reports_through_the_ride_fast_logger(trained, tmp_path, caplog):
+    """Its lines are records of the `ride_fast` logger, as the routed evaluation's are (the command's
+    console handler shows them, --log-level filters them), and its warnings are WARNING records."""
+    from ride_fast.engine.evaluate import eval_report
+
+    _, path = trained
+    with caplog.at_level(logging.INFO, logger="ride_fast"):
+        eval_report(path, {"data": {"imbalance_factor": 1}, "optim": {"lr": 0.5}}, tmp_path / "eval.json")
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "ride_fast"]
+
+    def level(start: str) -> int:
+        found = [lv for lv, message in records if message.startswith(start)]
+        assert found, f"no record {start!r} among {records}"
+        return found[0]
+
+    assert level(f"{path} on mnist_lt, test split, 100 images: overall") == logging.INFO
+    assert level(f"wrote {tmp_path / 'eval.json'}") == logging.INFO
+    assert level("optim.lr does not apply to `ride-fast eval`") == logging.WARNING
+    assert level(f"the training set built from the data options has other class counts than {path}") == logging.WARNING
+
+def test_cli_eval_quiet_shows_only_the_warnings(trained, capsys):
+    _, path = trained
+    assert main(["eval", "--checkpoint", str(path), "-q", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: optim.lr does not apply to `ride-fast eval`" in out and "overall" not in out
