@@ -117,7 +117,7 @@ class ThresholdCalibration:
     mean_macs: float
     num_images: int
     per_class: list[int]
-    curve: list[dict]  # threshold, accuracy, drop, drop_se, mean_experts, mean_macs, usage
+    curve: list[dict]  # threshold, class_mean_accuracy, overall, drop, drop_se, mean_experts, mean_macs, usage (ThresholdCurve.point)
     drop_se: float = 0.0  # standard error of the chosen threshold's drop (points)
     z: float = 0.0  # the rule: drop + z * drop_se <= max_accuracy_drop
     all_experts_macs: float = 0.0

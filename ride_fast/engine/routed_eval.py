@@ -275,13 +275,15 @@ def evaluate_routed_checkpoint(checkpoint: str | Path, overrides: dict | None = 
         test_loader = build_loaders(cfg.data, train_set, test_set, device, channels_last=cfg.model.channels_last, seed=cfg.train.seed)[1]
         curve = threshold_curve(score_routers(net, router, test_loader, cfg.train.amp), report.cost)
         log(f"accuracy and cost on the {curve.num_images} test images at every threshold ({len(curve.thresholds)} points; "
-            f"drop = all experts - routed, +-SE its standard error):\n" + sweep_table(curve, report.threshold))
+            "class-mean: the mean of the per-class accuracies, with drop = all experts - routed and +-SE its standard error; "
+            "overall: over the images, as the report's overall):\n" + sweep_table(curve, report.threshold))
         sweep_json = json_path.with_name(f"{json_path.stem.removesuffix('_eval')}_sweep.json")
         sweep_png = plot_sweep(curve, report.threshold, sweep_json.with_suffix(".png"),
                                title=f"{Path(checkpoint).name}: accuracy against cost on the test set")
         idx = threshold_curve_rows(curve, [report.threshold])[0][0]
         atomic_write_text(json_text({"checkpoint": str(checkpoint), "threshold": report.threshold, "chosen": curve.point(idx),
-                                      "all_experts_accuracy": curve.all_experts_accuracy, "num_images": curve.num_images,
+                                      "all_experts_class_mean_accuracy": curve.all_experts_accuracy,
+                                      "all_experts_overall": curve.all_experts_overall, "num_images": curve.num_images,
                                       "curve": curve.points()}, indent=2), sweep_json)
         extra["sweep"] = {"json": str(sweep_json), "png": str(sweep_png)}
         written += [sweep_json, sweep_png]

@@ -72,7 +72,11 @@ def score_routers(net: RIDENet, router: Router, loader, amp: str = "none") -> Ro
 @dataclass
 class ThresholdCurve:
     """Routed accuracy and cost at candidate thresholds (T, highest threshold first), replayed
-    from one all-experts pass. Accuracies are percent, the mean over the classes present.
+    from one all-experts pass. Accuracies are percent: `accuracy` (and `all_experts_accuracy`, the
+    drop and its SE) is the class-mean accuracy, the mean over the classes present of each class's
+    accuracy, which calibration measures; `overall` (and `all_experts_overall`) is the accuracy over
+    the images, as `ride-fast eval` reports "overall". They are equal on a set with as many images
+    in every class.
 
     drop = all-experts accuracy - routed accuracy; drop_se is its standard error over the images:
     sqrt(sum_i w_i^2 |d_i|), d_i = (all experts right) - (routed right) on image i, w_i = 100 /
@@ -81,21 +85,26 @@ class ThresholdCurve:
     """
 
     thresholds: np.ndarray  # [T] descending
-    accuracy: np.ndarray  # [T]
-    drop: np.ndarray  # [T]
+    accuracy: np.ndarray  # [T] class-mean accuracy
+    drop: np.ndarray  # [T] of the class-mean accuracy
     drop_se: np.ndarray  # [T]
     mean_macs: np.ndarray  # [T] per image, routers included
     usage: np.ndarray  # [T, E] share of images that used exactly 1..E experts
-    all_experts_accuracy: float
+    all_experts_accuracy: float  # class-mean
     num_images: int
     per_class: list[int]
+    overall: np.ndarray  # [T] accuracy over the images
+    all_experts_overall: float
 
     @property
     def mean_experts(self) -> np.ndarray:
         return self.usage @ np.arange(1, self.usage.shape[1] + 1)
 
     def point(self, i: int) -> dict:
-        return {"threshold": float(self.thresholds[i]), "accuracy": float(self.accuracy[i]), "drop": float(self.drop[i]),
+        """Point i of the curve; "class_mean_accuracy" is `accuracy` (with "drop" and "drop_se" in
+        it), "overall" the accuracy over the images."""
+        return {"threshold": float(self.thresholds[i]), "class_mean_accuracy": float(self.accuracy[i]),
+                "overall": float(self.overall[i]), "drop": float(self.drop[i]),
                 "drop_se": float(self.drop_se[i]), "mean_experts": float(self.mean_experts[i]),
                 "mean_macs": float(self.mean_macs[i]), "usage": [float(u) for u in self.usage[i]]}
 
@@ -146,10 +155,13 @@ def threshold_curve(scores: RouterScores, cost: RoutedCost, grid=None) -> Thresh
     moves = np.zeros((len(order), E))
     moves[np.arange(len(order)), k[order] - 1] -= 1.0
     moves[np.arange(len(order)), k[order]] += 1.0
+    d_overall = 100.0 / N * (right[k, i] - right[k - 1, i])
     start_acc = float((w * right[0]).sum())
     start_var = float((w ** 2 * np.abs(all_right - right[0])).sum())
     acc = np.concatenate([[start_acc], start_acc + np.cumsum(d_acc[order])])  # state after j events
     var = np.concatenate([[start_var], start_var + np.cumsum(d_var[order])])
+    start_overall = 100.0 * float(right[0].mean())
+    overall = np.concatenate([[start_overall], start_overall + np.cumsum(d_overall[order])])
     cost_t = np.concatenate([[macs[0]], macs[0] + np.cumsum(d_macs[order])])
     usage = np.concatenate([np.eye(E)[:1] * N, np.eye(E)[:1] * N + np.cumsum(moves, 0)]) / N
     if grid is None:
@@ -164,7 +176,8 @@ def threshold_curve(scores: RouterScores, cost: RoutedCost, grid=None) -> Thresh
     all_acc = float((w * all_right).sum())
     acc_t = acc[done]
     return ThresholdCurve(np.asarray(thresholds, dtype=np.float64), acc_t, all_acc - acc_t, np.sqrt(np.maximum(var[done], 0.0)),
-                          cost_t[done], usage[done], all_acc, int(N), counts.tolist())
+                          cost_t[done], usage[done], all_acc, int(N), counts.tolist(), overall[done],
+                          100.0 * float(all_right.mean()))
 
 
 # thresholds the sweep table always shows (the PNG and the JSON hold the whole curve)
@@ -172,17 +185,18 @@ SWEEP_TABLE = (1.0, 0.999, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0
 
 
 def sweep_table(curve: ThresholdCurve, chosen: float) -> str:
-    """The curve at the SWEEP_TABLE thresholds and the chosen one, as a text table."""
+    """The curve at the SWEEP_TABLE thresholds and the chosen one, as a text table: class-mean
+    accuracy (the drop and its SE are of it), overall accuracy (over the images), cost, usage."""
     rows = threshold_curve_rows(curve, [*SWEEP_TABLE, chosen])
     E = curve.usage.shape[1]
     all_macs = curve.mean_macs[-1]
-    head = (f"{'threshold':>10}{'accuracy':>10}{'drop':>7}{'+-SE':>6}{'GMACs/img':>11}{'x all':>7}{'mean E':>8}  experts "
-            + " / ".join(str(k) for k in range(1, E + 1)) + " %")
+    head = (f"{'threshold':>10}{'class-mean':>11}{'overall':>9}{'drop':>7}{'+-SE':>6}{'GMACs/img':>11}{'x all':>7}{'mean E':>8}"
+            "  experts " + " / ".join(str(k) for k in range(1, E + 1)) + " %")
     lines = [head]
     for i, t in rows:
         usage = " / ".join(f"{100 * u:.0f}" for u in curve.usage[i])
         mark = "  <- chosen" if t == chosen else ""
-        lines.append(f"{t:>10.4g}{curve.accuracy[i]:>10.2f}{curve.drop[i]:>7.2f}{curve.drop_se[i]:>6.2f}"
+        lines.append(f"{t:>10.4g}{curve.accuracy[i]:>11.2f}{curve.overall[i]:>9.2f}{curve.drop[i]:>7.2f}{curve.drop_se[i]:>6.2f}"
                      f"{curve.mean_macs[i] / 1e9:>11.4f}{curve.mean_macs[i] / all_macs:>7.3f}{curve.mean_experts[i]:>8.2f}  {usage}{mark}")
     return "\n".join(lines)
 
@@ -210,7 +224,7 @@ def plot_sweep(curve: ThresholdCurve, chosen: float, path: str | Path, title: st
     ax.plot(g[i_chosen], curve.accuracy[i_chosen], "*", color="tab:red", markersize=13,
             label=f"chosen: threshold {chosen:.3g} ({g[i_chosen] / g[-1]:.2f} x MACs)")
     ax.set_xlabel("GMACs per image (trunk + experts used + routers)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("class-mean test accuracy (%)")
     ax.set_title(title or "Routed accuracy against cost, every threshold")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -91,14 +91,15 @@ def test_calibration_curve_matches_routed_inference_at_every_threshold(val_loade
         out = routed_forward(net, router, x, threshold=point["threshold"])
         correct = (out.logits.argmax(1) == y).double()
         per_class = torch.stack([correct[y == c].mean() for c in range(C)])
-        assert point["accuracy"] == pytest.approx(100 * float(per_class.mean()), abs=1e-6)
+        assert point["class_mean_accuracy"] == pytest.approx(100 * float(per_class.mean()), abs=1e-6)
+        assert point["overall"] == pytest.approx(100 * float(correct.mean()), abs=1e-6)
         assert point["mean_experts"] == pytest.approx(float(out.num_experts.double().mean()))
         used_counts.add(round(point["mean_experts"], 6))
         expected_macs = float(sum(cost.macs_with(int(k)) for k in out.num_experts)) / len(y)
         assert point["mean_macs"] == pytest.approx(expected_macs)
     assert len(used_counts) > 2, "the grid should give different usage mixes"
     assert cal.curve[-1]["mean_experts"] == pytest.approx(3.0)  # threshold 0: every expert
-    assert cal.all_experts_accuracy == pytest.approx(cal.curve[-1]["accuracy"])
+    assert cal.all_experts_accuracy == pytest.approx(cal.curve[-1]["class_mean_accuracy"])
     assert cal.num_images == len(y) and cal.per_class == [5] * C
 
 
@@ -112,7 +113,7 @@ def test_calibration_picks_the_cheapest_threshold_within_the_drop(val_loader):
     cost = routed_cost(net, router, PX)
     for drop in (0.0, 5.0, 100.0):
         cal = calibrate_threshold(net, router, loader, cost, max_accuracy_drop=drop)
-        ok = [p for p in cal.curve if p["accuracy"] >= cal.all_experts_accuracy - drop - 1e-9]
+        ok = [p for p in cal.curve if p["class_mean_accuracy"] >= cal.all_experts_accuracy - drop - 1e-9]
         assert cal.mean_macs == pytest.approx(min(p["mean_macs"] for p in ok))
         assert cal.routed_accuracy >= cal.all_experts_accuracy - drop - 1e-9
         assert cal.threshold in THRESHOLD_GRID

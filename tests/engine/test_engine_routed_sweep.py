@@ -43,7 +43,9 @@ def test_eval_sweep_prints_the_curve_and_writes_json_and_png(tmp_path, monkeypat
     assert sweep["threshold"] == 0.5 and sweep["num_images"] == 5 * C
     curve = sweep["curve"]
     assert curve[0]["threshold"] == 1.0 and curve[-1]["threshold"] == 0.0 and curve[-1]["usage"] == [0.0, 0.0, 1.0]
-    assert curve[-1]["accuracy"] == pytest.approx(sweep["all_experts_accuracy"])
+    assert curve[-1]["class_mean_accuracy"] == pytest.approx(sweep["all_experts_class_mean_accuracy"])
+    assert curve[-1]["overall"] == pytest.approx(sweep["all_experts_overall"])
+    assert "class-mean: the mean of the per-class accuracies" in out and "overall: over the images" in out
     assert (tmp_path / "routed_test_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "routed_test_eval.json").read_text())
     timing = report["timing"]

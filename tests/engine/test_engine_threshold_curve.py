@@ -116,3 +116,35 @@ def test_replay_without_a_network():
         assert curve.mean_macs[i] == pytest.approx(10 * n.mean())
         assert curve.accuracy[i] == pytest.approx(100 * right[n - 1, np.arange(3)].mean())
     assert threshold_curve(scores, Cost(), grid=(0.5,)).usage[0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+
+
+def test_the_sweep_names_class_mean_and_overall_accuracy_apart():
+    """On a test set with unequal classes the class-mean accuracy (what calibration measures, the
+    drop's scale) and the accuracy over the images (eval's "overall") differ: the sweep's table and
+    JSON points carry both, each under its own name."""
+    from ride_fast.engine.threshold_curve import sweep_table
+
+    # 4 images of class 0, 1 of class 1; one router; expert 1 alone gets the class-0 images right,
+    # both experts get everything right
+    probs = np.asarray([[0.9, 0.9, 0.1, 0.1, 0.9]], dtype=np.float32)  # [R, N]
+    right = np.asarray([[True, True, True, True, False], [True, True, True, True, True]])  # [E, N]
+    labels = np.asarray([0, 0, 0, 0, 1])
+
+    class Cost:
+        num_experts = 2
+
+        def macs_with(self, k):
+            return 1e9 * k
+
+    curve = threshold_curve(RouterScores(probs, right, labels, 2), Cost())
+    first = curve.point(0)  # threshold 1: expert 1 alone
+    assert first["class_mean_accuracy"] == pytest.approx(50.0)  # (4/4 + 0/1) / 2
+    assert first["overall"] == pytest.approx(80.0)  # 4 of 5 images
+    assert "accuracy" not in first  # no key that leaves open which of the two it is
+    for i, t in enumerate(curve.thresholds):
+        n = RouterScores(probs, right, labels, 2).experts_used(float(t))
+        assert curve.overall[i] == pytest.approx(100 * right[n - 1, np.arange(5)].mean())
+    assert curve.all_experts_overall == pytest.approx(100.0) and curve.all_experts_accuracy == pytest.approx(100.0)
+    head, top = sweep_table(curve, 0.5).splitlines()[:2]
+    assert head.split()[:3] == ["threshold", "class-mean", "overall"]
+    assert top.split()[:3] == ["1", "50.00", "80.00"]
