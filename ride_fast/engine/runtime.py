@@ -17,11 +17,16 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch.device ("auto": CUDA when available, else the CPU). Every engine entry
+    (training, stage 2, evaluation, the analyses) resolves its device here, so on the CPU this is
+    also where the process starts keeping freed host memory for the next batch (`keep_host_memory`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    if device.type == "cpu":
+        keep_host_memory()
     return device
 
 
@@ -76,9 +81,10 @@ def keep_host_memory() -> bool:
     operating system. Returns whether the setting is in force in this process.
 
     A CPU training step allocates its activations and gradients (about 100 MB for RIDE-ResNet-32
-    at batch 128) and frees them all at its end. By default glibc then trims the top of its heap,
-    so the next step faults every page back in, zeroed by the kernel: some 20,000 page faults and
-    5-8 % of the step on a 2-core Xeon (docs/performance-notes.md). With a fixed trim threshold of
+    at batch 128) and frees them all at its end; an evaluation batch does the same with its
+    activations. By default glibc then trims the top of its heap, so the next batch faults every
+    page back in, zeroed by the kernel: some 15,000 page faults and 2-5 % of a training step,
+    45,000 for an evaluation batch of 256, on a 2-core Xeon (docs/performance-notes.md). With a fixed trim threshold of
     1 GiB and blocks up to 32 MiB served from the heap, the freed memory is reused; the process
     keeps its peak heap, as a caching allocator does.
 

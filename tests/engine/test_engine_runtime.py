@@ -102,3 +102,13 @@ def test_a_cpu_train_step_keeps_host_memory(monkeypatch):
     TrainStep(net, nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1), device=torch.device("cpu"))
     assert calls == [1]
 
+
+def test_every_engine_entry_on_the_cpu_keeps_host_memory(monkeypatch):
+    from ride_fast.engine import resolve_device
+
+    calls = []
+    monkeypatch.setattr(runtime_module, "keep_host_memory", lambda: calls.append(1) or True)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert calls == [1]
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu") and calls == [1, 1]
