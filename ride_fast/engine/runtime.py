@@ -77,16 +77,16 @@ _KEPT_HOST_MEMORY: bool | None = None
 
 
 def keep_host_memory() -> bool:
-    """Ask glibc to keep freed heap memory for the next training step instead of returning it to the
+    """Ask glibc to keep freed heap memory for the next batch instead of returning it to the
     operating system. Returns whether the setting is in force in this process.
 
     A CPU training step allocates its activations and gradients (about 100 MB for RIDE-ResNet-32
     at batch 128) and frees them all at its end; an evaluation batch does the same with its
     activations. By default glibc then trims the top of its heap, so the next batch faults every
     page back in, zeroed by the kernel: some 15,000 page faults and 2-5 % of a training step,
-    45,000 for an evaluation batch of 256, on a 2-core Xeon (docs/performance-notes.md). With a fixed trim threshold of
-    1 GiB and blocks up to 32 MiB served from the heap, the freed memory is reused; the process
-    keeps its peak heap, as a caching allocator does.
+    45,000 and 4-19 % of an evaluation batch of 256, on a 2-core Xeon (docs/performance-notes.md).
+    With a fixed trim threshold of 1 GiB and blocks up to 32 MiB served from the heap, the freed
+    memory is reused; the process keeps its peak heap, as a caching allocator does.
 
     Nothing changes outside Linux with glibc, or when the environment already tunes glibc's
     allocator (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES with malloc settings;
