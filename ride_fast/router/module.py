@@ -51,13 +51,6 @@ _ORIGINAL_NAMES = (
 )
 
 
-_RIDE_FAST_NAMES = (
-    (re.compile(r"^hidden\.(\d+)\.(weight|bias)$"), r"expert_help_pred_hidden_fcs.\1.\2"),
-    (re.compile(r"^fc\.(weight|bias)$"), r"expert_help_pred_fc.\1"),
-    (re.compile(r"^fcs\.(\d+)\.(weight|bias)$"), r"expert_help_pred_fcs.\1.\2"),
-)
-
-
 def _ride_fast_name(key: str) -> str:
     """A Router parameter's name for an original router key; KeyError for any other key."""
     short = key[key.index(ORIGINAL_PREFIX):] if ORIGINAL_PREFIX in key else key
@@ -68,11 +61,16 @@ def _ride_fast_name(key: str) -> str:
 
 
 def _original_name(key: str) -> str:
-    """The original code's name of a Router parameter (the inverse of `Router.original_to_ride_fast`)."""
-    for pattern, repl in _RIDE_FAST_NAMES:
-        if pattern.match(key):
-            return pattern.sub(repl, key)
-    return key
+    """The original code's name of a Router parameter (hidden.i.*, fc.*, fcs.i.*): the inverse of
+    `_ride_fast_name`, by the table in the module docstring."""
+    head, _, rest = key.partition(".")
+    return f"{ORIGINAL_PREFIX}_{'hidden_fcs' if head == 'hidden' else head}.{rest}"
+
+
+def _renamed(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(original router weights under this module's names, this module's name -> the key as given)."""
+    given = {_ride_fast_name(key): key for key in state}
+    return {name: state[key] for name, key in given.items()}, given
 
 
 class Router(nn.Module):
@@ -174,7 +172,7 @@ class Router(nn.Module):
     def original_to_ride_fast(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Rename original router keys (`expert_help_pred_*`, with or without `module.` /
         `backbone.` prefixes) to this module's names; other keys are an error."""
-        return {_ride_fast_name(key): value for key, value in state.items()}
+        return _renamed(state)[0]
 
     @classmethod
     def from_original(cls, state: Mapping[str, Tensor], num_classes: int, num_experts: int | None = None,
@@ -184,8 +182,7 @@ class Router(nn.Module):
         num_experts, feature_dim: the network's E and D, where known (`ride-fast convert` passes
         them): weights for another number of experts or another feature width are refused then.
         A ValueError names every original key that is missing, unexpected or of the wrong shape."""
-        renamed = cls.original_to_ride_fast(state)
-        given = {_ride_fast_name(key): key for key in state}  # ride_fast name -> the key as the checkpoint has it
+        renamed, given = _renamed(state)
         hidden_ix = sorted({int(k.split(".")[1]) for k in renamed if k.startswith("hidden.")})
         if num_experts is None and (not hidden_ix or hidden_ix != list(range(len(hidden_ix)))):
             raise ValueError(f"original router weights need expert_help_pred_hidden_fcs.0..R-1; found indices {hidden_ix}")
@@ -214,8 +211,7 @@ class Router(nn.Module):
         """Load original router weights; names, counts and shapes must all fit (strict), else a
         ValueError names each original key at fault with its shapes. The top-k weights are
         multiplied by `logit_scale`, so the router computes the original's function."""
-        renamed = self.original_to_ride_fast(state)
-        given = {_ride_fast_name(key): key for key in state}
+        renamed, given = _renamed(state)
         own = self.state_dict()
         missing = [f"{_original_name(k)} {list(own[k].shape)}" for k in sorted(set(own) - set(renamed))]
         unexpected = [f"{given[k]} {list(renamed[k].shape)}" for k in sorted(set(renamed) - set(own))]
