@@ -65,7 +65,7 @@ from ride_fast.engine.runtime import resolve_amp
 from ride_fast.engine.step import TrainStep
 from ride_fast.losses import build_loss
 from ride_fast.models import create_model
-from ride_fast.ops import ran_ride_loss_op
+from ride_fast.ops import native, ran_ride_loss_op
 
 GPU_STEPS = int(os.environ.get("RIDE_FAST_BENCH_GPU_STEPS", "10"))  # steps per timed round on the GPU
 ROUNDS = int(os.environ.get("RIDE_FAST_BENCH_ROUNDS", "0"))  # timed rounds; 0: 3 on the GPU, 5 on the CPU
@@ -245,17 +245,19 @@ def reference_after_one_step(case: str, device: torch.device, B: int, px: int) -
 
 
 class Probe(torch.utils._python_dispatch.TorchDispatchMode):
-    """What one step did: convolutions run (count, channels-last outputs), the model output's dtypes
-    (forward hook) and the loss's backward node (a wrapper of TrainStep._loss)."""
+    """What one step did: convolutions run (count, channels-last outputs), fused BatchNorm + ReLU
+    calls, the model output's dtypes (forward hook) and the loss's backward node (a wrapper of
+    TrainStep._loss)."""
 
     def __init__(self, step: TrainStep):
         super().__init__()
-        self.convolutions, self.layout_outputs, self.channels_last_outputs = 0, 0, 0
+        self.convolutions, self.layout_outputs, self.channels_last_outputs, self.fused_norms = 0, 0, 0, 0
         self.outputs, self.loss_backward = [], []
         self.step = step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.fused_norms += func is torch.ops.ride_fast.batch_norm_act.default
         if func is torch.ops.aten.convolution.default:
             self.convolutions += 1
             if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:  # else both layouts are the same memory
@@ -334,6 +336,9 @@ def check_switches(case: str, s: dict, step: TrainStep, probe: Probe, device: to
     assert probe.layout_outputs > 0 and probe.channels_last_outputs == (probe.layout_outputs if s["channels_last"] else 0), (
         f"{probe.channels_last_outputs} of {probe.layout_outputs} convolution outputs channels-last")
     assert isinstance(model, BatchedRIDENet) == s["batched"]
+    # BatchNorm + add + ReLU as the C kernels: float32 channels-last training on the CPU
+    fused_norm = device.type == "cpu" and s["channels_last"] and s["amp"] == "none" and native.library() is not None
+    assert (probe.fused_norms > 0) == fused_norm, f"{probe.fused_norms} fused BatchNorm calls (expected: {'some' if fused_norm else 'none'})"
     per_expert = CONVOLUTIONS[name]
     expected = per_expert[0] + (1 if s["batched"] else E) * per_expert[1]  # trunk + experts
     assert probe.convolutions == expected, f"{probe.convolutions} convolutions in the step, {expected} expected"

@@ -115,6 +115,15 @@ def fused_loss_to_reference() -> None:
     ride_loss._ride_loss_op = through_reference
 
 
+def fused_norm_to_reference() -> None:
+    """batch_norm_act never runs the C kernels (PyTorch's BatchNorm, add and ReLU instead)."""
+    import sys
+
+    import ride_fast.ops.batch_norm_act  # noqa: F401
+
+    sys.modules["ride_fast.ops.batch_norm_act"].fused_path_taken = lambda bn, x, residual=None: False
+
+
 def batched_ignored() -> None:
     """model.batched=true builds the per-expert network."""
     import ride_fast.models as models
@@ -143,7 +152,7 @@ def channels_last_ignored() -> None:
 
 MUTATIONS = {f.__name__: f for f in (autocast_off, momentum_ignored, flip_never, crop_identity, rotation_mirrored,
                                      jitter_dropped, router_dense, fused_loss_to_reference, batched_ignored,
-                                     channels_last_ignored)}
+                                     channels_last_ignored, fused_norm_to_reference)}
 
 
 def pytest_configure(config):

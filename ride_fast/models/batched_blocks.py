@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ride_fast.models.resnet import BasicBlock, Bottleneck
 from ride_fast.models.resnet_cifar import CifarBasicBlock, OptionAShortcut
+from ride_fast.ops.batch_norm_act import batch_norm_act
 
 # --------------------------------------------------------------------------------------------
 # layers
@@ -152,9 +153,8 @@ class BatchedCifarBasicBlock(nn.Module):
             self.shortcut = ExpertIdentity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = batch_norm_act(self.bn1, self.conv1(x))
+        return batch_norm_act(self.bn2, self.conv2(out), self.shortcut(x))
 
     def forward_expert(self, x: Tensor, i: int) -> Tensor:
         out = F.relu(self.bn1.forward_expert(self.conv1.forward_expert(x, i), i))
@@ -189,9 +189,8 @@ class BatchedBasicBlock(_BatchedImageNetBlock):
     convs = ("conv1", "conv2")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.downsample(x), inplace=True)
+        out = batch_norm_act(self.bn1, self.conv1(x))
+        return batch_norm_act(self.bn2, self.conv2(out), self.downsample(x))
 
     def forward_expert(self, x: Tensor, i: int) -> Tensor:
         out = F.relu(self.bn1.forward_expert(self.conv1.forward_expert(x, i), i), inplace=True)
@@ -205,10 +204,9 @@ class BatchedBottleneck(_BatchedImageNetBlock):
     convs = ("conv1", "conv2", "conv3")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.downsample(x), inplace=True)
+        out = batch_norm_act(self.bn1, self.conv1(x))
+        out = batch_norm_act(self.bn2, self.conv2(out))
+        return batch_norm_act(self.bn3, self.conv3(out), self.downsample(x))
 
     def forward_expert(self, x: Tensor, i: int) -> Tensor:
         out = F.relu(self.bn1.forward_expert(self.conv1.forward_expert(x, i), i), inplace=True)

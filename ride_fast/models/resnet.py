@@ -24,12 +24,12 @@ import math
 from collections import OrderedDict
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ride_fast.models.heads import make_head
 from ride_fast.models.registry import register_model
 from ride_fast.models.ride import ExpertBranch, RIDENet
+from ride_fast.ops.batch_norm_act import batch_norm_act
 
 _REDUCED = (192, 384)  # layer3, layer4 planes with reduce_dimension
 _FULL = (256, 512)
@@ -51,10 +51,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
+        out = batch_norm_act(self.bn1, self.conv1(x))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + residual, inplace=True)
+        return batch_norm_act(self.bn2, self.conv2(out), residual)
 
 
 class Bottleneck(nn.Module):
@@ -74,11 +73,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
+        out = batch_norm_act(self.bn1, self.conv1(x))
+        out = batch_norm_act(self.bn2, self.conv2(out))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + residual, inplace=True)
+        return batch_norm_act(self.bn3, self.conv3(out), residual)
 
 
 Block = type[BasicBlock] | type[Bottleneck]

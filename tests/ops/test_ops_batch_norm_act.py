@@ -1,0 +1,203 @@
+"""batch_norm_act: the C kernels against PyTorch's BatchNorm + add + ReLU (float64 truth), the running
+statistics, the ReLU mask, determinism, and every case that must take the reference instead."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ride_fast.ops import native
+from ride_fast.ops.batch_norm_act import batch_norm_act, batch_norm_act_reference, fused_path_taken
+
+CL = torch.channels_last
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """native.library() tried again in this test, and again after it (with the environment restored)."""
+    native.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    native.reset()
+
+
+def make_bn(C: int, momentum: float | None = 0.1, seed: int = 0) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(C, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(0.5 + torch.rand(C, generator=g))
+        bn.bias.copy_(torch.randn(C, generator=g))
+        bn.running_mean.copy_(torch.randn(C, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(C, generator=g))
+    return bn.train()
+
+
+def inputs(B, C, H, residual, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn(B, C, H, H, generator=g) + 0.5).contiguous(memory_format=CL).requires_grad_()
+    r = torch.randn(B, C, H, H, generator=g).contiguous(memory_format=CL).requires_grad_() if residual else None
+    grad = torch.randn(B, C, H, H, generator=g).contiguous(memory_format=CL)
+    return x, r, grad
+
+
+def run(fn, bn, x, r, grad, relu):
+    out = fn(bn, x, r, relu)
+    wrt = [x, bn.weight, bn.bias] + ([r] if r is not None else [])
+    return out, torch.autograd.grad(out, wrt, grad)
+
+
+def as_float64(bn, x, r, grad):
+    bn64 = make_bn(bn.num_features, bn.momentum).double()
+    bn64.load_state_dict(bn.state_dict())
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
+    return bn64, leaf(x), leaf(r), grad.double()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("B,C,H", [(8, 16, 6), (4, 72, 5), (3, 13, 7)])
+def test_matches_pytorch_in_float64(B, C, H, residual, relu, momentum, threads):
+    """Output, the gradients of x, weight, bias and residual, and the running statistics (two steps,
+    so the update's weight and num_batches_tracked count) equal BatchNorm + add + ReLU in float64."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bn = make_bn(C, momentum)
+        bn64, *_ = as_float64(bn, *inputs(B, C, H, residual)[:1], None, torch.zeros(1))
+        for step in range(2):
+            x, r, grad = inputs(B, C, H, residual, seed=step)
+            assert fused_path_taken(bn, x, r)
+            out, grads = run(batch_norm_act, bn, x, r, grad, relu)
+            _, x64, r64, grad64 = as_float64(bn, x, r, grad)
+            out64, grads64 = run(batch_norm_act_reference, bn64, x64, r64, grad64, relu)
+            assert out.is_contiguous(memory_format=CL) and grads[0].is_contiguous(memory_format=CL)
+            torch.testing.assert_close(out, out64.float(), rtol=1e-5, atol=1e-5)
+            for got, want, name in zip(grads, grads64, ["x", "weight", "bias", "residual"]):
+                torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+            torch.testing.assert_close(bn.running_mean, bn64.running_mean.float(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(bn.running_var, bn64.running_var.float(), rtol=1e-6, atol=1e-6)
+            assert int(bn.num_batches_tracked) == int(bn64.num_batches_tracked) == step + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_relu_mask_drops_non_finite_gradients_as_pytorch_does():
+    """Where the ReLU is off, the incoming gradient does not count, even inf or NaN; where it is on, a
+    NaN reaches every gradient of its channel."""
+    bn = make_bn(8)
+    x, r, grad = inputs(4, 8, 5, residual=True)
+    with torch.no_grad():
+        off = (batch_norm_act_reference(make_bn(8), x, r) == 0) & (torch.arange(8).view(1, 8, 1, 1) < 4)
+    grad = grad.masked_fill(off, float("inf"))
+    grad[:, 7, 0, 0] = float("nan")
+    ref_bn = make_bn(8)
+    _, got = run(batch_norm_act, bn, x, r, grad, True)
+    _, want = run(batch_norm_act_reference, ref_bn, x, r, grad, True)
+    assert off.any()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert torch.isfinite(got[0][:, :4]).all() and torch.isnan(got[0][:, 7]).any()
+
+
+def test_same_bits_every_time():
+    """A result depends only on the inputs and the thread count (fixed row blocks, sums in thread order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for _ in range(2):
+            bn = make_bn(24)
+            x, r, grad = inputs(16, 24, 8, residual=True)
+            out, grads = run(batch_norm_act, bn, x, r, grad, True)
+            results.append([out, *grads, bn.running_mean.clone(), bn.running_var.clone()])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    finally:
+        torch.set_num_threads(before)
+
+
+class _OwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+def _cases():
+    x = torch.randn(4, 6, 3, 3)
+    cl = x.contiguous(memory_format=CL)
+    hooked = make_bn(6)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    return {
+        "NCHW": (make_bn(6), x, None),
+        "bfloat16": (make_bn(6), cl.bfloat16(), None),
+        "evaluation mode": (make_bn(6).eval(), cl, None),
+        "own forward": (_OwnForward(6), cl, None),
+        "forward hook": (hooked, cl, None),
+        "one pixel, both layouts": (make_bn(6), torch.randn(4, 6, 1, 1), None),
+        "residual of another shape": (make_bn(6), cl, torch.randn(4, 6, 1, 1)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_takes_the_reference_where_the_kernels_do_not_apply(case):
+    bn, x, r = _cases()[case]
+    assert not fused_path_taken(bn, x, r)
+    ref_bn = (make_bn(6) if case == "forward hook" else type(bn)(6)).train(bn.training)
+    ref_bn.load_state_dict(bn.state_dict())
+    got, want = batch_norm_act(bn, x, r), batch_norm_act_reference(ref_bn, x, r)
+    assert torch.equal(got, want)
+    assert torch.equal(bn.running_var, ref_bn.running_var)
+
+
+def test_single_value_per_channel_raises_as_pytorch_does():
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_act(make_bn(4), x)
+
+
+def test_without_a_compiler_falls_back_with_one_warning(fresh_native, tmp_path, caplog):
+    fresh_native.setenv("RIDE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    fresh_native.setenv("CC", str(tmp_path / "no-such-compiler"))
+    bn, ref_bn = make_bn(8), make_bn(8)
+    x, r, grad = inputs(4, 8, 3, residual=True)
+    with caplog.at_level(logging.WARNING, logger="ride_fast"):
+        assert not fused_path_taken(bn, x, r)
+        assert not fused_path_taken(bn, x, r)  # tried once
+        out = batch_norm_act(bn, x, r)
+    assert [rec.getMessage() for rec in caplog.records if "C kernels" in rec.getMessage()] == [
+        next(rec.getMessage() for rec in caplog.records if "C kernels" in rec.getMessage())]
+    assert "no-such-compiler" in caplog.text and "Error" not in caplog.text.replace("Errno", "")
+    assert torch.equal(out, batch_norm_act_reference(ref_bn, x, r))
+
+
+def test_switched_off_by_the_environment(fresh_native, caplog):
+    fresh_native.setenv("RIDE_FAST_NATIVE", "0")
+    x, r, _ = inputs(4, 8, 3, residual=False)
+    with caplog.at_level(logging.WARNING, logger="ride_fast"):
+        assert native.library() is None and not fused_path_taken(make_bn(8), x, r)
+    assert "C kernels" not in caplog.text
+
+
+def test_a_compile_error_is_reported_and_nothing_is_left_in_the_cache(fresh_native, tmp_path, caplog):
+    """A source the compiler rejects: the warning carries the compiler's message, and the cache holds
+    no half-written library."""
+    bad = tmp_path / "bad.c"
+    bad.write_text("int f( {\n")
+    fresh_native.setattr(native, "SOURCES", (bad,))
+    fresh_native.setenv("RIDE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="ride_fast"):
+        assert native.library() is None
+    assert "bad.c" in caplog.text
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_built_once_then_loaded_from_the_cache(fresh_native, tmp_path):
+    fresh_native.setenv("RIDE_FAST_CACHE_DIR", str(tmp_path))
+    lib = native.library()
+    assert lib is not None
+    (built,) = tmp_path.glob("ride_fast_native_*.so")
+    assert built == native.library_path()
+    stamp = built.stat().st_mtime_ns
+    native.reset()
+    assert native.library() is not None and built.stat().st_mtime_ns == stamp
