@@ -12,14 +12,13 @@ its batched version. ride_fast.models.batched assembles them into a BatchedRIDEN
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from ride_fast.models.resnet import BasicBlock, Bottleneck
 from ride_fast.models.resnet_cifar import CifarBasicBlock, OptionAShortcut
-from ride_fast.ops.batch_norm_act import batch_norm_act
+from ride_fast.ops.batch_norm_act import batch_norm_act, channels_last_only
 
 # --------------------------------------------------------------------------------------------
 # layers
@@ -85,10 +84,6 @@ class ExpertBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean[s], self.running_var[s], self.weight[s], self.bias[s], self.training, momentum, self.eps)
 
 
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 class ExpertOptionAShortcut(nn.Module):
     """Option-A shortcut of E experts: x[:, :, ::s, ::s], then each expert's channel block zero-padded
     by `pad` on both sides. shared_input: [B, i, H, W] -> [B, E*(i+2p), h, w] (the same padded copy
@@ -102,7 +97,7 @@ class ExpertOptionAShortcut(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         E, c, p = self.num_experts, self.in_planes, self.pad
-        channels_last = _channels_last(x)  # of the input: its strided subsample is contiguous in neither format
+        channels_last = channels_last_only(x)  # of the input: its strided subsample is contiguous in neither format
         x = x[:, :, :: self.stride, :: self.stride]
         if channels_last:  # pad the innermost (channel) axis of [B, h, w, E, c]: stays channels_last
             y = x.permute(0, 2, 3, 1)

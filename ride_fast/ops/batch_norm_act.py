@@ -34,9 +34,9 @@ def batch_norm_act_reference(bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | N
     return F.relu(y, inplace=True) if relu else y  # y is a new tensor: BatchNorm's and add's backward do not read it
 
 
-def _channels_last(t: Tensor) -> bool:
-    """Laid out channels-last and not also NCHW: a [B, C, 1, 1] tensor, both at once, takes the
-    reference, so that a network in NCHW computes exactly what PyTorch's operators do."""
+def channels_last_only(t: Tensor) -> bool:
+    """A 4-d tensor laid out channels-last and not also NCHW. A [B, C, 1, 1] tensor is both at once,
+    so it takes the reference here: a network in NCHW computes exactly what PyTorch's operators do."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
@@ -44,7 +44,7 @@ def fused_path_taken(bn: nn.Module, x: Tensor, residual: Tensor | None = None) -
     """Whether `batch_norm_act(bn, x, residual)` runs the C kernels (else the reference)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _channels_last(x):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not channels_last_only(x):
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != torch.float32 or residual.device.type != "cpu"):
         return False
