@@ -41,6 +41,13 @@ INLINE float keep_if(float v, int keep) {
     return v;
 }
 
+/* The per-thread sums part [nt][2][C], added in thread order into part[0] (so results depend only
+ * on the thread count). */
+static void add_up_threads(double *part, int nt, int64_t C) {
+    for (int t = 1; t < nt; ++t)
+        for (int64_t i = 0; i < 2 * C; ++i) part[i] += part[2 * t * C + i];
+}
+
 /* The row loops below take `relu` and `r != NULL` as compile-time constants (each caller passes
  * literals), so every variant is a branch-free loop the compiler vectorises. */
 
@@ -140,12 +147,9 @@ int ride_bn_act_forward(const float *RESTRICT x, const float *RESTRICT r, const 
         stats_rows(x, b, e, C, s, s + C);
     }
     float *mean = save, *invstd = save + C, *scale = save + 2 * C, *shift = save + 3 * C, *unbiased = save + 4 * C;
+    add_up_threads(part, nt, C);
     for (int64_t c = 0; c < C; ++c) {
-        double s = 0.0, q = 0.0;
-        for (int t = 0; t < nt; ++t) {
-            s += part[2 * t * C + c];
-            q += part[2 * t * C + C + c];
-        }
+        double s = part[c], q = part[C + c];
         double m = s / (double)N, var = q / (double)N - m * m;
         if (var < 0.0) var = 0.0;
         double is = 1.0 / sqrt(var + eps);
@@ -191,12 +195,9 @@ int ride_bn_act_backward(const float *RESTRICT g, const float *RESTRICT x, const
 #undef REDUCE
     }
     /* grad_x = k0 * (g' - k1 - (x - mean) * k2) */
+    add_up_threads(part, nt, C);
     for (int64_t c = 0; c < C; ++c) {
-        double sg = 0.0, sgx = 0.0;
-        for (int t = 0; t < nt; ++t) {
-            sg += part[2 * t * C + c];
-            sgx += part[2 * t * C + C + c];
-        }
+        double sg = part[c], sgx = part[C + c];
         double is = invstd[c];
         grad_bias[c] = (float)sg;
         grad_weight[c] = (float)(sgx * is);
