@@ -336,8 +336,8 @@ def check_switches(case: str, s: dict, step: TrainStep, probe: Probe, device: to
     assert probe.layout_outputs > 0 and probe.channels_last_outputs == (probe.layout_outputs if s["channels_last"] else 0), (
         f"{probe.channels_last_outputs} of {probe.layout_outputs} convolution outputs channels-last")
     assert isinstance(model, BatchedRIDENet) == s["batched"]
-    # BatchNorm + add + ReLU as the C kernels: float32 channels-last training on the CPU
-    fused_norm = device.type == "cpu" and s["channels_last"] and s["amp"] == "none" and native.library() is not None
+    # BatchNorm + add + ReLU as the C kernels: float32 or bf16 channels-last training on the CPU
+    fused_norm = device.type == "cpu" and s["channels_last"] and s["amp"] in ("none", "bf16") and native.library() is not None
     assert (probe.fused_norms > 0) == fused_norm, f"{probe.fused_norms} fused BatchNorm calls (expected: {'some' if fused_norm else 'none'})"
     per_expert = CONVOLUTIONS[name]
     expected = per_expert[0] + (1 if s["batched"] else E) * per_expert[1]  # trunk + experts

@@ -41,7 +41,8 @@ TARGETS = {
     "fused_norm_to_reference": [
         f"{TRAIN_STEP}[cpu-r32_e3-channels_last]",
         f"{TRAIN_STEP}[cpu-r50_e3-batched]",
-        "tests/ops/test_ops_batch_norm_act.py::test_matches_pytorch_in_float64[8-16-6-True-True-0.1-1]",
+        "tests/ops/test_ops_batch_norm_act.py::test_matches_pytorch_in_float64[8-16-6-True-True-0.1-1-float32]",
+        f"{TRAIN_STEP}[cpu-r32_e3-bf16]",
     ],
     "channels_last_ignored": [
         "tests/engine/test_engine_trainer.py::test_mixed_precision_and_channels_last_on_cpu[bf16]",

@@ -5,17 +5,19 @@ Shape legend: B images, C channels, H x W pixels.
     batch_norm_act(bn, x, residual=None, relu=True)      relu(bn(x) + residual)    x, residual [B, C, H, W]
 
 What it computes is always the reference, `F.relu(bn(x) + residual)` with the module's own forward.
-On the CPU, in training mode, for float32 channels-last tensors, it runs as two C kernels
-(ride_fast/ops/csrc/batch_norm_act.c): the forward reads x once for the batch statistics and
-once more to write the output, and the backward reads its inputs twice. PyTorch's separate
-BatchNorm, add and ReLU pass over each activation 13-17 times per training step, these 8-11:
-on a CPU that trains in float32, about a tenth of the step (docs/performance-notes.md, "Fused
-BatchNorm and ReLU on the CPU").
+On the CPU, in training mode, for float32 or bfloat16 (bf16 autocast) channels-last tensors, it
+runs as two C kernels (ride_fast/ops/csrc/batch_norm_act.c): the forward reads x once for the
+batch statistics and once more to write the output, and the backward reads its inputs twice.
+PyTorch's separate BatchNorm, add and ReLU pass over each activation 13-17 times per training
+step, these 8-11: on a CPU that trains in float32, about a tenth of the step
+(docs/performance-notes.md, "Fused BatchNorm and ReLU on the CPU"). In bfloat16 the arithmetic is
+in float32 and each result is rounded once, where PyTorch rounds BatchNorm's output and then the
+sum.
 
-The reference runs instead on CUDA (cuDNN), under autocast (x in bfloat16), in evaluation mode,
-for NCHW tensors, inside torch.compile or a trace, for a BatchNorm subclass with its own forward
-(the distributed `GlobalBatchNorm2d`, SyncBatchNorm) or with hooks, and wherever the C kernels
-cannot be built (`ride_fast.ops.native`). `fused_path_taken(bn, x, residual)` says which one a call takes.
+The reference runs instead on CUDA (cuDNN), for float16, in evaluation mode, for NCHW tensors,
+inside torch.compile or a trace, for a BatchNorm subclass with its own forward (the distributed
+`GlobalBatchNorm2d`, SyncBatchNorm) or with hooks, and wherever the C kernels cannot be built
+(`ride_fast.ops.native`). `fused_path_taken(bn, x, residual)` says which one a call takes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ride_fast.ops import native
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # of x, the residual and the output; parameters and statistics are float32
 
 
 def batch_norm_act_reference(bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
@@ -44,9 +48,9 @@ def fused_path_taken(bn: nn.Module, x: Tensor, residual: Tensor | None = None) -
     """Whether `batch_norm_act(bn, x, residual)` runs the C kernels (else the reference)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not channels_last_only(x):
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or not channels_last_only(x):
         return False
-    if residual is not None and (residual.shape != x.shape or residual.dtype != torch.float32 or residual.device.type != "cpu"):
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device.type != "cpu"):
         return False
     if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward or not bn.training:
         return False
@@ -93,33 +97,34 @@ def _check(status: int, C: int) -> None:
 
 @torch.library.custom_op("ride_fast::batch_norm_act", mutates_args=(), device_types="cpu")
 def _batch_norm_act_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, eps: float, relu: bool) -> tuple[Tensor, Tensor]:
-    """(out [B, C, H, W] channels-last, save [5, C]: the batch mean, invstd, scale = weight * invstd,
-    shift = bias - mean * scale, and the unbiased variance)."""
+    """(out [B, C, H, W] channels-last in x's dtype, save [5, C] float32: the batch mean, invstd,
+    scale = weight * invstd, shift = bias - mean * scale, and the unbiased variance)."""
     B, C, H, W = x.shape
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    save = x.new_empty(5, C)
+    save = x.new_empty(5, C, dtype=torch.float32)
     _check(native.library().ride_bn_act_forward(
-        _ptr(x), _ptr(residual), _ptr(weight), _ptr(bias), float(eps), B * H * W, C, int(relu), _ptr(out), _ptr(save),
-        torch.get_num_threads()), C)
+        _ptr(x), _ptr(residual), _ptr(weight), _ptr(bias), float(eps), B * H * W, C, int(relu), int(x.dtype == torch.bfloat16),
+        _ptr(out), _ptr(save), torch.get_num_threads()), C)
     return out, save
 
 
 @_batch_norm_act_op.register_fake
 def _(x, weight, bias, residual, eps, relu):
-    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(5, x.shape[1])
+    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(5, x.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("ride_fast::batch_norm_act_backward", mutates_args=(), device_types="cpu")
 def _batch_norm_act_backward_op(grad_out: Tensor, x: Tensor, residual: Tensor | None, weight: Tensor, save: Tensor,
                                 relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty without a residual."""
+    """(grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty without a residual.
+    grad_x and grad_residual in x's dtype, grad_weight and grad_bias float32."""
     B, C, H, W = x.shape
-    g = grad_out.contiguous(memory_format=torch.channels_last)
+    g = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
     grad_r = torch.empty_like(x, memory_format=torch.channels_last) if residual is not None else x.new_empty(0)
-    grad_w, grad_b = x.new_empty(C), x.new_empty(C)
+    grad_w, grad_b = x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
     _check(native.library().ride_bn_act_backward(
-        _ptr(g), _ptr(x), _ptr(residual), _ptr(weight), _ptr(save), B * H * W, C, int(relu),
+        _ptr(g), _ptr(x), _ptr(residual), _ptr(weight), _ptr(save), B * H * W, C, int(relu), int(x.dtype == torch.bfloat16),
         _ptr(grad_x), _ptr(grad_r) if residual is not None else None, _ptr(grad_w), _ptr(grad_b), torch.get_num_threads()), C)
     return grad_x, grad_w, grad_b, grad_r
 
@@ -128,7 +133,7 @@ def _batch_norm_act_backward_op(grad_out: Tensor, x: Tensor, residual: Tensor | 
 def _(grad_out, x, residual, weight, save, relu):
     C = x.shape[1]
     grad_r = torch.empty_like(x, memory_format=torch.channels_last) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(C), x.new_empty(C), grad_r
+    return torch.empty_like(x, memory_format=torch.channels_last), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32), grad_r
 
 
 def _setup_context(ctx, inputs, output):

@@ -32,8 +32,8 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-sha
 _P, _I64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 # name -> (argument types): the C functions every caller may use once `library()` is not None
 SIGNATURES = {
-    "ride_bn_act_forward": [_P, _P, _P, _P, _DOUBLE, _I64, _I64, _INT, _P, _P, _INT],
-    "ride_bn_act_backward": [_P, _P, _P, _P, _P, _I64, _I64, _INT, _P, _P, _P, _P, _INT],
+    "ride_bn_act_forward": [_P, _P, _P, _P, _DOUBLE, _I64, _I64, _INT, _INT, _P, _P, _INT],
+    "ride_bn_act_backward": [_P, _P, _P, _P, _P, _I64, _I64, _INT, _INT, _P, _P, _P, _P, _INT],
 }
 
 _LIBRARY: ctypes.CDLL | None = None

@@ -1,7 +1,9 @@
-"""batch_norm_act: the C kernels against PyTorch's BatchNorm + add + ReLU (float64 truth), the running
-statistics, the ReLU mask, determinism, and every case that must take the reference instead."""
+"""batch_norm_act: the C kernels against PyTorch's BatchNorm + add + ReLU (float64 truth), in float32
+and bfloat16, the running statistics, the ReLU mask, determinism, autocast, and every case that must
+take the reference instead."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -34,11 +36,11 @@ def make_bn(C: int, momentum: float | None = 0.1, seed: int = 0) -> nn.BatchNorm
     return bn.train()
 
 
-def inputs(B, C, H, residual, seed=1):
+def inputs(B, C, H, residual, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    x = (2 * torch.randn(B, C, H, H, generator=g) + 0.5).contiguous(memory_format=CL).requires_grad_()
-    r = torch.randn(B, C, H, H, generator=g).contiguous(memory_format=CL).requires_grad_() if residual else None
-    grad = torch.randn(B, C, H, H, generator=g).contiguous(memory_format=CL)
+    x = (2 * torch.randn(B, C, H, H, generator=g) + 0.5).to(dtype).contiguous(memory_format=CL).requires_grad_()
+    r = torch.randn(B, C, H, H, generator=g).to(dtype).contiguous(memory_format=CL).requires_grad_() if residual else None
+    grad = torch.randn(B, C, H, H, generator=g).to(dtype).contiguous(memory_format=CL)
     return x, r, grad
 
 
@@ -55,28 +57,42 @@ def as_float64(bn, x, r, grad):
     return bn64, leaf(x), leaf(r), grad.double()
 
 
+# (output, grad of x, of weight and bias, of the residual): rtol, atol. In bfloat16 the output and
+# grad_x are rounded once from float32 (a relative error of at most 2^-9), the residual's gradient
+# is the incoming one or 0 (exact), and the weight and bias gradients are float32 sums.
+TOLERANCES = {
+    torch.float32: {"out": (1e-5, 1e-5), "x": (1e-4, 1e-5), "weight": (1e-4, 1e-5), "bias": (1e-4, 1e-5), "residual": (1e-4, 1e-5)},
+    torch.bfloat16: {"out": (2**-8, 1e-5), "x": (2**-8, 1e-4), "weight": (1e-4, 1e-4), "bias": (1e-4, 1e-4), "residual": (0, 0)},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("B,C,H", [(8, 16, 6), (4, 72, 5), (3, 13, 7)])
-def test_matches_pytorch_in_float64(B, C, H, residual, relu, momentum, threads):
+def test_matches_pytorch_in_float64(B, C, H, residual, relu, momentum, threads, dtype):
     """Output, the gradients of x, weight, bias and residual, and the running statistics (two steps,
-    so the update's weight and num_batches_tracked count) equal BatchNorm + add + ReLU in float64."""
+    so the update's weight and num_batches_tracked count) equal BatchNorm + add + ReLU in float64 on
+    the same inputs, up to one rounding to the tensors' dtype."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    tol = TOLERANCES[dtype]
     try:
         bn = make_bn(C, momentum)
         bn64, *_ = as_float64(bn, *inputs(B, C, H, residual)[:1], None, torch.zeros(1))
         for step in range(2):
-            x, r, grad = inputs(B, C, H, residual, seed=step)
+            x, r, grad = inputs(B, C, H, residual, seed=step, dtype=dtype)
             assert fused_path_taken(bn, x, r)
             out, grads = run(batch_norm_act, bn, x, r, grad, relu)
             _, x64, r64, grad64 = as_float64(bn, x, r, grad)
             out64, grads64 = run(batch_norm_act_reference, bn64, x64, r64, grad64, relu)
             assert out.is_contiguous(memory_format=CL) and grads[0].is_contiguous(memory_format=CL)
-            torch.testing.assert_close(out, out64.float(), rtol=1e-5, atol=1e-5)
+            assert out.dtype == grads[0].dtype == dtype and grads[1].dtype == grads[2].dtype == torch.float32
+            torch.testing.assert_close(out.double(), out64, rtol=tol["out"][0], atol=tol["out"][1])
             for got, want, name in zip(grads, grads64, ["x", "weight", "bias", "residual"]):
-                torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+                torch.testing.assert_close(got.double(), want, rtol=tol[name][0], atol=tol[name][1],
+                                           msg=lambda m, n=name: f"grad of {n}: {m}")
             torch.testing.assert_close(bn.running_mean, bn64.running_mean.float(), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(bn.running_var, bn64.running_var.float(), rtol=1e-6, atol=1e-6)
             assert int(bn.num_batches_tracked) == int(bn64.num_batches_tracked) == step + 1
@@ -102,7 +118,8 @@ def test_relu_mask_drops_non_finite_gradients_as_pytorch_does():
     assert torch.isfinite(got[0][:, :4]).all() and torch.isnan(got[0][:, 7]).any()
 
 
-def test_same_bits_every_time():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_same_bits_every_time(dtype):
     """A result depends only on the inputs and the thread count (fixed row blocks, sums in thread order)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -110,7 +127,7 @@ def test_same_bits_every_time():
         results = []
         for _ in range(2):
             bn = make_bn(24)
-            x, r, grad = inputs(16, 24, 8, residual=True)
+            x, r, grad = inputs(16, 24, 8, residual=True, dtype=dtype)
             out, grads = run(batch_norm_act, bn, x, r, grad, True)
             results.append([out, *grads, bn.running_mean.clone(), bn.running_var.clone()])
         assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -130,7 +147,9 @@ def _cases():
     hooked.register_forward_hook(lambda m, i, o: None)
     return {
         "NCHW": (make_bn(6), x, None),
-        "bfloat16": (make_bn(6), cl.bfloat16(), None),
+        "float16": (make_bn(6), cl.half(), None),
+        "residual in another dtype": (make_bn(6), cl, cl.bfloat16()),
+        "bfloat16 parameters": (make_bn(6).bfloat16(), cl.bfloat16(), None),
         "evaluation mode": (make_bn(6).eval(), cl, None),
         "own forward": (_OwnForward(6), cl, None),
         "forward hook": (hooked, cl, None),
@@ -143,11 +162,34 @@ def _cases():
 def test_takes_the_reference_where_the_kernels_do_not_apply(case):
     bn, x, r = _cases()[case]
     assert not fused_path_taken(bn, x, r)
-    ref_bn = (make_bn(6) if case == "forward hook" else type(bn)(6)).train(bn.training)
-    ref_bn.load_state_dict(bn.state_dict())
+    ref_bn = copy.deepcopy(bn)
     got, want = batch_norm_act(bn, x, r), batch_norm_act_reference(ref_bn, x, r)
     assert torch.equal(got, want)
     assert torch.equal(bn.running_var, ref_bn.running_var)
+
+
+def test_under_bfloat16_autocast_a_block_takes_the_kernels():
+    """Under CPU autocast the convolution's output is bfloat16 and the parameters float32: the kernels
+    run, and forward and backward match float64 on the same bfloat16 activations."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False).to(memory_format=CL)
+    bn, ref_bn = make_bn(8), make_bn(8).double()
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=CL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        shortcut = torch.randn_like(h)
+        assert h.dtype == torch.bfloat16 and fused_path_taken(bn, h, shortcut)
+        out = batch_norm_act(bn, h, shortcut)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [h, bn.weight, bn.bias], grad)
+    h64 = h.detach().double().requires_grad_()
+    out64 = batch_norm_act_reference(ref_bn, h64, shortcut.double())
+    want = torch.autograd.grad(out64, [h64, ref_bn.weight, ref_bn.bias], grad.double())
+    torch.testing.assert_close(out.double(), out64, rtol=2**-8, atol=1e-5)
+    assert got[0].dtype == torch.bfloat16
+    for g, w, (rtol, atol) in zip(got, want, [(2**-8, 1e-4), (1e-4, 1e-4), (1e-4, 1e-4)]):
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol)
+    torch.testing.assert_close(bn.running_var.double(), ref_bn.running_var, rtol=1e-6, atol=1e-6)
 
 
 def test_single_value_per_channel_raises_as_pytorch_does():

@@ -1,8 +1,11 @@
-/* Training-mode BatchNorm fused with the residual add and the ReLU that follow it, for float32
- * channels-last (NHWC) tensors on the CPU: ride_fast.ops.batch_norm_act (docs/performance-notes.md,
- * "Fused BatchNorm and ReLU on the CPU").
+/* Training-mode BatchNorm fused with the residual add and the ReLU that follow it, for float32 or
+ * bfloat16 channels-last (NHWC) tensors on the CPU: ride_fast.ops.batch_norm_act
+ * (docs/performance-notes.md, "Fused BatchNorm and ReLU on the CPU").
  *
  * Shape legend: N rows (batch x height x width), C channels; row n of x is x[n*C .. n*C + C).
+ * x, r, out and their gradients are float32 or bfloat16 (`bf16`); weight, bias, `save` and the
+ * weight and bias gradients are float32. All arithmetic is in float32 (sums in double), and a
+ * bfloat16 result is rounded once, to nearest even, when it is stored.
  *
  *   forward     pre = x * scale[c] + shift[c] (+ r),  out = relu(pre)
  *               scale = weight * invstd, shift = bias - mean * scale, batch statistics
@@ -41,6 +44,37 @@ INLINE float keep_if(float v, int keep) {
     return v;
 }
 
+/* Element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array, as a float. */
+INLINE float load(const void *p, int64_t i, const int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* The address of element i of a float32 or bfloat16 array. */
+INLINE const void *at(const void *p, int64_t i, const int bf16) {
+    return bf16 ? (const void *)((const uint16_t *)p + i) : (const void *)((const float *)p + i);
+}
+
+INLINE void *at_mut(void *p, int64_t i, const int bf16) {
+    return bf16 ? (void *)((uint16_t *)p + i) : (void *)((float *)p + i);
+}
+
+/* Stores v as element i, rounded to the nearest even bfloat16 when bf16 (NaN as 0x7FC0), as
+ * PyTorch rounds float to bfloat16. */
+INLINE void store(void *p, int64_t i, float v, const int bf16) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    ((uint16_t *)p)[i] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
 /* The per-thread sums part [nt][2][C], added in thread order into part[0] (so results depend only
  * on the thread count). */
 static void add_up_threads(double *part, int nt, int64_t C) {
@@ -48,95 +82,99 @@ static void add_up_threads(double *part, int nt, int64_t C) {
         for (int64_t i = 0; i < 2 * C; ++i) part[i] += part[2 * t * C + i];
 }
 
-/* The row loops below take `relu` and `r != NULL` as compile-time constants (each caller passes
- * literals), so every variant is a branch-free loop the compiler vectorises. */
+/* The row loops below take `relu`, `r != NULL` and `bf16` as compile-time constants (each caller
+ * passes literals), so every variant is a branch-free loop the compiler vectorises. */
 
-INLINE void stats_rows(const float *RESTRICT x, int64_t b, int64_t e, int64_t C, double *RESTRICT s, double *RESTRICT q) {
+INLINE void stats_rows(const void *RESTRICT x, int64_t b, int64_t e, int64_t C, double *RESTRICT s, double *RESTRICT q,
+                       const int bf16) {
     for (int64_t n = b; n < e; ++n) {
-        const float *RESTRICT row = x + n * C;
+        const void *RESTRICT row = at(x, n * C, bf16);
         for (int64_t c = 0; c < C; ++c) {
-            double v = row[c];
+            double v = load(row, c, bf16);
             s[c] += v;
             q[c] += v * v;
         }
     }
 }
 
-INLINE void apply_rows(const float *RESTRICT x, const float *RESTRICT r, const float *RESTRICT scale, const float *RESTRICT shift,
-                       float *RESTRICT out, int64_t b, int64_t e, int64_t C, const int relu, const int has_r) {
+INLINE void apply_rows(const void *RESTRICT x, const void *RESTRICT r, const float *RESTRICT scale, const float *RESTRICT shift,
+                       void *RESTRICT out, int64_t b, int64_t e, int64_t C, const int relu, const int has_r, const int bf16) {
     for (int64_t n = b; n < e; ++n) {
-        const float *RESTRICT xr = x + n * C;
-        const float *RESTRICT rr = r + (has_r ? n * C : 0);
-        float *RESTRICT o = out + n * C;
+        const void *RESTRICT xr = at(x, n * C, bf16);
+        const void *RESTRICT rr = at(r, has_r ? n * C : 0, bf16);
+        void *RESTRICT o = at_mut(out, n * C, bf16);
         for (int64_t c = 0; c < C; ++c) {
-            float p = xr[c] * scale[c] + shift[c];
-            if (has_r) p = p + rr[c];
-            o[c] = (relu && p < 0.0f) ? 0.0f : p;
+            float p = load(xr, c, bf16) * scale[c] + shift[c];
+            if (has_r) p = p + load(rr, c, bf16);
+            store(o, c, (relu && p < 0.0f) ? 0.0f : p, bf16);
         }
     }
 }
 
 /* With a residual, g' is also stored as grad_r here, and the second pass reads it back instead of
- * g, x and r (one read less). */
-INLINE void grad_reduce_rows(const float *RESTRICT g, const float *RESTRICT x, const float *RESTRICT r, const float *RESTRICT scale,
-                             const float *RESTRICT shift, const float *RESTRICT mean, float *RESTRICT grad_r, int64_t b, int64_t e,
-                             int64_t C, double *RESTRICT sg, double *RESTRICT sgx, const int relu, const int has_r) {
+ * g, x and r (one read less). g' is g or 0, so in bfloat16 too it is stored exactly. */
+INLINE void grad_reduce_rows(const void *RESTRICT g, const void *RESTRICT x, const void *RESTRICT r, const float *RESTRICT scale,
+                             const float *RESTRICT shift, const float *RESTRICT mean, void *RESTRICT grad_r, int64_t b, int64_t e,
+                             int64_t C, double *RESTRICT sg, double *RESTRICT sgx, const int relu, const int has_r, const int bf16) {
     for (int64_t n = b; n < e; ++n) {
-        const float *RESTRICT gr = g + n * C, *RESTRICT xr = x + n * C;
-        const float *RESTRICT rr = r + (has_r ? n * C : 0);
-        float *RESTRICT grr = grad_r + (has_r ? n * C : 0);
+        const void *RESTRICT gr = at(g, n * C, bf16), *RESTRICT xr = at(x, n * C, bf16);
+        const void *RESTRICT rr = at(r, has_r ? n * C : 0, bf16);
+        void *RESTRICT grr = at_mut(grad_r, has_r ? n * C : 0, bf16);
         for (int64_t c = 0; c < C; ++c) {
-            float gv = gr[c];
+            float gv = load(gr, c, bf16), xv = load(xr, c, bf16);
             if (relu) {
-                float p = xr[c] * scale[c] + shift[c];
-                if (has_r) p = p + rr[c];
+                float p = xv * scale[c] + shift[c];
+                if (has_r) p = p + load(rr, c, bf16);
                 gv = keep_if(gv, p > 0.0f);
             }
-            if (has_r) grr[c] = gv;
+            if (has_r) store(grr, c, gv, bf16);
             sg[c] += (double)gv;
-            sgx[c] += (double)(gv * (xr[c] - mean[c]));
+            sgx[c] += (double)(gv * (xv - mean[c]));
         }
     }
 }
 
-INLINE void grad_apply_rows(const float *RESTRICT g, const float *RESTRICT x, const float *RESTRICT scale,
+INLINE void grad_apply_rows(const void *RESTRICT g, const void *RESTRICT x, const float *RESTRICT scale,
                             const float *RESTRICT shift, const float *RESTRICT mean, const float *RESTRICT k0, const float *RESTRICT k1,
-                            const float *RESTRICT k2, float *RESTRICT grad_x, const float *RESTRICT grad_r, int64_t b, int64_t e,
-                            int64_t C, const int relu, const int has_r) {
+                            const float *RESTRICT k2, void *RESTRICT grad_x, const void *RESTRICT grad_r, int64_t b, int64_t e,
+                            int64_t C, const int relu, const int has_r, const int bf16) {
     for (int64_t n = b; n < e; ++n) {
-        const float *RESTRICT xr = x + n * C;
-        float *RESTRICT gx = grad_x + n * C;
-        if (has_r) { /* g' from the first pass */
-            const float *RESTRICT gr = grad_r + n * C;
-            for (int64_t c = 0; c < C; ++c) gx[c] = k0[c] * (gr[c] - k1[c] - (xr[c] - mean[c]) * k2[c]);
-            continue;
-        }
-        const float *RESTRICT gr = g + n * C;
+        const void *RESTRICT xr = at(x, n * C, bf16);
+        const void *RESTRICT gr = at(has_r ? grad_r : g, n * C, bf16); /* with a residual, g' from the first pass */
+        void *RESTRICT gx = at_mut(grad_x, n * C, bf16);
         for (int64_t c = 0; c < C; ++c) {
-            float gv = gr[c];
-            if (relu) gv = keep_if(gv, xr[c] * scale[c] + shift[c] > 0.0f);
-            gx[c] = k0[c] * (gv - k1[c] - (xr[c] - mean[c]) * k2[c]);
+            float gv = load(gr, c, bf16), xv = load(xr, c, bf16);
+            if (relu && !has_r) gv = keep_if(gv, xv * scale[c] + shift[c] > 0.0f);
+            store(gx, c, k0[c] * (gv - k1[c] - (xv - mean[c]) * k2[c]), bf16);
         }
     }
 }
 
-#define VARIANTS(call)                  \
-    do {                                \
-        if (relu && r)                  \
-            call(1, 1);                 \
-        else if (relu)                  \
-            call(1, 0);                 \
-        else if (r)                     \
-            call(0, 1);                 \
-        else                            \
-            call(0, 0);                 \
+#define VARIANTS_OF(call, BF16)   \
+    do {                          \
+        if (relu && r)            \
+            call(1, 1, BF16);     \
+        else if (relu)            \
+            call(1, 0, BF16);     \
+        else if (r)               \
+            call(0, 1, BF16);     \
+        else                      \
+            call(0, 0, BF16);     \
+    } while (0)
+
+#define VARIANTS(call)                 \
+    do {                               \
+        if (bf16)                      \
+            VARIANTS_OF(call, 1);      \
+        else                           \
+            VARIANTS_OF(call, 0);      \
     } while (0)
 
 /* Batch statistics and out = relu(x * scale + shift (+ r)). save [5, C] receives the batch mean,
  * invstd, scale, shift and the unbiased variance (for the running statistics, which the caller
  * updates). Returns 0, or -1 when out of memory (nothing written). */
-int ride_bn_act_forward(const float *RESTRICT x, const float *RESTRICT r, const float *RESTRICT weight, const float *RESTRICT bias,
-                        double eps, int64_t N, int64_t C, int relu, float *RESTRICT out, float *RESTRICT save, int nt) {
+int ride_bn_act_forward(const void *RESTRICT x, const void *RESTRICT r, const float *RESTRICT weight, const float *RESTRICT bias,
+                        double eps, int64_t N, int64_t C, int relu, int bf16, void *RESTRICT out, float *RESTRICT save, int nt) {
     double *part = calloc((size_t)(2 * nt * C), sizeof(double));
     if (!part) return -1;
 #pragma omp parallel num_threads(nt)
@@ -144,7 +182,10 @@ int ride_bn_act_forward(const float *RESTRICT x, const float *RESTRICT r, const 
         int64_t b, e;
         rows_of(N, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
         double *s = part + 2 * omp_get_thread_num() * C;
-        stats_rows(x, b, e, C, s, s + C);
+        if (bf16)
+            stats_rows(x, b, e, C, s, s + C, 1);
+        else
+            stats_rows(x, b, e, C, s, s + C, 0);
     }
     float *mean = save, *invstd = save + C, *scale = save + 2 * C, *shift = save + 3 * C, *unbiased = save + 4 * C;
     add_up_threads(part, nt, C);
@@ -164,7 +205,7 @@ int ride_bn_act_forward(const float *RESTRICT x, const float *RESTRICT r, const 
     {
         int64_t b, e;
         rows_of(N, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-#define APPLY(RELU, HAS_R) apply_rows(x, r, scale, shift, out, b, e, C, RELU, HAS_R)
+#define APPLY(RELU, HAS_R, BF16) apply_rows(x, r, scale, shift, out, b, e, C, RELU, HAS_R, BF16)
         VARIANTS(APPLY);
 #undef APPLY
     }
@@ -174,8 +215,8 @@ int ride_bn_act_forward(const float *RESTRICT x, const float *RESTRICT r, const 
 /* Gradients of ride_bn_act_forward: grad_x (and grad_r, which must be given when r is not NULL) from
  * the output gradient g, the forward's x, r and `save`; grad_weight and grad_bias (C each).
  * Returns 0 or -1 (out of memory). */
-int ride_bn_act_backward(const float *RESTRICT g, const float *RESTRICT x, const float *RESTRICT r, const float *RESTRICT weight,
-                         const float *RESTRICT save, int64_t N, int64_t C, int relu, float *RESTRICT grad_x, float *RESTRICT grad_r,
+int ride_bn_act_backward(const void *RESTRICT g, const void *RESTRICT x, const void *RESTRICT r, const float *RESTRICT weight,
+                         const float *RESTRICT save, int64_t N, int64_t C, int relu, int bf16, void *RESTRICT grad_x, void *RESTRICT grad_r,
                          float *RESTRICT grad_weight, float *RESTRICT grad_bias, int nt) {
     const float *mean = save, *invstd = save + C, *scale = save + 2 * C, *shift = save + 3 * C;
     double *part = calloc((size_t)(2 * nt * C), sizeof(double));
@@ -190,7 +231,7 @@ int ride_bn_act_backward(const float *RESTRICT g, const float *RESTRICT x, const
         int64_t b, e;
         rows_of(N, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
         double *sg = part + 2 * omp_get_thread_num() * C;
-#define REDUCE(RELU, HAS_R) grad_reduce_rows(g, x, r, scale, shift, mean, grad_r, b, e, C, sg, sg + C, RELU, HAS_R)
+#define REDUCE(RELU, HAS_R, BF16) grad_reduce_rows(g, x, r, scale, shift, mean, grad_r, b, e, C, sg, sg + C, RELU, HAS_R, BF16)
         VARIANTS(REDUCE);
 #undef REDUCE
     }
@@ -210,7 +251,7 @@ int ride_bn_act_backward(const float *RESTRICT g, const float *RESTRICT x, const
     {
         int64_t b, e;
         rows_of(N, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-#define APPLY(RELU, HAS_R) grad_apply_rows(g, x, scale, shift, mean, k, k + C, k + 2 * C, grad_x, grad_r, b, e, C, RELU, HAS_R)
+#define APPLY(RELU, HAS_R, BF16) grad_apply_rows(g, x, scale, shift, mean, k, k + C, k + 2 * C, grad_x, grad_r, b, e, C, RELU, HAS_R, BF16)
         VARIANTS(APPLY);
 #undef APPLY
     }
