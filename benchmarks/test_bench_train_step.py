@@ -16,7 +16,8 @@ smallest input: the stride-32 network ends on one pixel) from the same weights (
 seed 0, loaded into ride_fast) and the same batch, and checks it: the loss and the weights after the
 step equal the original structure's (`TOLERANCES`, per precision), and each switch took effect
 (`check_switches`: the fused loss's backward in the graph, fused SGD, channels-last weights and
-convolution outputs, one grouped convolution per layer for all experts, bf16 features). When
+convolution outputs, one grouped convolution per layer for all experts, the C 3x3 kernel for every
+convolution it fits in float32 channels-last on the CPU, bf16 features). When
 timing (--benchmark-only) the last variant of each device must beat the original (`speedup_best`).
 
 Variants, cumulative (each adds one switch to the one before):
@@ -66,6 +67,7 @@ from ride_fast.engine.step import TrainStep
 from ride_fast.losses import build_loss
 from ride_fast.models import create_model
 from ride_fast.ops import native, ran_ride_loss_op
+from ride_fast.ops.conv3x3 import module_fits
 
 GPU_STEPS = int(os.environ.get("RIDE_FAST_BENCH_GPU_STEPS", "10"))  # steps per timed round on the GPU
 ROUNDS = int(os.environ.get("RIDE_FAST_BENCH_ROUNDS", "0"))  # timed rounds; 0: 3 on the GPU, 5 on the CPU
@@ -245,20 +247,21 @@ def reference_after_one_step(case: str, device: torch.device, B: int, px: int) -
 
 
 class Probe(torch.utils._python_dispatch.TorchDispatchMode):
-    """What one step did: convolutions run (count, channels-last outputs), fused BatchNorm + ReLU
-    calls, the model output's dtypes (forward hook) and the loss's backward node (a wrapper of
+    """What one step did: convolutions run (count, channels-last outputs, how many by the C 3x3
+    kernel), fused BatchNorm + ReLU calls, the model output's dtypes (forward hook) and the loss's backward node (a wrapper of
     TrainStep._loss)."""
 
     def __init__(self, step: TrainStep):
         super().__init__()
-        self.convolutions, self.layout_outputs, self.channels_last_outputs, self.fused_norms = 0, 0, 0, 0
+        self.convolutions, self.layout_outputs, self.channels_last_outputs, self.fused_norms, self.kernel_convs = 0, 0, 0, 0, 0
         self.outputs, self.loss_backward = [], []
         self.step = step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.fused_norms += func is torch.ops.ride_fast.batch_norm_act.default
-        if func is torch.ops.aten.convolution.default:
+        self.kernel_convs += func is torch.ops.ride_fast.conv3x3.default
+        if func in (torch.ops.aten.convolution.default, torch.ops.ride_fast.conv3x3.default):
             self.convolutions += 1
             if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:  # else both layouts are the same memory
                 self.layout_outputs += 1
@@ -339,6 +342,9 @@ def check_switches(case: str, s: dict, step: TrainStep, probe: Probe, device: to
     # BatchNorm + add + ReLU as the C kernels: float32 or bf16 channels-last training on the CPU
     fused_norm = device.type == "cpu" and s["channels_last"] and s["amp"] in ("none", "bf16") and native.library() is not None
     assert (probe.fused_norms > 0) == fused_norm, f"{probe.fused_norms} fused BatchNorm calls (expected: {'some' if fused_norm else 'none'})"
+    # 3x3 convolutions as the C kernel: every conv it fits, float32 channels-last on the CPU (once each per forward)
+    fits = sum(module_fits(m) for m in model.modules()) if device.type == "cpu" and s["channels_last"] and s["amp"] == "none" else 0
+    assert probe.kernel_convs == fits, f"{probe.kernel_convs} convolutions by the C kernel, {fits} expected"
     per_expert = CONVOLUTIONS[name]
     expected = per_expert[0] + (1 if s["batched"] else E) * per_expert[1]  # trunk + experts
     assert probe.convolutions == expected, f"{probe.convolutions} convolutions in the step, {expected} expected"

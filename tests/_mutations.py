@@ -124,6 +124,15 @@ def fused_norm_to_reference() -> None:
     sys.modules["ride_fast.ops.batch_norm_act"].fused_path_taken = lambda bn, x, residual=None: False
 
 
+def conv3x3_to_module() -> None:
+    """conv3x3 never runs the C kernel (the module's convolution, oneDNN, instead)."""
+    import sys
+
+    import ride_fast.ops.conv3x3  # noqa: F401
+
+    sys.modules["ride_fast.ops.conv3x3"].fast_path_taken = lambda conv, x: False
+
+
 def batched_ignored() -> None:
     """model.batched=true builds the per-expert network."""
     import ride_fast.models as models
@@ -152,7 +161,7 @@ def channels_last_ignored() -> None:
 
 MUTATIONS = {f.__name__: f for f in (autocast_off, momentum_ignored, flip_never, crop_identity, rotation_mirrored,
                                      jitter_dropped, router_dense, fused_loss_to_reference, batched_ignored,
-                                     channels_last_ignored, fused_norm_to_reference)}
+                                     channels_last_ignored, fused_norm_to_reference, conv3x3_to_module)}
 
 
 def pytest_configure(config):

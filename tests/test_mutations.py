@@ -44,6 +44,11 @@ TARGETS = {
         "tests/ops/test_ops_batch_norm_act.py::test_matches_pytorch_in_float64[8-16-6-True-True-0.1-1-float32]",
         f"{TRAIN_STEP}[cpu-r32_e3-bf16]",
     ],
+    "conv3x3_to_module": [
+        f"{TRAIN_STEP}[cpu-r32_e3-channels_last]",
+        "tests/ops/test_ops_conv3x3.py::test_a_ride_resnet32_step_runs_every_stride_1_conv_of_its_blocks_through_the_kernel[batched]",
+        "tests/ops/test_ops_conv3x3.py::test_matches_the_convolution_in_float64[24-2-3-16-16-1]",
+    ],
     "channels_last_ignored": [
         "tests/engine/test_engine_trainer.py::test_mixed_precision_and_channels_last_on_cpu[bf16]",
         f"{TRAIN_STEP}[cpu-r32_e3-channels_last]",

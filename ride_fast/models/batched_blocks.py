@@ -19,6 +19,7 @@ from torch import Tensor
 from ride_fast.models.resnet import BasicBlock, Bottleneck
 from ride_fast.models.resnet_cifar import CifarBasicBlock, OptionAShortcut
 from ride_fast.ops.batch_norm_act import batch_norm_act, channels_last_only
+from ride_fast.ops.conv3x3 import conv3x3
 
 # --------------------------------------------------------------------------------------------
 # layers
@@ -148,8 +149,8 @@ class BatchedCifarBasicBlock(nn.Module):
             self.shortcut = ExpertIdentity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = batch_norm_act(self.bn1, self.conv1(x))
-        return batch_norm_act(self.bn2, self.conv2(out), self.shortcut(x))
+        out = batch_norm_act(self.bn1, conv3x3(self.conv1, x))
+        return batch_norm_act(self.bn2, conv3x3(self.conv2, out), self.shortcut(x))
 
     def forward_expert(self, x: Tensor, i: int) -> Tensor:
         out = F.relu(self.bn1.forward_expert(self.conv1.forward_expert(x, i), i))
@@ -184,8 +185,8 @@ class BatchedBasicBlock(_BatchedImageNetBlock):
     convs = ("conv1", "conv2")
 
     def forward(self, x: Tensor) -> Tensor:
-        out = batch_norm_act(self.bn1, self.conv1(x))
-        return batch_norm_act(self.bn2, self.conv2(out), self.downsample(x))
+        out = batch_norm_act(self.bn1, conv3x3(self.conv1, x))
+        return batch_norm_act(self.bn2, conv3x3(self.conv2, out), self.downsample(x))
 
     def forward_expert(self, x: Tensor, i: int) -> Tensor:
         out = F.relu(self.bn1.forward_expert(self.conv1.forward_expert(x, i), i), inplace=True)
@@ -200,7 +201,7 @@ class BatchedBottleneck(_BatchedImageNetBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         out = batch_norm_act(self.bn1, self.conv1(x))
-        out = batch_norm_act(self.bn2, self.conv2(out))
+        out = batch_norm_act(self.bn2, conv3x3(self.conv2, out))
         return batch_norm_act(self.bn3, self.conv3(out), self.downsample(x))
 
     def forward_expert(self, x: Tensor, i: int) -> Tensor:

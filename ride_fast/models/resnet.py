@@ -30,6 +30,7 @@ from ride_fast.models.heads import make_head
 from ride_fast.models.registry import register_model
 from ride_fast.models.ride import ExpertBranch, RIDENet
 from ride_fast.ops.batch_norm_act import batch_norm_act
+from ride_fast.ops.conv3x3 import conv3x3
 
 _REDUCED = (192, 384)  # layer3, layer4 planes with reduce_dimension
 _FULL = (256, 512)
@@ -51,9 +52,9 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
-        out = batch_norm_act(self.bn1, self.conv1(x))
+        out = batch_norm_act(self.bn1, conv3x3(self.conv1, x))
         residual = x if self.downsample is None else self.downsample(x)
-        return batch_norm_act(self.bn2, self.conv2(out), residual)
+        return batch_norm_act(self.bn2, conv3x3(self.conv2, out), residual)
 
 
 class Bottleneck(nn.Module):
@@ -74,7 +75,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = batch_norm_act(self.bn1, self.conv1(x))
-        out = batch_norm_act(self.bn2, self.conv2(out))
+        out = batch_norm_act(self.bn2, conv3x3(self.conv2, out))
         residual = x if self.downsample is None else self.downsample(x)
         return batch_norm_act(self.bn3, self.conv3(out), residual)
 

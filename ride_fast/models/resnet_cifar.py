@@ -27,6 +27,7 @@ from ride_fast.models.heads import make_head
 from ride_fast.models.registry import register_model
 from ride_fast.models.ride import ExpertBranch, RIDENet
 from ride_fast.ops.batch_norm_act import batch_norm_act
+from ride_fast.ops.conv3x3 import conv3x3
 
 # (stage widths when reduce_dimension, when not) for the per-expert stages layer2 and layer3.
 _REDUCED = (24, 48)
@@ -66,8 +67,8 @@ class CifarBasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = batch_norm_act(self.bn1, self.conv1(x))
-        return batch_norm_act(self.bn2, self.conv2(out), self.shortcut(x))
+        out = batch_norm_act(self.bn1, conv3x3(self.conv1, x))
+        return batch_norm_act(self.bn2, conv3x3(self.conv2, out), self.shortcut(x))
 
 
 def make_cifar_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:

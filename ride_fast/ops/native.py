@@ -26,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger("ride_fast")
 
-SOURCES = (Path(__file__).parent / "csrc" / "batch_norm_act.c",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("batch_norm_act.c", "conv3x3.c"))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _P, _I64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -34,6 +34,10 @@ _P, _I64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.
 SIGNATURES = {
     "ride_bn_act_forward": [_P, _P, _P, _P, _DOUBLE, _I64, _I64, _INT, _INT, _P, _P, _INT],
     "ride_bn_act_backward": [_P, _P, _P, _P, _P, _I64, _I64, _INT, _INT, _P, _P, _P, _P, _INT],
+    "ride_conv3x3_supported": [_I64, _I64],
+    "ride_conv3x3_weight_grad_supported": [_I64, _I64],
+    "ride_conv3x3_forward": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT],
+    "ride_conv3x3_weight_grad": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT],
 }
 
 _LIBRARY: ctypes.CDLL | None = None

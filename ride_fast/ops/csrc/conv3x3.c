@@ -1,0 +1,305 @@
+/* 3x3 convolution, stride 1, zero padding 1, no bias, of float32 channels-last (NHWC) tensors on a
+ * CPU with AVX-512: ride_fast.ops.conv3x3 (docs/performance-notes.md, "3x3 convolutions of the
+ * narrow expert layers on the CPU").
+ *
+ * Shape legend: B images, H x W pixels, G groups, CI input and CO output channels of one group.
+ *
+ *   x    [B, H, W, G*CI]     group g reads channels [g*CI, (g+1)*CI)
+ *   wp   [G, 3, 3, CI, CO]   the weight packed tap-major, CO innermost (the Python side packs it)
+ *   out  [B, H, W, G*CO]     out[b, h, w, g*CO + o] = sum over kh, kw, i of
+ *                              x[b, h+kh-1, w+kw-1, g*CI + i] * wp[g, kh, kw, i, o]   (0 outside the image)
+ *
+ * The same function computes the input gradient of such a convolution: it is the convolution of the
+ * output gradient with the weight flipped in both taps and with CI and CO swapped, which the Python
+ * side packs. A third function computes the weight gradient (except at 16 channels, where oneDNN's is
+ * faster).
+ *
+ * Why: the experts' layers are narrow (RIDE-ResNet-32: 16, 24 and 48 channels a group), and
+ * oneDNN's kernels pad a group's output channels to a multiple of 16 or 32 and run 24-channel
+ * groups at about a quarter of the cores' float32 peak. Here each tile is PB output pixels of one
+ * row by all CO channels of one group, held in registers (CO / 16 512-bit vectors, plus one 256-bit
+ * vector for the 8 channels left over), and every input value is broadcast once per tile and tap.
+ * The three input rows a tile reads are first copied into a zero-bordered buffer of the thread, so
+ * the inner loop has no bounds tests. Each output is summed over taps, then input channels, in one
+ * fixed order by one thread: results do not depend on the thread count.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* (CI, CO, 512-bit vectors, one 256-bit vector or not, pixels per tile, weight gradient too): the
+ * shapes compiled. The registers a tile holds, PB * (NZ + HY), stay at or under 24 of the 32. At 16
+ * channels oneDNN's weight gradient is the faster one (one vector of output channels leaves each
+ * broadcast input value a single multiply here), so that shape has the forward and the input
+ * gradient only. */
+#define SHAPES(M) M(16, 16, 1, 0, 16, 0) M(24, 24, 1, 1, 8, 1) M(32, 32, 2, 0, 8, 1) M(48, 48, 3, 0, 8, 1)
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define FOR_PIXELS(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+
+/* np (<= PB) output pixels of one row and group, from buf (the thread's three input rows, each
+ * `rowlen` floats, pixel-major, pixel -1 first) and wg (the group's packed weight). The accumulators
+ * are named variables, not an array, so that the compiler keeps them in registers. */
+INLINE void tile(const float *buf, int64_t rowlen, const float *wg, float *o, int64_t ostride, int np, const int CI, const int CO,
+                 const int NZ, const int HY, const int PB) {
+    const __m512 z = _mm512_setzero_ps();
+    const __m256 zy = _mm256_setzero_ps();
+#define DECL(p)                                 \
+    __m512 a##p##_0 = z, a##p##_1 = z, a##p##_2 = z; \
+    __m256 y##p = zy;
+    FOR_PIXELS(DECL)
+#undef DECL
+    for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw) {
+            const float *xb = buf + kh * rowlen + kw * CI;
+            const float *wt = wg + (kh * 3 + kw) * CI * CO;
+            for (int i = 0; i < CI; ++i) {
+                const float *wr = wt + i * CO;
+                const __m512 w0 = NZ > 0 ? _mm512_loadu_ps(wr) : z;
+                const __m512 w1 = NZ > 1 ? _mm512_loadu_ps(wr + 16) : z;
+                const __m512 w2 = NZ > 2 ? _mm512_loadu_ps(wr + 32) : z;
+                const __m256 wy = HY ? _mm256_loadu_ps(wr + 16 * NZ) : zy;
+                const float *s = xb + i;
+#define PIX(p)                                                                   \
+    if (p < PB) {                                                                \
+        const __m512 v = _mm512_set1_ps(s[p * CI]);                              \
+        if (NZ > 0) a##p##_0 = _mm512_fmadd_ps(w0, v, a##p##_0);                 \
+        if (NZ > 1) a##p##_1 = _mm512_fmadd_ps(w1, v, a##p##_1);                 \
+        if (NZ > 2) a##p##_2 = _mm512_fmadd_ps(w2, v, a##p##_2);                 \
+        if (HY) y##p = _mm256_fmadd_ps(wy, _mm512_castps512_ps256(v), y##p);     \
+    }
+                FOR_PIXELS(PIX)
+#undef PIX
+            }
+        }
+#define STORE(p)                                                           \
+    if (p < PB && p < np) {                                                \
+        if (NZ > 0) _mm512_storeu_ps(o + p * ostride, a##p##_0);           \
+        if (NZ > 1) _mm512_storeu_ps(o + p * ostride + 16, a##p##_1);      \
+        if (NZ > 2) _mm512_storeu_ps(o + p * ostride + 32, a##p##_2);      \
+        if (HY) _mm256_storeu_ps(o + p * ostride + 16 * NZ, y##p);         \
+    }
+    FOR_PIXELS(STORE)
+#undef STORE
+}
+
+/* Output rows [r0, r1) of the B*H rows, every group. buf: 3 * rowlen floats, zeroed by the caller
+ * (its border columns stay zero: only pixels 0..W-1 of a row are ever written). */
+INLINE void rows_block(const float *x, const float *wp, float *out, int64_t H, int64_t W, int64_t G, float *buf, int64_t rowlen,
+                       int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int PB) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / H, h = r % H;
+        for (int64_t g = 0; g < G; ++g) {
+            for (int kh = 0; kh < 3; ++kh) {
+                const int64_t hh = h + kh - 1;
+                float *dst = buf + kh * rowlen + CI;
+                if (hh < 0 || hh >= H) {
+                    memset(dst, 0, sizeof(float) * (size_t)(W * CI));
+                    continue;
+                }
+                const float *src = x + (b * H + hh) * W * G * CI + g * CI;
+                for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * CI);
+            }
+            for (int64_t w0 = 0; w0 < W; w0 += PB)
+                tile(buf + w0 * CI, rowlen, wp + g * 9 * CI * CO, out + ((b * H + h) * W + w0) * G * CO + g * CO, G * CO,
+                     (int)(W - w0 < PB ? W - w0 : PB), CI, CO, NZ, HY, PB);
+        }
+    }
+}
+
+#define FOR_CHANNELS FOR_PIXELS
+
+/* d[0..16) += v, d[0..8) += h: float32 partial sums added into double. */
+INLINE void add16(double *d, __m512 v) {
+    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(_mm512_castps512_ps256(v))));
+    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), _mm512_cvtps_pd(upper)));
+}
+
+INLINE void add8(double *d, __m256 h) { _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(h))); }
+
+/* The weight gradient of one tap (kh, kw) and IB input channels [i0, i0 + IB), all CO output
+ * channels, over R output rows of one image and group, added to gw [IB][CO] (double): the sum over
+ * the rows' pixels of x[pixel + tap, i] * gy[pixel, o], in float32 registers (at most ROWS * W terms
+ * each), then in double. xb: the rows' input, pixel-major with borders (R + 2 rows of rowlen floats);
+ * gy: the first row's output gradient, pixel stride gstride, row stride W * gstride. */
+INLINE void weight_tile(const float *xb, int64_t rowlen, const float *gy, int64_t gstride, int64_t W, int R, double *gw, const int CI,
+                        const int CO, const int NZ, const int HY, const int IB) {
+    const __m512 z = _mm512_setzero_ps();
+    const __m256 zy = _mm256_setzero_ps();
+#define DECL(c)                                 \
+    __m512 a##c##_0 = z, a##c##_1 = z, a##c##_2 = z; \
+    __m256 y##c = zy;
+    FOR_CHANNELS(DECL)
+#undef DECL
+    for (int rr = 0; rr < R; ++rr) {
+        const float *xr = xb + rr * rowlen, *gr = gy + rr * W * gstride;
+        for (int64_t w = 0; w < W; ++w) {
+            const float *g = gr + w * gstride, *s = xr + w * CI;
+            const __m512 g0 = NZ > 0 ? _mm512_loadu_ps(g) : z;
+            const __m512 g1 = NZ > 1 ? _mm512_loadu_ps(g + 16) : z;
+            const __m512 g2 = NZ > 2 ? _mm512_loadu_ps(g + 32) : z;
+            const __m256 gh = HY ? _mm256_loadu_ps(g + 16 * NZ) : zy;
+#define CH(c)                                                                    \
+    if (c < IB) {                                                                \
+        const __m512 v = _mm512_set1_ps(s[c]);                                   \
+        if (NZ > 0) a##c##_0 = _mm512_fmadd_ps(g0, v, a##c##_0);                 \
+        if (NZ > 1) a##c##_1 = _mm512_fmadd_ps(g1, v, a##c##_1);                 \
+        if (NZ > 2) a##c##_2 = _mm512_fmadd_ps(g2, v, a##c##_2);                 \
+        if (HY) y##c = _mm256_fmadd_ps(gh, _mm512_castps512_ps256(v), y##c);     \
+    }
+            FOR_CHANNELS(CH)
+#undef CH
+        }
+    }
+#define STORE(c)                                          \
+    if (c < IB) {                                         \
+        if (NZ > 0) add16(gw + c * CO, a##c##_0);         \
+        if (NZ > 1) add16(gw + c * CO + 16, a##c##_1);    \
+        if (NZ > 2) add16(gw + c * CO + 32, a##c##_2);    \
+        if (HY) add8(gw + c * CO + 16 * NZ, y##c);        \
+    }
+    FOR_CHANNELS(STORE)
+#undef STORE
+}
+
+/* Adds the weight gradient of output rows [r0, r1) to gw [G, 3, 3, CI, CO] (double), in chunks of up to
+ * ROWS rows of one image. buf: (ROWS + 2) * rowlen floats, zeroed by the caller. */
+#define ROWS 8
+INLINE void weight_rows(const float *x, const float *gy, double *gw, int64_t H, int64_t W, int64_t G, float *buf, float *gbuf, int64_t rowlen,
+                        int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int IB) {
+    for (int64_t r = r0; r < r1;) {
+        const int64_t b = r / H, h0 = r % H;
+        int64_t rows_here = r1 - r < H - h0 ? r1 - r : H - h0; /* to the end of the block or of the image */
+        const int R = (int)(rows_here < ROWS ? rows_here : ROWS);
+        for (int64_t g = 0; g < G; ++g) {
+            for (int k = 0; k < R + 2; ++k) {
+                const int64_t hh = h0 + k - 1;
+                float *dst = buf + k * rowlen + CI;
+                if (hh < 0 || hh >= H) {
+                    memset(dst, 0, sizeof(float) * (size_t)(W * CI));
+                    continue;
+                }
+                const float *src = x + (b * H + hh) * W * G * CI + g * CI;
+                for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * CI);
+            }
+            /* the rows' output gradient, contiguous with a pixel stride of whole cache lines where CO allows */
+            const int64_t gs = HY ? CO + 8 : CO;
+            for (int k = 0; k < R; ++k)
+                for (int64_t w = 0; w < W; ++w)
+                    memcpy(gbuf + (k * W + w) * gs, gy + ((b * H + h0 + k) * W + w) * G * CO + g * CO, sizeof(float) * CO);
+            for (int kh = 0; kh < 3; ++kh)
+                for (int kw = 0; kw < 3; ++kw)
+                    for (int i0 = 0; i0 < CI; i0 += IB)
+                        weight_tile(buf + kh * rowlen + kw * CI + i0, rowlen, gbuf, gs, W, R,
+                                    gw + ((g * 9 + kh * 3 + kw) * CI + i0) * CO, CI, CO, NZ, HY, IB);
+        }
+        r += R;
+    }
+}
+#endif
+
+/* 1 when (CI, CO) is a compiled shape and this build has AVX-512, else 0. */
+int ride_conv3x3_supported(int64_t CI, int64_t CO) {
+#ifdef __AVX512F__
+#define KNOWN(ci, co, nz, hy, pb, wg) || (CI == ci && CO == co)
+    return 0 SHAPES(KNOWN);
+#undef KNOWN
+#else
+    (void)CI;
+    (void)CO;
+    return 0;
+#endif
+}
+
+/* 1 when ride_conv3x3_weight_grad computes the weight gradient of shape (CI, CO) here, else 0. */
+int ride_conv3x3_weight_grad_supported(int64_t CI, int64_t CO) {
+#ifdef __AVX512F__
+#define KNOWN(ci, co, nz, hy, pb, wg) || (wg && CI == ci && CO == co)
+    return 0 SHAPES(KNOWN);
+#undef KNOWN
+#else
+    (void)CI;
+    (void)CO;
+    return 0;
+#endif
+}
+
+/* out = conv3x3(x, wp) as above. Returns 0; -2 when (CI, CO) is not supported (nothing written);
+ * -1 when out of memory. */
+int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
+                         int nt) {
+    if (!ride_conv3x3_supported(CI, CO)) return -2;
+#ifdef __AVX512F__
+    const int64_t rows = B * H, rowlen = (W + 16 + 2) * CI; /* W rounded up to a whole tile, plus the two border pixels */
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        float *buf = calloc((size_t)(3 * rowlen), sizeof(float));
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t r0 = rows * t / n, r1 = rows * (t + 1) / n;
+        if (!buf) {
+            failed = 1;
+        } else {
+#define RUN(ci, co, nz, hy, pb, wg) \
+    if (CI == ci && CO == co) rows_block(x, wp, out, H, W, G, buf, rowlen, r0, r1, ci, co, nz, hy, pb); else
+            SHAPES(RUN) {}
+#undef RUN
+            free(buf);
+        }
+    }
+    return failed ? -1 : 0;
+#else
+    (void)x, (void)wp, (void)out, (void)B, (void)H, (void)W, (void)G, (void)nt;
+    return -2;
+#endif
+}
+
+/* gw [G, 3, 3, CI, CO] = the weight gradient of out = conv3x3(x, wp), from gy = d loss / d out
+ * [B, H, W, G*CO]. Each thread sums its rows into its own copy in double, and the copies are added
+ * in thread order and rounded once: the result depends on the thread count only. Returns 0, -2 (shape not supported, nothing
+ * written) or -1 (out of memory, nothing written). */
+int ride_conv3x3_weight_grad(const float *x, const float *gy, float *gw, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
+                             int nt) {
+    if (!ride_conv3x3_weight_grad_supported(CI, CO)) return -2;
+#ifdef __AVX512F__
+    const int64_t rows = B * H, rowlen = (W + 2) * CI, size = G * 9 * CI * CO;
+    double *part = calloc((size_t)(nt * size), sizeof(double));
+    if (!part) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t r0 = rows * t / n, r1 = rows * (t + 1) / n;
+        float *buf = calloc((size_t)((ROWS + 2) * rowlen), sizeof(float));
+        float *gbuf = aligned_alloc(64, (size_t)(ROWS * W * (CO + 8) * 4 + 64) / 64 * 64);
+        if (!buf || !gbuf) {
+            failed = 1;
+            free(buf);
+            free(gbuf);
+        } else {
+#define RUN(ci, co, nz, hy, pb, wg) \
+    if (wg && CI == ci && CO == co) weight_rows(x, gy, part + t * size, H, W, G, buf, gbuf, rowlen, r0, r1, ci, co, nz, hy, nz + hy == 1 ? 16 : 8); else
+            SHAPES(RUN) {}
+#undef RUN
+            free(buf);
+            free(gbuf);
+        }
+    }
+    if (!failed)
+        for (int64_t k = 0; k < size; ++k) {
+            double sum = part[k];
+            for (int t = 1; t < nt; ++t) sum += part[t * size + k]; /* a thread that did not run left zeros */
+            gw[k] = (float)sum;
+        }
+    free(part);
+    return failed ? -1 : 0;
+#else
+    (void)x, (void)gy, (void)gw, (void)B, (void)H, (void)W, (void)G, (void)nt;
+    return -2;
+#endif
+}

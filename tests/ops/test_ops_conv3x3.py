@@ -1,0 +1,232 @@
+"""conv3x3: the C kernel against the module's convolution (float64 truth): output, input and weight
+gradients, grouped and not, every width the kernel is built for, tile remainders and image borders;
+thread-count independence, the blocks that use it, and every case that must take the module's
+forward instead."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ride_fast.ops import native
+from ride_fast.ops.conv3x3 import conv3x3, fast_path_taken, kernel_supports, module_fits
+
+CL = torch.channels_last
+WIDTHS = (16, 24, 32, 48)
+
+needs_kernel = pytest.mark.skipif(not kernel_supports(16, 16), reason="the C 3x3 kernel needs AVX-512 and a C compiler")
+
+
+class Count(torch.utils._python_dispatch.TorchDispatchMode):
+    """How many times the kernel's forward, input-gradient and weight-gradient operators ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = self.input_grad = self.weight_grad = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.forward += func is torch.ops.ride_fast.conv3x3.default
+        self.input_grad += func is torch.ops.ride_fast.conv3x3_input_grad.default
+        self.weight_grad += func is torch.ops.ride_fast.conv3x3_weight_grad.default
+        return func(*args, **(kwargs or {}))
+
+
+def make_conv(width: int, groups: int = 1, seed: int = 0, **kw) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    args = {"kernel_size": 3, "stride": 1, "padding": 1, "bias": False} | kw
+    return nn.Conv2d(groups * width, groups * width, groups=groups, **args).to(memory_format=CL)
+
+
+def make_input(B, C, H, W, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, C, H, W, generator=g).to(dtype).contiguous(memory_format=CL).requires_grad_()
+
+
+def forward_backward(conv, x, fn):
+    out = fn(conv, x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=CL)
+    return (out, *torch.autograd.grad(out, [x, conv.weight], grad.to(out.dtype)))
+
+
+def through_module(conv, x):
+    return conv(x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,G,H,W", [(2, 1, 5, 7), (2, 3, 16, 16), (1, 2, 1, 9), (3, 3, 8, 17), (1, 1, 4, 1)])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_matches_the_convolution_in_float64(width, B, G, H, W, threads):
+    """Output, grad of x and grad of the weight equal the float64 convolution up to float32 sums, at
+    widths 16-48, 1-3 groups, rows narrower than a tile, wider than two, and one pixel high or wide
+    (all zero padding); the kernel ran forward and backward (the weight gradient: oneDNN's at 16
+    channels)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        conv, x = make_conv(width, G), make_input(B, G * width, H, W)
+        assert fast_path_taken(conv, x)
+        with Count() as count:
+            got = forward_backward(conv, x, conv3x3)
+        assert (count.forward, count.input_grad, count.weight_grad) == (1, 1, int(width != 16))
+        conv64 = copy.deepcopy(conv).double()
+        want = forward_backward(conv64, x.detach().double().requires_grad_(), through_module)
+        assert got[0].is_contiguous(memory_format=CL) and got[1].is_contiguous(memory_format=CL)
+        for a, b, name in zip(got, want, ["output", "grad of x", "grad of the weight"]):
+            assert a.dtype == torch.float32 and a.shape == b.shape
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * (9 * width) ** 0.5, msg=lambda m, n=name: f"{n}: {m}")
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", WIDTHS)
+def test_as_close_to_float64_as_onednn(width):
+    """On a full-size activation the kernel's error against float64 is no larger than oneDNN's: the
+    output and the input gradient sum in the same order, the weight gradient in double over its
+    blocks of rows."""
+    conv, x = make_conv(width, 3), make_input(8, 3 * width, 16, 16)
+    got = forward_backward(conv, x, conv3x3)
+    onednn = forward_backward(conv, x, through_module)
+    want = forward_backward(copy.deepcopy(conv).double(), x.detach().double().requires_grad_(), through_module)
+    for a, b, c in zip(got, onednn, want):
+        assert (a.double() - c).abs().max() <= 2 * (b.double() - c).abs().max() + 1e-12
+
+
+@needs_kernel
+def test_the_result_does_not_depend_on_the_thread_count():
+    """The output and the input gradient are the same bits at any thread count; the weight
+    gradient (partial sums per thread) the same bits at the same count."""
+    conv, x = make_conv(24, 3), make_input(4, 72, 9, 11)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(forward_backward(conv, x, conv3x3))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][:2], other[:2]))
+    assert torch.equal(results[0][2], results[2][2])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("needs", ["x", "weight"])
+def test_only_the_gradients_asked_for(needs):
+    conv, x = make_conv(24), make_input(2, 24, 6, 6)
+    x.requires_grad_(needs == "x")
+    conv.weight.requires_grad_(needs == "weight")
+    with Count() as count:
+        out = conv3x3(conv, x)
+        (grad,) = torch.autograd.grad(out.square().sum(), [x if needs == "x" else conv.weight])
+    assert (count.input_grad, count.weight_grad) == (needs == "x", needs == "weight")
+    want = torch.autograd.grad(conv(x).square().sum(), [x if needs == "x" else conv.weight])[0]
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_the_operators_pass_opcheck():
+    conv, x = make_conv(24, 2), make_input(2, 48, 5, 6)
+    torch.library.opcheck(torch.ops.ride_fast.conv3x3.default, (x, conv.weight, 2))
+    grad = torch.randn(2, 48, 5, 6).contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.ride_fast.conv3x3_input_grad.default, (grad, conv.weight.detach(), 2))
+    torch.library.opcheck(torch.ops.ride_fast.conv3x3_weight_grad.default, (grad, x.detach(), conv.weight.detach(), 2))
+
+
+@needs_kernel
+def test_a_width_the_kernel_is_not_built_for_is_refused_by_name():
+    conv, x = make_conv(20), make_input(1, 20, 4, 4)
+    assert not module_fits(conv)
+    with pytest.raises(ValueError, match="groups of 20 input and 20 output channels"):
+        torch.ops.ride_fast.conv3x3(x, conv.weight, 1)
+
+
+class OwnForward(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _hooked(conv):
+    conv.register_forward_hook(lambda m, i, o: o + 1)
+    return conv
+
+
+# name -> (conv, input) that must take the module's forward
+FALLBACKS = {
+    "stride 2": lambda: (make_conv(16, stride=2), make_input(2, 16, 8, 8)),
+    "padding 0": lambda: (make_conv(16, padding=0), make_input(2, 16, 8, 8)),
+    "dilation 2": lambda: (make_conv(16, padding=2, dilation=2), make_input(2, 16, 8, 8)),
+    "bias": lambda: (make_conv(16, bias=True), make_input(2, 16, 8, 8)),
+    "5x5": lambda: (make_conv(16, kernel_size=5, padding=2), make_input(2, 16, 8, 8)),
+    "reflect padding": lambda: (make_conv(16, padding_mode="reflect"), make_input(2, 16, 8, 8)),
+    "width 20": lambda: (make_conv(20), make_input(2, 20, 8, 8)),
+    "16 -> 24": lambda: (nn.Conv2d(16, 24, 3, 1, 1, bias=False).to(memory_format=CL), make_input(2, 16, 8, 8)),
+    "NCHW": lambda: (make_conv(16), make_input(2, 16, 8, 8).detach().contiguous().requires_grad_()),
+    "float64": lambda: (make_conv(16).double(), make_input(2, 16, 8, 8, dtype=torch.float64)),
+    "own forward": lambda: (OwnForward(16, 16, 3, 1, 1, bias=False).to(memory_format=CL), make_input(2, 16, 8, 8)),
+    "hooked": lambda: (_hooked(make_conv(16)), make_input(2, 16, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_takes_the_module_forward_where_the_kernel_does_not_apply(case):
+    conv, x = FALLBACKS[case]()
+    assert not fast_path_taken(conv, x)
+    with Count() as count:
+        got = forward_backward(conv, x, conv3x3)
+    want = forward_backward(conv, x, through_module)
+    assert count.forward == count.input_grad == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_under_bfloat16_autocast_the_module_runs_in_bfloat16():
+    conv, x = make_conv(24), make_input(2, 24, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_path_taken(conv, x)
+        out = conv3x3(conv, x)
+    assert out.dtype == torch.bfloat16
+
+
+def test_switched_off_with_the_native_kernels(monkeypatch):
+    monkeypatch.setenv("RIDE_FAST_NATIVE", "0")
+    native.reset()
+    try:
+        conv, x = make_conv(16), make_input(2, 16, 8, 8)
+        assert not kernel_supports(16, 16) and not fast_path_taken(conv, x)
+        assert torch.equal(conv3x3(conv, x), conv(x))
+    finally:
+        monkeypatch.undo()
+        native.reset()
+
+
+@needs_kernel
+@pytest.mark.parametrize("batched", [False, True], ids=["per_expert", "batched"])
+def test_a_ride_resnet32_step_runs_every_stride_1_conv_of_its_blocks_through_the_kernel(batched, monkeypatch):
+    """RIDE-ResNet-32 E=3, float32 channels-last: every 3x3 stride-1 conv of the blocks runs the
+    kernel (layer1 16 channels, the experts' layer2 and layer3 24 and 48), and the loss and every
+    gradient equal those of the same network with the module's convolutions."""
+    from ride_fast.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet32", num_classes=10, num_experts=3, batched=batched).to(memory_format=CL).train()
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)
+    with Count() as count:
+        loss = net(x).logits.square().mean()
+        loss.backward()
+    fits = sum(module_fits(m) for m in net.modules())
+    assert fits == 5 * 2 + (1 if batched else 3) * 2 * (5 * 2 - 1)  # layer1; each expert's layer2 and layer3 but their stride-2 convs
+    assert count.forward == count.input_grad == fits
+    assert count.weight_grad == fits - 5 * 2  # all but layer1's 16-channel convs
+    monkeypatch.setattr("ride_fast.ops.conv3x3.fast_path_taken", lambda conv, x: False)
+    with Count() as count:
+        ref_loss = ref(x).logits.square().mean()
+        ref_loss.backward()
+    assert count.forward == 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
