@@ -41,6 +41,42 @@
 #define INLINE static inline __attribute__((always_inline))
 #define FOR_PIXELS(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
 
+/* The tiles' register blocking, for a function with compile-time NZ and HY and zero vectors z, zy:
+ * up to 16 accumulators k of CO lanes (a<k>_0..2 and y<k>), the CO-lane vectors m0..m2, my loaded
+ * from a row of floats, and one multiply-add of a broadcast value into accumulator k (when k < n). */
+#define DECLARE_ACCUMULATOR(k)                      \
+    __m512 a##k##_0 = z, a##k##_1 = z, a##k##_2 = z; \
+    __m256 y##k = zy;
+#define LOAD_LANES(row)                                               \
+    const __m512 m0 = NZ > 0 ? _mm512_loadu_ps(row) : z;              \
+    const __m512 m1 = NZ > 1 ? _mm512_loadu_ps((row) + 16) : z;       \
+    const __m512 m2 = NZ > 2 ? _mm512_loadu_ps((row) + 32) : z;       \
+    const __m256 my = HY ? _mm256_loadu_ps((row) + 16 * NZ) : zy;
+#define MULTIPLY_ADD(k, value, n)                                                \
+    if (k < (n)) {                                                               \
+        const __m512 v = _mm512_set1_ps(value);                                  \
+        if (NZ > 0) a##k##_0 = _mm512_fmadd_ps(m0, v, a##k##_0);                 \
+        if (NZ > 1) a##k##_1 = _mm512_fmadd_ps(m1, v, a##k##_1);                 \
+        if (NZ > 2) a##k##_2 = _mm512_fmadd_ps(m2, v, a##k##_2);                 \
+        if (HY) y##k = _mm256_fmadd_ps(my, _mm512_castps512_ps256(v), y##k);     \
+    }
+
+/* Rows first .. first + count - 1 of image b, group g, of x [B, H, W, G*CI] into buf (count rows of
+ * rowlen floats, pixel-major, pixel 0 at CI): a row outside the image is zeros. */
+INLINE void copy_rows(float *buf, int64_t rowlen, const float *x, int64_t b, int64_t first, int count, int64_t H, int64_t W,
+                      int64_t G, int64_t g, int64_t CI) {
+    for (int k = 0; k < count; ++k) {
+        const int64_t hh = first + k;
+        float *dst = buf + k * rowlen + CI;
+        if (hh < 0 || hh >= H) {
+            memset(dst, 0, sizeof(float) * (size_t)(W * CI));
+            continue;
+        }
+        const float *src = x + (b * H + hh) * W * G * CI + g * CI;
+        for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * (size_t)CI);
+    }
+}
+
 /* np (<= PB) output pixels of one row and group, from buf (the thread's three input rows, each
  * `rowlen` floats, pixel-major, pixel -1 first) and wg (the group's packed weight). The accumulators
  * are named variables, not an array, so that the compiler keeps them in registers. */
@@ -48,30 +84,15 @@ INLINE void tile(const float *buf, int64_t rowlen, const float *wg, float *o, in
                  const int NZ, const int HY, const int PB) {
     const __m512 z = _mm512_setzero_ps();
     const __m256 zy = _mm256_setzero_ps();
-#define DECL(p)                                 \
-    __m512 a##p##_0 = z, a##p##_1 = z, a##p##_2 = z; \
-    __m256 y##p = zy;
-    FOR_PIXELS(DECL)
-#undef DECL
+    FOR_PIXELS(DECLARE_ACCUMULATOR)
     for (int kh = 0; kh < 3; ++kh)
         for (int kw = 0; kw < 3; ++kw) {
             const float *xb = buf + kh * rowlen + kw * CI;
             const float *wt = wg + (kh * 3 + kw) * CI * CO;
             for (int i = 0; i < CI; ++i) {
-                const float *wr = wt + i * CO;
-                const __m512 w0 = NZ > 0 ? _mm512_loadu_ps(wr) : z;
-                const __m512 w1 = NZ > 1 ? _mm512_loadu_ps(wr + 16) : z;
-                const __m512 w2 = NZ > 2 ? _mm512_loadu_ps(wr + 32) : z;
-                const __m256 wy = HY ? _mm256_loadu_ps(wr + 16 * NZ) : zy;
+                LOAD_LANES(wt + i * CO)
                 const float *s = xb + i;
-#define PIX(p)                                                                   \
-    if (p < PB) {                                                                \
-        const __m512 v = _mm512_set1_ps(s[p * CI]);                              \
-        if (NZ > 0) a##p##_0 = _mm512_fmadd_ps(w0, v, a##p##_0);                 \
-        if (NZ > 1) a##p##_1 = _mm512_fmadd_ps(w1, v, a##p##_1);                 \
-        if (NZ > 2) a##p##_2 = _mm512_fmadd_ps(w2, v, a##p##_2);                 \
-        if (HY) y##p = _mm256_fmadd_ps(wy, _mm512_castps512_ps256(v), y##p);     \
-    }
+#define PIX(p) MULTIPLY_ADD(p, s[p * CI], PB)
                 FOR_PIXELS(PIX)
 #undef PIX
             }
@@ -94,16 +115,7 @@ INLINE void rows_block(const float *x, const float *wp, float *out, int64_t H, i
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / H, h = r % H;
         for (int64_t g = 0; g < G; ++g) {
-            for (int kh = 0; kh < 3; ++kh) {
-                const int64_t hh = h + kh - 1;
-                float *dst = buf + kh * rowlen + CI;
-                if (hh < 0 || hh >= H) {
-                    memset(dst, 0, sizeof(float) * (size_t)(W * CI));
-                    continue;
-                }
-                const float *src = x + (b * H + hh) * W * G * CI + g * CI;
-                for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * CI);
-            }
+            copy_rows(buf, rowlen, x, b, h - 1, 3, H, W, G, g, CI);
             for (int64_t w0 = 0; w0 < W; w0 += PB)
                 tile(buf + w0 * CI, rowlen, wp + g * 9 * CI * CO, out + ((b * H + h) * W + w0) * G * CO + g * CO, G * CO,
                      (int)(W - w0 < PB ? W - w0 : PB), CI, CO, NZ, HY, PB);
@@ -131,27 +143,13 @@ INLINE void weight_tile(const float *xb, int64_t rowlen, const float *gy, int64_
                         const int CO, const int NZ, const int HY, const int IB) {
     const __m512 z = _mm512_setzero_ps();
     const __m256 zy = _mm256_setzero_ps();
-#define DECL(c)                                 \
-    __m512 a##c##_0 = z, a##c##_1 = z, a##c##_2 = z; \
-    __m256 y##c = zy;
-    FOR_CHANNELS(DECL)
-#undef DECL
+    FOR_CHANNELS(DECLARE_ACCUMULATOR)
     for (int rr = 0; rr < R; ++rr) {
         const float *xr = xb + rr * rowlen, *gr = gy + rr * W * gstride;
         for (int64_t w = 0; w < W; ++w) {
-            const float *g = gr + w * gstride, *s = xr + w * CI;
-            const __m512 g0 = NZ > 0 ? _mm512_loadu_ps(g) : z;
-            const __m512 g1 = NZ > 1 ? _mm512_loadu_ps(g + 16) : z;
-            const __m512 g2 = NZ > 2 ? _mm512_loadu_ps(g + 32) : z;
-            const __m256 gh = HY ? _mm256_loadu_ps(g + 16 * NZ) : zy;
-#define CH(c)                                                                    \
-    if (c < IB) {                                                                \
-        const __m512 v = _mm512_set1_ps(s[c]);                                   \
-        if (NZ > 0) a##c##_0 = _mm512_fmadd_ps(g0, v, a##c##_0);                 \
-        if (NZ > 1) a##c##_1 = _mm512_fmadd_ps(g1, v, a##c##_1);                 \
-        if (NZ > 2) a##c##_2 = _mm512_fmadd_ps(g2, v, a##c##_2);                 \
-        if (HY) y##c = _mm256_fmadd_ps(gh, _mm512_castps512_ps256(v), y##c);     \
-    }
+            LOAD_LANES(gr + w * gstride)
+            const float *s = xr + w * CI;
+#define CH(c) MULTIPLY_ADD(c, s[c], IB)
             FOR_CHANNELS(CH)
 #undef CH
         }
@@ -177,16 +175,7 @@ INLINE void weight_rows(const float *x, const float *gy, double *gw, int64_t H, 
         int64_t rows_here = r1 - r < H - h0 ? r1 - r : H - h0; /* to the end of the block or of the image */
         const int R = (int)(rows_here < ROWS ? rows_here : ROWS);
         for (int64_t g = 0; g < G; ++g) {
-            for (int k = 0; k < R + 2; ++k) {
-                const int64_t hh = h0 + k - 1;
-                float *dst = buf + k * rowlen + CI;
-                if (hh < 0 || hh >= H) {
-                    memset(dst, 0, sizeof(float) * (size_t)(W * CI));
-                    continue;
-                }
-                const float *src = x + (b * H + hh) * W * G * CI + g * CI;
-                for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * CI);
-            }
+            copy_rows(buf, rowlen, x, b, h0 - 1, R + 2, H, W, G, g, CI);
             /* the rows' output gradient, contiguous with a pixel stride of whole cache lines where CO allows */
             const int64_t gs = HY ? CO + 8 : CO;
             for (int k = 0; k < R; ++k)
