@@ -28,7 +28,7 @@ Variants, cumulative (each adds one switch to the one before):
                     (autograd), PyTorch's default SGD, NCHW, fp32; metrics on the device
     fused_loss      loss.impl=auto: fused Triton loss on CUDA, analytic backward on the CPU
     fused_sgd       optim.implementation=auto: fused SGD (one kernel per step; CUDA and CPU)
-    channels_last   model.channels_last
+    channels_last   model.channels_last (on the CPU it also lets the C BatchNorm + ReLU and 3x3 convolution kernels run)
     batched         model.batched: all experts as one grouped network
     bf16            train.amp=bf16 (autocast)
     compile         train.compile: torch.compile of forward + loss (the fused Triton loss stays

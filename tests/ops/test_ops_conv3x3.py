@@ -138,6 +138,28 @@ def test_the_operators_pass_opcheck():
 
 
 @needs_kernel
+@pytest.mark.parametrize("G,width", [(1, 16), (3, 24)])
+def test_the_flop_counter_counts_what_the_convolution_it_replaces_does(G, width):
+    """torch.utils.flop_counter sees the kernel's operators: the forward as many FLOPs as the
+    convolution's, each gradient as many again (torch's own formula agrees without groups)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv, x = make_conv(width, G), make_input(2, G * width, 5, 6)
+    counts = []
+    for fn in (conv3x3, through_module):
+        with FlopCounterMode(display=False) as flops:
+            fn(conv, x).sum().backward()
+        counts.append(flops.get_flop_counts()["Global"])
+    forward = counts[1][torch.ops.aten.convolution]
+    assert forward == 2 * 9 * width * x.numel()
+    assert counts[0][torch.ops.ride_fast.conv3x3] == counts[0][torch.ops.ride_fast.conv3x3_input_grad] == forward
+    weight_grad = counts[0].get(torch.ops.ride_fast.conv3x3_weight_grad, 0) + counts[0].get(torch.ops.aten.convolution_backward, 0)
+    assert weight_grad == forward
+    if G == 1:
+        assert counts[1][torch.ops.aten.convolution_backward] == 2 * forward
+
+
+@needs_kernel
 def test_a_width_the_kernel_is_not_built_for_is_refused_by_name():
     conv, x = make_conv(20), make_input(1, 20, 4, 4)
     assert not module_fits(conv)
