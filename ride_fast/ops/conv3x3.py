@@ -20,12 +20,14 @@ own forward or with hooks, and builds without the C kernels (`ride_fast.ops.nati
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
+import sys
 
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from ride_fast.ops import native
 from ride_fast.ops.batch_norm_act import channels_last_only
@@ -165,16 +167,50 @@ _conv3x3_op.register_autograd(_backward, setup_context=_setup_context)
 # gradient (output channels of a group), and of the output gradient for the weight gradient.
 
 
-@register_flop_formula(torch.ops.ride_fast.conv3x3)
 def _forward_flops(x_shape, weight_shape, groups, *args, out_shape=None, **kwargs) -> int:
     return 2 * 9 * weight_shape[1] * math.prod(out_shape)
 
 
-@register_flop_formula(torch.ops.ride_fast.conv3x3_input_grad)
 def _input_grad_flops(grad_out_shape, weight_shape, groups, *args, out_shape=None, **kwargs) -> int:
     return 2 * 9 * (weight_shape[0] // groups) * math.prod(out_shape)
 
 
-@register_flop_formula(torch.ops.ride_fast.conv3x3_weight_grad)
 def _weight_grad_flops(grad_out_shape, x_shape, weight_shape, groups, *args, out_shape=None, **kwargs) -> int:
     return 2 * 9 * weight_shape[1] * math.prod(grad_out_shape)
+
+
+def _register_flop_formulas(flop_counter) -> None:
+    ops = torch.ops.ride_fast
+    for op, formula in ((ops.conv3x3, _forward_flops), (ops.conv3x3_input_grad, _input_grad_flops),
+                        (ops.conv3x3_weight_grad, _weight_grad_flops)):
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+
+class _RegisterFlopsOnImport(importlib.abc.MetaPathFinder):
+    """Registers the formulas as soon as torch.utils.flop_counter is imported. Importing it here
+    would load triton, which importing ride_fast must not (tests/test_layout.py); whoever counts
+    FLOPs imports it first, and the registry is read when a FlopCounterMode is made."""
+
+    NAME = "torch.utils.flop_counter"
+
+    def find_spec(self, name, path, target=None):
+        if name != self.NAME:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                _register_flop_formulas(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+if _RegisterFlopsOnImport.NAME in sys.modules:
+    _register_flop_formulas(sys.modules[_RegisterFlopsOnImport.NAME])
+else:
+    sys.meta_path.insert(0, _RegisterFlopsOnImport())

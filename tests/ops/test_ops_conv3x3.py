@@ -5,6 +5,8 @@ forward instead."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,6 +159,18 @@ def test_the_flop_counter_counts_what_the_convolution_it_replaces_does(G, width)
     assert weight_grad == forward
     if G == 1:
         assert counts[1][torch.ops.aten.convolution_backward] == 2 * forward
+
+
+def test_the_flop_formulas_are_registered_when_the_counter_is_imported_after_ride_fast():
+    """Importing ride_fast leaves torch.utils.flop_counter (and triton) unloaded; importing it later
+    registers the kernel's operators, so a FlopCounterMode made then counts them."""
+    code = (
+        "import sys, ride_fast.models, torch;"
+        "assert 'torch.utils.flop_counter' not in sys.modules and 'triton' not in sys.modules;"
+        "from torch.utils.flop_counter import FlopCounterMode, flop_registry;"
+        "assert {torch.ops.ride_fast.conv3x3, torch.ops.ride_fast.conv3x3_input_grad, torch.ops.ride_fast.conv3x3_weight_grad} <= set(flop_registry)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @needs_kernel

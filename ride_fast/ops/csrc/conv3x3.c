@@ -123,6 +123,13 @@ INLINE void rows_block(const float *x, const float *wp, float *out, int64_t H, i
     }
 }
 
+/* The calling OpenMP thread's block [*r0, *r1) of `rows` rows: one contiguous block per thread. */
+static void rows_of_thread(int64_t rows, int64_t *r0, int64_t *r1) {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    *r0 = rows * t / n;
+    *r1 = rows * (t + 1) / n;
+}
+
 #define FOR_CHANNELS FOR_PIXELS
 
 /* d[0..16) += v, d[0..8) += h: float32 partial sums added into double. */
@@ -229,8 +236,8 @@ int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B,
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     {
         float *buf = calloc((size_t)(3 * rowlen), sizeof(float));
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t r0 = rows * t / n, r1 = rows * (t + 1) / n;
+        int64_t r0, r1;
+        rows_of_thread(rows, &r0, &r1);
         if (!buf) {
             failed = 1;
         } else {
@@ -250,8 +257,8 @@ int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B,
 
 /* gw [G, 3, 3, CI, CO] = the weight gradient of out = conv3x3(x, wp), from gy = d loss / d out
  * [B, H, W, G*CO]. Each thread sums its rows into its own copy in double, and the copies are added
- * in thread order and rounded once: the result depends on the thread count only. Returns 0, -2 (shape not supported, nothing
- * written) or -1 (out of memory, nothing written). */
+ * in thread order and rounded once: the result depends on the thread count only. Returns 0, -2
+ * (shape not supported, nothing written) or -1 (out of memory, nothing written). */
 int ride_conv3x3_weight_grad(const float *x, const float *gy, float *gw, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
                              int nt) {
     if (!ride_conv3x3_weight_grad_supported(CI, CO)) return -2;
@@ -262,8 +269,9 @@ int ride_conv3x3_weight_grad(const float *x, const float *gy, float *gw, int64_t
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t r0 = rows * t / n, r1 = rows * (t + 1) / n;
+        const int t = omp_get_thread_num();
+        int64_t r0, r1;
+        rows_of_thread(rows, &r0, &r1);
         float *buf = calloc((size_t)((ROWS + 2) * rowlen), sizeof(float));
         float *gbuf = aligned_alloc(64, (size_t)(ROWS * W * (CO + 8) * 4 + 64) / 64 * 64);
         if (!buf || !gbuf) {
