@@ -16,7 +16,9 @@ oneDNN's), except at 16 channels, where oneDNN's (`aten.convolution_backward`) i
 Everything else takes the module's forward: other strides, paddings, dilations or kernel sizes, a
 bias, NCHW, other dtypes, bf16 autocast, CUDA, torch.compile and traces, a Conv2d subclass with its
 own forward or with hooks, and builds without the C kernels (`ride_fast.ops.native`).
-`fast_path_taken(conv, x)` says which one a call takes.
+`fast_path_taken(conv, x)` says which one a call takes. FLOP counters see the same work either way:
+`torch.utils.flop_counter` counts the kernel's operators as the convolutions they replace (their
+formulas are registered when that module is imported), and fvcore's trace takes the module's path.
 """
 from __future__ import annotations
 
