@@ -61,33 +61,39 @@
         if (HY) y##k = _mm256_fmadd_ps(my, _mm512_castps512_ps256(v), y##k);     \
     }
 
-/* Rows first .. first + count - 1 of image b, group g, of x [B, H, W, G*CI] into buf (count rows of
- * rowlen floats, pixel-major, pixel 0 at CI): a row outside the image is zeros. */
-INLINE void copy_rows(float *buf, int64_t rowlen, const float *x, int64_t b, int64_t first, int count, int64_t H, int64_t W,
-                      int64_t G, int64_t g, int64_t CI) {
-    for (int k = 0; k < count; ++k) {
-        const int64_t hh = first + k;
-        float *dst = buf + k * rowlen + CI;
-        if (hh < 0 || hh >= H) {
-            memset(dst, 0, sizeof(float) * (size_t)(W * CI));
-            continue;
-        }
-        const float *src = x + (b * H + hh) * W * G * CI + g * CI;
-        for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * (size_t)CI);
+/* Row hh of image b, group g, of x [B, H, W, G*CI] into dst (pixel-major, pixel 0 at dst + CI):
+ * zeros for a row outside the image. */
+INLINE void copy_row(float *dst, const float *x, int64_t b, int64_t hh, int64_t H, int64_t W, int64_t G, int64_t g, int64_t CI) {
+    dst += CI;
+    if (hh < 0 || hh >= H) {
+        memset(dst, 0, sizeof(float) * (size_t)(W * CI));
+        return;
     }
+    const float *src = x + (b * H + hh) * W * G * CI + g * CI;
+    if (G == 1) {
+        memcpy(dst, src, sizeof(float) * (size_t)(W * CI));
+        return;
+    }
+    for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * (size_t)CI);
 }
 
-/* np (<= PB) output pixels of one row and group, from buf (the thread's three input rows, each
- * `rowlen` floats, pixel-major, pixel -1 first) and wg (the group's packed weight). The accumulators
- * are named variables, not an array, so that the compiler keeps them in registers. */
-INLINE void tile(const float *buf, int64_t rowlen, const float *wg, float *o, int64_t ostride, int np, const int CI, const int CO,
-                 const int NZ, const int HY, const int PB) {
+/* Rows first .. first + count - 1 (see copy_row) into buf, one after another, rowlen floats apart. */
+INLINE void copy_rows(float *buf, int64_t rowlen, const float *x, int64_t b, int64_t first, int count, int64_t H, int64_t W,
+                      int64_t G, int64_t g, int64_t CI) {
+    for (int k = 0; k < count; ++k) copy_row(buf + k * rowlen, x, b, first + k, H, W, G, g, CI);
+}
+
+/* np (<= PB) output pixels of one row and group, from the three input rows above, at and below it
+ * (rows[kh], pixel-major, each at the tile's pixel -1) and wg (the group's packed weight). The
+ * accumulators are named variables, not an array, so that the compiler keeps them in registers. */
+INLINE void tile(const float *const rows[3], const float *wg, float *o, int64_t ostride, int np, const int CI, const int CO, const int NZ,
+                 const int HY, const int PB) {
     const __m512 z = _mm512_setzero_ps();
     const __m256 zy = _mm256_setzero_ps();
     FOR_PIXELS(DECLARE_ACCUMULATOR)
     for (int kh = 0; kh < 3; ++kh)
         for (int kw = 0; kw < 3; ++kw) {
-            const float *xb = buf + kh * rowlen + kw * CI;
+            const float *xb = rows[kh] + kw * CI;
             const float *wt = wg + (kh * 3 + kw) * CI * CO;
             for (int i = 0; i < CI; ++i) {
                 LOAD_LANES(wt + i * CO)
@@ -108,17 +114,28 @@ INLINE void tile(const float *buf, int64_t rowlen, const float *wg, float *o, in
 #undef STORE
 }
 
-/* Output rows [r0, r1) of the B*H rows, every group. buf: 3 * rowlen floats, zeroed by the caller
- * (its border columns stay zero: only pixels 0..W-1 of a row are ever written). */
+/* Output rows [r0, r1) of the B*H rows, every group. buf: G rings of 3 rows of rowlen floats,
+ * zeroed by the caller (their border columns stay zero: only pixels 0..W-1 of a row are ever
+ * written). Input row hh of the current image sits in slot (hh + 1) % 3 of each group's ring, so
+ * that the next output row of the same image copies one new row, not three. */
 INLINE void rows_block(const float *x, const float *wp, float *out, int64_t H, int64_t W, int64_t G, float *buf, int64_t rowlen,
                        int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int PB) {
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / H, h = r % H;
+        const int64_t first = r > r0 && h > 0 ? h + 1 : h - 1; /* the rows above are in the rings already */
+        if (r + 1 < r1 && h + 2 < H) { /* the input row the next output row copies: fetched while this row computes */
+            const char *next = (const char *)(x + (b * H + h + 2) * W * G * CI);
+            for (int64_t k = 0; k < W * G * CI * (int64_t)sizeof(float); k += 64) _mm_prefetch(next + k, _MM_HINT_T0);
+        }
         for (int64_t g = 0; g < G; ++g) {
-            copy_rows(buf, rowlen, x, b, h - 1, 3, H, W, G, g, CI);
-            for (int64_t w0 = 0; w0 < W; w0 += PB)
-                tile(buf + w0 * CI, rowlen, wp + g * 9 * CI * CO, out + ((b * H + h) * W + w0) * G * CO + g * CO, G * CO,
-                     (int)(W - w0 < PB ? W - w0 : PB), CI, CO, NZ, HY, PB);
+            float *ring = buf + g * 3 * rowlen;
+            for (int64_t hh = first; hh <= h + 1; ++hh) copy_row(ring + (hh + 1) % 3 * rowlen, x, b, hh, H, W, G, g, CI);
+            for (int64_t w0 = 0; w0 < W; w0 += PB) {
+                const float *const rows[3] = {ring + h % 3 * rowlen + w0 * CI, ring + (h + 1) % 3 * rowlen + w0 * CI,
+                                              ring + (h + 2) % 3 * rowlen + w0 * CI};
+                tile(rows, wp + g * 9 * CI * CO, out + ((b * H + h) * W + w0) * G * CO + g * CO, G * CO, (int)(W - w0 < PB ? W - w0 : PB),
+                     CI, CO, NZ, HY, PB);
+            }
         }
     }
 }
@@ -235,7 +252,7 @@ int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B,
     int failed = 0;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     {
-        float *buf = calloc((size_t)(3 * rowlen), sizeof(float));
+        float *buf = calloc((size_t)(G * 3 * rowlen), sizeof(float));
         int64_t r0, r1;
         rows_of_thread(rows, &r0, &r1);
         if (!buf) {
