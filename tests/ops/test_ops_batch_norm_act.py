@@ -243,3 +243,52 @@ def test_built_once_then_loaded_from_the_cache(fresh_native, tmp_path):
     stamp = built.stat().st_mtime_ns
     native.reset()
     assert native.library() is not None and built.stat().st_mtime_ns == stamp
+
+
+def _build_without_avx512(tmp_path):
+    """The library built for this CPU without AVX-512, so with the scalar row loops."""
+    import ctypes
+    import subprocess
+
+    so = tmp_path / "scalar.so"
+    done = subprocess.run([native._compiler(), *native.FLAGS, "-mno-avx512f", *map(str, native.SOURCES), "-o", str(so), "-lm"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lib = ctypes.CDLL(str(so))
+    for name in ("ride_bn_act_forward", "ride_bn_act_backward"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = native.SIGNATURES[name], ctypes.c_int
+    return lib
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_avx512_and_the_scalar_row_loops_give_the_same_bits(tmp_path, dtype):
+    """The AVX-512 row loops (16 channels at a time, a masked chunk for the rest, sums kept in
+    registers over a block of rows) against the scalar loops a build without AVX-512 takes: every
+    output, gradient and statistic bit for bit, at widths with and without a remainder chunk, a row
+    count that is not a multiple of the block, every variant of ReLU and residual, NaN and inf too."""
+    lib = native.library()
+    if lib is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("needs the C library built with AVX-512")
+    scalar = _build_without_avx512(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    for C, N in ((16, 301), (72, 130), (13, 67), (40, 1)):
+        x = (2 * torch.randn(N, C, generator=g) + 0.3).to(dtype)
+        res = torch.randn(N, C, generator=g).to(dtype)
+        grad = torch.randn(N, C, generator=g).to(dtype)
+        x[0, 0], grad[min(1, N - 1), C - 1] = float("nan"), float("inf")
+        weight, bias = 0.5 + torch.rand(C, generator=g), torch.randn(C, generator=g)
+        for relu in (1, 0):
+            for r in (res, None):
+                got = []
+                for which in (lib, scalar):
+                    out, save = torch.empty(N, C, dtype=dtype), torch.empty(5, C)
+                    gx, gr, gw, gb = torch.empty(N, C, dtype=dtype), torch.empty(N, C, dtype=dtype), torch.empty(C), torch.empty(C)
+                    bf = int(dtype == torch.bfloat16)
+                    assert which.ride_bn_act_forward(ptr(x), ptr(r), ptr(weight), ptr(bias), 1e-5, N, C, relu, bf, ptr(out), ptr(save), 2) == 0
+                    assert which.ride_bn_act_backward(ptr(grad), ptr(x), ptr(r), ptr(weight), ptr(save), N, C, relu, bf, ptr(gx),
+                                                      ptr(gr if r is not None else None), ptr(gw), ptr(gb), 2) == 0
+                    got.append([out, save, gx, gw, gb] + ([gr] if r is not None else []))
+                for a, b in zip(*got):
+                    assert torch.equal(a.view(torch.int16 if dtype == torch.bfloat16 and a.dtype == dtype else torch.int32),
+                                       b.view(torch.int16 if dtype == torch.bfloat16 and b.dtype == dtype else torch.int32)), (C, N, relu, r is None)
