@@ -342,8 +342,10 @@ def check_switches(case: str, s: dict, step: TrainStep, probe: Probe, device: to
     # BatchNorm + add + ReLU as the C kernels: float32 or bf16 channels-last training on the CPU
     fused_norm = device.type == "cpu" and s["channels_last"] and s["amp"] in ("none", "bf16") and native.library() is not None
     assert (probe.fused_norms > 0) == fused_norm, f"{probe.fused_norms} fused BatchNorm calls (expected: {'some' if fused_norm else 'none'})"
-    # 3x3 convolutions as the C kernel: every conv it fits, float32 channels-last on the CPU (once each per forward)
-    fits = sum(module_fits(m) for m in model.modules()) if device.type == "cpu" and s["channels_last"] and s["amp"] == "none" else 0
+    # 3x3 convolutions as the C kernel: every conv it fits, channels-last on the CPU (once each per forward), in float32,
+    # and in bf16 where this CPU's bf16 products are no faster than float32 (else oneDNN's bf16 convolutions)
+    kernel_precision = s["amp"] == "none" or (s["amp"] == "bf16" and not native.cpu_multiplies_bf16_faster())
+    fits = sum(module_fits(m) for m in model.modules()) if device.type == "cpu" and s["channels_last"] and kernel_precision else 0
     assert probe.kernel_convs == fits, f"{probe.kernel_convs} convolutions by the C kernel, {fits} expected"
     per_expert = CONVOLUTIONS[name]
     expected = per_expert[0] + (1 if s["batched"] else E) * per_expert[1]  # trunk + experts

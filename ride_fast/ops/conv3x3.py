@@ -13,8 +13,15 @@ the cores' speed (docs/performance-notes.md, "3x3 convolutions of the narrow exp
 CPU"). The weight gradient runs a third C function too, summed in double (so closer to float64 than
 oneDNN's), except at 16 channels, where oneDNN's (`aten.convolution_backward`) is the faster one.
 
+Under bf16 autocast the kernel runs too where this CPU's bf16 products are no faster than float32
+(`native.cpu_multiplies_bf16_faster()` is False: no AMX, and an AVX512-BF16 dot product at about
+half float32's products, as on an Intel Xeon with AMX switched off): it reads and writes bf16,
+multiplies by the float32 weight and sums in float32, where oneDNN's bf16 convolutions there run at
+0.6x its float32 ones (docs/performance-notes.md, "bf16 on a CPU whose bf16 products are slow").
+Where bf16 multiplies faster (AMX tiles, AMD's Zen 4), oneDNN's bf16 convolutions run.
+
 Everything else takes the module's forward: other strides, paddings, dilations or kernel sizes, a
-bias, NCHW, other dtypes, bf16 autocast, CUDA, torch.compile and traces, a Conv2d subclass with its
+bias, NCHW, other dtypes, fp16 autocast, CUDA, torch.compile and traces, a Conv2d subclass with its
 own forward or with hooks, and builds without the C kernels (`ride_fast.ops.native`).
 `fast_path_taken(conv, x)` says which one a call takes. FLOP counters see the same work either way:
 `torch.utils.flop_counter` counts the kernel's operators as the convolutions they replace (their
@@ -57,15 +64,25 @@ def fast_path_taken(conv: nn.Module, x: Tensor) -> bool:
     """Whether `conv3x3(conv, x)` runs the C kernel (else the module's forward)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not channels_last_only(x) or torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or not channels_last_only(x):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if native.cpu_multiplies_bf16_faster():  # oneDNN's bf16 convolutions (AMX, or a fast dot product) win there
+            return False
+    elif x.dtype != torch.float32:
         return False
     return module_fits(conv)
 
 
 def conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """conv(x), through the C kernel where `fast_path_taken`."""
+    """conv(x), through the C kernel where `fast_path_taken`. Under bf16 autocast the kernel reads and
+    writes bf16, as the module would, but multiplies by the float32 weight and sums in float32."""
     if not fast_path_taken(conv, x):
         return conv(x)
+    if torch.is_autocast_enabled("cpu"):
+        x = x.to(torch.bfloat16)  # what autocast hands the module's convolution
     return _conv3x3_op(x, conv.weight, conv.groups)
 
 
@@ -81,12 +98,22 @@ def pack_weight(weight: Tensor, groups: int, *, transpose: bool = False) -> Tens
     return w.permute(0, 3, 4, 2, 1).contiguous()
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # of x, the output and the output gradient; the weight is float32
+
+
+def _kernel_dtype(t: Tensor) -> Tensor:
+    return t if t.dtype in KERNEL_DTYPES else t.to(torch.float32)
+
+
 def _run(x: Tensor, packed: Tensor, i: int, o: int) -> Tensor:
-    """The kernel on x [B, G*i, H, W] channels-last with a packed weight: [B, G*o, H, W] channels-last."""
+    """The kernel on x [B, G*i, H, W] channels-last (float32 or bf16) with a packed float32 weight:
+    [B, G*o, H, W] channels-last, in x's dtype."""
     B, _, H, W = x.shape
     G = packed.shape[0]
     out = torch.empty(B, G * o, H, W, dtype=x.dtype, memory_format=torch.channels_last)
-    _check(native.library().ride_conv3x3_forward(x.data_ptr(), packed.data_ptr(), out.data_ptr(), B, H, W, G, i, o, torch.get_num_threads()), i, o)
+    status = native.library().ride_conv3x3_forward(x.data_ptr(), packed.data_ptr(), out.data_ptr(), B, H, W, G, i, o,
+                                                   int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    _check(status, i, o)
     return out
 
 
@@ -99,39 +126,43 @@ def _check(status: int, i: int, o: int) -> None:
 
 @torch.library.custom_op("ride_fast::conv3x3", mutates_args=(), device_types="cpu")
 def _conv3x3_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
-    """x [B, G*i, H, W] channels-last float32, weight [G*o, i, 3, 3]: [B, G*o, H, W] channels-last."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    """x [B, G*i, H, W] channels-last, float32 or bf16, weight [G*o, i, 3, 3] float32: [B, G*o, H, W]
+    channels-last in x's dtype."""
+    x = _kernel_dtype(x).contiguous(memory_format=torch.channels_last)
     return _run(x, pack_weight(weight, groups), weight.shape[1], weight.shape[0] // groups)
 
 
 @_conv3x3_op.register_fake
 def _(x, weight, groups):
-    return torch.empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return torch.empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3], dtype=_kernel_dtype(x).dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("ride_fast::conv3x3_input_grad", mutates_args=(), device_types="cpu")
 def _conv3x3_input_grad_op(grad_out: Tensor, weight: Tensor, groups: int) -> Tensor:
-    """The gradient of x: the convolution of grad_out with the flipped, transposed weight."""
-    g = grad_out.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    """The gradient of x: the convolution of grad_out with the flipped, transposed weight, in
+    grad_out's dtype (float32 or bf16)."""
+    g = _kernel_dtype(grad_out).contiguous(memory_format=torch.channels_last)
     return _run(g, pack_weight(weight, groups, transpose=True), weight.shape[0] // groups, weight.shape[1])
 
 
 @_conv3x3_input_grad_op.register_fake
 def _(grad_out, weight, groups):
-    return torch.empty(grad_out.shape[0], weight.shape[1] * groups, grad_out.shape[2], grad_out.shape[3], dtype=torch.float32,
+    return torch.empty(grad_out.shape[0], weight.shape[1] * groups, grad_out.shape[2], grad_out.shape[3], dtype=_kernel_dtype(grad_out).dtype,
                        device=grad_out.device, memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("ride_fast::conv3x3_weight_grad", mutates_args=(), device_types="cpu")
 def _conv3x3_weight_grad_op(grad_out: Tensor, x: Tensor, weight: Tensor, groups: int) -> Tensor:
-    """The gradient of the weight [G*o, i, 3, 3], laid out as the weight is."""
-    g = grad_out.to(torch.float32).contiguous(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
+    """The gradient of the weight [G*o, i, 3, 3] (float32), laid out as the weight is; x and grad_out
+    float32 or bf16 (read in x's dtype)."""
+    x = _kernel_dtype(x).contiguous(memory_format=torch.channels_last)
+    g = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
     B, _, H, W = x.shape
     o, i = weight.shape[0] // groups, weight.shape[1]
     packed = torch.empty(groups, 3, 3, i, o)
     status = native.library().ride_conv3x3_weight_grad(x.data_ptr(), g.data_ptr(), packed.data_ptr(), B, H, W, groups, i, o,
-                                                       torch.get_num_threads())
+                                                       int(x.dtype == torch.bfloat16), torch.get_num_threads())
     _check(status, i, o)
     return torch.empty_like(weight).copy_(packed.permute(0, 4, 3, 1, 2).reshape(weight.shape))
 
@@ -154,10 +185,10 @@ def _backward(ctx, grad_out):
     grad_w = None
     if need_w and native.library().ride_conv3x3_weight_grad_supported(weight.shape[1], weight.shape[0] // ctx.groups):
         grad_w = _conv3x3_weight_grad_op(grad_out, x, weight, ctx.groups)
-    elif need_w:
-        g = grad_out.contiguous(memory_format=torch.channels_last)
-        grad_w = torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], ctx.groups,
-                                                     [False, True, False])[1]
+    elif need_w:  # oneDNN's, in float32 (on a CPU that takes the kernel in bf16, its bf16 one is the slower)
+        g = grad_out.to(weight.dtype).contiguous(memory_format=torch.channels_last)
+        grad_w = torch.ops.aten.convolution_backward(g, x.to(weight.dtype), weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                     ctx.groups, [False, True, False])[1]
     return grad_x, grad_w, None
 
 

@@ -16,6 +16,7 @@ warning naming the reason, except when switched off on purpose).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 
 log = logging.getLogger("ride_fast")
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("batch_norm_act.c", "conv3x3.c"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("batch_norm_act.c", "conv3x3.c", "cpu_rates.c"))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _P, _I64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -36,9 +37,11 @@ SIGNATURES = {
     "ride_bn_act_backward": [_P, _P, _P, _P, _P, _I64, _I64, _INT, _INT, _P, _P, _P, _P, _INT],
     "ride_conv3x3_supported": [_I64, _I64],
     "ride_conv3x3_weight_grad_supported": [_I64, _I64],
-    "ride_conv3x3_forward": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT],
-    "ride_conv3x3_weight_grad": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT],
+    "ride_conv3x3_forward": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT, _INT],
+    "ride_conv3x3_weight_grad": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT, _INT],
+    "ride_bf16_product_ratio": [_I64, _INT],
 }
+RESTYPES = {"ride_bf16_product_ratio": _DOUBLE}  # the rest return an int status
 
 _LIBRARY: ctypes.CDLL | None = None
 _TRIED = False
@@ -117,7 +120,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            fn.argtypes, fn.restype = argtypes, RESTYPES.get(name, ctypes.c_int)
         _LIBRARY = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("ride_fast's C kernels for the CPU are not available (%s); PyTorch's operators run instead", e)
@@ -128,3 +131,41 @@ def reset() -> None:
     """Forget the outcome of `library()` (tests), so that the next call tries again."""
     global _LIBRARY, _TRIED
     _LIBRARY, _TRIED = None, False
+
+
+# bf16 multiplies faster than float32 on a CPU without AMX only where its bf16 dot product runs at
+# least this many times the float32 products its FMAs run (`bf16_product_ratio`): about 2 on AMD's
+# Zen 4 by the instruction tables, about 0.5 measured on an Intel Xeon with AMX switched off
+# (docs/performance-notes.md, "bf16 on a CPU whose bf16 products are slow").
+BF16_FASTER_AT = 1.25
+
+
+@functools.cache
+def bf16_product_ratio() -> float | None:
+    """bf16 products a second by this CPU's AVX512-BF16 dot product over float32 products a second
+    by its FMAs, timed once per process (about 2 ms; csrc/cpu_rates.c). None where that cannot be
+    timed: no AVX512-BF16 in this build, or no library."""
+    lib = library()
+    if lib is None:
+        return None
+    ratio = float(lib.ride_bf16_product_ratio(20000, 5))
+    return ratio if ratio > 0 else None
+
+
+def cpu_multiplies_bf16_faster() -> bool:
+    """Whether this CPU multiplies bf16 faster than float32: AMX tiles, or an AVX512-BF16 dot product
+    at BF16_FASTER_AT times float32's products or more (where it cannot be timed, having the
+    instructions decides). Never without oneDNN, which runs PyTorch's bf16 convolutions."""
+    import torch
+
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if torch.cpu._is_amx_tile_supported():
+            return True
+        if not torch.cpu._is_avx512_bf16_supported():
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    ratio = bf16_product_ratio()
+    return ratio is None or ratio >= BF16_FASTER_AT

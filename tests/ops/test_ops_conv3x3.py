@@ -219,12 +219,91 @@ def test_takes_the_module_forward_where_the_kernel_does_not_apply(case):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_under_bfloat16_autocast_the_module_runs_in_bfloat16():
+@pytest.fixture
+def bf16_multiplies(monkeypatch):
+    """Set whether this CPU counts as multiplying bf16 faster than float32 (AMX, or a fast AVX512-BF16
+    dot product), which decides who runs a convolution under bf16 autocast."""
+    return lambda faster: monkeypatch.setattr(native, "cpu_multiplies_bf16_faster", lambda: faster)
+
+
+def test_under_bf16_autocast_on_a_cpu_with_fast_bf16_products_onednn_runs_the_convolution(bf16_multiplies):
+    bf16_multiplies(True)
     conv, x = make_conv(24), make_input(2, 24, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), Count() as count:
         assert not fast_path_taken(conv, x)
         out = conv3x3(conv, x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and count.forward == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16_autocast", "bf16_input_no_autocast"])
+def test_other_reduced_precisions_take_the_module(bf16_multiplies, dtype):
+    """fp16 autocast, or a bf16 input outside autocast, are not the kernel's: the module decides."""
+    bf16_multiplies(False)
+    conv, x = make_conv(24), make_input(2, 24, 6, 6)
+    if dtype == torch.float16:
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not fast_path_taken(conv, x)
+    else:
+        assert not fast_path_taken(conv, x.detach().to(torch.bfloat16))
+
+
+def _bf16_truth(conv, x, grad):
+    """float64 convolution of the bf16 input with the float32 weight, and its gradients."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = conv.weight.detach().double().requires_grad_()
+    out = torch.nn.functional.conv2d(x64, w64, None, 1, 1, 1, conv.groups)
+    return (out, *torch.autograd.grad(out, [x64, w64], grad.double()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,G,H,W", [(2, 1, 5, 7), (2, 3, 16, 16), (3, 3, 8, 17), (1, 2, 1, 9)])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_under_bf16_autocast_on_a_cpu_with_slow_bf16_products_the_kernel_reads_and_writes_bf16(bf16_multiplies, width, B, G, H, W):
+    """Where bf16 multiplies no faster than float32, bf16 autocast takes the kernel: bf16 in and out,
+    float32 products of the bf16 input and the float32 weight, summed in float32 and rounded once.
+    Its output is the float64 result rounded to bf16 (but where a float32 sum rounds to the other
+    side, or cancels to near zero); the input gradient is bf16 within bf16 rounding; the weight gradient is
+    float32, as close to float64 as the float32 kernel's."""
+    bf16_multiplies(False)
+    conv = make_conv(width, G)
+    x = make_input(B, G * width, H, W, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Count() as count:
+        assert fast_path_taken(conv, x)
+        out = conv3x3(conv, x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).contiguous(memory_format=CL)
+    with Count() as backward:
+        gx, gw = torch.autograd.grad(out, [x, conv.weight], grad)
+    assert count.forward == 1 and backward.input_grad == 1 and backward.weight_grad == int(width != 16)
+    assert out.dtype == gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    assert out.is_contiguous(memory_format=CL) and gx.is_contiguous(memory_format=CL)
+    want, want_gx, want_gw = _bf16_truth(conv, x, grad)
+    torch.testing.assert_close(out.double(), want, rtol=2 ** -8, atol=1e-5 * want.abs().max().item())
+    assert (out == want.to(torch.bfloat16)).float().mean() > 0.99
+    torch.testing.assert_close(gx.double(), want_gx, rtol=2 ** -7, atol=2 ** -7 * want_gx.abs().max().item())
+    torch.testing.assert_close(gw.double(), want_gw, rtol=1e-5, atol=1e-5 * want_gw.abs().max().item())
+
+
+@needs_kernel
+def test_bf16_rounding_is_pytorchs_nan_and_inf_included(bf16_multiplies):
+    """The kernel rounds its float32 sums to bf16 as PyTorch's float -> bfloat16 does: to nearest
+    even, past bf16's largest value to inf, NaN as 0x7FC0. The weight is a scaled identity, so each
+    sum is one product that bf16 cannot hold (and zeros, but where a NaN neighbour makes them NaN)."""
+    bf16_multiplies(False)
+    conv, scale = make_conv(16), 1 + 2 ** -9 + 2 ** -12
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = scale * torch.eye(16)
+    x = make_input(1, 16, 4, 5).detach().to(torch.bfloat16)
+    x[0, 3, 2, 4] = torch.finfo(torch.bfloat16).max  # times scale: past bf16's largest, inf
+    x[0, 0, 0, 0] = float("nan")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv3x3(conv, x)
+    near_nan = torch.nn.functional.max_pool2d(x.isnan().float().amax(1, keepdim=True), 3, 1, 1).bool().expand_as(x)
+    want = (x.float() * scale).to(torch.bfloat16)
+    assert torch.equal(out[~near_nan].view(torch.int16), want[~near_nan].view(torch.int16))
+    assert (out[near_nan].view(torch.int16) == 0x7FC0).all() and out[0, 3, 2, 4].isinf()
+    truncated = ((x.float() * scale).view(torch.int32) >> 16).to(torch.int16)
+    assert (want.view(torch.int16) != truncated)[~near_nan].float().mean() > 0.1  # some round up, not down
 
 
 def test_switched_off_with_the_native_kernels(monkeypatch):
@@ -266,3 +345,72 @@ def test_a_ride_resnet32_step_runs_every_stride_1_conv_of_its_blocks_through_the
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for (name, a), b in zip(net.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_kernel
+def test_a_ride_resnet32_step_under_bf16_autocast_runs_the_kernel_where_bf16_products_are_slow(bf16_multiplies, monkeypatch):
+    """Batched RIDE-ResNet-32 E=3 under bf16 autocast on a CPU whose bf16 products are no faster than
+    float32: every fitting conv runs the kernel in bf16, and the loss and gradients are as close to
+    the float32 step's as those of the same step through oneDNN's bf16 convolutions (which also
+    round the weights to bf16)."""
+    from ride_fast.models import create_model
+
+    bf16_multiplies(False)
+    torch.manual_seed(0)
+    net = create_model("resnet32", num_classes=10, num_experts=3, batched=True).to(memory_format=CL).train()
+    onednn, fp32 = copy.deepcopy(net), copy.deepcopy(net)
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=CL)
+
+    def step(model, amp=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(x).logits.float().square().mean()
+        loss.backward()
+        return loss.double()
+
+    with Count() as count:
+        loss = step(net)
+    fits = sum(module_fits(m) for m in net.modules())
+    assert count.forward == count.input_grad == fits and count.weight_grad == fits - 5 * 2
+    monkeypatch.setattr("ride_fast.ops.conv3x3.fast_path_taken", lambda conv, x: False)
+    with Count() as count:
+        loss_onednn, loss_fp32 = step(onednn), step(fp32, amp=False)
+    assert count.forward == 0
+    assert abs(loss - loss_fp32) <= 2e-3 * abs(loss_fp32) and abs(loss_onednn - loss_fp32) <= 2e-3 * abs(loss_fp32)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.grad.flatten().double(), b.grad.flatten().double(), dim=0).item()  # noqa: E731
+    ours, theirs = [], []  # 1 - cosine to the float32 gradient, per parameter
+    for a, b, want in zip(net.parameters(), onednn.parameters(), fp32.parameters()):
+        assert a.grad.dtype == torch.float32
+        ours.append(1 - cos(a, want))
+        theirs.append(1 - cos(b, want))
+    assert sum(ours) <= 1.25 * sum(theirs) + 0.01, (sum(ours) / len(ours), sum(theirs) / len(theirs))
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,ratio,faster", [
+    (True, True, 0.5, True),  # AMX tiles: oneDNN multiplies bf16 on them, whatever the dot product's rate
+    (False, True, 2.0, True),  # a dot product at twice float32's products (AMD's Zen 4)
+    (False, True, 1.25, True),
+    (False, True, 1.2, False),
+    (False, True, 0.5, False),  # half float32's products (an Intel Xeon with AMX off)
+    (False, True, None, True),  # not timed (no C library): the instruction set decides
+    (False, False, None, False),  # bf16 emulated
+])
+def test_which_cpus_multiply_bf16_faster(monkeypatch, amx, avx512_bf16, ratio, faster):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(native, "bf16_product_ratio", lambda: ratio)
+    assert native.cpu_multiplies_bf16_faster() is (faster and torch.backends.mkldnn.is_available())
+
+
+def test_the_bf16_product_ratio_is_timed_where_the_build_has_avx512_bf16():
+    """ride_bf16_product_ratio: vdpbf16ps against 512-bit FMAs, products a second (2 a lane per
+    instruction against 1: about 0.5 to 2 on known cores) where the build has AVX512-BF16, else -1;
+    -1 also for an empty timing."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C library here")
+    assert lib.ride_bf16_product_ratio(0, 3) == -1.0 and lib.ride_bf16_product_ratio(2000, 0) == -1.0
+    ratio = lib.ride_bf16_product_ratio(2000, 3)
+    if not torch.cpu._is_avx512_bf16_supported():
+        assert ratio == -1.0 and native.bf16_product_ratio.__wrapped__() is None
+    else:
+        assert 0.05 < ratio < 4.5 and 0.05 < native.bf16_product_ratio.__wrapped__() < 4.5

@@ -1,6 +1,7 @@
-/* 3x3 convolution, stride 1, zero padding 1, no bias, of float32 channels-last (NHWC) tensors on a
- * CPU with AVX-512: ride_fast.ops.conv3x3 (docs/performance-notes.md, "3x3 convolutions of the
- * narrow expert layers on the CPU").
+/* 3x3 convolution, stride 1, zero padding 1, no bias, of float32 or bf16 channels-last (NHWC)
+ * tensors with a float32 weight on a CPU with AVX-512: ride_fast.ops.conv3x3 (docs/performance-notes.md,
+ * "3x3 convolutions of the narrow expert layers on the CPU" and "bf16 on a CPU whose bf16 products
+ * are slow").
  *
  * Shape legend: B images, H x W pixels, G groups, CI input and CO output channels of one group.
  *
@@ -19,9 +20,15 @@
  * groups at about a quarter of the cores' float32 peak. Here each tile is PB output pixels of one
  * row by all CO channels of one group, held in registers (CO / 16 512-bit vectors, plus one 256-bit
  * vector for the 8 channels left over), and every input value is broadcast once per tile and tap.
- * The three input rows a tile reads are first copied into a zero-bordered buffer of the thread, so
- * the inner loop has no bounds tests. Each output is summed over taps, then input channels, in one
- * fixed order by one thread: results do not depend on the thread count.
+ * The input rows a tile reads are first copied into a zero-bordered ring of three rows per group of
+ * the thread, so the inner loop has no bounds tests and each row is copied once per output image.
+ * Each output is summed over taps, then input channels, in one fixed order by one thread: results do
+ * not depend on the thread count.
+ *
+ * bf16 (bf16 autocast on a CPU whose bf16 products are no faster than float32): x, out and the
+ * output gradient are bf16 in memory, widened to float32 as the rows are copied; the products are
+ * of that float32 input and the float32 weight, summed in float32 and rounded once to bf16 (to
+ * nearest even, as PyTorch rounds) when stored. The weight gradient is float32 either way.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -61,33 +68,57 @@
         if (HY) y##k = _mm256_fmadd_ps(my, _mm512_castps512_ps256(v), y##k);     \
     }
 
-/* Row hh of image b, group g, of x [B, H, W, G*CI] into dst (pixel-major, pixel 0 at dst + CI):
- * zeros for a row outside the image. */
-INLINE void copy_row(float *dst, const float *x, int64_t b, int64_t hh, int64_t H, int64_t W, int64_t G, int64_t g, int64_t CI) {
+/* n (a multiple of 8) bf16 values as float32: exact (a bf16 is the upper half of a float32). */
+INLINE void widen(float *dst, const uint16_t *src, int64_t n) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + k)));
+        _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+    if (k < n) {
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + k)));
+        _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+}
+
+/* 16 floats as bf16, rounded to nearest even, a NaN as 0x7FC0: PyTorch's own float -> bfloat16. */
+INLINE __m256i narrow16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* Row hh of image b, group g, of x [B, H, W, G*CI] (float32, or bf16 when BF) into dst as float32
+ * (pixel-major, pixel 0 at dst + CI): zeros for a row outside the image. */
+INLINE void copy_row(float *dst, const void *x, int64_t b, int64_t hh, int64_t H, int64_t W, int64_t G, int64_t g, int64_t CI, const int BF) {
     dst += CI;
     if (hh < 0 || hh >= H) {
         memset(dst, 0, sizeof(float) * (size_t)(W * CI));
         return;
     }
-    const float *src = x + (b * H + hh) * W * G * CI + g * CI;
-    if (G == 1) {
-        memcpy(dst, src, sizeof(float) * (size_t)(W * CI));
-        return;
+    const int64_t at = (b * H + hh) * W * G * CI + g * CI, n = G == 1 ? W * CI : CI, runs = G == 1 ? 1 : W;
+    for (int64_t w = 0; w < runs; ++w) { /* one run of the whole row, or one pixel's CI channels at a time */
+        if (BF)
+            widen(dst + w * CI, (const uint16_t *)x + at + w * G * CI, n);
+        else
+            memcpy(dst + w * CI, (const float *)x + at + w * G * CI, sizeof(float) * (size_t)n);
     }
-    for (int64_t w = 0; w < W; ++w) memcpy(dst + w * CI, src + w * G * CI, sizeof(float) * (size_t)CI);
 }
 
 /* Rows first .. first + count - 1 (see copy_row) into buf, one after another, rowlen floats apart. */
-INLINE void copy_rows(float *buf, int64_t rowlen, const float *x, int64_t b, int64_t first, int count, int64_t H, int64_t W,
-                      int64_t G, int64_t g, int64_t CI) {
-    for (int k = 0; k < count; ++k) copy_row(buf + k * rowlen, x, b, first + k, H, W, G, g, CI);
+INLINE void copy_rows(float *buf, int64_t rowlen, const void *x, int64_t b, int64_t first, int count, int64_t H, int64_t W,
+                      int64_t G, int64_t g, int64_t CI, const int BF) {
+    for (int k = 0; k < count; ++k) copy_row(buf + k * rowlen, x, b, first + k, H, W, G, g, CI, BF);
 }
 
 /* np (<= PB) output pixels of one row and group, from the three input rows above, at and below it
- * (rows[kh], pixel-major, each at the tile's pixel -1) and wg (the group's packed weight). The
- * accumulators are named variables, not an array, so that the compiler keeps them in registers. */
-INLINE void tile(const float *const rows[3], const float *wg, float *o, int64_t ostride, int np, const int CI, const int CO, const int NZ,
-                 const int HY, const int PB) {
+ * (rows[kh], pixel-major, each at the tile's pixel -1) and wg (the group's packed weight), stored at
+ * o (element stride ostride) as float32, or as bf16 when BF. The accumulators are named variables,
+ * not an array, so that the compiler keeps them in registers. */
+INLINE void tile(const float *const rows[3], const float *wg, void *o, int64_t ostride, int np, const int CI, const int CO, const int NZ,
+                 const int HY, const int PB, const int BF) {
     const __m512 z = _mm512_setzero_ps();
     const __m256 zy = _mm256_setzero_ps();
     FOR_PIXELS(DECLARE_ACCUMULATOR)
@@ -103,12 +134,22 @@ INLINE void tile(const float *const rows[3], const float *wg, float *o, int64_t 
 #undef PIX
             }
         }
-#define STORE(p)                                                           \
-    if (p < PB && p < np) {                                                \
-        if (NZ > 0) _mm512_storeu_ps(o + p * ostride, a##p##_0);           \
-        if (NZ > 1) _mm512_storeu_ps(o + p * ostride + 16, a##p##_1);      \
-        if (NZ > 2) _mm512_storeu_ps(o + p * ostride + 32, a##p##_2);      \
-        if (HY) _mm256_storeu_ps(o + p * ostride + 16 * NZ, y##p);         \
+#define STORE(p)                                                                                        \
+    if (p < PB && p < np) {                                                                             \
+        if (BF) {                                                                                       \
+            uint16_t *q = (uint16_t *)o + p * ostride;                                                  \
+            if (NZ > 0) _mm256_storeu_si256((__m256i *)q, narrow16(a##p##_0));                          \
+            if (NZ > 1) _mm256_storeu_si256((__m256i *)(q + 16), narrow16(a##p##_1));                   \
+            if (NZ > 2) _mm256_storeu_si256((__m256i *)(q + 32), narrow16(a##p##_2));                   \
+            if (HY)                                                                                     \
+                _mm_storeu_si128((__m128i *)(q + 16 * NZ), _mm256_castsi256_si128(narrow16(_mm512_castps256_ps512(y##p)))); \
+        } else {                                                                                        \
+            float *q = (float *)o + p * ostride;                                                        \
+            if (NZ > 0) _mm512_storeu_ps(q, a##p##_0);                                                  \
+            if (NZ > 1) _mm512_storeu_ps(q + 16, a##p##_1);                                             \
+            if (NZ > 2) _mm512_storeu_ps(q + 32, a##p##_2);                                             \
+            if (HY) _mm256_storeu_ps(q + 16 * NZ, y##p);                                                \
+        }                                                                                               \
     }
     FOR_PIXELS(STORE)
 #undef STORE
@@ -118,23 +159,25 @@ INLINE void tile(const float *const rows[3], const float *wg, float *o, int64_t 
  * zeroed by the caller (their border columns stay zero: only pixels 0..W-1 of a row are ever
  * written). Input row hh of the current image sits in slot (hh + 1) % 3 of each group's ring, so
  * that the next output row of the same image copies one new row, not three. */
-INLINE void rows_block(const float *x, const float *wp, float *out, int64_t H, int64_t W, int64_t G, float *buf, int64_t rowlen,
-                       int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int PB) {
+INLINE void rows_block(const void *x, const float *wp, void *out, int64_t H, int64_t W, int64_t G, float *buf, int64_t rowlen,
+                       int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int PB, const int BF) {
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / H, h = r % H;
         const int64_t first = r > r0 && h > 0 ? h + 1 : h - 1; /* the rows above are in the rings already */
         if (r + 1 < r1 && h + 2 < H) { /* the input row the next output row copies: fetched while this row computes */
-            const char *next = (const char *)(x + (b * H + h + 2) * W * G * CI);
-            for (int64_t k = 0; k < W * G * CI * (int64_t)sizeof(float); k += 64) _mm_prefetch(next + k, _MM_HINT_T0);
+            const int64_t bytes = W * G * CI * (BF ? 2 : 4);
+            const char *next = (const char *)x + (b * H + h + 2) * bytes;
+            for (int64_t k = 0; k < bytes; k += 64) _mm_prefetch(next + k, _MM_HINT_T0);
         }
         for (int64_t g = 0; g < G; ++g) {
             float *ring = buf + g * 3 * rowlen;
-            for (int64_t hh = first; hh <= h + 1; ++hh) copy_row(ring + (hh + 1) % 3 * rowlen, x, b, hh, H, W, G, g, CI);
+            for (int64_t hh = first; hh <= h + 1; ++hh) copy_row(ring + (hh + 1) % 3 * rowlen, x, b, hh, H, W, G, g, CI, BF);
             for (int64_t w0 = 0; w0 < W; w0 += PB) {
                 const float *const rows[3] = {ring + h % 3 * rowlen + w0 * CI, ring + (h + 1) % 3 * rowlen + w0 * CI,
                                               ring + (h + 2) % 3 * rowlen + w0 * CI};
-                tile(rows, wp + g * 9 * CI * CO, out + ((b * H + h) * W + w0) * G * CO + g * CO, G * CO, (int)(W - w0 < PB ? W - w0 : PB),
-                     CI, CO, NZ, HY, PB);
+                const int64_t at = ((b * H + h) * W + w0) * G * CO + g * CO;
+                tile(rows, wp + g * 9 * CI * CO, (char *)out + at * (BF ? 2 : 4), G * CO, (int)(W - w0 < PB ? W - w0 : PB), CI, CO, NZ, HY,
+                     PB, BF);
             }
         }
     }
@@ -190,21 +233,27 @@ INLINE void weight_tile(const float *xb, int64_t rowlen, const float *gy, int64_
 }
 
 /* Adds the weight gradient of output rows [r0, r1) to gw [G, 3, 3, CI, CO] (double), in chunks of up to
- * ROWS rows of one image. buf: (ROWS + 2) * rowlen floats, zeroed by the caller. */
+ * ROWS rows of one image; x and gy are float32, or bf16 when BF. buf: (ROWS + 2) * rowlen floats,
+ * zeroed by the caller. */
 #define ROWS 8
-INLINE void weight_rows(const float *x, const float *gy, double *gw, int64_t H, int64_t W, int64_t G, float *buf, float *gbuf, int64_t rowlen,
-                        int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int IB) {
+INLINE void weight_rows(const void *x, const void *gy, double *gw, int64_t H, int64_t W, int64_t G, float *buf, float *gbuf, int64_t rowlen,
+                        int64_t r0, int64_t r1, const int CI, const int CO, const int NZ, const int HY, const int IB, const int BF) {
     for (int64_t r = r0; r < r1;) {
         const int64_t b = r / H, h0 = r % H;
         int64_t rows_here = r1 - r < H - h0 ? r1 - r : H - h0; /* to the end of the block or of the image */
         const int R = (int)(rows_here < ROWS ? rows_here : ROWS);
         for (int64_t g = 0; g < G; ++g) {
-            copy_rows(buf, rowlen, x, b, h0 - 1, R + 2, H, W, G, g, CI);
+            copy_rows(buf, rowlen, x, b, h0 - 1, R + 2, H, W, G, g, CI, BF);
             /* the rows' output gradient, contiguous with a pixel stride of whole cache lines where CO allows */
             const int64_t gs = HY ? CO + 8 : CO;
             for (int k = 0; k < R; ++k)
-                for (int64_t w = 0; w < W; ++w)
-                    memcpy(gbuf + (k * W + w) * gs, gy + ((b * H + h0 + k) * W + w) * G * CO + g * CO, sizeof(float) * CO);
+                for (int64_t w = 0; w < W; ++w) {
+                    const int64_t at = ((b * H + h0 + k) * W + w) * G * CO + g * CO;
+                    if (BF)
+                        widen(gbuf + (k * W + w) * gs, (const uint16_t *)gy + at, CO);
+                    else
+                        memcpy(gbuf + (k * W + w) * gs, (const float *)gy + at, sizeof(float) * CO);
+                }
             for (int kh = 0; kh < 3; ++kh)
                 for (int kw = 0; kw < 3; ++kw)
                     for (int i0 = 0; i0 < CI; i0 += IB)
@@ -242,10 +291,11 @@ int ride_conv3x3_weight_grad_supported(int64_t CI, int64_t CO) {
 #endif
 }
 
-/* out = conv3x3(x, wp) as above. Returns 0; -2 when (CI, CO) is not supported (nothing written);
+/* out = conv3x3(x, wp) as above; x and out are float32, or bf16 when bf16 is 1 (the sums are float32
+ * either way, rounded once to bf16). Returns 0; -2 when (CI, CO) is not supported (nothing written);
  * -1 when out of memory. */
-int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
-                         int nt) {
+int ride_conv3x3_forward(const void *x, const float *wp, void *out, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
+                         int bf16, int nt) {
     if (!ride_conv3x3_supported(CI, CO)) return -2;
 #ifdef __AVX512F__
     const int64_t rows = B * H, rowlen = (W + 16 + 2) * CI; /* W rounded up to a whole tile, plus the two border pixels */
@@ -258,8 +308,9 @@ int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B,
         if (!buf) {
             failed = 1;
         } else {
-#define RUN(ci, co, nz, hy, pb, wg) \
-    if (CI == ci && CO == co) rows_block(x, wp, out, H, W, G, buf, rowlen, r0, r1, ci, co, nz, hy, pb); else
+#define RUN(ci, co, nz, hy, pb, wg)                                                         \
+    if (CI == ci && CO == co && bf16) rows_block(x, wp, out, H, W, G, buf, rowlen, r0, r1, ci, co, nz, hy, pb, 1); \
+    else if (CI == ci && CO == co) rows_block(x, wp, out, H, W, G, buf, rowlen, r0, r1, ci, co, nz, hy, pb, 0); else
             SHAPES(RUN) {}
 #undef RUN
             free(buf);
@@ -267,17 +318,18 @@ int ride_conv3x3_forward(const float *x, const float *wp, float *out, int64_t B,
     }
     return failed ? -1 : 0;
 #else
-    (void)x, (void)wp, (void)out, (void)B, (void)H, (void)W, (void)G, (void)nt;
+    (void)x, (void)wp, (void)out, (void)B, (void)H, (void)W, (void)G, (void)bf16, (void)nt;
     return -2;
 #endif
 }
 
-/* gw [G, 3, 3, CI, CO] = the weight gradient of out = conv3x3(x, wp), from gy = d loss / d out
- * [B, H, W, G*CO]. Each thread sums its rows into its own copy in double, and the copies are added
- * in thread order and rounded once: the result depends on the thread count only. Returns 0, -2
- * (shape not supported, nothing written) or -1 (out of memory, nothing written). */
-int ride_conv3x3_weight_grad(const float *x, const float *gy, float *gw, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
-                             int nt) {
+/* gw [G, 3, 3, CI, CO] (float32) = the weight gradient of out = conv3x3(x, wp), from gy = d loss /
+ * d out [B, H, W, G*CO]; x and gy are float32, or bf16 when bf16 is 1. Each thread sums its rows
+ * into its own copy in double, and the copies are added in thread order and rounded once: the
+ * result depends on the thread count only. Returns 0, -2 (shape not supported, nothing written) or
+ * -1 (out of memory, nothing written). */
+int ride_conv3x3_weight_grad(const void *x, const void *gy, float *gw, int64_t B, int64_t H, int64_t W, int64_t G, int64_t CI, int64_t CO,
+                             int bf16, int nt) {
     if (!ride_conv3x3_weight_grad_supported(CI, CO)) return -2;
 #ifdef __AVX512F__
     const int64_t rows = B * H, rowlen = (W + 2) * CI, size = G * 9 * CI * CO;
@@ -296,8 +348,10 @@ int ride_conv3x3_weight_grad(const float *x, const float *gy, float *gw, int64_t
             free(buf);
             free(gbuf);
         } else {
-#define RUN(ci, co, nz, hy, pb, wg) \
-    if (wg && CI == ci && CO == co) weight_rows(x, gy, part + t * size, H, W, G, buf, gbuf, rowlen, r0, r1, ci, co, nz, hy, nz + hy == 1 ? 16 : 8); else
+#define RUN(ci, co, nz, hy, pb, wg)                                                                                        \
+    if (wg && CI == ci && CO == co)                                                                                        \
+        weight_rows(x, gy, part + t * size, H, W, G, buf, gbuf, rowlen, r0, r1, ci, co, nz, hy, nz + hy == 1 ? 16 : 8, bf16 != 0); \
+    else
             SHAPES(RUN) {}
 #undef RUN
             free(buf);
@@ -313,7 +367,7 @@ int ride_conv3x3_weight_grad(const float *x, const float *gy, float *gw, int64_t
     free(part);
     return failed ? -1 : 0;
 #else
-    (void)x, (void)gy, (void)gw, (void)B, (void)H, (void)W, (void)G, (void)nt;
+    (void)x, (void)gy, (void)gw, (void)B, (void)H, (void)W, (void)G, (void)bf16, (void)nt;
     return -2;
 #endif
 }
