@@ -133,6 +133,20 @@ def conv3x3_to_module() -> None:
     sys.modules["ride_fast.ops.conv3x3"].fast_path_taken = lambda conv, x: False
 
 
+def bf16_conv3x3_to_onednn() -> None:
+    """Under bf16 autocast conv3x3 never runs the C kernel (oneDNN's bf16 convolution, even where
+    this CPU's bf16 products are slow)."""
+    import sys
+
+    import torch
+
+    import ride_fast.ops.conv3x3  # noqa: F401
+
+    module = sys.modules["ride_fast.ops.conv3x3"]
+    taken = module.fast_path_taken
+    module.fast_path_taken = lambda conv, x: False if torch.is_autocast_enabled("cpu") else taken(conv, x)
+
+
 def batched_ignored() -> None:
     """model.batched=true builds the per-expert network."""
     import ride_fast.models as models
@@ -161,7 +175,8 @@ def channels_last_ignored() -> None:
 
 MUTATIONS = {f.__name__: f for f in (autocast_off, momentum_ignored, flip_never, crop_identity, rotation_mirrored,
                                      jitter_dropped, router_dense, fused_loss_to_reference, batched_ignored,
-                                     channels_last_ignored, fused_norm_to_reference, conv3x3_to_module)}
+                                     channels_last_ignored, fused_norm_to_reference, conv3x3_to_module,
+                                     bf16_conv3x3_to_onednn)}
 
 
 def pytest_configure(config):

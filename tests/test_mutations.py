@@ -49,6 +49,10 @@ TARGETS = {
         "tests/ops/test_ops_conv3x3.py::test_a_ride_resnet32_step_runs_every_stride_1_conv_of_its_blocks_through_the_kernel[batched]",
         "tests/ops/test_ops_conv3x3.py::test_matches_the_convolution_in_float64[24-2-3-16-16-1]",
     ],
+    "bf16_conv3x3_to_onednn": [
+        "tests/ops/test_ops_conv3x3.py::test_under_bf16_autocast_on_a_cpu_with_slow_bf16_products_the_kernel_reads_and_writes_bf16[24-2-3-16-16]",
+        "tests/ops/test_ops_conv3x3.py::test_a_ride_resnet32_step_under_bf16_autocast_runs_the_kernel_where_bf16_products_are_slow",
+    ],
     "channels_last_ignored": [
         "tests/engine/test_engine_trainer.py::test_mixed_precision_and_channels_last_on_cpu[bf16]",
         f"{TRAIN_STEP}[cpu-r32_e3-channels_last]",

@@ -24,37 +24,17 @@ static double seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* The seconds of n rounds of one FMA on each of 16 accumulators; their sum goes to *sink, so that
- * the compiler keeps the work. */
-static double fma_seconds(int64_t n, float *sink) {
+/* The seconds of n rounds of one instruction on each of 16 accumulators: a float32 FMA, or a
+ * vdpbf16ps when dot; their sum goes to *sink, so that the compiler keeps the work. */
+static inline __attribute__((always_inline)) double chains_seconds(int64_t n, float *sink, const int dot) {
     const __m512 m = _mm512_set1_ps(0.5f), v = _mm512_set1_ps(0.25f);
+    const __m512bh mb = (__m512bh)_mm512_set1_epi32(0x3f003f00), vb = (__m512bh)_mm512_set1_epi32(0x3e803e80); /* 0.5, 0.25 */
 #define DECLARE(k) __m512 a##k = _mm512_set1_ps((float)k); /* different starts: no two chains are the same value */
     CHAINS(DECLARE)
 #undef DECLARE
     const double t = seconds();
     for (int64_t r = 0; r < n; ++r) {
-#define STEP(k) a##k = _mm512_fmadd_ps(m, v, a##k);
-        CHAINS(STEP)
-#undef STEP
-    }
-    const double elapsed = seconds() - t;
-    float s = 0.0f;
-#define SUM(k) s += _mm512_reduce_add_ps(a##k);
-    CHAINS(SUM)
-#undef SUM
-    *sink += s;
-    return elapsed;
-}
-
-/* The same with one vdpbf16ps on each accumulator. */
-static double dot_seconds(int64_t n, float *sink) {
-    const __m512bh m = (__m512bh)_mm512_set1_epi32(0x3f003f00), v = (__m512bh)_mm512_set1_epi32(0x3e803e80); /* 0.5, 0.25 */
-#define DECLARE(k) __m512 a##k = _mm512_set1_ps((float)k); /* different starts: no two chains are the same value */
-    CHAINS(DECLARE)
-#undef DECLARE
-    const double t = seconds();
-    for (int64_t r = 0; r < n; ++r) {
-#define STEP(k) a##k = _mm512_dpbf16_ps(a##k, m, v);
+#define STEP(k) a##k = dot ? _mm512_dpbf16_ps(a##k, mb, vb) : _mm512_fmadd_ps(m, v, a##k);
         CHAINS(STEP)
 #undef STEP
     }
@@ -78,7 +58,7 @@ double ride_bf16_product_ratio(int64_t n, int rounds) {
     float sink = 0.0f;
     double fma = 1e30, dot = 1e30;
     for (int r = 0; r < rounds; ++r) {
-        const double f = fma_seconds(n, &sink), d = dot_seconds(n, &sink);
+        const double f = chains_seconds(n, &sink, 0), d = chains_seconds(n, &sink, 1);
         fma = f < fma ? f : fma;
         dot = d < dot ? d : dot;
     }
