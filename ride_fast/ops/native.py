@@ -128,9 +128,11 @@ def library() -> ctypes.CDLL | None:
 
 
 def reset() -> None:
-    """Forget the outcome of `library()` (tests), so that the next call tries again."""
+    """Forget the outcome of `library()` (tests), so that the next call tries again, and the products
+    ratio timed with it."""
     global _LIBRARY, _TRIED
     _LIBRARY, _TRIED = None, False
+    bf16_product_ratio.cache_clear()
 
 
 # bf16 multiplies faster than float32 on a CPU without AMX only where its bf16 dot product runs at

@@ -414,3 +414,16 @@ def test_the_bf16_product_ratio_is_timed_where_the_build_has_avx512_bf16():
         assert ratio == -1.0 and native.bf16_product_ratio.__wrapped__() is None
     else:
         assert 0.05 < ratio < 4.5 and 0.05 < native.bf16_product_ratio.__wrapped__() < 4.5
+
+
+def test_switched_off_the_products_ratio_is_not_timed_and_the_instruction_set_decides(monkeypatch):
+    """With RIDE_FAST_NATIVE=0 there is no library to time with, so a ratio timed before is forgotten
+    with the library (`native.reset`) and the ratio is None."""
+    native.bf16_product_ratio()  # timed (or None) with the library as it is
+    monkeypatch.setenv("RIDE_FAST_NATIVE", "0")
+    native.reset()
+    try:
+        assert native.bf16_product_ratio() is None
+    finally:
+        monkeypatch.undo()
+        native.reset()
