@@ -18,7 +18,7 @@ setup(
     # PyPI already has a project called `kernels`, so a bare top-level name would clash.
     packages=find_packages(include=["ride_fast", "ride_fast.*"]) + ["ride_fast_kernels"],
     package_dir={"ride_fast_kernels": "kernels"},
-    package_data={"ride_fast": ["py.typed", "ops/csrc/*.c"]},
+    package_data={"ride_fast": ["py.typed", "ops/csrc/*.c", "ops/csrc/*.h"]},
     install_requires=["torch>=2.3", "numpy", "PyYAML", "tqdm", "matplotlib"],
     extras_require={
         "kernels": ["triton>=3.0"],

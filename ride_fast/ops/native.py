@@ -28,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger("ride_fast")
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("batch_norm_act.c", "conv3x3.c", "cpu_rates.c"))
+HEADERS = (Path(__file__).parent / "csrc" / "common.h",)  # included by SOURCES: hashed with them
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _P, _I64, _INT, _DOUBLE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -79,7 +80,7 @@ def library_path() -> Path:
     """Where the library for these sources, this compiler and this CPU is (or will be) built."""
     version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
     key = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in SOURCES), version.encode(), " ".join(FLAGS).encode(), _cpu_features().encode()]:
+    for part in [*(p.read_bytes() for p in SOURCES + HEADERS), version.encode(), " ".join(FLAGS).encode(), _cpu_features().encode()]:
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"ride_fast_native_{key.hexdigest()[:16]}.so"

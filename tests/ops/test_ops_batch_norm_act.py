@@ -245,6 +245,17 @@ def test_built_once_then_loaded_from_the_cache(fresh_native, tmp_path):
     assert native.library() is not None and built.stat().st_mtime_ns == stamp
 
 
+def test_a_changed_header_names_another_library(fresh_native, tmp_path):
+    """The sources include csrc/common.h: editing it must rebuild the cached library, so the header is
+    part of the name's hash as the sources are."""
+    (header,) = native.HEADERS
+    edited = tmp_path / header.name
+    edited.write_bytes(header.read_bytes() + b"\n/* edited */\n")
+    before = native.library_path()
+    fresh_native.setattr(native, "HEADERS", (edited,))
+    assert native.library_path() != before
+
+
 def _build_without_avx512(tmp_path):
     """The library built for this CPU without AVX-512, so with the scalar row loops."""
     import ctypes

@@ -26,13 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RESTRICT __restrict__
-#define INLINE static inline __attribute__((always_inline))
-
-static void rows_of(int64_t N, int t, int nt, int64_t *begin, int64_t *end) {
-    *begin = N * t / nt;
-    *end = N * (t + 1) / nt;
-}
+#include "common.h"
 
 /* v where keep, else +0 (a NaN or inf gradient too, as torch's ReLU backward): a bit mask, not a
  * branch, so that the loops stay vectorised. */
@@ -90,15 +84,13 @@ static void add_up_threads(double *part, int nt, int64_t C) {
  * over the rows in the same order, so they give the same bits (tests/ops/test_ops_batch_norm_act.py
  * builds both). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 
 /* The lanes of channels c0 .. c0 + 15 that exist (C - c0 of them when fewer than 16 are left). */
 INLINE __mmask16 lanes(int64_t c0, int64_t C) { return C - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (C - c0)) - 1u); }
 
 INLINE __m512 load16(const void *p, int64_t i, __mmask16 m, const int bf16) {
     if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    return bf16x16_to_float(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
 }
 
 /* As `store`, 16 lanes at a time. */
@@ -107,11 +99,7 @@ INLINE void store16(void *p, int64_t i, __m512 v, __mmask16 m, const int bf16) {
         _mm512_mask_storeu_ps((float *)p + i, m, v);
         return;
     }
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(rounded));
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, float_to_bf16x16(v));
 }
 
 /* Per-channel sums in double, 16 channels in two registers of 8: a running sum over the rows of a

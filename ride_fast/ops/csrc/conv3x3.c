@@ -35,6 +35,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 /* (CI, CO, 512-bit vectors, one 256-bit vector or not, pixels per tile, weight gradient too): the
  * shapes compiled. The registers a tile holds, PB * (NZ + HY), stay at or under 24 of the 32. At 16
  * channels oneDNN's weight gradient is the faster one (one vector of output channels leaves each
@@ -43,9 +45,6 @@
 #define SHAPES(M) M(16, 16, 1, 0, 16, 0) M(24, 24, 1, 1, 8, 1) M(32, 32, 2, 0, 8, 1) M(48, 48, 3, 0, 8, 1)
 
 #ifdef __AVX512F__
-#include <immintrin.h>
-
-#define INLINE static inline __attribute__((always_inline))
 #define FOR_PIXELS(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
 
 /* The tiles' register blocking, for a function with compile-time NZ and HY and zero vectors z, zy:
@@ -71,23 +70,11 @@
 /* n (a multiple of 8) bf16 values as float32: exact (a bf16 is the upper half of a float32). */
 INLINE void widen(float *dst, const uint16_t *src, int64_t n) {
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + k)));
-        _mm512_storeu_ps(dst + k, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, bf16x16_to_float(_mm256_loadu_si256((const __m256i *)(src + k))));
+    if (k < n) { /* 8 left: the upper 8 lanes converted are not stored */
+        const __m256i h = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(src + k)));
+        _mm256_storeu_ps(dst + k, _mm512_castps512_ps256(bf16x16_to_float(h)));
     }
-    if (k < n) {
-        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + k)));
-        _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-    }
-}
-
-/* 16 floats as bf16, rounded to nearest even, a NaN as 0x7FC0: PyTorch's own float -> bfloat16. */
-INLINE __m256i narrow16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    return _mm512_cvtepi32_epi16(r);
 }
 
 /* Row hh of image b, group g, of x [B, H, W, G*CI] (float32, or bf16 when BF) into dst as float32
@@ -138,11 +125,11 @@ INLINE void tile(const float *const rows[3], const float *wg, void *o, int64_t o
     if (p < PB && p < np) {                                                                             \
         if (BF) {                                                                                       \
             uint16_t *q = (uint16_t *)o + p * ostride;                                                  \
-            if (NZ > 0) _mm256_storeu_si256((__m256i *)q, narrow16(a##p##_0));                          \
-            if (NZ > 1) _mm256_storeu_si256((__m256i *)(q + 16), narrow16(a##p##_1));                   \
-            if (NZ > 2) _mm256_storeu_si256((__m256i *)(q + 32), narrow16(a##p##_2));                   \
+            if (NZ > 0) _mm256_storeu_si256((__m256i *)q, float_to_bf16x16(a##p##_0));                          \
+            if (NZ > 1) _mm256_storeu_si256((__m256i *)(q + 16), float_to_bf16x16(a##p##_1));                   \
+            if (NZ > 2) _mm256_storeu_si256((__m256i *)(q + 32), float_to_bf16x16(a##p##_2));                   \
             if (HY)                                                                                     \
-                _mm_storeu_si128((__m128i *)(q + 16 * NZ), _mm256_castsi256_si128(narrow16(_mm512_castps256_ps512(y##p)))); \
+                _mm_storeu_si128((__m128i *)(q + 16 * NZ), _mm256_castsi256_si128(float_to_bf16x16(_mm512_castps256_ps512(y##p)))); \
         } else {                                                                                        \
             float *q = (float *)o + p * ostride;                                                        \
             if (NZ > 0) _mm512_storeu_ps(q, a##p##_0);                                                  \
@@ -181,13 +168,6 @@ INLINE void rows_block(const void *x, const float *wp, void *out, int64_t H, int
             }
         }
     }
-}
-
-/* The calling OpenMP thread's block [*r0, *r1) of `rows` rows: one contiguous block per thread. */
-static void rows_of_thread(int64_t rows, int64_t *r0, int64_t *r1) {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    *r0 = rows * t / n;
-    *r1 = rows * (t + 1) / n;
 }
 
 #define FOR_CHANNELS FOR_PIXELS
@@ -304,7 +284,7 @@ int ride_conv3x3_forward(const void *x, const float *wp, void *out, int64_t B, i
     {
         float *buf = calloc((size_t)(G * 3 * rowlen), sizeof(float));
         int64_t r0, r1;
-        rows_of_thread(rows, &r0, &r1);
+        rows_of(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
         if (!buf) {
             failed = 1;
         } else {
@@ -340,7 +320,7 @@ int ride_conv3x3_weight_grad(const void *x, const void *gy, float *gw, int64_t B
     {
         const int t = omp_get_thread_num();
         int64_t r0, r1;
-        rows_of_thread(rows, &r0, &r1);
+        rows_of(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
         float *buf = calloc((size_t)((ROWS + 2) * rowlen), sizeof(float));
         float *gbuf = aligned_alloc(64, (size_t)(ROWS * W * (CO + 8) * 4 + 64) / 64 * 64);
         if (!buf || !gbuf) {
