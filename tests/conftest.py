@@ -14,3 +14,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_tf32():
+    """True float32 convolutions and matrix products for the test, restored after it. Plain
+    assignment, not monkeypatch: torch.backends.cuda.matmul answers `allow_tf32` through
+    __getattr__, so monkeypatch would try to delete it again on undo and fail the teardown."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -77,14 +77,15 @@ def test_fullgraph_compile_forward_and_backward(phase, diversity):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("phase,diversity", VARIANTS)
-def test_gpu_fullgraph_compile_with_the_triton_kernels(phase, diversity):
+def test_gpu_fullgraph_compile_with_the_triton_kernels(phase, diversity, no_tf32):
     """On CUDA the operator runs the Triton kernels: one graph with no break (fullgraph=True, AOT
-    autograd through the op's formula) in every phase and mode, matching eager."""
+    autograd through the op's formula) in every phase and mode, matching eager. TF32 off: with it,
+    cuDNN's per-call algorithm choice moves these 8 x 8, batch-4 gradients by more than 1e-3."""
     model, x, y = _model_and_data(seed=2, device="cuda")
     loss_mod = _loss_module(phase, diversity, device="cuda")
     assert loss_mod.path("cuda", torch.float32, 3) == "triton"
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(lambda x, y: loss_mod(model(x).expert_logits, y))(x, y)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    # cuDNN may pick other algorithms (TF32) per call: the gradients' tolerance follows their scale
+    # cuDNN may pick other algorithms per call: the gradients' tolerance follows their scale
     _fullgraph_matches_eager(model, loss_mod, x, y, 1e-4, 1e-3, lambda g: 1e-3 * float(g.abs().max()) + 1e-7)
