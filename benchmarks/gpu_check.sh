@@ -9,20 +9,22 @@
 #
 # Steps and deadlines in seconds (benchmarks/gpu_steps.py, DEADLINES), full / --quick / --cpu-dry-run:
 #
-#   env                  10 /  5 / 30   device, versions
-#   gpu_tests            90 / 20 / 60   pytest -m gpu: fused-loss kernels at full size, the loss compiled, engine and loader GPU tests
-#   loss_bench           74 / 25 / 60   1.25 GiB copy bandwidth; RIDE loss fp32/bf16 x mean/pairwise x eager/compile/fused
-#   trainer_compile      60 / 28 / 60   the Trainer, bf16, train.compile, CIFAR-size in-memory data, a few hundred steps
-#   trainer_cuda_graphs  40 / 13 / 30   the same with train.cuda_graphs (CUDA only)
-#   amp_fp16             25 /  8 / 60   fp16 + GradScaler through the fused loss against bf16
-#   r50                  35 / 12 / 60   RIDE-R50 E=3 and E=4 train steps, 224 px, bf16, channels-last: images/s, MFU
-#   routed               20 /  8 / 60   routed inference: time ratio against the MACs ratio
-#   ddp_nccl             35 / 12 / 90   torchrun --nproc_per_node=1 -m ride_fast train (NCCL; gloo on the CPU)
-#   e8                   15 /  4 / 60   E = 8 experts through the fused loss
-#   dali                  6 /  3 / 30   the DALI mixed (nvJPEG) pipeline, or "not installed"
-#   sum                 410 /138        budget: full <= 420 s, --quick <= 150 s on an H100/H200 (the runner's
-#                                       start and the report add < 10 s); the dry run's deadlines only
-#                                       bound a broken run: it takes well under a minute on two idle cores
+#   env                   5 /  5 / 30   device, versions
+#   gpu_tests           160 / 42 / 60   pytest -m gpu: fused-loss kernels at full size, the loss compiled, engine and loader GPU tests
+#   loss_bench           60 / 40 / 60   1.25 GiB copy bandwidth; RIDE loss fp32/bf16 x mean/pairwise x eager/compile/fused
+#   trainer_compile      56 / 40 / 60   the Trainer, bf16, train.compile, CIFAR-size in-memory data, a few hundred steps
+#   trainer_cuda_graphs  26 / 16 / 30   the same with train.cuda_graphs (CUDA only)
+#   amp_fp16             36 / 22 / 60   fp16 + GradScaler through the fused loss against bf16
+#   r50                  50 / 35 / 60   RIDE-R50 E=3 and E=4 train steps, 224 px, bf16, channels-last: images/s, MFU
+#   routed                8 /  5 / 60   routed inference: time ratio against the MACs ratio
+#   ddp_nccl             28 / 20 / 90   torchrun --nproc_per_node=1 -m ride_fast train (NCCL; gloo on the CPU)
+#   e8                   16 / 10 / 60   E = 8 experts through the fused loss
+#   dali                  6 /  4 / 30   the DALI mixed (nvJPEG) pipeline, or "not installed"
+#   sum                 451 /239        budget: full <= 470 s, --quick <= 250 s on an H100/H200 (the runner's
+#                                       start and the report add < 10 s). Each column is what the steps
+#                                       took on an H200 with empty compile caches, plus ~10 %; the dry
+#                                       run's deadlines only bound a broken run: it takes well under a
+#                                       minute on two idle cores
 #   A step may also take the seconds the steps before it left unused (the total stays within the sum).
 #
 # On a GPU machine the packages that its image may lack (pytest, pytest-benchmark, fvcore, PyYAML, Pillow

@@ -16,7 +16,7 @@ it wrote; the runner then writes the step's `timed_out` row. Each row has `step`
     measure  one measurement; rows with a goal carry `target` (text) and `target_met`
     error    the exception that ended a step (failed; its message and traceback)
 
-Modes: full (<= 420 s on an H100/H200), quick (<= 150 s, fewer repetitions and one compile
+Modes: full (<= 470 s on an H100/H200), quick (<= 250 s, fewer repetitions and one compile
 shape), dry (tiny sizes on the CPU, Triton through its interpreter; CUDA-only steps skipped).
 `benchmarks/gpu_report.py DIR` turns the rows into DIR/report.md.
 
@@ -54,22 +54,26 @@ STATUSES = ("passed", "failed", "timed_out", "skipped")
 REQUIRED = ("numpy", "yaml", "PIL", "torch", "triton", "pytest", "pytest_benchmark", "fvcore.nn", "iopath", "ride_fast",
             "ride_fast.engine", "ride_fast_kernels")
 
-#: per-step deadlines in seconds: (full, quick, dry). full sums to <= 420 s and quick to <= 150 s,
-#: the check's budget on an H100/H200 (compiles included); dry only bounds a broken CPU run (it takes < 60 s).
+#: per-step deadlines in seconds: (full, quick, dry). full sums to <= 470 s and quick to <= 250 s,
+#: the check's budget on an H100/H200, compiles included (Triton's and inductor's caches start
+#: empty on a fresh machine). The full column is what each step took on an H200 plus about 10 %;
+#: gpu_tests there compiles 24 kernel variants (~100 s) before the compiled-graph tests (~30 s).
+#: The quick column is what --quick's steps took there, rounded up. dry only bounds a broken CPU
+#: run (it takes < 60 s).
 DEADLINES: dict[str, tuple[float, float, float]] = {
-    "env": (10, 5, 30),
-    "gpu_tests": (90, 20, 60),
-    "loss_bench": (74, 25, 60),
-    "trainer_compile": (60, 28, 60),
-    "trainer_cuda_graphs": (40, 13, 30),
-    "amp_fp16": (25, 8, 60),
-    "r50": (35, 12, 60),
-    "routed": (20, 8, 60),
-    "ddp_nccl": (35, 12, 90),
-    "e8": (15, 4, 60),
-    "dali": (6, 3, 30),
+    "env": (5, 5, 30),
+    "gpu_tests": (160, 42, 60),
+    "loss_bench": (60, 40, 60),
+    "trainer_compile": (56, 40, 60),
+    "trainer_cuda_graphs": (26, 16, 30),
+    "amp_fp16": (36, 22, 60),
+    "r50": (50, 35, 60),
+    "routed": (8, 5, 60),
+    "ddp_nccl": (28, 20, 90),
+    "e8": (16, 10, 60),
+    "dali": (6, 4, 30),
 }
-BUDGET_S = {"full": 420, "quick": 150, "dry": 60}
+BUDGET_S = {"full": 470, "quick": 250, "dry": 60}
 STARTUP_S = 10  # the runner's imports and the report, on top of the steps' deadlines
 
 
