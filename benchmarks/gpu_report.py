@@ -15,6 +15,8 @@ from gpu_steps import STATUSES, read_rows
 
 LOSS_COLUMNS = ("case", "provider", "ms", "timed_by", "ms_stream", "gbps", "pct_copy_bw", "pct_floor_time", "predicted_pct_floor", "x_eager",
                 "x_compile")
+KERNEL_COLUMNS = ("fwd_kernel_us", "predicted_fwd_us", "fwd_pct_copy_bw", "bwd_kernel_us", "predicted_bwd_us", "bwd_pct_copy_bw",
+                  "other_kernels_us")
 HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}
 
 
@@ -100,6 +102,13 @@ def build(rows: list[dict]) -> tuple[str, int]:
             md.append("")
         md += _table(list(LOSS_COLUMNS) + ["status"], [[r.get(c) for c in LOSS_COLUMNS] + [r["status"]] for r in loss])
         md.append("")
+        kernels = [r for r in loss if r.get("fwd_kernel_us") is not None]
+        if kernels:
+            md += ["Fused loss, kernel by kernel (profiler device times, us a call; % of the copy bandwidth for the "
+                   "bytes each kernel must move: the forward reads the logits, the backward reads them and writes "
+                   "the gradient; predicted: benchmarks/loss_traffic.py):", ""]
+            md += _table(["case"] + list(KERNEL_COLUMNS), [[r["case"]] + [r.get(c) for c in KERNEL_COLUMNS] for r in kernels])
+            md.append("")
     others = [r for r in rows if r.get("kind") == "measure" and r not in loss and r is not copy]
     if others:
         md += ["## Measurements", ""]

@@ -461,6 +461,8 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                            "predicted_pct_floor": 100 * pred["fraction_of_floor"], "predicted_for": gpu_model.name}
                     ok = math.isfinite(losses[provider]) and abs(losses[provider] - losses["eager"]) <= 1e-2 * max(1.0, abs(losses["eager"]))
                     if provider == "fused":
+                        if dev == "cuda":
+                            row.update(fused_kernel_row(kernel_times_us(step, 20), floor_bytes, copy["gbps"], pred))
                         x_compile = _speedup(times["compile"], timing) if "compile" in times else None
                         floor_goal, floor_text = _floor_goal(row["predicted_pct_floor"])
                         row.update(x_eager=_speedup(times["eager"], timing), x_compile=x_compile,
@@ -470,6 +472,39 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                     rows.measure("passed" if ok else "failed", **row, rotated_copies=len(copies),
                                  **({} if ok else {"reason": f"loss {losses[provider]} vs eager {losses['eager']}"}))
             del z, copies
+
+
+def kernel_times_us(fn: Callable[[], Any], iters: int) -> dict[str, float]:
+    """Microseconds per call of each CUDA kernel that `fn` launches, from the profiler's device
+    times over `iters` calls (after one untimed call): where a fused loss's time goes, kernel by
+    kernel, without the host or the gaps between launches."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            times[event.name] = times.get(event.name, 0.0) + event.device_time_total / iters
+    return times
+
+
+def fused_kernel_row(times: dict[str, float], floor_bytes: int, copy_gbps: float, pred: dict) -> dict:
+    """The forward and backward kernels' times against the copy bandwidth (the forward reads the
+    logits, half the floor bytes; the backward reads them and writes the gradient, all of them)
+    and against the traffic model's time for each."""
+    fwd = sum(t for name, t in times.items() if "_ride_loss_fwd" in name)
+    bwd = sum(t for name, t in times.items() if "_ride_loss_bwd" in name)
+    other = sum(times.values()) - fwd - bwd
+    pct = lambda b, us: 100 * b / (us * 1e-6) / 1e9 / copy_gbps if us else None  # noqa: E731
+    return {"fwd_kernel_us": fwd, "bwd_kernel_us": bwd, "other_kernels_us": other,
+            "fwd_pct_copy_bw": pct(floor_bytes / 2, fwd), "bwd_pct_copy_bw": pct(floor_bytes, bwd),
+            "predicted_fwd_us": pred["fwd_us"], "predicted_bwd_us": pred["bwd_us"]}
 
 
 def _timed_by(timing: dict) -> str:

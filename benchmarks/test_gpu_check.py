@@ -294,6 +294,26 @@ def test_speedups_compare_times_on_one_clock():
     assert _timed_by(graphed) == "graph" and _timed_by(not_graphed) == "stream"
 
 
+def test_the_fused_loss_is_split_kernel_by_kernel_against_the_copy_bandwidth():
+    """The forward is charged the logits it reads (half the floor bytes), the backward the logits
+    and the gradient; other kernels (autograd's grad_output fill) are kept apart. Numbers of an
+    H200 run at (512, 4, 8142) float32: the forward at 42 % of the copy bandwidth, the backward at 94 %."""
+    from gpu_steps import fused_kernel_row
+
+    times = {"_ride_loss_fwd_kernel": 37.89, "_ride_loss_bwd_kernel": 33.46,
+             "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": 0.78}
+    row = fused_kernel_row(times, 133_398_528, 4230.0, {"fwd_us": 16.4, "bwd_us": 24.0})
+    assert row["fwd_kernel_us"] == 37.89 and row["bwd_kernel_us"] == 33.46 and row["other_kernels_us"] == pytest.approx(0.78)
+    assert row["fwd_pct_copy_bw"] == pytest.approx(41.6, abs=0.1) and row["bwd_pct_copy_bw"] == pytest.approx(94.3, abs=0.1)
+    assert (row["predicted_fwd_us"], row["predicted_bwd_us"]) == (16.4, 24.0)
+    plan = {"step": "plan", "status": "passed", "kind": "plan", "mode": "full", "budget_s": 470,
+            "steps": [{"step": "loss_bench", "deadline_s": 60}]}
+    loss = {"step": "loss_bench", "status": "passed", "kind": "measure", "case": "B512-E4-C8142-fp32-mean", "provider": "fused",
+            "ms": 0.0737, **row}
+    text = build([plan, loss, {"step": "loss_bench", "status": "passed", "kind": "end"}])[0]
+    assert "Fused loss, kernel by kernel" in text and "| B512-E4-C8142-fp32-mean | 37.9 | 16.4 | 41.6 | 33.5 | 24 | 94.3 | 0.78 |" in text
+
+
 def test_loss_calls_rotate_through_enough_copies_to_miss_the_l2(monkeypatch):
     """Between two calls on one copy of the logits the others move at least twice the L2, at both
     loss shapes, so no call is timed on rows its predecessor left in the L2."""
