@@ -29,6 +29,11 @@ sm_90 PTX; the cases here all have E = 4); the bandwidths and rates are assumpti
 measurements: a GPU run of benchmarks/test_bench_ride_loss.py checks them. The main loop's logit
 loads and gradient stores are vector accesses whenever B C is a multiple of 16 elements (every case
 here), whatever C is: each row's main loop starts at its first 16-element boundary.
+
+Measured on an H200 (BENCHMARKS.md, "Measured on an H200"): the backward took the DRAM time of
+reading and writing Z, without the L2 credit above; the forward took 2.3x (fp32) to 3.8x (bf16)
+its modelled time at (512, 4, 8142), for a fixed latency a row (about 6-8 us) that this model
+has no term for, paid once per wave of rows. The rows here are the design's prediction.
 """
 from __future__ import annotations
 
