@@ -133,6 +133,9 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
 
 
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+#: a pipelined load (stages > 1): global to shared memory, its size in bytes the third operand
+#: (e.g. "cp.async.cg.shared.global [ %r18 + 0 ], [ %rd21 + 0 ], 0x10, %r94;")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def _width_bytes(suffixes: str) -> int:
@@ -163,29 +166,44 @@ def _loops(lines: list[str]) -> list[tuple[int, int]]:
 
 def main_loop_accesses(ptx: str, hint: str) -> dict:
     """Widths (bytes) of the global loads / stores carrying `hint` in the main loop of the PTX,
-    and its counts of MUFU instructions (ex2, lg2, rcp ...) and other float instructions. The main
-    loop is the last loop with such accesses: the kernels run the masked rest of a row first and
-    the forward's finishing loop reads without that hint."""
+    the widths of its pipelined loads (cp.async into shared memory: the loop runs with stages > 1;
+    the logits' copies, and the per-class temperatures'), and its counts of MUFU instructions (ex2,
+    lg2, rcp ...) and other float instructions. The main loop is the last loop with such accesses:
+    the kernels run the masked rest of a row first and the forward's finishing loop reads without
+    that hint."""
     lines = ptx.splitlines()
-    spans = [(a, b) for a, b in _loops(lines) if any((m := _ACCESS.search(x)) and hint in m.group(2) for x in lines[a:b + 1])]
+
+    def ours(x):
+        m = _ACCESS.search(x)
+        return (m and hint in m.group(2)) or _CP_ASYNC.search(x)
+
+    spans = [(a, b) for a, b in _loops(lines) if any(ours(x) for x in lines[a:b + 1])]
     if not spans:
-        return {"loads": [], "stores": [], "mufu": 0, "alu": 0}
+        return {"loads": [], "stores": [], "staged": [], "mufu": 0, "alu": 0}
     start, end = spans[-1]
-    loads, stores, mufu, alu = [], [], 0, 0
+    loads, stores, staged, mufu, alu = [], [], [], 0, 0
     for line in lines[start:end + 1]:
         m = _ACCESS.search(line)
         if m and hint in m.group(2):
             (loads if m.group(1) == "ld" else stores).append(_width_bytes(m.group(2)))
+        c = _CP_ASYNC.search(line)
+        if c:
+            staged.append(int(c.group(1), 0))
         mufu += bool(_MUFU.search(line))
         alu += bool(_ALU.search(line))
-    return {"loads": loads, "stores": stores, "mufu": mufu, "alu": alu}
+    return {"loads": loads, "stores": stores, "staged": staged, "mufu": mufu, "alu": alu}
 
 
 def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, budget):
     usage = ptxas_usage(compiled.asm["ptx"], arch)
     acc = main_loop_accesses(compiled.asm["ptx"], hint)
     vec = lambda widths: bool(widths) and all(w >= 8 for w in widths)  # noqa: E731
-    vectorised = vec(acc["loads"]) and (vec(acc["stores"]) if kernel == "bwd" else True)
+    # pipelined (stages > 1): the logits arrive by cp.async at the widest width of the loop's
+    # copies; the temperatures' copies (4 bytes where a block's start is unaligned) are narrower
+    logit_widths = acc["loads"]
+    if not logit_widths and acc["staged"]:
+        logit_widths = [w for w in acc["staged"] if w == max(acc["staged"])]
+    vectorised = vec(logit_widths) and (vec(acc["stores"]) if kernel == "bwd" else True)
     return {
         "kernel": kernel,
         "variant": variant,
@@ -194,7 +212,8 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
         "spills": usage["spills"],
         "shared_bytes": int(compiled.metadata.shared),
         "num_warps": int(compiled.metadata.num_warps),
-        "logit_loads": min(acc["loads"]) if acc["loads"] else None,
+        "logit_loads": min(logit_widths) if logit_widths else None,
+        "staged_loads": len(acc["staged"]),
         "grad_stores": min(acc["stores"]) if acc["stores"] else None,
         "vectorised": vectorised,
         "register_budget": budget,
@@ -205,10 +224,13 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
 
 
 def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142,
-                 layout: str = "training", kernels=("fwd", "bwd"), weight_sum: bool = False) -> list[dict]:
+                 layout: str = "training", kernels=("fwd", "bwd"), weight_sum: bool = False, stages: int = 1,
+                 max_registers: int | None = None) -> list[dict]:
     """Compile the forward and/or backward kernel of one variant as the launcher would launch it
     (the gradient with the logits' strides, as the launcher allocates it for contiguous logits).
-    weight_sum: the forward with the divisor passed in (a step split over ranks or micro-batches)."""
+    weight_sum: the forward with the divisor passed in (a step split over ranks or micro-batches).
+    stages, max_registers: the launchers' tuning overrides (stages > 1 loads the main loop's
+    logits through shared memory with cp.async, read here as that loop's logit loads)."""
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     r, v, warps = pick_tile(e_block, classes, itemsize)
@@ -217,24 +239,27 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     div = MODES[mode] if not (mode == "pairwise" and E == 1) else ride_loss._DIV_NONE  # as the launcher
     cx = dict(zip(_CONSTEXPRS, [margins, weights, temps and div != ride_loss._DIV_NONE, div, e_block, r, v]))
     divisible = _PTR_ARGS + LAYOUTS[layout]
-    variant = f"E{E}-{mode}-{dtype}-{terms}"
+    variant = f"E{E}-{mode}-{dtype}-{terms}" + (f"-stages{stages}" if stages > 1 else "") + (f"-r{max_registers}" if max_registers else "")
+    budget = max_registers or ride_loss.register_budget(e_block, itemsize)
     rows = []
     if "fwd" in kernels:
         sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr", **{n: "constexpr" for n in _CONSTEXPRS})
         sig["HAS_WSUM"] = "constexpr"
-        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum)
+        sig["STAGES"] = "constexpr"
+        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum, STAGES=stages)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
-        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
+        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, budget)
+        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), budget))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
         sig["G_ALIGNED"] = "constexpr"
-        c = dict(cx, G_ALIGNED=True)
+        sig["STAGES"] = "constexpr"
+        c = dict(cx, G_ALIGNED=True, STAGES=stages)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, ride_loss.register_budget(e_block, itemsize))
-        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * r * v / (32 * warps), ride_loss.register_budget(e_block, itemsize)))
+        k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, budget)
+        rows.append(_row("bwd", variant, True, k, arch, "evict_first", e_block * r * v / (32 * warps), budget))
     return rows
 
 

@@ -77,6 +77,12 @@ Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per
 the kernels (a launch passes strides below 2^31 as 32-bit integers, and (E - 1) B C may not fit).
 Launches run on the logits' device, on its current stream.
 
+Two launch options change scheduling, never results: `stages` > 1 runs the main loop's logit
+loads that many blocks ahead through shared memory (cp.async), two tiles in flight a program;
+`max_registers` replaces the register budget (64: four 8-warp programs an SM, so that 512 rows run
+in one wave of programs instead of two). The defaults are the design above; the GPU check times
+the alternatives beside it.
+
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
 logits' dtype.
@@ -175,6 +181,13 @@ def _validate(expert_logits, target, margins, class_weights, temperature, divers
     return (target, *vecs)
 
 
+def _check_tuning(stages, max_registers):
+    if not (isinstance(stages, int) and 1 <= stages <= 4):
+        raise ValueError(f"stages must be an integer from 1 to 4, got {stages!r}")
+    if max_registers is not None and not (isinstance(max_registers, int) and 24 <= max_registers <= 255 and max_registers % 8 == 0):
+        raise ValueError(f"max_registers must be a multiple of 8 from 24 to 255 (or None: the kernel's budget), got {max_registers!r}")
+
+
 def _prepare(expert_logits, target, margins, class_weights, temperature):
     """Unit class stride, contiguous target and float32 vectors; no checks (already validated)."""
     z = expert_logits.detach()
@@ -185,7 +198,7 @@ def _prepare(expert_logits, target, margins, class_weights, temperature):
 
 
 def _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-             block_c=None, stats_out=None, part_out=None, weight_sum=None):
+             block_c=None, stats_out=None, part_out=None, weight_sum=None, stages=1, max_registers=None):
     """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1])."""
     E, B, C = z.shape
     device = z.device
@@ -209,13 +222,13 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
             HAS_WSUM=weight_sum is not None, DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
-            num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
+            STAGES=stages, num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size()),
         )
     return loss, stats, aux
 
 
 def _backward(grad_output, z, target, margins, class_weights, temperature, stats, aux,
-              diversity_factor, temperature_mean, diversity, block_c=None, grad_out=None):
+              diversity_factor, temperature_mean, diversity, block_c=None, grad_out=None, stages=1, max_registers=None):
     """Launch the backward on prepared inputs: grad_output * d loss / d z, [E, B, C] in z's dtype."""
     E, B, C = z.shape
     g = grad_out if grad_out is not None else torch.empty((E, B, C), dtype=z.dtype, device=z.device)
@@ -233,7 +246,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
             stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
             DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
-            num_warps=warps, maxnreg=register_budget(e_block, z.element_size()),
+            STAGES=stages, num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size()),
         )
     return g
 
@@ -251,6 +264,8 @@ def ride_loss_forward(
     stats_out: Tensor | None = None,
     part_out: Tensor | None = None,
     weight_sum: Tensor | None = None,
+    stages: int = 1,
+    max_registers: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validate and launch the forward: (loss float32 scalar, stats [B, 3, E], aux [1]).
 
@@ -258,9 +273,12 @@ def ride_loss_forward(
     `part_out` ([B, 3]) are optional float32 buffers (tests pass poisoned ones); `weight_sum` (one
     element) replaces the classification term's divisor (see the module docstring). Under
     RIDE_FAST_DEBUG=1 the target range is checked too (a host sync); otherwise a target out of
-    range yields a NaN loss.
+    range yields a NaN loss. `stages` (> 1: the main loop's loads run that many blocks ahead,
+    through shared memory) and `max_registers` (instead of `register_budget`) are tuning
+    overrides that the GPU check times against the defaults; the results do not depend on them.
     """
     target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
+    _check_tuning(stages, max_registers)
     E, B, C = expert_logits.shape
     for name, buf, shape in (("stats_out", stats_out, (B, 3, E)), ("part_out", part_out, (B, 3))):
         if buf is not None and (tuple(buf.shape) != shape or buf.dtype != torch.float32 or not buf.is_contiguous()):
@@ -270,7 +288,7 @@ def ride_loss_forward(
         raise ValueError(f"weight_sum must be a one-element floating-point tensor on {z.device}, got shape "
                          f"{tuple(weight_sum.shape)} {weight_sum.dtype} on {weight_sum.device}")
     return _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-                    block_c, stats_out, part_out, weight_sum)
+                    block_c, stats_out, part_out, weight_sum, stages, max_registers)
 
 
 def ride_loss_backward(
@@ -287,11 +305,15 @@ def ride_loss_backward(
     diversity: str = "mean",
     block_c: int | None = None,
     grad_out: Tensor | None = None,
+    stages: int = 1,
+    max_registers: int | None = None,
 ) -> Tensor:
     """Validate and launch the backward: grad_output * d loss / d expert_logits, [E, B, C] in the
     logits' dtype, from the forward's `stats` and `aux`. `grad_out` is an optional output buffer
-    ([E, B, C], the logits' dtype, unit class stride)."""
+    ([E, B, C], the logits' dtype, unit class stride); `stages` and `max_registers` as in the
+    forward."""
     target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
+    _check_tuning(stages, max_registers)
     E, B, C = expert_logits.shape
     if grad_output.numel() != 1 or not grad_output.is_floating_point():
         raise ValueError(f"grad_output must be a floating-point scalar, got shape {tuple(grad_output.shape)} {grad_output.dtype}")
@@ -301,4 +323,4 @@ def ride_loss_backward(
         raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {expert_logits.dtype} on {expert_logits.device} with unit class stride")
     z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)
     return _backward(grad_output, z, target, margins, class_weights, temperature, stats.contiguous(), aux,
-                     diversity_factor, temperature_mean, diversity, block_c, grad_out)
+                     diversity_factor, temperature_mean, diversity, block_c, grad_out, stages, max_registers)

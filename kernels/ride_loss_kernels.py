@@ -331,6 +331,7 @@ def _ride_loss_fwd_kernel(
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_WSUM: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
     E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr, FINISH_BLOCK: tl.constexpr,
+    STAGES: tl.constexpr = 1,  # > 1: the main loop's logit loads run that many blocks ahead (cp.async into shared memory)
 ):
     BLOCK_C: tl.constexpr = R * V
     stride_ze = stride_ze.to(tl.int64)  # expert offsets (E - 1) B C may pass 2^31 elements
@@ -363,7 +364,7 @@ def _ride_loss_fwd_kernel(
     n_v = tl.full([R], BIG, tl.float32)
     s_v = tl.zeros([R], dtype=tl.float32)
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]  # [R, V]: V consecutive classes a thread
-    for start in range(h, h + n_main, BLOCK_C):  # full blocks, no class mask, from class h
+    for start in tl.range(h, h + n_main, BLOCK_C, num_stages=STAGES):  # full blocks, no class mask, from class h
         z_al = tl.multiple_of(z_row + start, 16)  # a multiple of 16 by construction
         n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
             n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_al, stride_ze, E, cls, C - start, y - start,
@@ -499,6 +500,7 @@ def _ride_loss_bwd_kernel(
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
     DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
     G_ALIGNED: tl.constexpr,  # (stride_gb - stride_zb) % 16 == 0
+    STAGES: tl.constexpr = 1,  # as in the forward
 ):
     BLOCK_C: tl.constexpr = R * V
     # rows in reverse order: the rows the forward read last are the likeliest still in L2
@@ -546,7 +548,7 @@ def _ride_loss_bwd_kernel(
               stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP,
               DIV_MODE)
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
-    for start in range(h, h + n_main, BLOCK_C):
+    for start in tl.range(h, h + n_main, BLOCK_C, num_stages=STAGES):
         z_al = tl.multiple_of(z_row + start, 16)
         if G_ALIGNED:  # the gradient's row stride equals the logits' modulo 16: aligned there too
             g_al = tl.multiple_of(g_row + start, 16)

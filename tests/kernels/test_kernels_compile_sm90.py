@@ -108,3 +108,44 @@ def test_report_cli_rejects_bad_arguments():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "ride_fast_kernels.report", "--modes", "max"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 2 and "--modes: unknown ['max']" in result.stderr
+
+
+TUNING_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from ride_fast_kernels import report
+    staged = [r for E in (4, 8) for mode in ("mean", "pairwise") for dtype in ("fp32", "bf16")
+              for r in report.variant_rows(E, mode, dtype, 1, "sm_90", classes=8142, stages=2)]
+    capped = [r for mode in ("mean", "pairwise") for dtype in ("fp32", "bf16")
+              for r in report.variant_rows(4, mode, dtype, 1, "sm_90", classes=8142, max_registers=64)]
+    print(json.dumps({"staged": staged, "capped": capped}))
+    """
+)
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")
+def test_the_tuning_variants_compile_for_sm90():
+    """The launch-time alternatives the GPU check times beside the defaults: stages = 2 loads the
+    main loop's logits a block ahead with cp.async (16-byte float32 / 8-byte bf16 copies into
+    shared memory) within the register budget, without spills; max_registers = 64 (four 8-warp
+    programs an SM) holds the cap, spilling nothing in "mean" and a few bytes at most in the
+    phase-1 "pairwise" forward, which carries the most running state."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", TUNING_SCRIPT], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out["staged"]) == 16 and len(out["capped"]) == 8
+    for row in out["staged"]:
+        where = f"{row['kernel']} {row['variant']}"
+        budget, _ = BUDGET[int(row["variant"].split("-")[0][1:]) > 4]
+        assert row["variant"].endswith("-stages2") and row["staged_loads"] > 0, f"{where}: no cp.async in the main loop"
+        assert row["spills"] == 0 and row["registers"] <= budget, f"{where}: {row['registers']} registers, {row['spills']} bytes spilled"
+        assert row["logit_loads"] == (16 if "-fp32-" in row["variant"] else 8) and row["vectorised"], where
+        assert row["shared_bytes"] <= 48 * 1024, f"{where} uses {row['shared_bytes']} bytes of shared memory"
+    for row in out["capped"]:
+        where = f"{row['kernel']} {row['variant']}"
+        assert row["registers"] <= 64 and row["register_budget"] == 64 and row["vectorised"], where
+        if "-mean-" in row["variant"] or row["kernel"] == "bwd":
+            assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
+        else:
+            assert row["spills"] <= 64, f"{where} spills {row['spills']} bytes"
