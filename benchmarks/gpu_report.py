@@ -14,7 +14,7 @@ from pathlib import Path
 from gpu_steps import STATUSES, read_rows
 
 LOSS_COLUMNS = ("case", "provider", "ms", "timed_by", "ms_stream", "gbps", "pct_copy_bw", "pct_floor_time", "predicted_pct_floor", "x_eager",
-                "x_compile")
+                "x_compile", "x_default")
 KERNEL_COLUMNS = ("fwd_kernel_us", "predicted_fwd_us", "fwd_pct_copy_bw", "bwd_kernel_us", "predicted_bwd_us", "bwd_pct_copy_bw",
                   "other_kernels_us")
 HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}

@@ -59,9 +59,15 @@ def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
     assert {s for s in CPU_STEPS if ends[s]["status"] == "passed"} == set(CPU_STEPS)
     for s in CUDA_ONLY:
         assert ends[s]["status"] == "skipped" and "CUDA" in ends[s]["reason"]
-    loss = [r for r in rows if r["step"] == "loss_bench" and r.get("provider")]
+    loss = [r for r in rows if r["step"] == "loss_bench" and r.get("provider", "").split("-")[0] in ("eager", "compile", "fused")]
     assert {(r["dtype"], r["diversity"], r["provider"]) for r in loss} == {
         (d, m, p) for d in ("fp32", "bf16") for m in ("mean", "pairwise") for p in ("eager", "compile", "fused")}
+    # the fused kernels' tuning variants beside the defaults (the interpreter: one case), each
+    # with the default's gradient
+    variants = [r for r in rows if r["step"] == "loss_bench" and r.get("provider", "").startswith("kernels-")]
+    assert {(r["dtype"], r["diversity"], r["provider"]) for r in variants} == {
+        ("fp32", "mean", p) for p in ("kernels-default", "kernels-stages2", "kernels-regs64", "kernels-stages2-regs64")}
+    assert all(r["status"] == "passed" and r["same_gradient_as_default"] and r["x_default"] > 0 for r in variants)
     copy = next(r for r in rows if r.get("case") == "copy")
     fused = [r for r in loss if r["provider"] == "fused"]
     assert copy["gbps"] > 0 and all(r["pct_floor_time"] > 0 and 0 < r["predicted_pct_floor"] <= 100 for r in fused)
@@ -189,7 +195,7 @@ def test_a_missing_module_is_named_before_any_step_runs(tmp_path):
 
 
 def test_deadlines_fit_the_budgets():
-    """The full check's steps fit in 470 s and --quick's in 250 s, the runner's start and report included."""
+    """The full check's steps fit in 500 s and --quick's in 280 s, the runner's start and report included."""
     for column, mode in enumerate(("full", "quick")):
         assert sum(d[column] for d in DEADLINES.values()) + STARTUP_S <= BUDGET_S[mode]
 
