@@ -23,6 +23,8 @@ triton wheel; no driver), one row per kernel variant:
     logit_loads   vector width in bytes of the main loop's global loads of the logits (16: one
                   128-bit load per instruction), and grad_stores likewise for the gradient
     vectorised    every logit load (and gradient store) in the main loop is a vector access
+    staged_loads  cp.async copies in the main loop (0 unless compiled with stages > 1, where the
+                  logits arrive through shared memory and logit_loads is their copies' width)
     mufu_per_element, alu_per_element
                   the main loop's MUFU instructions (ex2, lg2, rcp, and float32 divisions,
                   which run a reciprocal) and other float
