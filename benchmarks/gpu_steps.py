@@ -534,23 +534,21 @@ def kernel_variants(rows: Rows, copies: list, y, m, w, t, div: str, floor_bytes:
     go = torch.ones((), device=z0.device)
     turn = itertools.count()
 
-    def launch(**tuning):
-        zc = copies[next(turn) % len(copies)].detach()
-        _, stats, aux = ride_loss_forward(zc, y, m, w, t, LAMBDA, TM, div, **tuning)
-        return ride_loss_backward(go, zc, y, m, w, t, stats, aux, LAMBDA, TM, div, **tuning)
+    def grad_of(z, **tuning):
+        _, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, div, **tuning)
+        return ride_loss_backward(go, z, y, m, w, t, stats, aux, LAMBDA, TM, div, **tuning)
 
-    def grad_of(**tuning):
-        _, stats, aux = ride_loss_forward(z0.detach(), y, m, w, t, LAMBDA, TM, div, **tuning)
-        return ride_loss_backward(go, z0.detach(), y, m, w, t, stats, aux, LAMBDA, TM, div, **tuning)
+    def timed(**tuning):  # each call on the next copy of the logits, as the providers' calls
+        launch = lambda: grad_of(copies[next(turn) % len(copies)].detach(), **tuning)  # noqa: E731
+        return time_per_iter(launch, sizes.loss_iters * (4 if B * C < 1e6 else 1), sizes.device,
+                             warmup=3 if sizes.device == "cuda" else 0)
 
-    reference = grad_of()
-    iters = sizes.loss_iters * (4 if B * C < 1e6 else 1)
-    base = time_per_iter(launch, iters, sizes.device, warmup=3 if sizes.device == "cuda" else 0)
+    reference = grad_of(z0.detach())
+    base = timed()
     for name, tuning in {"default": {}, **KERNEL_VARIANTS}.items():
         try:
-            timing = base if name == "default" else time_per_iter(lambda tuning=tuning: launch(**tuning), iters, sizes.device,
-                                                                  warmup=3 if sizes.device == "cuda" else 0)
-            same = bool(torch.equal(grad_of(**tuning), reference))
+            timing = base if name == "default" else timed(**tuning)
+            same = bool(torch.equal(grad_of(z0.detach(), **tuning), reference))
         except Exception as exc:  # a variant that does not compile or launch here is a finding, not a failed step
             rows.measure("failed", case=case, provider=f"kernels-{name}", dtype=dtype_name, diversity=div,
                          reason=f"{type(exc).__name__}: {exc}"[:300])
