@@ -453,7 +453,7 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                     timing = time_per_iter(step, sizes.loss_iters * (4 if B * C < 1e6 else 1), dev, warmup=3 if dev == "cuda" else 0)
                     times[provider] = timing
                     gbps = floor_bytes / timing["s"] / 1e9
-                    pct = 100 * gbps / copy["gbps"]
+                    pct = pct_of_copy(floor_bytes, timing["s"], copy["gbps"])
                     row = {"case": f"B{B}-E{E}-C{C}-{dtype_name}-{div}", "provider": provider, "B": B, "E": E, "C": C,
                            "dtype": dtype_name, "diversity": div, "ms": timing["s"] * 1e3, "ms_stream": timing["stream_s"] * 1e3,
                            "ms_graph": None if timing["graph_s"] is None else timing["graph_s"] * 1e3,
@@ -498,6 +498,11 @@ def kernel_times_us(fn: Callable[[], Any], iters: int) -> dict[str, float]:
     return times
 
 
+def pct_of_copy(nbytes: float, seconds: float, copy_gbps: float) -> float:
+    """`nbytes` moved in `seconds`, as a percentage of the copy bandwidth (GB/s, read + written)."""
+    return 100 * nbytes / seconds / 1e9 / copy_gbps
+
+
 def fused_kernel_row(times: dict[str, float], floor_bytes: int, copy_gbps: float, pred: dict) -> dict:
     """The forward and backward kernels' times against the copy bandwidth (the forward reads the
     logits, half the floor bytes; the backward reads them and writes the gradient, all of them)
@@ -505,7 +510,7 @@ def fused_kernel_row(times: dict[str, float], floor_bytes: int, copy_gbps: float
     fwd = sum(t for name, t in times.items() if "_ride_loss_fwd" in name)
     bwd = sum(t for name, t in times.items() if "_ride_loss_bwd" in name)
     other = sum(times.values()) - fwd - bwd
-    pct = lambda b, us: 100 * b / (us * 1e-6) / 1e9 / copy_gbps if us else None  # noqa: E731
+    pct = lambda b, us: pct_of_copy(b, us * 1e-6, copy_gbps) if us else None  # noqa: E731
     return {"fwd_kernel_us": fwd, "bwd_kernel_us": bwd, "other_kernels_us": other,
             "fwd_pct_copy_bw": pct(floor_bytes / 2, fwd), "bwd_pct_copy_bw": pct(floor_bytes, bwd),
             "predicted_fwd_us": pred["fwd_us"], "predicted_bwd_us": pred["bwd_us"]}
@@ -553,7 +558,7 @@ def kernel_variants(rows: Rows, copies: list, y, m, w, t, div: str, floor_bytes:
             rows.measure("failed", case=case, provider=f"kernels-{name}", dtype=dtype_name, diversity=div,
                          reason=f"{type(exc).__name__}: {exc}"[:300])
             continue
-        pct = 100 * floor_bytes / timing["s"] / 1e9 / copy_gbps
+        pct = pct_of_copy(floor_bytes, timing["s"], copy_gbps)
         rows.measure("passed" if same else "failed", case=case, provider=f"kernels-{name}", B=B, E=E, C=C, dtype=dtype_name, diversity=div,
                      ms=timing["s"] * 1e3, ms_stream=timing["stream_s"] * 1e3, timed_by=_timed_by(timing),
                      pct_copy_bw=pct, pct_floor_time=pct, x_default=_speedup(base, timing), **tuning,
