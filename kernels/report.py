@@ -5,12 +5,15 @@
                                        [--terms phase0,phase1 | --terms all]
                                        [--experts 1,2,...] [--modes mean,pairwise]
                                        [--dtypes fp32,bf16,fp16]
+                                       [--kernels fwd,bwd,fwdgrad]
 
 Compiles every variant ahead of time (Triton front end, LLVM, and the ptxas bundled with the
 triton wheel; no driver), one row per kernel variant:
 
     kernel        fwd (loss and row statistics, its last program reduces the rows: all a
-                  forward without gradient runs), bwd (the gradient)
+                  forward without gradient runs), bwd (the gradient), and with --kernels
+                  fwdgrad: the forward that also writes the gradient in a second pass over
+                  each row (its columns describe that pass's loop)
     variant       E<experts>-<mode>-<dtype>-<terms>: mode mean, pairwise or none (no diversity
                   term: lambda = 0, the CE / LDAM losses, and one expert with "pairwise", which
                   the launcher runs without it); terms, the per-class vectors passed (TERMS):
@@ -72,13 +75,15 @@ TERMS = {
     "ce-temps": (False, False, True),  # RIDE with a CE classification term, T != 1
     "ce-drw": (False, True, True),  # the same after the DRW switch
 }
+KERNELS = ("fwd", "fwdgrad", "bwd")
 _PTR_ARGS = ("z_ptr", "target_ptr", "margin_ptr", "weight_ptr", "temp_ptr", "stats_ptr", "part_ptr", "loss_ptr", "aux_ptr", "wsum_ptr", "counter_ptr", "go_ptr", "g_ptr")
 #: argument types as a launch specialises them (an integer below 2^31 arrives as i32; the kernels
 #: widen the expert strides to 64 bits themselves)
 _FWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
     "stats_ptr": "*fp32", "part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "wsum_ptr": "*fp32",
-    "counter_ptr": "*i32", "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i32", "stride_zb": "i32", "div_scale": "fp32",
+    "counter_ptr": "*i32", "g_ptr": None, "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i32", "stride_zb": "i32",
+    "stride_ge": "i32", "stride_gb": "i32", "div_scale": "fp32",
 }
 _BWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
@@ -205,7 +210,7 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
     logit_widths = acc["loads"]
     if not logit_widths and acc["staged"]:
         logit_widths = [w for w in acc["staged"] if w == max(acc["staged"])]
-    vectorised = vec(logit_widths) and (vec(acc["stores"]) if kernel == "bwd" else True)
+    vectorised = vec(logit_widths) and (vec(acc["stores"]) if kernel in ("bwd", "fwdgrad") else True)
     return {
         "kernel": kernel,
         "variant": variant,
@@ -227,12 +232,15 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
 
 def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90", classes: int = 8142,
                  layout: str = "training", kernels=("fwd", "bwd"), weight_sum: bool = False, stages: int = 1,
-                 max_registers: int | None = None) -> list[dict]:
+                 max_registers: int | None = None, grad_written: bool = False) -> list[dict]:
     """Compile the forward and/or backward kernel of one variant as the launcher would launch it
     (the gradient with the logits' strides, as the launcher allocates it for contiguous logits).
     weight_sum: the forward with the divisor passed in (a step split over ranks or micro-batches).
     stages, max_registers: the launchers' tuning overrides (stages > 1 loads the main loop's
-    logits through shared memory with cp.async, read here as that loop's logit loads)."""
+    logits through shared memory with cp.async, read here as that loop's logit loads).
+    kernels may name "fwdgrad": the forward that also writes the gradient (its row is that of the
+    second pass, the gradient's); grad_written: the backward that returns at once where
+    grad_output is 1, which runs after it."""
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     r, v, warps = pick_tile(e_block, classes, itemsize)
@@ -241,23 +249,31 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     div = MODES[mode] if not (mode == "pairwise" and E == 1) else ride_loss._DIV_NONE  # as the launcher
     cx = dict(zip(_CONSTEXPRS, [margins, weights, temps and div != ride_loss._DIV_NONE, div, e_block, r, v]))
     divisible = _PTR_ARGS + LAYOUTS[layout]
-    variant = f"E{E}-{mode}-{dtype}-{terms}" + (f"-stages{stages}" if stages > 1 else "") + (f"-r{max_registers}" if max_registers else "")
+    variant = (f"E{E}-{mode}-{dtype}-{terms}" + (f"-stages{stages}" if stages > 1 else "") + (f"-r{max_registers}" if max_registers else "")
+               + ("-written" if grad_written else ""))
     budget = max_registers or ride_loss.register_budget(e_block, itemsize)
     rows = []
-    if "fwd" in kernels:
-        sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr", **{n: "constexpr" for n in _CONSTEXPRS})
-        sig["HAS_WSUM"] = "constexpr"
-        sig["STAGES"] = "constexpr"
-        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum, STAGES=stages)
+    for kernel in [k for k in ("fwd", "fwdgrad") if k in kernels]:
+        write_grad = kernel == "fwdgrad"
+        sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr",
+                   **{n: "constexpr" for n in _CONSTEXPRS})
+        for n in ("HAS_WSUM", "STAGES", "WRITE_GRAD", "G_ALIGNED"):
+            sig[n] = "constexpr"
+        # the forward that writes the gradient needs the divisor up front: with DRW weights the
+        # launcher passes it (weight_sum)
+        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum or (write_grad and weights), STAGES=stages,
+                 WRITE_GRAD=write_grad, G_ALIGNED=write_grad)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, budget)
-        rows.append(_row("fwd", variant, False, k, arch, "evict_last", e_block * r * v / (32 * warps), budget))
+        # fwdgrad: the last loop with the logits' accesses is the gradient pass (the backward's hints)
+        rows.append(_row(kernel, variant, write_grad, k, arch, "evict_first" if write_grad else "evict_last",
+                         e_block * r * v / (32 * warps), budget))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
-        sig["G_ALIGNED"] = "constexpr"
-        sig["STAGES"] = "constexpr"
-        c = dict(cx, G_ALIGNED=True, STAGES=stages)
+        for n in ("G_ALIGNED", "STAGES", "GRAD_WRITTEN"):
+            sig[n] = "constexpr"
+        c = dict(cx, G_ALIGNED=True, STAGES=stages, GRAD_WRITTEN=grad_written)
         if E == 1:
             sig["E"], c["E"] = "constexpr", 1
         k = _compile(ride_loss._ride_loss_bwd_kernel, sig, c, warps, arch, divisible, budget)
@@ -273,15 +289,16 @@ def launched_terms(E: int, mode: str, terms=tuple(TERMS)) -> list[str]:
 
 
 def report(arch="sm_90", experts=range(1, 9), modes=("mean", "pairwise"), dtypes=("fp32", "bf16", "fp16"),
-           phases=(0, 1), classes=8142, layout="training") -> list[dict]:
-    """Rows of every (E, mode, dtype, terms) variant; `phases` lists terms (0, 1 or TERMS keys)."""
+           phases=(0, 1), classes=8142, layout="training", kernels=("fwd", "bwd")) -> list[dict]:
+    """Rows of every (E, mode, dtype, terms) variant; `phases` lists terms (0, 1 or TERMS keys);
+    `kernels`, which kernels of each (see `variant_rows`)."""
     terms = [f"phase{p}" if isinstance(p, int) else p for p in phases]
     rows = []
     for E in experts:
         for mode in modes:
             for dtype in dtypes:
                 for t in (terms if mode != "none" else launched_terms(E, mode, terms)):
-                    rows += variant_rows(E, mode, dtype, t, arch, classes, layout)
+                    rows += variant_rows(E, mode, dtype, t, arch, classes, layout, kernels)
     return rows
 
 
@@ -296,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="mean,pairwise")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--terms", default="phase0,phase1", help=f"per-class vectors passed: all or some of {list(TERMS)}")
+    parser.add_argument("--kernels", default="fwd,bwd", help="fwd, bwd and fwdgrad (the forward that also writes the gradient)")
     args = parser.parse_args(argv)
     if not os.path.exists(ptxas_path()):
         print(f"no ptxas at {ptxas_path()} (the triton wheel bundles one)", file=sys.stderr)
@@ -304,12 +322,14 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     dtypes = args.dtypes.split(",")
     terms = list(TERMS) if args.terms == "all" else args.terms.split(",")
-    for what, values, valid in (("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES), ("--terms", terms, TERMS)):
+    kernels = args.kernels.split(",")
+    for what, values, valid in (("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES), ("--terms", terms, TERMS),
+                                ("--kernels", kernels, KERNELS)):
         bad = [v for v in values if v not in valid]
         if bad:
             print(f"{what}: unknown {bad}; valid: {sorted(valid)}", file=sys.stderr)
             return 2
-    rows = report(args.arch, experts, modes, dtypes, terms, classes=args.classes, layout=args.layout)
+    rows = report(args.arch, experts, modes, dtypes, terms, classes=args.classes, layout=args.layout, kernels=kernels)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -83,6 +83,18 @@ loads that many blocks ahead through shared memory (cp.async), two tiles in flig
 in one wave of programs instead of two). The defaults are the design above; the GPU check times
 the alternatives beside it.
 
+A third design is a launch option too: `grad_out` on the forward. Each program then runs its row
+twice: the first pass as above, then, with the row's statistics in registers, the backward's pass
+(`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second pass reads the
+row the program has just read, from L2 if it is still there (rows in flight x row bytes: 3 x 132
+programs x 130 KB = 52 MB in float32 at (E, C) = (4, 8142), 26 MB in bfloat16, against a 50 MB
+L2), so the logits may cross DRAM once instead of twice. The backward, told `grad_written`, reads
+grad_output and returns at once where it is 1, and recomputes the gradient (scaled, rounded once)
+where it is not: GradScaler's float16 steps pay both passes. With DRW weights the forward needs
+the divisor sum_i w_{y_i} before the rows are summed; the launcher computes it when no
+`weight_sum` is passed. The gradient equals the backward's bit for bit (same statistics, same
+operations), which the tests and the GPU check verify.
+
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
 logits' dtype.
@@ -188,6 +200,19 @@ def _check_tuning(stages, max_registers):
         raise ValueError(f"max_registers must be a multiple of 8 from 24 to 255 (or None: the kernel's budget), got {max_registers!r}")
 
 
+def _check_grad_out(grad_out, expert_logits, contiguous):
+    """A gradient buffer: [E, B, C] of the logits' dtype on their device, unit class stride (the
+    forward's also contiguous, so that a row's gradient starts where its logits do modulo 16)."""
+    if grad_out is None:
+        return
+    E, B, C = expert_logits.shape
+    if (grad_out.shape != (E, B, C) or grad_out.dtype != expert_logits.dtype or grad_out.stride(2) != 1
+            or grad_out.device != expert_logits.device or (contiguous and not grad_out.is_contiguous())):
+        layout = "contiguous" if contiguous else "with unit class stride"
+        raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {expert_logits.dtype} on {expert_logits.device}, {layout}; "
+                         f"got {tuple(grad_out.shape)} {grad_out.dtype} on {grad_out.device} with strides {tuple(grad_out.stride())}")
+
+
 def _prepare(expert_logits, target, margins, class_weights, temperature):
     """Unit class stride, contiguous target and float32 vectors; no checks (already validated)."""
     z = expert_logits.detach()
@@ -198,9 +223,14 @@ def _prepare(expert_logits, target, margins, class_weights, temperature):
 
 
 def _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-             block_c=None, stats_out=None, part_out=None, weight_sum=None, stages=1, max_registers=None):
-    """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1])."""
+             block_c=None, stats_out=None, part_out=None, weight_sum=None, stages=1, max_registers=None, grad_out=None):
+    """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1]).
+    With `grad_out` the forward also writes the gradient for grad_output = 1 there."""
     E, B, C = z.shape
+    if grad_out is not None and class_weights is not None and weight_sum is None:
+        # the gradient needs the divisor before the rows are summed: sum_i w_{y_i}, targets clamped
+        # (a target out of range makes the loss NaN whatever the divisor)
+        weight_sum = class_weights.index_select(0, target.clamp(0, C - 1)).sum().reshape(1)
     device = z.device
     stats = stats_out if stats_out is not None else torch.empty((B, 3, E), dtype=torch.float32, device=device)
     part = part_out if part_out is not None else torch.empty((B, 3), dtype=torch.float32, device=device)
@@ -219,17 +249,23 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             temperature if temperature is not None else dummy,
             stats, part, loss, aux,
             weight_sum.detach().reshape(1).to(torch.float32) if weight_sum is not None else dummy,
-            counter, E, B, C, z.stride(0), z.stride(1), float(div_scale),
+            counter, grad_out if grad_out is not None else z, E, B, C, z.stride(0), z.stride(1),
+            *((grad_out.stride(0), grad_out.stride(1)) if grad_out is not None else (0, 0)), float(div_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
             HAS_WSUM=weight_sum is not None, DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
-            STAGES=stages, num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size()),
+            STAGES=stages, WRITE_GRAD=grad_out is not None,
+            G_ALIGNED=grad_out is not None and (grad_out.stride(1) - z.stride(1)) % 16 == 0,
+            num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size()),
         )
     return loss, stats, aux
 
 
 def _backward(grad_output, z, target, margins, class_weights, temperature, stats, aux,
-              diversity_factor, temperature_mean, diversity, block_c=None, grad_out=None, stages=1, max_registers=None):
-    """Launch the backward on prepared inputs: grad_output * d loss / d z, [E, B, C] in z's dtype."""
+              diversity_factor, temperature_mean, diversity, block_c=None, grad_out=None, stages=1, max_registers=None,
+              grad_written=False):
+    """Launch the backward on prepared inputs: grad_output * d loss / d z, [E, B, C] in z's dtype.
+    `grad_written`: `grad_out` holds the forward's gradient for grad_output = 1 (left as it is
+    where grad_output is 1, recomputed otherwise)."""
     E, B, C = z.shape
     g = grad_out if grad_out is not None else torch.empty((E, B, C), dtype=z.dtype, device=z.device)
     go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
@@ -246,7 +282,8 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
             stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
             DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
-            STAGES=stages, num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size()),
+            STAGES=stages, GRAD_WRITTEN=grad_written, num_warps=warps,
+            maxnreg=max_registers or register_budget(e_block, z.element_size()),
         )
     return g
 
@@ -266,6 +303,7 @@ def ride_loss_forward(
     weight_sum: Tensor | None = None,
     stages: int = 1,
     max_registers: int | None = None,
+    grad_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validate and launch the forward: (loss float32 scalar, stats [B, 3, E], aux [1]).
 
@@ -276,6 +314,12 @@ def ride_loss_forward(
     range yields a NaN loss. `stages` (> 1: the main loop's loads run that many blocks ahead,
     through shared memory) and `max_registers` (instead of `register_budget`) are tuning
     overrides that the GPU check times against the defaults; the results do not depend on them.
+    `grad_out` ([E, B, C], the logits' dtype and device, contiguous): the forward also writes the
+    gradient for grad_output = 1 there, in a second pass over each row right after its first,
+    which `ride_loss_backward(..., grad_out=grad_out, grad_written=True)` then keeps where
+    grad_output is 1 (the same bits it would compute) and recomputes otherwise. With DRW weights
+    and no `weight_sum` the divisor is summed before the launch (by torch, so the loss may differ
+    from the default path's in the last bit).
     """
     target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
     _check_tuning(stages, max_registers)
@@ -287,8 +331,9 @@ def ride_loss_forward(
     if weight_sum is not None and (weight_sum.numel() != 1 or not weight_sum.is_floating_point() or weight_sum.device != z.device):
         raise ValueError(f"weight_sum must be a one-element floating-point tensor on {z.device}, got shape "
                          f"{tuple(weight_sum.shape)} {weight_sum.dtype} on {weight_sum.device}")
+    _check_grad_out(grad_out, expert_logits, contiguous=True)
     return _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-                    block_c, stats_out, part_out, weight_sum, stages, max_registers)
+                    block_c, stats_out, part_out, weight_sum, stages, max_registers, grad_out)
 
 
 def ride_loss_backward(
@@ -307,11 +352,14 @@ def ride_loss_backward(
     grad_out: Tensor | None = None,
     stages: int = 1,
     max_registers: int | None = None,
+    grad_written: bool = False,
 ) -> Tensor:
     """Validate and launch the backward: grad_output * d loss / d expert_logits, [E, B, C] in the
     logits' dtype, from the forward's `stats` and `aux`. `grad_out` is an optional output buffer
     ([E, B, C], the logits' dtype, unit class stride); `stages` and `max_registers` as in the
-    forward."""
+    forward. `grad_written`: `grad_out` is the buffer the forward wrote the gradient into (see
+    `ride_loss_forward`): where grad_output is 1 every program returns at once, reading nothing
+    else (a device-side test: no host sync, fit for a CUDA graph)."""
     target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
     _check_tuning(stages, max_registers)
     E, B, C = expert_logits.shape
@@ -319,8 +367,9 @@ def ride_loss_backward(
         raise ValueError(f"grad_output must be a floating-point scalar, got shape {tuple(grad_output.shape)} {grad_output.dtype}")
     if tuple(stats.shape) != (B, 3, E) or aux.shape != (1,):
         raise ValueError(f"stats must be [B, 3, E] = {[B, 3, E]} and aux [1], got {tuple(stats.shape)} and {tuple(aux.shape)}")
-    if grad_out is not None and (grad_out.shape != (E, B, C) or grad_out.dtype != expert_logits.dtype or grad_out.stride(2) != 1 or grad_out.device != expert_logits.device):
-        raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {expert_logits.dtype} on {expert_logits.device} with unit class stride")
+    _check_grad_out(grad_out, expert_logits, contiguous=False)
+    if grad_written and grad_out is None:
+        raise ValueError("grad_written=True needs grad_out: the buffer the forward wrote the gradient into")
     z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)
     return _backward(grad_output, z, target, margins, class_weights, temperature, stats.contiguous(), aux,
-                     diversity_factor, temperature_mean, diversity, block_c, grad_out, stages, max_registers)
+                     diversity_factor, temperature_mean, diversity, block_c, grad_out, stages, max_registers, grad_written)

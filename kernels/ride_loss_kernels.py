@@ -1,7 +1,8 @@
 """The Triton kernels of the fused RIDE loss: the forward (`_ride_loss_fwd_kernel`, with its
-finishing reduction `_finish`) and the backward (`_ride_loss_bwd_kernel`). The math, the memory
-traffic, the tile shape and the register budget are described in `ride_fast_kernels.ride_loss`,
-whose launchers are the only callers.
+finishing reduction `_finish`) and the backward (`_ride_loss_bwd_kernel`), which runs a row's
+gradient pass `_bwd_row`; the forward runs it too, after its own pass, when it writes the gradient
+itself (WRITE_GRAD). The math, the memory traffic, the tile shape and the register budget are
+described in `ride_fast_kernels.ride_loss`, whose launchers are the only callers.
 
 Tile: [R, V, E_BLOCK] float32, R = 32 num_warps rows of V consecutive classes (one vector load
 per expert and thread), the E_BLOCK experts joined as the minor axis (`tl.join` keeps a joined
@@ -325,13 +326,17 @@ def _ride_loss_fwd_kernel(
     stats_ptr, part_ptr, loss_ptr, aux_ptr,  # outputs: [B, 3, E], [B, 3], [], [1] float32
     wsum_ptr,  # [1] float32: the classification term's divisor when HAS_WSUM (else its own sum_i w_{y_i})
     counter_ptr,  # int32 ticket counter, 0 between calls (the last program resets it)
+    g_ptr,  # [E, B, C] output when WRITE_GRAD: d loss / d z for grad_output = 1, in z's dtype
     E, B, C,
     stride_ze, stride_zb,  # logits strides (class stride is 1)
+    stride_ge, stride_gb,  # gradient strides (WRITE_GRAD)
     div_scale,  # lam * Tm^2 / B ("mean") or lam * Tm^2 / (B (E-1)) ("pairwise")
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_WSUM: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
     E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr, FINISH_BLOCK: tl.constexpr,
     STAGES: tl.constexpr = 1,  # > 1: the main loop's logit loads run that many blocks ahead (cp.async into shared memory)
+    WRITE_GRAD: tl.constexpr = False,  # a second pass over the row (from L2) writes its gradient
+    G_ALIGNED: tl.constexpr = False,  # as in the backward
 ):
     BLOCK_C: tl.constexpr = R * V
     stride_ze = stride_ze.to(tl.int64)  # expert offsets (E - 1) B C may pass 2^31 elements
@@ -420,6 +425,29 @@ def _ride_loss_fwd_kernel(
     tl.store(part_ptr + row * 3, cls_part)
     tl.store(part_ptr + row * 3 + 1, div_part)
     tl.store(part_ptr + row * 3 + 2, w_y)
+    if WRITE_GRAD:
+        # the backward's row for grad_output = 1, from the statistics as the backward reloads them
+        # (padded experts' read as 0): the same float32 operations, so the same bits
+        tl.static_assert(HAS_WSUM or not HAS_WEIGHT, "WRITE_GRAD needs the divisor before the rows are summed")
+        if HAS_WSUM:
+            w_sum = tl.load(wsum_ptr)
+        else:
+            w_sum = B * 1.0  # sum_i 1
+        cg = w_y / w_sum * 1.0
+        lse_ab = tl.where(e_mask, lse_a, 0.0)
+        lse_ub = tl.where(e_mask, lse_u, 0.0)
+        cgr = tl.zeros([E_BLOCK], dtype=tl.float32)
+        g_y = tl.zeros([E_BLOCK], dtype=tl.float32)
+        if not HAS_TEMP:
+            cgr = cg * tl.exp2((lse_ub - lse_ab) * LOG2E)
+            g_y = cg * (tl.exp2((z_y - m_y - lse_ab) * LOG2E) - 1.0)
+        if DIV_MODE == 1:
+            slot2_b = lse_v * LOG2E
+        else:
+            slot2_b = E - tl.where(e_mask, slot2, 0.0)
+        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, row * stride_gb, stride_ge.to(tl.int64),
+                 lse_ab * LOG2E, lse_ub * LOG2E, slot2_b, cg, cgr, g_y, div_scale * 1.0, (E_BLOCK - E) * 1.0,
+                 R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES)
     # the last program to finish reduces every row's partial sums (the atomic orders the stores
     # above before it: release; and the other programs' stores before the loads below: acquire)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
@@ -501,8 +529,12 @@ def _ride_loss_bwd_kernel(
     DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
     G_ALIGNED: tl.constexpr,  # (stride_gb - stride_zb) % 16 == 0
     STAGES: tl.constexpr = 1,  # as in the forward
+    GRAD_WRITTEN: tl.constexpr = False,  # the forward wrote g for grad_output = 1: nothing to do where it is 1
 ):
-    BLOCK_C: tl.constexpr = R * V
+    go = tl.load(go_ptr).to(tl.float32)  # grad_output stays float32
+    if GRAD_WRITTEN:
+        if go == 1.0:
+            return
     # rows in reverse order: the rows the forward read last are the likeliest still in L2
     stride_ze = stride_ze.to(tl.int64)  # expert offsets (E - 1) B C may pass 2^31 elements
     stride_ge = stride_ge.to(tl.int64)
@@ -523,7 +555,6 @@ def _ride_loss_bwd_kernel(
         w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
     else:
         w_y = 1.0
-    go = tl.load(go_ptr).to(tl.float32)  # grad_output stays float32
     cg = w_y / tl.load(aux_ptr) * go
     dg = div_scale * go
     st = stats_ptr + row * 3 * E + offs_e
@@ -541,12 +572,25 @@ def _ride_loss_bwd_kernel(
         slot2 = E - tl.load(st + 2 * E, mask=e_mask, other=0.0)  # E - K_k
     inv_e = 1.0 / E
     pad = (E_BLOCK - E) * 1.0
+    _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+             lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED,
+             STAGES)
+
+
+@triton.jit
+def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+             lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad,
+             R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr,
+             G_ALIGNED: tl.constexpr, STAGES: tl.constexpr):
+    """One row's gradient from its statistics (`_bwd_tile`'s arguments): the head [0, min(h, C)) as
+    in the forward, the unmasked main loop, the masked tail. The backward kernel runs it, and the
+    forward kernel too when it writes the gradient itself (WRITE_GRAD)."""
+    BLOCK_C: tl.constexpr = R * V
     h, n_main = _row_split(z_row, C, BLOCK_C)
     HR: tl.constexpr = 16 // V
-    hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]  # the head [0, min(h, C)), as in the forward
-    _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row,
-              stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP,
-              DIV_MODE)
+    hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]
+    _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
+              stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
     for start in tl.range(h, h + n_main, BLOCK_C, num_stages=STAGES):
         z_al = tl.multiple_of(z_row + start, 16)
@@ -554,10 +598,10 @@ def _ride_loss_bwd_kernel(
             g_al = tl.multiple_of(g_row + start, 16)
         else:
             g_al = g_row + start
-        _bwd_tile(z_ptr, z_al, stride_ze, E, cls, C - start, y - start, m_y * LOG2E, temp_ptr + start, inv_e, g_ptr,
-                  g_al, stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False,
+        _bwd_tile(z_ptr, z_al, stride_ze, E, cls, C - start, y - start, m_yl, temp_ptr + start, inv_e, g_ptr,
+                  g_al, stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False,
                   HAS_TEMP, DIV_MODE)
     if h + n_main < C:
-        _bwd_tile(z_ptr, z_row, stride_ze, E, h + n_main + cls, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row,
-                  stride_ge, lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP,
+        _bwd_tile(z_ptr, z_row, stride_ze, E, h + n_main + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
+                  stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP,
                   DIV_MODE)

@@ -149,3 +149,45 @@ def test_the_tuning_variants_compile_for_sm90():
             assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
         else:
             assert row["spills"] <= 64, f"{where} spills {row['spills']} bytes"
+
+
+WRITTEN_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from ride_fast_kernels import report
+    cases = [(E, mode, dtype, 1) for E in (1, 2, 4, 8) for mode in ("mean", "pairwise") for dtype in ("fp32", "bf16")]
+    cases += [(4, mode, "fp16", phase) for mode in ("mean", "pairwise") for phase in (0, 1)]
+    fwd = [r for E, mode, dtype, phase in cases
+           for r in report.variant_rows(E, mode, dtype, phase, "sm_90", classes=8142, kernels=("fwdgrad",))]
+    bwd = [r for mode in ("mean", "pairwise")
+           for r in report.variant_rows(4, mode, "bf16", 1, "sm_90", classes=8142, kernels=("bwd",), grad_written=True)]
+    print(json.dumps({"fwd": fwd, "bwd": bwd}))
+    """
+)
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")
+def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
+    """The forward with its gradient pass (`grad_out`) within the same budget: up to 4 experts no
+    spills at 72 registers, with the gradient pass's logit loads and gradient stores vector
+    accesses; at 8 experts (128 registers, the two passes' state at once) a few bytes of spills at
+    most in the phase-1 "pairwise" variant. The backward that returns where grad_output is 1
+    compiles too (an early return on a value read from memory)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", WRITTEN_SCRIPT], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out["fwd"]) == 20 and len(out["bwd"]) == 2
+    for row in out["fwd"]:
+        where = f"{row['kernel']} {row['variant']}"
+        experts = int(row["variant"].split("-")[0][1:])
+        budget, warps = BUDGET[experts > 4]
+        assert row["kernel"] == "fwdgrad" and row["registers"] <= budget and row["num_warps"] == warps, where
+        if experts <= 4:
+            assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
+        else:
+            assert row["spills"] <= 64, f"{where} spills {row['spills']} bytes"
+        width = 16 if "-fp32-" in row["variant"] else 8
+        assert row["logit_loads"] == width and row["grad_stores"] == width and row["vectorised"], where
+    for row in out["bwd"]:
+        assert row["variant"].endswith("-written") and row["spills"] == 0 and row["registers"] <= 72, row

@@ -424,6 +424,55 @@ def test_tuning_overrides_are_checked(bad, message):
         ride_loss_backward(torch.tensor(1.0, device=z.device), z, y, m, w, t, stats, aux, LAMBDA, TM, "mean", **bad)
 
 
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+@pytest.mark.parametrize("E,phase2", [(1, True), (3, False), (3, True), (6, True)], ids=["E1", "E3-before_drw", "E3-after_drw", "E6"])
+def test_forward_written_gradient_is_the_backwards(E, phase2, diversity):
+    """`grad_out` on the forward: a second pass over each row writes the gradient for
+    grad_output = 1, the backward's bits (the same float32 operations on the same statistics;
+    with DRW weights both divide by the same weight sum). The backward then leaves it as it is
+    where grad_output is 1 and recomputes it otherwise. Every buffer starts poisoned with NaN;
+    the rows have a head, full blocks and a tail (block_c = 16, C = 83)."""
+    z, y, m, w, t = make_inputs(E, 5, 83, phase2=phase2, seed=E)
+    ws = None if w is None else w[y].sum().reshape(1)
+    loss, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, weight_sum=ws)
+    written = torch.full_like(z, float("nan"))
+    loss_w, stats_w, aux_w = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, weight_sum=ws, grad_out=written)
+    assert torch.equal(loss_w, loss) and torch.equal(stats_w, stats) and torch.equal(aux_w, aux)
+    for go in (1.0, 3.0, 2.0**16):
+        go = torch.tensor(go, device=z.device)
+        expected = ride_loss_backward(go, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=16)
+        buf = written.clone()
+        grad = ride_loss_backward(go, z, y, m, w, t, stats_w, aux_w, LAMBDA, TM, diversity, block_c=16, grad_out=buf, grad_written=True)
+        assert grad is buf and torch.equal(grad, expected), f"grad_output {go.item():g}"
+    # without the weight sum passed in, the launcher sums it first: the same loss and gradient
+    # up to the order of that sum
+    g_own = torch.full_like(z, float("nan"))
+    loss_own, _, _ = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, grad_out=g_own)
+    assert_matches(loss_own, g_own, *reference(z, y, m, w, t, diversity))
+
+
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_forward_written_gradient_fp16_scaled(diversity):
+    """float16 with GradScaler's grad_output: the gradient the forward wrote (unscaled) is not
+    kept; the backward recomputes it scaled, rounded once."""
+    z32, y, m, w, t = make_inputs(3, 256, 40, seed=61)
+    z = z32.to(torch.float16)
+    buf = torch.full_like(z, float("nan"))
+    _, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=32, grad_out=buf)
+    go = torch.tensor(2.0**16, device=z.device)
+    grad = ride_loss_backward(go, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=32, grad_out=buf, grad_written=True)
+    assert_fp16_scaled_gradient(grad, z, y, m, w, t, diversity, 2.0**16)
+
+
+def test_forward_written_gradient_arguments_are_checked():
+    z, y, m, w, t = make_inputs(2, 3, 20)
+    with pytest.raises(ValueError, match=r"grad_out must be \[E, B, C\] = \(2, 3, 20\) of torch.float32 on .*, contiguous"):
+        ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "mean", grad_out=torch.empty(2, 20, 3).transpose(1, 2))
+    loss, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "mean")
+    with pytest.raises(ValueError, match="grad_written=True needs grad_out"):
+        ride_loss_backward(torch.tensor(1.0, device=z.device), z, y, m, w, t, stats, aux, LAMBDA, TM, "mean", grad_written=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
