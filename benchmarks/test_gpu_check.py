@@ -66,7 +66,8 @@ def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
     # with the default's gradient
     variants = [r for r in rows if r["step"] == "loss_bench" and r.get("provider", "").startswith("kernels-")]
     assert {(r["dtype"], r["diversity"], r["provider"]) for r in variants} == {
-        ("fp32", "mean", p) for p in ("kernels-default", "kernels-stages2", "kernels-regs64", "kernels-stages2-regs64")}
+        ("fp32", "mean", p) for p in ("kernels-default", "kernels-stages2", "kernels-regs64", "kernels-stages2-regs64",
+                                      "kernels-gradfwd", "kernels-gradfwd-regs64")}
     assert all(r["status"] == "passed" and r["same_gradient_as_default"] and r["x_default"] > 0 for r in variants)
     copy = next(r for r in rows if r.get("case") == "copy")
     fused = [r for r in loss if r["provider"] == "fused"]
@@ -195,7 +196,7 @@ def test_a_missing_module_is_named_before_any_step_runs(tmp_path):
 
 
 def test_deadlines_fit_the_budgets():
-    """The full check's steps fit in 500 s and --quick's in 280 s, the runner's start and report included."""
+    """The full check's steps fit in 530 s and --quick's in 310 s, the runner's start and report included."""
     for column, mode in enumerate(("full", "quick")):
         assert sum(d[column] for d in DEADLINES.values()) + STARTUP_S <= BUDGET_S[mode]
 
@@ -275,18 +276,18 @@ def test_every_package_the_gpu_tests_import_is_in_the_image_or_the_wheels():
     assert not lacking, f"imported by the GPU tests but neither in the GPU image nor in GPU_WHEELS: {lacking}"
 
 
-def test_the_fused_loss_floor_goal_is_70_percent_only_where_the_model_predicts_it():
+def test_the_fused_loss_floor_goal_is_70_percent_except_at_the_launch_bound_shape():
     """At (256, 4, 1000) one kernel's fixed cost is most of the floor time (BENCHMARKS.md): there
-    the goal is the prediction, not a 70 % that no design reaches."""
+    the goal is what two launches leave, not a 70 % that no two-kernel design reaches. The goal
+    never follows the calibrated model's prediction of the kernels as they are."""
     from gpu_steps import _floor_goal
-    from loss_traffic import GPUS, model
 
-    for (B, E, C), expect_70 in (((512, 4, 8142), True), ((256, 4, 1000), False)):
-        for dtype in ("float32", "bfloat16"):
-            predicted = 100 * model(B, E, C, dtype, "mean", GPUS["h200"], phase=1)["fraction_of_floor"]
-            goal, words = _floor_goal(predicted)
-            assert (goal == 70.0) is expect_70, (B, E, C, dtype, predicted)
-            assert goal == (70.0 if expect_70 else pytest.approx(0.85 * predicted)) and "floor" in words
+    for dtype in ("fp32", "bf16"):
+        assert _floor_goal(512, 4, 8142, dtype) == (70.0, ">= 70% of the floor")
+        assert _floor_goal(128, 8, 8142, dtype)[0] == 70.0
+    assert _floor_goal(256, 4, 1000, "fp32")[0] == pytest.approx(36.55)
+    assert _floor_goal(256, 4, 1000, "bf16")[0] == pytest.approx(24.65)
+    assert "launch-bound" in _floor_goal(256, 4, 1000, "bf16")[1]
 
 
 def test_speedups_compare_times_on_one_clock():
@@ -335,3 +336,31 @@ def test_loss_calls_rotate_through_enough_copies_to_miss_the_l2(monkeypatch):
             call_bytes = 2 * B * E * C * itemsize
             n = rotation(call_bytes, "cuda")
             assert (n - 1) * call_bytes >= 2 * l2 and (n - 2) * call_bytes < 2 * l2, (B, E, C, itemsize, n)
+
+
+def test_each_kernel_variant_is_timed_kernel_by_kernel_and_the_backward_after_an_l2_scrub(monkeypatch):
+    """The variants' rows split their time into the forward and backward kernels (with the
+    gradient written by the forward, the backward is the early return), and the default's row
+    adds its backward's time after 256 MB copied between the two kernels: the L2 probe."""
+    import torch
+
+    import gpu_steps
+
+    calls = []
+
+    def fake_times(fn, iters):
+        fn()
+        return {"_ride_loss_fwd_kernel": 30.0, "_ride_loss_bwd_kernel": 2.0 if not calls[-1] else 40.0, "other": 1.0}
+
+    monkeypatch.setattr(gpu_steps, "kernel_times_us", fake_times)
+    copies = [torch.zeros(2), torch.ones(2)]
+
+    def grad_of(z, between=None):
+        calls.append(between is not None)
+        if between is not None:
+            between()  # the scrub: a 128 MB copy
+
+    split = gpu_steps.kernel_split(lambda: grad_of(copies[0]), 8_000_000, 4000.0)
+    assert split == {"fwd_kernel_us": 30.0, "bwd_kernel_us": 2.0, "kernels_pct_copy_bw": pytest.approx(100 * 8e6 / 32e-6 / 4e12)}
+    assert gpu_steps.l2_probe(grad_of, copies, iter(range(10))) == {"bwd_kernel_us_after_scrub": 40.0}
+    assert calls == [False, True]
