@@ -17,6 +17,8 @@ LOSS_COLUMNS = ("case", "provider", "ms", "timed_by", "ms_stream", "gbps", "pct_
                 "x_compile", "x_default")
 KERNEL_COLUMNS = ("fwd_kernel_us", "predicted_fwd_us", "fwd_pct_copy_bw", "bwd_kernel_us", "predicted_bwd_us", "bwd_pct_copy_bw",
                   "other_kernels_us")
+VARIANT_COLUMNS = ("case", "provider", "ms", "x_default", "fwd_kernel_us", "bwd_kernel_us", "kernels_pct_copy_bw",
+                   "bwd_kernel_us_after_scrub", "same_gradient_as_default")
 HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}
 
 
@@ -102,12 +104,19 @@ def build(rows: list[dict]) -> tuple[str, int]:
             md.append("")
         md += _table(list(LOSS_COLUMNS) + ["status"], [[r.get(c) for c in LOSS_COLUMNS] + [r["status"]] for r in loss])
         md.append("")
-        kernels = [r for r in loss if r.get("fwd_kernel_us") is not None]
+        kernels = [r for r in loss if r.get("fwd_kernel_us") is not None and not r["provider"].startswith("kernels-")]
         if kernels:
             md += ["Fused loss, kernel by kernel (profiler device times, us a call; % of the copy bandwidth for the "
                    "bytes each kernel must move: the forward reads the logits, the backward reads them and writes "
                    "the gradient; predicted: benchmarks/loss_traffic.py):", ""]
             md += _table(["case"] + list(KERNEL_COLUMNS), [[r["case"]] + [r.get(c) for c in KERNEL_COLUMNS] for r in kernels])
+            md.append("")
+        variants = [r for r in loss if r["provider"].startswith("kernels-") and r.get("fwd_kernel_us") is not None]
+        if variants:
+            md += ["The fused kernels' variants kernel by kernel (profiler device times, us a call; kernels_pct_copy_bw: "
+                   "the floor bytes over both kernels' time; bwd_kernel_us_after_scrub: the default backward with 256 MB "
+                   "copied after the forward, so that nothing of its rows is left in L2):", ""]
+            md += _table(list(VARIANT_COLUMNS), [[r.get(c) for c in VARIANT_COLUMNS] for r in variants])
             md.append("")
     others = [r for r in rows if r.get("kind") == "measure" and r not in loss and r is not copy]
     if others:

@@ -364,3 +364,18 @@ def test_each_kernel_variant_is_timed_kernel_by_kernel_and_the_backward_after_an
     assert split == {"fwd_kernel_us": 30.0, "bwd_kernel_us": 2.0, "kernels_pct_copy_bw": pytest.approx(100 * 8e6 / 32e-6 / 4e12)}
     assert gpu_steps.l2_probe(grad_of, copies, iter(range(10))) == {"bwd_kernel_us_after_scrub": 40.0}
     assert calls == [False, True]
+
+
+def test_the_report_tables_the_variants_kernel_by_kernel():
+    plan = {"step": "plan", "status": "passed", "kind": "plan", "mode": "full", "budget_s": 530,
+            "steps": [{"step": "loss_bench", "deadline_s": 60}]}
+    base = {"step": "loss_bench", "status": "passed", "kind": "measure", "case": "B512-E4-C8142-fp32-mean", "ms": 0.07,
+            "x_default": 1.0, "same_gradient_as_default": True}
+    rows = [plan, {**base, "provider": "kernels-default", "fwd_kernel_us": 37.9, "bwd_kernel_us": 33.5, "kernels_pct_copy_bw": 44.2,
+                   "bwd_kernel_us_after_scrub": 34.1},
+            {**base, "provider": "kernels-gradfwd", "fwd_kernel_us": 40.2, "bwd_kernel_us": 1.9, "kernels_pct_copy_bw": 75.4, "x_default": 1.7},
+            {"step": "loss_bench", "status": "passed", "kind": "end"}]
+    text = build(rows)[0]
+    assert "variants kernel by kernel" in text and "Fused loss, kernel by kernel" not in text
+    assert "| B512-E4-C8142-fp32-mean | kernels-gradfwd | 0.07 | 1.7 | 40.2 | 1.9 | 75.4 |" in text
+    assert "| 34.1 | yes |" in text
