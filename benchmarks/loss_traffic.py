@@ -1,46 +1,95 @@
-"""Traffic and time model of the fused RIDE loss (forward + backward) on a given GPU.
+"""Traffic and time model of the fused RIDE loss (forward + backward) on a given GPU, calibrated
+on an H200's kernel times.
 
-    python benchmarks/loss_traffic.py --gpu h200 [--json]
+    python benchmarks/loss_traffic.py --gpu h200 [--json] [--phase 0|1|both]
+                                      [--design two_kernel|grad_in_forward] [--stages 1|2]
+                                      [--max-registers 64] [--programs-per-sm N]
+    python benchmarks/loss_traffic.py --gpu h200 --compare [--json]   (every design, side by side)
+    python benchmarks/loss_traffic.py --fit benchmarks/results/loss_traffic/<measured>.json
 
-One row per case (B, E, C, dtype, mode): the DRAM bytes each kernel moves, the bytes the L2
-serves, a predicted time and its fraction of the memory floor. Shape legend: E experts, B images,
-C classes; Z = E B C itemsize, the logits (and the gradient) in bytes.
+One row per case (B, E, C, dtype, mode): the DRAM bytes each kernel moves, a predicted time for
+each kernel and the fused loss's fraction of the memory floor. Shape legend: E experts, B images
+(rows), C classes; Z = E B C itemsize, the logits (and the gradient) in bytes.
 
 The floor of a loss with its gradient is reading the logits once and writing the gradient once:
-floor_bytes = 2 Z, floor_us = floor_bytes / achievable DRAM bandwidth (a copy's). The kernels as
-written (kernels/ride_loss.py):
+floor_bytes = 2 Z, floor_us = floor_bytes / copy bandwidth (measured on an H200: 4.23 TB/s, 0.88
+of the peak; the H100 SXM is given the same share of its 3.35 TB/s).
 
-    forward   one pass over the logits: reads Z from DRAM (loads marked evict_last); writes
-              [B, 3, E] statistics and [B, 3] partial sums; its last program reduces them
-    backward  one pass over the logits, rows in reverse order: the last rows the forward read are
-              still in L2, min(Z, L2_REUSE * L2) bytes of the re-read hit there (gradient stores
-              are evict_first, so they do not push those rows out); writes the gradient, Z
-              bytes, once, already multiplied by grad_output
+Designs. "two_kernel" (the default) is the kernels as written (kernels/ride_loss.py): the
+forward reads Z and keeps per-row statistics, its last program sums the rows; the backward reads
+Z again and writes the gradient, Z bytes. The backward's re-read gets nothing from the L2 (its
+measured time is DRAM's for 2 Z): DRAM traffic 3 Z, 1.5 times the floor. "grad_in_forward" has
+each forward program read its row (pass 1), then read it again (pass 2) and write its gradient;
+the backward kernel reads grad_output and returns (grad_output = 1, the usual case: its fixed
+cost and one round trip). Pass 2 finds
+the row in L2 when the rows every program in flight reads meanwhile fit in the L2's effective
+share (l2_effective x 50 MB; assumed 0.6: a row read and re-read by one SM is cached in that SM's
+L2 partition, and the gradient's stores pass through the L2 too); beyond it the missing share
+(1 - capacity / bytes in flight) comes from DRAM. Each design takes the launch options of the
+kernels: `stages` (2: the next tile's loads issued before the current tile's arithmetic) and
+`max_registers` (64: four programs an SM instead of three), and `programs_per_sm` caps the
+programs an SM runs (a launch reserving shared memory would), to fit pass 2 in the L2.
 
-Per-class vectors (margins, weights and temperatures, 4 C bytes each) come from DRAM once; the
-kernels read margins and weights at the row's target only, and the temperatures (phase 1) at every
-class: those stay in each SM's L1 (every program of an SM reads the same C floats), one fill per SM
-and kernel from L2. Each kernel's time is a
-fixed cost (the gap between back-to-back kernels plus the first wave's ramp and the last one's
-tail) plus the largest of: DRAM bytes / DRAM bandwidth, L2 bytes / L2 bandwidth, exponentials /
-MUFU rate, other float instructions / FP32 rate (one per lane per clock, optimistic for
-shuffles). The instruction counts per element are the compiler's (OPS_E4, from the kernels'
-sm_90 PTX; the cases here all have E = 4); the bandwidths and rates are assumptions, not
-measurements: a GPU run of benchmarks/test_bench_ride_loss.py checks them. The main loop's logit
-loads and gradient stores are vector accesses whenever B C is a multiple of 16 elements (every case
-here), whatever C is: each row's main loop starts at its first 16-element boundary.
+Time. A program streams one row in tiles of E_BLOCK x 1024 logits (16 KB float32, 8 KB bfloat16;
+ceil(C / 1024) a row, a masked one included). An SM holds registers_per_sm / (registers x 256
+threads) programs (3 at 72 registers, 4 at 64), so B rows run in waves of SMs x that many
+programs, one after the other. A wave of n programs, k on the busiest SM, takes a tile every
 
-Measured on an H200 (BENCHMARKS.md, "Measured on an H200"): the backward took the DRAM time of
-reading and writing Z, without the L2 credit above; the forward took 2.3x (fp32) to 3.8x (bf16)
-its modelled time at (512, 4, 8142), for a fixed latency a row (about 6-8 us) that this model
-has no term for, paid once per wave of rows. The rows here are the design's prediction.
+    max( max(c, (L + c) / stages)   Little's law: `stages` tiles in flight a program, each
+                                    waiting the latency L (DRAM's, or the L2's where pass 2 hits)
+                                    plus the program's own arithmetic c (its tile's SASS
+                                    instructions at the SM's issue rate: no overlap with its
+                                    loads at stages = 1),
+         n x DRAM bytes of a tile / copy bandwidth,   the wave's share of DRAM,
+         n x L2 bytes of a tile / L2 bandwidth,       and of the L2,
+         k x c,                                       the SM's instruction issue,
+         k x MUFU operations of a tile / MUFU rate )  and its MUFU,
+
+and a kernel takes fixed + sum over waves (chain + tiles x that time). `chain` is a program's
+fixed latency (the target's gathers, the head tile, the cross-thread reductions, the statistics'
+stores and the forward's atomic ticket), paid once a wave; `fixed` is the kernel's own (launch,
+ramp, the forward's last program's sum over rows). A grad_in_forward program pays both kernels'
+chains and runs both passes' instructions. Per-class vectors and per-row statistics are counted
+in the bytes, their time is in the chains. SASS counts, MUFU counts and registers are the sm_90
+compiler's for E = 4 (KERNELS_E4, GRAD_IN_FORWARD_E4, OPS_E4; the slow tests recount some of
+them): E up to 4 only.
+
+Calibration (H200, the GPU fields; `--fit` redoes it): L, both chains and both fixed costs,
+fitted to the 12 profiler kernel times of the kernels as written (phase 1; (512, 4, 8142) both
+dtypes and modes, (256, 4, 1000) both dtypes, mean; benchmarks/results/loss_traffic/) by least
+largest relative error: L = 0.75 us, forward chain 7.8 us and fixed 0.35 us, backward chain 0 and
+fixed 2.25 us. Every kernel time is within 8.8 % (the bf16 pairwise backward and the fp32
+(256, 4, 1000) backward the worst; test_loss_traffic.py holds them to 15 %). Read that way, the
+backward streams at DRAM's rate (the mean one runs 512 rows in one wave at 62-64 registers, the
+pairwise one in two at 71-72, the second latency-bound); the forward's first wave streams at
+DRAM's rate in float32 and at about the SM's issue rate in bfloat16, its second (116 rows, one program
+an SM) at Little's rate, and each wave pays the 7.8 us chain: 16 of its 37 us at (512, 4, 8142).
+The chains are fitted, not counted: three dependent DRAM round trips, seven block reductions and
+the ticket come to some 5 us for the forward and 1-2 us for the backward, whose second wave is
+cheaper than the model has it (its chain fits at 0). The H100 SXM gets the same latency, chains
+and fixed costs with its own bandwidth.
+
+How far to trust a variant (--compare; the names are the GPU check's, "2sm" a model-only cap):
+refitting with L from 0.6 to 1.0 us (the chains refitted, errors 10-16 %) moves a setting's
+fraction of the floor by 0.02 at most (0.035 for gradfwd-stages2-2sm), so what is uncertain is
+what the fit cannot see.
+stages=2 and max_registers=64 keep to terms the fit constrained (waves, Little's rate, the issue
+rate), on the assumption that the chains stay the same with four programs an SM: within 20 % is
+likely (the phase-1 pairwise forward spills 16-68 bytes at 64 registers). grad_in_forward rests
+on assumptions no measurement has checked: the L2's effective share, the hit share past it (linear
+here; an LRU cliff would take float32 at four programs an SM from 0.61 of the floor to 0.54, level
+with regs64), the L2's latency and bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its
+predictions are good to 30 % at best. Its fused kernel spills 16-304 bytes with stages=2 or at 64
+registers (not in float32 "mean" with one of them alone), which the model charges only as the
+spills' instructions in the SASS count.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MB = 1e6
 
@@ -52,16 +101,27 @@ class GPU:
     l2_MB: float  # L2 size
     sms: int
     clock_GHz: float  # boost clock
-    l2_TBps: float = 6.0  # L2 read+write bandwidth (assumed; GH100 at boost clock)
-    dram_efficiency: float = 0.9  # what a copy achieves of the peak
-    l2_reuse: float = 0.75  # share of the L2 that keeps the forward's last rows for the backward
-    kernel_fixed_us: float = 1.0  # per kernel, back to back in a stream or a CUDA graph
-    fp32_per_clock: int = 128  # FP32 lanes per SM
+    dram_efficiency: float = 0.88  # what a copy achieves of the peak (H200: 4.23 of 4.8 TB/s, measured)
+    l2_TBps: float = 6.0  # L2 read + write bandwidth (assumed; GH100 at boost clock)
+    issue_per_clock: int = 4  # warp instructions an SM issues a clock (four schedulers)
     mufu_per_clock: int = 16  # MUFU (ex2, lg2, rcp) per SM per clock
+    registers_per_sm: int = 65536
+    # calibration: fitted on an H200 (see the module docstring), except where marked assumed
+    dram_latency_us: float = 0.75  # L: a tile's DRAM round trip at the loads of these kernels
+    l2_latency_us: float = 0.3  # a tile's round trip when the L2 holds it (assumed)
+    l2_effective: float = 0.6  # share of the L2 that keeps a row between grad_in_forward's passes (assumed)
+    fwd_chain_us: float = 7.8  # a forward program's fixed latency, paid once a wave
+    fwd_fixed_us: float = 0.35  # the forward kernel's own: launch, ramp, the last program's sum
+    bwd_chain_us: float = 0.0  # a backward program's fixed latency, paid once a wave
+    bwd_fixed_us: float = 2.25  # the backward kernel's own: launch, ramp, the gradient's drain
 
     @property
     def dram_Bps(self) -> float:
         return self.dram_TBps * 1e12 * self.dram_efficiency
+
+    @property
+    def clock_per_us(self) -> float:
+        return self.clock_GHz * 1e3
 
 
 GPUS = {
@@ -72,7 +132,12 @@ GPUS = {
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 CASES = [(512, 4, 8142), (256, 4, 1000)]  # (B, E, C)
 MODES = ("mean", "pairwise")
+DESIGNS = ("two_kernel", "grad_in_forward")
 
+#: the kernels' geometry up to 4 experts (kernels/_utils.pick_tile): 8-warp programs, a tile of
+#: E_BLOCK x BLOCK_C logits, 4 classes a thread (16 logits a thread at E = 4)
+WARPS = 8
+BLOCK_C = 1024
 
 #: (MUFU, other float instructions) per logit in the main loop of each kernel at E = 4, as the
 #: sm_90 compiler emits them: the mufu_per_element / alu_per_element columns of
@@ -88,45 +153,192 @@ OPS_E4 = {
     ("fwd", "bfloat16", "pairwise", 1): (2.0, 15.81), ("bwd", "bfloat16", "pairwise", 1): (2.0, 14.56),
 }
 
+#: The sm_90 compiler's kernels at E = 4, for each launch setting in TUNINGS: (registers a thread,
+#: spill bytes, SASS instructions of the main loop a thread: one tile, 16 logits). Registers from
+#: `ptxas -v`, SASS from nvdisasm of the cubin (the loop with the logits' vector accesses);
+#: test_loss_traffic.py recounts some of them.
+TUNINGS = ((1, None), (2, None), (1, 64), (2, 64))  # (stages, max_registers)
+KERNELS_E4 = {
+    ("fwd", "float32", "mean", 0): ((71, 0, 232), (71, 0, 239), (62, 0, 232), (62, 0, 239)),
+    ("fwd", "float32", "mean", 1): ((72, 0, 360), (72, 0, 372), (64, 0, 355), (64, 0, 370)),
+    ("fwd", "float32", "pairwise", 0): ((72, 0, 210), (72, 0, 215), (64, 0, 207), (64, 0, 215)),
+    ("fwd", "float32", "pairwise", 1): ((72, 0, 331), (72, 0, 343), (64, 16, 335), (64, 52, 345)),
+    ("fwd", "bfloat16", "mean", 0): ((71, 0, 253), (71, 0, 263), (64, 0, 251), (62, 0, 263)),
+    ("fwd", "bfloat16", "mean", 1): ((71, 0, 388), (71, 0, 402), (64, 0, 380), (63, 0, 400)),
+    ("fwd", "bfloat16", "pairwise", 0): ((72, 0, 231), (72, 0, 239), (64, 0, 232), (64, 0, 239)),
+    ("fwd", "bfloat16", "pairwise", 1): ((72, 0, 359), (70, 0, 375), (64, 36, 363), (64, 68, 378)),
+    ("bwd", "float32", "mean", 0): ((55, 0, 179), (56, 0, 192), (56, 0, 189), (56, 0, 200)),
+    ("bwd", "float32", "mean", 1): ((62, 0, 254), (62, 0, 263), (59, 0, 258), (60, 0, 275)),
+    ("bwd", "float32", "pairwise", 0): ((59, 0, 251), (64, 0, 259), (59, 0, 249), (61, 0, 257)),
+    ("bwd", "float32", "pairwise", 1): ((71, 0, 315), (72, 0, 325), (64, 0, 316), (64, 0, 326)),
+    ("bwd", "bfloat16", "mean", 0): ((54, 0, 214), (56, 0, 225), (56, 0, 217), (56, 0, 233)),
+    ("bwd", "bfloat16", "mean", 1): ((64, 0, 287), (64, 0, 316), (64, 0, 295), (60, 0, 315)),
+    ("bwd", "bfloat16", "pairwise", 0): ((56, 0, 272), (62, 0, 287), (56, 0, 271), (60, 0, 285)),
+    ("bwd", "bfloat16", "pairwise", 1): ((72, 0, 342), (72, 0, 369), (64, 0, 354), (64, 0, 367)),
+}
+#: The forward kernel that also writes the gradient (grad_in_forward: WRITE_GRAD), the same way:
+#: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS.
+GRAD_IN_FORWARD_E4 = {
+    ("float32", "mean", 0): ((72, 0, 220, 181), (72, 0, 230, 204), (64, 0, 220, 194), (64, 0, 230, 205)),
+    ("float32", "mean", 1): ((72, 0, 348, 262), (72, 0, 362, 273), (64, 0, 348, 262), (64, 56, 363, 278)),
+    ("float32", "pairwise", 0): ((72, 0, 199, 246), (72, 0, 206, 256), (64, 0, 199, 246), (64, 8, 208, 264)),
+    ("float32", "pairwise", 1): ((72, 0, 328, 309), (72, 144, 343, 328), (64, 148, 332, 312), (64, 304, 345, 327)),
+    ("bfloat16", "mean", 0): ((72, 0, 241, 214), (72, 0, 254, 238), (64, 0, 241, 224), (64, 0, 254, 238)),
+    ("bfloat16", "mean", 1): ((72, 0, 371, 295), (72, 76, 394, 317), (64, 16, 376, 298), (64, 124, 396, 317)),
+    ("bfloat16", "pairwise", 0): ((71, 0, 220, 271), (72, 0, 230, 286), (64, 0, 220, 272), (64, 32, 232, 285)),
+    ("bfloat16", "pairwise", 1): ((72, 0, 356, 342), (72, 152, 374, 368), (64, 216, 360, 346), (64, 296, 379, 369)),
+}
+LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4: the SASS counts above are for these
+
+#: the settings --compare prints, named as the GPU check's kernel variants (benchmarks/gpu_steps.py)
+SETTINGS = {
+    "default": {},
+    "stages2": {"stages": 2},
+    "regs64": {"max_registers": 64},
+    "stages2-regs64": {"stages": 2, "max_registers": 64},
+    "gradfwd": {"design": "grad_in_forward"},
+    "gradfwd-stages2": {"design": "grad_in_forward", "stages": 2},
+    "gradfwd-regs64": {"design": "grad_in_forward", "max_registers": 64},
+    "gradfwd-2sm": {"design": "grad_in_forward", "programs_per_sm": 2},
+    "gradfwd-stages2-2sm": {"design": "grad_in_forward", "stages": 2, "programs_per_sm": 2},
+    "gradfwd-stages2-regs64": {"design": "grad_in_forward", "stages": 2, "max_registers": 64},
+}
+
 
 def ops_per_element(kernel: str, dtype: str, mode: str, phase: int) -> tuple[float, float]:
     """(MUFU, other float instructions) per logit of one kernel (see OPS_E4)."""
     return OPS_E4[(kernel, dtype, mode, phase)]
 
 
-def kernel_time_us(gpu: GPU, dram_bytes: float, l2_bytes: float, elements: float, exps: float, other: float) -> dict:
+def compiled(kernel: str, dtype: str, mode: str, phase: int, stages: int = 1, max_registers: int | None = None) -> dict:
+    """registers, spill bytes, and SASS instructions and MUFU operations per logit of each main
+    loop (a list: one a pass) of one kernel: "fwd", "bwd" or "fwdgrad" (KERNELS_E4,
+    GRAD_IN_FORWARD_E4, OPS_E4; the forward's MUFU count serves pass 1, the backward's pass 2)."""
+    if (stages, max_registers) not in TUNINGS:
+        raise ValueError(f"(stages, max_registers) = {(stages, max_registers)} not modelled; one of {TUNINGS}")
+    i = TUNINGS.index((stages, max_registers))
+    if kernel == "fwdgrad":
+        regs, spills, *sass = GRAD_IN_FORWARD_E4[(dtype, mode, phase)][i]
+        mufu = [ops_per_element(k, dtype, mode, phase)[0] for k in ("fwd", "bwd")]
+    else:
+        regs, spills, *sass = KERNELS_E4[(kernel, dtype, mode, phase)][i]
+        mufu = [ops_per_element(kernel, dtype, mode, phase)[0]]
+    return {"registers": regs, "spills": spills, "sass": [n / LOGITS_A_THREAD for n in sass], "mufu": mufu}
+
+
+def programs_per_sm(gpu: GPU, registers: int, cap: int | None = None) -> int:
+    """Programs an SM holds: registers are allocated 8 a thread at a time; at most 64 warps an SM."""
+    n = min(gpu.registers_per_sm // (8 * math.ceil(registers / 8) * 32 * WARPS), 64 // WARPS)
+    return max(1, min(n, cap) if cap else n)
+
+
+def waves(B: int, per_wave: int) -> list[int]:
+    """Programs in each wave: full waves, then the rest."""
+    return [per_wave] * (B // per_wave) + ([B % per_wave] if B % per_wave else [])
+
+
+def tile_us(gpu: GPU, n: int, k: int, warp_instr: float, mufu_ops: float, dram_bytes: float, l2_bytes: float,
+            latency_us: float, stages: int) -> tuple[float, str]:
+    """(time a tile, what bounds it) for a wave of n programs, k on the busiest SM (see the
+    module docstring)."""
+    c = warp_instr / (gpu.issue_per_clock * gpu.clock_per_us)
     parts = {
-        "dram_us": dram_bytes / gpu.dram_Bps * 1e6,
-        "l2_us": l2_bytes / (gpu.l2_TBps * 1e12) * 1e6,
-        "mufu_us": elements * exps / (gpu.sms * gpu.mufu_per_clock * gpu.clock_GHz * 1e9) * 1e6,
-        "fp32_us": elements * other / (gpu.sms * gpu.fp32_per_clock * gpu.clock_GHz * 1e9) * 1e6,
+        "latency": max(c, (latency_us + c) / stages),
+        "dram": n * dram_bytes / gpu.dram_Bps * 1e6,
+        "l2": n * l2_bytes / (gpu.l2_TBps * 1e12) * 1e6,
+        "issue": k * c,
+        "mufu": k * mufu_ops / (gpu.mufu_per_clock * gpu.clock_per_us),
     }
     bound = max(parts, key=parts.get)
-    return {"us": gpu.kernel_fixed_us + parts[bound], "bound": bound[:-3], **parts}
+    return parts[bound], bound
 
 
-def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1) -> dict:
-    """One case: bytes per kernel, predicted time and fraction of the floor (see the docstring)."""
+def l2_hit(gpu: GPU, n: int, row_bytes: float) -> float:
+    """Share of grad_in_forward's pass-2 re-read the L2 serves: all of it while the rows of the n
+    programs in flight fit its effective share, capacity / bytes in flight beyond."""
+    return min(1.0, gpu.l2_effective * gpu.l2_MB * MB / (n * row_bytes))
+
+
+def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1, design: str = "two_kernel",
+             stages: int = 1, max_registers: int | None = None, programs_per_sm_cap: int | None = None) -> dict:
+    """Unrounded prediction of one case (model() formats it)."""
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    if not 1 <= E <= 4:
+        raise ValueError(f"E = {E}: the model holds the compiler's counts of the 8-warp kernels of up to 4 experts")
     s = ITEMSIZE[dtype]
+    e_block = 1 << (E - 1).bit_length()
     Z = E * B * C * s
-    elements = E * B * C
+    tiles = math.ceil(C / BLOCK_C)
+    row_bytes = E * C * s
+    tile_bytes = row_bytes / tiles  # what a tile reads (and the backward writes)
+    slots = e_block * BLOCK_C  # logits a tile's threads hold: masked and padded ones issue too
+    def passes(kernel, kinds):
+        k = compiled(kernel, dtype, mode, phase, stages, max_registers)
+        # (warp instructions, MUFU operations) a tile, and the pass's traffic
+        return k, [((sass * slots / 32, mufu * slots), kind) for sass, mufu, kind in zip(k["sass"], k["mufu"], kinds)]
+
+    L, L2 = gpu.dram_latency_us, gpu.l2_latency_us
+
+    def kernel(fixed, chain, registers, passes):
+        pps = programs_per_sm(gpu, registers, programs_per_sm_cap)
+        total, bounds, dram, served = fixed, [], 0.0, 0.0
+        for n in waves(B, gpu.sms * pps):
+            k = math.ceil(n / gpu.sms)
+            total += chain
+            wave_bounds = []
+            for (instr, mufu), kind in passes:
+                if kind == "read":
+                    d, l2b, lat, hit = tile_bytes, tile_bytes, L, 0.0
+                elif kind == "read+write":
+                    d, l2b, lat, hit = 2 * tile_bytes, 2 * tile_bytes, L, 0.0
+                else:  # "reread+write": grad_in_forward's pass 2
+                    hit = l2_hit(gpu, n, row_bytes)
+                    d, l2b, lat = tile_bytes * (2 - hit), 2 * tile_bytes, (L2 if hit >= 1.0 else L)
+                t, bound = tile_us(gpu, n, k, instr, mufu, d, l2b, lat, stages)
+                total += tiles * t
+                dram += n * tiles * d
+                served += n * tiles * hit * tile_bytes
+                wave_bounds.append(bound)
+            bounds.append("+".join(wave_bounds))
+        return {"us": total, "bound": "/".join(bounds), "programs_per_sm": pps, "waves": len(bounds), "tile_dram": dram,
+                "l2_served": served}
+
     vectors = (3 if phase == 1 else 1) * 4 * C  # margins (+ weights, temperatures) from DRAM once
-    l1_fill = (1 if phase == 1 else 0) * 4 * C * gpu.sms  # temperatures into every SM's L1 (margins, weights: gathered at y)
     small_in = B * 8 + B * 4 * 2  # targets, gathered margin and weight per row
     stats = B * 3 * E * 4 + B * 3 * 4 + 8  # statistics, partial sums, loss and weight sum
-
-    reuse = min(Z, gpu.l2_reuse * gpu.l2_MB * MB)
-    fwd_dram = Z + vectors + small_in + stats + B * 3 * 4  # + the last program's read of the partial sums
-    fwd_l2 = fwd_dram + l1_fill
-    bwd_dram = (Z - reuse) + vectors + small_in + stats + Z
-    bwd_l2 = Z + Z + vectors + small_in + stats + l1_fill
-    fwd = kernel_time_us(gpu, fwd_dram, fwd_l2, elements, *ops_per_element("fwd", dtype, mode, phase))
-    bwd = kernel_time_us(gpu, bwd_dram, bwd_l2, elements, *ops_per_element("bwd", dtype, mode, phase))
-
+    extra = vectors + small_in + stats
+    if design == "two_kernel":
+        fwd_k, fwd_passes = passes("fwd", ["read"])
+        bwd_k, bwd_passes = passes("bwd", ["read+write"])
+        fwd = kernel(gpu.fwd_fixed_us, gpu.fwd_chain_us, fwd_k["registers"], fwd_passes)
+        bwd = kernel(gpu.bwd_fixed_us, gpu.bwd_chain_us, bwd_k["registers"], bwd_passes)
+        fwd_dram = fwd["tile_dram"] + extra + B * 3 * 4  # + the last program's read of the partial sums
+        bwd_dram = bwd["tile_dram"] + extra
+        spills = max(fwd_k["spills"], bwd_k["spills"])
+    else:
+        fwd_k, fwd_passes = passes("fwdgrad", ["read", "reread+write"])
+        fwd = kernel(gpu.fwd_fixed_us, gpu.fwd_chain_us + gpu.bwd_chain_us, fwd_k["registers"], fwd_passes)
+        # the backward reads grad_output (L2) and returns: a launch and one round trip
+        bwd = {"us": gpu.bwd_fixed_us + L, "bound": "launch", "programs_per_sm": None, "waves": 1, "tile_dram": 0.0,
+               "l2_served": 0.0}
+        fwd_dram = fwd["tile_dram"] + extra + B * 3 * 4
+        bwd_dram = 4.0
+        spills = fwd_k["spills"]
     floor_bytes = 2 * Z
     floor_us = floor_bytes / gpu.dram_Bps * 1e6
-    total = fwd_dram + bwd_dram
     predicted = fwd["us"] + bwd["us"]
+    return {"Z": Z, "fwd": fwd, "bwd": bwd, "fwd_dram": fwd_dram, "bwd_dram": bwd_dram, "floor_bytes": floor_bytes,
+            "floor_us": floor_us, "predicted_us": predicted, "spills": spills}
+
+
+def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1, *, design: str = "two_kernel",
+          stages: int = 1, max_registers: int | None = None, programs_per_sm: int | None = None) -> dict:
+    """One case: bytes per kernel, predicted times and fraction of the floor (see the docstring).
+    Keywords: the design and its launch options (default: the kernels as written)."""
+    p = _predict(B, E, C, dtype, mode, gpu, phase, design, stages, max_registers, programs_per_sm)
+    fwd, bwd = p["fwd"], p["bwd"]
+    total = p["fwd_dram"] + p["bwd_dram"]
     return {
         "gpu": gpu.name,
         "B": B,
@@ -135,24 +347,84 @@ def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 
         "dtype": dtype,
         "mode": mode,
         "phase": phase,
+        "design": design,
+        "stages": stages,
+        "max_registers": max_registers,
+        "programs_per_sm_cap": programs_per_sm,
         "bytes": int(total),
-        "floor_bytes": int(floor_bytes),
-        "traffic_ratio": round(total / floor_bytes, 4),
-        "l2_reuse_bytes": int(reuse),
-        "fwd_bytes": int(fwd_dram),
-        "bwd_bytes": int(bwd_dram),
+        "floor_bytes": int(p["floor_bytes"]),
+        "traffic_ratio": round(total / p["floor_bytes"], 4),
+        "l2_reuse_bytes": int(fwd["l2_served"]),
+        "fwd_bytes": int(p["fwd_dram"]),
+        "bwd_bytes": int(p["bwd_dram"]),
         "fwd_us": round(fwd["us"], 2),
         "bwd_us": round(bwd["us"], 2),
         "fwd_bound": fwd["bound"],
         "bwd_bound": bwd["bound"],
-        "floor_us": round(floor_us, 2),
-        "predicted_us": round(predicted, 2),
-        "fraction_of_floor": round(floor_us / predicted, 4),
+        "fwd_programs_per_sm": fwd["programs_per_sm"],
+        "bwd_programs_per_sm": bwd["programs_per_sm"],
+        "fwd_waves": fwd["waves"],
+        "bwd_waves": bwd["waves"],
+        "spill_bytes": p["spills"],
+        "floor_us": round(p["floor_us"], 2),
+        "predicted_us": round(p["predicted_us"], 2),
+        "fraction_of_floor": float(f"{p['floor_us'] / p['predicted_us']:.4g}"),  # 4 digits, however small
     }
 
 
-def rows(gpu: GPU, phases=(1,)) -> list[dict]:
-    return [model(B, E, C, dtype, mode, gpu, phase) for (B, E, C) in CASES for dtype in ITEMSIZE for mode in MODES for phase in phases]
+def rows(gpu: GPU, phases=(1,), **options) -> list[dict]:
+    return [model(B, E, C, dtype, mode, gpu, phase, **options) for (B, E, C) in CASES for dtype in ITEMSIZE for mode in MODES for phase in phases]
+
+
+def compare(gpu: GPU, phases=(1,)) -> list[dict]:
+    """Every SETTINGS entry for every case: the rows, each with its setting's name."""
+    return [{"setting": name, **row} for name, options in SETTINGS.items() for row in rows(gpu, phases, **options)]
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def fit(measured: list[dict], gpu: GPU, latencies=None, step: float = 0.05) -> tuple[GPU, float]:
+    """Fit L, both chains and both fixed costs to measured kernel times of the kernels as written
+    (rows with B, E, C, dtype, mode, fwd_us, bwd_us; phase 1): for each L on a grid, the chain
+    and fixed cost of each kernel that give the least largest relative error (a grid of `step`
+    us), then the L with the least. Returns (the fitted GPU, that error)."""
+    latencies = latencies or [round(0.5 + step * i, 2) for i in range(int(round(0.7 / step)) + 1)]
+    grid = [round(step * i, 2) for i in range(int(round(12 / step)) + 1)]
+    best = None
+    for L in latencies:
+        bare = replace(gpu, dram_latency_us=L, fwd_chain_us=0.0, fwd_fixed_us=0.0, bwd_chain_us=0.0, bwd_fixed_us=0.0)
+        fitted, worst = {}, 0.0
+        for kernel in ("fwd", "bwd"):
+            pts = []
+            for r in measured:
+                p = _predict(r["B"], r["E"], r["C"], r["dtype"], r["mode"], bare, 1)[kernel]
+                pts.append((p["waves"], p["us"], r[f"{kernel}_us"]))
+            kb = None
+            for chain in grid:
+                for fixed in grid[: int(round(5 / step)) + 1]:
+                    err = max(abs((fixed + w * chain + x) / m - 1) for w, x, m in pts)
+                    if kb is None or err < kb[0] - 1e-12:
+                        kb = (err, chain, fixed)
+            fitted[kernel] = kb
+            worst = max(worst, kb[0])
+        if best is None or worst < best[0] - 1e-12:
+            best = (worst, L, fitted)
+    worst, L, f = best
+    return replace(gpu, dram_latency_us=L, fwd_chain_us=f["fwd"][1], fwd_fixed_us=f["fwd"][2], bwd_chain_us=f["bwd"][1],
+                   bwd_fixed_us=f["bwd"][2]), worst
+
+
+def fit_errors(measured: list[dict], gpu: GPU) -> list[dict]:
+    """Each measured kernel time beside the model's (the kernels as written, phase 1)."""
+    out = []
+    for r in measured:
+        p = _predict(r["B"], r["E"], r["C"], r["dtype"], r["mode"], gpu, 1)
+        for kernel in ("fwd", "bwd"):
+            out.append({"B": r["B"], "E": r["E"], "C": r["C"], "dtype": r["dtype"], "mode": r["mode"], "kernel": kernel,
+                        "measured_us": r[f"{kernel}_us"], "model_us": round(p[kernel]["us"], 2),
+                        "error": round(p[kernel]["us"] / r[f"{kernel}_us"] - 1, 4), "bound": p[kernel]["bound"]})
+    return out
 
 
 def main(argv=None) -> int:
@@ -161,14 +433,43 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list, one row per case")
     parser.add_argument("--phase", choices=["0", "1", "both"], default="1",
                         help="DRW phase: 0 (T = 1, shared exponentials), 1 (weights and temperatures; the default, the dearer one)")
+    parser.add_argument("--design", choices=DESIGNS, default="two_kernel")
+    parser.add_argument("--stages", type=int, choices=[1, 2], default=1, help="tiles in flight a program (launch option)")
+    parser.add_argument("--max-registers", type=int, choices=[64], default=None, help="register cap (launch option)")
+    parser.add_argument("--programs-per-sm", type=int, default=None, help="cap on the programs an SM runs")
+    parser.add_argument("--compare", action="store_true", help="every design and option (SETTINGS), side by side")
+    parser.add_argument("--fit", metavar="MEASURED_JSON", help="fit the calibration to measured kernel times and print it")
     args = parser.parse_args(argv)
+    gpu = GPUS[args.gpu]
+    if args.fit:
+        with open(args.fit) as f:
+            measured = json.load(f)["rows"]
+        fitted, worst = fit(measured, gpu)
+        params = {k: getattr(fitted, k) for k in ("dram_latency_us", "fwd_chain_us", "fwd_fixed_us", "bwd_chain_us", "bwd_fixed_us")}
+        out = {"fitted": params, "max_error": round(worst, 4), "errors": fit_errors(measured, fitted)}
+        print(json.dumps(out, indent=1))
+        return 0
     phases = (0, 1) if args.phase == "both" else (int(args.phase),)
-    out = rows(GPUS[args.gpu], phases)
+    if args.compare:
+        out = compare(gpu, phases)
+        if args.json:
+            print(json.dumps(out, indent=1))
+            return 0
+        cases = [(r["B"], r["E"], r["C"], r["dtype"], r["mode"], r["phase"]) for r in rows(gpu, phases)]
+        table = {(r["setting"], (r["B"], r["E"], r["C"], r["dtype"], r["mode"], r["phase"])): r for r in out}
+        print(f"{gpu.name}: predicted fraction of the floor (fwd + bwd us)")
+        print(f"{'B, E, C, dtype, mode, phase':<34}" + "".join(f"{name:>24}" for name in SETTINGS))
+        for case in cases:
+            cells = [table[(name, case)] for name in SETTINGS]
+            print(f"{', '.join(map(str, case)):<34}" + "".join(f"{r['fraction_of_floor']:>11.3f} ({r['fwd_us']:5.1f}+{r['bwd_us']:4.1f})" for r in cells))
+        return 0
+    out = rows(gpu, phases, design=args.design, stages=args.stages, max_registers=args.max_registers, programs_per_sm=args.programs_per_sm)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    cols = ["B", "E", "C", "dtype", "mode", "phase", "bytes", "floor_bytes", "traffic_ratio", "fwd_bound", "bwd_bound", "predicted_us", "floor_us", "fraction_of_floor"]
-    print(f"{GPUS[args.gpu].name}")
+    cols = ["B", "E", "C", "dtype", "mode", "phase", "bytes", "floor_bytes", "traffic_ratio", "fwd_us", "bwd_us", "predicted_us", "floor_us",
+            "fraction_of_floor", "fwd_bound", "bwd_bound"]
+    print(f"{gpu.name}, {args.design}, stages {args.stages}, max_registers {args.max_registers}, programs_per_sm {args.programs_per_sm}")
     print("  ".join(f"{c:>13}" for c in cols))
     for r in out:
         print("  ".join(f"{str(r[c]):>13}" for c in cols))
