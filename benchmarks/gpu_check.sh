@@ -11,7 +11,7 @@
 #
 #   env                   5 /  5 / 30   device, versions
 #   gpu_tests           160 / 42 / 60   pytest -m gpu: fused-loss kernels at full size, the loss compiled, engine and loader GPU tests
-#   loss_bench          125 /100 / 60   1.25 GiB copy bandwidth; RIDE loss fp32/bf16 x mean/pairwise x eager/compile/fused,
+#   loss_bench          130 /105 / 60   1.25 GiB copy bandwidth; RIDE loss fp32/bf16 x mean/pairwise x eager/compile/fused,
 #                                       and the fused kernels' variants beside their defaults (tuning, the gradient
 #                                       written by the forward)
 #   trainer_compile      56 / 40 / 60   the Trainer, bf16, train.compile, CIFAR-size in-memory data, a few hundred steps
@@ -22,7 +22,7 @@
 #   ddp_nccl             28 / 20 / 90   torchrun --nproc_per_node=1 -m ride_fast train (NCCL; gloo on the CPU)
 #   e8                   16 / 10 / 60   E = 8 experts through the fused loss
 #   dali                  6 /  4 / 30   the DALI mixed (nvJPEG) pipeline, or "not installed"
-#   sum                 516 /299        budget: full <= 530 s, --quick <= 310 s on an H100/H200 (the runner's
+#   sum                 521 /304        budget: full <= 540 s, --quick <= 320 s on an H100/H200 (the runner's
 #                                       start and the report add < 10 s). Each column is what the steps
 #                                       took on an H200 with empty compile caches, plus ~10 %, and for
 #                                       loss_bench its variants' compiles; the dry run's deadlines only

@@ -19,6 +19,7 @@ KERNEL_COLUMNS = ("fwd_kernel_us", "predicted_fwd_us", "fwd_pct_copy_bw", "bwd_k
                   "other_kernels_us")
 VARIANT_COLUMNS = ("case", "provider", "ms", "x_default", "fwd_kernel_us", "bwd_kernel_us", "kernels_pct_copy_bw",
                    "bwd_kernel_us_after_scrub", "same_gradient_as_default")
+WAVE_COLUMNS = ("fwd_kernel_us_rows128", "fwd_kernel_us_rows384", "fwd_kernel_us_rows512")
 HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}
 
 
@@ -117,6 +118,12 @@ def build(rows: list[dict]) -> tuple[str, int]:
                    "the floor bytes over both kernels' time; bwd_kernel_us_after_scrub: the default backward with 256 MB "
                    "copied after the forward, so that nothing of its rows is left in L2):", ""]
             md += _table(list(VARIANT_COLUMNS), [[r.get(c) for c in VARIANT_COLUMNS] for r in variants])
+            md.append("")
+        waves = [r for r in loss if r.get("fwd_kernel_us_rows128") is not None]
+        if waves:
+            md += ["The forward kernel alone on the first 128, 384 and 512 rows (one program an SM, one wave, two waves at "
+                   "three programs an SM), us:", ""]
+            md += _table(["case", "provider"] + list(WAVE_COLUMNS), [[r["case"], r["provider"]] + [r.get(c) for c in WAVE_COLUMNS] for r in waves])
             md.append("")
     others = [r for r in rows if r.get("kind") == "measure" and r not in loss and r is not copy]
     if others:

@@ -196,7 +196,7 @@ def test_a_missing_module_is_named_before_any_step_runs(tmp_path):
 
 
 def test_deadlines_fit_the_budgets():
-    """The full check's steps fit in 530 s and --quick's in 310 s, the runner's start and report included."""
+    """The full check's steps fit in 540 s and --quick's in 320 s, the runner's start and report included."""
     for column, mode in enumerate(("full", "quick")):
         assert sum(d[column] for d in DEADLINES.values()) + STARTUP_S <= BUDGET_S[mode]
 
@@ -366,16 +366,46 @@ def test_each_kernel_variant_is_timed_kernel_by_kernel_and_the_backward_after_an
     assert calls == [False, True]
 
 
+def test_the_wave_probe_times_the_forward_on_128_384_and_512_rows(monkeypatch):
+    """The forward alone on the first rows of the logits, as a slice (no copy), through the
+    launcher: one program an SM, one wave, two waves."""
+    import torch
+
+    import gpu_steps
+    from ride_fast.losses.synthetic import ride_loss_inputs
+
+    seen = []
+
+    def fake_times(fn, iters):
+        fn()
+        return {"_ride_loss_fwd_kernel": 10.0 + len(seen), "other": 1.0}
+
+    import ride_fast_kernels.ride_loss as launchers
+
+    def recording_forward(z, y, *args, **kwargs):
+        seen.append((tuple(z.shape), tuple(y.shape), kwargs.get("weight_sum")))
+
+    monkeypatch.setattr(gpu_steps, "kernel_times_us", fake_times)
+    monkeypatch.setattr(launchers, "ride_loss_forward", recording_forward)
+    inp = ride_loss_inputs(2, 512, 10, phase=1, dtype=torch.float32, device="cpu", seed=0)
+    m, w, t = inp.vectors
+    out = gpu_steps.wave_probe([inp.logits], iter(range(10)), inp.target, m, w, t, "mean", torch.ones(1))
+    assert out == {"fwd_kernel_us_rows128": 11.0, "fwd_kernel_us_rows384": 12.0, "fwd_kernel_us_rows512": 13.0}
+    assert [s[:2] for s in seen] == [((2, 128, 10), (128,)), ((2, 384, 10), (384,)), ((2, 512, 10), (512,))]
+
+
 def test_the_report_tables_the_variants_kernel_by_kernel():
     plan = {"step": "plan", "status": "passed", "kind": "plan", "mode": "full", "budget_s": 530,
             "steps": [{"step": "loss_bench", "deadline_s": 60}]}
     base = {"step": "loss_bench", "status": "passed", "kind": "measure", "case": "B512-E4-C8142-fp32-mean", "ms": 0.07,
             "x_default": 1.0, "same_gradient_as_default": True}
     rows = [plan, {**base, "provider": "kernels-default", "fwd_kernel_us": 37.9, "bwd_kernel_us": 33.5, "kernels_pct_copy_bw": 44.2,
-                   "bwd_kernel_us_after_scrub": 34.1},
+                   "bwd_kernel_us_after_scrub": 34.1, "fwd_kernel_us_rows128": 12.5, "fwd_kernel_us_rows384": 21.0,
+                   "fwd_kernel_us_rows512": 37.9},
             {**base, "provider": "kernels-gradfwd", "fwd_kernel_us": 40.2, "bwd_kernel_us": 1.9, "kernels_pct_copy_bw": 75.4, "x_default": 1.7},
             {"step": "loss_bench", "status": "passed", "kind": "end"}]
     text = build(rows)[0]
     assert "variants kernel by kernel" in text and "Fused loss, kernel by kernel" not in text
     assert "| B512-E4-C8142-fp32-mean | kernels-gradfwd | 0.07 | 1.7 | 40.2 | 1.9 | 75.4 |" in text
     assert "| 34.1 | yes |" in text
+    assert "| B512-E4-C8142-fp32-mean | kernels-default | 12.5 | 21 | 37.9 |" in text
