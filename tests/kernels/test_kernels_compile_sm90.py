@@ -70,13 +70,19 @@ def _ptxas_available() -> bool:
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
+def compiled_rows(script: str, *args: str, timeout: int = 600) -> dict:
+    """Run a script of `report` calls in a process that compiles for real (no TRITON_INTERPRET):
+    the JSON of its last output line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")
 def test_kernels_compile_for_sm90_within_budget():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(MATRIX)], capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = compiled_rows(SCRIPT, json.dumps(MATRIX), timeout=900)
     rows = out["rows"]
     assert len(rows) == 2 * len(MATRIX) and len(out["split"]) == 18
     for row in rows + out["split"]:
@@ -130,10 +136,7 @@ def test_the_tuning_variants_compile_for_sm90():
     shared memory) within the register budget, without spills; max_registers = 64 (four 8-warp
     programs an SM) holds the cap, spilling nothing in "mean" and a few bytes at most in the
     phase-1 "pairwise" forward, which carries the most running state."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", TUNING_SCRIPT], capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = compiled_rows(TUNING_SCRIPT)
     assert len(out["staged"]) == 16 and len(out["capped"]) == 8
     for row in out["staged"]:
         where = f"{row['kernel']} {row['variant']}"
@@ -173,10 +176,7 @@ def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
     accesses; at 8 experts (128 registers, the two passes' state at once) a few bytes of spills at
     most in the phase-1 "pairwise" variant. The backward that returns where grad_output is 1
     compiles too (an early return on a value read from memory)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", WRITTEN_SCRIPT], capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert result.returncode == 0, f"compilation for sm_90 failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = compiled_rows(WRITTEN_SCRIPT)
     assert len(out["fwd"]) == 20 and len(out["bwd"]) == 2
     for row in out["fwd"]:
         where = f"{row['kernel']} {row['variant']}"
