@@ -72,12 +72,12 @@ def test_hand_computed_case():
     # forward: 72 registers, 65,536 / (72 * 256) = 3 programs an SM: waves of 3 and 1 programs.
     #   360 SASS a thread a tile: 22.5 x 128 = 2880 warp instructions, c = 2880 / 4000 = 0.72 us;
     #   MUFU 2 x 4096 / 16,000 = 0.512 us a program.
-    #   wave 1 (3): max(latency 1 + 0.72, DRAM 3 x 16,384 / 16,384 = 3, issue 3 x 0.72, MUFU 1.536) = 3 -> 6 us
+    #   wave 1 (3): max(latency 1 + 0.72, DRAM 3 x 16,384 / 16,384 = 3, issue rate 3 x 0.72, MUFU 1.536) = 3 -> 6 us
     #   wave 2 (1): max(1.72, 1, 0.72, 0.512) = 1.72 -> 3.44 us
     #   forward = fixed 1 + chains 2 x 2 + 6 + 3.44 = 14.44 us
     # backward: 62 registers (64 allocated), 4 programs an SM: one wave of 4.
     #   254 SASS: 2032 warp instructions, c = 0.508 us; MUFU 2.25 x 4096 / 16,000 = 0.576 us.
-    #   max(1.508, DRAM 4 x 32,768 / 16,384 = 8, issue 2.032, MUFU 2.304) = 8 -> 16 us
+    #   max(1.508, DRAM 4 x 32,768 / 16,384 = 8, issue rate 2.032, MUFU 2.304) = 8 -> 16 us
     #   backward = 0.5 + 0.5 + 16 = 17 us.
     # floor: 2 Z / 16,384 = 16 us; fraction 16 / 31.44.
     # bytes: vectors 3 * 4 * 2048 = 24,576, targets and gathers 4 * 16 = 64, statistics
@@ -101,7 +101,7 @@ def test_hand_computed_case():
     #   1.696 -> 3.392 us.
     #   pass 2: c = 16.375 x 128 / 4000 = 0.524 us. Wave 1: 3 rows in flight, 98,304 bytes against
     #   65,536: the L2 serves 2/3, a tile moves 16,384 x (1 + 1/3) DRAM bytes, 3 of them 4 us
-    #   (latency 1.524, issue 1.572, MUFU 1.728) -> 8 us. Wave 2: 1 row fits, DRAM 1 us against
+    #   (latency 1.524, issue rate 1.572, MUFU 1.728) -> 8 us. Wave 2: 1 row fits, DRAM 1 us against
     #   latency 0.25 + 0.524 -> 2 us.
     #   forward = 1 + 2 x 2.5 + 6 + 8 + 3.392 + 2 = 25.392 us; backward = 0.5 + 1 (grad_output) = 1.5 us.
     # bytes: 2 Z + the misses 3 x 32,768 / 3 = 32,768 + 24,888 + 48 = 319,848, the backward 4; the L2
