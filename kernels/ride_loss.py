@@ -200,17 +200,16 @@ def _check_tuning(stages, max_registers):
         raise ValueError(f"max_registers must be a multiple of 8 from 24 to 255 (or None: the kernel's budget), got {max_registers!r}")
 
 
-def _check_grad_out(grad_out, expert_logits, contiguous):
-    """A gradient buffer: [E, B, C] of the logits' dtype on their device, unit class stride (the
-    forward's also contiguous, so that a row's gradient starts where its logits do modulo 16)."""
+def _check_grad_out(grad_out, expert_logits):
+    """A gradient buffer: [E, B, C] of the logits' dtype on their device, unit class stride."""
     if grad_out is None:
         return
     E, B, C = expert_logits.shape
     if (grad_out.shape != (E, B, C) or grad_out.dtype != expert_logits.dtype or grad_out.stride(2) != 1
-            or grad_out.device != expert_logits.device or (contiguous and not grad_out.is_contiguous())):
-        layout = "contiguous" if contiguous else "with unit class stride"
-        raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {expert_logits.dtype} on {expert_logits.device}, {layout}; "
-                         f"got {tuple(grad_out.shape)} {grad_out.dtype} on {grad_out.device} with strides {tuple(grad_out.stride())}")
+            or grad_out.device != expert_logits.device):
+        raise ValueError(f"grad_out must be [E, B, C] = {(E, B, C)} of {expert_logits.dtype} on {expert_logits.device} with unit "
+                         f"class stride; got {tuple(grad_out.shape)} {grad_out.dtype} on {grad_out.device} with strides "
+                         f"{tuple(grad_out.stride())}")
 
 
 def _prepare(expert_logits, target, margins, class_weights, temperature):
@@ -314,7 +313,7 @@ def ride_loss_forward(
     range yields a NaN loss. `stages` (> 1: the main loop's loads run that many blocks ahead,
     through shared memory) and `max_registers` (instead of `register_budget`) are tuning
     overrides that the GPU check times against the defaults; the results do not depend on them.
-    `grad_out` ([E, B, C], the logits' dtype and device, contiguous): the forward also writes the
+    `grad_out` ([E, B, C], the logits' dtype and device, unit class stride): the forward also writes the
     gradient for grad_output = 1 there, in a second pass over each row right after its first,
     which `ride_loss_backward(..., grad_out=grad_out, grad_written=True)` then keeps where
     grad_output is 1 (the same bits it would compute) and recomputes otherwise. With DRW weights
@@ -331,7 +330,7 @@ def ride_loss_forward(
     if weight_sum is not None and (weight_sum.numel() != 1 or not weight_sum.is_floating_point() or weight_sum.device != z.device):
         raise ValueError(f"weight_sum must be a one-element floating-point tensor on {z.device}, got shape "
                          f"{tuple(weight_sum.shape)} {weight_sum.dtype} on {weight_sum.device}")
-    _check_grad_out(grad_out, expert_logits, contiguous=True)
+    _check_grad_out(grad_out, expert_logits)
     return _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
                     block_c, stats_out, part_out, weight_sum, stages, max_registers, grad_out)
 
@@ -367,7 +366,7 @@ def ride_loss_backward(
         raise ValueError(f"grad_output must be a floating-point scalar, got shape {tuple(grad_output.shape)} {grad_output.dtype}")
     if tuple(stats.shape) != (B, 3, E) or aux.shape != (1,):
         raise ValueError(f"stats must be [B, 3, E] = {[B, 3, E]} and aux [1], got {tuple(stats.shape)} and {tuple(aux.shape)}")
-    _check_grad_out(grad_out, expert_logits, contiguous=False)
+    _check_grad_out(grad_out, expert_logits)
     if grad_written and grad_out is None:
         raise ValueError("grad_written=True needs grad_out: the buffer the forward wrote the gradient into")
     z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)

@@ -464,9 +464,23 @@ def test_forward_written_gradient_fp16_scaled(diversity):
     assert_fp16_scaled_gradient(grad, z, y, m, w, t, diversity, 2.0**16)
 
 
+def test_forward_written_gradient_into_a_strided_buffer():
+    """A buffer with unit class stride but other strides of its own (rows of a larger tensor, not
+    16-element aligned): the forward writes there what the backward writes into a new tensor."""
+    z, y, m, w, t = make_inputs(3, 4, 83, seed=7)
+    ws = w[y].sum().reshape(1)
+    _, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "pairwise", block_c=16, weight_sum=ws)
+    expected = ride_loss_backward(torch.tensor(1.0, device=z.device), z, y, m, w, t, stats, aux, LAMBDA, TM, "pairwise", block_c=16)
+    big = torch.full((3, 7, 83), float("nan"), device=z.device)
+    buf = big[:, 1:5]
+    ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "pairwise", block_c=16, weight_sum=ws, grad_out=buf)
+    assert torch.equal(buf, expected)
+    assert torch.isnan(big[:, 0]).all() and torch.isnan(big[:, 5:]).all()  # nothing written outside
+
+
 def test_forward_written_gradient_arguments_are_checked():
     z, y, m, w, t = make_inputs(2, 3, 20)
-    with pytest.raises(ValueError, match=r"grad_out must be \[E, B, C\] = \(2, 3, 20\) of torch.float32 on .*, contiguous"):
+    with pytest.raises(ValueError, match=r"grad_out must be \[E, B, C\] = \(2, 3, 20\) of torch.float32 on .* with unit class stride"):
         ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "mean", grad_out=torch.empty(2, 20, 3).transpose(1, 2))
     loss, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "mean")
     with pytest.raises(ValueError, match="grad_written=True needs grad_out"):
