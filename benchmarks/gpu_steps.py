@@ -499,6 +499,11 @@ def kernel_times_us(fn: Callable[[], Any], iters: int) -> dict[str, float]:
     return times
 
 
+def kernel_us(times: dict[str, float], kernel: str) -> float:
+    """Microseconds a call of the kernels whose names contain `kernel` (`kernel_times_us`'s times)."""
+    return sum(us for name, us in times.items() if kernel in name)
+
+
 def pct_of_copy(nbytes: float, seconds: float, copy_gbps: float) -> float:
     """`nbytes` moved in `seconds`, as a percentage of the copy bandwidth (GB/s, read + written)."""
     return 100 * nbytes / seconds / 1e9 / copy_gbps
@@ -508,8 +513,7 @@ def fused_kernel_row(times: dict[str, float], floor_bytes: int, copy_gbps: float
     """The forward and backward kernels' times against the copy bandwidth (the forward reads the
     logits, half the floor bytes; the backward reads them and writes the gradient, all of them)
     and against the traffic model's time for each."""
-    fwd = sum(t for name, t in times.items() if "_ride_loss_fwd" in name)
-    bwd = sum(t for name, t in times.items() if "_ride_loss_bwd" in name)
+    fwd, bwd = kernel_us(times, "_ride_loss_fwd"), kernel_us(times, "_ride_loss_bwd")
     other = sum(times.values()) - fwd - bwd
     pct = lambda b, us: pct_of_copy(b, us * 1e-6, copy_gbps) if us else None  # noqa: E731
     return {"fwd_kernel_us": fwd, "bwd_kernel_us": bwd, "other_kernels_us": other,
@@ -586,8 +590,7 @@ def kernel_split(launch: Callable[[], Any], floor_bytes: int, copy_gbps: float) 
     gradient written by the forward, its forward's time is both passes' and its backward's the
     early return's."""
     times = kernel_times_us(launch, 10)
-    fwd = sum(us for name, us in times.items() if "_ride_loss_fwd" in name)
-    bwd = sum(us for name, us in times.items() if "_ride_loss_bwd" in name)
+    fwd, bwd = kernel_us(times, "_ride_loss_fwd"), kernel_us(times, "_ride_loss_bwd")
     return {"fwd_kernel_us": fwd, "bwd_kernel_us": bwd, "kernels_pct_copy_bw": pct_of_copy(floor_bytes, (fwd + bwd) * 1e-6, copy_gbps)}
 
 
@@ -606,21 +609,22 @@ def wave_probe(copies: list, turn, y, m, w, t, div: str, wsum, **tuning) -> dict
             z = copies[next(turn) % len(copies)].detach()[:, :rows]
             ride_loss_forward(z, y[:rows], m, w, t, LAMBDA, TM, div, weight_sum=wsum, **tuning)
         times = kernel_times_us(forward, 10)
-        out[f"fwd_kernel_us_rows{rows}"] = sum(us for name, us in times.items() if "_ride_loss_fwd" in name)
+        out[f"fwd_kernel_us_rows{rows}"] = kernel_us(times, "_ride_loss_fwd")
     return out
 
 
 def l2_probe(grad_of: Callable[..., Any], copies: list, turn) -> dict:
-    """What the L2 gives the default backward: its kernel time right after the forward (as in
-    training) and with 2 x 128 MB copied in between, which leaves nothing of the forward's rows in
-    L2. Equal times: the backward's second read of the logits comes from DRAM either way."""
+    """The default backward's kernel time with 2 x 128 MB copied between it and the forward, which
+    leaves nothing of the forward's rows in L2: against its time right after the forward (the
+    default row's bwd_kernel_us), what the L2 gives it. Equal times: the backward's second read of
+    the logits comes from DRAM either way."""
     import torch
 
     src = torch.empty(1 << 27, dtype=torch.uint8, device=copies[0].device)
     dst = torch.empty_like(src)
     scrub = lambda: dst.copy_(src)  # noqa: E731
     times = kernel_times_us(lambda: grad_of(copies[next(turn) % len(copies)].detach(), between=scrub), 10)
-    return {"bwd_kernel_us_after_scrub": sum(us for name, us in times.items() if "_ride_loss_bwd" in name)}
+    return {"bwd_kernel_us_after_scrub": kernel_us(times, "_ride_loss_bwd")}
 
 
 def _timed_by(timing: dict) -> str:
