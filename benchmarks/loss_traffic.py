@@ -5,7 +5,8 @@ on an H200's kernel times.
                                       [--design two_kernel|grad_in_forward] [--stages 1|2]
                                       [--max-registers 64] [--programs-per-sm N]
     python benchmarks/loss_traffic.py --gpu h200 --compare [--json]   (every design, side by side)
-    python benchmarks/loss_traffic.py --fit benchmarks/results/loss_traffic/<measured>.json
+    python benchmarks/loss_traffic.py --fit MEASURED   (a JSON of kernel times: benchmarks/results/loss_traffic/;
+                                                    or a GPU check's rows.jsonl)
 
 One row per case (B, E, C, dtype, mode): the DRAM bytes each kernel moves, a predicted time for
 each kernel and the fused loss's fraction of the memory floor. Shape legend: E experts, B images
@@ -415,6 +416,26 @@ def fit(measured: list[dict], gpu: GPU, latencies=None, step: float = 0.05) -> t
                    bwd_fixed_us=f["bwd"][2]), worst
 
 
+def load_measured(path: str) -> list[dict]:
+    """Measured kernel times for `fit`: a JSON file with "rows" (B, E, C, dtype, mode, fwd_us,
+    bwd_us), or the rows.jsonl of a GPU check, whose fused-loss rows carry the profiler's
+    fwd_kernel_us and bwd_kernel_us (phase 1, the kernels as written)."""
+    if not path.endswith(".jsonl"):
+        with open(path) as f:
+            return json.load(f)["rows"]
+    dtypes = {"fp32": "float32", "bf16": "bfloat16"}
+    out = []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("step") == "loss_bench" and r.get("provider") == "fused" and r.get("fwd_kernel_us"):
+                out.append({"B": r["B"], "E": r["E"], "C": r["C"], "dtype": dtypes[r["dtype"]], "mode": r["diversity"],
+                            "fwd_us": r["fwd_kernel_us"], "bwd_us": r["bwd_kernel_us"]})
+    if not out:
+        raise SystemExit(f"{path}: no fused-loss row with kernel times (a GPU check on CUDA writes them)")
+    return out
+
+
 def fit_errors(measured: list[dict], gpu: GPU) -> list[dict]:
     """Each measured kernel time beside the model's (the kernels as written, phase 1)."""
     out = []
@@ -438,12 +459,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-registers", type=int, choices=[64], default=None, help="register cap (launch option)")
     parser.add_argument("--programs-per-sm", type=int, default=None, help="cap on the programs an SM runs")
     parser.add_argument("--compare", action="store_true", help="every design and option (SETTINGS), side by side")
-    parser.add_argument("--fit", metavar="MEASURED_JSON", help="fit the calibration to measured kernel times and print it")
+    parser.add_argument("--fit", metavar="MEASURED", help="fit the calibration to measured kernel times and print it: a JSON "
+                        "file with rows, or a GPU check's rows.jsonl")
     args = parser.parse_args(argv)
     gpu = GPUS[args.gpu]
     if args.fit:
-        with open(args.fit) as f:
-            measured = json.load(f)["rows"]
+        measured = load_measured(args.fit)
         fitted, worst = fit(measured, gpu)
         params = {k: getattr(fitted, k) for k in ("dram_latency_us", "fwd_chain_us", "fwd_fixed_us", "bwd_chain_us", "bwd_fixed_us")}
         out = {"fitted": params, "max_error": round(worst, 4), "errors": fit_errors(measured, fitted)}

@@ -48,6 +48,28 @@ def test_calibration_reproduces_the_measured_kernel_times(gpu, kernel, case):
     assert row[f"{kernel}_us"] == pytest.approx(r[f"{kernel}_us"], rel=0.15), (r, row)
 
 
+def test_fit_reads_a_gpu_checks_rows(tmp_path):
+    """--fit takes the check's rows.jsonl as it is: the fused-loss rows' profiler kernel times,
+    nothing else (the providers that are not the fused op, the copy row, other steps)."""
+    measured = _measured()["rows"]
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    lines = [{"step": "loss_bench", "kind": "measure", "case": "copy", "gbps": 4229.7}]
+    for r in measured:
+        common = {"step": "loss_bench", "kind": "measure", "B": r["B"], "E": r["E"], "C": r["C"], "dtype": short[r["dtype"]],
+                  "diversity": r["mode"]}
+        lines += [{**common, "provider": "eager", "ms": 1.0},
+                  {**common, "provider": "fused", "fwd_kernel_us": r["fwd_us"], "bwd_kernel_us": r["bwd_us"], "other_kernels_us": 0.8},
+                  {**common, "provider": "kernels-regs64", "fwd_kernel_us": 1.0, "bwd_kernel_us": 1.0}]
+    lines.append({"step": "r50", "kind": "measure", "provider": "fused", "images_per_s": 2576})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert lt.load_measured(str(path)) == measured
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(SystemExit, match="no fused-loss row with kernel times"):
+        lt.load_measured(str(empty))
+
+
 def test_fit_gives_the_recorded_calibration():
     """Fitting again to the measured times gives the H200's values; the H100 shares them."""
     fitted, worst = lt.fit(_measured()["rows"], lt.GPUS["h200"])
