@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 
 import loss_traffic as lt
 import pytest
