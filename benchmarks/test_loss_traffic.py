@@ -247,55 +247,30 @@ def test_instruction_counts_are_the_compilers():
         assert lt.OPS_E4[key] == pytest.approx((row["mufu_per_element"], row["alu_per_element"]), abs=0.05), key
 
 
-def sass_main_loops(sass: str) -> list[int]:
-    """Instructions (NOPs left out) of each loop of nvdisasm's listing that has vector global
-    accesses (the logits' loads, cp.async copies, the gradient's stores), in order: a loop runs from
-    a label to the branch back to it."""
-    labels, instr = {}, []
-    for line in sass.splitlines():
-        m = re.match(r"^(\.L_x_\d+):", line)
-        if m:
-            labels[m.group(1)] = len(instr)
-        m = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if m:
-            instr.append(m.group(1))
-    loops = []
-    for j, text in enumerate(instr):
-        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
-        if m and labels.get(m.group(1), j + 1) <= j:
-            body = [t for t in instr[labels[m.group(1)]:j + 1] if not t.startswith("NOP")]
-            if any(re.search(r"(LDG|STG|LDGSTS)\.E\S*\.(128|64)\b", t) for t in body):
-                loops.append(len(body))
-    return loops
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")
 def test_registers_and_sass_are_the_compilers():
     """KERNELS_E4 and GRAD_IN_FORWARD_E4 hold what ptxas and nvdisasm give (five kernels checked)."""
     script = textwrap.dedent(
         """
-        import json, os, subprocess, tempfile
+        import json, re
         from ride_fast_kernels import report
-        nvdisasm = os.path.join(os.path.dirname(report.ptxas_path()), "nvdisasm")
         cubins, original = [], report._row
         def row(kernel, variant, gradient, compiled, *args):
             cubins.append(compiled.asm["cubin"])
             return original(kernel, variant, gradient, compiled, *args)
         report._row = row
+        vector = re.compile(r"(LDG|STG|LDGSTS)\\.E\\S*\\.(128|64)\\b")  # the logits' and the gradient's accesses
         out = []
         for mode, dtype, stages, regs, kernels in (("mean", "fp32", 1, None, ("fwd", "bwd")),
                                                    ("pairwise", "bf16", 2, 64, ("fwd", "bwd")),
                                                    ("pairwise", "fp32", 1, None, ("fwdgrad",))):
             rows = report.variant_rows(4, mode, dtype, 1, stages=stages, max_registers=regs, kernels=kernels)
             for r, cubin in zip(rows, cubins[-len(rows):]):
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "k.cubin")
-                    with open(path, "wb") as f:
-                        f.write(cubin)
-                    sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+                # instructions of each loop with vector accesses (the main loops), in order
+                loops = [len(loop) for loop in report.sass_loops(report.sass(cubin)) if any(vector.search(t) for t in loop)]
                 out.append({"kernel": r["kernel"], "mode": mode, "dtype": dtype, "stages": stages, "max_registers": regs,
-                            "registers": r["registers"], "spills": r["spills"], "sass": sass})
+                            "registers": r["registers"], "spills": r["spills"], "loops": loops})
         print(json.dumps(out))
         """
     )
@@ -310,4 +285,4 @@ def test_registers_and_sass_are_the_compilers():
             expect = lt.GRAD_IN_FORWARD_E4[(dtypes[r["dtype"]], r["mode"], 1)][i]
         else:
             expect = lt.KERNELS_E4[(r["kernel"], dtypes[r["dtype"]], r["mode"], 1)][i]
-        assert (r["registers"], r["spills"], *sass_main_loops(r["sass"])) == expect, r["kernel"]
+        assert (r["registers"], r["spills"], *r["loops"]) == expect, r["kernel"]
