@@ -78,11 +78,14 @@ stages=2 and max_registers=64 keep to terms the fit constrained (waves, Little's
 rate), on the assumption that the chains stay the same with four programs an SM: within 20 % is
 likely (the phase-1 pairwise forward spills 16-68 bytes at 64 registers). grad_in_forward rests
 on assumptions no measurement has checked: the L2's effective share, the hit share past it (linear
-here; an LRU cliff would take float32 at four programs an SM from 0.61 of the floor to 0.54, level
-with regs64), the L2's latency and bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its
-predictions are good to 30 % at best. Its fused kernel spills 16-304 bytes with stages=2 or at 64
-registers (not in float32 "mean" with one of them alone), which the model charges only as the
-spills' instructions in the SASS count.
+here: the second pass reads each row from its end, so a least-recently-used L2 still holds the
+last-read part of every row in flight; a re-read from the row's start would evict each block just
+before its turn, a cliff that would take float32 at four programs an SM from 0.61 of the floor to
+0.54, level with regs64, and an L2 that is not LRU lies between), the L2's latency and bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its
+predictions are good to 30 % at best. Its fused kernel spills 16 bytes at the defaults (float32
+"pairwise", phase 1) and up to 256 with stages=2 or at 64 registers, outside its loops (the
+report's loop_spills), which the model charges only as the spills' instructions in the SASS
+count.
 """
 from __future__ import annotations
 
@@ -170,24 +173,24 @@ KERNELS_E4 = {
     ("fwd", "bfloat16", "pairwise", 1): ((72, 0, 359), (70, 0, 375), (64, 36, 363), (64, 68, 378)),
     ("bwd", "float32", "mean", 0): ((55, 0, 179), (56, 0, 192), (56, 0, 189), (56, 0, 200)),
     ("bwd", "float32", "mean", 1): ((62, 0, 254), (62, 0, 263), (59, 0, 258), (60, 0, 275)),
-    ("bwd", "float32", "pairwise", 0): ((59, 0, 251), (64, 0, 259), (59, 0, 249), (61, 0, 257)),
-    ("bwd", "float32", "pairwise", 1): ((71, 0, 315), (72, 0, 325), (64, 0, 316), (64, 0, 326)),
+    ("bwd", "float32", "pairwise", 0): ((60, 0, 251), (64, 0, 259), (59, 0, 249), (61, 0, 259)),
+    ("bwd", "float32", "pairwise", 1): ((71, 0, 315), (72, 0, 325), (64, 0, 312), (64, 0, 326)),
     ("bwd", "bfloat16", "mean", 0): ((54, 0, 214), (56, 0, 225), (56, 0, 217), (56, 0, 233)),
-    ("bwd", "bfloat16", "mean", 1): ((64, 0, 287), (64, 0, 316), (64, 0, 295), (60, 0, 315)),
-    ("bwd", "bfloat16", "pairwise", 0): ((56, 0, 272), (62, 0, 287), (56, 0, 271), (60, 0, 285)),
-    ("bwd", "bfloat16", "pairwise", 1): ((72, 0, 342), (72, 0, 369), (64, 0, 354), (64, 0, 367)),
+    ("bwd", "bfloat16", "mean", 1): ((64, 0, 287), (64, 0, 316), (62, 0, 293), (60, 0, 315)),
+    ("bwd", "bfloat16", "pairwise", 0): ((56, 0, 272), (59, 0, 284), (56, 0, 271), (60, 0, 291)),
+    ("bwd", "bfloat16", "pairwise", 1): ((72, 0, 342), (72, 0, 369), (64, 0, 348), (64, 0, 366)),
 }
 #: The forward kernel that also writes the gradient (grad_in_forward: WRITE_GRAD), the same way:
 #: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS.
 GRAD_IN_FORWARD_E4 = {
-    ("float32", "mean", 0): ((72, 0, 220, 181), (72, 0, 230, 204), (64, 0, 220, 194), (64, 0, 230, 205)),
-    ("float32", "mean", 1): ((72, 0, 348, 262), (72, 0, 362, 273), (64, 0, 348, 262), (64, 56, 363, 278)),
-    ("float32", "pairwise", 0): ((72, 0, 199, 246), (72, 0, 206, 256), (64, 0, 199, 246), (64, 8, 208, 264)),
-    ("float32", "pairwise", 1): ((72, 0, 328, 309), (72, 144, 343, 328), (64, 148, 332, 312), (64, 304, 345, 327)),
-    ("bfloat16", "mean", 0): ((72, 0, 241, 214), (72, 0, 254, 238), (64, 0, 241, 224), (64, 0, 254, 238)),
-    ("bfloat16", "mean", 1): ((72, 0, 371, 295), (72, 76, 394, 317), (64, 16, 376, 298), (64, 124, 396, 317)),
-    ("bfloat16", "pairwise", 0): ((71, 0, 220, 271), (72, 0, 230, 286), (64, 0, 220, 272), (64, 32, 232, 285)),
-    ("bfloat16", "pairwise", 1): ((72, 0, 356, 342), (72, 152, 374, 368), (64, 216, 360, 346), (64, 296, 379, 369)),
+    ("float32", "mean", 0): ((72, 0, 220, 205), (72, 0, 230, 199), (64, 0, 220, 206), (64, 0, 230, 215)),
+    ("float32", "mean", 1): ((72, 0, 348, 274), (72, 0, 362, 287), (64, 32, 348, 274), (64, 0, 364, 289)),
+    ("float32", "pairwise", 0): ((72, 0, 199, 253), (72, 0, 206, 265), (64, 0, 199, 258), (64, 0, 206, 265)),
+    ("float32", "pairwise", 1): ((72, 16, 328, 325), (72, 72, 344, 339), (64, 168, 332, 323), (64, 200, 347, 336)),
+    ("bfloat16", "mean", 0): ((72, 0, 241, 233), (72, 0, 254, 237), (64, 0, 241, 232), (64, 0, 254, 246)),
+    ("bfloat16", "mean", 1): ((72, 0, 371, 307), (72, 0, 392, 324), (64, 0, 376, 306), (64, 0, 394, 327)),
+    ("bfloat16", "pairwise", 0): ((72, 0, 220, 282), (72, 0, 230, 297), (64, 0, 220, 279), (64, 0, 230, 298)),
+    ("bfloat16", "pairwise", 1): ((72, 0, 356, 359), (72, 88, 373, 375), (64, 128, 360, 357), (64, 256, 378, 375)),
 }
 LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4: the SASS counts above are for these
 

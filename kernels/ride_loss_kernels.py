@@ -426,28 +426,20 @@ def _ride_loss_fwd_kernel(
     tl.store(part_ptr + row * 3 + 1, div_part)
     tl.store(part_ptr + row * 3 + 2, w_y)
     if WRITE_GRAD:
-        # the backward's row for grad_output = 1, from the statistics as the backward reloads them
-        # (padded experts' read as 0): the same float32 operations, so the same bits
+        # the backward's row for grad_output = 1, from the statistics as the backward loads them
+        # (padded experts' as 0), through the same function: so the same bits; from the row's end
         tl.static_assert(HAS_WSUM or not HAS_WEIGHT, "WRITE_GRAD needs the divisor before the rows are summed")
         if HAS_WSUM:
             w_sum = tl.load(wsum_ptr)
         else:
             w_sum = B * 1.0  # sum_i 1
-        cg = w_y / w_sum * 1.0
-        lse_ab = tl.where(e_mask, lse_a, 0.0)
-        lse_ub = tl.where(e_mask, lse_u, 0.0)
-        cgr = tl.zeros([E_BLOCK], dtype=tl.float32)
-        g_y = tl.zeros([E_BLOCK], dtype=tl.float32)
-        if not HAS_TEMP:
-            cgr = cg * tl.exp2((lse_ub - lse_ab) * LOG2E)
-            g_y = cg * (tl.exp2((z_y - m_y - lse_ab) * LOG2E) - 1.0)
         if DIV_MODE == 1:
-            slot2_b = lse_v * LOG2E
+            s2 = lse_v
         else:
-            slot2_b = E - tl.where(e_mask, slot2, 0.0)
-        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, row * stride_gb, stride_ge.to(tl.int64),
-                 lse_ab * LOG2E, lse_ub * LOG2E, slot2_b, cg, cgr, g_y, div_scale * 1.0, (E_BLOCK - E) * 1.0,
-                 R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES)
+            s2 = tl.where(e_mask, slot2, 0.0)
+        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_sum, 1.0, tl.where(e_mask, lse_a, 0.0),
+                 tl.where(e_mask, lse_u, 0.0), s2, z_y, temp_ptr, g_ptr, row * stride_gb, stride_ge.to(tl.int64),
+                 div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES, True)
     # the last program to finish reduces every row's partial sums (the atomic orders the stores
     # above before it: release; and the other programs' stores before the loads below: acquire)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
@@ -555,44 +547,71 @@ def _ride_loss_bwd_kernel(
         w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
     else:
         w_y = 1.0
-    cg = w_y / tl.load(aux_ptr) * go
-    dg = div_scale * go
     st = stats_ptr + row * 3 * E + offs_e
     lse_a = tl.load(st, mask=e_mask, other=0.0)
     lse_u = tl.load(st + E, mask=e_mask, other=0.0)
-    cgr = tl.zeros([E_BLOCK], dtype=tl.float32)
-    g_y = tl.zeros([E_BLOCK], dtype=tl.float32)
+    if DIV_MODE == 1:
+        s2 = tl.load(stats_ptr + row * 3 * E + 2 * E)  # lse(zbar / T): one value per row
+    else:
+        s2 = tl.load(st + 2 * E, mask=e_mask, other=0.0)  # K_k
+    z_y = tl.zeros([E_BLOCK], dtype=tl.float32)
     if not HAS_TEMP:
         z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
-        cgr = cg * tl.exp2((lse_u - lse_a) * LOG2E)  # softmax(a) = q exp(lse_u - lse_a) off the target
-        g_y = cg * (tl.exp2((z_y - m_y - lse_a) * LOG2E) - 1.0)
-    if DIV_MODE == 1:
-        slot2 = tl.load(stats_ptr + row * 3 * E + 2 * E) * LOG2E  # lse(zbar / T): one value per row
-    else:
-        slot2 = E - tl.load(st + 2 * E, mask=e_mask, other=0.0)  # E - K_k
-    inv_e = 1.0 / E
-    pad = (E_BLOCK - E) * 1.0
-    _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y * LOG2E, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
-             lse_a * LOG2E, lse_u * LOG2E, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED,
-             STAGES)
+    _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, tl.load(aux_ptr), go, lse_a, lse_u, s2, z_y, temp_ptr,
+             g_ptr, g_row, stride_ge, div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES, False)
 
 
 @triton.jit
-def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
-             lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad,
+def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_sum, go, lse_a, lse_u, s2, z_y, temp_ptr,
+             g_ptr, g_row, stride_ge, div_scale,
              R: tl.constexpr, V: tl.constexpr, E_BLOCK: tl.constexpr, HAS_TEMP: tl.constexpr, DIV_MODE: tl.constexpr,
-             G_ALIGNED: tl.constexpr, STAGES: tl.constexpr):
-    """One row's gradient from its statistics (`_bwd_tile`'s arguments): the head [0, min(h, C)) as
-    in the forward, the unmasked main loop, the masked tail. The backward kernel runs it, and the
-    forward kernel too when it writes the gradient itself (WRITE_GRAD)."""
+             G_ALIGNED: tl.constexpr, STAGES: tl.constexpr, FROM_END: tl.constexpr):
+    """One row's gradient, grad_output go times d loss / d z, from the row's statistics as the
+    forward stores them ([E_BLOCK] vectors, padded experts' 0): lse_a, lse_u, and s2 (lse(zbar / T),
+    one value, for "mean"; K_k for "pairwise"), with the target's logits z_y (read only with T = 1)
+    and the classification term's divisor w_sum. The backward kernel runs it, and the forward
+    kernel too when it writes the gradient itself (WRITE_GRAD): one function from the same
+    statistics, so the same bits.
+
+    Order: the head [0, min(h, C)), the unmasked main loop, the masked tail; FROM_END (the
+    forward's second pass) the mirror image: the tail, the main loop from its last block to its
+    first, the head. The forward's first pass reads the main loop and then the tail, so its second
+    pass meets the blocks it read last first: where the rows in flight overflow the L2, a
+    least-recently-used cache still holds the end of each row, while a second pass from the row's
+    start would evict each block just before its turn. (The backward kernel keeps the first order:
+    its rows come long after the forward read them, and the mirror image costs it registers.)"""
     BLOCK_C: tl.constexpr = R * V
+    cg = w_y / w_sum * go  # the classification term's weight
+    cgr = tl.zeros([E_BLOCK], dtype=tl.float32)
+    g_y = tl.zeros([E_BLOCK], dtype=tl.float32)
+    if not HAS_TEMP:
+        cgr = cg * tl.exp2((lse_u - lse_a) * LOG2E)  # softmax(a) = q exp(lse_u - lse_a) off the target
+        g_y = cg * (tl.exp2((z_y - m_y - lse_a) * LOG2E) - 1.0)
+    if DIV_MODE == 1:
+        slot2 = s2 * LOG2E  # lse(zbar / T) in log2 units
+    else:
+        slot2 = E - s2  # E - K_k
+    dg = div_scale * go
+    pad = (E_BLOCK - E) * 1.0
+    inv_e = 1.0 / E
+    m_yl = m_y * LOG2E
+    lse_al = lse_a * LOG2E
+    lse_ul = lse_u * LOG2E
     h, n_main = _row_split(z_row, C, BLOCK_C)
+    end = h + n_main
+    cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
     HR: tl.constexpr = 16 // V
     hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]
-    _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
-              stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
-    cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
-    for start in tl.range(h, h + n_main, BLOCK_C, num_stages=STAGES):
+    # FROM_END runs the mirror image of the order head, main loop, tail
+    if FROM_END:
+        if end < C:
+            _bwd_tile(z_ptr, z_row, stride_ze, E, end + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+                      lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+    else:
+        _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
+                  stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+    STEP: tl.constexpr = -BLOCK_C if FROM_END else BLOCK_C
+    for start in tl.range(end - BLOCK_C if FROM_END else h, h - BLOCK_C if FROM_END else end, STEP, num_stages=STAGES):
         z_al = tl.multiple_of(z_row + start, 16)
         if G_ALIGNED:  # the gradient's row stride equals the logits' modulo 16: aligned there too
             g_al = tl.multiple_of(g_row + start, 16)
@@ -601,7 +620,9 @@ def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_r
         _bwd_tile(z_ptr, z_al, stride_ze, E, cls, C - start, y - start, m_yl, temp_ptr + start, inv_e, g_ptr,
                   g_al, stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False,
                   HAS_TEMP, DIV_MODE)
-    if h + n_main < C:
-        _bwd_tile(z_ptr, z_row, stride_ze, E, h + n_main + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
-                  stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP,
-                  DIV_MODE)
+    if FROM_END:
+        _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
+                  stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+    elif end < C:
+        _bwd_tile(z_ptr, z_row, stride_ze, E, end + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+                  lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)

@@ -171,10 +171,11 @@ WRITTEN_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")
 def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
-    """The forward with its gradient pass (`grad_out`) within the same budget: up to 4 experts no
-    spills at 72 registers, with the gradient pass's logit loads and gradient stores vector
-    accesses; at 8 experts (128 registers, the two passes' state at once) a few bytes of spills at
-    most in the phase-1 "pairwise" variant. The backward that returns where grad_output is 1
+    """The forward with its gradient pass (`grad_out`) within the same budget (72 registers up to
+    4 experts, 128 for 5 to 8), with the gradient pass's logit loads and gradient stores vector
+    accesses. The two passes' state at once, and the second pass running the row backwards, leave
+    a few spills in some variants, never inside a loop (`loop_spills`, from the SASS): a handful
+    of local-memory accesses a row, none a tile. The backward that returns where grad_output is 1
     compiles too (an early return on a value read from memory)."""
     out = compiled_rows(WRITTEN_SCRIPT)
     assert len(out["fwd"]) == 20 and len(out["bwd"]) == 2
@@ -183,10 +184,8 @@ def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
         experts = int(row["variant"].split("-")[0][1:])
         budget, warps = BUDGET[experts > 4]
         assert row["kernel"] == "fwdgrad" and row["registers"] <= budget and row["num_warps"] == warps, where
-        if experts <= 4:
-            assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
-        else:
-            assert row["spills"] <= 64, f"{where} spills {row['spills']} bytes"
+        assert row["loop_spills"] == 0, f"{where} spills inside a loop"
+        assert row["spills"] <= (16 if experts <= 4 else 128), f"{where} spills {row['spills']} bytes"
         width = 16 if "-fp32-" in row["variant"] else 8
         assert row["logit_loads"] == width and row["grad_stores"] == width and row["vectorised"], where
     for row in out["bwd"]:

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from _loss_parts import loss_and_grad_in_parts
@@ -476,6 +477,52 @@ def test_forward_written_gradient_into_a_strided_buffer():
     ride_loss_forward(z, y, m, w, t, LAMBDA, TM, "pairwise", block_c=16, weight_sum=ws, grad_out=buf)
     assert torch.equal(buf, expected)
     assert torch.isnan(big[:, 0]).all() and torch.isnan(big[:, 5:]).all()  # nothing written outside
+
+
+def _row_block_order(run, z, row, C):
+    """The first class of each tile the interpreter loads from expert 0's row `row` of z, in
+    order, while `run()` runs (the targets' gathers, one value an expert, are not tiles)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    item, base = z.element_size(), z.data_ptr() + row * z.stride(1) * z.element_size()
+    firsts = []
+    real = builder.create_masked_load
+
+    def record(ptrs, mask, *args):
+        if ptrs.data.ndim == 2:
+            a = ptrs.data.astype("int64")[np.broadcast_to(mask.data, ptrs.data.shape)]
+            a = a[(a >= base) & (a < base + C * item)]
+            if a.size:
+                firsts.append(int(a.min() - base) // item)
+        return real(ptrs, mask, *args)
+
+    builder.create_masked_load = record
+    try:
+        run()
+    finally:
+        del builder.create_masked_load  # the class's method again
+    return firsts
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="records the interpreter's loads")
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_gradient_pass_reads_the_row_from_its_end(diversity):
+    """The forward that writes the gradient meets a row's blocks in its second pass in the reverse
+    of its first pass's order (the 16-class head last), so that what a least-recently-used L2
+    still holds of the rows in flight, their ends, is read first; the backward kernel reads head,
+    main loop, tail. Row 1 at C = 100 with 32-class blocks starts at element 100: head [0, 12),
+    full blocks at 12 and 44, tail [76, 100)."""
+    z, y, m, w, t = make_inputs(3, 2, 100, seed=5)
+    ws = w[y].sum().reshape(1)
+    fwd = lambda **kw: ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=32, weight_sum=ws, **kw)
+    loss, stats, aux = fwd()
+    one = torch.tensor(1.0, device=z.device)
+    bwd = lambda: ride_loss_backward(one, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=32)
+    assert _row_block_order(fwd, z, 1, 100) == [12, 44, 76, 0]
+    assert _row_block_order(bwd, z, 1, 100) == [0, 12, 44, 76]
+    buf = torch.empty_like(z)
+    assert _row_block_order(lambda: fwd(grad_out=buf), z, 1, 100) == [12, 44, 76, 0, 76, 44, 12, 0]
 
 
 def test_forward_written_gradient_arguments_are_checked():
