@@ -515,14 +515,19 @@ def test_gradient_pass_reads_the_row_from_its_end(diversity):
     full blocks at 12 and 44, tail [76, 100)."""
     z, y, m, w, t = make_inputs(3, 2, 100, seed=5)
     ws = w[y].sum().reshape(1)
-    fwd = lambda **kw: ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=32, weight_sum=ws, **kw)
-    loss, stats, aux = fwd()
-    one = torch.tensor(1.0, device=z.device)
-    bwd = lambda: ride_loss_backward(one, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=32)
+    _, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=32, weight_sum=ws)
+    buf = torch.empty_like(z)
+
+    def fwd(grad_out=None):
+        ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=32, weight_sum=ws, grad_out=grad_out)
+
+    def bwd():
+        one = torch.tensor(1.0, device=z.device)
+        ride_loss_backward(one, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=32)
+
     assert _row_block_order(fwd, z, 1, 100) == [12, 44, 76, 0]
     assert _row_block_order(bwd, z, 1, 100) == [0, 12, 44, 76]
-    buf = torch.empty_like(z)
-    assert _row_block_order(lambda: fwd(grad_out=buf), z, 1, 100) == [12, 44, 76, 0, 76, 44, 12, 0]
+    assert _row_block_order(lambda: fwd(buf), z, 1, 100) == [12, 44, 76, 0, 76, 44, 12, 0]
 
 
 def test_forward_written_gradient_arguments_are_checked():
