@@ -254,7 +254,7 @@ def test_registers_and_sass_are_the_compilers():
     script = textwrap.dedent(
         """
         import json, re
-        from ride_fast_kernels import report
+        from ride_fast_kernels import report, sass
         cubins, original = [], report._row
         def row(kernel, variant, gradient, compiled, *args):
             cubins.append(compiled.asm["cubin"])
@@ -268,7 +268,8 @@ def test_registers_and_sass_are_the_compilers():
             rows = report.variant_rows(4, mode, dtype, 1, stages=stages, max_registers=regs, kernels=kernels)
             for r, cubin in zip(rows, cubins[-len(rows):]):
                 # instructions of each loop with vector accesses (the main loops), in order
-                loops = [len(loop) for loop in report.sass_loops(report.sass(cubin)) if any(vector.search(t) for t in loop)]
+                loops = [len(loop) for loop in sass.loops(sass.listing(cubin, report.ptxas_path()))
+                         if any(vector.search(t) for t in loop)]
                 out.append({"kernel": r["kernel"], "mode": mode, "dtype": dtype, "stages": stages, "max_registers": regs,
                             "registers": r["registers"], "spills": r["spills"], "loops": loops})
         print(json.dumps(out))

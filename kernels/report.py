@@ -61,7 +61,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ride_fast_kernels import ride_loss  # noqa: E402
+from ride_fast_kernels import ride_loss, sass  # noqa: E402
 from ride_fast_kernels._utils import next_power_of_2, pick_tile  # noqa: E402
 
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -203,46 +203,6 @@ def main_loop_accesses(ptx: str, hint: str) -> dict:
     return {"loads": loads, "stores": stores, "staged": staged, "mufu": mufu, "alu": alu}
 
 
-def sass(cubin: bytes) -> list[str]:
-    """The SASS instructions of a cubin in order (nvdisasm, bundled beside ptxas), each line's
-    label (".L_x_7:") kept as an entry of its own so that loops can be found."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        text = subprocess.run([os.path.join(os.path.dirname(ptxas_path()), "nvdisasm"), "-c", path],
-                              capture_output=True, text=True, check=True).stdout
-    out = []
-    for line in text.splitlines():
-        m = re.match(r"^(\.L_x_\d+):", line) or re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if m:
-            out.append(m.group(1))
-    return out
-
-
-def sass_loops(listing: list[str]) -> list[list[str]]:
-    """The instructions of each loop of a `sass` listing, labels and NOPs left out: a loop runs
-    from a label to the branch back to it."""
-    labels, instr = {}, []
-    for entry in listing:
-        if entry.startswith(".L_x_"):
-            labels[entry] = len(instr)
-        else:
-            instr.append(entry)
-    loops = []
-    for j, text in enumerate(instr):
-        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
-        if m and labels.get(m.group(1), j + 1) <= j:
-            loops.append([t for t in instr[labels[m.group(1)]:j + 1] if not t.startswith("NOP")])
-    return loops
-
-
-def loop_spills(listing: list[str]) -> int:
-    """Local-memory instructions (spill stores and loads, STL / LDL) inside the loops of a `sass`
-    listing: a spill there is paid every tile, one outside them once a row."""
-    return sum(bool(re.match(r"(@!?U?P\w+\s+)?(STL|LDL)\b", t)) for loop in sass_loops(listing) for t in loop)
-
-
 def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, budget):
     usage = ptxas_usage(compiled.asm["ptx"], arch)
     acc = main_loop_accesses(compiled.asm["ptx"], hint)
@@ -260,7 +220,7 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
         "registers": usage["registers"],
         "spills": usage["spills"],
         # spill instructions inside the loops (0 where nothing spills: no disassembly needed)
-        "loop_spills": loop_spills(sass(compiled.asm["cubin"])) if usage["spills"] else 0,
+        "loop_spills": sass.loop_spills(sass.listing(compiled.asm["cubin"], ptxas_path())) if usage["spills"] else 0,
         "shared_bytes": int(compiled.metadata.shared),
         "num_warps": int(compiled.metadata.num_warps),
         "logit_loads": min(logit_widths) if logit_widths else None,

@@ -195,10 +195,10 @@ def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
 def test_loop_spills_counts_local_memory_inside_loops_only():
     """`loop_spills` counts the spill instructions between a loop's label and the branch back to
     it, predicated ones too; those before and after the loop are paid once and not counted."""
-    from ride_fast_kernels import report
+    from ride_fast_kernels import sass
 
     listing = ["STL [R1], R16", ".L_x_3", "FFMA R2, R3, R4, R5", "LDL.LU R8, [R1+0x4]", "@P0 STL [R1+0x8], R9", "NOP",
                "@P1 BRA `(.L_x_3)", "LDL R8, [R1]", ".L_x_4", "BRA `(.L_x_5)", ".L_x_5", "EXIT"]
-    assert [len(loop) for loop in report.sass_loops(listing)] == [4]
-    assert report.loop_spills(listing) == 2
-    assert report.loop_spills(listing[:1] + listing[7:]) == 0
+    assert [len(loop) for loop in sass.loops(listing)] == [4]
+    assert sass.loop_spills(listing) == 2
+    assert sass.loop_spills(listing[:1] + listing[7:]) == 0
