@@ -81,8 +81,8 @@ on assumptions no measurement has checked: the L2's effective share, the hit sha
 here: the second pass reads each row from its end, so a least-recently-used L2 still holds the
 last-read part of every row in flight; a re-read from the row's start would evict each block just
 before its turn, a cliff that would take float32 at four programs an SM from 0.61 of the floor to
-0.54, level with regs64, and an L2 that is not LRU lies between), the L2's latency and bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its
-predictions are good to 30 % at best. Its fused kernel spills 16 bytes at the defaults (float32
+0.54, level with regs64, and an L2 that is not LRU lies between), the L2's latency and
+bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its predictions are good to 30 % at best. Its fused kernel spills 16 bytes at the defaults (float32
 "pairwise", phase 1) and up to 256 with stages=2 or at 64 registers, outside its loops (the
 report's loop_spills), which the model charges only as the spills' instructions in the SASS
 count.

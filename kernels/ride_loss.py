@@ -86,10 +86,11 @@ the alternatives beside it.
 A third design is a launch option too: `grad_out` on the forward. Each program then runs its row
 twice: the first pass as above, then, with the row's statistics in registers, the backward's pass
 (`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second pass reads the
-row the program has just read, from L2 if it is still there, blocks in the reverse of the first
-pass's order (so that a least-recently-used L2 serves the part of each row it still holds) (rows in flight x row bytes: 3 x 132
+row the program has just read, from L2 if it is still there (rows in flight x row bytes: 3 x 132
 programs x 130 KB = 52 MB in float32 at (E, C) = (4, 8142), 26 MB in bfloat16, against a 50 MB
-L2), so the logits may cross DRAM once instead of twice. The backward, told `grad_written`, reads
+L2), so the logits may cross DRAM once instead of twice. It meets the row's blocks in the reverse
+of the first pass's order, so that a least-recently-used L2 serves the part of each row it still
+holds. The backward, told `grad_written`, reads
 grad_output and returns at once where it is 1, and recomputes the gradient (scaled, rounded once)
 where it is not: GradScaler's float16 steps pay both passes. With DRW weights the forward needs
 the divisor sum_i w_{y_i} before the rows are summed; the launcher computes it when no
