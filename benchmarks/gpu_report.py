@@ -18,7 +18,8 @@ LOSS_COLUMNS = ("case", "provider", "ms", "timed_by", "ms_stream", "gbps", "pct_
 KERNEL_COLUMNS = ("fwd_kernel_us", "predicted_fwd_us", "fwd_pct_copy_bw", "bwd_kernel_us", "predicted_bwd_us", "bwd_pct_copy_bw",
                   "other_kernels_us")
 VARIANT_COLUMNS = ("case", "provider", "ms", "x_default", "fwd_kernel_us", "bwd_kernel_us", "kernels_pct_copy_bw",
-                   "bwd_kernel_us_after_scrub", "same_gradient_as_default")
+                   "predicted_pct_floor", "predicted_fwd_us", "predicted_bwd_us", "bwd_kernel_us_after_scrub",
+                   "same_gradient_as_default")
 WAVE_COLUMNS = ("fwd_kernel_us_rows128", "fwd_kernel_us_rows384", "fwd_kernel_us_rows512")
 HIDDEN = {"step", "status", "kind", "case", "target", "target_met", "traceback"}
 
@@ -115,8 +116,9 @@ def build(rows: list[dict]) -> tuple[str, int]:
         variants = [r for r in loss if r["provider"].startswith("kernels-") and r.get("fwd_kernel_us") is not None]
         if variants:
             md += ["The fused kernels' variants kernel by kernel (profiler device times, us a call; kernels_pct_copy_bw: "
-                   "the floor bytes over both kernels' time; bwd_kernel_us_after_scrub: the default backward with 256 MB "
-                   "copied after the forward, so that nothing of its rows is left in L2):", ""]
+                   "the floor bytes over both kernels' time; predicted: benchmarks/loss_traffic.py for the same setting; "
+                   "bwd_kernel_us_after_scrub: the default backward with 256 MB copied after the forward, so that nothing "
+                   "of its rows is left in L2):", ""]
             md += _table(list(VARIANT_COLUMNS), [[r.get(c) for c in VARIANT_COLUMNS] for r in variants])
             md.append("")
         waves = [r for r in loss if r.get("fwd_kernel_us_rows128") is not None]

@@ -415,7 +415,7 @@ def step_gpu_tests(rows: Rows, sizes: Sizes, mode: str) -> None:
 def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
     """Copy bandwidth, then the RIDE loss forward + backward per (shape, dtype, mode, provider)."""
     import torch
-    from loss_traffic import GPUS, model as traffic_model
+    from loss_traffic import GPUS, SETTINGS, model as traffic_model
     from test_bench_ride_loss import LAMBDA, TM, ride_inputs
 
     from ride_fast.ops import ride_loss_fused, ride_loss_reference
@@ -438,7 +438,11 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
             copies = [z] + [z.detach().clone().requires_grad_() for _ in range(rotation(floor_bytes, dev) - 1)]
             turn = itertools.count()
             for div in ("mean", "pairwise"):
-                pred = traffic_model(B, E, C, "float32" if dtype_name == "fp32" else "bfloat16", div, gpu_model, phase=1)
+                # the traffic model's prediction for a launch setting (its SETTINGS carry the check's variant names)
+                def predict(setting="default", shape=(B, E, C), dtype="float32" if dtype_name == "fp32" else "bfloat16", div=div):
+                    return traffic_model(*shape, dtype, div, gpu_model, phase=1, **SETTINGS[setting])
+
+                pred = predict()
                 times, losses = {}, {}
                 for provider, fn in providers.items():
                     if provider == "compile" and (B, E, C) not in sizes.compile_shapes:
@@ -475,7 +479,7 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                                  **({} if ok else {"reason": f"loss {losses[provider]} vs eager {losses['eager']}"}))
                 # "mean" only (each variant compiles kernels of its own); the interpreter: one case
                 if div == "mean" and (dev == "cuda" or dtype_name == "fp32"):
-                    kernel_variants(rows, copies, y, m, w, t, div, floor_bytes, copy["gbps"], sizes)
+                    kernel_variants(rows, copies, y, m, w, t, div, floor_bytes, copy["gbps"], sizes, predict)
             del z, copies
 
 
@@ -531,11 +535,13 @@ KERNEL_VARIANTS = {"stages2": {"stages": 2}, "regs64": {"max_registers": 64}, "s
                    "gradfwd": {"gradfwd": True}, "gradfwd-regs64": {"gradfwd": True, "max_registers": 64}}
 
 
-def kernel_variants(rows: Rows, copies: list, y, m, w, t, div: str, floor_bytes: int, copy_gbps: float, sizes: Sizes) -> None:
+def kernel_variants(rows: Rows, copies: list, y, m, w, t, div: str, floor_bytes: int, copy_gbps: float, sizes: Sizes,
+                    predict: Callable[[str], dict]) -> None:
     """The fused loss's two kernels launched directly (no autograd) with the defaults and with each
     of KERNEL_VARIANTS: the time, % of the floor, and the default's time over the variant's (> 1:
-    the variant is faster). The gradient of each variant must equal the default's bit for bit
-    (every variant divides by the same weight sum, passed in, as the "gradfwd" forward needs)."""
+    the variant is faster), beside the traffic model's prediction for that setting (`predict`, by
+    the variant's name). The gradient of each variant must equal the default's bit for bit (every
+    variant divides by the same weight sum, passed in, as the "gradfwd" forward needs)."""
     import torch
     from test_bench_ride_loss import LAMBDA, TM
 
@@ -579,9 +585,11 @@ def kernel_variants(rows: Rows, copies: list, y, m, w, t, div: str, floor_bytes:
                          reason=f"{type(exc).__name__}: {exc}"[:300])
             continue
         pct = pct_of_copy(floor_bytes, timing["s"], copy_gbps)
+        pred = predict(name)
         rows.measure("passed" if same else "failed", case=case, provider=f"kernels-{name}", B=B, E=E, C=C, dtype=dtype_name, diversity=div,
                      ms=timing["s"] * 1e3, ms_stream=timing["stream_s"] * 1e3, timed_by=_timed_by(timing),
                      pct_copy_bw=pct, pct_floor_time=pct, x_default=_speedup(base, timing), **tuning, **split,
+                     predicted_pct_floor=100 * pred["fraction_of_floor"], predicted_fwd_us=pred["fwd_us"], predicted_bwd_us=pred["bwd_us"],
                      same_gradient_as_default=same, **({} if same else {"reason": "its gradient differs from the default's"}))
 
 

@@ -69,6 +69,14 @@ def test_dry_run_runs_every_step_and_reports_from_its_rows(dry_run):
         ("fp32", "mean", p) for p in ("kernels-default", "kernels-stages2", "kernels-regs64", "kernels-stages2-regs64",
                                       "kernels-gradfwd", "kernels-gradfwd-regs64")}
     assert all(r["status"] == "passed" and r["same_gradient_as_default"] and r["x_default"] > 0 for r in variants)
+    # each beside the traffic model's prediction for its own launch setting (an H200 off CUDA)
+    import loss_traffic as lt
+
+    for r in variants:
+        expect = lt.model(r["B"], r["E"], r["C"], "float32", "mean", lt.GPUS["h200"], 1, **lt.SETTINGS[r["provider"][len("kernels-"):]])
+        assert r["predicted_pct_floor"] == pytest.approx(100 * expect["fraction_of_floor"]), r["provider"]
+        assert (r["predicted_fwd_us"], r["predicted_bwd_us"]) == (expect["fwd_us"], expect["bwd_us"]), r["provider"]
+    assert len({r["predicted_pct_floor"] for r in variants}) > 1  # the settings differ on paper
     copy = next(r for r in rows if r.get("case") == "copy")
     fused = [r for r in loss if r["provider"] == "fused"]
     assert copy["gbps"] > 0 and all(r["pct_floor_time"] > 0 and 0 < r["predicted_pct_floor"] <= 100 for r in fused)
@@ -402,10 +410,11 @@ def test_the_report_tables_the_variants_kernel_by_kernel():
     rows = [plan, {**base, "provider": "kernels-default", "fwd_kernel_us": 37.9, "bwd_kernel_us": 33.5, "kernels_pct_copy_bw": 44.2,
                    "bwd_kernel_us_after_scrub": 34.1, "fwd_kernel_us_rows128": 12.5, "fwd_kernel_us_rows384": 21.0,
                    "fwd_kernel_us_rows512": 37.9},
-            {**base, "provider": "kernels-gradfwd", "fwd_kernel_us": 40.2, "bwd_kernel_us": 1.9, "kernels_pct_copy_bw": 75.4, "x_default": 1.7},
+            {**base, "provider": "kernels-gradfwd", "fwd_kernel_us": 40.2, "bwd_kernel_us": 1.9, "kernels_pct_copy_bw": 75.4, "x_default": 1.7,
+             "predicted_pct_floor": 50.7, "predicted_fwd_us": 59.3, "predicted_bwd_us": 3.0},
             {"step": "loss_bench", "status": "passed", "kind": "end"}]
     text = build(rows)[0]
     assert "variants kernel by kernel" in text and "Fused loss, kernel by kernel" not in text
-    assert "| B512-E4-C8142-fp32-mean | kernels-gradfwd | 0.07 | 1.7 | 40.2 | 1.9 | 75.4 |" in text
+    assert "| B512-E4-C8142-fp32-mean | kernels-gradfwd | 0.07 | 1.7 | 40.2 | 1.9 | 75.4 | 50.7 | 59.3 | 3 |" in text
     assert "| 34.1 | yes |" in text
     assert "| B512-E4-C8142-fp32-mean | kernels-default | 12.5 | 21 | 37.9 |" in text
