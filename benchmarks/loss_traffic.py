@@ -5,8 +5,9 @@ on an H200's kernel times.
                                       [--design two_kernel|grad_in_forward] [--stages 1|2]
                                       [--max-registers 64] [--programs-per-sm N]
     python benchmarks/loss_traffic.py --gpu h200 --compare [--json]   (every design, side by side)
-    python benchmarks/loss_traffic.py --fit MEASURED   (a JSON of kernel times: benchmarks/results/loss_traffic/;
-                                                    or a GPU check's rows.jsonl)
+    python benchmarks/loss_traffic.py --fit MEASURED   (a JSON of kernel times, with the compiler's counts of
+                                                    the kernels timed where they have changed since:
+                                                    benchmarks/results/loss_traffic/; or a GPU check's rows.jsonl)
 
 One row per case (B, E, C, dtype, mode): the DRAM bytes each kernel moves, a predicted time for
 each kernel and the fused loss's fraction of the memory floor. Shape legend: E experts, B images
@@ -47,9 +48,9 @@ programs, one after the other. A wave of n programs, k on the busiest SM, takes 
          k x MUFU operations of a tile / MUFU rate )  and its MUFU,
 
 and a kernel takes fixed + sum over waves (chain + tiles x that time). `chain` is a program's
-fixed latency (the target's gathers, the head tile, the cross-thread reductions, the statistics'
-stores and the forward's atomic ticket), paid once a wave; `fixed` is the kernel's own (launch,
-ramp, the forward's last program's sum over rows). A grad_in_forward program pays both kernels'
+fixed latency (the target's gathers, the masked tail and head, the cross-thread reductions, the
+statistics' stores and the forward's atomic ticket), paid once a wave; `fixed` is the kernel's own
+(launch, ramp, the forward's last program's sum over rows). A grad_in_forward program pays both kernels'
 chains and runs both passes' instructions. Per-class vectors and per-row statistics are counted
 in the bytes, their time is in the chains. SASS counts, MUFU counts and registers are the sm_90
 compiler's for E = 4 (KERNELS_E4, GRAD_IN_FORWARD_E4, OPS_E4; the slow tests recount some of
@@ -67,8 +68,11 @@ DRAM's rate in float32 and at about the SM's issue rate in bfloat16, its second 
 an SM) at Little's rate, and each wave pays the 7.8 us chain: 16 of its 37 us at (512, 4, 8142).
 The chains are fitted, not counted: three dependent DRAM round trips, seven block reductions and
 the ticket come to some 5 us for the forward and 1-2 us for the backward, whose second wave is
-cheaper than the model has it (its chain fits at 0). The H100 SXM gets the same latency, chains
-and fixed costs with its own bandwidth.
+cheaper than the model has it (its chain fits at 0). The forward timed then crossed its warps
+with 36 barriers a row (sm_90, phase 1, E = 4); it now needs 18 (two reductions for all its
+running values, the head read with the tail: the report's `barriers` column), and the model keeps
+the fitted chain until a GPU times it again. The H100 SXM gets the same latency, chains and fixed
+costs with its own bandwidth.
 
 How far to trust a variant (--compare; the names are the GPU check's, "2sm" a model-only cap):
 refitting with L from 0.6 to 1.0 us (the chains refitted, errors 10-16 %) moves a setting's
@@ -76,16 +80,16 @@ fraction of the floor by 0.02 at most (0.035 for gradfwd-stages2-2sm), so what i
 what the fit cannot see.
 stages=2 and max_registers=64 keep to terms the fit constrained (waves, Little's rate, the issue
 rate), on the assumption that the chains stay the same with four programs an SM: within 20 % is
-likely (the phase-1 pairwise forward spills 16-68 bytes at 64 registers). grad_in_forward rests
+likely (the phase-1 bf16 pairwise forward spills 32 bytes with both). grad_in_forward rests
 on assumptions no measurement has checked: the L2's effective share, the hit share past it (linear
 here: the second pass reads each row from its end, so a least-recently-used L2 still holds the
 last-read part of every row in flight; a re-read from the row's start would evict each block just
 before its turn, a cliff that would take float32 at four programs an SM from 0.61 of the floor to
 0.54, level with regs64, and an L2 that is not LRU lies between), the L2's latency and
-bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its predictions are good to 30 % at best. Its fused kernel spills 16 bytes at the defaults (float32
-"pairwise", phase 1) and up to 256 with stages=2 or at 64 registers, outside its loops (the
-report's loop_spills), which the model charges only as the spills' instructions in the SASS
-count.
+bandwidth (5 TB/s instead of 6 takes 0.01-0.04 off); its predictions are good to 30 % at best.
+Its fused kernel compiles without spills at the defaults and spills up to 264 bytes with stages=2
+or at 64 registers, outside its main loops (the report's loop_spills), which the model charges
+only as the spills' instructions in the SASS count.
 """
 from __future__ import annotations
 
@@ -163,34 +167,34 @@ OPS_E4 = {
 #: test_loss_traffic.py recounts some of them.
 TUNINGS = ((1, None), (2, None), (1, 64), (2, 64))  # (stages, max_registers)
 KERNELS_E4 = {
-    ("fwd", "float32", "mean", 0): ((71, 0, 232), (71, 0, 239), (62, 0, 232), (62, 0, 239)),
-    ("fwd", "float32", "mean", 1): ((72, 0, 360), (72, 0, 372), (64, 0, 355), (64, 0, 370)),
-    ("fwd", "float32", "pairwise", 0): ((72, 0, 210), (72, 0, 215), (64, 0, 207), (64, 0, 215)),
-    ("fwd", "float32", "pairwise", 1): ((72, 0, 331), (72, 0, 343), (64, 16, 335), (64, 52, 345)),
-    ("fwd", "bfloat16", "mean", 0): ((71, 0, 253), (71, 0, 263), (64, 0, 251), (62, 0, 263)),
-    ("fwd", "bfloat16", "mean", 1): ((71, 0, 388), (71, 0, 402), (64, 0, 380), (63, 0, 400)),
-    ("fwd", "bfloat16", "pairwise", 0): ((72, 0, 231), (72, 0, 239), (64, 0, 232), (64, 0, 239)),
-    ("fwd", "bfloat16", "pairwise", 1): ((72, 0, 359), (70, 0, 375), (64, 36, 363), (64, 68, 378)),
+    ("fwd", "float32", "mean", 0): ((64, 0, 225), (62, 0, 234), (56, 0, 228), (60, 0, 235)),
+    ("fwd", "float32", "mean", 1): ((72, 0, 350), (72, 0, 363), (64, 0, 351), (64, 0, 363)),
+    ("fwd", "float32", "pairwise", 0): ((64, 0, 204), (66, 0, 208), (61, 0, 204), (64, 0, 208)),
+    ("fwd", "float32", "pairwise", 1): ((71, 0, 331), (72, 0, 342), (64, 0, 331), (64, 0, 342)),
+    ("fwd", "bfloat16", "mean", 0): ((63, 0, 246), (64, 0, 259), (56, 0, 249), (59, 0, 260)),
+    ("fwd", "bfloat16", "mean", 1): ((71, 0, 377), (72, 0, 394), (64, 0, 378), (64, 0, 394)),
+    ("fwd", "bfloat16", "pairwise", 0): ((69, 0, 225), (71, 0, 232), (63, 0, 225), (64, 0, 232)),
+    ("fwd", "bfloat16", "pairwise", 1): ((71, 0, 358), (72, 0, 374), (64, 0, 358), (64, 32, 377)),
     ("bwd", "float32", "mean", 0): ((55, 0, 179), (56, 0, 192), (56, 0, 189), (56, 0, 200)),
     ("bwd", "float32", "mean", 1): ((62, 0, 254), (62, 0, 263), (59, 0, 258), (60, 0, 275)),
-    ("bwd", "float32", "pairwise", 0): ((60, 0, 251), (64, 0, 259), (59, 0, 249), (61, 0, 259)),
+    ("bwd", "float32", "pairwise", 0): ((59, 0, 251), (64, 0, 259), (56, 0, 241), (61, 0, 259)),
     ("bwd", "float32", "pairwise", 1): ((71, 0, 315), (72, 0, 325), (64, 0, 312), (64, 0, 326)),
-    ("bwd", "bfloat16", "mean", 0): ((54, 0, 214), (56, 0, 225), (56, 0, 217), (56, 0, 233)),
-    ("bwd", "bfloat16", "mean", 1): ((64, 0, 287), (64, 0, 316), (62, 0, 293), (60, 0, 315)),
+    ("bwd", "bfloat16", "mean", 0): ((53, 0, 214), (56, 0, 224), (56, 0, 217), (56, 0, 233)),
+    ("bwd", "bfloat16", "mean", 1): ((62, 0, 287), (64, 0, 316), (62, 0, 297), (60, 0, 315)),
     ("bwd", "bfloat16", "pairwise", 0): ((56, 0, 272), (59, 0, 284), (56, 0, 271), (60, 0, 291)),
     ("bwd", "bfloat16", "pairwise", 1): ((72, 0, 342), (72, 0, 369), (64, 0, 348), (64, 0, 366)),
 }
 #: The forward kernel that also writes the gradient (grad_in_forward: WRITE_GRAD), the same way:
 #: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS.
 GRAD_IN_FORWARD_E4 = {
-    ("float32", "mean", 0): ((72, 0, 220, 205), (72, 0, 230, 199), (64, 0, 220, 206), (64, 0, 230, 215)),
-    ("float32", "mean", 1): ((72, 0, 348, 274), (72, 0, 362, 287), (64, 32, 348, 274), (64, 0, 364, 289)),
-    ("float32", "pairwise", 0): ((72, 0, 199, 253), (72, 0, 206, 265), (64, 0, 199, 258), (64, 0, 206, 265)),
-    ("float32", "pairwise", 1): ((72, 16, 328, 325), (72, 72, 344, 339), (64, 168, 332, 323), (64, 200, 347, 336)),
-    ("bfloat16", "mean", 0): ((72, 0, 241, 233), (72, 0, 254, 237), (64, 0, 241, 232), (64, 0, 254, 246)),
-    ("bfloat16", "mean", 1): ((72, 0, 371, 307), (72, 0, 392, 324), (64, 0, 376, 306), (64, 0, 394, 327)),
-    ("bfloat16", "pairwise", 0): ((72, 0, 220, 282), (72, 0, 230, 297), (64, 0, 220, 279), (64, 0, 230, 298)),
-    ("bfloat16", "pairwise", 1): ((72, 0, 356, 359), (72, 88, 373, 375), (64, 128, 360, 357), (64, 256, 378, 375)),
+    ("float32", "mean", 0): ((64, 0, 223, 196), (72, 0, 230, 201), (62, 0, 223, 202), (64, 0, 230, 213)),
+    ("float32", "mean", 1): ((72, 0, 346, 279), (72, 0, 363, 298), (64, 0, 349, 285), (64, 16, 364, 299)),
+    ("float32", "pairwise", 0): ((72, 0, 197, 246), (72, 0, 205, 264), (64, 0, 199, 247), (64, 0, 209, 263)),
+    ("float32", "pairwise", 1): ((72, 0, 328, 319), (72, 32, 346, 339), (64, 80, 348, 321), (64, 264, 354, 338)),
+    ("bfloat16", "mean", 0): ((72, 0, 242, 222), (72, 12, 256, 232), (64, 0, 242, 216), (64, 0, 254, 244)),
+    ("bfloat16", "mean", 1): ((72, 0, 373, 315), (72, 0, 392, 333), (64, 72, 381, 319), (64, 72, 394, 339)),
+    ("bfloat16", "pairwise", 0): ((72, 0, 218, 274), (72, 0, 232, 291), (64, 0, 219, 268), (64, 0, 235, 290)),
+    ("bfloat16", "pairwise", 1): ((72, 0, 355, 352), (72, 32, 367, 368), (64, 88, 366, 355), (64, 160, 378, 363)),
 }
 LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4: the SASS counts above are for these
 
@@ -214,10 +218,14 @@ def ops_per_element(kernel: str, dtype: str, mode: str, phase: int) -> tuple[flo
     return OPS_E4[(kernel, dtype, mode, phase)]
 
 
-def compiled(kernel: str, dtype: str, mode: str, phase: int, stages: int = 1, max_registers: int | None = None) -> dict:
+def compiled(kernel: str, dtype: str, mode: str, phase: int, stages: int = 1, max_registers: int | None = None,
+             counts: dict | None = None) -> dict:
     """registers, spill bytes, and SASS instructions and MUFU operations per logit of each main
     loop (a list: one a pass) of one kernel: "fwd", "bwd" or "fwdgrad" (KERNELS_E4,
-    GRAD_IN_FORWARD_E4, OPS_E4; the forward's MUFU count serves pass 1, the backward's pass 2)."""
+    GRAD_IN_FORWARD_E4, OPS_E4; the forward's MUFU count serves pass 1, the backward's pass 2).
+    `counts` ({(kernel, dtype, mode): (registers, spills, SASS)}, phase 1 at the default launch:
+    `load_counts`) stands in for KERNELS_E4 where it has the kernel: the kernels a measurement
+    timed, when they are not the ones compiled today."""
     if (stages, max_registers) not in TUNINGS:
         raise ValueError(f"(stages, max_registers) = {(stages, max_registers)} not modelled; one of {TUNINGS}")
     i = TUNINGS.index((stages, max_registers))
@@ -226,6 +234,8 @@ def compiled(kernel: str, dtype: str, mode: str, phase: int, stages: int = 1, ma
         mufu = [ops_per_element(k, dtype, mode, phase)[0] for k in ("fwd", "bwd")]
     else:
         regs, spills, *sass = KERNELS_E4[(kernel, dtype, mode, phase)][i]
+        if counts and phase == 1 and i == 0 and (kernel, dtype, mode) in counts:
+            regs, spills, *sass = counts[(kernel, dtype, mode)]
         mufu = [ops_per_element(kernel, dtype, mode, phase)[0]]
     return {"registers": regs, "spills": spills, "sass": [n / LOGITS_A_THREAD for n in sass], "mufu": mufu}
 
@@ -264,8 +274,9 @@ def l2_hit(gpu: GPU, n: int, row_bytes: float) -> float:
 
 
 def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1, design: str = "two_kernel",
-             stages: int = 1, max_registers: int | None = None, programs_per_sm_cap: int | None = None) -> dict:
-    """Unrounded prediction of one case (model() formats it)."""
+             stages: int = 1, max_registers: int | None = None, programs_per_sm_cap: int | None = None,
+             counts: dict | None = None) -> dict:
+    """Unrounded prediction of one case (model() formats it; `counts`: see `compiled`)."""
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     if not 1 <= E <= 4:
@@ -278,7 +289,7 @@ def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int
     tile_bytes = row_bytes / tiles  # what a tile reads (and the backward writes)
     slots = e_block * BLOCK_C  # logits a tile's threads hold: masked and padded ones issue too
     def passes(kernel, kinds):
-        k = compiled(kernel, dtype, mode, phase, stages, max_registers)
+        k = compiled(kernel, dtype, mode, phase, stages, max_registers, counts)
         # (warp instructions, MUFU operations) a tile, and the pass's traffic
         return k, [((sass * slots / 32, mufu * slots), kind) for sass, mufu, kind in zip(k["sass"], k["mufu"], kinds)]
 
@@ -388,11 +399,12 @@ def compare(gpu: GPU, phases=(1,)) -> list[dict]:
 # --------------------------------------------------------------------------- calibration
 
 
-def fit(measured: list[dict], gpu: GPU, latencies=None, step: float = 0.05) -> tuple[GPU, float]:
+def fit(measured: list[dict], gpu: GPU, latencies=None, step: float = 0.05, counts: dict | None = None) -> tuple[GPU, float]:
     """Fit L, both chains and both fixed costs to measured kernel times of the kernels as written
     (rows with B, E, C, dtype, mode, fwd_us, bwd_us; phase 1): for each L on a grid, the chain
     and fixed cost of each kernel that give the least largest relative error (a grid of `step`
-    us), then the L with the least. Returns (the fitted GPU, that error)."""
+    us), then the L with the least. `counts`: the compiler's counts of the kernels timed, where
+    they differ from today's (`load_counts`). Returns (the fitted GPU, that error)."""
     latencies = latencies or [round(0.5 + step * i, 2) for i in range(int(round(0.7 / step)) + 1)]
     grid = [round(step * i, 2) for i in range(int(round(12 / step)) + 1)]
     best = None
@@ -402,7 +414,7 @@ def fit(measured: list[dict], gpu: GPU, latencies=None, step: float = 0.05) -> t
         for kernel in ("fwd", "bwd"):
             pts = []
             for r in measured:
-                p = _predict(r["B"], r["E"], r["C"], r["dtype"], r["mode"], bare, 1)[kernel]
+                p = _predict(r["B"], r["E"], r["C"], r["dtype"], r["mode"], bare, 1, counts=counts)[kernel]
                 pts.append((p["waves"], p["us"], r[f"{kernel}_us"]))
             kb = None
             for chain in grid:
@@ -439,11 +451,22 @@ def load_measured(path: str) -> list[dict]:
     return out
 
 
-def fit_errors(measured: list[dict], gpu: GPU) -> list[dict]:
+def load_counts(path: str) -> dict | None:
+    """The compiler's counts of the kernels a measurement file timed ("kernels": kernel, dtype,
+    mode, registers, spills, sass: phase 1 at the default launch), for `fit`; None where the file
+    has none (a GPU check's rows.jsonl: its kernels are the ones compiled with it)."""
+    if path.endswith(".jsonl"):
+        return None
+    with open(path) as f:
+        kernels = json.load(f).get("kernels")
+    return {(k["kernel"], k["dtype"], k["mode"]): (k["registers"], k["spills"], k["sass"]) for k in kernels} if kernels else None
+
+
+def fit_errors(measured: list[dict], gpu: GPU, counts: dict | None = None) -> list[dict]:
     """Each measured kernel time beside the model's (the kernels as written, phase 1)."""
     out = []
     for r in measured:
-        p = _predict(r["B"], r["E"], r["C"], r["dtype"], r["mode"], gpu, 1)
+        p = _predict(r["B"], r["E"], r["C"], r["dtype"], r["mode"], gpu, 1, counts=counts)
         for kernel in ("fwd", "bwd"):
             out.append({"B": r["B"], "E": r["E"], "C": r["C"], "dtype": r["dtype"], "mode": r["mode"], "kernel": kernel,
                         "measured_us": r[f"{kernel}_us"], "model_us": round(p[kernel]["us"], 2),
@@ -467,10 +490,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     gpu = GPUS[args.gpu]
     if args.fit:
-        measured = load_measured(args.fit)
-        fitted, worst = fit(measured, gpu)
+        measured, counts = load_measured(args.fit), load_counts(args.fit)
+        fitted, worst = fit(measured, gpu, counts=counts)
         params = {k: getattr(fitted, k) for k in ("dram_latency_us", "fwd_chain_us", "fwd_fixed_us", "bwd_chain_us", "bwd_fixed_us")}
-        out = {"fitted": params, "max_error": round(worst, 4), "errors": fit_errors(measured, fitted)}
+        out = {"fitted": params, "max_error": round(worst, 4), "errors": fit_errors(measured, fitted, counts)}
         print(json.dumps(out, indent=1))
         return 0
     phases = (0, 1) if args.phase == "both" else (int(args.phase),)

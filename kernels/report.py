@@ -23,8 +23,13 @@ triton wheel; no driver), one row per kernel variant:
     gradient      whether the kernel runs for the gradient (bwd) or for every call (fwd)
     registers     per thread (ptxas -v), under the launchers' maxnreg (register_budget);
                   spills: spill store + load bytes; loop_spills: spill instructions (STL / LDL
-                  in the SASS, nvdisasm) inside loops, where they cost every tile rather than
-                  once a row; shared_bytes: static + Triton's scratch
+                  in the SASS, nvdisasm) inside the main loops (those with vector accesses),
+                  where they cost every tile rather than once a row; shared_bytes: static +
+                  Triton's scratch
+    barriers      bar.sync instructions in the kernel (PTX): each exchange between a program's
+                  warps (the forward's once-a-row reductions and statistics' stores, its last
+                  program's sum over the rows) waits for its slowest warp, a latency paid once a
+                  row that the main loops do not hide
     logit_loads   vector width in bytes of the main loop's global loads of the logits (16: one
                   128-bit load per instruction), and grad_stores likewise for the gradient
     vectorised    every logit load (and gradient store) in the main loop is a vector access
@@ -147,6 +152,9 @@ _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
+_BARRIER = re.compile(r"^\s*(?:@%p\d+\s+)?(?:bar|barrier)\.sync\b", re.M)
+
+
 def _width_bytes(suffixes: str) -> int:
     parts = suffixes.split(".")
     vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
@@ -222,6 +230,7 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
         # spill instructions inside the loops (0 where nothing spills: no disassembly needed)
         "loop_spills": sass.loop_spills(sass.listing(compiled.asm["cubin"], ptxas_path())) if usage["spills"] else 0,
         "shared_bytes": int(compiled.metadata.shared),
+        "barriers": len(_BARRIER.findall(compiled.asm["ptx"])),
         "num_warps": int(compiled.metadata.num_warps),
         "logit_loads": min(logit_widths) if logit_widths else None,
         "staged_loads": len(acc["staged"]),
@@ -337,7 +346,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    cols = ["kernel", "variant", "gradient", "registers", "spills", "loop_spills", "shared_bytes", "num_warps", "logit_loads", "grad_stores", "vectorised", "mufu_per_element", "alu_per_element"]
+    cols = ["kernel", "variant", "gradient", "registers", "spills", "loop_spills", "shared_bytes", "barriers", "num_warps", "logit_loads", "grad_stores", "vectorised", "mufu_per_element", "alu_per_element"]
     print("  ".join(f"{c:>12}" if c != "variant" else f"{c:<30}" for c in cols))
     for r in rows:
         print("  ".join(f"{str(r[c]):>12}" if c != "variant" else f"{r[c]:<30}" for c in cols))

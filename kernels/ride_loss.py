@@ -58,12 +58,15 @@ Instruction shape: one program per row; a tile is [R, V, E_BLOCK] (E_BLOCK = nex
 32 num_warps rows of V consecutive classes, each expert's block one vector load per thread, the
 experts joined along the minor axis inside each thread (`ride_fast_kernels.ride_loss_kernels`).
 Sums over experts and over a thread's V classes are register arithmetic; the forward keeps its
-running maxima and sums per thread and reduces across threads once per row. A row's classes run
-in three parts: the unmasked main loop over full blocks from the row's first 16-element boundary
-h (h < 16: vector loads and stores whatever C is, when the base pointers are 16-byte aligned and
-the expert stride B C is a multiple of 16 elements, which Triton sees as divisibility; the
-gradient shares the logits' row stride modulo 16), one masked tail block, and the head [0, h) as
-one 16-class tile (the forward folds it into its running state once).
+running maxima and sums per thread and reduces across threads once per row, all of its running
+values in two reductions (maxima, then sums; one pass of shuffles and one exchange through shared
+memory each). A row's classes run in three parts: the unmasked main loop over full blocks from
+the row's first 16-element boundary h (h < 16: vector loads and stores whatever C is, when the
+base pointers are 16-byte aligned and the expert stride B C is a multiple of 16 elements, which
+Triton sees as divisibility; the gradient shares the logits' row stride modulo 16), the masked
+tail, and the head [0, h). The forward reads the tail and the head first, as the lanes of one
+masked block (two where they pass BLOCK_C) in the main loop's layout, so that they go into the
+same running state; the backward writes them as a tail block and a 16-class head tile.
 V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 experts: 16 logits a
 thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as

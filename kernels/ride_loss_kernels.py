@@ -22,41 +22,12 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from ride_fast_kernels.ride_loss_tiles import _exp2_fma, _exp2i, _inv_temp, _load_tile, _row_split, _store_tile
+from ride_fast_kernels.ride_loss_tiles import (_exp2_fma, _exp2i, _inv_temp, _load_tile, _rest_classes, _row_split,
+                                                _store_tile)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 BIG = tl.constexpr(1e30)  # the negated running maxima's start: finite, so no inf - inf
-
-
-@triton.jit
-def _fold(n, s, bn, bs, first):
-    """Running pairs (negated maximum n, sum s) with (bn, bs) folded into the rows where `first`."""
-    m = tl.minimum(n, bn)
-    return tl.where(first, m, n), tl.where(first, s * _exp2i(m - n) + bs * _exp2i(m - bn), s)
-
-
-@triton.jit
-def _merge_head(n_z, s_rest, n_u, s_u, t_k, n_v, s_v, hn_z, hs_rest, hn_u, hs_u, ht_k, hn_v, hs_v,
-                R: tl.constexpr, HAS_TEMP: tl.constexpr):
-    """The forward's per-thread running state ([R, E_BLOCK]; [R] for pbar) with the head tile's
-    ([HR, E_BLOCK]; [HR]) folded into its first row."""
-    first = (tl.arange(0, R) == 0)[:, None]
-    bz, sz = _row_sum(hn_z, hs_rest)
-    n_z0 = n_z
-    n_z, s_rest = _fold(n_z, s_rest, bz[None, :], sz[None, :], first)
-    if HAS_TEMP:  # t_k is rescaled with n_u
-        bu, su = _row_sum(hn_u, hs_u)
-        n_t0, bt, hn_t = n_u, bu[None, :], hn_u
-        n_u, s_u = _fold(n_u, s_u, bt, su[None, :], first)
-        n_t = n_u
-    else:  # t_k follows n_z; n_u and s_u stay unused
-        n_t0, bt, hn_t, n_t = n_z0, bz[None, :], hn_z, n_z
-    t = tl.sum(ht_k * _exp2i(bt - hn_t), axis=0)[None, :]
-    t_k = tl.where(first, t_k * _exp2i(n_t - n_t0) + t * _exp2i(n_t - bt), t_k)
-    bv, sv = _row_sum(hn_v[:, None], hs_v[:, None])
-    n_v, s_v = _fold(n_v, s_v, bv, sv, tl.arange(0, R) == 0)
-    return n_z, s_rest, n_u, s_u, t_k, n_v, s_v
 
 
 @triton.jit
@@ -105,11 +76,32 @@ def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
 
 
 @triton.jit
-def _row_sum(n, s):
-    """(-max, sum) over threads of per-thread [R, E_BLOCK] (negated integer log2 maximum, rescaled
-    sum) pairs."""
-    bottom = tl.min(n, axis=0)
-    return bottom, tl.sum(s * _exp2i(bottom[None, :] - n), axis=0)
+def _row_min2(a, b):
+    """Minima over threads (axis 0) of two [R, E_BLOCK] tensors in one reduction: joined, they
+    cross the threads in one pass of shuffles and one exchange through shared memory."""
+    return tl.split(tl.min(tl.join(a, b), axis=0))
+
+
+@triton.jit
+def _row_min3(a, b, c):
+    """Minima over threads of three [R, E_BLOCK] tensors in one reduction."""
+    ab, cc = tl.split(tl.min(tl.join(tl.join(a, b), tl.join(c, c)), axis=0))
+    ma, mb = tl.split(ab)
+    return ma, mb, tl.split(cc)[0]
+
+
+@triton.jit
+def _row_sum2(a, b):
+    """Sums over threads of two [R, E_BLOCK] tensors in one reduction (as `_row_min2`)."""
+    return tl.split(tl.sum(tl.join(a, b), axis=0))
+
+
+@triton.jit
+def _row_sum3(a, b, c):
+    """Sums over threads of three [R, E_BLOCK] tensors in one reduction."""
+    ab, cc = tl.split(tl.sum(tl.join(tl.join(a, b), tl.join(c, c)), axis=0))
+    sa, sb = tl.split(ab)
+    return sa, sb, tl.split(cc)[0]
 
 
 @triton.jit
@@ -152,7 +144,7 @@ def _ride_loss_fwd_kernel(
     a_y = z_y - m_y
 
     inv_e = 1.0 / E
-    h, n_main = _row_split(z_row, C, BLOCK_C)
+    h, end, rest = _row_split(z_row, C, BLOCK_C)
     n_z = tl.full([R, E_BLOCK], BIG, tl.float32)
     s_rest = tl.zeros([R, E_BLOCK], dtype=tl.float32)
     n_u = tl.full([R, E_BLOCK], BIG, tl.float32)
@@ -161,29 +153,52 @@ def _ride_loss_fwd_kernel(
     n_v = tl.full([R], BIG, tl.float32)
     s_v = tl.zeros([R], dtype=tl.float32)
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]  # [R, V]: V consecutive classes a thread
-    for start in tl.range(h, h + n_main, BLOCK_C, num_stages=STAGES):  # full blocks, no class mask, from class h
+    # the tail and the head first, as the lanes of masked blocks (one unless they pass BLOCK_C), in
+    # the main loop's layout: the same running state, no head of its own to fold in at the end
+    for lane in tl.range(0, rest, BLOCK_C):
+        offs = _rest_classes(lane + cls, h, end, C, BLOCK_C)
+        n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
+            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, offs, C, y, temp_ptr, inv_e,
+            R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
+    for start in tl.range(h, end, BLOCK_C, num_stages=STAGES):  # full blocks, no class mask, from class h
         z_al = tl.multiple_of(z_row + start, 16)  # a multiple of 16 by construction
         n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
             n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_al, stride_ze, E, cls, C - start, y - start,
             temp_ptr + start, inv_e, R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
-    if h + n_main < C:  # the tail: the partial last block
-        n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _fwd_tile(
-            n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_row, stride_ze, E, h + n_main + cls, C, y, temp_ptr, inv_e,
-            R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
 
-    # the head [0, min(h, C)): a 16-class tile [HR, V, E_BLOCK], folded into the state's first row
-    HR: tl.constexpr = 16 // V
-    hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]
-    hn_z, hs_rest, hn_u, hs_u, ht_k, hn_v, hs_v = _fwd_tile(
-        tl.full([HR, E_BLOCK], BIG, tl.float32), tl.zeros([HR, E_BLOCK], dtype=tl.float32),
-        tl.full([HR, E_BLOCK], BIG, tl.float32), tl.zeros([HR, E_BLOCK], dtype=tl.float32),
-        tl.zeros([HR, E_BLOCK], dtype=tl.float32), tl.full([HR], BIG, tl.float32), tl.zeros([HR], dtype=tl.float32),
-        z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, temp_ptr, inv_e, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
-    n_z, s_rest, n_u, s_u, t_k, n_v, s_v = _merge_head(n_z, s_rest, n_u, s_u, t_k, n_v, s_v, hn_z, hs_rest, hn_u, hs_u,
-                                                       ht_k, hn_v, hs_v, R, HAS_TEMP)
-
-    # across threads, once per row (bottom = -max)
-    bottom_z, s_rest = _row_sum(n_z, s_rest)
+    # across threads, once per row: one reduction for the maxima (bottom = -max), one for the sums
+    if DIV_MODE == 1:
+        n_vb = tl.broadcast_to(n_v[:, None], [R, E_BLOCK])  # one value a thread, in each expert's column
+        if HAS_TEMP:
+            bottom_z, bottom_u, bottom_v = _row_min3(n_z, n_u, n_vb)
+        else:
+            bottom_z, bottom_v = _row_min2(n_z, n_vb)
+            bottom_u = bottom_z
+        bottom_v = tl.min(bottom_v, axis=0)  # equal in every column
+        f_v = _exp2i(bottom_v - n_v)
+    elif HAS_TEMP:
+        bottom_z, bottom_u = _row_min2(n_z, n_u)
+    else:
+        bottom_z = tl.min(n_z, axis=0)
+        bottom_u = bottom_z
+    f_z = _exp2i(bottom_z[None, :] - n_z)  # each thread's sums rescaled to the row's maxima
+    f_u = f_z
+    if HAS_TEMP:
+        f_u = _exp2i(bottom_u[None, :] - n_u)
+    if DIV_MODE == 1:
+        sv_b = tl.broadcast_to((s_v * f_v)[:, None], [R, E_BLOCK])
+        if HAS_TEMP:
+            s_rest, s_u, s_v = _row_sum3(s_rest * f_z, s_u * f_u, sv_b)
+        else:
+            s_rest, s_v = _row_sum2(s_rest * f_z, sv_b)
+        s_v = tl.max(s_v, axis=0)  # equal in every column
+    elif DIV_MODE == 2:
+        if HAS_TEMP:  # t_k is rescaled with n_u
+            s_rest, s_u, t_row = _row_sum3(s_rest * f_z, s_u * f_u, t_k * f_u)
+        else:  # t_k follows n_z
+            s_rest, t_row = _row_sum2(s_rest * f_z, t_k * f_z)
+    else:
+        s_rest = tl.sum(s_rest * f_z, axis=0)
     lse_a = (tl.log2(s_rest + tl.exp2(a_y * LOG2E + bottom_z)) - bottom_z) * LN2
     nll = tl.where(e_mask, lse_a - a_y, 0.0)
     cls_part = w_y * tl.sum(nll, axis=0)
@@ -191,29 +206,23 @@ def _ride_loss_fwd_kernel(
     slot2 = tl.zeros([E_BLOCK], dtype=tl.float32)
     div_part = 0.0
     if HAS_TEMP:
-        bottom_u, s_row = _row_sum(n_u, s_u)
+        s_row = s_u
     else:  # lse(z): the shared sum plus the target's own exp(z_y - max)
-        bottom_u = bottom_z
         s_row = s_rest + tl.exp2(z_y * LOG2E + bottom_z)
     lse_u = (tl.log2(s_row) - bottom_u) * LN2
     if DIV_MODE == 1:
-        bottom_v = tl.min(n_v, axis=0)
-        s_v = tl.sum(s_v * _exp2i(bottom_v - n_v), axis=0)
         lse_v = (tl.log2(s_v) - bottom_v) * LN2
         slot2 = slot2 + lse_v
         div_part = div_scale * tl.sum(tl.where(e_mask, lse_u - lse_v, 0.0), axis=0)
     if DIV_MODE == 2:
-        if HAS_TEMP:
-            t_row = tl.sum(t_k * _exp2i(bottom_u[None, :] - n_u), axis=0)
-        else:
-            t_row = tl.sum(t_k * _exp2i(bottom_z[None, :] - n_z), axis=0)
         l_sum = tl.sum(tl.where(e_mask, lse_u, 0.0), axis=0)
         slot2 = t_row / s_row * LN2 - E * lse_u + l_sum  # K_k
         div_part = div_scale * tl.sum(tl.where(e_mask, slot2, 0.0), axis=0)
-    st = stats_ptr + row * 3 * E + offs_e
-    tl.store(st, lse_a, mask=e_mask)
-    tl.store(st + E, lse_u, mask=e_mask)
-    tl.store(st + 2 * E, slot2, mask=e_mask)
+    # the three statistics in one store (one exchange between threads, not three): joined as
+    # [E_BLOCK, 2, 2], statistic j = a + 2 b sits at [:, a, b] (j = 3 is unused)
+    j = tl.arange(0, 2)[:, None] + 2 * tl.arange(0, 2)[None, :]
+    tl.store(stats_ptr + row * 3 * E + offs_e[:, None, None] + E * j[None, :, :],
+             tl.join(tl.join(lse_a, lse_u), tl.join(slot2, slot2)), mask=e_mask[:, None, None] & (j < 3)[None, :, :])
     tl.store(part_ptr + row * 3, cls_part)
     tl.store(part_ptr + row * 3 + 1, div_part)
     tl.store(part_ptr + row * 3 + 2, w_y)
@@ -365,13 +374,15 @@ def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_sum, go, lse_a, lse_u
     kernel too when it writes the gradient itself (WRITE_GRAD): one function from the same
     statistics, so the same bits.
 
-    Order: the head [0, min(h, C)), the unmasked main loop, the masked tail; FROM_END (the
-    forward's second pass) the mirror image: the tail, the main loop from its last block to its
-    first, the head. The forward's first pass reads the main loop and then the tail, so its second
-    pass meets the blocks it read last first: where the rows in flight overflow the L2, a
-    least-recently-used cache still holds the end of each row, while a second pass from the row's
-    start would evict each block just before its turn. (The backward kernel keeps the first order:
-    its rows come long after the forward read them, and the mirror image costs it registers.)"""
+    Order: the head [0, min(h, C)) as a 16-class tile, the unmasked main loop, the masked tail.
+    FROM_END (the forward's second pass) runs the mirror image of the forward's own pass, which
+    reads the tail and the head first (as the lanes of shared masked blocks) and then the main
+    loop: the main loop from its last block to its first, then the tail and the head. So the
+    second pass meets the blocks it read last first: where the rows in flight overflow the L2, a
+    least-recently-used cache still holds the end of each row, while a second pass in the first's
+    order would evict each block just before its turn. The head keeps a tile of its own here: with
+    no running state to fold it into, a shared masked block saves nothing, and in the 8-expert
+    backward it cost spills."""
     BLOCK_C: tl.constexpr = R * V
     cg = w_y / w_sum * go  # the classification term's weight
     cgr = tl.zeros([E_BLOCK], dtype=tl.float32)
@@ -389,17 +400,11 @@ def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_sum, go, lse_a, lse_u
     m_yl = m_y * LOG2E
     lse_al = lse_a * LOG2E
     lse_ul = lse_u * LOG2E
-    h, n_main = _row_split(z_row, C, BLOCK_C)
-    end = h + n_main
+    h, end, _ = _row_split(z_row, C, BLOCK_C)
     cls = tl.arange(0, R)[:, None] * V + tl.arange(0, V)[None, :]
     HR: tl.constexpr = 16 // V
     hcls = tl.arange(0, HR)[:, None] * V + tl.arange(0, V)[None, :]
-    # FROM_END runs the mirror image of the order head, main loop, tail
-    if FROM_END:
-        if end < C:
-            _bwd_tile(z_ptr, z_row, stride_ze, E, end + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
-                      lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
-    else:
+    if not FROM_END:
         _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
                   stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
     STEP: tl.constexpr = -BLOCK_C if FROM_END else BLOCK_C
@@ -412,9 +417,9 @@ def _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_sum, go, lse_a, lse_u
         _bwd_tile(z_ptr, z_al, stride_ze, E, cls, C - start, y - start, m_yl, temp_ptr + start, inv_e, g_ptr,
                   g_al, stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, False,
                   HAS_TEMP, DIV_MODE)
+    if end < C:
+        _bwd_tile(z_ptr, z_row, stride_ze, E, end + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
+                  lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
     if FROM_END:
         _bwd_tile(z_ptr, z_row, stride_ze, E, hcls, tl.minimum(h, C), y, m_yl, temp_ptr, inv_e, g_ptr, g_row,
                   stride_ge, lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, HR, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)
-    elif end < C:
-        _bwd_tile(z_ptr, z_row, stride_ze, E, end + cls, C, y, m_yl, temp_ptr, inv_e, g_ptr, g_row, stride_ge,
-                  lse_al, lse_ul, slot2, cg, cgr, g_y, dg, pad, R, V, E_BLOCK, True, HAS_TEMP, DIV_MODE)

@@ -1,9 +1,9 @@
 """Tile helpers of the fused RIDE loss kernels (`ride_fast_kernels.ride_loss_kernels`): where a
-row's classes run (`_row_split`: head, unmasked main loop, tail), loading and storing a
-[R, V, E_BLOCK] tile with the experts joined inside each thread (`_load_tile`, `_store_tile`),
-the per-class 1 / T (`_inv_temp`), and the float arithmetic kept off the MUFU: 2^d for integer d
-as an exponent-field shift (`_exp2i`), 2^d as a polynomial on the FMA pipe (`_exp2_fma`), and a
-reciprocal by Newton steps (`_rcp`).
+row's classes run (`_row_split`, `_rest_classes`: the unmasked main loop, then the tail and the
+head together as masked blocks), loading and storing a [R, V, E_BLOCK] tile with the experts
+joined inside each thread (`_load_tile`, `_store_tile`), the per-class 1 / T (`_inv_temp`), and
+the float arithmetic kept off the MUFU: 2^d for integer d as an exponent-field shift (`_exp2i`),
+2^d as a polynomial on the FMA pipe (`_exp2_fma`), and a reciprocal by Newton steps (`_rcp`).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _ld(z_ptr, base, k: tl.constexpr, stride_ze, E, offs, C, MASKED: tl.constexp
     """Expert k's [R, V] logits as float32: padded experts (k >= E) read 0."""
     ptrs = z_ptr + base + k * stride_ze + offs
     if MASKED:
-        ok = offs < C
+        ok = _live(offs, C)
         if k > 0:
             ok = ok & (k < E)
         x = tl.load(ptrs, mask=ok, other=0.0, eviction_policy=EVICT)
@@ -121,7 +121,7 @@ def _load_tile(z_ptr, base, stride_ze, E, offs, C, R: tl.constexpr, V: tl.conste
         tl.static_assert(E_BLOCK == 8, "E_BLOCK must be a power of two <= 8")
         x = _ld8(z_ptr, base, 0, 1, stride_ze, E, offs, C, R, V, MASKED, EVICT)
     if MASKED:
-        x = tl.where((offs < C)[:, :, None], x, float("-inf"))
+        x = tl.where(_live(offs, C)[:, :, None], x, float("-inf"))
     return x
 
 
@@ -131,7 +131,7 @@ def _st(g_ptr, base, k: tl.constexpr, stride_ge, E, offs, C, g, MASKED: tl.const
     ptrs = g_ptr + base + k * stride_ge + offs
     g = g.to(g_ptr.dtype.element_ty)
     if MASKED:
-        ok = offs < C
+        ok = _live(offs, C)
         if k > 0:
             ok = ok & (k < E)
         tl.store(ptrs, g, mask=ok, eviction_policy="evict_first")
@@ -187,7 +187,7 @@ def _inv_temp(temp_ptr, offs, C, SCALE: tl.constexpr, R: tl.constexpr, V: tl.con
     temperatures' product is inverted once (`_rcp`) and multiplied back (Montgomery's trick),
     which needs that product to be a normal float32 (temperatures within 1e-9..1e9)."""
     if MASKED:
-        t = tl.load(temp_ptr + offs, mask=offs < C, other=1.0)
+        t = tl.load(temp_ptr + offs, mask=_live(offs, C), other=1.0)
     else:
         t = tl.load(temp_ptr + offs)
     if V == 4:
@@ -210,13 +210,35 @@ def _inv_temp(temp_ptr, offs, C, SCALE: tl.constexpr, R: tl.constexpr, V: tl.con
 
 
 @triton.jit
+def _live(offs, C):
+    """Lanes of a masked block that hold a class: 0 <= offs < C (a lane before the head's first
+    class has a negative one, see `_rest_classes`)."""
+    return (offs >= 0) & (offs < C)
+
+
+@triton.jit
 def _row_split(z_row, C, BLOCK_C: tl.constexpr):
-    """(h, n_main) of a row that starts at element z_row. The unmasked main loop runs full blocks
-    over classes [h, h + n_main) from the row's first 16-element boundary (h < 16), so that its
+    """(h, end, rest) of a row that starts at element z_row. The unmasked main loop runs full
+    blocks over classes [h, end) from the row's first 16-element boundary (h < 16), so that its
     loads and stores are vector accesses whatever C is (given a 16-byte aligned base and an expert
-    stride that is a multiple of 16 elements, which Triton sees itself). The head [0, min(h, C))
-    runs as one 16-class masked tile, the tail [h + n_main, C) (fewer than BLOCK_C classes) as
-    one masked block."""
+    stride that is a multiple of 16 elements, which Triton sees itself). The classes outside it,
+    the tail [end, C) and the head [0, min(h, C)), run as `rest` lanes of masked blocks (one block
+    unless the two together pass BLOCK_C), which `_rest_classes` maps to classes."""
     h = ((16 - z_row % 16) % 16).to(tl.int32)
-    n_main = tl.maximum(C - h, 0) // BLOCK_C * BLOCK_C
-    return h, n_main
+    end = h + tl.maximum(C - h, 0) // BLOCK_C * BLOCK_C
+    rest = (tl.maximum(C - end, 0) + 15) // 16 * 16 + tl.minimum(h, C)
+    return h, end, rest
+
+
+@triton.jit
+def _rest_classes(lane, h, end, C, BLOCK_C: tl.constexpr):
+    """The class of each lane (an index into the rest of a row, see `_row_split`) of a masked
+    block: the lanes from 0 run over the tail's classes end, end + 1, ... (C and past: not live),
+    the last min(h, C) lanes of the rest's last block over the head's 0, 1, ..., and the lanes
+    between them over negative classes (not live, `_live`). The switch from tail to head lanes at a
+    multiple of 16 keeps each thread's V classes consecutive, so that the block has the main loop's
+    layout, and one limit C masks every lane."""
+    head = tl.minimum(h, C)
+    head_lane = tl.multiple_of((tl.maximum(C - end, 0) + 15) // 16 * 16, 16)
+    last_lane = (head_lane + head + BLOCK_C - 1) // BLOCK_C * BLOCK_C  # the end of the rest's last block
+    return tl.where(lane < head_lane, end + lane, lane - (last_lane - head))

@@ -1,7 +1,7 @@
 """SASS, the GPU's own instructions, of a compiled kernel: its listing (nvdisasm, bundled with
-Triton beside ptxas), its loops, and the spill instructions inside them. Plain Python: importing
-it changes nothing (unlike `ride_fast_kernels.report`, which turns the interpreter off to compile
-for real)."""
+Triton beside ptxas), its loops, those that stream a row, and the spill instructions inside
+them. Plain Python: importing it changes nothing (unlike `ride_fast_kernels.report`, which turns
+the interpreter off to compile for real)."""
 from __future__ import annotations
 
 import os
@@ -44,7 +44,18 @@ def loops(entries: list[str]) -> list[list[str]]:
     return out
 
 
+#: a vector global access: the main loops' loads of the logits (direct, or copies into shared
+#: memory with stages > 1) and stores of the gradient
+VECTOR_ACCESS = re.compile(r"(LDG|STG|LDGSTS)\.E\S*\.(128|64)\b")
+
+
+def main_loops(entries: list[str]) -> list[list[str]]:
+    """The `loops` of a listing that stream a row: those with vector global accesses. The loop
+    over a row's masked blocks (the tail and the head, once or twice a row) has scalar ones."""
+    return [loop for loop in loops(entries) if any(VECTOR_ACCESS.search(t) for t in loop)]
+
+
 def loop_spills(entries: list[str]) -> int:
-    """Local-memory instructions (spill stores and loads, STL / LDL) inside the loops of a
+    """Local-memory instructions (spill stores and loads, STL / LDL) inside the `main_loops` of a
     `listing`: a spill there is paid every tile, one outside them once a row."""
-    return sum(bool(re.match(r"(@!?U?P\w+\s+)?(STL|LDL)\b", t)) for loop in loops(entries) for t in loop)
+    return sum(bool(re.match(r"(@!?U?P\w+\s+)?(STL|LDL)\b", t)) for loop in main_loops(entries) for t in loop)

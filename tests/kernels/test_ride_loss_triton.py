@@ -189,10 +189,12 @@ def test_expert_offsets_past_2_31_elements(diversity):
 @pytest.mark.parametrize("phase2", [False, True], ids=["before_drw", "after_drw"])
 def test_row_split_head_main_and_tail(diversity, phase2):
     """A row's classes run as a head [0, h) up to its first 16-element boundary, full blocks from
-    there and a masked tail. With C = 50 and 16-class blocks the rows start at elements 0, 50, 100,
-    150 (h = 0, 14, 12, 10) and the targets fall in the head, the main loop and the tail; with
-    C = 5 and C = 20 some rows have a head and no full block (h > C, h + 16 > C)."""
-    for E, C, targets in ((3, 50, [3, 5, 20, 48]), (4, 5, [0, 4, 2]), (2, 20, [1, 19, 7, 12])):
+    there and a masked tail (the forward reads the tail and the head first, as one masked block,
+    two where they pass a block). With C = 50 and 16-class blocks the rows start at elements 0, 50,
+    100, 150 (h = 0, 14, 12, 10) and the targets fall in the head, the main loop and the tail;
+    with C = 5 and C = 20 some rows have a head and no full block (h > C, h + 16 > C); with C = 32
+    every row is whole blocks (no tail, no head)."""
+    for E, C, targets in ((3, 50, [3, 5, 20, 48]), (4, 5, [0, 4, 2]), (2, 20, [1, 19, 7, 12]), (2, 32, [0, 31, 16])):
         z, y, m, w, t = make_inputs(E, len(targets), C, phase2=phase2, seed=C)
         y = torch.tensor(targets, device=z.device)
         assert_matches(*fused(z, y, m, w, t, diversity, block_c=16), *reference(z, y, m, w, t, diversity))
@@ -509,10 +511,12 @@ def _row_block_order(run, z, row, C):
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
 def test_gradient_pass_reads_the_row_from_its_end(diversity):
     """The forward that writes the gradient meets a row's blocks in its second pass in the reverse
-    of its first pass's order (the 16-class head last), so that what a least-recently-used L2
-    still holds of the rows in flight, their ends, is read first; the backward kernel reads head,
-    main loop, tail. Row 1 at C = 100 with 32-class blocks starts at element 100: head [0, 12),
-    full blocks at 12 and 44, tail [76, 100)."""
+    of its first pass's order, so that what a least-recently-used L2 still holds of the rows in
+    flight, the blocks read last, is read first; the backward kernel reads head, main loop, tail.
+    Row 1 at C = 100 with 32-class blocks starts at element 100: head [0, 12), full blocks at 12
+    and 44, tail [76, 100). The first pass reads the tail and the head first, as the lanes of
+    masked blocks (here two: the head's lanes start at the next multiple of 16 after the tail's
+    24), then the main loop; the second pass the main loop from its end, the tail, the head."""
     z, y, m, w, t = make_inputs(3, 2, 100, seed=5)
     ws = w[y].sum().reshape(1)
     _, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=32, weight_sum=ws)
@@ -525,9 +529,9 @@ def test_gradient_pass_reads_the_row_from_its_end(diversity):
         one = torch.tensor(1.0, device=z.device)
         ride_loss_backward(one, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=32)
 
-    assert _row_block_order(fwd, z, 1, 100) == [12, 44, 76, 0]
+    assert _row_block_order(fwd, z, 1, 100) == [76, 0, 12, 44]
     assert _row_block_order(bwd, z, 1, 100) == [0, 12, 44, 76]
-    assert _row_block_order(lambda: fwd(buf), z, 1, 100) == [12, 44, 76, 0, 76, 44, 12, 0]
+    assert _row_block_order(lambda: fwd(buf), z, 1, 100) == [76, 0, 12, 44, 44, 12, 76, 0]
 
 
 def test_forward_written_gradient_arguments_are_checked():
