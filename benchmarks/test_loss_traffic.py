@@ -118,24 +118,24 @@ def test_hand_computed_case():
     staged = lt.model(4, 4, 2048, "float32", "mean", TOY, phase=1, stages=2)
     assert staged["fwd_us"] == pytest.approx(13.0, abs=0.01) and staged["bwd_us"] == pytest.approx(17.0, abs=0.01)
 
-    # grad_in_forward: one 72-register program (346 + 279 SASS), 3 an SM, each wave chains 2 + 0.5.
-    #   pass 1: c = 21.625 x 128 / 4000 = 0.692 us; wave 1 DRAM-bound 3 -> 6 us, wave 2 latency
-    #   1.692 -> 3.384 us.
+    # grad_in_forward: one 72-register program (347 + 279 SASS), 3 an SM, each wave chains 2 + 0.5.
+    #   pass 1: c = 21.6875 x 128 / 4000 = 0.694 us; wave 1 DRAM-bound 3 -> 6 us, wave 2 latency
+    #   1.694 -> 3.388 us.
     #   pass 2: c = 17.4375 x 128 / 4000 = 0.558 us. Wave 1: 3 rows in flight, 98,304 bytes against
     #   65,536: the L2 serves 2/3, a tile moves 16,384 x (1 + 1/3) DRAM bytes, 3 of them 4 us
     #   (latency 1.558, issue rate 1.674, MUFU 1.728) -> 8 us. Wave 2: 1 row fits, DRAM 1 us against
     #   latency 0.25 + 0.558 -> 2 us.
-    #   forward = 1 + 2 x 2.5 + 6 + 8 + 3.384 + 2 = 25.384 us; backward = 0.5 + 1 (grad_output) = 1.5 us.
+    #   forward = 1 + 2 x 2.5 + 6 + 8 + 3.388 + 2 = 25.388 us; backward = 0.5 + 1 (grad_output) = 1.5 us.
     # bytes: 2 Z + the misses 3 x 32,768 / 3 = 32,768 + 24,888 + 48 = 319,848, the backward 4; the L2
     #   serves 65,536 + 32,768 = 98,304.
     fused = lt.model(4, 4, 2048, "float32", "mean", TOY, phase=1, design="grad_in_forward")
-    assert fused["fwd_us"] == pytest.approx(25.384, abs=0.01) and fused["bwd_us"] == pytest.approx(1.5, abs=0.01)
+    assert fused["fwd_us"] == pytest.approx(25.388, abs=0.01) and fused["bwd_us"] == pytest.approx(1.5, abs=0.01)
     assert fused["fwd_bytes"] == 319_848 and fused["bwd_bytes"] == 4 and fused["l2_reuse_bytes"] == 98_304
     assert fused["fwd_bound"] == "dram+dram/latency+dram"
 
-    # one program an SM: 4 waves of 1, every row fits the L2: pass 1 1.692 x 2 and pass 2 2 us a wave
+    # one program an SM: 4 waves of 1, every row fits the L2: pass 1 1.694 x 2 and pass 2 2 us a wave
     one = lt.model(4, 4, 2048, "float32", "mean", TOY, phase=1, design="grad_in_forward", programs_per_sm=1)
-    assert one["fwd_us"] == pytest.approx(1 + 4 * (2.5 + 3.384 + 2), abs=0.01) and one["fwd_bytes"] == 2 * 131_072 + 24_936
+    assert one["fwd_us"] == pytest.approx(1 + 4 * (2.5 + 3.388 + 2), abs=0.01) and one["fwd_bytes"] == 2 * 131_072 + 24_936
 
 
 @pytest.mark.parametrize("gpu", sorted(lt.GPUS))

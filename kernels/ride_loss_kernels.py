@@ -77,14 +77,15 @@ def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
 
 @triton.jit
 def _row_min2(a, b):
-    """Minima over threads (axis 0) of two [R, E_BLOCK] tensors in one reduction: joined, they
-    cross the threads in one pass of shuffles and one exchange through shared memory."""
+    """Minima over threads (axis 0) of two tensors of one shape ([R, E_BLOCK] at a row's end) in
+    one reduction: joined, they cross the threads in one pass of shuffles and one exchange through
+    shared memory."""
     return tl.split(tl.min(tl.join(a, b), axis=0))
 
 
 @triton.jit
 def _row_min3(a, b, c):
-    """Minima over threads of three [R, E_BLOCK] tensors in one reduction."""
+    """Minima over threads of three tensors of one shape in one reduction."""
     ab, cc = tl.split(tl.min(tl.join(tl.join(a, b), tl.join(c, c)), axis=0))
     ma, mb = tl.split(ab)
     return ma, mb, tl.split(cc)[0]
@@ -92,13 +93,13 @@ def _row_min3(a, b, c):
 
 @triton.jit
 def _row_sum2(a, b):
-    """Sums over threads of two [R, E_BLOCK] tensors in one reduction (as `_row_min2`)."""
+    """Sums over threads of two tensors of one shape in one reduction (as `_row_min2`)."""
     return tl.split(tl.sum(tl.join(a, b), axis=0))
 
 
 @triton.jit
 def _row_sum3(a, b, c):
-    """Sums over threads of three [R, E_BLOCK] tensors in one reduction."""
+    """Sums over threads of three tensors of one shape in one reduction."""
     ab, cc = tl.split(tl.sum(tl.join(tl.join(a, b), tl.join(c, c)), axis=0))
     sa, sb = tl.split(ab)
     return sa, sb, tl.split(cc)[0]
@@ -263,10 +264,12 @@ def _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, BLOCK: tl.constexpr, HAS_W
         cls += tl.load(part_ptr + offs * 3, mask=mask, other=0.0, cache_modifier=".cg")
         div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0, cache_modifier=".cg")
         wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg")
-    w = tl.sum(wsum, axis=0)
-    if HAS_WSUM:
+    if HAS_WSUM:  # one reduction across the warps for the sums (see `_row_sum2`)
+        c, d = _row_sum2(cls, div)
         w = tl.load(wsum_ptr)
-    tl.store(loss_ptr, tl.sum(cls, axis=0) / w + tl.sum(div, axis=0))
+    else:
+        c, d, w = _row_sum3(cls, div, wsum)
+    tl.store(loss_ptr, c / w + d)
     tl.store(aux_ptr, w)
 
 
