@@ -76,33 +76,21 @@ def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
 
 
 @triton.jit
-def _row_min2(a, b):
-    """Minima over threads (axis 0) of two tensors of one shape ([R, E_BLOCK] at a row's end) in
-    one reduction: joined, they cross the threads in one pass of shuffles and one exchange through
-    shared memory."""
-    return tl.split(tl.min(tl.join(a, b), axis=0))
+def _join3(a, b, c):
+    """Three tensors of one shape as one, [..., 2, 2] (c twice; `_split3` takes them apart), so
+    that a reduction over threads (axis 0) crosses them in one pass of shuffles and one exchange
+    through shared memory, as it does a joined pair: the forward's row end and its last program
+    reduce all their values in one reduction per operation. (A tuple of operands would cross
+    shared memory one operand at a time.)"""
+    return tl.join(tl.join(a, b), tl.join(c, c))
 
 
 @triton.jit
-def _row_min3(a, b, c):
-    """Minima over threads of three tensors of one shape in one reduction."""
-    ab, cc = tl.split(tl.min(tl.join(tl.join(a, b), tl.join(c, c)), axis=0))
-    ma, mb = tl.split(ab)
-    return ma, mb, tl.split(cc)[0]
-
-
-@triton.jit
-def _row_sum2(a, b):
-    """Sums over threads of two tensors of one shape in one reduction (as `_row_min2`)."""
-    return tl.split(tl.sum(tl.join(a, b), axis=0))
-
-
-@triton.jit
-def _row_sum3(a, b, c):
-    """Sums over threads of three tensors of one shape in one reduction."""
-    ab, cc = tl.split(tl.sum(tl.join(tl.join(a, b), tl.join(c, c)), axis=0))
-    sa, sb = tl.split(ab)
-    return sa, sb, tl.split(cc)[0]
+def _split3(x):
+    """The three tensors of a `_join3` (reduced or not)."""
+    ab, cc = tl.split(x)
+    a, b = tl.split(ab)
+    return a, b, tl.split(cc)[0]
 
 
 @triton.jit
@@ -167,18 +155,19 @@ def _ride_loss_fwd_kernel(
             n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_al, stride_ze, E, cls, C - start, y - start,
             temp_ptr + start, inv_e, R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
 
-    # across threads, once per row: one reduction for the maxima (bottom = -max), one for the sums
+    # across threads, once per row: one reduction for the maxima (bottom = -max), one for the sums,
+    # each of the values joined (`_join3`)
     if DIV_MODE == 1:
         n_vb = tl.broadcast_to(n_v[:, None], [R, E_BLOCK])  # one value a thread, in each expert's column
         if HAS_TEMP:
-            bottom_z, bottom_u, bottom_v = _row_min3(n_z, n_u, n_vb)
+            bottom_z, bottom_u, bottom_v = _split3(tl.min(_join3(n_z, n_u, n_vb), axis=0))
         else:
-            bottom_z, bottom_v = _row_min2(n_z, n_vb)
+            bottom_z, bottom_v = tl.split(tl.min(tl.join(n_z, n_vb), axis=0))
             bottom_u = bottom_z
         bottom_v = tl.min(bottom_v, axis=0)  # equal in every column
         f_v = _exp2i(bottom_v - n_v)
     elif HAS_TEMP:
-        bottom_z, bottom_u = _row_min2(n_z, n_u)
+        bottom_z, bottom_u = tl.split(tl.min(tl.join(n_z, n_u), axis=0))
     else:
         bottom_z = tl.min(n_z, axis=0)
         bottom_u = bottom_z
@@ -189,15 +178,15 @@ def _ride_loss_fwd_kernel(
     if DIV_MODE == 1:
         sv_b = tl.broadcast_to((s_v * f_v)[:, None], [R, E_BLOCK])
         if HAS_TEMP:
-            s_rest, s_u, s_v = _row_sum3(s_rest * f_z, s_u * f_u, sv_b)
+            s_rest, s_u, s_v = _split3(tl.sum(_join3(s_rest * f_z, s_u * f_u, sv_b), axis=0))
         else:
-            s_rest, s_v = _row_sum2(s_rest * f_z, sv_b)
+            s_rest, s_v = tl.split(tl.sum(tl.join(s_rest * f_z, sv_b), axis=0))
         s_v = tl.max(s_v, axis=0)  # equal in every column
     elif DIV_MODE == 2:
         if HAS_TEMP:  # t_k is rescaled with n_u
-            s_rest, s_u, t_row = _row_sum3(s_rest * f_z, s_u * f_u, t_k * f_u)
+            s_rest, s_u, t_row = _split3(tl.sum(_join3(s_rest * f_z, s_u * f_u, t_k * f_u), axis=0))
         else:  # t_k follows n_z
-            s_rest, t_row = _row_sum2(s_rest * f_z, t_k * f_z)
+            s_rest, t_row = tl.split(tl.sum(tl.join(s_rest * f_z, t_k * f_z), axis=0))
     else:
         s_rest = tl.sum(s_rest * f_z, axis=0)
     lse_a = (tl.log2(s_rest + tl.exp2(a_y * LOG2E + bottom_z)) - bottom_z) * LN2
@@ -219,11 +208,11 @@ def _ride_loss_fwd_kernel(
         l_sum = tl.sum(tl.where(e_mask, lse_u, 0.0), axis=0)
         slot2 = t_row / s_row * LN2 - E * lse_u + l_sum  # K_k
         div_part = div_scale * tl.sum(tl.where(e_mask, slot2, 0.0), axis=0)
-    # the three statistics in one store (one exchange between threads, not three): joined as
-    # [E_BLOCK, 2, 2], statistic j = a + 2 b sits at [:, a, b] (j = 3 is unused)
+    # the three statistics in one store (one exchange between threads, not three): `_join3` puts
+    # statistic j = a + 2 b at [:, a, b] of [E_BLOCK, 2, 2] (j = 3 is unused)
     j = tl.arange(0, 2)[:, None] + 2 * tl.arange(0, 2)[None, :]
-    tl.store(stats_ptr + row * 3 * E + offs_e[:, None, None] + E * j[None, :, :],
-             tl.join(tl.join(lse_a, lse_u), tl.join(slot2, slot2)), mask=e_mask[:, None, None] & (j < 3)[None, :, :])
+    tl.store(stats_ptr + row * 3 * E + offs_e[:, None, None] + E * j[None, :, :], _join3(lse_a, lse_u, slot2),
+             mask=e_mask[:, None, None] & (j < 3)[None, :, :])
     tl.store(part_ptr + row * 3, cls_part)
     tl.store(part_ptr + row * 3 + 1, div_part)
     tl.store(part_ptr + row * 3 + 2, w_y)
@@ -264,11 +253,11 @@ def _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, BLOCK: tl.constexpr, HAS_W
         cls += tl.load(part_ptr + offs * 3, mask=mask, other=0.0, cache_modifier=".cg")
         div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0, cache_modifier=".cg")
         wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg")
-    if HAS_WSUM:  # one reduction across the warps for the sums (see `_row_sum2`)
-        c, d = _row_sum2(cls, div)
+    if HAS_WSUM:  # one reduction across the warps for the sums (see `_join3`)
+        c, d = tl.split(tl.sum(tl.join(cls, div), axis=0))
         w = tl.load(wsum_ptr)
     else:
-        c, d, w = _row_sum3(cls, div, wsum)
+        c, d, w = _split3(tl.sum(_join3(cls, div, wsum), axis=0))
     tl.store(loss_ptr, c / w + d)
     tl.store(aux_ptr, w)
 
