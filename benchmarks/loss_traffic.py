@@ -50,8 +50,8 @@ programs, one after the other. A wave of n programs, k on the busiest SM, takes 
 and a kernel takes fixed + sum over waves (chain + tiles x that time). `chain` is a program's
 fixed latency (the target's gathers, the masked tail and head, the cross-thread reductions, the
 statistics' stores and the forward's atomic ticket), paid once a wave; `fixed` is the kernel's own
-(launch, ramp, the forward's last program's sum over rows). A grad_in_forward program pays both kernels'
-chains and runs both passes' instructions. Per-class vectors and per-row statistics are counted
+(launch, ramp, the forward's last program's sum over rows). A grad_in_forward program pays both
+kernels' chains and runs both passes' instructions. Per-class vectors and per-row statistics are counted
 in the bytes, their time is in the chains. SASS counts, MUFU counts and registers are the sm_90
 compiler's for E = 4 (KERNELS_E4, GRAD_IN_FORWARD_E4, OPS_E4; the slow tests recount some of
 them): E up to 4 only.

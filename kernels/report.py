@@ -227,7 +227,7 @@ def _row(kernel, variant, gradient, compiled, arch, hint, elements_per_thread, b
         "gradient": gradient,
         "registers": usage["registers"],
         "spills": usage["spills"],
-        # spill instructions inside the loops (0 where nothing spills: no disassembly needed)
+        # spill instructions inside the main loops (0 where nothing spills: no disassembly needed)
         "loop_spills": sass.loop_spills(sass.listing(compiled.asm["cubin"], ptxas_path())) if usage["spills"] else 0,
         "shared_bytes": int(compiled.metadata.shared),
         "barriers": len(_BARRIER.findall(compiled.asm["ptx"])),
