@@ -419,6 +419,7 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
     from test_bench_ride_loss import LAMBDA, TM, ride_inputs
 
     from ride_fast.ops import ride_loss_fused, ride_loss_reference
+    from ride_fast.ops.ride_loss import fused_loss_design
 
     dev = sizes.device
     copy = copy_bandwidth(dev, (1 << 30) + (1 << 28) if dev == "cuda" else 1 << 23, 20 if dev == "cuda" else 3)
@@ -442,7 +443,10 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                 def predict(setting="default", shape=(B, E, C), dtype="float32" if dtype_name == "fp32" else "bfloat16", div=div):
                     return traffic_model(*shape, dtype, div, gpu_model, phase=1, **SETTINGS[setting])
 
-                pred = predict()
+                # the fused loss as a step runs it: the design the op takes for these logits (the
+                # model's setting of that name: "gradfwd" where the forward writes the gradient)
+                design = fused_loss_design(z)
+                pred = predict("gradfwd" if design == "grad_in_forward" else "default")
                 times, losses = {}, {}
                 for provider, fn in providers.items():
                     if provider == "compile" and (B, E, C) not in sizes.compile_shapes:
@@ -471,7 +475,7 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
                             row.update(fused_kernel_row(kernel_times_us(step, 20), floor_bytes, copy["gbps"], pred))
                         x_compile = _speedup(times["compile"], timing) if "compile" in times else None
                         floor_goal, floor_text = _floor_goal(B, E, C, dtype_name)
-                        row.update(x_eager=_speedup(times["eager"], timing), x_compile=x_compile,
+                        row.update(design=design, x_eager=_speedup(times["eager"], timing), x_compile=x_compile,
                                    target=f"fused {floor_text}, >= 10x eager, "
                                           + (">= 2x compile" if x_compile is not None else "(compile not timed at this shape)"),
                                    target_met=bool(pct >= floor_goal and row["x_eager"] >= 10 and (x_compile is None or x_compile >= 2)))

@@ -2,7 +2,7 @@
 on an H200's kernel times.
 
     python benchmarks/loss_traffic.py --gpu h200 [--json] [--phase 0|1|both]
-                                      [--design two_kernel|grad_in_forward] [--stages 1|2]
+                                      [--design product|two_kernel|grad_in_forward] [--stages 1|2]
                                       [--max-registers 64] [--programs-per-sm N]
     python benchmarks/loss_traffic.py --gpu h200 --compare [--json]   (every design, side by side)
     python benchmarks/loss_traffic.py --fit MEASURED   (a JSON of kernel times, with the compiler's counts of
@@ -17,20 +17,23 @@ The floor of a loss with its gradient is reading the logits once and writing the
 floor_bytes = 2 Z, floor_us = floor_bytes / copy bandwidth (measured on an H200: 4.23 TB/s, 0.88
 of the peak; the H100 SXM is given the same share of its 3.35 TB/s).
 
-Designs. "two_kernel" (the default) is the kernels as written (kernels/ride_loss.py): the
-forward reads Z and keeps per-row statistics, its last program sums the rows; the backward reads
-Z again and writes the gradient, Z bytes. The backward's re-read gets nothing from the L2 (its
-measured time is DRAM's for 2 Z): DRAM traffic 3 Z, 1.5 times the floor. "grad_in_forward" has
-each forward program read its row (pass 1), then read it again (pass 2) and write its gradient;
-the backward kernel reads grad_output and returns (grad_output = 1, the usual case: its fixed
-cost and one round trip). Pass 2 finds
-the row in L2 when the rows every program in flight reads meanwhile fit in the L2's effective
-share (l2_effective x 50 MB; assumed 0.6: a row read and re-read by one SM is cached in that SM's
-L2 partition, and the gradient's stores pass through the L2 too); beyond it the missing share
-(1 - capacity / bytes in flight) comes from DRAM. Each design takes the launch options of the
-kernels: `stages` (2: the next tile's loads issued before the current tile's arithmetic) and
-`max_registers` (64: four programs an SM instead of three), and `programs_per_sm` caps the
-programs an SM runs (a launch reserving shared memory would), to fit pass 2 in the L2.
+Designs (kernels/ride_loss.py); the CLI's default, "product", is the one the fused loss runs for
+each dtype (PRODUCT_DESIGN). "grad_in_forward", what it runs for float32 logits of 4 experts (an
+eager or captured step): each forward program reads its row (pass 1), then reads it again (pass 2)
+and writes its gradient; the backward kernel reads grad_output and returns (grad_output = 1, the
+usual case: its fixed cost and one round trip). Pass 2 finds the row in L2 when the rows every
+program in flight reads meanwhile fit in the L2's effective share (l2_effective x 50 MB; assumed
+0.6: a row read and re-read by one SM is cached in that SM's L2 partition, and the gradient's
+stores pass through the L2 too); beyond it the missing share (1 - capacity / bytes in flight)
+comes from DRAM. "two_kernel", the kernels as first written, which the fused loss runs for
+bfloat16 and float16 logits, for 5 to 8 experts and under torch.compile: the forward reads Z and
+keeps per-row statistics, its last program sums the rows; the backward reads Z again and writes
+the gradient, Z bytes. The backward's re-read gets nothing from the L2 (its measured time is
+DRAM's for 2 Z): DRAM traffic 3 Z, 1.5 times the floor. Each
+design takes the launch options of the kernels: `stages` (2: the next tile's loads issued before
+the current tile's arithmetic) and `max_registers` (64: four programs an SM instead of three),
+and `programs_per_sm` caps the programs an SM runs (a launch reserving shared memory would), to
+fit pass 2 in the L2.
 
 Time. A program streams one row in tiles of E_BLOCK x 1024 logits (16 KB float32, 8 KB bfloat16;
 ceil(C / 1024) a row, a masked one included). An SM holds registers_per_sm / (registers x 256
@@ -142,6 +145,9 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2}
 CASES = [(512, 4, 8142), (256, 4, 1000)]  # (B, E, C)
 MODES = ("mean", "pairwise")
 DESIGNS = ("two_kernel", "grad_in_forward")
+#: the design the fused loss runs for each modelled dtype (logits of 4 experts, the gradient wanted:
+#: `ride_fast_kernels._utils.loss_design`): design="product", the CLI's default
+PRODUCT_DESIGN = {"float32": "grad_in_forward", "bfloat16": "two_kernel"}
 
 #: the kernels' geometry up to 4 experts (kernels/_utils.pick_tile): 8-warp programs, a tile of
 #: E_BLOCK x BLOCK_C logits, 4 classes a thread (16 logits a thread at E = 4)
@@ -186,16 +192,17 @@ KERNELS_E4 = {
     ("bwd", "bfloat16", "pairwise", 1): ((72, 0, 342), (72, 0, 369), (64, 0, 348), (64, 0, 366)),
 }
 #: The forward kernel that also writes the gradient (grad_in_forward: WRITE_GRAD), the same way:
-#: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS.
+#: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS; with DRW weights
+#: (phase 1) as the fused loss launches it, summing the divisor itself.
 GRAD_IN_FORWARD_E4 = {
     ("float32", "mean", 0): ((64, 0, 223, 197), (72, 0, 230, 202), (62, 0, 223, 202), (64, 0, 230, 215)),
-    ("float32", "mean", 1): ((72, 0, 347, 279), (72, 0, 363, 299), (64, 0, 349, 286), (64, 16, 364, 295)),
+    ("float32", "mean", 1): ((72, 0, 347, 276), (72, 0, 363, 301), (64, 0, 349, 286), (64, 8, 363, 296)),
     ("float32", "pairwise", 0): ((72, 0, 197, 247), (72, 0, 205, 264), (64, 0, 199, 248), (64, 0, 205, 264)),
-    ("float32", "pairwise", 1): ((72, 0, 328, 321), (72, 32, 346, 338), (64, 80, 348, 321), (64, 272, 354, 339)),
+    ("float32", "pairwise", 1): ((72, 0, 328, 322), (72, 40, 345, 337), (64, 80, 348, 315), (64, 232, 351, 335)),
     ("bfloat16", "mean", 0): ((72, 0, 242, 220), (72, 0, 256, 231), (64, 0, 243, 221), (64, 0, 254, 246)),
-    ("bfloat16", "mean", 1): ((72, 0, 373, 314), (72, 0, 392, 336), (64, 80, 380, 319), (64, 72, 394, 337)),
+    ("bfloat16", "mean", 1): ((72, 0, 373, 314), (72, 0, 392, 337), (64, 88, 381, 319), (64, 72, 394, 337)),
     ("bfloat16", "pairwise", 0): ((72, 0, 218, 275), (72, 8, 232, 291), (64, 0, 218, 274), (64, 8, 229, 290)),
-    ("bfloat16", "pairwise", 1): ((72, 0, 355, 352), (72, 32, 367, 368), (64, 88, 366, 355), (64, 160, 378, 362)),
+    ("bfloat16", "pairwise", 1): ((72, 0, 355, 350), (72, 40, 376, 372), (64, 88, 366, 355), (64, 192, 386, 369)),
 }
 LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4: the SASS counts above are for these
 
@@ -351,7 +358,10 @@ def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int
 def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1, *, design: str = "two_kernel",
           stages: int = 1, max_registers: int | None = None, programs_per_sm: int | None = None) -> dict:
     """One case: bytes per kernel, predicted times and fraction of the floor (see the docstring).
-    Keywords: the design and its launch options (default: the kernels as written)."""
+    Keywords: the design ("product": the one the fused loss runs for `dtype`, PRODUCT_DESIGN) and
+    its launch options (default: the two kernels as written)."""
+    if design == "product":
+        design = PRODUCT_DESIGN[dtype]
     p = _predict(B, E, C, dtype, mode, gpu, phase, design, stages, max_registers, programs_per_sm)
     fwd, bwd = p["fwd"], p["bwd"]
     total = p["fwd_dram"] + p["bwd_dram"]
@@ -434,22 +444,29 @@ def fit(measured: list[dict], gpu: GPU, latencies=None, step: float = 0.05, coun
 
 def load_measured(path: str) -> list[dict]:
     """Measured kernel times for `fit`: a JSON file with "rows" (B, E, C, dtype, mode, fwd_us,
-    bwd_us), or the rows.jsonl of a GPU check, whose fused-loss rows carry the profiler's
-    fwd_kernel_us and bwd_kernel_us (phase 1, the kernels as written)."""
+    bwd_us), or the rows.jsonl of a GPU check, whose rows of the kernels as written carry the
+    profiler's fwd_kernel_us and bwd_kernel_us (phase 1): the fused loss's where it ran the two
+    kernels (its row's "design"), else the directly launched defaults' ("kernels-default", the
+    "mean" mode)."""
     if not path.endswith(".jsonl"):
         with open(path) as f:
             return json.load(f)["rows"]
     dtypes = {"fp32": "float32", "bf16": "bfloat16"}
-    out = []
+    found = {}
     with open(path) as f:
         for line in f:
             r = json.loads(line)
-            if r.get("step") == "loss_bench" and r.get("provider") == "fused" and r.get("fwd_kernel_us"):
-                out.append({"B": r["B"], "E": r["E"], "C": r["C"], "dtype": dtypes[r["dtype"]], "mode": r["diversity"],
-                            "fwd_us": r["fwd_kernel_us"], "bwd_us": r["bwd_kernel_us"]})
-    if not out:
-        raise SystemExit(f"{path}: no fused-loss row with kernel times (a GPU check on CUDA writes them)")
-    return out
+            if r.get("step") != "loss_bench" or not r.get("fwd_kernel_us"):
+                continue
+            two_kernel = r.get("provider") == "fused" and r.get("design", "two_kernel") == "two_kernel"
+            if two_kernel or r.get("provider") == "kernels-default":
+                key = (r["B"], r["E"], r["C"], dtypes[r["dtype"]], r["diversity"])
+                if two_kernel or key not in found:
+                    found[key] = {"B": r["B"], "E": r["E"], "C": r["C"], "dtype": key[3], "mode": r["diversity"],
+                                  "fwd_us": r["fwd_kernel_us"], "bwd_us": r["bwd_kernel_us"]}
+    if not found:
+        raise SystemExit(f"{path}: no row with the two kernels' times (a GPU check on CUDA writes them)")
+    return list(found.values())
 
 
 def load_counts(path: str) -> dict | None:
@@ -481,7 +498,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list, one row per case")
     parser.add_argument("--phase", choices=["0", "1", "both"], default="1",
                         help="DRW phase: 0 (T = 1, shared exponentials), 1 (weights and temperatures; the default, the dearer one)")
-    parser.add_argument("--design", choices=DESIGNS, default="two_kernel")
+    parser.add_argument("--design", choices=("product", *DESIGNS), default="product",
+                        help="the fused loss's design (default: the one it runs for each dtype, PRODUCT_DESIGN)")
     parser.add_argument("--stages", type=int, choices=[1, 2], default=1, help="tiles in flight a program (launch option)")
     parser.add_argument("--max-registers", type=int, choices=[64], default=None, help="register cap (launch option)")
     parser.add_argument("--programs-per-sm", type=int, default=None, help="cap on the programs an SM runs")

@@ -48,24 +48,31 @@ def test_calibration_reproduces_the_measured_kernel_times(gpu, kernel, case):
 
 
 def test_fit_reads_a_gpu_checks_rows(tmp_path):
-    """--fit takes the check's rows.jsonl as it is: the fused-loss rows' profiler kernel times,
-    nothing else (the providers that are not the fused op, the copy row, other steps)."""
+    """--fit takes the check's rows.jsonl as it is: the profiler's kernel times of the two kernels
+    as written, nothing else (the providers that are not the fused op, the copy row, other steps).
+    Where the fused loss ran the gradient-writing forward (its row's design), the directly launched
+    defaults' times ("kernels-default") stand in for it."""
     measured = _measured()["rows"]
     short = {"float32": "fp32", "bfloat16": "bf16"}
     lines = [{"step": "loss_bench", "kind": "measure", "case": "copy", "gbps": 4229.7}]
-    for r in measured:
+    for i, r in enumerate(measured):
         common = {"step": "loss_bench", "kind": "measure", "B": r["B"], "E": r["E"], "C": r["C"], "dtype": short[r["dtype"]],
                   "diversity": r["mode"]}
-        lines += [{**common, "provider": "eager", "ms": 1.0},
-                  {**common, "provider": "fused", "fwd_kernel_us": r["fwd_us"], "bwd_kernel_us": r["bwd_us"], "other_kernels_us": 0.8},
-                  {**common, "provider": "kernels-regs64", "fwd_kernel_us": 1.0, "bwd_kernel_us": 1.0}]
+        times = {"fwd_kernel_us": r["fwd_us"], "bwd_kernel_us": r["bwd_us"]}
+        if i % 2:  # a check whose fused loss wrote the gradient in its forward
+            lines += [{**common, "provider": "fused", "design": "grad_in_forward", "fwd_kernel_us": 50.0, "bwd_kernel_us": 2.0},
+                      {**common, "provider": "kernels-default", **times}]
+        else:  # the fused loss as two kernels (a row without a design is one of those), before its variants
+            lines += [{**common, "provider": "fused", **({"design": "two_kernel"} if i % 4 else {}), **times, "other_kernels_us": 0.8},
+                      {**common, "provider": "kernels-default", "fwd_kernel_us": 99.0, "bwd_kernel_us": 99.0}]
+        lines += [{**common, "provider": "eager", "ms": 1.0}, {**common, "provider": "kernels-regs64", "fwd_kernel_us": 1.0, "bwd_kernel_us": 1.0}]
     lines.append({"step": "r50", "kind": "measure", "provider": "fused", "images_per_s": 2576})
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert lt.load_measured(str(path)) == measured
     empty = tmp_path / "empty.jsonl"
-    empty.write_text(json.dumps(lines[0]) + "\n")
-    with pytest.raises(SystemExit, match="no fused-loss row with kernel times"):
+    empty.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[3]) + "\n")  # the copy and an eager row
+    with pytest.raises(SystemExit, match="no row with the two kernels' times"):
         lt.load_measured(str(empty))
 
 
@@ -187,9 +194,21 @@ def test_cli_json():
         assert {"B", "E", "C", "dtype", "mode", "bytes", "floor_bytes", "predicted_us", "fraction_of_floor", "fwd_us", "bwd_us",
                 "traffic_ratio"} <= set(row)
         assert row["dtype"] in ("float32", "bfloat16") and row["mode"] in ("mean", "pairwise")
-        assert row["design"] == "two_kernel" and row["stages"] == 1 and row["max_registers"] is None
-        assert row == lt.model(row["B"], row["E"], row["C"], row["dtype"], row["mode"], lt.GPUS["h200"], 1)
+        design = {"float32": "grad_in_forward", "bfloat16": "two_kernel"}[row["dtype"]]
+        assert row["design"] == design and row["stages"] == 1 and row["max_registers"] is None
+        assert row == lt.model(row["B"], row["E"], row["C"], row["dtype"], row["mode"], lt.GPUS["h200"], 1, design=design)
     assert {(r["B"], r["E"], r["C"]) for r in rows} == {(512, 4, 8142), (256, 4, 1000)}
+
+
+def test_the_clis_design_is_the_one_the_fused_loss_runs(monkeypatch):
+    """--json's rows are the design the registered operator takes for these cases."""
+    import torch
+    from ride_fast_kernels._utils import loss_design
+
+    monkeypatch.delenv("RIDE_FAST_LOSS_DESIGN", raising=False)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert loss_design(dtype, 4) == lt.PRODUCT_DESIGN[str(dtype).removeprefix("torch.")]
 
 
 def test_cli_compare_json():

@@ -13,7 +13,9 @@ triton wheel; no driver), one row per kernel variant:
     kernel        fwd (loss and row statistics, its last program reduces the rows: all a
                   forward without gradient runs), bwd (the gradient), and with --kernels
                   fwdgrad: the forward that also writes the gradient in a second pass over
-                  each row (its columns describe that pass's loop)
+                  each row (its columns describe that pass's loop; the design the fused loss
+                  runs for float32 logits of up to 4 experts, where the bwd kernel
+                  only returns: `_utils.loss_design`)
     variant       E<experts>-<mode>-<dtype>-<terms>: mode mean, pairwise or none (no diversity
                   term: lambda = 0, the CE / LDAM losses, and one expert with "pairwise", which
                   the launcher runs without it); terms, the per-class vectors passed (TERMS):
@@ -272,9 +274,9 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
                    **{n: "constexpr" for n in _CONSTEXPRS})
         for n in ("HAS_WSUM", "STAGES", "WRITE_GRAD", "G_ALIGNED"):
             sig[n] = "constexpr"
-        # the forward that writes the gradient needs the divisor up front: with DRW weights the
-        # launcher passes it (weight_sum)
-        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum or (write_grad and weights), STAGES=stages,
+        # the forward that writes the gradient needs the divisor up front: with DRW weights each
+        # program sums it (a step split over ranks or micro-batches passes it: weight_sum)
+        c = dict(cx, FINISH_BLOCK=ride_loss.finish_block(warps), HAS_WSUM=weight_sum, STAGES=stages,
                  WRITE_GRAD=write_grad, G_ALIGNED=write_grad)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1

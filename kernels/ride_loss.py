@@ -1,7 +1,8 @@
 """Fused RIDE stage-1 loss: every expert's LDAM cross-entropy and the diversity KL (forward kernel),
 and the gradient with respect to every expert's logits, already multiplied by grad_output
-(backward kernel). Two launches per training step; the forward's last program to finish
-reduces the rows' partial sums (a ticket counter, then a fixed-order sum: deterministic).
+(backward kernel, or the forward's second pass over each row: "grad_in_forward" below). Two
+launches per training step; the forward's last program to finish reduces the rows' partial sums
+(a ticket counter, then a fixed-order sum: deterministic).
 
 Shape legend: E experts, B images (rows), C classes.
 
@@ -86,7 +87,9 @@ loads that many blocks ahead through shared memory (cp.async), two tiles in flig
 in one wave of programs instead of two). The defaults are the design above; the GPU check times
 the alternatives beside it.
 
-A third design is a launch option too: `grad_out` on the forward. Each program then runs its row
+The second design, "grad_in_forward" (`grad_out` on the forward), is the one the registered
+operator runs for float32 logits of up to 4 experts when autograd wants the gradient
+(`_utils.loss_design`; `ride_fast.ops.ride_loss.fused_loss_design`). Each program runs its row
 twice: the first pass as above, then, with the row's statistics in registers, the backward's pass
 (`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second pass reads the
 row the program has just read, from L2 if it is still there (rows in flight x row bytes: 3 x 132
@@ -95,9 +98,11 @@ L2), so the logits may cross DRAM once instead of twice. It meets the row's bloc
 of the first pass's order, so that a least-recently-used L2 serves the part of each row it still
 holds. The backward, told `grad_written`, reads
 grad_output and returns at once where it is 1, and recomputes the gradient (scaled, rounded once)
-where it is not: GradScaler's float16 steps pay both passes. With DRW weights the forward needs
-the divisor sum_i w_{y_i} before the rows are summed; the launcher computes it when no
-`weight_sum` is passed. The gradient equals the backward's bit for bit (same statistics, same
+where it is not: GradScaler's float16 steps would pay both passes, so they keep the two
+kernels. With DRW weights the gradient pass needs the divisor sum_i w_{y_i} before the rows are
+summed: unless `weight_sum` is passed, every program sums it from the targets and weights between
+its two passes, in one fixed order (the same bits in each; the loss divides by it too). The
+gradient equals the backward's bit for bit given the same divisor (same statistics, same
 operations), which the tests and the GPU check verify.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
@@ -231,10 +236,6 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1]).
     With `grad_out` the forward also writes the gradient for grad_output = 1 there."""
     E, B, C = z.shape
-    if grad_out is not None and class_weights is not None and weight_sum is None:
-        # the gradient needs the divisor before the rows are summed: sum_i w_{y_i}, targets clamped
-        # (a target out of range makes the loss NaN whatever the divisor)
-        weight_sum = class_weights.index_select(0, target.clamp(0, C - 1)).sum().reshape(1)
     device = z.device
     stats = stats_out if stats_out is not None else torch.empty((B, 3, E), dtype=torch.float32, device=device)
     part = part_out if part_out is not None else torch.empty((B, 3), dtype=torch.float32, device=device)
@@ -322,8 +323,9 @@ def ride_loss_forward(
     gradient for grad_output = 1 there, in a second pass over each row right after its first,
     which `ride_loss_backward(..., grad_out=grad_out, grad_written=True)` then keeps where
     grad_output is 1 (the same bits it would compute) and recomputes otherwise. With DRW weights
-    and no `weight_sum` the divisor is summed before the launch (by torch, so the loss may differ
-    from the default path's in the last bit).
+    and no `weight_sum` every program sums the divisor itself before its gradient pass (in another
+    order than the last program's sum without `grad_out`: the loss and the gradient may differ
+    from that path's in the last bit).
     """
     target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
     _check_tuning(stages, max_registers)

@@ -131,6 +131,8 @@ def _ride_loss_fwd_kernel(
         w_y = 1.0
     z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
     a_y = z_y - m_y
+    OWN_WSUM: tl.constexpr = WRITE_GRAD and HAS_WEIGHT and not HAS_WSUM
+    w_div = B * 1.0  # the classification term's divisor without weights, sum_i 1
 
     inv_e = 1.0 / E
     h, end, rest = _row_split(z_row, C, BLOCK_C)
@@ -219,31 +221,34 @@ def _ride_loss_fwd_kernel(
     if WRITE_GRAD:
         # the backward's row for grad_output = 1, from the statistics as the backward loads them
         # (padded experts' as 0), through the same function: so the same bits; from the row's end
-        tl.static_assert(HAS_WSUM or not HAS_WEIGHT, "WRITE_GRAD needs the divisor before the rows are summed")
+        # the divisor before the rows are summed: given, or summed by every program in one fixed
+        # order (the same bits in each; L2 hits after the first)
         if HAS_WSUM:
-            w_sum = tl.load(wsum_ptr)
-        else:
-            w_sum = B * 1.0  # sum_i 1
+            w_div = tl.load(wsum_ptr)
+        elif OWN_WSUM:
+            w_div = _weight_sum(target_ptr, weight_ptr, B, C, R)  # one target a thread at a time
         if DIV_MODE == 1:
             s2 = lse_v
         else:
             s2 = tl.where(e_mask, slot2, 0.0)
-        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_sum, 1.0, tl.where(e_mask, lse_a, 0.0),
+        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_div, 1.0, tl.where(e_mask, lse_a, 0.0),
                  tl.where(e_mask, lse_u, 0.0), s2, z_y, temp_ptr, g_ptr, row * stride_gb, stride_ge.to(tl.int64),
                  div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES, True)
     # the last program to finish reduces every row's partial sums (the atomic orders the stores
     # above before it: release; and the other programs' stores before the loads below: acquire)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == B - 1:
-        _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, FINISH_BLOCK, HAS_WSUM)
+        if HAS_WSUM:
+            w_div = tl.load(wsum_ptr)
+        _finish(part_ptr, loss_ptr, aux_ptr, w_div, B, FINISH_BLOCK, HAS_WSUM or OWN_WSUM)
         tl.store(counter_ptr, 0)  # ready for the next call
 
 
 @triton.jit
-def _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, BLOCK: tl.constexpr, HAS_WSUM: tl.constexpr):
+def _finish(part_ptr, loss_ptr, aux_ptr, w_div, B, BLOCK: tl.constexpr, GIVEN: tl.constexpr):
     """loss = sum_i part[i, 0] / W + sum_i part[i, 1]; aux[0] = W, the divisor the backward reads:
-    W = sum_i part[i, 2], or wsum[0] when HAS_WSUM. One program, fixed order: deterministic
-    whichever program runs it."""
+    W = sum_i part[i, 2], or w_div where GIVEN. One program, fixed order: deterministic whichever
+    program runs it."""
     cls = tl.zeros([BLOCK], dtype=tl.float32)
     div = tl.zeros([BLOCK], dtype=tl.float32)
     wsum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -253,13 +258,25 @@ def _finish(part_ptr, loss_ptr, aux_ptr, wsum_ptr, B, BLOCK: tl.constexpr, HAS_W
         cls += tl.load(part_ptr + offs * 3, mask=mask, other=0.0, cache_modifier=".cg")
         div += tl.load(part_ptr + offs * 3 + 1, mask=mask, other=0.0, cache_modifier=".cg")
         wsum += tl.load(part_ptr + offs * 3 + 2, mask=mask, other=0.0, cache_modifier=".cg")
-    if HAS_WSUM:  # one reduction across the warps for the sums (see `_join3`)
+    if GIVEN:  # one reduction across the warps for the sums (see `_join3`)
         c, d = tl.split(tl.sum(tl.join(cls, div), axis=0))
-        w = tl.load(wsum_ptr)
+        w = w_div
     else:
         c, d, w = _split3(tl.sum(_join3(cls, div, wsum), axis=0))
     tl.store(loss_ptr, c / w + d)
     tl.store(aux_ptr, w)
+
+
+@triton.jit
+def _weight_sum(target_ptr, weight_ptr, B, C, BLOCK: tl.constexpr):
+    """sum_i w_{y_i} over the batch (an out-of-range target's weight as 0, as in part[i, 2]), in
+    one fixed order: every program that calls it gets the same bits."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        t = tl.load(target_ptr + offs, mask=offs < B, other=-1).to(tl.int32)
+        acc += tl.load(weight_ptr + t, mask=(t >= 0) & (t < C), other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit

@@ -108,9 +108,10 @@ def fused_loss_to_reference() -> None:
     ride_loss = sys.modules["ride_fast.ops.ride_loss"]
     reference = ride_loss.ride_loss_reference
 
-    def through_reference(z, y, margins, weights, temperature, lam, tm, diversity, use_triton, need_grad, weight_sum=None):
+    def through_reference(z, y, margins, weights, temperature, lam, tm, diversity, use_triton, need_grad, weight_sum=None,
+                          grad_in_forward=False):
         empty = z.new_empty(0)
-        return reference(z, y, margins, weights, temperature, lam, tm, diversity, weight_sum=weight_sum), empty, empty
+        return reference(z, y, margins, weights, temperature, lam, tm, diversity, weight_sum=weight_sum), empty, empty, empty
 
     ride_loss._ride_loss_op = through_reference
 

@@ -14,10 +14,13 @@ Running the teacher (and the original's teacher-BatchNorm-in-train-mode quirk) i
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from ride_fast.losses.classification import ExpertLoss, check_logits_and_target, compute_dtype
+from ride_fast.ops.ride_loss import scaled_before_backward
 
 
 def distill_kl(student_mean_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -81,7 +84,10 @@ class RIDEDistillLoss(ExpertLoss):
         if teacher_logits.device != expert_logits.device:
             raise ValueError(f"teacher_logits are on {teacher_logits.device} but expert_logits on {expert_logits.device}")
         student_mean = expert_logits.to(compute_dtype(expert_logits)).mean(0)  # [B, C], mean in float32
-        loss = self.base(expert_logits, target, weight_sum) + distill_kl(student_mean, teacher_logits, self.temperature)
+        scaled = self.scale_by_experts and E != 1 and not torch.compiler.is_compiling()  # the fused loss's design
+        with scaled_before_backward() if scaled else contextlib.nullcontext():
+            base = self.base(expert_logits, target, weight_sum)
+        loss = base + distill_kl(student_mean, teacher_logits, self.temperature)
         return loss * E if self.scale_by_experts else loss
 
     def extra_repr(self) -> str:

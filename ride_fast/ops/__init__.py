@@ -2,6 +2,7 @@
 from ride_fast.ops.distill import kd_loss, kd_loss_reference
 from ride_fast.ops.ride_loss import (
     call_path,
+    fused_loss_design,
     ran_ride_loss_op,
     check_ride_loss_inputs,
     ride_diversity_reference,
@@ -10,10 +11,12 @@ from ride_fast.ops.ride_loss import (
     ride_loss_fused,
     ride_loss_path,
     ride_loss_reference,
+    scaled_before_backward,
 )
 
 __all__ = [
     "call_path",
+    "fused_loss_design",
     "ran_ride_loss_op",
     "check_ride_loss_inputs",
     "kd_loss",
@@ -24,4 +27,5 @@ __all__ = [
     "ride_loss_fused",
     "ride_loss_path",
     "ride_loss_reference",
+    "scaled_before_backward",
 ]

@@ -29,6 +29,8 @@ path and the fused Triton kernels (`ride_fast_kernels`); `ride_loss_path` says w
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 from typing import Literal, Optional
 
@@ -161,7 +163,7 @@ def ride_diversity_reference(
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 try:  # a torch-only module: reading the kernels' limits does not import triton
-    from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES, check_logits
+    from ride_fast_kernels._utils import MAX_CLASSES, MAX_EXPERTS, SUPPORTED_DTYPES, check_logits, loss_design
 except ImportError:  # the kernels package is not installed: no fused path
     _TRITON_INSTALLED = False
 Path = Literal["triton", "analytic", "reference"]
@@ -213,12 +215,15 @@ def call_path(
 
 # --------------------------------------------------------------------------- the registered operator
 #
-# torch.ops.ride_fast.ride_loss returns (loss, saved, aux): `saved` and `aux` are what the
+# torch.ops.ride_fast.ride_loss returns (loss, saved, aux, written): the last three are what the
 # backward needs and carry no gradient. The Triton path keeps per-row statistics ([B, 3, E]) and
 # the weight sum ([1]); its backward kernel reads grad_output from device memory and writes the
-# scaled gradient once. The analytic path computes the gradient in the forward and keeps it
-# ([E, B, C]; float32 for float16 logits, so that it is rounded only after scaling); its backward
-# multiplies by grad_output. One op, one fake implementation, one autograd formula for both.
+# scaled gradient once. With `grad_in_forward` its forward has written the gradient for
+# grad_output = 1 already (`written`, [E, B, C]), which the backward hands over, recomputed in
+# place first where grad_output is not 1 (a device-side test). The analytic path computes the
+# gradient in the forward and keeps it ([E, B, C]; float32 for float16 logits, so that it is
+# rounded only after scaling); its backward multiplies by grad_output. One op, one fake
+# implementation, one autograd formula for all three.
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -243,12 +248,16 @@ def _ride_loss_op(
     use_triton: bool,
     need_grad: bool,
     weight_sum: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    grad_in_forward: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    empty = expert_logits.new_empty(0)
     if use_triton:
         from ride_fast_kernels.ride_loss import _forward, _prepare  # imports triton; only on this path
 
         args = _prepare(expert_logits, target, margins, class_weights, temperature)
-        return _forward(*args, diversity_factor, temperature_mean, diversity, weight_sum=weight_sum)
+        written = torch.empty(expert_logits.shape, dtype=expert_logits.dtype, device=expert_logits.device) if grad_in_forward else None
+        loss, stats, aux = _forward(*args, diversity_factor, temperature_mean, diversity, weight_sum=weight_sum, grad_out=written)
+        return loss, stats, aux, empty.clone() if written is None else written
     C = expert_logits.shape[2]
     bad = None
     if _host_reads_are_free(target):  # the CPU; inside the op, so it holds under torch.compile too
@@ -256,15 +265,14 @@ def _ride_loss_op(
     else:  # no host read: a target out of range poisons the loss with NaN, as the kernels do
         bad = ((target < 0) | (target >= C)).any()
         target = target.clamp(0, C - 1)
-    empty = expert_logits.new_empty(0)
     if not need_grad:
         with torch.no_grad():
             loss = ride_loss_reference(expert_logits, target, margins, class_weights, temperature, diversity_factor,
                                        temperature_mean, diversity, weight_sum=weight_sum)
-        return _poisoned(loss, bad), empty, empty.clone()
+        return _poisoned(loss, bad), empty, empty.clone(), empty.clone()
     loss, grad = _ride_loss_and_grad(expert_logits, target, margins, class_weights, temperature, diversity_factor,
                                      temperature_mean, diversity, weight_sum)
-    return _poisoned(loss, bad), grad.to(_saved_dtype(expert_logits.dtype)), empty
+    return _poisoned(loss, bad), grad.to(_saved_dtype(expert_logits.dtype)), empty, empty.clone()
 
 
 def _poisoned(loss: Tensor, bad: Tensor | None) -> Tensor:
@@ -273,14 +281,15 @@ def _poisoned(loss: Tensor, bad: Tensor | None) -> Tensor:
 
 @_ride_loss_op.register_fake
 def _(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, use_triton, need_grad,
-      weight_sum=None):
+      weight_sum=None, grad_in_forward=False):
     E, B, C = expert_logits.shape
     dtype = expert_logits.dtype
     loss = expert_logits.new_empty((), dtype=_compute_dtype(dtype))
     if use_triton:
-        return loss, expert_logits.new_empty((B, 3, E), dtype=torch.float32), expert_logits.new_empty(1, dtype=torch.float32)
+        written = expert_logits.new_empty((E, B, C)) if grad_in_forward else expert_logits.new_empty(0)
+        return loss, expert_logits.new_empty((B, 3, E), dtype=torch.float32), expert_logits.new_empty(1, dtype=torch.float32), written
     saved = expert_logits.new_empty((E, B, C), dtype=_saved_dtype(dtype)) if need_grad else expert_logits.new_empty(0)
-    return loss, saved, expert_logits.new_empty(0)
+    return loss, saved, expert_logits.new_empty(0), expert_logits.new_empty(0)
 
 
 @torch.library.custom_op("ride_fast::ride_loss_backward", mutates_args=())
@@ -320,9 +329,9 @@ def _eager(t: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _, _ = inputs  # aux holds weight_sum
-    _, saved, aux = output
-    ctx.mark_non_differentiable(saved, aux)
+    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _, _, _ = inputs  # aux holds weight_sum
+    _, saved, aux, written = output
+    ctx.mark_non_differentiable(saved, aux, written)
     ctx.set_materialize_grads(False)  # no [E, B, C] of zeros for the outputs that carry no gradient
     # saved through an alias of its own (same storage, own version counter), not as the output
     # itself: autograd then treats it like any tensor saved for backward, so the analytic
@@ -331,18 +340,31 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z, target, margins, class_weights, temperature, aux, saved.new_empty(0).set_(saved))
     ctx.args = (lam, tm, diversity, use_triton)
     ctx.z_dtype = z.dtype
+    # the gradient the forward wrote (grad_in_forward): held here, not saved for backward, so that
+    # the first backward can hand it over as the only reference (autograd then keeps it as a
+    # leaf's .grad without a copy) and no later one finds it changed
+    ctx.written = written if written.numel() else None
 
 
-def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
+def _backward(ctx, grad_loss, _grad_saved, _grad_aux, _grad_written):
     z, target, margins, class_weights, temperature, aux, saved = ctx.saved_tensors
     lam, tm, diversity, use_triton = ctx.args
+    written, ctx.written = ctx.written, None  # handed over once: a second backward (retain_graph) computes its own
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
         if torch.is_grad_enabled() and _eager(grad_loss):  # backward(create_graph=True)
             raise RuntimeError("the RIDE loss operator has no second derivative: its gradient would enter the "
                                "higher-order graph as a constant; use impl='reference' (loss.impl=reference) for "
                                "higher-order gradients")
-        if (
+        if written is not None and _eager(grad_loss):
+            # the forward's gradient for grad_output = 1, kept as it is where grad_output is 1 and
+            # recomputed in place (scaled, rounded once) otherwise: the kernel reads grad_output, so
+            # no host sync, and a captured step replays either case
+            from ride_fast_kernels.ride_loss import _backward as launch_backward, _prepare
+
+            args = _prepare(z, target, margins, class_weights, temperature)
+            grad = launch_backward(grad_loss, *args, saved, aux, lam, tm, diversity, grad_out=written, grad_written=True)
+        elif (
             not use_triton
             and _eager(grad_loss)
             and grad_loss.device.type == "cpu"
@@ -354,7 +376,7 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_aux):
             grad = saved
         else:
             grad = _ride_loss_backward_op(grad_loss, z, target, margins, class_weights, temperature, saved, aux, lam, tm, diversity, use_triton)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 _ride_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -452,11 +474,47 @@ def _ride_loss_checked(
 
 def _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
             use_triton: bool, weight_sum: Tensor | None = None) -> Tensor:
-    """The registered operator's loss, asking for the gradient only where autograd will want it."""
+    """The registered operator's loss, asking for the gradient only where autograd will want it,
+    from the forward where `fused_loss_design` says so."""
     need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
-    loss, _, _ = _ride_loss_op(expert_logits, target, margins, class_weights, temperature, float(diversity_factor),
-                               float(temperature_mean), diversity, use_triton, need_grad, weight_sum)
+    grad_in_forward = use_triton and need_grad and fused_loss_design(expert_logits) == "grad_in_forward"
+    loss, _, _, _ = _ride_loss_op(expert_logits, target, margins, class_weights, temperature, float(diversity_factor),
+                                  float(temperature_mean), diversity, use_triton, need_grad, weight_sum, grad_in_forward)
     return loss
+
+
+_SCALED_BEFORE_BACKWARD = contextvars.ContextVar("ride_fast_scaled_before_backward", default=False)
+
+
+@contextlib.contextmanager
+def scaled_before_backward():
+    """Declares that the RIDE losses computed inside are multiplied by a factor other than 1 before
+    their backward (a micro-batch's share of its batch, distillation's factor E): there the fused
+    loss runs the two kernels, whose backward applies the factor as it writes the gradient, rather
+    than write the gradient in its forward for a grad_output of 1 and compute it again. Only the
+    speed depends on it. For eager code (under torch.compile the loss runs the two kernels)."""
+    token = _SCALED_BEFORE_BACKWARD.set(True)
+    try:
+        yield
+    finally:
+        _SCALED_BEFORE_BACKWARD.reset(token)
+
+
+def fused_loss_design(expert_logits: Tensor) -> str:
+    """The design the fused kernels run for these logits when their gradient is wanted
+    ("grad_in_forward" or "two_kernel"; `ride_fast_kernels._utils.loss_design`, which
+    RIDE_FAST_LOSS_DESIGN can set). The forward writes the gradient only where the backward runs
+    eagerly, in a step captured as a CUDA graph too: under torch.compile the autograd formula is
+    traced once, and the hand-over of one buffer is an eager decision, so a compiled loss runs
+    the two kernels. Nor under float16 autocast: that step's loss goes through GradScaler, whose
+    grad_output (the scale) is never 1, even where the cosine heads give float32 logits; nor
+    inside `scaled_before_backward`."""
+    if not (_TRITON_INSTALLED and _eager(expert_logits)) or _SCALED_BEFORE_BACKWARD.get():
+        return "two_kernel"
+    device = expert_logits.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        return "two_kernel"
+    return loss_design(expert_logits.dtype, expert_logits.shape[0])
 
 
 def ride_loss_analytic(

@@ -8,6 +8,7 @@ with momentum 0 the running statistics stay frozen, but a training-mode forward 
 each micro-batch with its own mean and variance, which differ from the whole batch's.
 """
 import contextlib
+import importlib.util
 
 import numpy as np
 import pytest
@@ -169,3 +170,23 @@ def test_fp16_grad_scaler_scales_every_micro_batch_and_steps_and_updates_once():
     assert max(float((a - b).abs().max()) for a, b in zip(p_one, start)) > 0.1  # the weights moved
     for a, b in zip(p_acc, p_one):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the fused loss's designs need triton")
+@pytest.mark.parametrize("accumulate_steps,expected", [(1, "grad_in_forward"), (2, "two_kernel")])
+def test_micro_batches_keep_the_fused_loss_to_its_two_kernels(accumulate_steps, expected, monkeypatch):
+    """A micro-batch's loss is multiplied by its share of the batch before backward (grad_output
+    not 1), so the step tells the fused loss (`scaled_before_backward`), which then runs its two
+    kernels rather than write the gradient in its forward and compute it again; a whole-batch step
+    does not. The design is read where the loss runs (float32 logits)."""
+    from ride_fast.ops.ride_loss import fused_loss_design
+
+    torch.manual_seed(0)
+    model = create_model("resnet32", num_classes=C, num_experts=E, batched=True).eval()
+    crit = build_loss(LossConfig(name="ride", reweight_epoch=1), COUNTS)
+    seen, forward = [], type(crit).forward
+    monkeypatch.setattr(type(crit), "forward", lambda self, z, *a, **kw: seen.append(fused_loss_design(z)) or forward(self, z, *a, **kw))
+    opt = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    TrainStep(model, crit, opt, device=torch.device("cpu"), amp="none", accumulate_steps=accumulate_steps)(x, y)
+    assert seen == [expected] * accumulate_steps

@@ -46,12 +46,13 @@ def reference(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM):
     return loss.detach(), z.grad
 
 
-def fused(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM, block_c=None, grad_output=1.0):
+def fused(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM, block_c=None, grad_output=1.0, weight_sum=None):
     """(loss, grad) of the forward and backward launchers, every output buffer poisoned with NaN."""
     E, B, C = z.shape
     stats = torch.full((B, 3, E), float("nan"), device=z.device)
     part = torch.full((B, 3), float("nan"), device=z.device)
-    loss, stats2, aux = ride_loss_forward(z, y, m, w, t, lam, tm, diversity, block_c=block_c, stats_out=stats, part_out=part)
+    loss, stats2, aux = ride_loss_forward(z, y, m, w, t, lam, tm, diversity, block_c=block_c, stats_out=stats, part_out=part,
+                                          weight_sum=weight_sum)
     assert stats2 is stats
     assert torch.isfinite(part).all(), "a row's partial sums were not written"
     assert torch.isfinite(stats).all(), "a row's statistics were not written"
@@ -447,11 +448,14 @@ def test_forward_written_gradient_is_the_backwards(E, phase2, diversity):
         buf = written.clone()
         grad = ride_loss_backward(go, z, y, m, w, t, stats_w, aux_w, LAMBDA, TM, diversity, block_c=16, grad_out=buf, grad_written=True)
         assert grad is buf and torch.equal(grad, expected), f"grad_output {go.item():g}"
-    # without the weight sum passed in, the launcher sums it first: the same loss and gradient
-    # up to the order of that sum
+    # without the weight sum passed in, every program sums it before its gradient pass: the same
+    # loss and gradient up to the order of that sum, and the backward's divisor is that sum
     g_own = torch.full_like(z, float("nan"))
-    loss_own, _, _ = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, grad_out=g_own)
+    loss_own, stats_own, aux_own = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, grad_out=g_own)
     assert_matches(loss_own, g_own, *reference(z, y, m, w, t, diversity))
+    recomputed = ride_loss_backward(torch.tensor(1.0, device=z.device), z, y, m, w, t, stats_own, aux_own, LAMBDA, TM, diversity,
+                                    block_c=16)
+    assert torch.equal(recomputed, g_own)
 
 
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
@@ -560,10 +564,14 @@ def test_gpu_full_size(B, E, C, dtype, diversity):
         torch_err = (ref_grad.to(dtype).float() - ref_grad).abs().max().item()
         err = (grad.float() - ref_grad).abs().max().item()
         assert err <= 2 * torch_err + 1e-7, f"gradient error {err:.3g} vs PyTorch's {torch_err:.3g}"
-    # through autograd and the dispatcher ("auto" takes Triton on CUDA)
+    # through autograd and the dispatcher ("auto" takes Triton on CUDA; in float32 and bfloat16 the
+    # forward writes the gradient, dividing by a weight sum taken before the launch: the launchers
+    # are given the same one)
+    ws = w[y].sum().reshape(1)
+    _, grad_ws = fused(z, y, m, w, t, diversity, weight_sum=ws)
     x = z.clone().requires_grad_()
-    ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto").backward()
-    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+    ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto", weight_sum=ws).backward()
+    torch.testing.assert_close(x.grad, grad_ws, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -585,13 +593,15 @@ def test_gpu_no_host_sync():
     assert torch.isfinite(loss) and torch.isfinite(op_loss)
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["two_kernel", "grad_in_forward"])
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
-def test_opcheck_triton_path(diversity):
-    """The op's Triton branch: schema, fake implementation and autograd registration agree."""
+def test_opcheck_triton_path(diversity, grad_in_forward):
+    """The op's Triton branch, in both designs: schema, fake implementation and autograd
+    registration agree."""
     z, y, m, w, t = make_inputs(3, 4, 20, seed=71)
     args = (z.requires_grad_(), y, m, w, t, LAMBDA, TM, diversity, True, True)
-    torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, args)
-    torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, (*args, torch.tensor(3.5, device=z.device)))
+    torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, (*args, None, grad_in_forward))
+    torch.library.opcheck(torch.ops.ride_fast.ride_loss.default, (*args, torch.tensor(3.5, device=z.device), grad_in_forward))
 
 
 def test_forward_reduces_in_its_last_program_and_resets_the_ticket():

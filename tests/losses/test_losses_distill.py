@@ -1,10 +1,14 @@
 """Self-distillation wrapper (docs/method.md §4)."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ride_fast.losses import CrossEntropyLoss, RIDEDistillLoss, RIDELoss
 from ride_fast.losses.synthetic import ride_loss_inputs
+
+RIDE_LOSS_MODULE = importlib.import_module("ride_fast.ops.ride_loss")  # the package re-exports a function of that name
 
 COUNTS = [200, 60, 20, 9, 4, 1, 1]  # C = 7
 
@@ -90,3 +94,32 @@ def test_errors():
         RIDEDistillLoss(torch.nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="temperature"):
         RIDEDistillLoss(RIDELoss(COUNTS), temperature=0.0)
+
+
+class _DesignRecorder(CrossEntropyLoss):
+    """A base loss that notes the fused loss's design for the logits it is given."""
+
+    def __init__(self):
+        super().__init__(impl="reference")
+        self.designs = []
+
+    def forward(self, expert_logits, target, weight_sum=None):
+        from ride_fast.ops.ride_loss import fused_loss_design
+
+        self.designs.append(fused_loss_design(expert_logits))
+        return super().forward(expert_logits, target, weight_sum)
+
+
+@pytest.mark.skipif(not RIDE_LOSS_MODULE._TRITON_INSTALLED, reason="the fused loss's designs need triton")
+def test_the_factor_E_keeps_the_fused_loss_to_its_two_kernels():
+    """With scale_by_experts the base loss is multiplied by E before backward, so its grad_output
+    is E: the fused loss then runs the two kernels (`scaled_before_backward`) rather than write the
+    gradient in its forward and compute it again; without the factor (or with one expert) it
+    writes it in its forward (float32 logits)."""
+    student, target, teacher = _inputs(3, 6, 7, dtype=torch.float32)
+    designs = {}
+    for name, scale_by_experts, logits in (("E", True, student), ("no_factor", False, student), ("one_expert", True, student[:1])):
+        base = _DesignRecorder()
+        RIDEDistillLoss(base, temperature=1.5, scale_by_experts=scale_by_experts)(logits, target, teacher)
+        designs[name] = base.designs
+    assert designs == {"E": ["two_kernel"], "no_factor": ["grad_in_forward"], "one_expert": ["grad_in_forward"]}
