@@ -20,7 +20,7 @@ from ride_fast.ops import ride_loss_fused
 from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward
 
 from ride_fast.losses.synthetic import ride_loss_inputs
-from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
+from ride_fast.ops.ride_loss import fused_loss_design, ride_loss, ride_loss_reference
 
 # the interpreter converts 1-element arrays to ints (range over a runtime C); harmless
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -46,19 +46,21 @@ def reference(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM):
     return loss.detach(), z.grad
 
 
-def fused(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM, block_c=None, grad_output=1.0, weight_sum=None):
-    """(loss, grad) of the forward and backward launchers, every output buffer poisoned with NaN."""
+def fused(z, y, m, w, t, diversity, lam=LAMBDA, tm=TM, block_c=None, grad_output=1.0, written=False):
+    """(loss, grad) of the forward and backward launchers, every output buffer poisoned with NaN;
+    `written`: the forward writes the gradient and the backward keeps it (the other design)."""
     E, B, C = z.shape
     stats = torch.full((B, 3, E), float("nan"), device=z.device)
     part = torch.full((B, 3), float("nan"), device=z.device)
+    grad_out = torch.full((E, B, C), float("nan"), dtype=z.dtype, device=z.device)
     loss, stats2, aux = ride_loss_forward(z, y, m, w, t, lam, tm, diversity, block_c=block_c, stats_out=stats, part_out=part,
-                                          weight_sum=weight_sum)
+                                          grad_out=grad_out if written else None)
     assert stats2 is stats
     assert torch.isfinite(part).all(), "a row's partial sums were not written"
     assert torch.isfinite(stats).all(), "a row's statistics were not written"
-    grad_out = torch.full((E, B, C), float("nan"), dtype=z.dtype, device=z.device)
     go = torch.tensor(grad_output, dtype=torch.float32, device=z.device)
-    grad = ride_loss_backward(go, z, y, m, w, t, stats, aux, lam, tm, diversity, block_c=block_c, grad_out=grad_out)
+    grad = ride_loss_backward(go, z, y, m, w, t, stats, aux, lam, tm, diversity, block_c=block_c, grad_out=grad_out,
+                              grad_written=written)
     assert grad is grad_out
     assert not torch.isnan(grad).any(), "a gradient element was not written"
     return loss, grad
@@ -552,9 +554,12 @@ def test_forward_written_gradient_arguments_are_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("B,E,C", GPU_SHAPES, ids=[f"B{b}-E{e}-C{c}" for b, e, c in GPU_SHAPES])
 def test_gpu_full_size(B, E, C, dtype, diversity):
+    """Each case in the design the fused loss runs for it (`fused_loss_design`: the forward writes
+    the gradient for float32 logits of up to 4 experts), so that the op below reuses the kernels
+    compiled here: against the reference, then through the op bit for bit."""
     z32, y, m, w, t = make_inputs(E, B, C, seed=B + E + C, device="cuda")
     z = z32.to(dtype)
-    loss, grad = fused(z, y, m, w, t, diversity)
+    loss, grad = fused(z, y, m, w, t, diversity, written=fused_loss_design(z) == "grad_in_forward")
     ref_loss, ref_grad = reference(z, y, m, w, t, diversity)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     if dtype == torch.float32:
@@ -564,14 +569,10 @@ def test_gpu_full_size(B, E, C, dtype, diversity):
         torch_err = (ref_grad.to(dtype).float() - ref_grad).abs().max().item()
         err = (grad.float() - ref_grad).abs().max().item()
         assert err <= 2 * torch_err + 1e-7, f"gradient error {err:.3g} vs PyTorch's {torch_err:.3g}"
-    # through autograd and the dispatcher ("auto" takes Triton on CUDA; in float32 and bfloat16 the
-    # forward writes the gradient, dividing by a weight sum taken before the launch: the launchers
-    # are given the same one)
-    ws = w[y].sum().reshape(1)
-    _, grad_ws = fused(z, y, m, w, t, diversity, weight_sum=ws)
+    # through autograd and the dispatcher ("auto" takes Triton on CUDA)
     x = z.clone().requires_grad_()
-    ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto", weight_sum=ws).backward()
-    torch.testing.assert_close(x.grad, grad_ws, rtol=0, atol=0)
+    ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto").backward()
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -583,8 +584,9 @@ def test_gpu_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM)
-        ride_loss_backward(torch.ones((), device="cuda"), z, y, m, w, t, stats, aux, LAMBDA, TM)
+        g = torch.empty_like(z)  # the design the op runs here (float32): the kernels compiled by its call above
+        loss, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, grad_out=g)
+        ride_loss_backward(torch.ones((), device="cuda"), z, y, m, w, t, stats, aux, LAMBDA, TM, grad_out=g, grad_written=True)
         op_loss = ride_loss(x, y, m, w, t, LAMBDA, TM, impl="triton")
         op_loss.backward()
     finally:
