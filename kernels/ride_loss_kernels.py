@@ -220,9 +220,9 @@ def _ride_loss_fwd_kernel(
     tl.store(part_ptr + row * 3 + 2, w_y)
     if WRITE_GRAD:
         # the backward's row for grad_output = 1, from the statistics as the backward loads them
-        # (padded experts' as 0), through the same function: so the same bits; from the row's end
-        # the divisor before the rows are summed: given, or summed by every program in one fixed
-        # order (the same bits in each; L2 hits after the first)
+        # (padded experts' as 0), through the same function: so the same bits; from the row's end.
+        # It needs the divisor before the rows are summed: given, or summed by every program in one
+        # fixed order (the same bits in each; L2 hits after the first)
         if HAS_WSUM:
             w_div = tl.load(wsum_ptr)
         elif OWN_WSUM:
