@@ -17,19 +17,19 @@ The floor of a loss with its gradient is reading the logits once and writing the
 floor_bytes = 2 Z, floor_us = floor_bytes / copy bandwidth (measured on an H200: 4.23 TB/s, 0.88
 of the peak; the H100 SXM is given the same share of its 3.35 TB/s).
 
-Designs (kernels/ride_loss.py); the CLI's default, "product", is the one the fused loss runs for
-each dtype (PRODUCT_DESIGN). "grad_in_forward", what it runs for float32 logits of 4 experts (an
-eager or captured step): each forward program reads its row (pass 1), then reads it again (pass 2)
-and writes its gradient; the backward kernel reads grad_output and returns (grad_output = 1, the
-usual case: its fixed cost and one round trip). Pass 2 finds the row in L2 when the rows every
-program in flight reads meanwhile fit in the L2's effective share (l2_effective x 50 MB; assumed
-0.6: a row read and re-read by one SM is cached in that SM's L2 partition, and the gradient's
-stores pass through the L2 too); beyond it the missing share (1 - capacity / bytes in flight)
-comes from DRAM. "two_kernel", the kernels as first written, which the fused loss runs for
-bfloat16 and float16 logits, for 5 to 8 experts and under torch.compile: the forward reads Z and
-keeps per-row statistics, its last program sums the rows; the backward reads Z again and writes
-the gradient, Z bytes. The backward's re-read gets nothing from the L2 (its measured time is
-DRAM's for 2 Z): DRAM traffic 3 Z, 1.5 times the floor. Each
+Designs (kernels/ride_loss.py); the CLI's default, "product", is the fused loss as it runs
+(PRODUCT). "grad_in_forward", what it runs for float32 and bfloat16 logits of 4 experts (an eager
+or captured step; at 64 registers in the first DRW phase): each forward program reads its row
+(pass 1), then reads it again (pass 2) and writes its gradient; the backward kernel reads
+grad_output and returns (grad_output = 1, the usual case: its fixed cost and one round trip).
+Pass 2 finds the row in L2 when the rows every program in flight reads meanwhile fit in the L2's
+effective share (l2_effective x 50 MB; assumed 0.6: a row read and re-read by one SM is cached in
+that SM's L2 partition, and the gradient's stores pass through the L2 too); beyond it the missing
+share (1 - capacity / bytes in flight) comes from DRAM. "two_kernel", the kernels as first
+written, which the fused loss runs for float16 logits, for 5 to 8 experts and under
+torch.compile: the forward reads Z and keeps per-row statistics, its last program sums the rows;
+the backward reads Z again and writes the gradient, Z bytes. The backward's re-read gets nothing
+from the L2 (its measured time is DRAM's for 2 Z): DRAM traffic 3 Z, 1.5 times the floor. Each
 design takes the launch options of the kernels: `stages` (2: the next tile's loads issued before
 the current tile's arithmetic) and `max_registers` (64: four programs an SM instead of three),
 and `programs_per_sm` caps the programs an SM runs (a launch reserving shared memory would), to
@@ -145,9 +145,11 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2}
 CASES = [(512, 4, 8142), (256, 4, 1000)]  # (B, E, C)
 MODES = ("mean", "pairwise")
 DESIGNS = ("two_kernel", "grad_in_forward")
-#: the design the fused loss runs for each modelled dtype (logits of 4 experts, the gradient wanted:
-#: `ride_fast_kernels._utils.loss_design`): design="product", the CLI's default
-PRODUCT_DESIGN = {"float32": "grad_in_forward", "bfloat16": "two_kernel"}
+#: the fused loss as it runs in each DRW phase for the modelled cases (float32 and bfloat16 logits
+#: of 4 experts, the gradient wanted: `ride_fast_kernels._utils.loss_design`, and the register
+#: budget `ride_fast_kernels.ride_loss.register_budget`, 64 in the first phase): design="product",
+#: the CLI's default
+PRODUCT = {0: {"design": "grad_in_forward", "max_registers": 64}, 1: {"design": "grad_in_forward", "max_registers": None}}
 
 #: the kernels' geometry up to 4 experts (kernels/_utils.pick_tile): 8-warp programs, a tile of
 #: E_BLOCK x BLOCK_C logits, 4 classes a thread (16 logits a thread at E = 4)
@@ -358,10 +360,10 @@ def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int
 def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1, *, design: str = "two_kernel",
           stages: int = 1, max_registers: int | None = None, programs_per_sm: int | None = None) -> dict:
     """One case: bytes per kernel, predicted times and fraction of the floor (see the docstring).
-    Keywords: the design ("product": the one the fused loss runs for `dtype`, PRODUCT_DESIGN) and
-    its launch options (default: the two kernels as written)."""
+    Keywords: the design ("product": the fused loss as it runs in `phase`, PRODUCT) and its launch
+    options (default: the two kernels as written)."""
     if design == "product":
-        design = PRODUCT_DESIGN[dtype]
+        design, max_registers = PRODUCT[phase]["design"], max_registers or PRODUCT[phase]["max_registers"]
     p = _predict(B, E, C, dtype, mode, gpu, phase, design, stages, max_registers, programs_per_sm)
     fwd, bwd = p["fwd"], p["bwd"]
     total = p["fwd_dram"] + p["bwd_dram"]
@@ -499,7 +501,7 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", choices=["0", "1", "both"], default="1",
                         help="DRW phase: 0 (T = 1, shared exponentials), 1 (weights and temperatures; the default, the dearer one)")
     parser.add_argument("--design", choices=("product", *DESIGNS), default="product",
-                        help="the fused loss's design (default: the one it runs for each dtype, PRODUCT_DESIGN)")
+                        help="the fused loss's design (default: the one it runs, with its register budget: PRODUCT)")
     parser.add_argument("--stages", type=int, choices=[1, 2], default=1, help="tiles in flight a program (launch option)")
     parser.add_argument("--max-registers", type=int, choices=[64], default=None, help="register cap (launch option)")
     parser.add_argument("--programs-per-sm", type=int, default=None, help="cap on the programs an SM runs")

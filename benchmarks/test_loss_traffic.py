@@ -194,21 +194,27 @@ def test_cli_json():
         assert {"B", "E", "C", "dtype", "mode", "bytes", "floor_bytes", "predicted_us", "fraction_of_floor", "fwd_us", "bwd_us",
                 "traffic_ratio"} <= set(row)
         assert row["dtype"] in ("float32", "bfloat16") and row["mode"] in ("mean", "pairwise")
-        design = {"float32": "grad_in_forward", "bfloat16": "two_kernel"}[row["dtype"]]
-        assert row["design"] == design and row["stages"] == 1 and row["max_registers"] is None
-        assert row == lt.model(row["B"], row["E"], row["C"], row["dtype"], row["mode"], lt.GPUS["h200"], 1, design=design)
+        assert row["design"] == "grad_in_forward" and row["stages"] == 1 and row["max_registers"] is None
+        assert row == lt.model(row["B"], row["E"], row["C"], row["dtype"], row["mode"], lt.GPUS["h200"], 1, design="grad_in_forward")
     assert {(r["B"], r["E"], r["C"]) for r in rows} == {(512, 4, 8142), (256, 4, 1000)}
 
 
 def test_the_clis_design_is_the_one_the_fused_loss_runs(monkeypatch):
-    """--json's rows are the design the registered operator takes for these cases."""
+    """--json's rows ("product") are the design the registered operator takes for these cases,
+    with the register budget its launcher gives it in each DRW phase."""
     import torch
     from ride_fast_kernels._utils import loss_design
+    from ride_fast_kernels.ride_loss import REGISTER_BUDGET, register_budget
 
     monkeypatch.delenv("RIDE_FAST_LOSS_DESIGN", raising=False)
-
     for dtype in (torch.float32, torch.bfloat16):
-        assert loss_design(dtype, 4) == lt.PRODUCT_DESIGN[str(dtype).removeprefix("torch.")]
+        for phase, product in lt.PRODUCT.items():
+            assert loss_design(dtype, 4) == product["design"] == "grad_in_forward"
+            per_class = phase == 1  # DRW weights and temperatures
+            budget = register_budget(4, dtype.itemsize, write_grad=True, margins=True, per_class=per_class)
+            assert budget == (product["max_registers"] or REGISTER_BUDGET)
+    row = lt.model(512, 4, 8142, "bfloat16", "mean", lt.GPUS["h200"], 0, design="product")
+    assert (row["design"], row["max_registers"]) == ("grad_in_forward", 64)
 
 
 def test_cli_compare_json():

@@ -30,16 +30,14 @@ MAX_EXPERTS = 8
 LOSS_DESIGNS = ("two_kernel", "grad_in_forward")
 
 #: Where "grad_in_forward" is the design a training step takes: float32 logits (what the cosine
-#: heads give, under autocast too) of up to 4 experts. There its kernel compiles within the
-#: register budget without spills (5 to 8 experts spill outside the main loops) and the traffic
-#: model (benchmarks/loss_traffic.py) predicts it faster at (512, 4, 8142) in three of the four DRW
-#: phases and diversity modes (3 points of the floor slower in the first phase's "pairwise", whose
-#: kernel needs 72 registers: two waves of programs). bfloat16 logits keep the two kernels, whose
-#: forward runs all 512 rows in one wave in the first DRW phase where the gradient-writing one
-#: needs two (predicted 46 % of the floor against 33 %); float16 steps go through GradScaler, whose
-#: grad_output is never 1.
+#: heads give, under autocast too) and bfloat16 ones, of up to 4 experts. There its kernel compiles
+#: within its register budget without spills (64 in LDAM's first DRW phase, 72 with temperatures or
+#: weights: `ride_loss.register_budget`; 5 to 8 experts spill outside the main loops), and the
+#: traffic model (benchmarks/loss_traffic.py) predicts it faster than the two kernels at
+#: (512, 4, 8142) in both dtypes, both DRW phases and both diversity modes (by 0.9 to 20 points of
+#: the floor). float16 steps go through GradScaler, whose grad_output is never 1.
 GRAD_IN_FORWARD_MAX_EXPERTS = 4
-GRAD_IN_FORWARD_DTYPES = (torch.float32,)
+GRAD_IN_FORWARD_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def loss_design(dtype: torch.dtype, num_experts: int) -> str:

@@ -14,7 +14,7 @@ triton wheel; no driver), one row per kernel variant:
                   forward without gradient runs), bwd (the gradient), and with --kernels
                   fwdgrad: the forward that also writes the gradient in a second pass over
                   each row (its columns describe that pass's loop; the design the fused loss
-                  runs for float32 logits of up to 4 experts, where the bwd kernel
+                  runs for float32 and bfloat16 logits of up to 4 experts, where the bwd kernel
                   only returns: `_utils.loss_design`)
     variant       E<experts>-<mode>-<dtype>-<terms>: mode mean, pairwise or none (no diversity
                   term: lambda = 0, the CE / LDAM losses, and one expert with "pairwise", which
@@ -266,10 +266,12 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     divisible = _PTR_ARGS + LAYOUTS[layout]
     variant = (f"E{E}-{mode}-{dtype}-{terms}" + (f"-stages{stages}" if stages > 1 else "") + (f"-r{max_registers}" if max_registers else "")
                + ("-written" if grad_written else ""))
+    per_class = bool(weights or (temps and div != ride_loss._DIV_NONE))  # the launcher's HAS_WEIGHT or HAS_TEMP
     budget = max_registers or ride_loss.register_budget(e_block, itemsize)
     rows = []
     for kernel in [k for k in ("fwd", "fwdgrad") if k in kernels]:
         write_grad = kernel == "fwdgrad"
+        kbudget = max_registers or ride_loss.register_budget(e_block, itemsize, write_grad, margins, per_class)
         sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr",
                    **{n: "constexpr" for n in _CONSTEXPRS})
         for n in ("HAS_WSUM", "STAGES", "WRITE_GRAD", "G_ALIGNED"):
@@ -280,10 +282,10 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
                  WRITE_GRAD=write_grad, G_ALIGNED=write_grad)
         if E == 1:  # Triton specialises an integer argument equal to 1 into a constant
             sig["E"], c["E"] = "constexpr", 1
-        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, budget)
+        k = _compile(ride_loss._ride_loss_fwd_kernel, sig, c, warps, arch, divisible, kbudget)
         # fwdgrad: the last loop with the logits' accesses is the gradient pass (the backward's hints)
         rows.append(_row(kernel, variant, write_grad, k, arch, "evict_first" if write_grad else "evict_last",
-                         e_block * r * v / (32 * warps), budget))
+                         e_block * r * v / (32 * warps), kbudget))
     if "bwd" in kernels:
         sig = dict(_BWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], **{n: "constexpr" for n in _CONSTEXPRS})
         for n in ("G_ALIGNED", "STAGES", "GRAD_WRITTEN"):

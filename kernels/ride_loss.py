@@ -71,7 +71,8 @@ same running state; the backward writes them as a tail block and a 16-class head
 V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 experts: 16 logits a
 thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
-maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 128 for 5 to 8
+maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
+forward that writes the gradient in LDAM's first DRW phase (four programs an SM), 128 for 5 to 8
 experts (four 4-warp programs); the compiler report checks every variant against it, without
 spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4
 and at 8 experts (16 KB in float32), about what an H100 / H200 SM needs to cover DRAM latency at
@@ -88,7 +89,7 @@ in one wave of programs instead of two). The defaults are the design above; the 
 the alternatives beside it.
 
 The second design, "grad_in_forward" (`grad_out` on the forward), is the one the registered
-operator runs for float32 logits of up to 4 experts when autograd wants the gradient
+operator runs for float32 and bfloat16 logits of up to 4 experts when autograd wants the gradient
 (`_utils.loss_design`; `ride_fast.ops.ride_loss.fused_loss_design`). Each program runs its row
 twice: the first pass as above, then, with the row's statistics in registers, the backward's pass
 (`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second pass reads the
@@ -139,13 +140,23 @@ DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 #: program with 4096 logits in flight as at 4 experts).
 REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
+#: The gradient-writing forward (`grad_out`) of up to 4 experts in LDAM's first DRW phase (margins,
+#: neither temperatures nor DRW weights: the shared-exponential path): four 8-warp programs an SM,
+#: so that 512 rows run in one wave. Every such variant compiles within it without spills; with
+#: temperatures or weights most spill at 64 (80-88 bytes at E = 4), and without margins (plain CE)
+#: the float32 "mean" ones spill 12 bytes at E = 3 and 4: those keep REGISTER_BUDGET.
+REGISTER_BUDGET_GRAD_FIRST_PHASE = 64
 
 
-def register_budget(e_block: int, itemsize: int) -> int:
+def register_budget(e_block: int, itemsize: int, write_grad: bool = False, margins: bool = False,
+                    per_class: bool = True) -> int:
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
-    every logits dtype)."""
+    every logits dtype); `write_grad`: the forward that writes the gradient, with `margins` and
+    with `per_class` vectors (temperatures or DRW weights) or not."""
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
+    if write_grad and margins and not per_class:
+        return REGISTER_BUDGET_GRAD_FIRST_PHASE
     return REGISTER_BUDGET
 
 
@@ -245,6 +256,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
     r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
+    has_temp = temperature is not None and div_mode != _DIV_NONE
     dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
     with _on_device(device):
         _ride_loss_fwd_kernel[(B,)](
@@ -256,11 +268,12 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             weight_sum.detach().reshape(1).to(torch.float32) if weight_sum is not None else dummy,
             counter, grad_out if grad_out is not None else z, E, B, C, z.stride(0), z.stride(1),
             *((grad_out.stride(0), grad_out.stride(1)) if grad_out is not None else (0, 0)), float(div_scale),
-            HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
+            HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=has_temp,
             HAS_WSUM=weight_sum is not None, DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
             STAGES=stages, WRITE_GRAD=grad_out is not None,
             G_ALIGNED=grad_out is not None and (grad_out.stride(1) - z.stride(1)) % 16 == 0,
-            num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size()),
+            num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size(), grad_out is not None,
+                                                                     margins is not None, has_temp or class_weights is not None),
         )
     return loss, stats, aux
 

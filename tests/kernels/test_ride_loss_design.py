@@ -21,12 +21,13 @@ if DEVICE == "cpu" and not _utils.interpreting():
 LAMBDA, TM = -0.45, 0.83
 
 
-def inputs(E=3, B=4, C=40, dtype=torch.float32, seed=0):
+def inputs(E=3, B=4, C=40, dtype=torch.float32, seed=0, phase=1):
     """Logits after the DRW switch (margins, weights, temperatures) and the batch's weight sum,
-    passed to every call so that both designs divide by the same float32 number."""
-    inp = ride_loss_inputs(E, B, C, phase=1, dtype=dtype, device=DEVICE, seed=seed)
+    passed to every call so that both designs divide by the same float32 number; phase 0: margins
+    only (no weight sum)."""
+    inp = ride_loss_inputs(E, B, C, phase=phase, dtype=dtype, device=DEVICE, seed=seed)
     m, w, t = inp.vectors
-    return inp.logits, inp.target, m, w, t, w[inp.target].sum().reshape(1)
+    return inp.logits, inp.target, m, w, t, None if w is None else w[inp.target].sum().reshape(1)
 
 
 @pytest.fixture
@@ -56,17 +57,14 @@ def loss_and_grad(z, y, m, w, t, ws, diversity="mean", grad_output=1.0):
     return loss.detach(), x.grad
 
 
+@pytest.mark.parametrize("phase", [0, 1], ids=["before_drw", "after_drw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
-def test_the_forwards_gradient_is_handed_over(diversity, dtype, launches, monkeypatch):
-    """grad_in_forward (float32 logits; bfloat16 ones where RIDE_FAST_LOSS_DESIGN asks for it):
-    the forward writes the gradient, the backward kernel keeps it (grad_output is 1) and autograd
-    takes that very buffer as the leaf's .grad; loss and gradient are the two-kernel design's bit
-    for bit."""
-    z, y, m, w, t, ws = inputs(dtype=dtype, seed=1)
-    if dtype != torch.float32:
-        assert fused_loss_design(z) == "two_kernel"
-        monkeypatch.setenv("RIDE_FAST_LOSS_DESIGN", "grad_in_forward")
+def test_the_forwards_gradient_is_handed_over(diversity, dtype, phase, launches, monkeypatch):
+    """grad_in_forward: the forward writes the gradient, the backward kernel keeps it (grad_output
+    is 1) and autograd takes that very buffer as the leaf's .grad; loss and gradient are the
+    two-kernel design's bit for bit."""
+    z, y, m, w, t, ws = inputs(dtype=dtype, seed=1, phase=phase)
     assert fused_loss_design(z) == "grad_in_forward"
     loss, grad = loss_and_grad(z, y, m, w, t, ws, diversity)
     assert launches["forward"] == [grad.data_ptr()] and launches["backward"] == [True]
@@ -103,11 +101,10 @@ def test_a_retained_graph_hands_the_buffer_over_once(launches):
     torch.testing.assert_close(g3, 3 * g1, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype,E", [(torch.float16, 3), (torch.bfloat16, 3), (torch.float32, 5)], ids=["fp16", "bf16", "E5"])
+@pytest.mark.parametrize("dtype,E", [(torch.float16, 3), (torch.float32, 5)], ids=["fp16", "E5"])
 def test_two_kernels_where_the_forward_would_not_keep_its_gradient(dtype, E, launches):
-    """float16 (GradScaler's grad_output is never 1), bfloat16 (whose two kernels the model
-    predicts faster) and more than 4 experts (the gradient-writing forward spills there) run the
-    two kernels; so does a call without a gradient."""
+    """float16 (GradScaler's grad_output is never 1) and more than 4 experts (the gradient-writing
+    forward spills there) run the two kernels; so does a call without a gradient."""
     z, y, m, w, t, ws = inputs(E=E, dtype=dtype, seed=4)
     assert fused_loss_design(z) == "two_kernel"
     loss_and_grad(z, y, m, w, t, ws)
@@ -117,10 +114,10 @@ def test_two_kernels_where_the_forward_would_not_keep_its_gradient(dtype, E, lau
 
 
 def test_design_rule_and_its_override(monkeypatch):
-    """`loss_design` (pure host logic): float32 logits of up to 4 experts write the gradient in the
-    forward; RIDE_FAST_LOSS_DESIGN sets either design, and a wrong value says so."""
+    """`loss_design` (pure host logic): float32 and bfloat16 logits of up to 4 experts write the
+    gradient in the forward; RIDE_FAST_LOSS_DESIGN sets either design, and a wrong value says so."""
     assert [_utils.loss_design(torch.float32, e) for e in (1, 4, 5, 8)] == ["grad_in_forward"] * 2 + ["two_kernel"] * 2
-    assert _utils.loss_design(torch.bfloat16, 2) == "two_kernel"
+    assert _utils.loss_design(torch.bfloat16, 2) == "grad_in_forward"
     assert _utils.loss_design(torch.float16, 2) == "two_kernel"
     monkeypatch.setenv("RIDE_FAST_LOSS_DESIGN", "grad_in_forward")
     assert _utils.loss_design(torch.float16, 8) == "grad_in_forward"
@@ -169,4 +166,17 @@ def test_a_loss_scaled_before_backward_runs_the_two_kernels(launches):
     assert launches["forward"] == [None] and launches["backward"] == [False]
     _, grad2 = loss_and_grad(z, y, m, w, t, ws, grad_output=0.5)
     assert launches["forward"][1] == grad2.data_ptr() and torch.equal(grad, grad2)
+
+
+def test_register_budget_of_each_design():
+    """72 registers up to 4 experts (three 8-warp programs an SM), 128 beyond (4-warp programs),
+    and 64 for the gradient-writing forward in LDAM's first DRW phase (margins, no temperatures
+    or weights: four programs an SM, 512 rows in one wave), where every variant compiles without
+    spills (tests/kernels/test_kernels_compile_sm90.py)."""
+    budget = kernels.register_budget
+    assert budget(4, 4) == budget(4, 2, write_grad=False, margins=True, per_class=False) == 72
+    assert budget(4, 4, write_grad=True, margins=True, per_class=False) == budget(1, 2, True, True, False) == 64
+    assert budget(4, 4, write_grad=True, margins=True, per_class=True) == 72  # temperatures or weights
+    assert budget(4, 4, write_grad=True, margins=False, per_class=False) == 72  # plain CE
+    assert budget(8, 4, write_grad=True, margins=True, per_class=False) == 128
 
