@@ -17,11 +17,12 @@ The floor of a loss with its gradient is reading the logits once and writing the
 floor_bytes = 2 Z, floor_us = floor_bytes / copy bandwidth (measured on an H200: 4.23 TB/s, 0.88
 of the peak; the H100 SXM is given the same share of its 3.35 TB/s).
 
-Designs (kernels/ride_loss.py); the CLI's default, "product", is the fused loss as it runs
-(PRODUCT). "grad_in_forward", what it runs for float32 and bfloat16 logits of 4 experts (an eager
-or captured step; at 64 registers in the first DRW phase): each forward program reads its row
-(pass 1), then reads it again (pass 2) and writes its gradient; the backward kernel reads
-grad_output and returns (grad_output = 1, the usual case: its fixed cost and one round trip).
+Designs (kernels/ride_loss.py); the CLI's default, "product", is the one the fused loss runs
+(PRODUCT_DESIGN). "grad_in_forward", what it runs for float32 and bfloat16 logits of 4 experts (an
+eager or captured step; at 64 registers, 80 for "pairwise" with temperatures): each forward
+program reads its row (pass 1), then reads it again (pass 2) and writes its gradient; the backward
+kernel reads grad_output and returns (grad_output = 1, the usual case: its fixed cost and one
+round trip).
 Pass 2 finds the row in L2 when the rows every program in flight reads meanwhile fit in the L2's
 effective share (l2_effective x 50 MB; assumed 0.6: a row read and re-read by one SM is cached in
 that SM's L2 partition, and the gradient's stores pass through the L2 too); beyond it the missing
@@ -145,11 +146,10 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2}
 CASES = [(512, 4, 8142), (256, 4, 1000)]  # (B, E, C)
 MODES = ("mean", "pairwise")
 DESIGNS = ("two_kernel", "grad_in_forward")
-#: the fused loss as it runs in each DRW phase for the modelled cases (float32 and bfloat16 logits
-#: of 4 experts, the gradient wanted: `ride_fast_kernels._utils.loss_design`, and the register
-#: budget `ride_fast_kernels.ride_loss.register_budget`, 64 in the first phase): design="product",
-#: the CLI's default
-PRODUCT = {0: {"design": "grad_in_forward", "max_registers": 64}, 1: {"design": "grad_in_forward", "max_registers": None}}
+#: the design the fused loss runs for the modelled cases (float32 and bfloat16 logits of 4 experts,
+#: the gradient wanted: `ride_fast_kernels._utils.loss_design`), at its launcher's register budget:
+#: design="product", the CLI's default
+PRODUCT_DESIGN = "grad_in_forward"
 
 #: the kernels' geometry up to 4 experts (kernels/_utils.pick_tile): 8-warp programs, a tile of
 #: E_BLOCK x BLOCK_C logits, 4 classes a thread (16 logits a thread at E = 4)
@@ -194,17 +194,19 @@ KERNELS_E4 = {
     ("bwd", "bfloat16", "pairwise", 1): ((72, 0, 342), (72, 0, 369), (64, 0, 348), (64, 0, 366)),
 }
 #: The forward kernel that also writes the gradient (grad_in_forward: WRITE_GRAD), the same way:
-#: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS; with DRW weights
-#: (phase 1) as the fused loss launches it, summing the divisor itself.
+#: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS,
+#: as the fused loss launches it: with DRW weights (phase 1) summing the divisor itself, and
+#: max_registers None at its launcher's budget (`register_budget`: 64, 80 for "pairwise" with
+#: temperatures).
 GRAD_IN_FORWARD_E4 = {
-    ("float32", "mean", 0): ((64, 0, 223, 197), (72, 0, 230, 202), (62, 0, 223, 202), (64, 0, 230, 215)),
-    ("float32", "mean", 1): ((72, 0, 347, 276), (72, 0, 363, 301), (64, 0, 349, 286), (64, 8, 363, 296)),
-    ("float32", "pairwise", 0): ((72, 0, 197, 247), (72, 0, 205, 264), (64, 0, 199, 248), (64, 0, 205, 264)),
-    ("float32", "pairwise", 1): ((72, 0, 328, 322), (72, 40, 345, 337), (64, 80, 348, 315), (64, 232, 351, 335)),
-    ("bfloat16", "mean", 0): ((72, 0, 242, 220), (72, 0, 256, 231), (64, 0, 243, 221), (64, 0, 254, 246)),
-    ("bfloat16", "mean", 1): ((72, 0, 373, 314), (72, 0, 392, 337), (64, 88, 381, 319), (64, 72, 394, 337)),
-    ("bfloat16", "pairwise", 0): ((72, 0, 218, 275), (72, 8, 232, 291), (64, 0, 218, 274), (64, 8, 229, 290)),
-    ("bfloat16", "pairwise", 1): ((72, 0, 355, 350), (72, 40, 376, 372), (64, 88, 366, 355), (64, 192, 386, 369)),
+    ("float32", "mean", 0): ((62, 0, 223, 202), (64, 0, 230, 215), (62, 0, 223, 202), (64, 0, 230, 215)),
+    ("float32", "mean", 1): ((64, 0, 348, 275), (64, 0, 363, 293), (64, 0, 348, 275), (64, 0, 363, 293)),
+    ("float32", "pairwise", 0): ((64, 0, 199, 248), (64, 0, 205, 264), (64, 0, 199, 248), (64, 0, 205, 264)),
+    ("float32", "pairwise", 1): ((80, 0, 328, 326), (80, 0, 342, 339), (64, 80, 348, 315), (64, 232, 351, 335)),
+    ("bfloat16", "mean", 0): ((64, 0, 243, 221), (64, 0, 254, 246), (64, 0, 243, 221), (64, 0, 254, 246)),
+    ("bfloat16", "mean", 1): ((64, 0, 375, 308), (64, 0, 392, 322), (64, 0, 375, 308), (64, 0, 392, 322)),
+    ("bfloat16", "pairwise", 0): ((64, 0, 218, 274), (64, 8, 229, 290), (64, 0, 218, 274), (64, 8, 229, 290)),
+    ("bfloat16", "pairwise", 1): ((80, 0, 355, 358), (80, 0, 372, 374), (64, 88, 366, 355), (64, 192, 386, 369)),
 }
 LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4: the SASS counts above are for these
 
@@ -360,10 +362,10 @@ def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int
 def model(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int = 1, *, design: str = "two_kernel",
           stages: int = 1, max_registers: int | None = None, programs_per_sm: int | None = None) -> dict:
     """One case: bytes per kernel, predicted times and fraction of the floor (see the docstring).
-    Keywords: the design ("product": the fused loss as it runs in `phase`, PRODUCT) and its launch
-    options (default: the two kernels as written)."""
+    Keywords: the design ("product": the one the fused loss runs, PRODUCT_DESIGN) and its launch
+    options (default: the two kernels as written, at the launchers' register budgets)."""
     if design == "product":
-        design, max_registers = PRODUCT[phase]["design"], max_registers or PRODUCT[phase]["max_registers"]
+        design = PRODUCT_DESIGN
     p = _predict(B, E, C, dtype, mode, gpu, phase, design, stages, max_registers, programs_per_sm)
     fwd, bwd = p["fwd"], p["bwd"]
     total = p["fwd_dram"] + p["bwd_dram"]
@@ -501,7 +503,7 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", choices=["0", "1", "both"], default="1",
                         help="DRW phase: 0 (T = 1, shared exponentials), 1 (weights and temperatures; the default, the dearer one)")
     parser.add_argument("--design", choices=("product", *DESIGNS), default="product",
-                        help="the fused loss's design (default: the one it runs, with its register budget: PRODUCT)")
+                        help="the fused loss's design (default: the one it runs, PRODUCT_DESIGN)")
     parser.add_argument("--stages", type=int, choices=[1, 2], default=1, help="tiles in flight a program (launch option)")
     parser.add_argument("--max-registers", type=int, choices=[64], default=None, help="register cap (launch option)")
     parser.add_argument("--programs-per-sm", type=int, default=None, help="cap on the programs an SM runs")

@@ -125,24 +125,26 @@ def test_hand_computed_case():
     staged = lt.model(4, 4, 2048, "float32", "mean", TOY, phase=1, stages=2)
     assert staged["fwd_us"] == pytest.approx(13.0, abs=0.01) and staged["bwd_us"] == pytest.approx(17.0, abs=0.01)
 
-    # grad_in_forward: one 72-register program (347 + 279 SASS), 3 an SM, each wave chains 2 + 0.5.
-    #   pass 1: c = 21.6875 x 128 / 4000 = 0.694 us; wave 1 DRAM-bound 3 -> 6 us, wave 2 latency
-    #   1.694 -> 3.388 us.
-    #   pass 2: c = 17.4375 x 128 / 4000 = 0.558 us. Wave 1: 3 rows in flight, 98,304 bytes against
-    #   65,536: the L2 serves 2/3, a tile moves 16,384 x (1 + 1/3) DRAM bytes, 3 of them 4 us
-    #   (latency 1.558, issue rate 1.674, MUFU 1.728) -> 8 us. Wave 2: 1 row fits, DRAM 1 us against
-    #   latency 0.25 + 0.558 -> 2 us.
-    #   forward = 1 + 2 x 2.5 + 6 + 8 + 3.388 + 2 = 25.388 us; backward = 0.5 + 1 (grad_output) = 1.5 us.
-    # bytes: 2 Z + the misses 3 x 32,768 / 3 = 32,768 + 24,888 + 48 = 319,848, the backward 4; the L2
-    #   serves 65,536 + 32,768 = 98,304.
+    # grad_in_forward: a 64-register program (348 + 275 SASS, the launcher's budget with margins),
+    #   4 an SM: one wave of 4, which chains 2 + 0.5 once.
+    #   pass 1: c = 21.75 x 128 / 4000 = 0.696 us; max(latency 1.696, DRAM 4 x 16,384 / 16,384 = 4,
+    #   issue rate 2.784, MUFU 2.048) = 4 -> 8 us.
+    #   pass 2: c = 17.1875 x 128 / 4000 = 0.55 us. 4 rows in flight, 131,072 bytes against 65,536:
+    #   the L2 serves half, a tile moves 16,384 x (1 + 1/2) DRAM bytes, 4 of them 6 us (latency
+    #   1.55, issue rate 2.2, MUFU 2.304) -> 12 us.
+    #   forward = 1 + 2.5 + 8 + 12 = 23.5 us; backward = 0.5 + 1 (grad_output) = 1.5 us.
+    # bytes: 2 Z + the misses 4 x 32,768 / 2 = 65,536 + 24,888 + 48 = 352,616, the backward 4; the L2
+    #   serves 65,536.
     fused = lt.model(4, 4, 2048, "float32", "mean", TOY, phase=1, design="grad_in_forward")
-    assert fused["fwd_us"] == pytest.approx(25.388, abs=0.01) and fused["bwd_us"] == pytest.approx(1.5, abs=0.01)
-    assert fused["fwd_bytes"] == 319_848 and fused["bwd_bytes"] == 4 and fused["l2_reuse_bytes"] == 98_304
-    assert fused["fwd_bound"] == "dram+dram/latency+dram"
+    assert (fused["fwd_programs_per_sm"], fused["fwd_waves"]) == (4, 1)
+    assert fused["fwd_us"] == pytest.approx(23.5, abs=0.01) and fused["bwd_us"] == pytest.approx(1.5, abs=0.01)
+    assert fused["fwd_bytes"] == 352_616 and fused["bwd_bytes"] == 4 and fused["l2_reuse_bytes"] == 65_536
+    assert fused["fwd_bound"] == "dram+dram"
 
-    # one program an SM: 4 waves of 1, every row fits the L2: pass 1 1.694 x 2 and pass 2 2 us a wave
+    # one program an SM: 4 waves of 1, every row fits the L2: pass 1 1.696 x 2 and pass 2 (L2 latency
+    # 0.25 + 0.55 against DRAM's 1 us a tile) 2 us a wave
     one = lt.model(4, 4, 2048, "float32", "mean", TOY, phase=1, design="grad_in_forward", programs_per_sm=1)
-    assert one["fwd_us"] == pytest.approx(1 + 4 * (2.5 + 3.388 + 2), abs=0.01) and one["fwd_bytes"] == 2 * 131_072 + 24_936
+    assert one["fwd_us"] == pytest.approx(1 + 4 * (2.5 + 3.392 + 2), abs=0.01) and one["fwd_bytes"] == 2 * 131_072 + 24_936
 
 
 @pytest.mark.parametrize("gpu", sorted(lt.GPUS))
@@ -152,20 +154,26 @@ def test_dram_traffic_of_each_design(gpu):
     in the forward (vectors 97,704, targets and gathers 8,192, statistics 30,728, partial sums read
     back 6,144) and 136,624 in the backward.
     two_kernel: 3 Z + 279,392 = 1.5 times the floor: 1.5021 float32, 1.5042 bfloat16.
-    grad_in_forward, 3 programs an SM (waves of 396 and 116 rows): bfloat16 rows are 65,136 bytes,
-    396 of them 25.8 MB, within the L2's 30 MB: 2 Z + 142,772 = 1.0021 times the floor. float32 rows
-    are 130,272 bytes, 396 of them 51,587,712: the L2 serves 30 MB of wave 1's re-read and DRAM the
-    other 21,587,712 bytes (wave 2's 116 rows fit): 2 Z + 21,587,712 + 142,772 = 1.1629 times."""
+    grad_in_forward, "mean" (64 registers, 4 programs an SM: all 512 rows in one wave): float32 rows
+    are 130,272 bytes, 512 of them 66,699,264; the L2 serves 30 MB of the re-read and DRAM the other
+    36,699,264: 2 Z + 36,699,264 + 142,772 = 1.2762 times the floor. bfloat16 rows are 65,136
+    bytes, 33,349,632 in flight: 2 Z + 3,349,632 + 142,772 = 1.0524 times.
+    "pairwise" (80 registers, 3 programs an SM: waves of 396 and 116 rows): bfloat16's 396 rows,
+    25.8 MB, fit: 2 Z + 142,772 = 1.0021 times; float32's 51,587,712 bytes: the L2 serves 30 MB of
+    wave 1's re-read and DRAM the other 21,587,712 (wave 2's 116 rows fit): 1.1629 times."""
     g = lt.GPUS[gpu]
-    expect = {("two_kernel", "float32"): 1.5021, ("two_kernel", "bfloat16"): 1.5042,
-              ("grad_in_forward", "float32"): 1.1629, ("grad_in_forward", "bfloat16"): 1.0021}
-    for (design, dtype), ratio in expect.items():
-        for mode in lt.MODES:
-            row = lt.model(512, 4, 8142, dtype, mode, g, phase=1, design=design)
-            assert row["traffic_ratio"] == pytest.approx(ratio, abs=1e-4), row
-    fp32 = lt.model(512, 4, 8142, "float32", "mean", g, phase=1, design="grad_in_forward")
+    expect = {("two_kernel", "float32", "mean"): 1.5021, ("two_kernel", "bfloat16", "mean"): 1.5042,
+              ("two_kernel", "float32", "pairwise"): 1.5021, ("two_kernel", "bfloat16", "pairwise"): 1.5042,
+              ("grad_in_forward", "float32", "mean"): 1.2762, ("grad_in_forward", "bfloat16", "mean"): 1.0524,
+              ("grad_in_forward", "float32", "pairwise"): 1.1629, ("grad_in_forward", "bfloat16", "pairwise"): 1.0021}
+    for (design, dtype, mode), ratio in expect.items():
+        row = lt.model(512, 4, 8142, dtype, mode, g, phase=1, design=design)
+        assert row["traffic_ratio"] == pytest.approx(ratio, abs=1e-4), row
+    fp32 = lt.model(512, 4, 8142, "float32", "pairwise", g, phase=1, design="grad_in_forward")
     assert fp32["bytes"] == pytest.approx(2 * 66_699_264 + 21_587_712 + 142_772, abs=2)
     assert fp32["l2_reuse_bytes"] == pytest.approx(30_000_000 + 116 * 130_272, abs=2)
+    fp32 = lt.model(512, 4, 8142, "float32", "mean", g, phase=1, design="grad_in_forward")
+    assert fp32["bytes"] == pytest.approx(2 * 66_699_264 + 36_699_264 + 142_772, abs=2) and fp32["l2_reuse_bytes"] == 30_000_000
     # every case: within 1.3 times the floor; where the L2 serves all of pass 2, within 1.01
     for row in lt.rows(g, phases=(0, 1), design="grad_in_forward"):
         Z = row["floor_bytes"] // 2
@@ -200,21 +208,15 @@ def test_cli_json():
 
 
 def test_the_clis_design_is_the_one_the_fused_loss_runs(monkeypatch):
-    """--json's rows ("product") are the design the registered operator takes for these cases,
-    with the register budget its launcher gives it in each DRW phase."""
+    """--json's rows ("product") are the design the registered operator takes for these cases."""
     import torch
     from ride_fast_kernels._utils import loss_design
-    from ride_fast_kernels.ride_loss import REGISTER_BUDGET, register_budget
 
     monkeypatch.delenv("RIDE_FAST_LOSS_DESIGN", raising=False)
     for dtype in (torch.float32, torch.bfloat16):
-        for phase, product in lt.PRODUCT.items():
-            assert loss_design(dtype, 4) == product["design"] == "grad_in_forward"
-            per_class = phase == 1  # DRW weights and temperatures
-            budget = register_budget(4, dtype.itemsize, write_grad=True, margins=True, per_class=per_class)
-            assert budget == (product["max_registers"] or REGISTER_BUDGET)
+        assert loss_design(dtype, 4) == lt.PRODUCT_DESIGN == "grad_in_forward"
     row = lt.model(512, 4, 8142, "bfloat16", "mean", lt.GPUS["h200"], 0, design="product")
-    assert (row["design"], row["max_registers"]) == ("grad_in_forward", 64)
+    assert (row["design"], row["max_registers"]) == ("grad_in_forward", None)
 
 
 def test_cli_compare_json():

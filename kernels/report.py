@@ -266,12 +266,12 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     divisible = _PTR_ARGS + LAYOUTS[layout]
     variant = (f"E{E}-{mode}-{dtype}-{terms}" + (f"-stages{stages}" if stages > 1 else "") + (f"-r{max_registers}" if max_registers else "")
                + ("-written" if grad_written else ""))
-    per_class = bool(weights or (temps and div != ride_loss._DIV_NONE))  # the launcher's HAS_WEIGHT or HAS_TEMP
+    pairwise_temps = bool(temps and div == ride_loss._DIV_PAIRWISE)  # as the launcher passes HAS_TEMP
     budget = max_registers or ride_loss.register_budget(e_block, itemsize)
     rows = []
     for kernel in [k for k in ("fwd", "fwdgrad") if k in kernels]:
         write_grad = kernel == "fwdgrad"
-        kbudget = max_registers or ride_loss.register_budget(e_block, itemsize, write_grad, margins, per_class)
+        kbudget = max_registers or ride_loss.register_budget(e_block, itemsize, write_grad, margins, pairwise_temps)
         sig = dict(_FWD, z_ptr="*" + DTYPES[dtype], g_ptr="*" + DTYPES[dtype], FINISH_BLOCK="constexpr",
                    **{n: "constexpr" for n in _CONSTEXPRS})
         for n in ("HAS_WSUM", "STAGES", "WRITE_GRAD", "G_ALIGNED"):

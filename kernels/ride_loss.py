@@ -72,9 +72,9 @@ V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 exper
 thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
 maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
-forward that writes the gradient in LDAM's first DRW phase (four programs an SM), 128 for 5 to 8
-experts (four 4-warp programs); the compiler report checks every variant against it, without
-spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4
+forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its "pairwise"
+variants with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
+programs); the compiler report checks every variant against it, without spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4
 and at 8 experts (16 KB in float32), about what an H100 / H200 SM needs to cover DRAM latency at
 full bandwidth (bandwidth x latency / SMs): three or four programs an SM leave room to spare.
 Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per program. At most
@@ -140,23 +140,25 @@ DIVERSITY_MODES = {"mean": _DIV_MEAN, "pairwise": _DIV_PAIRWISE}
 #: program with 4096 logits in flight as at 4 experts).
 REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
-#: The gradient-writing forward (`grad_out`) of up to 4 experts in LDAM's first DRW phase (margins,
-#: neither temperatures nor DRW weights: the shared-exponential path): four 8-warp programs an SM,
-#: so that 512 rows run in one wave. Every such variant compiles within it without spills; with
-#: temperatures or weights most spill at 64 (80-88 bytes at E = 4), and without margins (plain CE)
-#: the float32 "mean" ones spill 12 bytes at E = 3 and 4: those keep REGISTER_BUDGET.
-REGISTER_BUDGET_GRAD_FIRST_PHASE = 64
+#: The gradient-writing forward (`grad_out`) of up to 4 experts holds both passes' state: with LDAM's
+#: margins REGISTER_BUDGET_GRAD (four 8-warp programs an SM, so that 512 rows run in one wave), where
+#: every such variant compiles without spills but the "pairwise" ones with temperatures (16-156
+#: bytes at 64); those, and the plain-CE ones (12 bytes in two "mean" variants at 64), get
+#: REGISTER_BUDGET_GRAD_WIDE: the most that keeps three programs an SM, as REGISTER_BUDGET does,
+#: and enough for every one of them without spills (the compile test holds both).
+REGISTER_BUDGET_GRAD = 64
+REGISTER_BUDGET_GRAD_WIDE = 80
 
 
 def register_budget(e_block: int, itemsize: int, write_grad: bool = False, margins: bool = False,
-                    per_class: bool = True) -> int:
+                    pairwise_temps: bool = False) -> int:
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
-    every logits dtype); `write_grad`: the forward that writes the gradient, with `margins` and
-    with `per_class` vectors (temperatures or DRW weights) or not."""
+    every logits dtype); `write_grad`: the forward that writes the gradient, with `margins` or not,
+    and with the "pairwise" diversity term's temperatures (`pairwise_temps`) or not."""
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
-    if write_grad and margins and not per_class:
-        return REGISTER_BUDGET_GRAD_FIRST_PHASE
+    if write_grad:
+        return REGISTER_BUDGET_GRAD if margins and not pairwise_temps else REGISTER_BUDGET_GRAD_WIDE
     return REGISTER_BUDGET
 
 
@@ -273,7 +275,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             STAGES=stages, WRITE_GRAD=grad_out is not None,
             G_ALIGNED=grad_out is not None and (grad_out.stride(1) - z.stride(1)) % 16 == 0,
             num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size(), grad_out is not None,
-                                                                     margins is not None, has_temp or class_weights is not None),
+                                                                     margins is not None, has_temp and div_mode == _DIV_PAIRWISE),
         )
     return loss, stats, aux
 

@@ -227,13 +227,23 @@ def _ride_loss_fwd_kernel(
             w_div = tl.load(wsum_ptr)
         elif OWN_WSUM:
             w_div = _weight_sum(target_ptr, weight_ptr, B, C, R)  # one target a thread at a time
+        lse_a = tl.where(e_mask, lse_a, 0.0)
+        lse_u = tl.where(e_mask, lse_u, 0.0)
         if DIV_MODE == 1:
             s2 = lse_v
+            if HAS_TEMP:
+                # read back as stored: held in registers, their inputs (the target's logits) would be
+                # loaded again in each layout that uses them and held through the first pass, which
+                # then spills at 64 registers
+                tl.debug_barrier()  # the statistics this program stored, visible to all its threads
+                st = stats_ptr + row * 3 * E + offs_e
+                lse_a = tl.load(st, mask=e_mask, other=0.0)
+                lse_u = tl.load(st + E, mask=e_mask, other=0.0)
         else:
             s2 = tl.where(e_mask, slot2, 0.0)
-        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_div, 1.0, tl.where(e_mask, lse_a, 0.0),
-                 tl.where(e_mask, lse_u, 0.0), s2, z_y, temp_ptr, g_ptr, row * stride_gb, stride_ge.to(tl.int64),
-                 div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES, True)
+        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_div, 1.0, lse_a, lse_u, s2, z_y, temp_ptr, g_ptr,
+                 row * stride_gb, stride_ge.to(tl.int64), div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES,
+                 True)
     # the last program to finish reduces every row's partial sums (the atomic orders the stores
     # above before it: release; and the other programs' stores before the loads below: acquire)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")

@@ -169,14 +169,13 @@ def test_a_loss_scaled_before_backward_runs_the_two_kernels(launches):
 
 
 def test_register_budget_of_each_design():
-    """72 registers up to 4 experts (three 8-warp programs an SM), 128 beyond (4-warp programs),
-    and 64 for the gradient-writing forward in LDAM's first DRW phase (margins, no temperatures
-    or weights: four programs an SM, 512 rows in one wave), where every variant compiles without
-    spills (tests/kernels/test_kernels_compile_sm90.py)."""
+    """72 registers up to 4 experts (three 8-warp programs an SM), 128 beyond (4-warp programs);
+    the gradient-writing forward 64 with LDAM's margins (four programs an SM, 512 rows in one
+    wave) and 80 for its "pairwise" variants with temperatures and for plain CE (three an SM), the
+    budgets at which every variant compiles without spills (tests/kernels/test_kernels_compile_sm90.py)."""
     budget = kernels.register_budget
-    assert budget(4, 4) == budget(4, 2, write_grad=False, margins=True, per_class=False) == 72
-    assert budget(4, 4, write_grad=True, margins=True, per_class=False) == budget(1, 2, True, True, False) == 64
-    assert budget(4, 4, write_grad=True, margins=True, per_class=True) == 72  # temperatures or weights
-    assert budget(4, 4, write_grad=True, margins=False, per_class=False) == 72  # plain CE
-    assert budget(8, 4, write_grad=True, margins=True, per_class=False) == 128
-
+    assert budget(4, 4) == budget(4, 2, write_grad=False, margins=True) == 72
+    assert budget(4, 4, write_grad=True, margins=True) == budget(1, 2, True, True, False) == 64
+    assert budget(4, 4, write_grad=True, margins=True, pairwise_temps=True) == 80
+    assert budget(4, 4, write_grad=True, margins=False) == 80  # plain CE
+    assert budget(8, 4, write_grad=True, margins=True) == 128
