@@ -419,7 +419,7 @@ def step_loss_bench(rows: Rows, sizes: Sizes, mode: str) -> None:
     from test_bench_ride_loss import LAMBDA, TM, ride_inputs
 
     from ride_fast.ops import ride_loss_fused, ride_loss_reference
-    from ride_fast.ops.ride_loss import fused_loss_design
+    from ride_fast.ops.ride_loss_design import fused_loss_design
 
     dev = sizes.device
     copy = copy_bandwidth(dev, (1 << 30) + (1 << 28) if dev == "cuda" else 1 << 23, 20 if dev == "cuda" else 3)

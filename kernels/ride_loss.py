@@ -90,7 +90,7 @@ the alternatives beside it.
 
 The second design, "grad_in_forward" (`grad_out` on the forward), is the one the registered
 operator runs for float32 and bfloat16 logits of up to 4 experts when autograd wants the gradient
-(`_utils.loss_design`; `ride_fast.ops.ride_loss.fused_loss_design`). Each program runs its row
+(`_utils.loss_design`; `ride_fast.ops.ride_loss_design.fused_loss_design`). Each program runs its row
 twice: the first pass as above, then, with the row's statistics in registers, the backward's pass
 (`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second pass reads the
 row the program has just read, from L2 if it is still there (rows in flight x row bytes: 3 x 132

@@ -17,7 +17,7 @@ from ride_fast.data.dataset import Batch
 from ride_fast.engine.distributed import DistContext, all_reduce_
 from ride_fast.engine.runtime import autocast_context, keep_host_memory, resolve_amp
 from ride_fast.engine.step_graph import WARMUP_CALLS, WARMUP_CALLS_DDP, CudaGraphBackend, StepGraphs
-from ride_fast.ops.ride_loss import scaled_before_backward
+from ride_fast.ops.ride_loss_design import scaled_before_backward
 
 
 class TrainStep:
@@ -191,7 +191,7 @@ class TrainStep:
         for i, (x, y) in enumerate(parts):
             weight = y.shape[0] / n  # 1 / accumulate_steps for equal micro-batches: the gradient of the batch mean
             with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
-                with scaled_before_backward():  # the loss's design (ride_fast.ops.ride_loss)
+                with scaled_before_backward():  # the loss's design (ride_fast.ops.ride_loss_design)
                     loss, logits = self.forward_loss(x, y, None if weight_sum is None else weight_sum * weight)
                 self.scaler.scale(loss * weight).backward()
             loss_sum = loss_sum + loss.detach().float() * weight

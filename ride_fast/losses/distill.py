@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ride_fast.losses.classification import ExpertLoss, check_logits_and_target, compute_dtype
-from ride_fast.ops.ride_loss import scaled_before_backward
+from ride_fast.ops.ride_loss_design import scaled_before_backward
 
 
 def distill_kl(student_mean_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -2,7 +2,6 @@
 from ride_fast.ops.distill import kd_loss, kd_loss_reference
 from ride_fast.ops.ride_loss import (
     call_path,
-    fused_loss_design,
     ran_ride_loss_op,
     check_ride_loss_inputs,
     ride_diversity_reference,
@@ -11,8 +10,8 @@ from ride_fast.ops.ride_loss import (
     ride_loss_fused,
     ride_loss_path,
     ride_loss_reference,
-    scaled_before_backward,
 )
+from ride_fast.ops.ride_loss_design import fused_loss_design, scaled_before_backward
 
 __all__ = [
     "call_path",

@@ -179,7 +179,7 @@ def test_micro_batches_keep_the_fused_loss_to_its_two_kernels(accumulate_steps, 
     not 1), so the step tells the fused loss (`scaled_before_backward`), which then runs its two
     kernels rather than write the gradient in its forward and compute it again; a whole-batch step
     does not. The design is read where the loss runs (float32 logits)."""
-    from ride_fast.ops.ride_loss import fused_loss_design
+    from ride_fast.ops.ride_loss_design import fused_loss_design
 
     torch.manual_seed(0)
     model = create_model("resnet32", num_classes=C, num_experts=E, batched=True).eval()

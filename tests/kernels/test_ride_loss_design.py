@@ -11,7 +11,8 @@ from ride_fast_kernels import _utils
 from ride_fast_kernels import ride_loss as kernels
 
 from ride_fast.losses.synthetic import ride_loss_inputs
-from ride_fast.ops.ride_loss import fused_loss_design, ride_loss_fused, scaled_before_backward
+from ride_fast.ops.ride_loss import ride_loss_fused
+from ride_fast.ops.ride_loss_design import fused_loss_design, scaled_before_backward
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

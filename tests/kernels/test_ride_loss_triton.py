@@ -20,7 +20,8 @@ from ride_fast.ops import ride_loss_fused
 from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward
 
 from ride_fast.losses.synthetic import ride_loss_inputs
-from ride_fast.ops.ride_loss import fused_loss_design, ride_loss, ride_loss_reference
+from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
+from ride_fast.ops.ride_loss_design import fused_loss_design
 
 # the interpreter converts 1-element arrays to ints (range over a runtime C); harmless
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

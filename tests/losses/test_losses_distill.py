@@ -1,14 +1,11 @@
 """Self-distillation wrapper (docs/method.md §4)."""
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ride_fast.losses import CrossEntropyLoss, RIDEDistillLoss, RIDELoss
 from ride_fast.losses.synthetic import ride_loss_inputs
-
-RIDE_LOSS_MODULE = importlib.import_module("ride_fast.ops.ride_loss")  # the package re-exports a function of that name
+from ride_fast.ops.ride_loss_design import _TRITON_INSTALLED
 
 COUNTS = [200, 60, 20, 9, 4, 1, 1]  # C = 7
 
@@ -104,13 +101,13 @@ class _DesignRecorder(CrossEntropyLoss):
         self.designs = []
 
     def forward(self, expert_logits, target, weight_sum=None):
-        from ride_fast.ops.ride_loss import fused_loss_design
+        from ride_fast.ops.ride_loss_design import fused_loss_design
 
         self.designs.append(fused_loss_design(expert_logits))
         return super().forward(expert_logits, target, weight_sum)
 
 
-@pytest.mark.skipif(not RIDE_LOSS_MODULE._TRITON_INSTALLED, reason="the fused loss's designs need triton")
+@pytest.mark.skipif(not _TRITON_INSTALLED, reason="the fused loss's designs need triton")
 def test_the_factor_E_keeps_the_fused_loss_to_its_two_kernels():
     """With scale_by_experts the base loss is multiplied by E before backward, so its grad_output
     is E: the fused loss then runs the two kernels (`scaled_before_backward`) rather than write the
