@@ -74,9 +74,10 @@ warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_b
 maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
 forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its "pairwise"
 variants with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
-programs); the compiler report checks every variant against it, without spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4
-and at 8 experts (16 KB in float32), about what an H100 / H200 SM needs to cover DRAM latency at
-full bandwidth (bandwidth x latency / SMs): three or four programs an SM leave room to spare.
+programs); the compiler report checks every variant against it, without spills. Each program
+keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4 and at 8 experts (16 KB
+in float32), about what an H100 / H200 SM needs to cover DRAM latency at full bandwidth
+(bandwidth x latency / SMs): three or four programs an SM leave room to spare.
 Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per program. At most
 8 experts (the model's own limit; more take the closed-form path). Expert offsets are 64-bit in
 the kernels (a launch passes strides below 2^31 as 32-bit integers, and (E - 1) B C may not fit).
@@ -90,12 +91,14 @@ the alternatives beside it.
 
 The second design, "grad_in_forward" (`grad_out` on the forward), is the one the registered
 operator runs for float32 and bfloat16 logits of up to 4 experts when autograd wants the gradient
-(`_utils.loss_design`; `ride_fast.ops.ride_loss_design.fused_loss_design`). Each program runs its row
-twice: the first pass as above, then, with the row's statistics in registers, the backward's pass
-(`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second pass reads the
-row the program has just read, from L2 if it is still there (rows in flight x row bytes: 3 x 132
-programs x 130 KB = 52 MB in float32 at (E, C) = (4, 8142), 26 MB in bfloat16, against a 50 MB
-L2), so the logits may cross DRAM once instead of twice. It meets the row's blocks in the reverse
+(`_utils.loss_design`; `ride_fast.ops.ride_loss_design.fused_loss_design`). Each program runs
+its row twice: the first pass as above, then, with the row's statistics (in registers, or read
+back from their store in the "mean" variants with temperatures, where holding them spilled), the
+backward's pass (`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second
+pass reads the row the program has just read, from L2 if it is still there (rows in flight x row
+bytes: 4 x 132 programs at 64 registers, all 512 rows x 130 KB = 67 MB in float32 at
+(E, C) = (4, 8142), 33 MB in bfloat16, against a 50 MB L2), so the logits may cross DRAM once
+instead of twice. It meets the row's blocks in the reverse
 of the first pass's order, so that a least-recently-used L2 serves the part of each row it still
 holds. The backward, told `grad_written`, reads
 grad_output and returns at once where it is 1, and recomputes the gradient (scaled, rounded once)
