@@ -248,7 +248,7 @@ def _ride_loss_fwd_kernel(
     # above before it: release; and the other programs' stores before the loads below: acquire)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == B - 1:
-        if HAS_WSUM:
+        if HAS_WSUM and not WRITE_GRAD:  # the gradient pass loaded it already
             w_div = tl.load(wsum_ptr)
         _finish(part_ptr, loss_ptr, aux_ptr, w_div, B, FINISH_BLOCK, HAS_WSUM or OWN_WSUM)
         tl.store(counter_ptr, 0)  # ready for the next call
