@@ -26,16 +26,18 @@ MAX_EXPERTS = 8
 #: The fused loss's two designs (kernels/ride_loss.py): "two_kernel", a forward that keeps per-row
 #: statistics and a backward that reads the logits again to write the gradient; "grad_in_forward",
 #: a forward that writes the gradient too, each row's second pass right after its first (from the
-#: L2), and a backward that keeps it where grad_output is 1.
+#: L2) for the grad_output its caller declares (1 unless the loss is multiplied before its
+#: backward), and a backward that keeps it where grad_output is that number.
 LOSS_DESIGNS = ("two_kernel", "grad_in_forward")
 
 #: Where "grad_in_forward" is the design a training step takes: float32 logits (what the cosine
 #: heads give, under autocast too) and bfloat16 ones, of up to 4 experts. There its kernel compiles
 #: within its register budget without spills (64 with LDAM's margins, 80 for "pairwise" with
-#: temperatures: `ride_loss.register_budget`; 5 to 8 experts spill outside the main loops), and the
-#: traffic model (benchmarks/loss_traffic.py) predicts it faster than the two kernels at
-#: (512, 4, 8142) in both dtypes, both DRW phases and both diversity modes (by 0.9 to 20 points of
-#: the floor). float16 steps go through GradScaler, whose grad_output is never 1.
+#: temperatures at 3 or 4 experts: `ride_loss.register_budget`; 5 to 8 experts spill outside the
+#: main loops), and the traffic model (benchmarks/loss_traffic.py) predicts it faster than the two
+#: kernels at (512, 4, 8142) in both dtypes, both DRW phases and both diversity modes (by 0.9 to 20
+#: points of the floor). float16 steps go through GradScaler, whose grad_output (the scale, on the device)
+#: the forward cannot know.
 GRAD_IN_FORWARD_MAX_EXPERTS = 4
 GRAD_IN_FORWARD_DTYPES = (torch.float32, torch.bfloat16)
 

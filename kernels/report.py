@@ -92,12 +92,13 @@ _FWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
     "stats_ptr": "*fp32", "part_ptr": "*fp32", "loss_ptr": "*fp32", "aux_ptr": "*fp32", "wsum_ptr": "*fp32",
     "counter_ptr": "*i32", "g_ptr": None, "E": "i32", "B": "i32", "C": "i32", "stride_ze": "i32", "stride_zb": "i32",
-    "stride_ge": "i32", "stride_gb": "i32", "div_scale": "fp32",
+    "stride_ge": "i32", "stride_gb": "i32", "div_scale": "fp32", "grad_scale": "fp32",
 }
 _BWD = {
     "z_ptr": None, "target_ptr": "*i64", "margin_ptr": "*fp32", "weight_ptr": "*fp32", "temp_ptr": "*fp32",
     "stats_ptr": "*fp32", "aux_ptr": "*fp32", "go_ptr": "*fp32", "g_ptr": None, "E": "i32", "B": "i32", "C": "i32",
     "stride_ze": "i32", "stride_zb": "i32", "stride_ge": "i32", "stride_gb": "i32", "div_scale": "fp32",
+    "written_scale": "fp32",
 }
 _CONSTEXPRS = ("HAS_MARGIN", "HAS_WEIGHT", "HAS_TEMP", "DIV_MODE", "E_BLOCK", "R", "V")
 #: integer arguments declared multiples of 16 (besides the pointers) per stride layout
@@ -255,7 +256,7 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     logits through shared memory with cp.async, read here as that loop's logit loads).
     kernels may name "fwdgrad": the forward that also writes the gradient (its row is that of the
     second pass, the gradient's); grad_written: the backward that returns at once where
-    grad_output is 1, which runs after it."""
+    grad_output is the number the forward wrote the gradient for, which runs after it."""
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
     r, v, warps = pick_tile(e_block, classes, itemsize)

@@ -73,7 +73,7 @@ thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classe
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
 maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
 forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its "pairwise"
-variants with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
+variants of 3-4 experts with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
 programs); the compiler report checks every variant against it, without spills. Each program
 keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4 and at 8 experts (16 KB
 in float32), about what an H100 / H200 SM needs to cover DRAM latency at full bandwidth
@@ -94,16 +94,18 @@ operator runs for float32 and bfloat16 logits of up to 4 experts when autograd w
 (`_utils.loss_design`; `ride_fast.ops.ride_loss_design.fused_loss_design`). Each program runs
 its row twice: the first pass as above, then, with the row's statistics (in registers, or read
 back from their store in the "mean" variants with temperatures, where holding them spilled), the
-backward's pass (`_bwd_row`, the same code) for grad_output = 1, writing the gradient. The second
+backward's pass (`_bwd_row`, the same code) for the grad_output the caller declares (`grad_scale`:
+1 for a loss taken as it is, a micro-batch's share or distillation's factor E for one multiplied
+before its backward), writing the gradient already scaled. The second
 pass reads the row the program has just read, from L2 if it is still there (rows in flight x row
 bytes: 4 x 132 programs at 64 registers, all 512 rows x 130 KB = 67 MB in float32 at
 (E, C) = (4, 8142), 33 MB in bfloat16, against a 50 MB L2), so the logits may cross DRAM once
 instead of twice. It meets the row's blocks in the reverse
 of the first pass's order, so that a least-recently-used L2 serves the part of each row it still
 holds. The backward, told `grad_written`, reads
-grad_output and returns at once where it is 1, and recomputes the gradient (scaled, rounded once)
-where it is not: GradScaler's float16 steps would pay both passes, so they keep the two
-kernels. With DRW weights the gradient pass needs the divisor sum_i w_{y_i} before the rows are
+grad_output and returns at once where it is that number, and recomputes the gradient (scaled,
+rounded once) where it is not: GradScaler's float16 steps (a scale on the device, unknown to the
+forward's caller) would pay both passes, so they keep the two kernels. With DRW weights the gradient pass needs the divisor sum_i w_{y_i} before the rows are
 summed: unless `weight_sum` is passed, every program sums it from the targets and weights between
 its two passes, in one fixed order (the same bits in each; the loss divides by it too). The
 gradient equals the backward's bit for bit given the same divisor (same statistics, same
@@ -116,6 +118,7 @@ logits' dtype.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from ride_fast_kernels._utils import (
@@ -145,10 +148,10 @@ REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
 #: The gradient-writing forward (`grad_out`) of up to 4 experts holds both passes' state: with LDAM's
 #: margins REGISTER_BUDGET_GRAD (four 8-warp programs an SM, so that 512 rows run in one wave), where
-#: every such variant compiles without spills but the "pairwise" ones with temperatures (16-156
-#: bytes at 64); those, and the plain-CE ones (12 bytes in two "mean" variants at 64), get
-#: REGISTER_BUDGET_GRAD_WIDE: the most that keeps three programs an SM, as REGISTER_BUDGET does,
-#: and enough for every one of them without spills (the compile test holds both).
+#: every such variant compiles without spills but the "pairwise" ones with temperatures of 3 or 4
+#: experts (80-88 bytes at 64); those, and the plain-CE ones (12 bytes in two "mean" variants at
+#: 64), get REGISTER_BUDGET_GRAD_WIDE: the most that keeps three programs an SM, as REGISTER_BUDGET
+#: does, and enough for every one of them without spills (the compile test holds both).
 REGISTER_BUDGET_GRAD = 64
 REGISTER_BUDGET_GRAD_WIDE = 80
 
@@ -156,12 +159,14 @@ REGISTER_BUDGET_GRAD_WIDE = 80
 def register_budget(e_block: int, itemsize: int, write_grad: bool = False, margins: bool = False,
                     pairwise_temps: bool = False) -> int:
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
-    every logits dtype); `write_grad`: the forward that writes the gradient, with `margins` or not,
-    and with the "pairwise" diversity term's temperatures (`pairwise_temps`) or not."""
+    every logits dtype); `write_grad`: the forward that writes
+    the gradient, with `margins` or not, and with the "pairwise" diversity term's temperatures
+    (`pairwise_temps`) or not."""
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
     if write_grad:
-        return REGISTER_BUDGET_GRAD if margins and not pairwise_temps else REGISTER_BUDGET_GRAD_WIDE
+        wide = not margins or (pairwise_temps and e_block > 2)
+        return REGISTER_BUDGET_GRAD_WIDE if wide else REGISTER_BUDGET_GRAD
     return REGISTER_BUDGET
 
 
@@ -238,6 +243,11 @@ def _check_grad_out(grad_out, expert_logits):
                          f"{tuple(grad_out.stride())}")
 
 
+def _check_grad_scale(grad_scale):
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be a finite number (the grad_output the written gradient is for), got {grad_scale!r}")
+
+
 def _prepare(expert_logits, target, margins, class_weights, temperature):
     """Unit class stride, contiguous target and float32 vectors; no checks (already validated)."""
     z = expert_logits.detach()
@@ -248,9 +258,10 @@ def _prepare(expert_logits, target, margins, class_weights, temperature):
 
 
 def _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-             block_c=None, stats_out=None, part_out=None, weight_sum=None, stages=1, max_registers=None, grad_out=None):
+             block_c=None, stats_out=None, part_out=None, weight_sum=None, stages=1, max_registers=None, grad_out=None,
+             grad_scale=1.0):
     """Launch forward + finish on prepared inputs: (loss [] float32, stats [B, 3, E], aux [1]).
-    With `grad_out` the forward also writes the gradient for grad_output = 1 there."""
+    With `grad_out` the forward also writes the gradient for grad_output = grad_scale there."""
     E, B, C = z.shape
     device = z.device
     stats = stats_out if stats_out is not None else torch.empty((B, 3, E), dtype=torch.float32, device=device)
@@ -273,6 +284,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             weight_sum.detach().reshape(1).to(torch.float32) if weight_sum is not None else dummy,
             counter, grad_out if grad_out is not None else z, E, B, C, z.stride(0), z.stride(1),
             *((grad_out.stride(0), grad_out.stride(1)) if grad_out is not None else (0, 0)), float(div_scale),
+            float(grad_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=has_temp,
             HAS_WSUM=weight_sum is not None, DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, FINISH_BLOCK=finish_block(warps),
             STAGES=stages, WRITE_GRAD=grad_out is not None,
@@ -285,10 +297,10 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
 
 def _backward(grad_output, z, target, margins, class_weights, temperature, stats, aux,
               diversity_factor, temperature_mean, diversity, block_c=None, grad_out=None, stages=1, max_registers=None,
-              grad_written=False):
+              grad_written=False, grad_scale=1.0):
     """Launch the backward on prepared inputs: grad_output * d loss / d z, [E, B, C] in z's dtype.
-    `grad_written`: `grad_out` holds the forward's gradient for grad_output = 1 (left as it is
-    where grad_output is 1, recomputed otherwise)."""
+    `grad_written`: `grad_out` holds the forward's gradient for grad_output = grad_scale (left as
+    it is where grad_output is that number, recomputed otherwise)."""
     E, B, C = z.shape
     g = grad_out if grad_out is not None else torch.empty((E, B, C), dtype=z.dtype, device=z.device)
     go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
@@ -302,7 +314,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
             margins if margins is not None else dummy,
             class_weights if class_weights is not None else dummy,
             temperature if temperature is not None else dummy,
-            stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale),
+            stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale), float(grad_scale),
             HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
             DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
             STAGES=stages, GRAD_WRITTEN=grad_written, num_warps=warps,
@@ -327,6 +339,7 @@ def ride_loss_forward(
     stages: int = 1,
     max_registers: int | None = None,
     grad_out: Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validate and launch the forward: (loss float32 scalar, stats [B, 3, E], aux [1]).
 
@@ -338,9 +351,10 @@ def ride_loss_forward(
     through shared memory) and `max_registers` (instead of `register_budget`) are tuning
     overrides that the GPU check times against the defaults; the results do not depend on them.
     `grad_out` ([E, B, C], the logits' dtype and device, unit class stride): the forward also writes the
-    gradient for grad_output = 1 there, in a second pass over each row right after its first,
-    which `ride_loss_backward(..., grad_out=grad_out, grad_written=True)` then keeps where
-    grad_output is 1 (the same bits it would compute) and recomputes otherwise. With DRW weights
+    gradient for grad_output = `grad_scale` there (rounded to float32; 1: the loss's own gradient),
+    in a second pass over each row right after its first, which
+    `ride_loss_backward(..., grad_out=grad_out, grad_written=True, grad_scale=grad_scale)` then
+    keeps where grad_output is that number (the same bits it would compute) and recomputes otherwise. With DRW weights
     and no `weight_sum` every program sums the divisor itself before its gradient pass (in another
     order than the last program's sum without `grad_out`: the loss and the gradient may differ
     from that path's in the last bit).
@@ -356,8 +370,9 @@ def ride_loss_forward(
         raise ValueError(f"weight_sum must be a one-element floating-point tensor on {z.device}, got shape "
                          f"{tuple(weight_sum.shape)} {weight_sum.dtype} on {weight_sum.device}")
     _check_grad_out(grad_out, expert_logits)
+    _check_grad_scale(grad_scale)
     return _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
-                    block_c, stats_out, part_out, weight_sum, stages, max_registers, grad_out)
+                    block_c, stats_out, part_out, weight_sum, stages, max_registers, grad_out, grad_scale)
 
 
 def ride_loss_backward(
@@ -377,13 +392,15 @@ def ride_loss_backward(
     stages: int = 1,
     max_registers: int | None = None,
     grad_written: bool = False,
+    grad_scale: float = 1.0,
 ) -> Tensor:
     """Validate and launch the backward: grad_output * d loss / d expert_logits, [E, B, C] in the
     logits' dtype, from the forward's `stats` and `aux`. `grad_out` is an optional output buffer
     ([E, B, C], the logits' dtype, unit class stride); `stages` and `max_registers` as in the
     forward. `grad_written`: `grad_out` is the buffer the forward wrote the gradient into (see
-    `ride_loss_forward`): where grad_output is 1 every program returns at once, reading nothing
-    else (a device-side test: no host sync, fit for a CUDA graph)."""
+    `ride_loss_forward`), for grad_output = `grad_scale`: where grad_output is that number every
+    program returns at once, reading nothing else (a device-side test: no host sync, fit for a
+    CUDA graph)."""
     target, margins, class_weights, temperature = _validate(expert_logits, target, margins, class_weights, temperature, diversity)
     _check_tuning(stages, max_registers)
     E, B, C = expert_logits.shape
@@ -394,6 +411,8 @@ def ride_loss_backward(
     _check_grad_out(grad_out, expert_logits)
     if grad_written and grad_out is None:
         raise ValueError("grad_written=True needs grad_out: the buffer the forward wrote the gradient into")
+    _check_grad_scale(grad_scale)
     z, target, margins, class_weights, temperature = _prepare(expert_logits, target, margins, class_weights, temperature)
     return _backward(grad_output, z, target, margins, class_weights, temperature, stats.contiguous(), aux,
-                     diversity_factor, temperature_mean, diversity, block_c, grad_out, stages, max_registers, grad_written)
+                     diversity_factor, temperature_mean, diversity, block_c, grad_out, stages, max_registers, grad_written,
+                     grad_scale)

@@ -99,11 +99,12 @@ def _ride_loss_fwd_kernel(
     stats_ptr, part_ptr, loss_ptr, aux_ptr,  # outputs: [B, 3, E], [B, 3], [], [1] float32
     wsum_ptr,  # [1] float32: the classification term's divisor when HAS_WSUM (else its own sum_i w_{y_i})
     counter_ptr,  # int32 ticket counter, 0 between calls (the last program resets it)
-    g_ptr,  # [E, B, C] output when WRITE_GRAD: d loss / d z for grad_output = 1, in z's dtype
+    g_ptr,  # [E, B, C] output when WRITE_GRAD: grad_scale * d loss / d z, in z's dtype
     E, B, C,
     stride_ze, stride_zb,  # logits strides (class stride is 1)
     stride_ge, stride_gb,  # gradient strides (WRITE_GRAD)
     div_scale,  # lam * Tm^2 / B ("mean") or lam * Tm^2 / (B (E-1)) ("pairwise")
+    grad_scale,  # WRITE_GRAD: the grad_output the gradient is written for (float32; 1 for a loss not scaled)
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr, HAS_WSUM: tl.constexpr,
     DIV_MODE: tl.constexpr,  # 0 none, 1 mean, 2 pairwise
     E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr, FINISH_BLOCK: tl.constexpr,
@@ -219,7 +220,7 @@ def _ride_loss_fwd_kernel(
     tl.store(part_ptr + row * 3 + 1, div_part)
     tl.store(part_ptr + row * 3 + 2, w_y)
     if WRITE_GRAD:
-        # the backward's row for grad_output = 1, from the statistics as the backward loads them
+        # the backward's row for grad_output = grad_scale, from the statistics as the backward loads them
         # (padded experts' as 0), through the same function: so the same bits; from the row's end.
         # It needs the divisor before the rows are summed: given, or summed by every program in one
         # fixed order (the same bits in each; L2 hits after the first)
@@ -241,7 +242,8 @@ def _ride_loss_fwd_kernel(
                 lse_u = tl.load(st + E, mask=e_mask, other=0.0)
         else:
             s2 = tl.where(e_mask, slot2, 0.0)
-        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_div, 1.0, lse_a, lse_u, s2, z_y, temp_ptr, g_ptr,
+        go = tl.cast(grad_scale, tl.float32)  # as the backward loads it (the interpreter passes a Python float)
+        _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_div, go, lse_a, lse_u, s2, z_y, temp_ptr, g_ptr,
                  row * stride_gb, stride_ge.to(tl.int64), div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES,
                  True)
     # the last program to finish reduces every row's partial sums (the atomic orders the stores
@@ -337,15 +339,16 @@ def _ride_loss_bwd_kernel(
     E, B, C,
     stride_ze, stride_zb, stride_ge, stride_gb,
     div_scale,
+    written_scale,  # GRAD_WRITTEN: the grad_output the forward wrote g for (float32)
     HAS_MARGIN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TEMP: tl.constexpr,
     DIV_MODE: tl.constexpr, E_BLOCK: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
     G_ALIGNED: tl.constexpr,  # (stride_gb - stride_zb) % 16 == 0
     STAGES: tl.constexpr = 1,  # as in the forward
-    GRAD_WRITTEN: tl.constexpr = False,  # the forward wrote g for grad_output = 1: nothing to do where it is 1
+    GRAD_WRITTEN: tl.constexpr = False,  # the forward wrote g for written_scale: nothing to do where grad_output is that
 ):
     go = tl.load(go_ptr).to(tl.float32)  # grad_output stays float32
     if GRAD_WRITTEN:
-        if go == 1.0:
+        if go == written_scale:
             return
     # rows in reverse order: the rows the forward read last are the likeliest still in L2
     stride_ze = stride_ze.to(tl.int64)  # expert offsets (E - 1) B C may pass 2^31 elements

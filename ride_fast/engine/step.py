@@ -191,7 +191,7 @@ class TrainStep:
         for i, (x, y) in enumerate(parts):
             weight = y.shape[0] / n  # 1 / accumulate_steps for equal micro-batches: the gradient of the batch mean
             with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
-                with scaled_before_backward():  # the loss's design (ride_fast.ops.ride_loss_design)
+                with scaled_before_backward(weight):  # the fused loss writes this share's gradient (ride_fast.ops.ride_loss_design)
                     loss, logits = self.forward_loss(x, y, None if weight_sum is None else weight_sum * weight)
                 self.scaler.scale(loss * weight).backward()
             loss_sum = loss_sum + loss.detach().float() * weight

@@ -84,8 +84,8 @@ class RIDEDistillLoss(ExpertLoss):
         if teacher_logits.device != expert_logits.device:
             raise ValueError(f"teacher_logits are on {teacher_logits.device} but expert_logits on {expert_logits.device}")
         student_mean = expert_logits.to(compute_dtype(expert_logits)).mean(0)  # [B, C], mean in float32
-        scaled = self.scale_by_experts and E != 1 and not torch.compiler.is_compiling()  # the fused loss's design
-        with scaled_before_backward() if scaled else contextlib.nullcontext():
+        scaled = self.scale_by_experts and E != 1 and not torch.compiler.is_compiling()  # the fused loss's gradient is written for E
+        with scaled_before_backward(E) if scaled else contextlib.nullcontext():
             base = self.base(expert_logits, target, weight_sum)
         loss = base + distill_kl(student_mean, teacher_logits, self.temperature)
         return loss * E if self.scale_by_experts else loss

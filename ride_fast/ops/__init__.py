@@ -11,10 +11,11 @@ from ride_fast.ops.ride_loss import (
     ride_loss_path,
     ride_loss_reference,
 )
-from ride_fast.ops.ride_loss_design import fused_loss_design, scaled_before_backward
+from ride_fast.ops.ride_loss_design import declared_grad_scale, fused_loss_design, scaled_before_backward
 
 __all__ = [
     "call_path",
+    "declared_grad_scale",
     "fused_loss_design",
     "ran_ride_loss_op",
     "check_ride_loss_inputs",

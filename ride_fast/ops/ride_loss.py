@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ride_fast.ops.ride_loss_analytic import _host_reads_are_free, _ride_loss_and_grad
-from ride_fast.ops.ride_loss_design import _TRITON_INSTALLED, _eager, fused_loss_design
+from ride_fast.ops.ride_loss_design import _TRITON_INSTALLED, _eager, declared_grad_scale, fused_loss_design
 
 Impl = Literal["auto", "reference", "triton"]
 
@@ -214,8 +214,9 @@ def call_path(
 # backward needs and carry no gradient. The Triton path keeps per-row statistics ([B, 3, E]) and
 # the weight sum ([1]); its backward kernel reads grad_output from device memory and writes the
 # scaled gradient once. With `grad_in_forward` its forward has written the gradient for
-# grad_output = 1 already (`written`, [E, B, C]), which the backward hands over, recomputed in
-# place first where grad_output is not 1 (a device-side test). The analytic path computes the
+# grad_output = grad_scale already (`written`, [E, B, C]; grad_scale is 1 unless the caller
+# declared the factor it multiplies the loss by, `scaled_before_backward`), which the backward
+# hands over, recomputed in place first where grad_output is another number (a device-side test). The analytic path computes the
 # gradient in the forward and keeps it ([E, B, C]; float32 for float16 logits, so that it is
 # rounded only after scaling); its backward multiplies by grad_output. One op, one fake
 # implementation, one autograd formula for all three.
@@ -244,6 +245,7 @@ def _ride_loss_op(
     need_grad: bool,
     weight_sum: Optional[Tensor] = None,
     grad_in_forward: bool = False,
+    grad_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     empty = expert_logits.new_empty(0)
     if use_triton:
@@ -251,7 +253,8 @@ def _ride_loss_op(
 
         args = _prepare(expert_logits, target, margins, class_weights, temperature)
         written = torch.empty(expert_logits.shape, dtype=expert_logits.dtype, device=expert_logits.device) if grad_in_forward else None
-        loss, stats, aux = _forward(*args, diversity_factor, temperature_mean, diversity, weight_sum=weight_sum, grad_out=written)
+        loss, stats, aux = _forward(*args, diversity_factor, temperature_mean, diversity, weight_sum=weight_sum, grad_out=written,
+                                    grad_scale=grad_scale)
         return loss, stats, aux, empty.clone() if written is None else written
     C = expert_logits.shape[2]
     bad = None
@@ -276,7 +279,7 @@ def _poisoned(loss: Tensor, bad: Tensor | None) -> Tensor:
 
 @_ride_loss_op.register_fake
 def _(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity, use_triton, need_grad,
-      weight_sum=None, grad_in_forward=False):
+      weight_sum=None, grad_in_forward=False, grad_scale=1.0):
     E, B, C = expert_logits.shape
     dtype = expert_logits.dtype
     loss = expert_logits.new_empty((), dtype=_compute_dtype(dtype))
@@ -317,7 +320,7 @@ def _(grad_output, expert_logits, target, margins, class_weights, temperature, s
 
 
 def _setup_context(ctx, inputs, output):
-    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _, _, _ = inputs  # aux holds weight_sum
+    z, target, margins, class_weights, temperature, lam, tm, diversity, use_triton, _, _, _, grad_scale = inputs  # aux holds weight_sum
     _, saved, aux, written = output
     ctx.mark_non_differentiable(saved, aux, written)
     ctx.set_materialize_grads(False)  # no [E, B, C] of zeros for the outputs that carry no gradient
@@ -332,6 +335,7 @@ def _setup_context(ctx, inputs, output):
     # the first backward can hand it over as the only reference (autograd then keeps it as a
     # leaf's .grad without a copy) and no later one finds it changed
     ctx.written = written if written.numel() else None
+    ctx.grad_scale = grad_scale  # the grad_output it was written for
 
 
 def _backward(ctx, grad_loss, _grad_saved, _grad_aux, _grad_written):
@@ -345,13 +349,14 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_aux, _grad_written):
                                "higher-order graph as a constant; use impl='reference' (loss.impl=reference) for "
                                "higher-order gradients")
         if written is not None and _eager(grad_loss):
-            # the forward's gradient for grad_output = 1, kept as it is where grad_output is 1 and
-            # recomputed in place (scaled, rounded once) otherwise: the kernel reads grad_output, so
-            # no host sync, and a captured step replays either case
+            # the forward's gradient for grad_output = grad_scale, kept as it is where grad_output is
+            # that number and recomputed in place (scaled, rounded once) otherwise: the kernel reads
+            # grad_output, so no host sync, and a captured step replays either case
             from ride_fast_kernels.ride_loss import _backward as launch_backward, _prepare
 
             args = _prepare(z, target, margins, class_weights, temperature)
-            grad = launch_backward(grad_loss, *args, saved, aux, lam, tm, diversity, grad_out=written, grad_written=True)
+            grad = launch_backward(grad_loss, *args, saved, aux, lam, tm, diversity, grad_out=written, grad_written=True,
+                                   grad_scale=ctx.grad_scale)
         elif (
             not use_triton
             and _eager(grad_loss)
@@ -364,7 +369,7 @@ def _backward(ctx, grad_loss, _grad_saved, _grad_aux, _grad_written):
             grad = saved
         else:
             grad = _ride_loss_backward_op(grad_loss, z, target, margins, class_weights, temperature, saved, aux, lam, tm, diversity, use_triton)
-    return grad, None, None, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _ride_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -463,11 +468,14 @@ def _ride_loss_checked(
 def _run_op(expert_logits, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
             use_triton: bool, weight_sum: Tensor | None = None) -> Tensor:
     """The registered operator's loss, asking for the gradient only where autograd will want it,
-    from the forward where `fused_loss_design` says so."""
+    from the forward where `fused_loss_design` says so (for the factor the caller multiplies the loss
+    by before its backward, `declared_grad_scale`)."""
     need_grad = expert_logits.requires_grad and torch.is_grad_enabled()
     grad_in_forward = use_triton and need_grad and fused_loss_design(expert_logits) == "grad_in_forward"
+    grad_scale = declared_grad_scale() if grad_in_forward else 1.0
     loss, _, _, _ = _ride_loss_op(expert_logits, target, margins, class_weights, temperature, float(diversity_factor),
-                                  float(temperature_mean), diversity, use_triton, need_grad, weight_sum, grad_in_forward)
+                                  float(temperature_mean), diversity, use_triton, need_grad, weight_sum, grad_in_forward,
+                                  grad_scale)
     return loss
 
 

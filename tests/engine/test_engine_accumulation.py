@@ -173,20 +173,30 @@ def test_fp16_grad_scaler_scales_every_micro_batch_and_steps_and_updates_once():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the fused loss's designs need triton")
-@pytest.mark.parametrize("accumulate_steps,expected", [(1, "grad_in_forward"), (2, "two_kernel")])
-def test_micro_batches_keep_the_fused_loss_to_its_two_kernels(accumulate_steps, expected, monkeypatch):
-    """A micro-batch's loss is multiplied by its share of the batch before backward (grad_output
-    not 1), so the step tells the fused loss (`scaled_before_backward`), which then runs its two
-    kernels rather than write the gradient in its forward and compute it again; a whole-batch step
-    does not. The design is read where the loss runs (float32 logits)."""
-    from ride_fast.ops.ride_loss_design import fused_loss_design
+@pytest.mark.parametrize("accumulate_steps,shares", [(1, [1.0]), (2, [4 / 7, 3 / 7]), (3, [3 / 7, 2 / 7, 2 / 7])])
+def test_micro_batches_declare_their_share_to_the_fused_loss(accumulate_steps, shares, monkeypatch):
+    """A micro-batch's loss is multiplied by its share of the batch before backward, so the step
+    declares that share (`scaled_before_backward`): the fused loss writes its gradient in the
+    forward for exactly the grad_output autograd then brings (float32), and its backward keeps it.
+    Read where the loss runs (float32 logits; the CPU's loss runs the analytic path, the
+    declaration is the same)."""
+    from ride_fast.ops.ride_loss_design import declared_grad_scale, fused_loss_design
 
     torch.manual_seed(0)
     model = create_model("resnet32", num_classes=C, num_experts=E, batched=True).eval()
     crit = build_loss(LossConfig(name="ride", reweight_epoch=1), COUNTS)
-    seen, forward = [], type(crit).forward
-    monkeypatch.setattr(type(crit), "forward", lambda self, z, *a, **kw: seen.append(fused_loss_design(z)) or forward(self, z, *a, **kw))
+    seen, grad_outputs, forward = [], [], type(crit).forward
+
+    def recording(self, z, *a, **kw):
+        seen.append((fused_loss_design(z), declared_grad_scale()))
+        loss = forward(self, z, *a, **kw)
+        loss.register_hook(lambda g: grad_outputs.append(float(g)))
+        return loss
+
+    monkeypatch.setattr(type(crit), "forward", recording)
     opt = build_optimizer(model, OptimConfig(lr=0.1), torch.device("cpu"))
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    x, y = torch.randn(7, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1])
     TrainStep(model, crit, opt, device=torch.device("cpu"), amp="none", accumulate_steps=accumulate_steps)(x, y)
-    assert seen == [expected] * accumulate_steps
+    expected = [float(torch.tensor(s, dtype=torch.float32)) for s in shares]
+    assert seen == [("grad_in_forward", s) for s in expected]
+    assert grad_outputs == expected, "the grad_output the loss gets is not the one declared"

@@ -12,7 +12,7 @@ from ride_fast_kernels import ride_loss as kernels
 
 from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss_fused
-from ride_fast.ops.ride_loss_design import fused_loss_design, scaled_before_backward
+from ride_fast.ops.ride_loss_design import declared_grad_scale, fused_loss_design, scaled_before_backward
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -34,17 +34,28 @@ def inputs(E=3, B=4, C=40, dtype=torch.float32, seed=0, phase=1):
 @pytest.fixture
 def launches(monkeypatch):
     """What each forward and backward launch of the kernels was given: the forward's gradient
-    buffer (its data pointer, or None) and the backward's grad_written flag."""
-    seen = {"forward": [], "backward": []}
+    buffer (its data pointer, or None) and grad_scale, the backward's grad_written flag, and
+    whether a backward told grad_written kept the forward's gradient (returned without writing:
+    the buffer, poisoned with NaN just before the launch, is still NaN, and gets its values back)."""
+    seen = {"forward": [], "backward": [], "scale": [], "kept": []}
     forward, backward = kernels._forward, kernels._backward
 
-    def record_forward(*args, grad_out=None, **kw):
+    def record_forward(*args, grad_out=None, grad_scale=1.0, **kw):
         seen["forward"].append(None if grad_out is None else grad_out.data_ptr())
-        return forward(*args, grad_out=grad_out, **kw)
+        seen["scale"].append(grad_scale)
+        return forward(*args, grad_out=grad_out, grad_scale=grad_scale, **kw)
 
-    def record_backward(*args, grad_written=False, **kw):
+    def record_backward(*args, grad_written=False, grad_out=None, **kw):
         seen["backward"].append(grad_written)
-        return backward(*args, grad_written=grad_written, **kw)
+        if not grad_written:
+            return backward(*args, grad_written=grad_written, grad_out=grad_out, **kw)
+        values = grad_out.clone()
+        grad_out.fill_(float("nan"))
+        grad = backward(*args, grad_written=grad_written, grad_out=grad_out, **kw)
+        seen["kept"].append(bool(torch.isnan(grad).all()))
+        if seen["kept"][-1]:
+            grad.copy_(values)
+        return grad
 
     monkeypatch.setattr(kernels, "_forward", record_forward)
     monkeypatch.setattr(kernels, "_backward", record_backward)
@@ -68,7 +79,7 @@ def test_the_forwards_gradient_is_handed_over(diversity, dtype, phase, launches,
     z, y, m, w, t, ws = inputs(dtype=dtype, seed=1, phase=phase)
     assert fused_loss_design(z) == "grad_in_forward"
     loss, grad = loss_and_grad(z, y, m, w, t, ws, diversity)
-    assert launches["forward"] == [grad.data_ptr()] and launches["backward"] == [True]
+    assert launches["forward"] == [grad.data_ptr()] and launches["backward"] == [True] and launches["kept"] == [True]
     monkeypatch.setenv("RIDE_FAST_LOSS_DESIGN", "two_kernel")
     loss2, grad2 = loss_and_grad(z, y, m, w, t, ws, diversity)
     assert launches["forward"][1] is None and launches["backward"][1] is False
@@ -80,7 +91,7 @@ def test_grad_output_not_one_recomputes_in_place(launches, monkeypatch):
     forward's buffer, scaled and rounded once: the two-kernel design's bits."""
     z, y, m, w, t, ws = inputs(seed=2)
     _, grad = loss_and_grad(z, y, m, w, t, ws, "pairwise", grad_output=2.5)
-    assert launches["forward"] == [grad.data_ptr()]
+    assert launches["forward"] == [grad.data_ptr()] and launches["kept"] == [False]
     monkeypatch.setenv("RIDE_FAST_LOSS_DESIGN", "two_kernel")
     _, grad2 = loss_and_grad(z, y, m, w, t, ws, "pairwise", grad_output=2.5)
     assert torch.equal(grad, grad2)
@@ -156,27 +167,49 @@ def test_float16_autocast_runs_the_two_kernels(launches):
     assert launches["forward"] == [None] and launches["backward"] == [False]
 
 
-def test_a_loss_scaled_before_backward_runs_the_two_kernels(launches):
-    """Inside `scaled_before_backward` (a micro-batch's share, distillation's factor E) the forward
-    writes no gradient: the two kernels' backward applies the factor; outside it, it does again."""
-    z, y, m, w, t, ws = inputs(seed=7)
-    with scaled_before_backward():
-        assert fused_loss_design(z) == "two_kernel"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_loss_scaled_before_backward_gets_its_gradient_written_for_the_factor(dtype, launches, monkeypatch):
+    """Inside `scaled_before_backward(factor)` (a micro-batch's share, distillation's factor E,
+    nested: outer first) the forward writes the gradient for the grad_output autograd will form,
+    float32 products in the order of the multiplications, and the backward keeps it: the two-kernel
+    design's gradient bit for bit, in one pass. A factor left undeclared (None) runs the two
+    kernels; outside any declaration the scale is 1 again."""
+    z, y, m, w, t, ws = inputs(dtype=dtype, seed=7)
+    share, experts = 1 / 7, 3  # a micro-batch of 1 image in 7, distillation's E: float32(share) x 3 != float32(3 / 7)
+    x = z.clone().requires_grad_()
+    with scaled_before_backward(share):
+        with scaled_before_backward(experts):
+            assert fused_loss_design(z) == "grad_in_forward"
+            assert declared_grad_scale() == float(torch.tensor(share, dtype=torch.float32) * experts)
+            loss = ride_loss_fused(x, y, m, w, t, LAMBDA, TM, "pairwise", weight_sum=ws)
+    ((loss * experts) * share).backward()
+    assert launches["forward"] == [x.grad.data_ptr()] and launches["kept"] == [True]
+    assert launches["scale"] == [float(torch.tensor(share, dtype=torch.float32) * experts)]
+    assert declared_grad_scale() == 1.0
+    monkeypatch.setenv("RIDE_FAST_LOSS_DESIGN", "two_kernel")
+    x2 = z.clone().requires_grad_()
+    ((ride_loss_fused(x2, y, m, w, t, LAMBDA, TM, "pairwise", weight_sum=ws) * experts) * share).backward()
+    assert torch.equal(x.grad, x2.grad)
+    monkeypatch.delenv("RIDE_FAST_LOSS_DESIGN")
+    with scaled_before_backward(0.5), scaled_before_backward(None):
+        assert declared_grad_scale() is None and fused_loss_design(z) == "two_kernel"
         _, grad = loss_and_grad(z, y, m, w, t, ws, grad_output=0.5)
-    assert fused_loss_design(z) == "grad_in_forward"
-    assert launches["forward"] == [None] and launches["backward"] == [False]
-    _, grad2 = loss_and_grad(z, y, m, w, t, ws, grad_output=0.5)
-    assert launches["forward"][1] == grad2.data_ptr() and torch.equal(grad, grad2)
+    assert launches["forward"][2:] == [None] and launches["backward"][2:] == [False]
+    with pytest.raises(ValueError, match="factor must be a finite number or None"):
+        with scaled_before_backward(float("nan")):
+            pass
 
 
 def test_register_budget_of_each_design():
     """72 registers up to 4 experts (three 8-warp programs an SM), 128 beyond (4-warp programs);
     the gradient-writing forward 64 with LDAM's margins (four programs an SM, 512 rows in one
-    wave) and 80 for its "pairwise" variants with temperatures and for plain CE (three an SM), the
+    wave) and 80 for its "pairwise" variants of 3 or 4 experts with temperatures and for
+    plain CE (three an SM), the
     budgets at which every variant compiles without spills (tests/kernels/test_kernels_compile_sm90.py)."""
     budget = kernels.register_budget
     assert budget(4, 4) == budget(4, 2, write_grad=False, margins=True) == 72
     assert budget(4, 4, write_grad=True, margins=True) == budget(1, 2, True, True, False) == 64
     assert budget(4, 4, write_grad=True, margins=True, pairwise_temps=True) == 80
+    assert budget(2, 4, write_grad=True, margins=True, pairwise_temps=True) == 64  # 2 experts fit
     assert budget(4, 4, write_grad=True, margins=False) == 80  # plain CE
     assert budget(8, 4, write_grad=True, margins=True) == 128

@@ -21,7 +21,7 @@ from ride_fast_kernels.ride_loss import ride_loss_backward, ride_loss_forward
 
 from ride_fast.losses.synthetic import ride_loss_inputs
 from ride_fast.ops.ride_loss import ride_loss, ride_loss_reference
-from ride_fast.ops.ride_loss_design import fused_loss_design
+from ride_fast.ops.ride_loss_design import fused_loss_design, scaled_before_backward
 
 # the interpreter converts 1-element arrays to ints (range over a runtime C); harmless
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -461,6 +461,33 @@ def test_forward_written_gradient_is_the_backwards(E, phase2, diversity):
     assert torch.equal(recomputed, g_own)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("diversity", ["mean", "pairwise"])
+def test_forward_written_gradient_for_a_declared_scale(diversity, dtype):
+    """`grad_scale` on the forward: the gradient written for grad_output = 1/3 (a micro-batch's
+    share) is the backward's at 1/3 bit for bit, scaled before its one rounding. The backward told
+    the same number keeps the buffer without touching it (poisoned here after the forward, it
+    stays poisoned), and recomputes it for any other grad_output."""
+    z, y, m, w, t = make_inputs(3, 5, 83, dtype=dtype, seed=11)
+    ws = w[y].sum().reshape(1)
+    scale = float(torch.tensor(1 / 3, dtype=torch.float32))
+    _, stats, aux = ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, weight_sum=ws)
+    third, one = torch.tensor(scale, device=z.device), torch.tensor(1.0, device=z.device)
+    expected = ride_loss_backward(third, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=16)
+    written = torch.full_like(z, float("nan"))
+    ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, block_c=16, weight_sum=ws, grad_out=written, grad_scale=scale)
+    assert torch.equal(written, expected)
+    poisoned = torch.full_like(z, float("nan"))
+    kept = ride_loss_backward(third, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=16, grad_out=poisoned,
+                              grad_written=True, grad_scale=scale)
+    assert kept is poisoned and torch.isnan(kept).all(), "the backward wrote a gradient the forward had written"
+    redone = ride_loss_backward(one, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=16, grad_out=written.clone(),
+                                grad_written=True, grad_scale=scale)
+    assert torch.equal(redone, ride_loss_backward(one, z, y, m, w, t, stats, aux, LAMBDA, TM, diversity, block_c=16))
+    with pytest.raises(ValueError, match="grad_scale must be a finite number"):
+        ride_loss_forward(z, y, m, w, t, LAMBDA, TM, diversity, grad_out=written, grad_scale=float("inf"))
+
+
 @pytest.mark.parametrize("diversity", ["mean", "pairwise"])
 def test_forward_written_gradient_fp16_scaled(diversity):
     """float16 with GradScaler's grad_output: the gradient the forward wrote (unscaled) is not
@@ -574,6 +601,14 @@ def test_gpu_full_size(B, E, C, dtype, diversity):
     x = z.clone().requires_grad_()
     ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto").backward()
     torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+    if fused_loss_design(z) == "grad_in_forward":
+        # a loss multiplied by a declared factor (a micro-batch's share): the forward writes the
+        # gradient for it; a power of two scales every float32 and bfloat16 rounding exactly
+        x = z.clone().requires_grad_()
+        with scaled_before_backward(0.25):
+            loss = ride_loss(x, y, m, w, t, LAMBDA, TM, diversity, impl="auto")
+        (loss * 0.25).backward()
+        torch.testing.assert_close(x.grad, grad * 0.25, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

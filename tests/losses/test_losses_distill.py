@@ -1,11 +1,13 @@
 """Self-distillation wrapper (docs/method.md §4)."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ride_fast.losses import CrossEntropyLoss, RIDEDistillLoss, RIDELoss
 from ride_fast.losses.synthetic import ride_loss_inputs
-from ride_fast.ops.ride_loss_design import _TRITON_INSTALLED
+from ride_fast.ops.ride_loss_design import _TRITON_INSTALLED, scaled_before_backward
 
 COUNTS = [200, 60, 20, 9, 4, 1, 1]  # C = 7
 
@@ -98,25 +100,36 @@ class _DesignRecorder(CrossEntropyLoss):
 
     def __init__(self):
         super().__init__(impl="reference")
-        self.designs = []
+        self.designs, self.grad_outputs = [], []
 
     def forward(self, expert_logits, target, weight_sum=None):
-        from ride_fast.ops.ride_loss_design import fused_loss_design
+        from ride_fast.ops.ride_loss_design import declared_grad_scale, fused_loss_design
 
-        self.designs.append(fused_loss_design(expert_logits))
-        return super().forward(expert_logits, target, weight_sum)
+        self.designs.append((fused_loss_design(expert_logits), declared_grad_scale()))
+        loss = super().forward(expert_logits, target, weight_sum)
+        if loss.requires_grad:
+            loss.register_hook(lambda g: self.grad_outputs.append(float(g)))
+        return loss
 
 
 @pytest.mark.skipif(not _TRITON_INSTALLED, reason="the fused loss's designs need triton")
-def test_the_factor_E_keeps_the_fused_loss_to_its_two_kernels():
+def test_the_factor_E_is_declared_to_the_fused_loss():
     """With scale_by_experts the base loss is multiplied by E before backward, so its grad_output
-    is E: the fused loss then runs the two kernels (`scaled_before_backward`) rather than write the
-    gradient in its forward and compute it again; without the factor (or with one expert) it
-    writes it in its forward (float32 logits)."""
+    is E: the distillation loss declares it (`scaled_before_backward`), and the fused loss writes
+    its gradient in the forward for that grad_output; inside a micro-batch's declared share the
+    two multiply (float32, the share first, as autograd forms them). Checked against the
+    grad_output the base loss gets."""
     student, target, teacher = _inputs(3, 6, 7, dtype=torch.float32)
-    designs = {}
-    for name, scale_by_experts, logits in (("E", True, student), ("no_factor", False, student), ("one_expert", True, student[:1])):
+    seen = {}
+    for name, scale_by_experts, logits, share in (("E", True, student, None), ("no_factor", False, student, None),
+                                                   ("one_expert", True, student[:1], None), ("E_share", True, student, 1 / 7)):
         base = _DesignRecorder()
-        RIDEDistillLoss(base, temperature=1.5, scale_by_experts=scale_by_experts)(logits, target, teacher)
-        designs[name] = base.designs
-    assert designs == {"E": ["two_kernel"], "no_factor": ["grad_in_forward"], "one_expert": ["grad_in_forward"]}
+        x = logits.clone().requires_grad_()
+        with scaled_before_backward(share) if share else contextlib.nullcontext():
+            loss = RIDEDistillLoss(base, temperature=1.5, scale_by_experts=scale_by_experts)(x, target, teacher)
+        (loss * share if share else loss).backward()
+        seen[name] = base.designs, base.grad_outputs
+    three_sevenths = float(torch.tensor(1 / 7, dtype=torch.float32) * 3)  # 0.42857146, not float32(3 / 7)
+    assert seen == {"E": ([("grad_in_forward", 3.0)], [3.0]), "no_factor": ([("grad_in_forward", 1.0)], [1.0]),
+                    "one_expert": ([("grad_in_forward", 1.0)], [1.0]),
+                    "E_share": ([("grad_in_forward", three_sevenths)], [three_sevenths])}
