@@ -32,8 +32,8 @@ LOSS_DESIGNS = ("two_kernel", "grad_in_forward")
 
 #: Where "grad_in_forward" is the design a training step takes: float32 logits (what the cosine
 #: heads give, under autocast too) and bfloat16 ones, of up to 4 experts. There its kernel compiles
-#: within its register budget without spills (64 with LDAM's margins, 80 for "pairwise" with
-#: temperatures at 3 or 4 experts: `ride_loss.register_budget`; 5 to 8 experts spill outside the
+#: within its register budget without spills (64 with LDAM's margins, 80 for float32 "pairwise"
+#: with temperatures at 3 or 4 experts: `ride_loss.register_budget`; 5 to 8 experts spill outside the
 #: main loops), and the traffic model (benchmarks/loss_traffic.py) predicts it faster than the two
 #: kernels at (512, 4, 8142) in both dtypes, both DRW phases and both diversity modes (by 0.9 to 20
 #: points of the floor). float16 steps go through GradScaler, whose grad_output (the scale, on the device)

@@ -72,8 +72,8 @@ V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 exper
 thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
 maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
-forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its "pairwise"
-variants of 3-4 experts with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
+forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its float32
+"pairwise" variants of 3-4 experts with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
 programs); the compiler report checks every variant against it, without spills. Each program
 keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4 and at 8 experts (16 KB
 in float32), about what an H100 / H200 SM needs to cover DRAM latency at full bandwidth
@@ -148,9 +148,10 @@ REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
 #: The gradient-writing forward (`grad_out`) of up to 4 experts holds both passes' state: with LDAM's
 #: margins REGISTER_BUDGET_GRAD (four 8-warp programs an SM, so that 512 rows run in one wave), where
-#: every such variant compiles without spills but the "pairwise" ones with temperatures of 3 or 4
-#: experts (80-88 bytes at 64); those, and the plain-CE ones (12 bytes in two "mean" variants at
-#: 64), get REGISTER_BUDGET_GRAD_WIDE: the most that keeps three programs an SM, as REGISTER_BUDGET
+#: every such variant compiles without spills but the float32 "pairwise" ones with temperatures of 3
+#: or 4 experts (80-88 bytes at 64; the 2-byte ones fit by loading the target's logits late and
+#: reading lse(a_k) back); those, and the plain-CE ones (12 bytes in two "mean" variants at 64),
+#: get REGISTER_BUDGET_GRAD_WIDE: the most that keeps three programs an SM, as REGISTER_BUDGET
 #: does, and enough for every one of them without spills (the compile test holds both).
 REGISTER_BUDGET_GRAD = 64
 REGISTER_BUDGET_GRAD_WIDE = 80
@@ -159,13 +160,13 @@ REGISTER_BUDGET_GRAD_WIDE = 80
 def register_budget(e_block: int, itemsize: int, write_grad: bool = False, margins: bool = False,
                     pairwise_temps: bool = False) -> int:
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
-    every logits dtype); `write_grad`: the forward that writes
+    every logits dtype but in the gradient-writing forward); `write_grad`: the forward that writes
     the gradient, with `margins` or not, and with the "pairwise" diversity term's temperatures
     (`pairwise_temps`) or not."""
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
     if write_grad:
-        wide = not margins or (pairwise_temps and e_block > 2)
+        wide = not margins or (pairwise_temps and e_block > 2 and itemsize == 4)
         return REGISTER_BUDGET_GRAD_WIDE if wide else REGISTER_BUDGET_GRAD
     return REGISTER_BUDGET
 

@@ -76,6 +76,24 @@ def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
 
 
 @triton.jit
+def _margin(margin_ptr, y, y_ok, HAS_MARGIN: tl.constexpr):
+    """The target's margin m_y (0 without margins or for an out-of-range target)."""
+    if HAS_MARGIN:
+        m_y = tl.load(margin_ptr + y, mask=y_ok, other=0.0)
+    else:
+        m_y = 0.0
+    return m_y
+
+
+@triton.jit
+def _target_logits(z_ptr, z_row, ze_off, e_mask, y, y_ok, m_y):
+    """The target's logits z_y and a_y = z_y - m_y of each expert ([E_BLOCK], float32; padded
+    experts and an out-of-range target read 0)."""
+    z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
+    return z_y, z_y - m_y
+
+
+@triton.jit
 def _join3(a, b, c):
     """Three tensors of one shape as one, [..., 2, 2] (c twice; `_split3` takes them apart), so
     that a reduction over threads (axis 0) crosses them in one pass of shuffles and one exchange
@@ -122,16 +140,19 @@ def _ride_loss_fwd_kernel(
 
     y = tl.load(target_ptr + row).to(tl.int32)
     y_ok = (y >= 0) & (y < C)
-    if HAS_MARGIN:
-        m_y = tl.load(margin_ptr + y, mask=y_ok, other=0.0)
-    else:
-        m_y = 0.0
+    # the "pairwise" gradient-writing forward of 2-byte logits with temperatures loads the target's
+    # margin and logits after its first pass (`_target_logits`), where they are used: held through
+    # it, they spill at 64 registers (float32 logits keep 80: there the late loads spill more)
+    LATE_TARGET: tl.constexpr = (WRITE_GRAD and HAS_MARGIN and HAS_TEMP and DIV_MODE == 2
+                                 and z_ptr.dtype.element_ty.primitive_bitwidth == 16)
+    if not LATE_TARGET:
+        m_y = _margin(margin_ptr, y, y_ok, HAS_MARGIN)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
     else:
         w_y = 1.0
-    z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
-    a_y = z_y - m_y
+    if not LATE_TARGET:
+        z_y, a_y = _target_logits(z_ptr, z_row, ze_off, e_mask, y, y_ok, m_y)
     OWN_WSUM: tl.constexpr = WRITE_GRAD and HAS_WEIGHT and not HAS_WSUM
     w_div = B * 1.0  # the classification term's divisor without weights, sum_i 1
 
@@ -158,6 +179,9 @@ def _ride_loss_fwd_kernel(
             n_z, s_rest, n_u, s_u, t_k, n_v, s_v, z_ptr, z_al, stride_ze, E, cls, C - start, y - start,
             temp_ptr + start, inv_e, R, V, E_BLOCK, False, HAS_TEMP, DIV_MODE)
 
+    if LATE_TARGET:
+        m_y = _margin(margin_ptr, y, y_ok, HAS_MARGIN)
+        z_y, a_y = _target_logits(z_ptr, z_row, ze_off, e_mask, y, y_ok, m_y)
     # across threads, once per row: one reduction for the maxima (bottom = -max), one for the sums,
     # each of the values joined (`_join3`)
     if DIV_MODE == 1:
@@ -242,6 +266,11 @@ def _ride_loss_fwd_kernel(
                 lse_u = tl.load(st + E, mask=e_mask, other=0.0)
         else:
             s2 = tl.where(e_mask, slot2, 0.0)
+            if LATE_TARGET:
+                # lse(a_k) read back as stored (as "mean" does), which leaves the first pass's
+                # masked blocks without spills at 64 registers
+                tl.debug_barrier()  # the statistics this program stored, visible to all its threads
+                lse_a = tl.load(stats_ptr + row * 3 * E + offs_e, mask=e_mask, other=0.0)
         go = tl.cast(grad_scale, tl.float32)  # as the backward loads it (the interpreter passes a Python float)
         _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, w_div, go, lse_a, lse_u, s2, z_y, temp_ptr, g_ptr,
                  row * stride_gb, stride_ge.to(tl.int64), div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES,

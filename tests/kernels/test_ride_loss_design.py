@@ -203,7 +203,7 @@ def test_a_loss_scaled_before_backward_gets_its_gradient_written_for_the_factor(
 def test_register_budget_of_each_design():
     """72 registers up to 4 experts (three 8-warp programs an SM), 128 beyond (4-warp programs);
     the gradient-writing forward 64 with LDAM's margins (four programs an SM, 512 rows in one
-    wave) and 80 for its "pairwise" variants of 3 or 4 experts with temperatures and for
+    wave) and 80 for its float32 "pairwise" variants of 3 or 4 experts with temperatures and for
     plain CE (three an SM), the
     budgets at which every variant compiles without spills (tests/kernels/test_kernels_compile_sm90.py)."""
     budget = kernels.register_budget
@@ -211,5 +211,6 @@ def test_register_budget_of_each_design():
     assert budget(4, 4, write_grad=True, margins=True) == budget(1, 2, True, True, False) == 64
     assert budget(4, 4, write_grad=True, margins=True, pairwise_temps=True) == 80
     assert budget(2, 4, write_grad=True, margins=True, pairwise_temps=True) == 64  # 2 experts fit
+    assert budget(4, 2, write_grad=True, margins=True, pairwise_temps=True) == 64  # so do 2-byte logits
     assert budget(4, 4, write_grad=True, margins=False) == 80  # plain CE
     assert budget(8, 4, write_grad=True, margins=True) == 128
