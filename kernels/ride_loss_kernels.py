@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from ride_fast_kernels.ride_loss_tiles import (_exp2_fma, _exp2i, _inv_temp, _load_tile, _rest_classes, _row_split,
-                                                _store_tile)
+from ride_fast_kernels.ride_loss_tiles import (_exp2_fma, _exp2i, _inv_temp, _join3, _load_tile, _margin, _rest_classes,
+                                                _row_split, _split3, _store_tile, _target_logits)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -73,42 +73,6 @@ def _fwd_tile(n_z, s_rest, n_u, s_u, t_k, n_v, s_v,
             s_v = s_v * _exp2i(nv_new - n_v) + tl.sum(_exp2_fma(nv_new[:, None] - v_e * inv_e, MASKED), axis=1)
             n_v = nv_new
     return nz_new, s_rest, n_u, s_u, t_k, n_v, s_v
-
-
-@triton.jit
-def _margin(margin_ptr, y, y_ok, HAS_MARGIN: tl.constexpr):
-    """The target's margin m_y (0 without margins or for an out-of-range target)."""
-    if HAS_MARGIN:
-        m_y = tl.load(margin_ptr + y, mask=y_ok, other=0.0)
-    else:
-        m_y = 0.0
-    return m_y
-
-
-@triton.jit
-def _target_logits(z_ptr, z_row, ze_off, e_mask, y, y_ok, m_y):
-    """The target's logits z_y and a_y = z_y - m_y of each expert ([E_BLOCK], float32; padded
-    experts and an out-of-range target read 0)."""
-    z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
-    return z_y, z_y - m_y
-
-
-@triton.jit
-def _join3(a, b, c):
-    """Three tensors of one shape as one, [..., 2, 2] (c twice; `_split3` takes them apart), so
-    that a reduction over threads (axis 0) crosses them in one pass of shuffles and one exchange
-    through shared memory, as it does a joined pair: the forward's row end and its last program
-    reduce all their values in one reduction per operation. (A tuple of operands would cross
-    shared memory one operand at a time.)"""
-    return tl.join(tl.join(a, b), tl.join(c, c))
-
-
-@triton.jit
-def _split3(x):
-    """The three tensors of a `_join3` (reduced or not)."""
-    ab, cc = tl.split(x)
-    a, b = tl.split(ab)
-    return a, b, tl.split(cc)[0]
 
 
 @triton.jit

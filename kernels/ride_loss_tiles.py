@@ -3,7 +3,9 @@ row's classes run (`_row_split`, `_rest_classes`: the unmasked main loop, then t
 head together as masked blocks), loading and storing a [R, V, E_BLOCK] tile with the experts
 joined inside each thread (`_load_tile`, `_store_tile`), the per-class 1 / T (`_inv_temp`), and
 the float arithmetic kept off the MUFU: 2^d for integer d as an exponent-field shift (`_exp2i`),
-2^d as a polynomial on the FMA pipe (`_exp2_fma`), and a reciprocal by Newton steps (`_rcp`).
+2^d as a polynomial on the FMA pipe (`_exp2_fma`), and a reciprocal by Newton steps (`_rcp`); the
+target's margin and logits of a row (`_margin`, `_target_logits`), and three tensors joined for
+one cross-thread reduction (`_join3`, `_split3`).
 """
 from __future__ import annotations
 
@@ -242,3 +244,39 @@ def _rest_classes(lane, h, end, C, BLOCK_C: tl.constexpr):
     head_lane = tl.multiple_of((tl.maximum(C - end, 0) + 15) // 16 * 16, 16)
     last_lane = (head_lane + head + BLOCK_C - 1) // BLOCK_C * BLOCK_C  # the end of the rest's last block
     return tl.where(lane < head_lane, end + lane, lane - (last_lane - head))
+
+
+@triton.jit
+def _margin(margin_ptr, y, y_ok, HAS_MARGIN: tl.constexpr):
+    """The target's margin m_y (0 without margins or for an out-of-range target)."""
+    if HAS_MARGIN:
+        m_y = tl.load(margin_ptr + y, mask=y_ok, other=0.0)
+    else:
+        m_y = 0.0
+    return m_y
+
+
+@triton.jit
+def _target_logits(z_ptr, z_row, ze_off, e_mask, y, y_ok, m_y):
+    """The target's logits z_y and a_y = z_y - m_y of each expert ([E_BLOCK], float32; padded
+    experts and an out-of-range target read 0)."""
+    z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
+    return z_y, z_y - m_y
+
+
+@triton.jit
+def _join3(a, b, c):
+    """Three tensors of one shape as one, [..., 2, 2] (c twice; `_split3` takes them apart), so
+    that a reduction over threads (axis 0) crosses them in one pass of shuffles and one exchange
+    through shared memory, as it does a joined pair: the forward's row end and its last program
+    reduce all their values in one reduction per operation. (A tuple of operands would cross
+    shared memory one operand at a time.)"""
+    return tl.join(tl.join(a, b), tl.join(c, c))
+
+
+@triton.jit
+def _split3(x):
+    """The three tensors of a `_join3` (reduced or not)."""
+    ab, cc = tl.split(x)
+    a, b = tl.split(ab)
+    return a, b, tl.split(cc)[0]

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import importlib.util
 import math
+import struct
 
 import torch
 from torch import Tensor
@@ -35,10 +36,16 @@ def _eager(t: Tensor) -> bool:
 _GRAD_SCALE: contextvars.ContextVar[float | None] = contextvars.ContextVar("ride_fast_grad_scale", default=1.0)
 
 
+def _float32(x: float) -> float:
+    """x rounded to the nearest float32 (plain Python: no tensor made inside a captured step)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _times(grad: float, factor: float) -> float:
     """grad_output after one more multiplication, as autograd computes it: a float32 gradient times
-    a Python number (rounded to float32 first), rounded to float32."""
-    return float(torch.tensor(grad, dtype=torch.float32) * float(factor))
+    a Python number rounded to float32, the product rounded to float32 (exact in double first:
+    two 24-bit significands)."""
+    return _float32(_float32(grad) * _float32(float(factor)))
 
 
 @contextlib.contextmanager
