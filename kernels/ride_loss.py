@@ -73,8 +73,8 @@ thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classe
 warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
 maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
 forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its float32
-"pairwise" variants of 3-4 experts with temperatures and for plain CE, three an SM), 128 for 5 to 8 experts (four 4-warp
-programs); the compiler report checks every variant against it, without spills. Each program
+"pairwise" variants of 3-4 experts with temperatures and for plain CE, three an SM), 128 for 5 to
+8 experts (four 4-warp programs); the compiler report checks every variant against it, without spills. Each program
 keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4 and at 8 experts (16 KB
 in float32), about what an H100 / H200 SM needs to cover DRAM latency at full bandwidth
 (bandwidth x latency / SMs): three or four programs an SM leave room to spare.
@@ -100,16 +100,16 @@ before its backward), writing the gradient already scaled. The second
 pass reads the row the program has just read, from L2 if it is still there (rows in flight x row
 bytes: 4 x 132 programs at 64 registers, all 512 rows x 130 KB = 67 MB in float32 at
 (E, C) = (4, 8142), 33 MB in bfloat16, against a 50 MB L2), so the logits may cross DRAM once
-instead of twice. It meets the row's blocks in the reverse
-of the first pass's order, so that a least-recently-used L2 serves the part of each row it still
-holds. The backward, told `grad_written`, reads
-grad_output and returns at once where it is that number, and recomputes the gradient (scaled,
-rounded once) where it is not: GradScaler's float16 steps (a scale on the device, unknown to the
-forward's caller) would pay both passes, so they keep the two kernels. With DRW weights the gradient pass needs the divisor sum_i w_{y_i} before the rows are
-summed: unless `weight_sum` is passed, every program sums it from the targets and weights between
-its two passes, in one fixed order (the same bits in each; the loss divides by it too). The
-gradient equals the backward's bit for bit given the same divisor (same statistics, same
-operations), which the tests and the GPU check verify.
+instead of twice. It meets the row's blocks in the reverse of the first pass's order, so that a
+least-recently-used L2 serves the part of each row it still holds. The backward, told
+`grad_written`, reads grad_output and returns at once where it is that number, and recomputes the
+gradient (scaled, rounded once) where it is not: GradScaler's float16 steps (a scale on the
+device, unknown to the forward's caller) would pay both passes, so they keep the two kernels.
+With DRW weights the gradient pass needs the divisor sum_i w_{y_i} before the rows are summed:
+unless `weight_sum` is passed, every program sums it from the targets and weights between its two
+passes, in one fixed order (the same bits in each; the loss divides by it too). The gradient
+equals the backward's bit for bit given the same divisor (same statistics, same operations),
+which the tests and the GPU check verify.
 
 grad_output is read from device memory in float32 (never cast to the logits' dtype: GradScaler's
 2^16 is inf in float16) and multiplies the float32 gradient before the single rounding to the
@@ -355,7 +355,8 @@ def ride_loss_forward(
     gradient for grad_output = `grad_scale` there (rounded to float32; 1: the loss's own gradient),
     in a second pass over each row right after its first, which
     `ride_loss_backward(..., grad_out=grad_out, grad_written=True, grad_scale=grad_scale)` then
-    keeps where grad_output is that number (the same bits it would compute) and recomputes otherwise. With DRW weights
+    keeps where grad_output is that number (the same bits it would compute) and recomputes
+    otherwise. With DRW weights
     and no `weight_sum` every program sums the divisor itself before its gradient pass (in another
     order than the last program's sum without `grad_out`: the loss and the gradient may differ
     from that path's in the last bit).

@@ -216,7 +216,8 @@ def call_path(
 # scaled gradient once. With `grad_in_forward` its forward has written the gradient for
 # grad_output = grad_scale already (`written`, [E, B, C]; grad_scale is 1 unless the caller
 # declared the factor it multiplies the loss by, `scaled_before_backward`), which the backward
-# hands over, recomputed in place first where grad_output is another number (a device-side test). The analytic path computes the
+# hands over, recomputed in place first where grad_output is another number (a device-side
+# test). The analytic path computes the
 # gradient in the forward and keeps it ([E, B, C]; float32 for float16 logits, so that it is
 # rounded only after scaling); its backward multiplies by grad_output. One op, one fake
 # implementation, one autograd formula for all three.
