@@ -109,7 +109,7 @@ def fused_loss_to_reference() -> None:
     reference = ride_loss.ride_loss_reference
 
     def through_reference(z, y, margins, weights, temperature, lam, tm, diversity, use_triton, need_grad, weight_sum=None,
-                          grad_in_forward=False):
+                          grad_in_forward=False, grad_scale=1.0):
         empty = z.new_empty(0)
         return reference(z, y, margins, weights, temperature, lam, tm, diversity, weight_sum=weight_sum), empty, empty, empty
 
