@@ -3,8 +3,9 @@ or the forward that writes the gradient itself and a backward that hands it over
 
 Pure host logic on the call's logits and context; `ride_fast.ops.ride_loss` asks it before the
 registered operator runs, and code that multiplies a loss by a factor before its backward says so
-here (`scaled_before_backward`), so that the forward writes the gradient for that factor. Only speed depends on the answer: both designs give the same loss and
-gradient (with DRW weights up to the order in which their sum is taken).
+here (`scaled_before_backward`), so that the forward writes the gradient for that factor. Only
+speed depends on the answer: both designs give the same loss and gradient (with DRW weights up to
+the order in which their sum is taken).
 """
 from __future__ import annotations
 
