@@ -204,11 +204,21 @@ def write_results(
     stamp = now.strftime("%Y-%m-%dT%H%MZ")
     for module, tests in sorted(by_module.items()):
         record = {"module": module, **common, **(windows or {}).get(module, {}), "tests": tests}
-        path = results_dir / module / f"{stamp}_{machine_slug(machine)}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = _unused(results_dir / module / f"{stamp}_{machine_slug(machine)}.json")
         path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
         written.append(path)
     return written
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or the first of path-2, path-3, ... not yet there: a second run within the same
+    minute keeps the first one's file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 def _jsonable(value: Any) -> Any:

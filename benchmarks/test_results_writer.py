@@ -87,6 +87,16 @@ def test_the_results_folder_can_be_moved_or_switched_off(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "elsewhere" / "routed"
 
 
+def test_runs_within_the_same_minute_keep_every_file(tmp_path):
+    first = _timed("benchmarks/test_bench_ride_loss.py::test_loss[cpu]", [0.5], speedup_median=3.7)
+    second = _timed("benchmarks/test_bench_ride_loss.py::test_loss[cpu]", [0.6], speedup_median=3.1)
+    third = _timed("benchmarks/test_bench_ride_loss.py::test_loss[cpu]", [0.7], speedup_median=3.5)
+    paths = [write_results(_run(step), command="pytest", results_dir=tmp_path, now=NOW)[0] for step in (first, second, third)]
+
+    assert [p.name for p in paths] == [paths[0].name, paths[0].stem + "-2.json", paths[0].stem + "-3.json"]
+    assert [json.loads(p.read_text())["tests"][0]["extra_info"]["speedup_median"] for p in paths] == [3.7, 3.1, 3.5]
+
+
 def test_machine_description_and_names():
     cpu = cpu_info(CPUINFO)
     assert cpu["model"] == "Intel(R) Xeon(R) Platinum 8480+"
