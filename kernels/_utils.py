@@ -32,11 +32,11 @@ LOSS_DESIGNS = ("two_kernel", "grad_in_forward")
 
 #: Where "grad_in_forward" is the design a training step takes: float32 logits (what the cosine
 #: heads give, under autocast too) and bfloat16 ones, of up to 4 experts. There its kernel compiles
-#: within its register budget without spills (64 with LDAM's margins, 80 for float32 "pairwise"
-#: with temperatures at 3 or 4 experts: `ride_loss.register_budget`; 5 to 8 experts spill outside the
-#: main loops), and the traffic model (benchmarks/loss_traffic.py) predicts it faster than the two
-#: kernels at (512, 4, 8142) in both dtypes, both DRW phases and both diversity modes (by 0.9 to 20
-#: points of the floor). float16 steps go through GradScaler, whose grad_output (the scale, on the device)
+#: within its register budget without spills (64 with LDAM's margins, float32 "pairwise" with
+#: temperatures at 3 or 4 experts in the narrow tile: `ride_loss.register_budget`; 5 to 8 experts
+#: spill outside the main loops), and the traffic model (benchmarks/loss_traffic.py) predicts it
+#: faster than the two kernels at (512, 4, 8142) in both dtypes, both DRW phases and both diversity
+#: modes (by 6 to 21 points of the floor). float16 steps go through GradScaler, whose grad_output (the scale, on the device)
 #: the forward cannot know.
 GRAD_IN_FORWARD_MAX_EXPERTS = 4
 GRAD_IN_FORWARD_DTYPES = (torch.float32, torch.bfloat16)
@@ -72,18 +72,21 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def pick_tile(e_block: int, n_cols: int, itemsize: int, block_c: int | None = None) -> tuple[int, int, int]:
+def pick_tile(e_block: int, n_cols: int, itemsize: int, block_c: int | None = None,
+              narrow: bool = False) -> tuple[int, int, int]:
     """(R, V, num_warps) of a [R, V, e_block] tile: R rows of V consecutive classes, one row a
     thread. V = 4 (16-byte float32 loads, 8-byte 2-byte ones; a thread holds 16 logits up to 4
     experts, 32 with 5 to 8); R = 32 num_warps with 8 warps, 4 for 5 to 8 experts (so that a
     program keeps 4096 logits in flight at 4 and at 8 experts); R * V = block_c classes (the whole
-    row when shorter).
+    row when shorter). `narrow`: V = 2 (8-byte float32 loads, 8 logits a thread at 4 experts,
+    BLOCK_C 512 with 8 warps), for the kernels that hold too many running values for V = 4
+    (`ride_loss.narrow_tile`).
 
     `block_c` overrides the class-block width (tests use a small one to exercise the blocked path).
     """
     if e_block > next_power_of_2(MAX_EXPERTS):
         raise ValueError(f"a tile holds at most {MAX_EXPERTS} experts, got an expert block of {e_block}")
-    v = 4
+    v = 2 if narrow else 4
     max_warps = 4 if e_block == 8 else 8
     if block_c is not None:
         if block_c < 16 or block_c & (block_c - 1):

@@ -259,16 +259,17 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     grad_output is the number the forward wrote the gradient for, which runs after it."""
     e_block = next_power_of_2(E)
     itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-    r, v, warps = pick_tile(e_block, classes, itemsize)
     terms = f"phase{phase}" if isinstance(phase, int) else phase
     margins, weights, temps = TERMS[terms]
     div = MODES[mode] if not (mode == "pairwise" and E == 1) else ride_loss._DIV_NONE  # as the launcher
+    pairwise_temps = bool(temps and div == ride_loss._DIV_PAIRWISE)  # as the launcher passes HAS_TEMP
+
+    r, v, warps = pick_tile(e_block, classes, itemsize, narrow=ride_loss.narrow_tile(e_block, itemsize, pairwise_temps))
     cx = dict(zip(_CONSTEXPRS, [margins, weights, temps and div != ride_loss._DIV_NONE, div, e_block, r, v]))
     divisible = _PTR_ARGS + LAYOUTS[layout]
     variant = (f"E{E}-{mode}-{dtype}-{terms}" + (f"-stages{stages}" if stages > 1 else "") + (f"-r{max_registers}" if max_registers else "")
                + ("-written" if grad_written else ""))
-    pairwise_temps = bool(temps and div == ride_loss._DIV_PAIRWISE)  # as the launcher passes HAS_TEMP
-    budget = max_registers or ride_loss.register_budget(e_block, itemsize)
+    budget = max_registers or ride_loss.register_budget(e_block, itemsize, pairwise_temps=pairwise_temps)
     rows = []
     for kernel in [k for k in ("fwd", "fwdgrad") if k in kernels]:
         write_grad = kernel == "fwdgrad"

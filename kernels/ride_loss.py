@@ -70,14 +70,17 @@ masked block (two where they pass BLOCK_C) in the main loop's layout, so that th
 same running state; the backward writes them as a tail block and a 16-class head tile.
 V = 4 classes a thread (16-byte float32 loads, 8-byte 2-byte ones) up to 8 experts: 16 logits a
 thread up to 4 experts, 32 for 5 to 8 (`_utils.pick_tile`); BLOCK_C = R V classes, 1024 with 8
-warps up to 4 experts, 512 with 4 warps for 5 to 8. Register budget (`register_budget`, passed as
-maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K registers), 64 for the
-forward that writes the gradient with LDAM's margins (four programs an SM; 80 for its float32
-"pairwise" variants of 3-4 experts with temperatures and for plain CE, three an SM), 128 for 5 to
-8 experts (four 4-warp programs); the compiler report checks every variant against it, without spills. Each program
-keeps one tile of loads in flight, E_BLOCK x BLOCK_C = 4096 elements at 4 and at 8 experts (16 KB
-in float32), about what an H100 / H200 SM needs to cover DRAM latency at full bandwidth
-(bandwidth x latency / SMs): three or four programs an SM leave room to spare.
+warps up to 4 experts, 512 with 4 warps for 5 to 8. float32 "pairwise" with temperatures at 3-4
+experts runs a narrow tile in every kernel (`narrow_tile`: V = 2, 8-byte loads, BLOCK_C 512), whose
+running state leaves no room for 16 logits a thread at 64 registers. Register budget
+(`register_budget`, passed as maxnreg): 72 up to 4 experts (three 8-warp programs share an SM, 64K
+registers), 64 for the forward that writes the gradient with LDAM's margins and for every kernel of
+the narrow tile (four programs an SM; 80 for the gradient-writing forward of plain CE, three an
+SM), 128 for 5 to 8 experts (four 4-warp programs); the compiler report checks every variant
+against it, without spills. Each program keeps one tile of loads in flight, E_BLOCK x BLOCK_C =
+4096 elements at 4 and at 8 experts (16 KB in float32; 2048, 8 KB, in the narrow tile), about what
+an H100 / H200 SM needs to cover DRAM latency at full bandwidth (bandwidth x latency / SMs): three
+or four programs an SM leave room to spare.
 Shared memory (the once-a-row reductions, the tail's stores) is at most 4 KB per program. At most
 8 experts (the model's own limit; more take the closed-form path). Expert offsets are 64-bit in
 the kernels (a launch passes strides below 2^31 as 32-bit integers, and (E - 1) B C may not fit).
@@ -132,7 +135,7 @@ from ride_fast_kernels._utils import (
 from ride_fast_kernels.ride_loss_kernels import _ride_loss_bwd_kernel, _ride_loss_fwd_kernel
 from torch import Tensor
 
-__all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "register_budget", "ride_loss_backward", "ride_loss_forward"]
+__all__ = ["DIVERSITY_MODES", "REGISTER_BUDGET", "narrow_tile", "register_budget", "ride_loss_backward", "ride_loss_forward"]
 
 #: constexpr codes of the diversity term
 _DIV_NONE, _DIV_MEAN, _DIV_PAIRWISE = 0, 1, 2
@@ -148,13 +151,27 @@ REGISTER_BUDGET = 72
 REGISTER_BUDGET_WIDE = 128
 #: The gradient-writing forward (`grad_out`) of up to 4 experts holds both passes' state: with LDAM's
 #: margins REGISTER_BUDGET_GRAD (four 8-warp programs an SM, so that 512 rows run in one wave), where
-#: every such variant compiles without spills but the float32 "pairwise" ones with temperatures of 3
-#: or 4 experts (80-88 bytes at 64; the 2-byte ones fit by loading the target's logits late and
-#: reading lse(a_k) back); those, and the plain-CE ones (12 bytes in two "mean" variants at 64),
-#: get REGISTER_BUDGET_GRAD_WIDE: the most that keeps three programs an SM, as REGISTER_BUDGET
-#: does, and enough for every one of them without spills (the compile test holds both).
+#: every such variant compiles without spills: the 2-byte "pairwise" ones with temperatures by
+#: loading the target's logits late and reading lse(a_k) back, the float32 ones of 3 or 4 experts
+#: in a narrow tile (`narrow_tile`; at V = 4 they spilled 80-88 bytes at 64). The plain-CE ones
+#: (12 bytes in two "mean" variants at 64) get REGISTER_BUDGET_GRAD_WIDE: the most that keeps three
+#: programs an SM, as REGISTER_BUDGET does, and enough for every one of them without spills (the
+#: compile test holds both).
 REGISTER_BUDGET_GRAD = 64
 REGISTER_BUDGET_GRAD_WIDE = 80
+#: Every kernel in the narrow tile (`narrow_tile`) fits 64 registers without spills, four programs an SM.
+REGISTER_BUDGET_NARROW = 64
+
+
+def narrow_tile(e_block: int, itemsize: int, pairwise_temps: bool) -> bool:
+    """Whether the kernels run V = 2 classes a thread (`_utils.pick_tile`): float32 "pairwise"
+    with temperatures at 3 or 4 experts, every kernel of it (so that both designs compute the same
+    bits). At V = 4 the forward that writes the gradient holds 16 logits, five running values an
+    expert and the target's logits, and fits 64 registers only with spills; at V = 2 it fits 64
+    without, with 8-byte loads and stores, at about a quarter more instructions a logit (the issue
+    rate has room to spare in float32); the two-kernel forward fits 64 too, and the backward
+    drops from 71 registers to 55: every kernel runs four programs an SM (REGISTER_BUDGET_NARROW)."""
+    return itemsize == 4 and e_block == 4 and pairwise_temps
 
 
 def register_budget(e_block: int, itemsize: int, write_grad: bool = False, margins: bool = False,
@@ -162,12 +179,13 @@ def register_budget(e_block: int, itemsize: int, write_grad: bool = False, margi
     """maxnreg of the kernels of a [R, V, E_BLOCK] tile of `itemsize`-byte logits (the same for
     every logits dtype but in the gradient-writing forward); `write_grad`: the forward that writes
     the gradient, with `margins` or not, and with the "pairwise" diversity term's temperatures
-    (`pairwise_temps`) or not."""
+    (`pairwise_temps`) or not, which decides the narrow tile."""
     if e_block > 4:
         return REGISTER_BUDGET_WIDE
+    if narrow_tile(e_block, itemsize, pairwise_temps):
+        return REGISTER_BUDGET_NARROW
     if write_grad:
-        wide = not margins or (pairwise_temps and e_block > 2 and itemsize == 4)
-        return REGISTER_BUDGET_GRAD_WIDE if wide else REGISTER_BUDGET_GRAD
+        return REGISTER_BUDGET_GRAD if margins else REGISTER_BUDGET_GRAD_WIDE
     return REGISTER_BUDGET
 
 
@@ -272,8 +290,9 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     counter = _ticket_counter(device)
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
-    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
     has_temp = temperature is not None and div_mode != _DIV_NONE
+    pairwise_temps = has_temp and div_mode == _DIV_PAIRWISE
+    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c, narrow_tile(e_block, z.element_size(), pairwise_temps))
     dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
     with _on_device(device):
         _ride_loss_fwd_kernel[(B,)](
@@ -291,7 +310,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
             STAGES=stages, WRITE_GRAD=grad_out is not None,
             G_ALIGNED=grad_out is not None and (grad_out.stride(1) - z.stride(1)) % 16 == 0,
             num_warps=warps, maxnreg=max_registers or register_budget(e_block, z.element_size(), grad_out is not None,
-                                                                     margins is not None, has_temp and div_mode == _DIV_PAIRWISE),
+                                                                     margins is not None, pairwise_temps),
         )
     return loss, stats, aux
 
@@ -307,7 +326,9 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
     go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
     e_block = next_power_of_2(E)
-    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c)
+    has_temp = temperature is not None and div_mode != _DIV_NONE
+    pairwise_temps = has_temp and div_mode == _DIV_PAIRWISE
+    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c, narrow_tile(e_block, z.element_size(), pairwise_temps))
     dummy = aux
     with _on_device(z.device):
         _ride_loss_bwd_kernel[(B,)](
@@ -316,10 +337,10 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
             class_weights if class_weights is not None else dummy,
             temperature if temperature is not None else dummy,
             stats, aux, go, g, E, B, C, z.stride(0), z.stride(1), g.stride(0), g.stride(1), float(div_scale), float(grad_scale),
-            HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=temperature is not None and div_mode != _DIV_NONE,
+            HAS_MARGIN=margins is not None, HAS_WEIGHT=class_weights is not None, HAS_TEMP=has_temp,
             DIV_MODE=div_mode, E_BLOCK=e_block, R=r, V=v, G_ALIGNED=(g.stride(1) - z.stride(1)) % 16 == 0,
             STAGES=stages, GRAD_WRITTEN=grad_written, num_warps=warps,
-            maxnreg=max_registers or register_budget(e_block, z.element_size()),
+            maxnreg=max_registers or register_budget(e_block, z.element_size(), pairwise_temps=pairwise_temps),
         )
     return g
 

@@ -34,8 +34,28 @@ MATRIX += [(E, mode, dtype, terms) for E in (1, 4, 8) for mode, all_terms in EXT
            for terms in all_terms]
 
 #: The design's register budget (maxnreg) and warps per program: up to 4 experts three 8-warp
-#: programs an SM (72 registers), 5 to 8 experts four 4-warp programs (128).
+#: programs an SM (72 registers; 64, four, in the narrow tile: `narrow`), 5 to 8 experts four
+#: 4-warp programs (128).
 BUDGET = {False: (72, 8), True: (128, 4)}
+
+#: the terms launched with temperatures (report.TERMS)
+TEMPS_TERMS = ("phase1", "phase0-temps", "ce-temps", "ce-drw")
+
+
+def narrow(variant: str) -> bool:
+    """Whether a report row's variant runs the narrow tile (V = 2 classes a thread, every kernel
+    at 64 registers): float32 "pairwise" with temperatures at 3 or 4 experts."""
+    experts, mode, dtype, *rest = variant.split("-")
+    terms = "-".join(p for p in rest if not (p.startswith("stages") or p in ("r64", "written")))
+    return dtype == "fp32" and mode == "pairwise" and experts in ("E3", "E4") and terms in TEMPS_TERMS
+
+
+def access_bytes(variant: str) -> int:
+    """Bytes of one main-loop logit load (and gradient store) of a report row's variant: one
+    thread's V classes of an expert, V = 4 (16 bytes of float32, 8 of 2-byte logits), and V = 2 in
+    the narrow tile (8 bytes of float32)."""
+    return 8 if narrow(variant) or "-fp32-" not in variant else 16
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -89,6 +109,8 @@ def test_kernels_compile_for_sm90_within_budget():
         where = f"{row['kernel']} {row['variant']}"
         E, _, dtype = row["variant"].split("-")[:3]
         budget, warps = BUDGET[int(E[1:]) > 4]
+        if narrow(row["variant"]):
+            budget = 64  # every kernel of the narrow tile: four programs an SM
         assert row["spills"] == 0, f"{where} spills {row['spills']} bytes"
         assert row["register_budget"] == budget and row["num_warps"] == warps, where
         assert row["registers"] <= budget, f"{where} uses {row['registers']} registers > {budget}"
@@ -100,9 +122,8 @@ def test_kernels_compile_for_sm90_within_budget():
             # running value, as the kernels once had, is 30 to 43.
             assert row["barriers"] <= 12, f"{where}: {row['barriers']} barriers"
         # C = 8142, no padding: every logit load (and gradient store) of the main loop is one
-        # thread's V classes of an expert in one access, 16 bytes of float32 and 8 of 2-byte logits
-        # (V = 4 classes a thread and expert up to 8 experts)
-        width = {"fp32": 16, "bf16": 8, "fp16": 8}[dtype]
+        # thread's V classes of an expert in one access (`access_bytes`)
+        width = access_bytes(row["variant"])
         assert row["logit_loads"] == width, f"{where}: main-loop logit loads {row['logit_loads']} bytes, not {width}"
         assert row["vectorised"], where
         if row["kernel"] == "bwd":
@@ -149,7 +170,7 @@ def test_the_tuning_variants_compile_for_sm90():
         budget, _ = BUDGET[int(row["variant"].split("-")[0][1:]) > 4]
         assert row["variant"].endswith("-stages2") and row["staged_loads"] > 0, f"{where}: no cp.async in the main loop"
         assert row["spills"] == 0 and row["registers"] <= budget, f"{where}: {row['registers']} registers, {row['spills']} bytes spilled"
-        assert row["logit_loads"] == (16 if "-fp32-" in row["variant"] else 8) and row["vectorised"], where
+        assert row["logit_loads"] == access_bytes(row["variant"]) and row["vectorised"], where
         assert row["shared_bytes"] <= 48 * 1024, f"{where} uses {row['shared_bytes']} bytes of shared memory"
     for row in out["capped"]:
         where = f"{row['kernel']} {row['variant']}"
@@ -170,8 +191,8 @@ WRITTEN_SCRIPT = textwrap.dedent(
     cases += [(E, mode, dtype, 0, False) for E in (1, 2, 3, 4) for mode in ("mean", "pairwise") for dtype in ("fp32", "bf16")]
     fwd = [r for E, mode, dtype, phase, weight_sum in cases
            for r in report.variant_rows(E, mode, dtype, phase, "sm_90", classes=8142, kernels=("fwdgrad",), weight_sum=weight_sum)]
-    bwd = [r for mode in ("mean", "pairwise")
-           for r in report.variant_rows(4, mode, "bf16", 1, "sm_90", classes=8142, kernels=("bwd",), grad_written=True)]
+    bwd = [r for mode in ("mean", "pairwise") for dtype in ("bf16", "fp32")
+           for r in report.variant_rows(4, mode, dtype, 1, "sm_90", classes=8142, kernels=("bwd",), grad_written=True)]
     print(json.dumps({"fwd": fwd, "bwd": bwd}))
     """
 )
@@ -180,9 +201,10 @@ WRITTEN_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not _ptxas_available(), reason="the triton wheel has no bundled ptxas")
 def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
     """The forward with its gradient pass (`grad_out`) within its budget (up to 4 experts 64
-    registers with LDAM's margins, four programs an SM, and 80 for float32 "pairwise" with
-    temperatures at 3 or 4 experts, three an SM; 128 for 5 to 8), with the gradient pass's logit loads and
-    gradient stores vector accesses; with DRW weights it sums the divisor itself, or is given it
+    registers with LDAM's margins, four programs an SM; 128 for 5 to 8), with the gradient pass's
+    logit loads and gradient stores vector accesses (`access_bytes`: float32 "pairwise" with
+    temperatures at 3 or 4 experts fits 64 registers in the narrow tile, V = 2); with DRW weights
+    it sums the divisor itself, or is given it
     (weight_sum). Up to 4 experts, where the fused loss runs it for float32 and bfloat16 logits
     (`_utils.loss_design`), without spills; for 5 to 8 (a launch option) the two passes' state at
     once leaves a few, never inside a main loop (`loop_spills`, from the SASS): a handful of
@@ -190,22 +212,24 @@ def test_the_forward_that_writes_the_gradient_compiles_for_sm90():
     number the forward wrote the gradient for compiles too (an early return on a value read from
     memory)."""
     out = compiled_rows(WRITTEN_SCRIPT)
-    assert len(out["fwd"]) == 44 and len(out["bwd"]) == 2
+    assert len(out["fwd"]) == 44 and len(out["bwd"]) == 4
     for row in out["fwd"]:
         where = f"{row['kernel']} {row['variant']}"
         experts = int(row["variant"].split("-")[0][1:])
         budget, warps = BUDGET[experts > 4]
         if experts <= 4:  # every variant here has margins ("phase0", "phase1")
-            wide = "-pairwise-" in row["variant"] and row["variant"].endswith("-phase1") and "-fp32-" in row["variant"]
-            budget = 80 if wide and experts > 2 else 64
+            budget = 64
         assert row["register_budget"] == budget, where
         assert row["kernel"] == "fwdgrad" and row["registers"] <= budget and row["num_warps"] == warps, where
         assert row["loop_spills"] == 0, f"{where} spills inside a main loop"
         assert row["spills"] <= (0 if experts <= 4 else 128), f"{where} spills {row['spills']} bytes"
-        width = 16 if "-fp32-" in row["variant"] else 8
+        width = access_bytes(row["variant"])
         assert row["logit_loads"] == width and row["grad_stores"] == width and row["vectorised"], where
     for row in out["bwd"]:
+        where = f"{row['kernel']} {row['variant']}"
         assert row["variant"].endswith("-written") and row["spills"] == 0 and row["registers"] <= 72, row
+        width = access_bytes(row["variant"])
+        assert row["logit_loads"] == width and row["grad_stores"] == width and row["vectorised"], where
 
 
 def test_loop_spills_counts_local_memory_inside_loops_only():

@@ -203,14 +203,27 @@ def test_a_loss_scaled_before_backward_gets_its_gradient_written_for_the_factor(
 def test_register_budget_of_each_design():
     """72 registers up to 4 experts (three 8-warp programs an SM), 128 beyond (4-warp programs);
     the gradient-writing forward 64 with LDAM's margins (four programs an SM, 512 rows in one
-    wave) and 80 for its float32 "pairwise" variants of 3 or 4 experts with temperatures and for
-    plain CE (three an SM), the
-    budgets at which every variant compiles without spills (tests/kernels/test_kernels_compile_sm90.py)."""
+    wave) and 80 for plain CE (three an SM); every kernel of float32 "pairwise" with temperatures
+    at 3 or 4 experts, in the narrow tile, 64: the budgets at which every variant compiles without
+    spills (tests/kernels/test_kernels_compile_sm90.py)."""
     budget = kernels.register_budget
-    assert budget(4, 4) == budget(4, 2, write_grad=False, margins=True) == 72
+    assert budget(4, 4) == budget(4, 2, write_grad=False, margins=True) == budget(4, 2, pairwise_temps=True) == 72
+    assert budget(4, 4, pairwise_temps=True) == 64  # the narrow tile's two kernels too
     assert budget(4, 4, write_grad=True, margins=True) == budget(1, 2, True, True, False) == 64
-    assert budget(4, 4, write_grad=True, margins=True, pairwise_temps=True) == 80
-    assert budget(2, 4, write_grad=True, margins=True, pairwise_temps=True) == 64  # 2 experts fit
+    assert budget(4, 4, write_grad=True, margins=True, pairwise_temps=True) == 64  # the narrow tile
+    assert budget(4, 4, write_grad=True, margins=False, pairwise_temps=True) == 64  # with CE too
+    assert budget(2, 4, write_grad=True, margins=True, pairwise_temps=True) == 64  # 2 experts fit at V = 4
     assert budget(4, 2, write_grad=True, margins=True, pairwise_temps=True) == 64  # so do 2-byte logits
     assert budget(4, 4, write_grad=True, margins=False) == 80  # plain CE
     assert budget(8, 4, write_grad=True, margins=True) == 128
+
+
+def test_the_narrow_tile_of_float32_pairwise_with_temperatures():
+    """V = 2 classes a thread for float32 "pairwise" with temperatures at 3 or 4 experts, in
+    every kernel of it (the same tile in both designs: the same bits); everything else keeps V = 4."""
+    from ride_fast_kernels._utils import pick_tile
+    narrow = kernels.narrow_tile
+    assert narrow(4, 4, True) and not narrow(2, 4, True) and not narrow(4, 2, True) and not narrow(4, 4, False)
+    assert not narrow(8, 4, True)
+    assert pick_tile(4, 8142, 4, narrow=True) == (256, 2, 8) and pick_tile(4, 8142, 4) == (256, 4, 8)
+    assert pick_tile(4, 100, 4, narrow=True) == (64, 2, 2) and pick_tile(4, 8142, 4, 64, narrow=True) == (32, 2, 1)
