@@ -19,7 +19,8 @@ of the peak; the H100 SXM is given the same share of its 3.35 TB/s).
 
 Designs (kernels/ride_loss.py); the CLI's default, "product", is the one the fused loss runs
 (PRODUCT_DESIGN). "grad_in_forward", what it runs for float32 and bfloat16 logits of 4 experts (an
-eager or captured step; at 64 registers, 80 for "pairwise" with temperatures): each forward
+eager or captured step; at 64 registers, float32 "pairwise" with temperatures in the narrow tile
+of 2 classes a thread, BLOCK_C 512, in both designs: NARROW): each forward
 program reads its row (pass 1), then reads it again (pass 2) and writes its gradient; the backward
 kernel reads grad_output and returns (grad_output = 1, the usual case: its fixed cost and one
 round trip).
@@ -37,7 +38,7 @@ and `programs_per_sm` caps the programs an SM runs (a launch reserving shared me
 fit pass 2 in the L2.
 
 Time. A program streams one row in tiles of E_BLOCK x 1024 logits (16 KB float32, 8 KB bfloat16;
-ceil(C / 1024) a row, a masked one included). An SM holds registers_per_sm / (registers x 256
+ceil(C / 1024) a row, a masked one included; E_BLOCK x 512 in the NARROW tile). An SM holds registers_per_sm / (registers x 256
 threads) programs (3 at 72 registers, 4 at 64), so B rows run in waves of SMs x that many
 programs, one after the other. A wave of n programs, k on the busiest SM, takes a tile every
 
@@ -152,9 +153,12 @@ DESIGNS = ("two_kernel", "grad_in_forward")
 PRODUCT_DESIGN = "grad_in_forward"
 
 #: the kernels' geometry up to 4 experts (kernels/_utils.pick_tile): 8-warp programs, a tile of
-#: E_BLOCK x BLOCK_C logits, 4 classes a thread (16 logits a thread at E = 4)
+#: E_BLOCK x BLOCK_C logits, 4 classes a thread (16 logits a thread at E = 4); the narrow tile of
+#: float32 "pairwise" with temperatures (the DRW phase here; `ride_loss.narrow_tile`) has 2 classes
+#: a thread, BLOCK_C 512 (8 logits a thread)
 WARPS = 8
 BLOCK_C = 1024
+NARROW = {("float32", "pairwise", 1)}
 
 #: (MUFU, other float instructions) per logit in the main loop of each kernel at E = 4, as the
 #: sm_90 compiler emits them: the mufu_per_element / alu_per_element columns of
@@ -165,21 +169,21 @@ OPS_E4 = {
     ("fwd", "bfloat16", "mean", 0): (1.0, 10.0), ("bwd", "bfloat16", "mean", 0): (1.25, 7.5),
     ("fwd", "bfloat16", "mean", 1): (2.0, 16.06), ("bwd", "bfloat16", "mean", 1): (2.25, 11.81),
     ("fwd", "float32", "pairwise", 0): (1.0, 8.25), ("bwd", "float32", "pairwise", 0): (1.0, 9.25),
-    ("fwd", "float32", "pairwise", 1): (2.0, 14.81), ("bwd", "float32", "pairwise", 1): (2.0, 13.06),
+    ("fwd", "float32", "pairwise", 1): (2.0, 17.12), ("bwd", "float32", "pairwise", 1): (2.0, 13.38),
     ("fwd", "bfloat16", "pairwise", 0): (1.0, 9.25), ("bwd", "bfloat16", "pairwise", 0): (1.0, 10.75),
     ("fwd", "bfloat16", "pairwise", 1): (2.0, 15.81), ("bwd", "bfloat16", "pairwise", 1): (2.0, 14.56),
 }
 
 #: The sm_90 compiler's kernels at E = 4, for each launch setting in TUNINGS: (registers a thread,
-#: spill bytes, SASS instructions of the main loop a thread: one tile, 16 logits). Registers from
-#: `ptxas -v`, SASS from nvdisasm of the cubin (the loop with the logits' vector accesses);
-#: test_loss_traffic.py recounts some of them.
+#: spill bytes, SASS instructions of the main loop a thread: one tile, 16 logits, 8 in the NARROW
+#: tile). Registers from `ptxas -v`, SASS from nvdisasm of the cubin (the loop with the logits'
+#: vector accesses); test_loss_traffic.py recounts some of them.
 TUNINGS = ((1, None), (2, None), (1, 64), (2, 64))  # (stages, max_registers)
 KERNELS_E4 = {
     ("fwd", "float32", "mean", 0): ((64, 0, 225), (62, 0, 234), (56, 0, 228), (60, 0, 235)),
     ("fwd", "float32", "mean", 1): ((72, 0, 350), (72, 0, 363), (64, 0, 351), (64, 0, 363)),
     ("fwd", "float32", "pairwise", 0): ((64, 0, 204), (66, 0, 208), (61, 0, 204), (64, 0, 208)),
-    ("fwd", "float32", "pairwise", 1): ((71, 0, 331), (72, 0, 342), (64, 0, 331), (64, 0, 342)),
+    ("fwd", "float32", "pairwise", 1): ((64, 0, 211), (61, 0, 225), (64, 0, 211), (61, 0, 225)),
     ("fwd", "bfloat16", "mean", 0): ((63, 0, 246), (64, 0, 259), (56, 0, 249), (59, 0, 260)),
     ("fwd", "bfloat16", "mean", 1): ((71, 0, 377), (72, 0, 394), (64, 0, 378), (64, 0, 394)),
     ("fwd", "bfloat16", "pairwise", 0): ((69, 0, 225), (71, 0, 232), (63, 0, 225), (64, 0, 232)),
@@ -187,7 +191,7 @@ KERNELS_E4 = {
     ("bwd", "float32", "mean", 0): ((55, 0, 179), (56, 0, 192), (56, 0, 189), (56, 0, 200)),
     ("bwd", "float32", "mean", 1): ((62, 0, 254), (62, 0, 263), (59, 0, 258), (60, 0, 275)),
     ("bwd", "float32", "pairwise", 0): ((59, 0, 251), (64, 0, 259), (56, 0, 241), (61, 0, 259)),
-    ("bwd", "float32", "pairwise", 1): ((71, 0, 315), (72, 0, 325), (64, 0, 312), (64, 0, 326)),
+    ("bwd", "float32", "pairwise", 1): ((55, 0, 173), (56, 0, 185), (55, 0, 173), (56, 0, 185)),
     ("bwd", "bfloat16", "mean", 0): ((53, 0, 214), (56, 0, 224), (56, 0, 217), (56, 0, 233)),
     ("bwd", "bfloat16", "mean", 1): ((62, 0, 287), (64, 0, 316), (62, 0, 297), (60, 0, 315)),
     ("bwd", "bfloat16", "pairwise", 0): ((56, 0, 272), (59, 0, 284), (56, 0, 271), (60, 0, 291)),
@@ -196,19 +200,19 @@ KERNELS_E4 = {
 #: The forward kernel that also writes the gradient (grad_in_forward: WRITE_GRAD), the same way:
 #: (registers, spill bytes, SASS a thread of pass 1's main loop, of pass 2's) for each of TUNINGS,
 #: as the fused loss launches it: with DRW weights (phase 1) summing the divisor itself, and
-#: max_registers None at its launcher's budget (`register_budget`: 64, 80 for float32 "pairwise"
-#: with temperatures).
+#: max_registers None at its launcher's budget (`register_budget`: 64; float32 "pairwise" with
+#: temperatures in the NARROW tile).
 GRAD_IN_FORWARD_E4 = {
     ("float32", "mean", 0): ((62, 0, 223, 202), (64, 0, 230, 211), (62, 0, 223, 202), (64, 0, 230, 211)),
     ("float32", "mean", 1): ((64, 0, 348, 271), (64, 0, 363, 282), (64, 0, 348, 271), (64, 0, 363, 282)),
     ("float32", "pairwise", 0): ((64, 0, 199, 247), (64, 0, 205, 263), (64, 0, 199, 247), (64, 0, 205, 263)),
-    ("float32", "pairwise", 1): ((80, 0, 328, 330), (80, 0, 342, 335), (64, 80, 348, 321), (64, 228, 351, 339)),
+    ("float32", "pairwise", 1): ((64, 0, 209, 198), (64, 0, 225, 198), (64, 0, 209, 198), (64, 0, 225, 198)),
     ("bfloat16", "mean", 0): ((64, 0, 243, 221), (64, 0, 254, 246), (64, 0, 243, 221), (64, 0, 254, 246)),
     ("bfloat16", "mean", 1): ((64, 0, 375, 306), (64, 0, 392, 321), (64, 0, 375, 306), (64, 0, 392, 321)),
     ("bfloat16", "pairwise", 0): ((64, 0, 218, 274), (64, 8, 229, 289), (64, 0, 218, 274), (64, 8, 229, 289)),
     ("bfloat16", "pairwise", 1): ((64, 0, 360, 349), (64, 84, 377, 359), (64, 0, 360, 349), (64, 84, 377, 359)),
 }
-LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4: the SASS counts above are for these
+LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4 (8 in the NARROW tile): the SASS counts above are for these
 
 #: the settings --compare prints, named as the GPU check's kernel variants (benchmarks/gpu_steps.py)
 SETTINGS = {
@@ -237,10 +241,12 @@ def compiled(kernel: str, dtype: str, mode: str, phase: int, stages: int = 1, ma
     GRAD_IN_FORWARD_E4, OPS_E4; the forward's MUFU count serves pass 1, the backward's pass 2).
     `counts` ({(kernel, dtype, mode): (registers, spills, SASS)}, phase 1 at the default launch:
     `load_counts`) stands in for KERNELS_E4 where it has the kernel: the kernels a measurement
-    timed, when they are not the ones compiled today."""
+    timed, when they are not the ones compiled today (all of them in the 4-class tile).
+    block_c: the classes a tile covers (NARROW: 512)."""
     if (stages, max_registers) not in TUNINGS:
         raise ValueError(f"(stages, max_registers) = {(stages, max_registers)} not modelled; one of {TUNINGS}")
     i = TUNINGS.index((stages, max_registers))
+    block_c = BLOCK_C // 2 if (dtype, mode, phase) in NARROW else BLOCK_C
     if kernel == "fwdgrad":
         regs, spills, *sass = GRAD_IN_FORWARD_E4[(dtype, mode, phase)][i]
         mufu = [ops_per_element(k, dtype, mode, phase)[0] for k in ("fwd", "bwd")]
@@ -248,8 +254,10 @@ def compiled(kernel: str, dtype: str, mode: str, phase: int, stages: int = 1, ma
         regs, spills, *sass = KERNELS_E4[(kernel, dtype, mode, phase)][i]
         if counts and phase == 1 and i == 0 and (kernel, dtype, mode) in counts:
             regs, spills, *sass = counts[(kernel, dtype, mode)]
+            block_c = BLOCK_C
         mufu = [ops_per_element(kernel, dtype, mode, phase)[0]]
-    return {"registers": regs, "spills": spills, "sass": [n / LOGITS_A_THREAD for n in sass], "mufu": mufu}
+    logits = LOGITS_A_THREAD * block_c // BLOCK_C
+    return {"registers": regs, "spills": spills, "sass": [n / logits for n in sass], "mufu": mufu, "block_c": block_c}
 
 
 def programs_per_sm(gpu: GPU, registers: int, cap: int | None = None) -> int:
@@ -296,19 +304,20 @@ def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int
     s = ITEMSIZE[dtype]
     e_block = 1 << (E - 1).bit_length()
     Z = E * B * C * s
-    tiles = math.ceil(C / BLOCK_C)
     row_bytes = E * C * s
-    tile_bytes = row_bytes / tiles  # what a tile reads (and the backward writes)
-    slots = e_block * BLOCK_C  # logits a tile's threads hold: masked and padded ones issue too
+
     def passes(kernel, kinds):
         k = compiled(kernel, dtype, mode, phase, stages, max_registers, counts)
+        slots = e_block * k["block_c"]  # logits a tile's threads hold: masked and padded ones issue too
         # (warp instructions, MUFU operations) a tile, and the pass's traffic
         return k, [((sass * slots / 32, mufu * slots), kind) for sass, mufu, kind in zip(k["sass"], k["mufu"], kinds)]
 
     L, L2 = gpu.dram_latency_us, gpu.l2_latency_us
 
-    def kernel(fixed, chain, registers, passes):
-        pps = programs_per_sm(gpu, registers, programs_per_sm_cap)
+    def kernel(fixed, chain, compiled_kernel, passes):
+        tiles = math.ceil(C / compiled_kernel["block_c"])
+        tile_bytes = row_bytes / tiles  # what a tile reads (and the backward writes)
+        pps = programs_per_sm(gpu, compiled_kernel["registers"], programs_per_sm_cap)
         total, bounds, dram, served = fixed, [], 0.0, 0.0
         for n in waves(B, gpu.sms * pps):
             k = math.ceil(n / gpu.sms)
@@ -338,14 +347,14 @@ def _predict(B: int, E: int, C: int, dtype: str, mode: str, gpu: GPU, phase: int
     if design == "two_kernel":
         fwd_k, fwd_passes = passes("fwd", ["read"])
         bwd_k, bwd_passes = passes("bwd", ["read+write"])
-        fwd = kernel(gpu.fwd_fixed_us, gpu.fwd_chain_us, fwd_k["registers"], fwd_passes)
-        bwd = kernel(gpu.bwd_fixed_us, gpu.bwd_chain_us, bwd_k["registers"], bwd_passes)
+        fwd = kernel(gpu.fwd_fixed_us, gpu.fwd_chain_us, fwd_k, fwd_passes)
+        bwd = kernel(gpu.bwd_fixed_us, gpu.bwd_chain_us, bwd_k, bwd_passes)
         fwd_dram = fwd["tile_dram"] + extra + B * 3 * 4  # + the last program's read of the partial sums
         bwd_dram = bwd["tile_dram"] + extra
         spills = max(fwd_k["spills"], bwd_k["spills"])
     else:
         fwd_k, fwd_passes = passes("fwdgrad", ["read", "reread+write"])
-        fwd = kernel(gpu.fwd_fixed_us, gpu.fwd_chain_us + gpu.bwd_chain_us, fwd_k["registers"], fwd_passes)
+        fwd = kernel(gpu.fwd_fixed_us, gpu.fwd_chain_us + gpu.bwd_chain_us, fwd_k, fwd_passes)
         # the backward reads grad_output (L2) and returns: a launch and one round trip
         bwd = {"us": gpu.bwd_fixed_us + L, "bound": "launch", "programs_per_sm": None, "waves": 1, "tile_dram": 0.0,
                "l2_served": 0.0}
