@@ -38,9 +38,9 @@ and `programs_per_sm` caps the programs an SM runs (a launch reserving shared me
 fit pass 2 in the L2.
 
 Time. A program streams one row in tiles of E_BLOCK x 1024 logits (16 KB float32, 8 KB bfloat16;
-ceil(C / 1024) a row, a masked one included; E_BLOCK x 512 in the NARROW tile). An SM holds registers_per_sm / (registers x 256
-threads) programs (3 at 72 registers, 4 at 64), so B rows run in waves of SMs x that many
-programs, one after the other. A wave of n programs, k on the busiest SM, takes a tile every
+ceil(C / 1024) a row, a masked one included; E_BLOCK x 512 in the NARROW tile). An SM holds
+registers_per_sm / (registers x 256 threads) programs (3 at 72 registers, 4 at 64), so B rows run
+in waves of SMs x that many programs, one after the other. A wave of n programs, k on the busiest SM, takes a tile every
 
     max( max(c, (L + c) / stages)   Little's law: `stages` tiles in flight a program, each
                                     waiting the latency L (DRAM's, or the L2's where pass 2 hits)
@@ -212,7 +212,7 @@ GRAD_IN_FORWARD_E4 = {
     ("bfloat16", "pairwise", 0): ((64, 0, 218, 274), (64, 8, 229, 289), (64, 0, 218, 274), (64, 8, 229, 289)),
     ("bfloat16", "pairwise", 1): ((64, 0, 360, 349), (64, 84, 377, 359), (64, 0, 360, 349), (64, 84, 377, 359)),
 }
-LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4 (8 in the NARROW tile): the SASS counts above are for these
+LOGITS_A_THREAD = 16  # of a main-loop tile at E = 4 (8 in the NARROW tile): the SASS counts above
 
 #: the settings --compare prints, named as the GPU check's kernel variants (benchmarks/gpu_steps.py)
 SETTINGS = {

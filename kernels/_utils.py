@@ -36,8 +36,8 @@ LOSS_DESIGNS = ("two_kernel", "grad_in_forward")
 #: temperatures at 3 or 4 experts in the narrow tile: `ride_loss.register_budget`; 5 to 8 experts
 #: spill outside the main loops), and the traffic model (benchmarks/loss_traffic.py) predicts it
 #: faster than the two kernels at (512, 4, 8142) in both dtypes, both DRW phases and both diversity
-#: modes (by 6 to 21 points of the floor). float16 steps go through GradScaler, whose grad_output (the scale, on the device)
-#: the forward cannot know.
+#: modes (by 6 to 21 points of the floor). float16 steps go through GradScaler, whose grad_output
+#: (the scale, on the device) the forward cannot know.
 GRAD_IN_FORWARD_MAX_EXPERTS = 4
 GRAD_IN_FORWARD_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -263,7 +263,6 @@ def variant_rows(E: int, mode: str, dtype: str, phase: int, arch: str = "sm_90",
     margins, weights, temps = TERMS[terms]
     div = MODES[mode] if not (mode == "pairwise" and E == 1) else ride_loss._DIV_NONE  # as the launcher
     pairwise_temps = bool(temps and div == ride_loss._DIV_PAIRWISE)  # as the launcher passes HAS_TEMP
-
     r, v, warps = pick_tile(e_block, classes, itemsize, narrow=ride_loss.narrow_tile(e_block, itemsize, pairwise_temps))
     cx = dict(zip(_CONSTEXPRS, [margins, weights, temps and div != ride_loss._DIV_NONE, div, e_block, r, v]))
     divisible = _PTR_ARGS + LAYOUTS[layout]
