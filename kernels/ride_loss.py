@@ -276,6 +276,17 @@ def _prepare(expert_logits, target, margins, class_weights, temperature):
     return z, target.contiguous(), f32(margins), f32(class_weights), f32(temperature)
 
 
+def _tile(z, temperature, div_mode, block_c):
+    """(E_BLOCK, HAS_TEMP, "pairwise" with temperatures, (R, V, num_warps)) of a call: one place for
+    the forward and the backward, whose tiles must agree for the same bits (`narrow_tile`)."""
+    E, _, C = z.shape
+    e_block = next_power_of_2(E)
+    has_temp = temperature is not None and div_mode != _DIV_NONE
+    pairwise_temps = has_temp and div_mode == _DIV_PAIRWISE
+    narrow = narrow_tile(e_block, z.element_size(), pairwise_temps)
+    return e_block, has_temp, pairwise_temps, pick_tile(e_block, C, z.element_size(), block_c, narrow)
+
+
 def _forward(z, target, margins, class_weights, temperature, diversity_factor, temperature_mean, diversity,
              block_c=None, stats_out=None, part_out=None, weight_sum=None, stages=1, max_registers=None, grad_out=None,
              grad_scale=1.0):
@@ -289,10 +300,7 @@ def _forward(z, target, margins, class_weights, temperature, diversity_factor, t
     aux = torch.empty(1, dtype=torch.float32, device=device)
     counter = _ticket_counter(device)
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
-    e_block = next_power_of_2(E)
-    has_temp = temperature is not None and div_mode != _DIV_NONE
-    pairwise_temps = has_temp and div_mode == _DIV_PAIRWISE
-    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c, narrow_tile(e_block, z.element_size(), pairwise_temps))
+    e_block, has_temp, pairwise_temps, (r, v, warps) = _tile(z, temperature, div_mode, block_c)
     dummy = part  # pointer for absent optional vectors (never read: constexpr flags)
     with _on_device(device):
         _ride_loss_fwd_kernel[(B,)](
@@ -325,10 +333,7 @@ def _backward(grad_output, z, target, margins, class_weights, temperature, stats
     g = grad_out if grad_out is not None else torch.empty((E, B, C), dtype=z.dtype, device=z.device)
     go = grad_output.detach().reshape(1).to(torch.float32)  # never the logits' dtype: 2^16 is inf in fp16
     div_mode, div_scale = _div_mode(diversity, diversity_factor, temperature_mean, E, B)
-    e_block = next_power_of_2(E)
-    has_temp = temperature is not None and div_mode != _DIV_NONE
-    pairwise_temps = has_temp and div_mode == _DIV_PAIRWISE
-    r, v, warps = pick_tile(e_block, C, z.element_size(), block_c, narrow_tile(e_block, z.element_size(), pairwise_temps))
+    e_block, has_temp, pairwise_temps, (r, v, warps) = _tile(z, temperature, div_mode, block_c)
     dummy = aux
     with _on_device(z.device):
         _ride_loss_bwd_kernel[(B,)](
