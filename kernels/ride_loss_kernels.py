@@ -106,7 +106,8 @@ def _ride_loss_fwd_kernel(
     y_ok = (y >= 0) & (y < C)
     # the "pairwise" gradient-writing forward of 2-byte logits with temperatures loads the target's
     # margin and logits after its first pass (`_target_logits`), where they are used: held through
-    # it, they spill at 64 registers (float32 logits keep 80: there the late loads spill more)
+    # it, they spill at 64 registers (float32 logits run the narrow tile instead: there the late
+    # loads spill more, `ride_loss.narrow_tile`)
     LATE_TARGET: tl.constexpr = (WRITE_GRAD and HAS_MARGIN and HAS_TEMP and DIV_MODE == 2
                                  and z_ptr.dtype.element_ty.primitive_bitwidth == 16)
     if not LATE_TARGET:
@@ -355,10 +356,7 @@ def _ride_loss_bwd_kernel(
 
     y = tl.load(target_ptr + row).to(tl.int32)
     y_ok = (y >= 0) & (y < C)
-    if HAS_MARGIN:
-        m_y = tl.load(margin_ptr + y, mask=y_ok, other=0.0)
-    else:
-        m_y = 0.0
+    m_y = _margin(margin_ptr, y, y_ok, HAS_MARGIN)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
     else:
@@ -372,7 +370,7 @@ def _ride_loss_bwd_kernel(
         s2 = tl.load(st + 2 * E, mask=e_mask, other=0.0)  # K_k
     z_y = tl.zeros([E_BLOCK], dtype=tl.float32)
     if not HAS_TEMP:
-        z_y = tl.load(z_ptr + z_row + ze_off + y, mask=e_mask & y_ok, other=0.0).to(tl.float32)
+        z_y, _ = _target_logits(z_ptr, z_row, ze_off, e_mask, y, y_ok, m_y)
     _bwd_row(z_ptr, z_row, stride_ze, E, C, y, m_y, w_y, tl.load(aux_ptr), go, lse_a, lse_u, s2, z_y, temp_ptr,
              g_ptr, g_row, stride_ge, div_scale, R, V, E_BLOCK, HAS_TEMP, DIV_MODE, G_ALIGNED, STAGES, False)
 
